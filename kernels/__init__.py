@@ -1,0 +1,1 @@
+"""Triton kernels, packaged as ``crl_fast.kernels``. They know nothing of RL."""
