@@ -1,0 +1,122 @@
+"""Shared benchmark harness: timing, peak memory, environment facts, JSON results, tables.
+
+Each bench script defines only its setup and calls :func:`measure`; results go to
+``bench/results/<name>-<device>.json`` with the device, versions, git SHA and date inside.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def measure(
+    fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 5, rep: int = 30
+) -> dict[str, float]:
+    """Time ``fn`` ``rep`` times after ``warmup`` calls; median/p20/p80 in ms, peak memory in MB.
+
+    On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them);
+    on CPU by ``time.perf_counter``. Peak memory is the extra device memory the calls allocate.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(rep):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    out = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+    if cuda:
+        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return out
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's marketing name, or ``cpu-<processor>`` on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}"
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Facts that make a number reproducible: device, versions, git SHA, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, device: torch.device | str, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` with the environment to ``bench/results/<name>-<device>.json``."""
+    slug = device_name(device).lower().replace(" ", "-").replace("/", "-")
+    path = RESULTS_DIR / f"{name}-{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": environment(device), "rows": list(rows)}, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> None:
+    """Print ``rows`` as an aligned text table of ``columns``."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
