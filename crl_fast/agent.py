@@ -1,0 +1,147 @@
+"""The contrastive RL agent: two encoders, a tanh-Gaussian actor, an entropy weight, one update.
+
+The critic is f(phi(s, a), psi(g)), trained with :func:`crl_fast.contrastive_loss` to tell the
+future goal of each (s, a) from the goals of the other rows of the batch. The actor maximises
+f(phi(s, pi(s, g)), psi(g)) plus an entropy bonus whose weight alpha is tuned automatically.
+
+:meth:`CRL.update` performs the critic, actor and alpha steps without reading any tensor on the
+host, so it can run under ``torch.compile`` or inside a CUDA graph; its metrics stay tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from crl_fast import contrastive_loss, pairwise_energy
+from crl_fast.config import AgentConfig
+from crl_fast.networks import Encoder, TanhGaussianActor
+
+
+def make_adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused and capturable (state on the device, CUDA-graph safe) on CUDA."""
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class CRL:
+    """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022)."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        goal_dim: int,
+        config: AgentConfig | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = config = config or AgentConfig()
+        self.device = device = torch.device(device)
+        net = dict(
+            width=config.width,
+            depth=config.depth,
+            activation=config.activation,
+            layer_norm=config.layer_norm,
+            residual=config.residual,
+        )
+        self.sa_encoder = Encoder(obs_dim + action_dim, config.repr_dim, **net).to(device)
+        self.goal_encoder = Encoder(goal_dim, config.repr_dim, **net).to(device)
+        self.actor = TanhGaussianActor(obs_dim, goal_dim, action_dim, **net).to(device)
+        self.log_alpha = torch.tensor(math.log(config.alpha), device=device, requires_grad=True)
+        self.target_entropy = -config.target_entropy_scale * action_dim
+
+        critic_params = [*self.sa_encoder.parameters(), *self.goal_encoder.parameters()]
+        self.critic_optimizer = make_adam(critic_params, config.critic_lr, device)
+        self.actor_optimizer = make_adam(self.actor.parameters(), config.actor_lr, device)
+        self.alpha_optimizer = make_adam([self.log_alpha], config.alpha_lr, device)
+        self._actor_params = list(self.actor.parameters())
+        self._update = self._update_eager
+
+    def compile(self, **kwargs: Any) -> None:
+        """Run :meth:`update` through ``torch.compile(**kwargs)`` from now on."""
+        self._update = torch.compile(self._update_eager, **kwargs)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False):
+        """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
+        return self.actor(obs, goal, deterministic=deterministic)
+
+    def update(self, batch) -> dict[str, torch.Tensor]:
+        """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
+
+        Returns detached 0-d metric tensors; nothing is synchronised with the host.
+        """
+        return self._update(batch.observation, batch.action, batch.goal)
+
+    def _update_eager(
+        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        psi = self.goal_encoder(goal)
+
+        # Actor and alpha, against the critic as it stands before this step (as JaxGCRL does).
+        alpha = self.log_alpha.exp()
+        new_action, log_prob = self.actor.sample(obs, goal)
+        q = pairwise_energy(self.sa_encoder(obs, new_action), psi.detach(), energy=cfg.energy)
+        actor_loss = (alpha.detach() * log_prob - q).mean()
+        self.actor_optimizer.zero_grad()
+        actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders
+        self.actor_optimizer.step()
+
+        alpha_loss = (alpha * (-log_prob.detach() - self.target_entropy)).mean()
+        if cfg.autotune_alpha:
+            self.alpha_optimizer.zero_grad()
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
+
+        # Critic: classify which goal in the batch is the future of each (s, a).
+        phi = self.sa_encoder(obs, action)
+        critic_loss, critic_metrics = contrastive_loss(
+            phi,
+            psi,
+            loss=cfg.loss,
+            energy=cfg.energy,
+            logsumexp_penalty=cfg.logsumexp_penalty,
+            return_metrics=True,
+        )
+        self.critic_optimizer.zero_grad()
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        metrics = {f"critic/{k}": v.detach() for k, v in critic_metrics.items()}
+        metrics.update(
+            {
+                "critic/loss": critic_loss.detach(),
+                "actor/loss": actor_loss.detach(),
+                "actor/entropy": -log_prob.detach().mean(),
+                "alpha": alpha.detach(),
+                "alpha/loss": alpha_loss.detach(),
+            }
+        )
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Networks, entropy weight and optimiser states."""
+        return {
+            "sa_encoder": self.sa_encoder.state_dict(),
+            "goal_encoder": self.goal_encoder.state_dict(),
+            "actor": self.actor.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (in place, so optimisers keep their params)."""
+        self.sa_encoder.load_state_dict(state["sa_encoder"])
+        self.goal_encoder.load_state_dict(state["goal_encoder"])
+        self.actor.load_state_dict(state["actor"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])

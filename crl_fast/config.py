@@ -1,0 +1,120 @@
+"""Run configuration as dataclasses; the ``crl-fast`` command line is generated from these fields.
+
+Every field carries a one-line help string (``metadata["help"]``) that becomes its ``--flag`` help.
+The defaults are the README's main job: point U-maze, tuned to learn in minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSSES = (
+    "binary",
+    "infonce",
+    "infonce_backward",
+    "symmetric_infonce",
+    "flatnce",
+    "flatnce_backward",
+    "dpo",
+    "ipo",
+)
+ENERGIES = ("dot", "l2", "norm", "cosine")
+GOAL_MODES = ("geometric", "uniform_future", "next")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help string for the command line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class AgentConfig:
+    """Networks, losses and optimisers of the CRL agent."""
+
+    width: int = option(256, "hidden width of the encoders and the actor")
+    depth: int = option(2, "hidden layers (a multiple of 4 with --residual)")
+    repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
+    activation: str = option("swish", "hidden activation: swish or relu")
+    layer_norm: bool = option(False, "LayerNorm after each hidden Linear")
+    residual: bool = option(False, "residual blocks of 4 x [Linear, LayerNorm, swish] + skip")
+    loss: str = option("binary", f"critic loss: {', '.join(LOSSES)}")
+    energy: str = option("dot", f"critic energy f(phi, psi): {', '.join(ENERGIES)}")
+    logsumexp_penalty: float = option(0.0, "weight of the logsumexp^2 regulariser")
+    critic_lr: float = option(3e-4, "Adam learning rate of the encoders")
+    actor_lr: float = option(3e-4, "Adam learning rate of the actor")
+    alpha_lr: float = option(3e-4, "Adam learning rate of the entropy temperature")
+    autotune_alpha: bool = option(True, "tune alpha towards the target entropy")
+    alpha: float = option(1.0, "initial (or, without --autotune-alpha, fixed) entropy weight")
+    target_entropy_scale: float = option(0.5, "target entropy = -scale * action_dim")
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.energy not in ENERGIES:
+            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
+        if self.activation not in ("swish", "relu"):
+            raise ValueError(f"activation must be swish or relu, got {self.activation!r}")
+        if self.residual and (self.depth < 4 or self.depth % 4):
+            raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
+        if min(self.width, self.depth, self.repr_dim) < 1:
+            raise ValueError("width, depth and repr_dim must be positive")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+
+
+@dataclass
+class TrainConfig:
+    """Environment, replay buffer, training schedule, evaluation, logging and checkpoints."""
+
+    env: str = option("point_umaze", "environment name (see crl_fast.envs)")
+    num_envs: int = option(64, "parallel environments used for collection")
+    max_episode_steps: int | None = option(None, "episode length (None: the environment's)")
+    seed: int = option(0, "seed of every random generator")
+    device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1")
+    total_env_steps: int = option(1_000_000, "environment steps (summed over envs) to train for")
+    learning_starts: int = option(10_000, "environment steps collected before the first update")
+    batch_size: int = option(256, "transitions per gradient update")
+    updates_per_env_step: float = option(1 / 16, "gradient updates per environment step")
+    buffer_capacity: int = option(1_000_000, "replay capacity in transitions")
+    gamma: float = option(0.99, "discount of the geometric future-goal distribution")
+    goal_mode: str = option("geometric", f"how training goals are drawn: {', '.join(GOAL_MODES)}")
+    random_goal_fraction: float = option(0.0, "fraction of goals drawn from random states")
+    eval_every: int = option(50_000, "environment steps between evaluations")
+    eval_episodes: int = option(64, "episodes per evaluation, on fixed goals")
+    log_every: int = option(10_000, "environment steps between training-metric logs")
+    checkpoint_every: int = option(200_000, "environment steps between checkpoints (0: only last)")
+    run_dir: str | None = option(None, "run directory (default runs/<env>__<seed>__<timestamp>)")
+    resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
+    compile: bool = option(False, "torch.compile the update (CUDA only)")
+    tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
+    progress: bool = option(True, "print a status line with env steps/s and updates/s")
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity")
+        for name in (*positive, "eval_every", "eval_episodes", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.updates_per_env_step < 0:
+            raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
+        if not 0.0 < self.gamma < 1.0:
+            raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
+        if self.goal_mode not in GOAL_MODES:
+            raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")
+        if self.resume and self.run_dir is None:
+            raise ValueError("--resume needs --run-dir pointing at the run to continue")
+        if self.checkpoint_every < 0 or self.learning_starts < 0:
+            raise ValueError("checkpoint_every and learning_starts must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (nested dataclasses become dicts)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        agent = AgentConfig(**d.pop("agent"))
+        return cls(**d, agent=agent)

@@ -1,0 +1,155 @@
+"""Run outputs: metrics to JSONL and CSV (and TensorBoard if installed), a status line, a PNG curve.
+
+``metrics.jsonl`` is the record of truth, appended one row per log call; ``metrics.csv`` is
+regenerated from it on :meth:`MetricsLogger.flush` because train and eval rows carry different
+columns. matplotlib and TensorBoard are optional and imported only when used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accuracy", "critic/loss")
+
+
+class MetricsLogger:
+    """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/metrics.jsonl`` (and TensorBoard).
+
+    With ``resume_step`` set, rows logged after that step (by a run killed after its last
+    checkpoint) are dropped, so a resumed run's metrics hold each step once.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.csv_path = self.run_dir / "metrics.csv"
+        self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
+        self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
+        self._tb = _summary_writer(self.run_dir) if tensorboard else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record ``metrics`` (plain floats) at environment step ``step``."""
+        row = {"step": step, **metrics}
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        """Rewrite ``metrics.csv`` from every row so far (columns: the union of all keys)."""
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.csv_path)
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (empty if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _summary_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Save a PNG of success, final distance and critic metrics against environment steps.
+
+    Returns the path, or ``None`` (with a message) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the learning-curve PNG", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, key in zip(axes.flat, CURVE_PANELS, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("environment steps")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+class Progress:
+    """A one-line status (env steps/s, updates/s, latest metrics), redrawn at most every second.
+
+    On a terminal the line is redrawn in place; otherwise a new line is printed every 30 s.
+    """
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stdout):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = 1.0 if self.tty else 30.0
+        self._last_time = self._start_time = time.perf_counter()
+        self._last_steps = self._last_updates = None
+        self.env_sps = self.ups = 0.0
+
+    def update(self, steps: int, updates: int, info: str = "") -> None:
+        """Report progress; rates are averaged since the previous redraw."""
+        now = time.perf_counter()
+        if self._last_steps is None:
+            self._last_steps, self._last_updates, self._last_time = steps, updates, now
+            return
+        if now - self._last_time < self.interval:
+            return
+        dt = now - self._last_time
+        self.env_sps = (steps - self._last_steps) / dt
+        self.ups = (updates - self._last_updates) / dt
+        self._last_steps, self._last_updates, self._last_time = steps, updates, now
+        if self.enabled:
+            line = (
+                f"{steps:>11,}/{self.total_steps:,} steps  {self.env_sps:8,.0f} env steps/s  "
+                f"{self.ups:7,.1f} updates/s  {now - self._start_time:6.0f}s  {info}"
+            )
+            self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

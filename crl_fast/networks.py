@@ -1,0 +1,134 @@
+"""Networks for contrastive RL: MLPs (plain or residual), two encoders and a tanh-Gaussian actor.
+
+Residual MLPs follow "1000 Layer Networks for Self-Supervised RL" (Wang et al., 2025): an input
+layer, then blocks of 4 x [Linear, LayerNorm, swish] with a skip connection around each block, then
+an output layer, so the depth can reach hundreds of layers. Weights use LeCun-uniform
+initialisation and biases start at zero, as in JaxGCRL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
+RESIDUAL_BLOCK_LAYERS = 4
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def lecun_uniform_(linear: nn.Linear) -> nn.Linear:
+    """LeCun-uniform weights (variance 1 / fan_in) and zero bias, in place."""
+    bound = math.sqrt(3.0 / linear.in_features)
+    nn.init.uniform_(linear.weight, -bound, bound)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _hidden_layer(in_dim: int, width: int, activation: str, layer_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [lecun_uniform_(nn.Linear(in_dim, width))]
+    if layer_norm:
+        layers.append(nn.LayerNorm(width))
+    layers.append(ACTIVATIONS[activation]())
+    return layers
+
+
+class ResidualBlock(nn.Module):
+    """``x + f(x)`` with ``f`` = 4 x [Linear, LayerNorm, activation]."""
+
+    def __init__(self, width: int, activation: str, layer_norm: bool):
+        super().__init__()
+        layers = []
+        for _ in range(RESIDUAL_BLOCK_LAYERS):
+            layers += _hidden_layer(width, width, activation, layer_norm)
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class MLP(nn.Sequential):
+    """An MLP with ``depth`` hidden layers of size ``width`` and a linear output layer.
+
+    With ``residual=True`` the hidden part is an input layer followed by ``depth // 4`` residual
+    blocks (``depth`` must then be a positive multiple of 4), so it holds ``depth + 1`` hidden
+    layers in all.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        width: int = 256,
+        depth: int = 2,
+        activation: str = "swish",
+        layer_norm: bool = False,
+        residual: bool = False,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if residual and depth % RESIDUAL_BLOCK_LAYERS:
+            raise ValueError(f"residual networks need depth a multiple of 4, got {depth}")
+        layers = _hidden_layer(in_dim, width, activation, layer_norm)
+        if residual:
+            for _ in range(depth // RESIDUAL_BLOCK_LAYERS):
+                layers.append(ResidualBlock(width, activation, layer_norm))
+        else:
+            for _ in range(depth - 1):
+                layers += _hidden_layer(width, width, activation, layer_norm)
+        layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
+        super().__init__(*layers)
+
+
+class Encoder(MLP):
+    """Maps the concatenation of its inputs to a representation: phi(s, a) or psi(g)."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cat(inputs, dim=-1))
+
+
+def tanh_log_det_jacobian(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - tanh(x)^2)`` computed stably as ``2 * (log 2 - x - softplus(-2x))``."""
+    return 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
+
+
+class TanhGaussianActor(nn.Module):
+    """pi(a | s, g): a Gaussian over pre-tanh actions squashed into [-1, 1].
+
+    The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] with a tanh, as in
+    JaxGCRL's CRL actor.
+    """
+
+    def __init__(self, obs_dim: int, goal_dim: int, action_dim: int, **mlp_kwargs):
+        super().__init__()
+        self.net = MLP(obs_dim + goal_dim, 2 * action_dim, **mlp_kwargs)
+
+    def distribution_params(
+        self, obs: torch.Tensor, goal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log standard deviation of the pre-tanh Gaussian."""
+        mean, log_std = self.net(torch.cat([obs, goal], dim=-1)).chunk(2, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1.0)
+        return mean, log_std
+
+    def sample(self, obs: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action a ~ pi(.|s, g) and its log-probability log pi(a|s, g)."""
+        mean, log_std = self.distribution_params(obs, goal)
+        noise = torch.randn_like(mean)
+        x = mean + noise * log_std.exp()
+        gaussian_log_prob = -0.5 * noise.square() - log_std - 0.5 * math.log(2.0 * math.pi)
+        log_prob = (gaussian_log_prob - tanh_log_det_jacobian(x)).sum(-1)
+        return torch.tanh(x), log_prob
+
+    def forward(
+        self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False
+    ) -> torch.Tensor:
+        """An action: tanh(mean) if ``deterministic``, else a sample."""
+        if deterministic:
+            return torch.tanh(self.distribution_params(obs, goal)[0])
+        return self.sample(obs, goal)[0]
