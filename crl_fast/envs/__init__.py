@@ -1,1 +1,42 @@
-"""Goal-conditioned vector environments."""
+"""Goal-conditioned vector environments.
+
+Torch-native batched envs (``make_env``) and an adapter for any Gymnasium goal env
+(``GymnasiumGoalVectorEnv``), all with the same torch API: dict observations, SAME_STEP autoreset
+with ``info["final_obs"]``, a vectorised ``compute_reward`` and ``info["success"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from crl_fast.envs.base import TorchGoalVectorEnv
+from crl_fast.envs.point_maze import MAZES, PointMazeEnv
+
+_FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
+    f"point_{maze}": lambda num_envs, maze=maze, **kw: PointMazeEnv(num_envs, maze, **kw)
+    for maze in MAZES
+}
+ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def make_env(
+    name: str,
+    num_envs: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+    max_episode_steps: int | None = None,
+    **kwargs: Any,
+) -> TorchGoalVectorEnv:
+    """Create the torch env ``name`` (one of :data:`ENV_NAMES`) with ``num_envs`` copies on
+    ``device``; ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown env {name!r}; valid names: {', '.join(ENV_NAMES)}")
+    return _FACTORIES[name](
+        num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs
+    )
+
+
+__all__ = ["ENV_NAMES", "PointMazeEnv", "TorchGoalVectorEnv", "make_env"]

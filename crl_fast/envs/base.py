@@ -1,0 +1,211 @@
+"""Shared base of the torch-native goal-conditioned vector envs.
+
+Subclasses only define their simulation state, its initial distribution and one integration step;
+this module owns everything else once: Gymnasium spaces, action checking, rewards and success,
+truncation, SAME_STEP autoreset with ``final_obs`` in the info, seeding and ``state_dict``.
+
+``step`` never synchronises with the host (no ``.item()``, no branching on tensor values): resets
+are applied with ``torch.where`` against a freshly sampled initial state for every env, so thousands
+of envs step with a fixed sequence of kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+GoalObs = dict[str, torch.Tensor]
+"""A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
+
+GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")
+
+
+def check_num_envs(num_envs: int) -> int:
+    """Return ``num_envs`` if it is a positive int, else raise a ValueError."""
+    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
+        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+    return num_envs
+
+
+def goal_observation_space(obs_dim: int, goal_dim: int) -> gym.spaces.Dict:
+    """The single-env Dict space of a goal env: unbounded float32 boxes."""
+
+    def box(dim: int) -> gym.spaces.Box:
+        return gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+
+    return gym.spaces.Dict(
+        {"observation": box(obs_dim), "achieved_goal": box(goal_dim), "desired_goal": box(goal_dim)}
+    )
+
+
+def check_action(action: Any, num_envs: int, action_dim: int, device: torch.device) -> torch.Tensor:
+    """Return ``action`` as a float32 ``(num_envs, action_dim)`` tensor on ``device``, clipped to
+    [-1, 1]; raise a ValueError on a wrong shape."""
+    action = torch.as_tensor(action, dtype=torch.float32, device=device)
+    if action.shape != (num_envs, action_dim):
+        raise ValueError(
+            f"action must have shape (num_envs, action_dim) = {(num_envs, action_dim)}, "
+            f"got {tuple(action.shape)}"
+        )
+    return action.clamp(-1.0, 1.0)
+
+
+def damped_velocity(
+    velocity: torch.Tensor,
+    action: torch.Tensor,
+    accel: float,
+    damping: float,
+    max_speed: float,
+    dt: float,
+) -> torch.Tensor:
+    """One step of a damped, speed-limited double integrator: ``v <- clip(damping * v + accel * dt
+    * a, -max_speed, max_speed)`` per component."""
+    return (damping * velocity + (accel * dt) * action).clamp(-max_speed, max_speed)
+
+
+def is_success(
+    achieved_goal: torch.Tensor, desired_goal: torch.Tensor, success_distance: float
+) -> torch.Tensor:
+    """``||achieved - desired|| < success_distance``, batched over leading dims."""
+    return torch.linalg.vector_norm(achieved_goal - desired_goal, dim=-1) < success_distance
+
+
+class TorchGoalVectorEnv(VectorEnv):
+    """A batch of ``num_envs`` goal-conditioned envs simulated with torch tensors on ``device``.
+
+    Observations are dicts of float32 tensors (see :data:`GoalObs`). Episodes never terminate unless
+    ``terminate_on_success`` (reaching the goal does not end a CRL episode) and are truncated after
+    ``max_episode_steps``. Ended envs are reset in the same step (``AutoresetMode.SAME_STEP``): the
+    returned observation is the new episode's first one, ``info["final_obs"]`` holds the last one
+    (valid rows where ``info["_final_obs"]``), and ``info["success"]`` says whether the step that
+    just ran reached the goal.
+
+    Subclasses set ``obs_dim``, ``goal_dim``, ``action_dim``, ``_sim_keys`` (names of the tensor
+    attributes holding the simulation state) and implement :meth:`_sample_state`, :meth:`_advance`
+    and :meth:`_observe`.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    obs_dim: int
+    goal_dim: int
+    action_dim: int
+    _sim_keys: tuple[str, ...]
+
+    def __init__(
+        self,
+        num_envs: int,
+        *,
+        device: torch.device | str,
+        seed: int | None,
+        max_episode_steps: int,
+        success_distance: float,
+        terminate_on_success: bool,
+    ) -> None:
+        self.num_envs = check_num_envs(num_envs)
+        if max_episode_steps <= 0:
+            raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
+        self.device = torch.device(device)
+        self.max_episode_steps = int(max_episode_steps)
+        self.success_distance = float(success_distance)
+        self.terminate_on_success = bool(terminate_on_success)
+        self.single_observation_space = goal_observation_space(self.obs_dim, self.goal_dim)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.generator = torch.Generator(device=self.device)
+        self.elapsed_steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
+        if seed is None:
+            self.generator.seed()
+        self.reset(seed=seed)
+
+    @abstractmethod
+    def _sample_state(self) -> dict[str, torch.Tensor]:
+        """A fresh initial state for every env, keyed by ``_sim_keys`` (uses ``self.generator``)."""
+
+    @abstractmethod
+    def _advance(self, action: torch.Tensor) -> None:
+        """Integrate one step of all envs under ``action`` (already checked and clipped)."""
+
+    @abstractmethod
+    def _observe(self) -> GoalObs:
+        """The current observation dict (new tensors, not views of the state)."""
+
+    @property
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("elapsed_steps", *self._sim_keys)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[GoalObs, dict[str, Any]]:
+        """Start new episodes in all envs; ``seed`` reseeds the env's torch generator."""
+        if options:
+            raise ValueError(f"{type(self).__name__}.reset takes no options, got {options!r}")
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        for key, value in self._sample_state().items():
+            setattr(self, key, value)
+        self.elapsed_steps.zero_()
+        return self._observe(), {}
+
+    def step(
+        self, action: Any
+    ) -> tuple[GoalObs, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Advance all envs one step, autoresetting ended ones in the same step (see class doc)."""
+        self._advance(check_action(action, self.num_envs, self.action_dim, self.device))
+        self.elapsed_steps += 1
+        final_obs = self._observe()
+        achieved, desired = final_obs["achieved_goal"], final_obs["desired_goal"]
+        reward = self.compute_reward(achieved, desired, {})
+        success = is_success(achieved, desired, self.success_distance)
+        terminated = success if self.terminate_on_success else torch.zeros_like(success)
+        truncated = self.elapsed_steps >= self.max_episode_steps
+        done = terminated | truncated
+        self._reset_where(done)
+        info = {"final_obs": final_obs, "_final_obs": done, "success": success}
+        return self._observe(), reward, terminated, truncated, info
+
+    def _reset_where(self, done: torch.Tensor) -> None:
+        """Replace the state of envs where ``done`` by a fresh initial state, without syncing."""
+        for key, fresh in self._sample_state().items():
+            mask = done.view(-1, *([1] * (fresh.dim() - 1)))
+            setattr(self, key, torch.where(mask, fresh, getattr(self, key)))
+        self.elapsed_steps = self.elapsed_steps.masked_fill(done, 0)
+
+    def compute_reward(
+        self, achieved_goal: torch.Tensor, desired_goal: torch.Tensor, info: Any = None
+    ) -> torch.Tensor:
+        """Sparse float32 reward, batched over leading dims: 0 within ``success_distance`` else -1
+        (the sparse convention of gymnasium-robotics' Fetch tasks; PointMaze uses 1/0)."""
+        return is_success(achieved_goal, desired_goal, self.success_distance).float() - 1.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume exactly: simulation state, step counters and RNG state."""
+        state = {key: getattr(self, key).clone() for key in self._state_keys}
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`state_dict` taken from an env of the same kind and ``num_envs``."""
+        expected = {*self._state_keys, "generator"}
+        if set(state) != expected:
+            raise ValueError(f"state_dict keys must be {sorted(expected)}, got {sorted(state)}")
+        for key in self._state_keys:
+            current = getattr(self, key)
+            if tuple(state[key].shape) != tuple(current.shape):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, "
+                    f"expected {tuple(current.shape)}"
+                )
+        for key in self._state_keys:
+            current = getattr(self, key)
+            setattr(self, key, state[key].to(device=self.device, dtype=current.dtype).clone())
+        self.generator.set_state(state["generator"].cpu())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_envs={self.num_envs}, device={self.device})"

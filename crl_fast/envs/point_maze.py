@@ -1,0 +1,213 @@
+"""Point-mass navigation in the mazes of gymnasium-robotics' PointMaze, simulated in torch.
+
+Layouts are gymnasium-robotics' ``OPEN``, ``U_MAZE``, ``MEDIUM_MAZE`` and ``LARGE_MAZE`` (1 = wall,
+0 = free) with cells of size 1 centred at ``((col - (w-1)/2), ((h-1)/2 - row))``; success is
+reaching within 0.45 of the goal, as there. Resets follow PointMaze with ``continuing_task=False``:
+the goal is a random free cell, the start a random *other* free cell, each plus uniform noise of
++-0.25 per axis.
+
+Dynamics (per step of ``dt`` = 0.1 s): the action in [-1, 1]^2 is an acceleration,
+``v <- clip(0.9 v + 10 dt a, -3, 3)`` per component, then the point moves by ``v dt`` (at most 0.3
+per axis, so a cell is crossed in about 3.3 steps). The point is a square of half-size 0.1 that
+never enters a wall cell: it moves one axis at a time, and a move whose leading edge would enter a
+wall stops at the wall (minus 1e-4) and zeroes that velocity component. This is exact for
+axis-aligned walls as long as a step is shorter than a cell, which the constructor checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+
+OPEN = (
+    "1111111",
+    "1000001",
+    "1000001",
+    "1000001",
+    "1111111",
+)
+U_MAZE = (
+    "11111",
+    "10001",
+    "11101",
+    "10001",
+    "11111",
+)
+MEDIUM_MAZE = (
+    "11111111",
+    "10011001",
+    "10010001",
+    "11000111",
+    "10010001",
+    "10100101",
+    "10001001",
+    "11111111",
+)
+LARGE_MAZE = (
+    "111111111111",
+    "100001000001",
+    "101101010101",
+    "100000010001",
+    "101111011101",
+    "100101000001",
+    "110101010111",
+    "100100010001",
+    "111111111111",
+)
+
+# Layout and default episode length. At full speed a cell takes ~3.3 steps; the longest shortest
+# path between free cells is 6 cells in the U-maze (~20 steps), 11 in medium (~37), 19 in large
+# (~63) and a 4.5-cell diagonal in the open room (~15): the defaults leave 3-5x that.
+MAZES: dict[str, tuple[tuple[str, ...], int]] = {
+    "open": (OPEN, 50),
+    "umaze": (U_MAZE, 100),
+    "medium": (MEDIUM_MAZE, 200),
+    "large": (LARGE_MAZE, 300),
+}
+
+_EDGE_EPS = 1e-4  # gap kept between the point and a wall it stopped at
+
+
+class PointMazeEnv(TorchGoalVectorEnv):
+    """Batched point mass in a maze; observation ``[x, y, vx, vy]``, goals ``(x, y)``.
+
+    Args:
+        maze: a key of :data:`MAZES` or a layout (rows of '0'/'1' strings, walls all around).
+        max_episode_steps: episode length; None takes the maze's default from :data:`MAZES`
+            (a custom layout then needs one).
+        Other arguments: see the module docstring for the dynamics and :class:`TorchGoalVectorEnv`.
+    """
+
+    obs_dim = 4
+    goal_dim = 2
+    action_dim = 2
+    _sim_keys = ("pos", "vel", "goal")
+
+    def __init__(
+        self,
+        num_envs: int,
+        maze: str | tuple[str, ...] = "umaze",
+        *,
+        device: torch.device | str = "cpu",
+        seed: int | None = None,
+        max_episode_steps: int | None = None,
+        terminate_on_success: bool = False,
+        success_distance: float = 0.45,
+        dt: float = 0.1,
+        accel: float = 10.0,
+        damping: float = 0.9,
+        max_speed: float = 3.0,
+        radius: float = 0.1,
+        position_noise: float = 0.25,
+    ) -> None:
+        layout, default_steps = self._resolve_maze(maze, max_episode_steps)
+        if not (0 < radius < 0.5 and max_speed * dt < 1.0 - 2 * radius):
+            raise ValueError(
+                f"need 0 < radius < 0.5 and max_speed * dt < 1 - 2 * radius so a step never skips a"
+                f" wall, got radius={radius}, max_speed={max_speed}, dt={dt}"
+            )
+        if not 0 <= position_noise + radius < 0.5:
+            raise ValueError(f"position_noise + radius must be in [0, 0.5), got {position_noise}")
+        self.layout = layout
+        self.dt, self.accel, self.damping, self.max_speed = dt, accel, damping, max_speed
+        self.radius, self.position_noise = radius, position_noise
+        height, width = len(layout), len(layout[0])
+        walls = torch.tensor([[c == "1" for c in row] for row in layout], device=device)
+        self._walls = walls.flatten()
+        self._height, self._width = height, width
+        self._world_to_grid = torch.tensor([1.0, -1.0], device=device)
+        free = (~walls).nonzero().float()  # (K, 2) rows of (row, col)
+        self._grid_offset = torch.tensor([width / 2, height / 2], device=device)
+        self.free_cells = self._from_grid(free.flip(1) + 0.5)  # (K, 2) cell centres (x, y)
+        super().__init__(
+            num_envs,
+            device=device,
+            seed=seed,
+            max_episode_steps=default_steps if max_episode_steps is None else max_episode_steps,
+            success_distance=success_distance,
+            terminate_on_success=terminate_on_success,
+        )
+
+    @staticmethod
+    def _resolve_maze(
+        maze: str | tuple[str, ...], max_episode_steps: int | None
+    ) -> tuple[tuple[str, ...], int | None]:
+        """The layout and default episode length of ``maze``, validated."""
+        if isinstance(maze, str):
+            if maze not in MAZES:
+                raise ValueError(f"unknown maze {maze!r}; valid: {sorted(MAZES)}")
+            return MAZES[maze]
+        layout = tuple(maze)
+        if any(len(row) != len(layout[0]) or set(row) - {"0", "1"} for row in layout):
+            raise ValueError("a maze layout must be equal-length rows of '0' and '1'")
+        border = layout[0] + layout[-1] + "".join(row[0] + row[-1] for row in layout)
+        if set(border) != {"1"} or sum(row.count("0") for row in layout) < 2:
+            raise ValueError("a maze layout needs walls all around and at least 2 free cells")
+        if max_episode_steps is None:
+            raise ValueError("a custom maze layout needs max_episode_steps")
+        return layout, None
+
+    def _to_grid(self, xy: torch.Tensor) -> torch.Tensor:
+        """World ``(x, y)`` to grid ``(u, v)``: cell ``(row, col) = (floor(v), floor(u))``."""
+        return torch.stack([xy[..., 0], -xy[..., 1]], -1) + self._grid_offset
+
+    def _from_grid(self, uv: torch.Tensor) -> torch.Tensor:
+        uv = uv - self._grid_offset
+        return torch.stack([uv[..., 0], -uv[..., 1]], -1)
+
+    def _is_wall(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Whether grid points ``(u, v)`` lie in a wall cell (indices clamped to the grid)."""
+        col = u.floor().long().clamp(0, self._width - 1)
+        row = v.floor().long().clamp(0, self._height - 1)
+        return self._walls[row * self._width + col]
+
+    def _slide(self, uv: torch.Tensor, delta: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+        """Move grid positions ``uv`` by ``delta`` along ``axis``, stopping at walls.
+
+        Returns the new positions and a mask of the envs that hit a wall.
+        """
+        step = delta[:, axis]
+        new = uv[:, axis] + step
+        lead_cell = (new + torch.sign(step) * self.radius).floor()
+        other = uv[:, 1 - axis]
+        lo, hi = other - self.radius, other + self.radius
+        if axis == 0:
+            hit = self._is_wall(lead_cell, lo) | self._is_wall(lead_cell, hi)
+        else:
+            hit = self._is_wall(lo, lead_cell) | self._is_wall(hi, lead_cell)
+        stop = torch.where(
+            step > 0, lead_cell - self.radius - _EDGE_EPS, lead_cell + 1 + self.radius + _EDGE_EPS
+        )
+        moved = uv.clone()
+        moved[:, axis] = torch.where(hit, stop, new)
+        return moved, hit
+
+    def _sample_state(self) -> dict[str, torch.Tensor]:
+        n, k, gen = self.num_envs, self.free_cells.shape[0], self.generator
+        goal_cell = torch.randint(k, (n,), generator=gen, device=self.device)
+        start_cell = torch.randint(k - 1, (n,), generator=gen, device=self.device)
+        start_cell = start_cell + (start_cell >= goal_cell).long()  # any cell but the goal's
+        noise = torch.rand((2, n, 2), generator=gen, device=self.device)
+        noise = (2 * noise - 1) * self.position_noise
+        return {
+            "pos": self.free_cells[start_cell] + noise[0],
+            "vel": torch.zeros(n, 2, device=self.device),
+            "goal": self.free_cells[goal_cell] + noise[1],
+        }
+
+    def _advance(self, action: torch.Tensor) -> None:
+        vel = damped_velocity(self.vel, action, self.accel, self.damping, self.max_speed, self.dt)
+        delta = vel * self.dt * self._world_to_grid
+        uv = self._to_grid(self.pos)
+        uv, hit_x = self._slide(uv, delta, 0)
+        uv, hit_y = self._slide(uv, delta, 1)
+        self.pos = self._from_grid(uv)
+        self.vel = vel.masked_fill(torch.stack([hit_x, hit_y], -1), 0.0)
+
+    def _observe(self) -> GoalObs:
+        return {
+            "observation": torch.cat([self.pos, self.vel], -1),
+            "achieved_goal": self.pos.clone(),
+            "desired_goal": self.goal.clone(),
+        }
