@@ -1,0 +1,268 @@
+"""``contrastive_loss``: every CRL critic loss, fused, never materialising the B x M logits.
+
+Each loss is a few lines of PyTorch over O(B) statistics from ``crl_fast.pair_stats`` plus the
+positive logits ``L_ii``; autograd carries gradients through those vectors into the fused
+backward. ``crl_fast.loss_reference`` writes the same losses on the full matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crl_fast.energy import ENERGIES, ENERGY_CODES, energy_inputs, pairwise_energy
+from crl_fast.pair_stats import PAIR_DPO, PAIR_IPO, PAIR_NONE, pair_stats
+
+LOSSES = (
+    "binary",
+    "infonce",
+    "infonce_backward",
+    "symmetric_infonce",
+    "flatnce",
+    "flatnce_backward",
+    "dpo",
+    "ipo",
+)
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What to compute; validated on construction."""
+
+    loss: str = "binary"
+    """One of ``LOSSES``."""
+    energy: str = "dot"
+    """One of ``ENERGIES``: dot, l2 (-|x-y|^2), norm (-sqrt(|x-y|^2 + 1e-6)), cosine."""
+    logsumexp_penalty: float = 0.0
+    """Adds ``c * mean_i(logsumexp_j L_ij)^2`` (JaxGCRL uses 0.1)."""
+    exclude_positive_from_lse: bool = False
+    """Leave ``L_ii`` out of the logsumexp of the InfoNCE losses and the penalty."""
+    reduction: str = "mean"
+    """``mean`` over terms, or ``sum`` (SigLIP: binary ``sum`` / B)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.energy not in ENERGIES:
+            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        penalty = self.logsumexp_penalty
+        if not (isinstance(penalty, int | float) and math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"logsumexp_penalty must be a finite number >= 0, got {penalty!r}")
+
+    @property
+    def needs_negatives(self) -> bool:
+        """Losses whose terms are empty without an off-diagonal logit in every row."""
+        return self.exclude_positive_from_lse or self.loss in (
+            "flatnce",
+            "flatnce_backward",
+            "dpo",
+            "ipo",
+        )
+
+
+def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
+    for name, t in (("phi", phi), ("psi", psi)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if phi.dtype != psi.dtype:
+        raise TypeError(f"phi and psi must share a dtype, got {phi.dtype} and {psi.dtype}")
+    if phi.device != psi.device:
+        raise ValueError(f"phi and psi must be on one device, got {phi.device} and {psi.device}")
+    (b, d), (m, d_psi) = phi.shape, psi.shape
+    if b == 0:
+        raise ValueError("empty batch: phi has 0 rows")
+    if d == 0:
+        raise ValueError("phi and psi have 0 features")
+    if d != d_psi:
+        raise ValueError(f"phi and psi feature sizes differ: {d} vs {d_psi}")
+    if m < b:
+        raise ValueError(
+            f"psi needs at least as many rows as phi (row i of psi is the positive of row i of "
+            f"phi; extra rows are negatives), got {m} < {b}"
+        )
+    if config.needs_negatives and m < 2:
+        raise ValueError(f"loss {config.loss!r} (or exclude_positive_from_lse) needs >= 2 goals")
+    for name, t in (("log_scale", log_scale), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor with one element")
+        if t.device != phi.device:
+            raise ValueError(f"{name} is on {t.device} but phi is on {phi.device}")
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the Triton backend takes float16/bfloat16/float32, got {x.dtype}")
+        return True
+    return x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    loss: str = "binary",
+    energy: str = "dot",
+    log_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    logsumexp_penalty: float = 0.0,
+    exclude_positive_from_lse: bool = False,
+    reduction: str = "mean",
+    return_metrics: bool = False,
+    backend: str = "auto",
+):
+    """Contrastive critic loss between ``phi`` (B, d) and ``psi`` (M >= B, d).
+
+    Row i of ``psi`` is the positive goal of row i of ``phi``; every other row is a negative
+    (rows B..M-1 are extra negatives). Logits ``L_ij = exp(log_scale) * f(phi_i, psi_j) + bias``
+    are never stored: extra memory is O((B + M) * d). ``backend="auto"`` runs the Triton kernels
+    on CUDA and a chunked PyTorch path elsewhere; ``"triton"`` forces the kernels (on CPU only
+    under ``TRITON_INTERPRET=1``). With ``return_metrics`` also returns a dict of 0-d tensors:
+    categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq.
+    """
+    config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
+    _check_inputs(phi, psi, config, log_scale, bias)
+    return _contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend)
+
+
+def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metrics, backend):
+    b, m = phi.shape[0], psi.shape[0]
+    name = config.loss
+    x, y, x_sq, y_sq = energy_inputs(phi, psi, config.energy)
+    pos = pairwise_energy(phi, psi, config.energy, log_scale, bias)
+    one = pos.new_ones(())
+    scale = one if log_scale is None else log_scale.reshape(()).exp()
+    shift = one * 0 if bias is None else bias.reshape(())
+
+    flat = name in ("flatnce", "flatnce_backward")
+    want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
+    want_row_lse |= config.logsumexp_penalty > 0 or return_metrics
+    want_col_lse = name in ("infonce_backward", "symmetric_infonce", "flatnce_backward")
+    # Off-diagonal sums are computed directly; the full logsumexp is logaddexp(off, L_ii).
+    mask_diag = config.exclude_positive_from_lse or flat
+    pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
+    stats = pair_stats(
+        x,
+        y,
+        x_sq,
+        y_sq,
+        pos if pair else None,
+        scale,
+        shift,
+        energy=ENERGY_CODES[config.energy],
+        row_lse=want_row_lse,
+        col_lse=want_col_lse,
+        mask_diag=mask_diag,
+        softplus=name == "binary",
+        pair=pair,
+        metrics=return_metrics,
+        use_triton=_use_triton(x, backend),
+    )
+
+    def lse(off_or_full: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """The logsumexp the loss asks for, given what the kernel computed."""
+        if mask_diag and not config.exclude_positive_from_lse:
+            return torch.logaddexp(off_or_full, positives)
+        return off_or_full
+
+    reduce = torch.mean if config.reduction == "mean" else torch.sum
+    row_lse = lse(stats.row_lse, pos) if want_row_lse else None
+    if name == "binary":
+        value = stats.row_softplus.sum() - pos.sum()
+        value = value / (b * m) if config.reduction == "mean" else value
+    elif name == "infonce":
+        value = reduce(row_lse - pos)
+    elif name == "infonce_backward":
+        value = reduce(lse(stats.col_lse[:b], pos) - pos)
+    elif name == "symmetric_infonce":
+        value = reduce(row_lse - pos) + reduce(lse(stats.col_lse[:b], pos) - pos)
+    elif flat:
+        off = stats.row_lse if name == "flatnce" else stats.col_lse[:b]
+        c = off - pos
+        value = reduce(torch.exp(c - c.detach()))
+    else:  # dpo, ipo: mean over the B * (M - 1) off-diagonal pairs
+        value = stats.row_pair.sum()
+        value = value / (b * (m - 1)) if config.reduction == "mean" else value
+    if config.logsumexp_penalty:
+        value = value + config.logsumexp_penalty * reduce(row_lse.square())
+    if not return_metrics:
+        return value
+    with torch.no_grad():
+        rows = torch.arange(b, device=phi.device)
+        negatives = b * m - b
+        metrics = {
+            "categorical_accuracy": (stats.row_argmax == rows).float().mean(),
+            "binary_accuracy": stats.row_correct.sum() / (b * m),
+            "logits_pos": pos.mean(),
+            "logits_neg": (stats.row_sum.sum() - pos.sum()) / negatives
+            if negatives
+            else pos.new_full((), float("nan")),
+            "logsumexp_sq": row_lse.square().mean(),
+        }
+    return value, metrics
+
+
+class ContrastiveLoss(nn.Module):
+    """``contrastive_loss`` as a module, with an optional learnable logit scale and bias.
+
+    SigLIP initialises ``log_scale = log(10)`` and ``bias = -10``; CRL uses 0 and 0 (off).
+    """
+
+    def __init__(
+        self,
+        loss: str = "binary",
+        energy: str = "dot",
+        *,
+        logsumexp_penalty: float = 0.0,
+        exclude_positive_from_lse: bool = False,
+        reduction: str = "mean",
+        learn_scale: bool = False,
+        init_log_scale: float = 0.0,
+        learn_bias: bool = False,
+        init_bias: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.config = LossConfig(
+            loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction
+        )
+        self.backend = backend
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale))) if learn_scale else None
+        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if learn_bias else None
+
+    def forward(self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False):
+        _check_inputs(phi, psi, self.config, self.log_scale, self.bias)
+        return _contrastive_loss(
+            phi, psi, self.config, self.log_scale, self.bias, return_metrics, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"loss={c.loss!r}, energy={c.energy!r}, reduction={c.reduction!r}"

@@ -1,0 +1,112 @@
+"""Plain PyTorch reference for every critic loss: builds the full B x M logit matrix.
+
+This file defines the maths. It is what the tests and benchmarks compare the fused paths
+against (in float64 for truth, in the input dtype for "eager PyTorch"). It uses O(B * M)
+memory on purpose, so keep it to small batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-6
+
+
+def reference_logits(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    energy: str = "dot",
+    log_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The (B, M) logit matrix ``L_ij = exp(log_scale) * f(phi_i, psi_j) + bias``."""
+    if energy == "dot":
+        f = phi @ psi.T
+    elif energy == "cosine":
+        f = F.normalize(phi, dim=-1) @ F.normalize(psi, dim=-1).T
+    elif energy == "l2":
+        f = -(phi[:, None, :] - psi[None, :, :]).square().sum(-1)
+    elif energy == "norm":
+        f = -torch.sqrt((phi[:, None, :] - psi[None, :, :]).square().sum(-1) + NORM_EPS)
+    else:
+        raise ValueError(f"unknown energy {energy!r}")
+    if log_scale is not None:
+        f = f * log_scale.exp()
+    if bias is not None:
+        f = f + bias
+    return f
+
+
+def _offdiag_lse(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp along ``dim`` leaving out the diagonal ``i == j``."""
+    b = logits.shape[0]
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[torch.arange(b), torch.arange(b)] = True
+    return logits.masked_fill(mask, float("-inf")).logsumexp(dim)
+
+
+def reference_contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    loss: str = "binary",
+    energy: str = "dot",
+    log_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    logsumexp_penalty: float = 0.0,
+    exclude_positive_from_lse: bool = False,
+    reduction: str = "mean",
+    return_metrics: bool = False,
+):
+    """Every loss of ``crl_fast.contrastive_loss``, written directly on the logit matrix."""
+    logits = reference_logits(phi, psi, energy, log_scale, bias)
+    b, m = logits.shape
+    pos = logits.diagonal()
+    reduce = torch.mean if reduction == "mean" else torch.sum
+
+    def row_lse(lg):
+        return _offdiag_lse(lg, 1) if exclude_positive_from_lse else lg.logsumexp(1)
+
+    def col_lse(lg):
+        sq = lg[:, :b]
+        return _offdiag_lse(sq, 0) if exclude_positive_from_lse else sq.logsumexp(0)
+
+    offdiag = ~torch.eye(b, m, dtype=torch.bool, device=logits.device)
+    if loss == "binary":
+        labels = torch.eye(b, m, dtype=logits.dtype, device=logits.device)
+        value = F.binary_cross_entropy_with_logits(logits, labels, reduction=reduction)
+    elif loss == "infonce":
+        value = reduce(row_lse(logits) - pos)
+    elif loss == "infonce_backward":
+        value = reduce(col_lse(logits) - pos)
+    elif loss == "symmetric_infonce":
+        value = reduce(row_lse(logits) - pos) + reduce(col_lse(logits) - pos)
+    elif loss in ("flatnce", "flatnce_backward"):
+        if loss == "flatnce":
+            c = _offdiag_lse(logits - pos[:, None], 1)
+        else:
+            c = _offdiag_lse(logits[:, :b] - pos[None, :], 0)
+        value = reduce(torch.exp(c - c.detach()))
+    elif loss == "dpo":
+        value = reduce(-F.logsigmoid(pos[:, None] - logits)[offdiag])
+    elif loss == "ipo":
+        value = reduce((pos[:, None] - logits - 1.0).square()[offdiag])
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    if logsumexp_penalty:
+        value = value + logsumexp_penalty * reduce(row_lse(logits).square())
+    if not return_metrics:
+        return value
+    with torch.no_grad():
+        eye = torch.eye(b, m, dtype=torch.bool, device=logits.device)
+        metrics = {
+            "categorical_accuracy": (logits.argmax(1) == torch.arange(b, device=logits.device))
+            .float()
+            .mean(),
+            "binary_accuracy": ((logits > 0) == eye).float().mean(),
+            "logits_pos": pos.mean(),
+            "logits_neg": logits[offdiag].mean(),
+            "logsumexp_sq": row_lse(logits).square().mean(),
+        }
+    return value, metrics
