@@ -1,0 +1,421 @@
+"""GPU-resident trajectory ring buffer with geometric future-goal sampling.
+
+All ``num_envs`` environments write in lockstep into tensors shaped ``[capacity, num_envs, ...]``;
+step ``s`` of every env lands in row ``s % capacity`` (a true ring: nothing is copied or rolled).
+Row ``t`` of an env holds ``(s_t, a_t, ag(s_{t+1}), terminated_t, truncated_t)``.
+
+Goals for an anchor ``t`` are ``ag(s_{t+k})``, read from row ``t + k - 1``, with ``k`` in
+``1..L`` and ``L = last - t + 1`` where ``last`` is the final row of ``t``'s episode (the newest
+stored row while the episode runs). ``k`` is drawn directly by inverse CDF, so a call costs
+O(batch) work and memory (JaxGCRL builds a T x T matrix per env instead), reads no host state and
+always has the same shapes: it can sit inside a CUDA graph.
+
+Episode bookkeeping is O(1) per row: each row stores the absolute index of its episode within
+its env, and ``segment_end[e % capacity, env]`` holds the last absolute step of episode ``e``
+(-1 while it runs). Slot ``e % capacity`` is reused only by episode ``e + capacity``, which
+starts at least ``capacity`` steps after ``e`` ended, when every row of ``e`` has been
+overwritten; and a goal row is never older than its anchor, so any stored anchor has its whole
+future stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
+"""Future-goal offset laws; their index is the mode id the kernels use."""
+
+_FLOAT_FIELDS = ("observation", "action", "next_achieved_goal")
+_FLAG_FIELDS = ("terminated", "truncated")
+_MAX_CAPACITY = 2**24  # offsets are computed in float32, exact up to 2**24
+_BITS_HIGH = 2**62  # random int64 draws lie in [0, 2**62)
+
+
+class GoalBatch(NamedTuple):
+    """Sampled rows: ``observation`` [B, obs_dim], ``action`` [B, action_dim], ``goal`` [B, goal_dim]."""
+
+    observation: torch.Tensor
+    action: torch.Tensor
+    goal: torch.Tensor
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, so the torch and Triton paths use identical constants."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def sample_reference(
+    bits: torch.Tensor,
+    step: torch.Tensor,
+    segment: torch.Tensor,
+    segment_end: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    widths: tuple[int, int, int],
+    mode: int,
+    log_gamma: float,
+    inv_log_gamma: float,
+    th_rand: float,
+    th_cur: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch reference for :func:`crl_fast.kernels.goal_sampling.sample` (same arguments).
+
+    Defines the maths: anchor uniform over stored (row, env) pairs; offset by inverse CDF of
+    the chosen law on ``1..L`` from 24 random bits, in float32; then the mixing overrides.
+    """
+    cap, n = segment.shape
+    step = step[0]
+    size = step.clamp(max=cap)
+    oldest = step - size
+    total = (size * n).clamp(min=1)
+    r0, r1, r2 = bits.unbind(1)
+
+    idx = r0 % total
+    env = idx % n
+    t = oldest + idx // n
+    row = t % cap
+    seg = segment[row, env]
+    end = segment_end[seg % cap, env]
+    end = torch.where(end < 0, step - 1, end)
+    len_f = (end - t + 1).float()
+
+    u = (r2 & 0xFFFFFF).float() * 2.0**-24
+    u_mix = ((r2 >> 24) & 0xFFFFFF).float() * 2.0**-24
+    if mode == 0:  # geometric, truncated at L and renormalised
+        j = torch.log(1.0 - u * (1.0 - torch.exp(len_f * log_gamma))) * inv_log_gamma
+    elif mode == 1:  # untruncated geometric, clamped to L
+        j = torch.log(1.0 - u) * inv_log_gamma
+    elif mode == 2:  # uniform on 1..L
+        j = u * len_f
+    else:  # final
+        j = len_f
+    j = torch.minimum(j, len_f - 1.0)
+    target_t = t + j.long()
+
+    target_env = env
+    if th_cur > th_rand:
+        has_prev = t - 1 >= oldest
+        prev = torch.where(has_prev, t - 1, t)
+        cur_t = torch.where(has_prev & (segment[prev % cap, env] == seg), prev, t)
+        target_t = torch.where(u_mix < th_cur, cur_t, target_t)
+    if th_rand > 0:
+        ridx = r1 % total
+        is_rand = u_mix < th_rand
+        target_t = torch.where(is_rand, oldest + ridx // n, target_t)
+        target_env = torch.where(is_rand, ridx % n, env)
+
+    a_w, b_w, _ = widths
+    return (
+        rows[row, env, :a_w],
+        rows[row, env, a_w : a_w + b_w],
+        rows[target_t % cap, target_env, a_w + b_w :],
+    )
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+class TrajectoryBuffer:
+    """Ring buffer of lockstep trajectories that samples ``(obs, action, goal)`` on device.
+
+    Goal modes: ``"geometric"`` (k ~ Geometric(1 - gamma) truncated at the episode end and
+    renormalised, as CRL/JaxGCRL), ``"clamp"`` (OGBench: min(t + k, last)), ``"uniform_future"``
+    (HER 'future'), ``"final"``. A fraction ``random_goal_fraction`` of goals is instead the
+    achieved goal of a random stored row (rho(g)), and ``current_goal_fraction`` that of the
+    anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
+    where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in).
+
+    CUDA tensors take one Triton launch per ``sample`` and per ``extend`` (``backend="auto"``);
+    ``backend="torch"`` or ``"triton"`` forces a path (Triton on CPU needs TRITON_INTERPRET=1).
+    To capture ``sample`` in a CUDA graph with the buffer's own ``generator``, register it with
+    the graph (``CUDAGraph.register_generator_state``) or pass the default generator.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        num_envs: int,
+        obs_dim: int,
+        action_dim: int,
+        goal_dim: int,
+        gamma: float = 0.99,
+        goal_mode: str = "geometric",
+        random_goal_fraction: float = 0.0,
+        current_goal_fraction: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        for name, value in (
+            ("capacity", capacity),
+            ("num_envs", num_envs),
+            ("obs_dim", obs_dim),
+            ("action_dim", action_dim),
+            ("goal_dim", goal_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if capacity > _MAX_CAPACITY:
+            raise ValueError(f"capacity must be at most 2**24 steps per env, got {capacity}")
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self._capacity = capacity
+        self.num_envs = num_envs
+        self.obs_dim, self.action_dim, self.goal_dim = obs_dim, action_dim, goal_dim
+        self.gamma = float(gamma)
+        self.goal_mode = self._check_mode(goal_mode)
+        self.random_goal_fraction, self.current_goal_fraction = self._check_mix(
+            random_goal_fraction, current_goal_fraction
+        )
+        self.device = _resolve_device(device)
+        self.dtype = dtype
+        self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        self._log_gamma = _f32(math.log(gamma))
+        self._inv_log_gamma = _f32(1.0 / self._log_gamma)
+
+        width = obs_dim + action_dim + goal_dim
+        kw: dict[str, Any] = {"device": self.device}
+        # Packed rows [obs | action | next_achieved_goal]: one write per extend, two reads per sample.
+        self._rows = torch.zeros(capacity, num_envs, width, dtype=dtype, **kw)
+        self._terminated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
+        self._truncated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
+        self._segment = torch.zeros(capacity, num_envs, dtype=torch.int64, **kw)
+        self._segment_end = torch.full((capacity, num_envs), -1, dtype=torch.int64, **kw)
+        self._open_segment = torch.zeros(num_envs, dtype=torch.int64, **kw)
+        self._step_t = torch.zeros(1, dtype=torch.int64, **kw)
+        self._step = 0  # host mirror of _step_t, known from extend without syncing
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    @property
+    def capacity(self) -> int:
+        """Steps kept per env; the buffer holds ``capacity * num_envs`` transitions."""
+        return self._capacity
+
+    def __len__(self) -> int:
+        return min(self._step, self._capacity) * self.num_envs
+
+    @staticmethod
+    def _check_mode(mode: str) -> str:
+        if mode not in GOAL_MODES:
+            raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {mode!r}")
+        return mode
+
+    @staticmethod
+    def _check_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
+        r = _check_fraction("random_goal_fraction", random_fraction)
+        c = _check_fraction("current_goal_fraction", current_fraction)
+        if r + c > 1.0:
+            raise ValueError(
+                f"random_goal_fraction + current_goal_fraction must be at most 1, got {r + c}"
+            )
+        return r, c
+
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"extend() takes a mapping of tensors, got {type(batch).__name__}")
+        missing = [k for k in _FLOAT_FIELDS + _FLAG_FIELDS if k not in batch]
+        if missing:
+            raise ValueError(f"extend() batch is missing fields {missing}")
+        out = []
+        steps = None
+        dims = (self.obs_dim, self.action_dim, self.goal_dim, None, None)
+        for name, dim in zip(_FLOAT_FIELDS + _FLAG_FIELDS, dims, strict=True):
+            x = batch[name]
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"extend(): {name} must be a torch.Tensor, got {type(x).__name__}")
+            want_dtype = torch.bool if dim is None else self.dtype
+            if x.dtype != want_dtype:
+                raise TypeError(f"extend(): {name} must have dtype {want_dtype}, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"extend(): {name} is on {x.device}, the buffer on {self.device}")
+            if steps is None:
+                steps = x.shape[0] if x.dim() > 0 else 0
+            want = (steps, self.num_envs) + (() if dim is None else (dim,))
+            if tuple(x.shape) != want:
+                raise ValueError(
+                    f"extend(): {name} must be shaped [T, num_envs{'' if dim is None else ', dim'}]"
+                    f" = {list(want)}, got {list(x.shape)}"
+                )
+            out.append(x)
+        return out
+
+    def extend(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Append ``T`` steps of all envs: fields shaped ``[T, num_envs, ...]`` (flags ``[T, N]``).
+
+        Fields: ``observation``, ``action``, ``next_achieved_goal`` (buffer dtype),
+        ``terminated``, ``truncated`` (bool). If ``T > capacity`` only the last ``capacity``
+        steps are kept. No host synchronisation.
+        """
+        obs, act, nag, term, trunc = self._check_batch(batch)
+        steps = obs.shape[0]
+        if steps == 0:
+            return
+        if self._use_triton:
+            from crl_fast.kernels import goal_sampling
+
+            goal_sampling.extend(
+                obs, act, nag, term, trunc, self._rows, self._terminated, self._truncated,
+                self._segment, self._segment_end, self._open_segment, self._step_t,
+                step0=self._step,
+            )  # fmt: skip
+        else:
+            self._extend_torch(obs, act, nag, term, trunc)
+        self._step += steps
+
+    def _extend_torch(
+        self,
+        obs: torch.Tensor,
+        act: torch.Tensor,
+        nag: torch.Tensor,
+        term: torch.Tensor,
+        trunc: torch.Tensor,
+    ) -> None:
+        cap, steps = self._capacity, obs.shape[0]
+        done = (term | trunc).long()
+        segment = self._open_segment + done.cumsum(0) - done  # absolute episode of each row
+        self._open_segment += done.sum(0)
+        keep = min(steps, cap)  # older steps of this call would be overwritten by newer ones
+        first = self._step + steps - keep  # absolute step of the first kept row
+        kept = slice(steps - keep, steps)
+        slot = segment[kept] % cap
+        abs_step = torch.arange(first, first + keep, device=self.device).unsqueeze(1)
+        self._segment_end.scatter_(0, slot, -1)
+        ends = torch.where(done[kept].bool(), abs_step, -1)
+        self._segment_end.scatter_reduce_(0, slot, ends, "amax")
+        start = first % cap
+        for dst, src in (
+            (self._rows, torch.cat((obs, act, nag), -1)[kept]),
+            (self._terminated, term[kept]),
+            (self._truncated, trunc[kept]),
+            (self._segment, segment[kept]),
+        ):
+            head = min(keep, cap - start)
+            dst[start : start + head] = src[:head]
+            dst[: keep - head] = src[head:]
+        self._step_t.fill_(self._step + steps)
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        goal_mode: str | None = None,
+        random_goal_fraction: float | None = None,
+        current_goal_fraction: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GoalBatch:
+        """Draw ``batch_size`` ``(observation, action, goal)`` triples; O(batch), no host sync.
+
+        ``goal_mode`` and the mixing fractions default to the buffer's (the actor may use
+        different ones than the critic). ``generator`` defaults to ``self.generator``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        mode = self.goal_mode if goal_mode is None else self._check_mode(goal_mode)
+        f_rand, f_cur = self._check_mix(
+            self.random_goal_fraction if random_goal_fraction is None else random_goal_fraction,
+            self.current_goal_fraction if current_goal_fraction is None else current_goal_fraction,
+        )
+        if self._step == 0:
+            raise ValueError("cannot sample from an empty buffer: call extend() first")
+        gen = self.generator if generator is None else generator
+        if gen.device.type != self.device.type:
+            raise ValueError(f"generator is on {gen.device}, the buffer on {self.device}")
+        bits = torch.randint(
+            0, _BITS_HIGH, (batch_size, 3), device=self.device, dtype=torch.int64, generator=gen
+        )
+        args = (bits, self._step_t, self._segment, self._segment_end, self._rows)
+        kw: dict[str, Any] = {
+            "widths": (self.obs_dim, self.action_dim, self.goal_dim),
+            "mode": GOAL_MODES.index(mode),
+            "log_gamma": self._log_gamma,
+            "inv_log_gamma": self._inv_log_gamma,
+            "th_rand": _f32(f_rand),
+            "th_cur": _f32(f_rand + f_cur),
+        }
+        if self._use_triton:
+            from crl_fast.kernels import goal_sampling
+
+            return GoalBatch(*goal_sampling.sample(*args, **kw))
+        return GoalBatch(*sample_reference(*args, **kw))
+
+    def clear(self) -> None:
+        """Forget all transitions and episodes (the generator keeps its state)."""
+        self._rows.zero_()
+        self._terminated.zero_()
+        self._truncated.zero_()
+        self._segment.zero_()
+        self._segment_end.fill_(-1)
+        self._open_segment.zero_()
+        self._step_t.zero_()
+        self._step = 0
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "rows": self._rows,
+            "terminated": self._terminated,
+            "truncated": self._truncated,
+            "segment": self._segment,
+            "segment_end": self._segment_end,
+            "open_segment": self._open_segment,
+        }
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "capacity": self._capacity,
+            "num_envs": self.num_envs,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "goal_dim": self.goal_dim,
+            "dtype": str(self.dtype),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (cloned tensors) of contents, cursor, episode bookkeeping and RNG state."""
+        sd: dict[str, Any] = {k: v.clone() for k, v in self._state_tensors().items()}
+        sd.update(step=self._step, generator=self.generator.get_state(), config=self._config())
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` in place (tensor addresses kept, so CUDA graphs stay valid)."""
+        if dict(state_dict.get("config", {})) != self._config():
+            raise ValueError(
+                f"state_dict was saved from a buffer with config {state_dict.get('config')}, "
+                f"this one has {self._config()}"
+            )
+        for name, dst in self._state_tensors().items():
+            dst.copy_(state_dict[name])
+        self._step = int(state_dict["step"])
+        self._step_t.fill_(self._step)
+        self.generator.set_state(state_dict["generator"].cpu())
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(len={len(self)}, capacity={self._capacity}, "
+            f"num_envs={self.num_envs}, goal_mode={self.goal_mode!r}, device={self.device})"
+        )
