@@ -36,7 +36,7 @@ _BITS_HIGH = 2**62  # random int64 draws lie in [0, 2**62)
 
 
 class GoalBatch(NamedTuple):
-    """Sampled rows: ``observation`` [B, obs_dim], ``action`` [B, action_dim], ``goal`` [B, goal_dim]."""
+    """One sample: observation [B, obs_dim], action [B, action_dim], goal [B, goal_dim]."""
 
     observation: torch.Tensor
     action: torch.Tensor
@@ -197,7 +197,7 @@ class TrajectoryBuffer:
 
         width = obs_dim + action_dim + goal_dim
         kw: dict[str, Any] = {"device": self.device}
-        # Packed rows [obs | action | next_achieved_goal]: one write per extend, two reads per sample.
+        # Packed rows [obs | action | next_achieved_goal]: one write per extend, 2 gathers a sample.
         self._rows = torch.zeros(capacity, num_envs, width, dtype=dtype, **kw)
         self._terminated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
         self._truncated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
@@ -402,7 +402,7 @@ class TrajectoryBuffer:
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` in place (tensor addresses kept, so CUDA graphs stay valid)."""
+        """Restore a :meth:`state_dict` in place (addresses kept, so CUDA graphs stay valid)."""
         if dict(state_dict.get("config", {})) != self._config():
             raise ValueError(
                 f"state_dict was saved from a buffer with config {state_dict.get('config')}, "

@@ -252,7 +252,7 @@ def extend(
     step0: int,
     block_n: int = 32,
 ) -> None:
-    """Write ``T`` steps ``[a | b | c]`` of all streams at rows ``(step0 + t) % capacity``; one launch.
+    """Write ``T`` steps ``[a | b | c]`` to rows ``(step0 + t) % capacity``, one launch.
 
     A step closes its stream's segment when ``flag0 | flag1``. Only the last ``capacity`` steps
     are written; ``open_segment`` and ``step`` advance past all ``T``.
