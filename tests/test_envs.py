@@ -2,47 +2,47 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from crl_fast.envs import ENV_NAMES, PointMazeEnv, make_env
+from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
 from crl_fast.envs.point_maze import MAZES
 
 
 def random_actions(env, gen: torch.Generator) -> torch.Tensor:
+    """Uniform actions slightly outside [-1, 1], to exercise clipping."""
     return torch.rand(env.num_envs, env.action_dim, generator=gen) * 2.4 - 1.2
 
 
 def rollout(env, steps: int, seed: int = 0) -> list:
+    """Step outputs under random actions, each held for 8 steps so the point builds up speed."""
     gen = torch.Generator().manual_seed(seed)
-    return [env.step(random_actions(env, gen)) for _ in range(steps)]
+    out, action = [], None
+    for t in range(steps):
+        if t % 8 == 0:
+            action = random_actions(env, gen)
+        out.append(env.step(action))
+    return out
 
 
-@pytest.mark.parametrize("name", ENV_NAMES)
-def test_api_shapes_and_dtypes(name):
-    env = make_env(name, num_envs=8, seed=0)
-    obs, info = env.reset(seed=0)
-    assert set(obs) == {"observation", "achieved_goal", "desired_goal"}
-    assert obs["observation"].shape == (8, env.obs_dim)
-    assert obs["achieved_goal"].shape == obs["desired_goal"].shape == (8, env.goal_dim)
-    assert all(v.dtype == torch.float32 and v.device == env.device for v in obs.values())
-    assert env.single_observation_space["observation"].shape == (env.obs_dim,)
-    assert env.action_space.shape == (8, env.action_dim)
-    obs, reward, terminated, truncated, info = env.step(torch.zeros(8, env.action_dim))
-    assert reward.shape == terminated.shape == truncated.shape == (8,)
-    assert reward.dtype == torch.float32 and truncated.dtype == torch.bool
-    assert info["_final_obs"].shape == info["success"].shape == (8,)
-    assert env.metadata["autoreset_mode"].value == "SameStep"
-
-
-def test_make_env_errors():
-    with pytest.raises(ValueError, match="point_umaze"):
-        make_env("nope", num_envs=4)
-    with pytest.raises(ValueError, match="num_envs"):
-        make_env("point_umaze", num_envs=0)
-    env = make_env("point_umaze", num_envs=4)
-    with pytest.raises(ValueError, match="shape"):
-        env.step(torch.zeros(3, 2))
+def assert_same(a, b) -> None:
+    """Recursive exact equality of nested tuples/dicts of tensors."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert torch.equal(a, b)
 
 
 def touches_wall(layout: tuple[str, ...], xy: torch.Tensor, radius: float) -> torch.Tensor:
@@ -58,10 +58,364 @@ def touches_wall(layout: tuple[str, ...], xy: torch.Tensor, radius: float) -> to
     return hit
 
 
+# --------------------------------------------------------------------------- API
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_api_shapes_and_dtypes(name):
+    env = make_env(name, num_envs=8, seed=0)
+    obs, info = env.reset(seed=0)
+    assert set(obs) == {"observation", "achieved_goal", "desired_goal"}
+    assert obs["observation"].shape == (8, env.obs_dim)
+    assert obs["achieved_goal"].shape == obs["desired_goal"].shape == (8, env.goal_dim)
+    assert all(v.dtype == torch.float32 and v.device == env.device for v in obs.values())
+    assert env.single_observation_space["observation"].shape == (env.obs_dim,)
+    assert env.observation_space["desired_goal"].shape == (8, env.goal_dim)
+    assert env.action_space.shape == (8, env.action_dim)
+    assert env.observation_space["observation"].contains(obs["observation"].numpy())
+    obs, reward, terminated, truncated, info = env.step(torch.zeros(8, env.action_dim))
+    assert reward.shape == terminated.shape == truncated.shape == (8,)
+    assert reward.dtype == torch.float32 and truncated.dtype == terminated.dtype == torch.bool
+    assert info["_final_obs"].shape == info["success"].shape == (8,)
+    assert info["final_obs"]["observation"].shape == (8, env.obs_dim)
+    assert env.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+
+
+def test_make_env_defaults_and_errors():
+    assert ENV_NAMES == ("point_open", "point_umaze", "point_medium", "point_large", "reacher")
+    env = make_env("point_umaze", num_envs=4)
+    assert (env.max_episode_steps, env.success_distance) == (100, 0.45)
+    assert make_env("point_umaze", 4, max_episode_steps=7).max_episode_steps == 7
+    assert make_env("reacher", 4).max_episode_steps == 50
+    with pytest.raises(ValueError, match="point_umaze"):
+        make_env("nope", num_envs=4)
+    with pytest.raises(ValueError, match="num_envs"):
+        make_env("point_umaze", num_envs=0)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="walls all around"):
+        PointMazeEnv(4, ("000", "010", "000"), max_episode_steps=10)
+    with pytest.raises(ValueError, match="skips a wall"):
+        PointMazeEnv(4, max_speed=20.0)
+
+
+def test_import_crl_fast_does_not_import_gymnasium():
+    code = "import sys, crl_fast; assert 'gymnasium' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- dynamics
+
+
 @pytest.mark.parametrize("maze", list(MAZES))
 def test_point_never_enters_walls_and_respects_speed(maze):
-    env = PointMazeEnv(512, maze, seed=1, max_episode_steps=40)
-    for obs, _, _, _, info in rollout(env, 200):
+    env = PointMazeEnv(512, maze, seed=1, max_episode_steps=60)
+    hits = 0
+    prev_vel = env.vel
+    for obs, _, _, _, info in rollout(env, 240):
         for o in (obs, info["final_obs"]):
             assert not touches_wall(env.layout, o["achieved_goal"], env.radius).any()
             assert o["observation"][:, 2:].abs().max() <= env.max_speed
+        vel = info["final_obs"]["observation"][:, 2:]
+        hits += int(((vel == 0) & (prev_vel.abs() > 0.5)).sum())
+        prev_vel = obs["observation"][:, 2:]
+    assert hits > 1000  # the walls were actually hit, many times
+
+
+def test_point_free_motion_and_wall_stop():
+    env = PointMazeEnv(1, "open", seed=0)
+    env.pos, env.vel = torch.zeros(1, 2), torch.zeros(1, 2)
+    obs, *_ = env.step(torch.tensor([[1.0, -0.5]]))
+    # v = 0.9 * 0 + accel * dt * a; x += v * dt
+    torch.testing.assert_close(obs["observation"], torch.tensor([[0.1, -0.05, 1.0, -0.5]]))
+    for _ in range(30):
+        obs, *_ = env.step(torch.tensor([[1.0, 0.0]]))
+    # Right wall of the open room is at x = 2.5: the point stops at 2.5 - radius, at rest in x.
+    torch.testing.assert_close(obs["observation"][0, 0], torch.tensor(2.5 - env.radius - 1e-4))
+    assert obs["observation"][0, 2] == 0.0
+
+
+def test_point_speed_crosses_umaze_in_a_few_dozen_steps():
+    """A waypoint controller gets from the U's top-left cell to its bottom-left cell in < 40
+    steps, within the default 100-step episode."""
+    env = PointMazeEnv(1, "umaze", seed=0)
+    env.pos, env.vel, env.goal = (
+        torch.tensor([[-1.0, 1.0]]),
+        torch.zeros(1, 2),
+        torch.tensor([[-1.0, -1.0]]),
+    )
+    waypoints = [(1.0, 1.0), (1.0, -1.0), (-1.0, -1.0)]
+    success_at = None
+    for step in range(1, 41):
+        while len(waypoints) > 1 and torch.dist(env.pos[0], torch.tensor(waypoints[0])) < 0.3:
+            waypoints.pop(0)
+        target = torch.tensor([waypoints[0]])
+        if env.step(2.0 * (target - env.pos) - 0.5 * env.vel)[4]["success"].all():
+            success_at = step
+            break
+    assert success_at is not None and success_at > 10
+
+
+def test_reacher_kinematics_and_goals():
+    env = ReacherEnv(4096, seed=0)
+    obs, _ = env.reset(seed=0)
+    o = obs["observation"]
+    angle = torch.stack([torch.atan2(o[:, 1], o[:, 0]), torch.atan2(o[:, 3], o[:, 2])], -1)
+    torch.testing.assert_close(obs["achieved_goal"], env.fingertip(angle))
+    torch.testing.assert_close(o[:, 6:], obs["achieved_goal"])
+    goal_radius = obs["desired_goal"].norm(dim=-1)
+    assert goal_radius.max() <= 1.0 and goal_radius.median() > 0.6  # uniform over the unit disk
+    for obs, *_ in rollout(env, 30):
+        assert obs["observation"][:, 4:6].abs().max() <= env.max_speed
+        assert obs["achieved_goal"].norm(dim=-1).max() <= 1.0 + 1e-5
+
+
+def test_reacher_goal_reachable_by_a_controller():
+    env = ReacherEnv(256, seed=3)
+    env.reset(seed=3)
+    success = torch.zeros(256, dtype=torch.bool)
+    for _ in range(env.max_episode_steps - 1):
+        # Jacobian-transpose controller with velocity damping.
+        q1, q12 = env.angle[:, 0], env.angle.sum(-1)
+        l1, l2 = env.link_lengths
+        jac = torch.stack(
+            [
+                torch.stack([-l1 * q1.sin() - l2 * q12.sin(), -l2 * q12.sin()], -1),
+                torch.stack([l1 * q1.cos() + l2 * q12.cos(), l2 * q12.cos()], -1),
+            ],
+            -2,
+        )
+        err = env.goal - env.fingertip(env.angle)
+        torque = 8.0 * (jac.transpose(1, 2) @ err.unsqueeze(-1)).squeeze(-1) - 0.6 * env.ang_vel
+        success |= env.step(torque)[4]["success"]
+    assert success.float().mean() > 0.9
+
+
+# --------------------------------------------------------------------------- reset & autoreset
+
+
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_reset_seed_reproducible(name):
+    env = make_env(name, num_envs=64, seed=0)
+    first = (env.reset(seed=5), rollout(env, 30))
+    other = make_env(name, num_envs=64, seed=123)
+    assert_same(first, (other.reset(seed=5), rollout(other, 30)))
+    obs6, _ = other.reset(seed=6)
+    assert not torch.equal(obs6["desired_goal"], first[0][0]["desired_goal"])
+
+
+def test_point_reset_distribution():
+    env = PointMazeEnv(4096, "medium", seed=0)
+    obs, _ = env.reset(seed=0)
+    cells = env.free_cells
+    start_cell = torch.cdist(obs["achieved_goal"], cells).argmin(-1)
+    goal_cell = torch.cdist(obs["desired_goal"], cells).argmin(-1)
+    assert (start_cell != goal_cell).all()
+    assert (obs["achieved_goal"] - cells[start_cell]).abs().max() <= env.position_noise
+    assert (obs["desired_goal"] - cells[goal_cell]).abs().max() <= env.position_noise
+    assert len(goal_cell.unique()) == len(start_cell.unique()) == len(cells)
+    assert (obs["observation"][:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_truncation_autoreset_and_final_obs(name):
+    env = make_env(name, num_envs=32, seed=0, max_episode_steps=5)
+    obs, _ = env.reset(seed=0)
+    velocity = slice(2, 4) if name == "point_umaze" else slice(4, 6)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 11):
+        prev = obs
+        obs, reward, terminated, truncated, info = env.step(random_actions(env, gen))
+        ended = t % 5 == 0
+        assert not terminated.any()
+        assert (truncated == ended).all() and (info["_final_obs"] == ended).all()
+        final = info["final_obs"]
+        # The final obs continues the episode that ran: same goal, reward and success from it.
+        assert torch.equal(final["desired_goal"], prev["desired_goal"])
+        assert torch.equal(
+            reward, env.compute_reward(final["achieved_goal"], final["desired_goal"])
+        )
+        assert torch.equal(info["success"], reward == 0)
+        if ended:  # the returned obs starts a new episode: at rest, new goal
+            assert (obs["observation"][:, velocity] == 0).all()
+            assert not torch.equal(obs["desired_goal"], final["desired_goal"])
+            assert (env.elapsed_steps == 0).all()
+        else:
+            assert_same(obs, final)
+
+
+def test_terminate_on_success_resets_only_successful_envs():
+    env = PointMazeEnv(2, "open", seed=0, terminate_on_success=True)
+    env.pos, env.vel = torch.zeros(2, 2), torch.zeros(2, 2)
+    env.goal = goals = torch.tensor([[0.1, 0.0], [2.0, 0.0]])
+    obs, reward, terminated, truncated, info = env.step(torch.zeros(2, 2))
+    assert terminated.tolist() == [True, False] and not truncated.any()
+    assert info["success"].tolist() == [True, False] and reward.tolist() == [0.0, -1.0]
+    assert info["_final_obs"].tolist() == [True, False]
+    assert torch.equal(info["final_obs"]["desired_goal"], goals)
+    assert torch.equal(obs["desired_goal"][1], goals[1])
+    # By default reaching the goal does not end the episode.
+    env = PointMazeEnv(1, "open", seed=0)
+    env.goal = env.pos.clone()
+    _, reward, terminated, _, info = env.step(torch.zeros(1, 2))
+    assert info["success"].all() and reward.item() == 0.0 and not terminated.any()
+
+
+def test_compute_reward_batched():
+    env = make_env("point_umaze", num_envs=4)
+    goal = torch.zeros(3, 5, 2)
+    achieved = torch.zeros(3, 5, 2)
+    achieved[..., 0] = torch.linspace(0, 1, 5)  # 0, .25, .5, .75, 1
+    reward = env.compute_reward(achieved, goal, {})
+    assert reward.shape == (3, 5) and reward.dtype == torch.float32
+    assert reward[0].tolist() == [0.0, 0.0, -1.0, -1.0, -1.0]
+
+
+# --------------------------------------------------------------------------- state_dict
+
+
+@pytest.mark.parametrize("name", ["point_large", "reacher"])
+def test_state_dict_resumes_exactly(name):
+    env = make_env(name, num_envs=64, seed=0, max_episode_steps=7)
+    rollout(env, 11)
+    state = env.state_dict()
+    expected = rollout(env, 20, seed=1)
+    resumed = make_env(name, num_envs=64, seed=99, max_episode_steps=7)
+    resumed.load_state_dict(state)
+    assert_same(expected, rollout(resumed, 20, seed=1))
+    env.load_state_dict(state)  # the saved state is not aliased by the env that produced it
+    assert_same(expected, rollout(env, 20, seed=1))
+    with pytest.raises(ValueError, match="shape"):
+        make_env(name, num_envs=8).load_state_dict(state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_cuda_matches_semantics(name):
+    env = make_env(name, num_envs=4096, device="cuda", seed=0, max_episode_steps=20)
+    env.reset(seed=0)
+    for obs, reward, _, _, info in rollout(env, 45):
+        assert obs["observation"].is_cuda and reward.is_cuda and info["_final_obs"].is_cuda
+        if name.startswith("point"):
+            assert not touches_wall(env.layout, obs["achieved_goal"].cpu(), env.radius).any()
+    state = env.state_dict()
+    expected = rollout(env, 5)
+    env.load_state_dict(state)
+    assert_same(expected, rollout(env, 5))
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class TinyGoalEnv(gym.Env):
+    """A 2-D point goal env with the gymnasium-robotics interface, for the adapter tests."""
+
+    def __init__(self, terminate_on_success: bool = False) -> None:
+        box = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+        self.observation_space = gym.spaces.Dict(
+            {"observation": box, "achieved_goal": box, "desired_goal": box}
+        )
+        self.action_space = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)  # rescaled from [-1, 1]
+        self.terminate_on_success = terminate_on_success
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {
+            "observation": self.pos.copy(),
+            "achieved_goal": self.pos.copy(),
+            "desired_goal": self.goal.copy(),
+        }
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos = self.np_random.uniform(-1, 1, 2)
+        self.goal = self.np_random.uniform(-1, 1, 2)
+        return self._obs(), {"is_success": False}
+
+    def step(self, action):
+        self.pos = self.pos + 0.25 * np.asarray(action, np.float64)
+        success = bool(np.linalg.norm(self.pos - self.goal) < 0.3)
+        reward = float(self.compute_reward(self.pos, self.goal, {}))
+        return (
+            self._obs(),
+            reward,
+            success and self.terminate_on_success,
+            False,
+            {"is_success": success},
+        )
+
+    def compute_reward(self, achieved_goal, desired_goal, info):
+        return -(np.linalg.norm(achieved_goal - desired_goal, axis=-1) >= 0.3).astype(np.float64)
+
+
+TINY_ID = "CrlFastTinyGoal-v0"
+if TINY_ID not in gym.registry:
+    gym.register(TINY_ID, entry_point=TinyGoalEnv, max_episode_steps=6)
+
+
+def tiny_vector_env(mode: AutoresetMode, num_envs: int = 8, **kwargs) -> SyncVectorEnv:
+    fns = [lambda: gym.make(TINY_ID, **kwargs) for _ in range(num_envs)]
+    return SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def adapter_rollout(env: GymnasiumGoalVectorEnv, steps: int = 20) -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [env.reset(seed=0), *(env.step(random_actions(env, gen)) for _ in range(steps))]
+
+
+@pytest.mark.parametrize("terminate_on_success", [False, True])
+def test_adapter_same_step_semantics(terminate_on_success):
+    env = GymnasiumGoalVectorEnv(TINY_ID, 8, terminate_on_success=terminate_on_success)
+    assert (env.obs_dim, env.goal_dim, env.action_dim, env.max_episode_steps) == (2, 2, 2, 6)
+    assert env.autoreset_mode == AutoresetMode.SAME_STEP
+    (obs, _), *steps = adapter_rollout(env, 20)
+    n_success = 0
+    for t, (new_obs, reward, terminated, truncated, info) in enumerate(steps):
+        done = terminated | truncated
+        assert torch.equal(info["_final_obs"], done)
+        final = info["final_obs"]
+        assert torch.equal(final["desired_goal"], obs["desired_goal"])
+        torch.testing.assert_close(
+            reward, env.compute_reward(final["achieved_goal"], final["desired_goal"])
+        )
+        assert torch.equal(info["success"], reward == 0)  # also for envs reset in this step
+        if not terminate_on_success:
+            assert torch.equal(truncated, torch.full((8,), (t + 1) % 6 == 0))
+        assert_same(
+            {k: v[~done] for k, v in new_obs.items()}, {k: v[~done] for k, v in final.items()}
+        )
+        n_success += int(info["success"][done].sum())
+        obs = new_obs
+    assert n_success > 0 or not terminate_on_success
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED])
+@pytest.mark.parametrize("terminate_on_success", [False, True])
+def test_adapter_converts_autoreset_modes_to_same_step(mode, terminate_on_success):
+    reference = adapter_rollout(
+        GymnasiumGoalVectorEnv(
+            tiny_vector_env(AutoresetMode.SAME_STEP, terminate_on_success=terminate_on_success)
+        )
+    )
+    converted = GymnasiumGoalVectorEnv(
+        tiny_vector_env(mode, terminate_on_success=terminate_on_success)
+    )
+    assert converted.autoreset_mode == mode
+    assert_same(reference, adapter_rollout(converted))
+
+
+def test_adapter_actions_rescaled_and_errors():
+    env = GymnasiumGoalVectorEnv(TINY_ID, 2, device="cpu")
+    obs, _ = env.reset(seed=0)
+    new_obs, *_ = env.step(torch.tensor([[1.0, -1.0], [5.0, 0.0]]))  # [-1, 1] -> [-2, 2], clipped
+    torch.testing.assert_close(
+        new_obs["achieved_goal"] - obs["achieved_goal"], torch.tensor([[0.5, -0.5], [0.5, 0.0]])
+    )
+    with pytest.raises(ValueError, match="shape"):
+        env.step(torch.zeros(3, 2))
+    with pytest.raises(NotImplementedError):
+        env.state_dict()
+    with pytest.raises(ValueError, match="Dict"):
+        GymnasiumGoalVectorEnv(gym.make_vec("CartPole-v1", 2, vectorization_mode="sync"))
+    with pytest.raises(ValueError, match="num_envs"):
+        GymnasiumGoalVectorEnv(TINY_ID, 0)
+    env.close()

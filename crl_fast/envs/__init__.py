@@ -13,11 +13,16 @@ from typing import Any
 import torch
 
 from crl_fast.envs.base import TorchGoalVectorEnv
+from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
+from crl_fast.envs.reacher import ReacherEnv
 
 _FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
-    f"point_{maze}": lambda num_envs, maze=maze, **kw: PointMazeEnv(num_envs, maze, **kw)
-    for maze in MAZES
+    **{
+        f"point_{maze}": lambda num_envs, maze=maze, **kw: PointMazeEnv(num_envs, maze, **kw)
+        for maze in MAZES
+    },
+    "reacher": ReacherEnv,
 }
 ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
@@ -39,4 +44,11 @@ def make_env(
     )
 
 
-__all__ = ["ENV_NAMES", "PointMazeEnv", "TorchGoalVectorEnv", "make_env"]
+__all__ = [
+    "ENV_NAMES",
+    "GymnasiumGoalVectorEnv",
+    "PointMazeEnv",
+    "ReacherEnv",
+    "TorchGoalVectorEnv",
+    "make_env",
+]

@@ -1,0 +1,194 @@
+"""Adapter: any Gymnasium goal env, vectorised by Gymnasium, behind the torch env API.
+
+The wrapped env must have a Dict observation space with 1-D ``observation``, ``achieved_goal`` and
+``desired_goal`` boxes and a bounded Box action space (gymnasium-robotics' PointMaze, AntMaze and
+Fetch tasks qualify; they are an optional install). Actions in [-1, 1] are clipped and rescaled to
+the env's bounds. Whatever autoreset mode the vector env uses, the adapter returns SAME_STEP
+results: with ``NEXT_STEP`` or ``DISABLED`` it resets the ended envs right away through
+``reset(options={"reset_mask": done})`` (supported by Gymnasium's sync and async vector envs).
+
+``info["success"]`` comes from the env's ``is_success`` or ``success`` info (of the step that ran,
+also for envs reset in the same step) or, if ``success_distance`` is given, from the goal distance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from crl_fast.envs.base import (
+    GOAL_KEYS,
+    GoalObs,
+    check_action,
+    check_num_envs,
+    goal_observation_space,
+    is_success,
+)
+
+SUCCESS_KEYS = ("is_success", "success")
+
+
+def _space_dim(space: gym.Space, name: str) -> int:
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(f"{name} must be a 1-D Box space, got {space}")
+    return space.shape[0]
+
+
+class GymnasiumGoalVectorEnv(VectorEnv):
+    """Torch view of a Gymnasium goal vector env, with SAME_STEP autoreset.
+
+    Args:
+        env: an env id (or spec), made with ``gymnasium.make_vec(env, num_envs, "sync",
+            vector_kwargs={"autoreset_mode": SAME_STEP}, **make_kwargs)``, or a ready VectorEnv.
+        num_envs: number of copies when ``env`` is an id.
+        device: where the returned tensors live.
+        success_distance: goal distance counted as success when the env reports no success info.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        env: str | gym.envs.registration.EnvSpec | VectorEnv,
+        num_envs: int = 1,
+        *,
+        device: torch.device | str = "cpu",
+        success_distance: float | None = None,
+        **make_kwargs: Any,
+    ) -> None:
+        if isinstance(env, VectorEnv):
+            if make_kwargs:
+                raise ValueError(
+                    f"make_kwargs {sorted(make_kwargs)} need an env id, not a VectorEnv"
+                )
+            self.env = env
+        else:
+            self.env = gym.make_vec(
+                env,
+                num_envs=check_num_envs(num_envs),
+                vectorization_mode="sync",
+                vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+                **make_kwargs,
+            )
+        self.autoreset_mode = AutoresetMode(
+            self.env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        )
+        obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        if not isinstance(obs_space, gym.spaces.Dict) or set(obs_space.keys()) != set(GOAL_KEYS):
+            raise ValueError(
+                f"observation space must be a Dict with keys {GOAL_KEYS}, got {obs_space}"
+            )
+        self.obs_dim = _space_dim(obs_space["observation"], "observation")
+        self.goal_dim = _space_dim(obs_space["achieved_goal"], "achieved_goal")
+        self.action_dim = _space_dim(act_space, "the action space")
+        if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
+            raise ValueError(
+                f"the action space must be bounded to rescale [-1, 1], got {act_space}"
+            )
+        self._action_low, self._action_range = act_space.low, act_space.high - act_space.low
+        self.num_envs = self.env.num_envs
+        self.device = torch.device(device)
+        self.success_distance = success_distance
+        spec = self.env.spec
+        self.max_episode_steps = None if spec is None else spec.max_episode_steps
+        self.single_observation_space = goal_observation_space(self.obs_dim, self.goal_dim)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+    def _tensor(self, array: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array), device=self.device).to(dtype)
+
+    def _obs(self, obs: dict[str, np.ndarray]) -> GoalObs:
+        return {key: self._tensor(obs[key]) for key in GOAL_KEYS}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[GoalObs, dict[str, Any]]:
+        """Reset all envs (``seed`` seeds env i with ``seed + i``, as Gymnasium does)."""
+        obs, _ = self.env.reset(seed=seed, options=options)
+        return self._obs(obs), {}
+
+    def step(
+        self, action: Any
+    ) -> tuple[GoalObs, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Step all envs; ended envs are reset in the same step, ``info["final_obs"]`` keeps their
+        last observation (valid rows where ``info["_final_obs"]``)."""
+        action = check_action(action, self.num_envs, self.action_dim, torch.device("cpu"))
+        action = self._action_low + (action.numpy() + 1) / 2 * self._action_range
+        obs, reward, terminated, truncated, info = self.env.step(
+            action.astype(self.env.action_space.dtype)
+        )
+        done = np.logical_or(terminated, truncated)
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:
+            final_obs = self._final_obs_same_step(obs, info, done)
+        else:
+            final_obs = {key: obs[key].copy() for key in GOAL_KEYS}
+            if done.any():
+                obs, _ = self.env.reset(options={"reset_mask": done})
+        final = self._obs(final_obs)
+        info = {
+            "final_obs": final,
+            "_final_obs": self._tensor(done, torch.bool),
+            "success": self._success(info, final),
+        }
+        reward, terminated = self._tensor(reward), self._tensor(terminated, torch.bool)
+        return self._obs(obs), reward, terminated, self._tensor(truncated, torch.bool), info
+
+    @staticmethod
+    def _final_obs_same_step(
+        obs: dict[str, np.ndarray], info: dict[str, Any], done: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Batched final observations: ``obs`` with the rows of ended envs from ``final_obs``
+        (an array of per-env dicts, as Gymnasium's sync and async vector envs give it)."""
+        final_obs = {key: obs[key].copy() for key in GOAL_KEYS}
+        for i in np.flatnonzero(done):
+            for key in GOAL_KEYS:
+                final_obs[key][i] = info["final_obs"][i][key]
+        return final_obs
+
+    def _success(self, info: dict[str, Any], final_obs: GoalObs) -> torch.Tensor:
+        """Success of the step that ran: the env's own report, else the goal distance."""
+        final_info = info.get("final_info", {})
+        for key in SUCCESS_KEYS:
+            if key in info or key in final_info:
+                success = np.zeros(self.num_envs, dtype=bool)
+                for source, valid in ((info, True), (final_info, info.get("_final_info", False))):
+                    if key in source:
+                        success = np.where(source[f"_{key}"] & valid, source[key], success)
+                return self._tensor(success, torch.bool)
+        if self.success_distance is None:
+            raise ValueError(
+                f"the env reports none of {SUCCESS_KEYS} in its info: pass success_distance"
+            )
+        return is_success(
+            final_obs["achieved_goal"], final_obs["desired_goal"], self.success_distance
+        )
+
+    def compute_reward(
+        self, achieved_goal: torch.Tensor, desired_goal: torch.Tensor, info: Any = None
+    ) -> torch.Tensor:
+        """The wrapped env's own (vectorised) ``compute_reward``, as a float32 tensor."""
+        envs = getattr(self.env, "envs", None)
+        if not envs:
+            raise NotImplementedError("compute_reward needs a vector env with local `envs` (sync)")
+        reward = envs[0].unwrapped.compute_reward(
+            achieved_goal.cpu().numpy(), desired_goal.cpu().numpy(), {} if info is None else info
+        )
+        return self._tensor(reward)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Not supported: a general Gymnasium env cannot be snapshotted."""
+        raise NotImplementedError("GymnasiumGoalVectorEnv cannot save the wrapped envs' state")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Not supported, see :meth:`state_dict`."""
+        raise NotImplementedError("GymnasiumGoalVectorEnv cannot restore the wrapped envs' state")
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.env.close(**kwargs)

@@ -1,0 +1,93 @@
+"""A planar 2-link reacher, simulated in torch: bring the fingertip to a goal point.
+
+Links of length 0.5 and 0.5 (reach 1.0) rotate about a base at the origin; the fingertip is the
+achieved goal and success is reaching within 0.05 of the goal (5% of the reach). Goals are uniform
+over the reachable annulus ``|l1 - l2| <= r <= l1 + l2`` (the unit disk by default); episodes start
+at uniformly random joint angles at rest.
+
+Dynamics (per step of ``dt`` = 0.1 s, kinematic, joints decoupled, no gravity): the action in
+[-1, 1]^2 is an angular acceleration of each joint, ``w <- clip(0.9 w + 10 dt a, -3, 3)`` rad/s,
+then ``q <- wrap(q + w dt)`` to [-pi, pi). Observation:
+``[cos q1, sin q1, cos q2, sin q2, w1, w2, tip_x, tip_y]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+
+
+class ReacherEnv(TorchGoalVectorEnv):
+    """Batched 2-link reacher; see the module docstring for dynamics and defaults."""
+
+    obs_dim = 8
+    goal_dim = 2
+    action_dim = 2
+    _sim_keys = ("angle", "ang_vel", "goal")
+
+    def __init__(
+        self,
+        num_envs: int,
+        *,
+        device: torch.device | str = "cpu",
+        seed: int | None = None,
+        max_episode_steps: int | None = None,
+        terminate_on_success: bool = False,
+        success_distance: float = 0.05,
+        link_lengths: tuple[float, float] = (0.5, 0.5),
+        dt: float = 0.1,
+        accel: float = 10.0,
+        damping: float = 0.9,
+        max_speed: float = 3.0,
+    ) -> None:
+        if min(link_lengths) <= 0:
+            raise ValueError(f"link_lengths must be positive, got {link_lengths}")
+        self.link_lengths = link_lengths
+        self.dt, self.accel, self.damping, self.max_speed = dt, accel, damping, max_speed
+        super().__init__(
+            num_envs,
+            device=device,
+            seed=seed,
+            max_episode_steps=50 if max_episode_steps is None else max_episode_steps,
+            success_distance=success_distance,
+            terminate_on_success=terminate_on_success,
+        )
+
+    def fingertip(self, angle: torch.Tensor) -> torch.Tensor:
+        """Forward kinematics: fingertip ``(x, y)`` of joint angles ``(..., 2)``."""
+        l1, l2 = self.link_lengths
+        q1, q12 = angle[..., 0], angle[..., 0] + angle[..., 1]
+        return torch.stack([l1 * q1.cos() + l2 * q12.cos(), l1 * q1.sin() + l2 * q12.sin()], -1)
+
+    def _sample_state(self) -> dict[str, torch.Tensor]:
+        n, gen, dev = self.num_envs, self.generator, self.device
+        u = torch.rand((2, n), generator=gen, device=dev)
+        angle = (torch.rand((n, 2), generator=gen, device=dev) * 2 - 1) * math.pi
+        l1, l2 = self.link_lengths
+        r_min, r_max = abs(l1 - l2), l1 + l2
+        radius = (r_min**2 + u[0] * (r_max**2 - r_min**2)).sqrt()  # uniform over the annulus
+        theta = u[1] * (2 * math.pi)
+        return {
+            "angle": angle,
+            "ang_vel": torch.zeros(n, 2, device=dev),
+            "goal": torch.stack([radius * theta.cos(), radius * theta.sin()], -1),
+        }
+
+    def _advance(self, action: torch.Tensor) -> None:
+        self.ang_vel = damped_velocity(
+            self.ang_vel, action, self.accel, self.damping, self.max_speed, self.dt
+        )
+        self.angle = torch.remainder(self.angle + self.ang_vel * self.dt + math.pi, 2 * math.pi)
+        self.angle = self.angle - math.pi
+
+    def _observe(self) -> GoalObs:
+        tip = self.fingertip(self.angle)
+        trig = torch.stack([self.angle.cos(), self.angle.sin()], -1).flatten(1)  # c1 s1 c2 s2
+        return {
+            "observation": torch.cat([trig, self.ang_vel, tip], -1),
+            "achieved_goal": tip,
+            "desired_goal": self.goal.clone(),
+        }
