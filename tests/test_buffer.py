@@ -1,0 +1,421 @@
+"""TrajectoryBuffer: goal law (chi-square), episode/ring invariants, Triton == torch, state_dict."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crl_fast.buffer import GOAL_MODES, GoalBatch, TrajectoryBuffer
+
+OBS, ACT, GOAL = 3, 2, 3
+FUTURE_MODES = ("geometric", "clamp", "uniform_future", "final")
+
+
+class Recorder:
+    """Feeds a buffer with rows that encode (step, env, episode) and keeps the ground truth.
+
+    Row ``t`` of env ``e``: obs = (t, e, episode), action = (t, e), next_achieved_goal =
+    (t + 1, e, episode), so a sampled goal names the row it was read from.
+    """
+
+    def __init__(self, buf: TrajectoryBuffer, done_prob: list[float], seed: int) -> None:
+        self.buf, self.n = buf, buf.num_envs
+        self.done_prob = np.asarray(done_prob)
+        self.rng = np.random.default_rng(seed)
+        self.episode = np.zeros(self.n, dtype=np.int64)
+        self.done: list[np.ndarray] = []  # per step, [N] bool
+        self.ep: list[np.ndarray] = []  # per step, [N] episode id
+
+    @property
+    def step(self) -> int:
+        return len(self.done)
+
+    def extend(self, steps: int) -> None:
+        n, dev, dt = self.n, self.buf.device, self.buf.dtype
+        done = self.rng.random((steps, n)) < self.done_prob
+        term = done & (self.rng.random((steps, n)) < 0.5)
+        ep = self.episode + np.cumsum(done, 0) - done
+        self.episode += done.sum(0)
+        self.done += list(done)
+        self.ep += list(ep)
+        t = np.arange(self.step - steps, self.step)[:, None].repeat(n, 1)
+        e = np.arange(n)[None].repeat(steps, 0)
+
+        def f(*cols: np.ndarray) -> torch.Tensor:
+            return torch.tensor(np.stack(cols, -1), dtype=dt, device=dev)
+
+        self.buf.extend(
+            {
+                "observation": f(t, e, ep),
+                "action": f(t, e),
+                "next_achieved_goal": f(t + 1, e, ep),
+                "terminated": torch.tensor(term, device=dev),
+                "truncated": torch.tensor(done & ~term, device=dev),
+            }
+        )
+
+    def episode_end(self) -> np.ndarray:
+        """[step, N]: the last row of each row's episode (newest row while it runs)."""
+        done = np.asarray(self.done)
+        end = np.empty_like(done, dtype=np.int64)
+        nxt = np.full(self.n, self.step - 1)
+        for t in range(self.step - 1, -1, -1):
+            nxt = np.where(done[t], t, nxt)
+            end[t] = nxt
+        return end
+
+    def decode(self, batch: GoalBatch) -> dict[str, np.ndarray]:
+        obs, act, goal = (x.double().cpu().numpy().round().astype(np.int64) for x in batch)
+        return {
+            "t": obs[:, 0],
+            "env": obs[:, 1],
+            "ep": obs[:, 2],
+            "act": act,
+            "g": goal[:, 0] - 1,  # the row the goal was read from
+            "g_env": goal[:, 1],
+            "g_ep": goal[:, 2],
+        }
+
+    def check(self, batch: GoalBatch, mode: str, mix: str = "none") -> dict[str, np.ndarray]:
+        """Assert the invariants of one sampled batch; return the decoded fields."""
+        d = self.decode(batch)
+        t, env, g = d["t"], d["env"], d["g"]
+        oldest = max(0, self.step - self.buf.capacity)
+        ep_hist = np.asarray(self.ep)
+        assert ((oldest <= t) & (t < self.step)).all(), "anchor outside the stored window"
+        assert (d["ep"] == ep_hist[t, env]).all() and (d["act"] == np.stack([t, env], 1)).all()
+        assert ((oldest <= g) & (g < self.step)).all(), "goal row not stored"
+        assert (d["g_ep"] == ep_hist[g, d["g_env"]]).all(), "goal row content is stale"
+        if mix == "random":
+            return d
+        assert (d["g_env"] == env).all() and (d["g_ep"] == d["ep"]).all(), (
+            "goal from another episode"
+        )
+        if mix == "current":
+            prev_ok = (t - 1 >= oldest) & (ep_hist[np.maximum(t - 1, 0), env] == d["ep"])
+            assert (g == np.where(prev_ok, t - 1, t)).all()
+            return d
+        end = self.episode_end()[t, env]
+        assert ((t <= g) & (g <= end)).all(), "goal outside the anchor's future"
+        if mode == "final":
+            assert (g == end).all()
+        d["k"], d["L"] = g - t + 1, end - t + 1
+        return d
+
+
+def make(capacity: int = 17, num_envs: int = 6, **kw: object) -> TrajectoryBuffer:
+    kw.setdefault("device", "cpu")
+    kw.setdefault("seed", 0)
+    return TrajectoryBuffer(
+        capacity=capacity, num_envs=num_envs, obs_dim=OBS, action_dim=ACT, goal_dim=GOAL, **kw
+    )
+
+
+# ---------------------------------------------------------------- law of the offset k
+
+
+def offset_pmf(mode: str, gamma: float, length: int) -> np.ndarray:
+    k = np.arange(1, length + 1)
+    if mode == "geometric":
+        return (1 - gamma) * gamma ** (k - 1) / (1 - gamma**length)
+    if mode == "clamp":
+        p = (1 - gamma) * gamma ** (k - 1)
+        p[-1] = gamma ** (length - 1)
+        return p
+    return np.full(length, 1.0 / length)
+
+
+def chi_square(k: np.ndarray, lengths: np.ndarray, mode: str, gamma: float) -> tuple[float, int]:
+    """Pearson statistic of k against its pmf given L, cells pooled to expected counts >= 5."""
+    stat, dof = 0.0, 0
+    for length in np.unique(lengths):
+        ks = k[lengths == length]
+        obs = np.bincount(ks - 1, minlength=length)[:length].astype(float)
+        exp = offset_pmf(mode, gamma, length) * len(ks)
+        bins_o, bins_e, acc_o, acc_e = [], [], 0.0, 0.0
+        for o, e in zip(obs, exp, strict=True):
+            acc_o, acc_e = acc_o + o, acc_e + e
+            if acc_e >= 5:
+                bins_o.append(acc_o)
+                bins_e.append(acc_e)
+                acc_o = acc_e = 0.0
+        if not bins_e:
+            continue
+        bins_o[-1] += acc_o
+        bins_e[-1] += acc_e
+        o, e = np.asarray(bins_o), np.asarray(bins_e)
+        stat += float(((o - e) ** 2 / e).sum())
+        dof += len(bins_e) - 1
+    return stat, dof
+
+
+def chi2_critical(dof: int, z: float = 3.0902) -> float:
+    """Upper 0.999 quantile of chi-square(dof), Wilson-Hilferty (no scipy needed)."""
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+@pytest.mark.parametrize("mode", ["geometric", "clamp", "uniform_future"])
+def test_offset_law_chi_square(mode: str) -> None:
+    gamma = 0.8
+    buf = make(capacity=64, num_envs=4, gamma=gamma)
+    rec = Recorder(buf, [0.02, 0.08, 0.2, 0.0], seed=1)
+    rec.extend(150)  # wrapped twice; env 3 is one long running episode
+    d = rec.check(buf.sample(200_000, goal_mode=mode), mode)
+    stat, dof = chi_square(d["k"], d["L"], mode, gamma)
+    crit = chi2_critical(dof)
+    assert dof > 50
+    assert stat < crit, f"{mode}: chi2 {stat:.1f} > {crit:.1f} ({dof} dof)"
+    # The same statistic rejects an offset that is one off (too far, or too near).
+    for wrong in (np.minimum(d["k"] + 1, d["L"]), np.maximum(d["k"] - 1, 1)):
+        assert chi_square(wrong, d["L"], mode, gamma)[0] > 3 * crit
+
+
+# ---------------------------------------------------------------- invariants over the ring
+
+DONE_PATTERNS = [0.0, 0.01, 0.1, 0.3, 0.9, 1.0]  # never ends, long, ..., every step ends
+
+
+def run_invariants(device: str, backend: str, rounds: int, batch: int) -> None:
+    rng = np.random.default_rng(7)
+    buf = make(capacity=17, num_envs=len(DONE_PATTERNS), gamma=0.9, device=device, backend=backend)
+    rec = Recorder(buf, DONE_PATTERNS, seed=3)
+    for r in range(rounds):
+        rec.extend(int(rng.integers(1, 41)))  # sometimes more than the capacity
+        assert len(buf) == min(rec.step, 17) * buf.num_envs
+        mode = FUTURE_MODES[r % 4]
+        rec.check(buf.sample(batch, goal_mode=mode), mode)
+        rec.check(buf.sample(batch, random_goal_fraction=1.0), mode, mix="random")
+        rec.check(buf.sample(batch, current_goal_fraction=1.0), mode, mix="current")
+
+
+def test_invariants_over_wraparound() -> None:
+    run_invariants("cpu", "torch", rounds=120, batch=512)
+
+
+def test_single_step_extends_and_short_buffer() -> None:
+    buf = make(capacity=5, num_envs=3, gamma=0.5)
+    rec = Recorder(buf, [0.0, 0.4, 1.0], seed=0)
+    for _ in range(23):
+        rec.extend(1)
+        for mode in FUTURE_MODES:
+            rec.check(buf.sample(64, goal_mode=mode), mode)
+
+
+def test_mixing_fractions() -> None:
+    buf = make(capacity=40, num_envs=8, goal_mode="final")
+    rec = Recorder(buf, [0.05] * 8, seed=2)
+    rec.extend(100)
+    n = 40_000
+    d = rec.decode(buf.sample(n, random_goal_fraction=0.5))
+    assert abs((d["g_env"] != d["env"]).mean() - 0.5 * 7 / 8) < 0.02
+    d = rec.decode(buf.sample(n, current_goal_fraction=0.3))
+    ep = np.asarray(rec.ep)[-40:]
+    prev_ok = (ep[1:] == ep[:-1]).sum() / ep.size  # rows whose step t-1 is stored and the same ep
+    assert abs((d["g"] == d["t"] - 1).mean() - 0.3 * prev_ok) < 0.02
+    with pytest.raises(ValueError, match="at most 1"):
+        buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
+
+
+# ---------------------------------------------------------------- Triton kernels == torch
+
+
+def test_mode_ids_match_kernel() -> None:
+    pytest.importorskip("triton")
+    from crl_fast.kernels import goal_sampling as gs
+
+    assert [GOAL_MODES.index(m) for m in FUTURE_MODES] == [
+        gs.GEOMETRIC,
+        gs.CLAMP,
+        gs.UNIFORM,
+        gs.FINAL,
+    ]
+
+
+def test_triton_matches_torch_cpu() -> None:
+    """Both kernels under TRITON_INTERPRET=1 reproduce the torch path bit for bit."""
+    pytest.importorskip("triton")
+    bufs = [make(capacity=7, num_envs=5, backend=b, gamma=0.7) for b in ("torch", "triton")]
+    recs = [Recorder(b, [0.0, 0.2, 0.5, 1.0, 0.1], seed=4) for b in bufs]
+    for r, steps in enumerate([1, 3, 9, 2, 1]):
+        for rec in recs:
+            rec.extend(steps)
+        sds = [b.state_dict() for b in bufs]
+        for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
+            assert torch.equal(sds[0][key], sds[1][key]), key
+        mode = FUTURE_MODES[r % 4]
+        kw = {"goal_mode": mode, "random_goal_fraction": 0.2, "current_goal_fraction": 0.2}
+        a, b = (buf.sample(48, generator=torch.Generator().manual_seed(r), **kw) for buf in bufs)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), mode
+
+
+# ---------------------------------------------------------------- state, size, errors
+
+
+def random_batch(steps: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observation": torch.randn(steps, n, OBS, generator=g),
+        "action": torch.randn(steps, n, ACT, generator=g),
+        "next_achieved_goal": torch.randn(steps, n, GOAL, generator=g),
+        "terminated": torch.rand(steps, n, generator=g) < 0.1,
+        "truncated": torch.rand(steps, n, generator=g) < 0.1,
+    }
+
+
+def test_state_dict_round_trip() -> None:
+    buf = make(seed=5)
+    buf.extend(random_batch(30, 6, seed=0))
+    blob = io.BytesIO()
+    torch.save(buf.state_dict(), blob)
+    snapshot = buf.state_dict()
+    buf.extend(random_batch(3, 6, seed=1))  # a snapshot: later writes do not leak into it
+    other = make(seed=123)
+    for b in (buf, other):
+        b.load_state_dict(torch.load(io.BytesIO(blob.getvalue())))
+        sd = b.state_dict()
+        assert sd["step"] == snapshot["step"] == 30 and len(b) == 17 * 6
+        for key, value in snapshot.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(sd[key], value), key
+    for x, y in zip(buf.sample(256), other.sample(256), strict=True):  # same RNG state
+        assert torch.equal(x, y)
+    nxt = random_batch(9, 6, seed=2)  # both continue identically, across the ring seam
+    buf.extend(nxt)
+    other.extend(nxt)
+    for m in FUTURE_MODES:
+        for x, y in zip(buf.sample(64, goal_mode=m), other.sample(64, goal_mode=m), strict=True):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="config"):
+        make(capacity=18).load_state_dict(buf.state_dict())
+
+
+def test_len_capacity_clear() -> None:
+    buf = make(capacity=4, num_envs=3)
+    rec = Recorder(buf, [0.5] * 3, seed=0)
+    assert len(buf) == 0 and buf.capacity == 4
+    rec.extend(3)
+    assert len(buf) == 9
+    rec.extend(10)
+    assert len(buf) == 12
+    buf.clear()
+    assert len(buf) == 0
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample(4)
+    rec2 = Recorder(buf, [0.5] * 3, seed=1)  # refilled after clear: fresh episode bookkeeping
+    rec2.extend(6)
+    rec2.check(buf.sample(128, goal_mode="final"), "final")
+
+
+def good_batch(steps: int = 2, n: int = 6) -> dict[str, torch.Tensor]:
+    return {
+        "observation": torch.zeros(steps, n, OBS),
+        "action": torch.zeros(steps, n, ACT),
+        "next_achieved_goal": torch.zeros(steps, n, GOAL),
+        "terminated": torch.zeros(steps, n, dtype=torch.bool),
+        "truncated": torch.zeros(steps, n, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "match"),
+    [
+        ("observation", torch.zeros(2, 5, OBS), ValueError, "shaped"),
+        ("action", torch.zeros(2, 6, ACT + 1), ValueError, "shaped"),
+        ("next_achieved_goal", torch.zeros(3, 6, GOAL), ValueError, "shaped"),
+        ("terminated", torch.zeros(2, 6), TypeError, "dtype"),
+        ("observation", torch.zeros(2, 6, OBS, dtype=torch.float64), TypeError, "dtype"),
+        ("truncated", torch.zeros(2, 6, 1, dtype=torch.bool), ValueError, "shaped"),
+        ("observation", torch.zeros(2, 6, OBS, device="meta"), ValueError, "is on"),
+        ("action", np.zeros((2, 6, ACT)), TypeError, "torch.Tensor"),
+    ],
+)
+def test_extend_rejects_bad_input(field: str, value: object, error: type, match: str) -> None:
+    buf = make()
+    batch = good_batch()
+    batch[field] = value
+    with pytest.raises(error, match=match):
+        buf.extend(batch)
+    del batch[field]
+    with pytest.raises(ValueError, match="missing"):
+        buf.extend(batch)
+    assert len(buf) == 0
+
+
+def test_constructor_and_sample_reject_bad_arguments() -> None:
+    for gamma in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="gamma"):
+            make(gamma=gamma)
+    with pytest.raises(ValueError, match="goal_mode"):
+        make(goal_mode="future")
+    with pytest.raises(ValueError, match="capacity"):
+        make(capacity=0)
+    with pytest.raises(ValueError, match="random_goal_fraction"):
+        make(random_goal_fraction=1.5)
+    buf = make()
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample(8)
+    buf.extend(good_batch())
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            buf.sample(bad)
+    with pytest.raises(ValueError, match="goal_mode"):
+        buf.sample(8, goal_mode="her")
+    assert buf.sample(8).observation.shape == (8, OBS)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_invariants_cuda_triton() -> None:
+    run_invariants("cuda", "auto", rounds=60, batch=4096)
+
+
+@pytest.mark.gpu
+def test_triton_matches_torch_cuda() -> None:
+    """Same draws on CUDA: identical anchors and bookkeeping; offsets may differ by one where
+    the GPU's log/exp round differently from torch's (a boundary case, rarer than 1e-3)."""
+    bufs = [make(capacity=300, num_envs=64, device="cuda", backend=b) for b in ("torch", "auto")]
+    recs = [Recorder(b, [0.01 * (i % 7) for i in range(64)], seed=4) for b in bufs]
+    for rec in recs:
+        rec.extend(500)
+        rec.extend(1)
+    sds = [b.state_dict() for b in bufs]
+    for key in ("rows", "segment", "segment_end", "open_segment"):
+        assert torch.equal(sds[0][key], sds[1][key]), key
+    for mode in FUTURE_MODES:
+        a, b = (
+            buf.sample(65536, goal_mode=mode, generator=torch.Generator("cuda").manual_seed(1))
+            for buf in bufs
+        )
+        assert torch.equal(a.observation, b.observation) and torch.equal(a.action, b.action)
+        diff = (a.goal[:, 0] - b.goal[:, 0]).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+def test_sample_in_cuda_graph() -> None:
+    """A captured sample reads the cursor from device memory, so replays see new data."""
+    buf = make(capacity=50, num_envs=16, device="cuda")
+    rec = Recorder(buf, [0.05] * 16, seed=0)
+    rec.extend(20)
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        buf.sample(1024, generator=gen)  # warm-up compiles the kernel outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = buf.sample(1024, generator=gen)
+    for _ in range(5):
+        rec.extend(13)
+        graph.replay()
+        d = rec.check(out, "geometric")
+        assert d["t"].max() >= rec.step - 13
