@@ -197,6 +197,20 @@ def test_invariants_over_wraparound() -> None:
     run_invariants("cpu", "torch", rounds=120, batch=512)
 
 
+@pytest.mark.parametrize("steps", [7, 33])  # partly filled, and wrapped
+def test_anchors_uniform_over_stored_transitions(steps: int) -> None:
+    buf = make(capacity=10, num_envs=4)
+    rec = Recorder(buf, [0.0, 0.1, 0.5, 1.0], seed=0)
+    rec.extend(steps)
+    d = rec.decode(buf.sample(40_000))
+    oldest = max(0, steps - 10)
+    counts = np.bincount((d["t"] - oldest) * 4 + d["env"], minlength=len(buf))
+    assert counts.size == len(buf)
+    expected = 40_000 / len(buf)
+    dof = len(buf) - 1
+    assert ((counts - expected) ** 2 / expected).sum() < chi2_critical(dof)
+
+
 def test_single_step_extends_and_short_buffer() -> None:
     buf = make(capacity=5, num_envs=3, gamma=0.5)
     rec = Recorder(buf, [0.0, 0.4, 1.0], seed=0)
