@@ -302,6 +302,14 @@ def test_cuda_matches_semantics(name):
     expected = rollout(env, 5)
     env.load_state_dict(state)
     assert_same(expected, rollout(env, 5))
+    action = torch.zeros(env.num_envs, env.action_dim, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # step must never wait for the GPU
+    try:
+        for _ in range(25):
+            env.step(action)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # --------------------------------------------------------------------------- adapter

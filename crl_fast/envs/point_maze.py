@@ -153,6 +153,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
         return torch.stack([xy[..., 0], -xy[..., 1]], -1) + self._grid_offset
 
     def _from_grid(self, uv: torch.Tensor) -> torch.Tensor:
+        """Grid ``(u, v)`` back to world ``(x, y)``."""
         uv = uv - self._grid_offset
         return torch.stack([uv[..., 0], -uv[..., 1]], -1)
 
@@ -162,7 +163,9 @@ class PointMazeEnv(TorchGoalVectorEnv):
         row = v.floor().long().clamp(0, self._height - 1)
         return self._walls[row * self._width + col]
 
-    def _slide(self, uv: torch.Tensor, delta: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+    def _slide(
+        self, uv: torch.Tensor, delta: torch.Tensor, axis: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Move grid positions ``uv`` by ``delta`` along ``axis``, stopping at walls.
 
         Returns the new positions and a mask of the envs that hit a wall.
@@ -171,11 +174,10 @@ class PointMazeEnv(TorchGoalVectorEnv):
         new = uv[:, axis] + step
         lead_cell = (new + torch.sign(step) * self.radius).floor()
         other = uv[:, 1 - axis]
-        lo, hi = other - self.radius, other + self.radius
-        if axis == 0:
-            hit = self._is_wall(lead_cell, lo) | self._is_wall(lead_cell, hi)
-        else:
-            hit = self._is_wall(lo, lead_cell) | self._is_wall(hi, lead_cell)
+        # Both cells the point's side spans across the motion, as a (2, N) batch.
+        span = torch.stack([other - self.radius, other + self.radius])
+        cells = (lead_cell, span) if axis == 0 else (span, lead_cell)
+        hit = self._is_wall(*cells).any(0)
         stop = torch.where(
             step > 0, lead_cell - self.radius - _EDGE_EPS, lead_cell + 1 + self.radius + _EDGE_EPS
         )
