@@ -33,14 +33,24 @@ def check_num_envs(num_envs: int) -> int:
     return num_envs
 
 
-def goal_observation_space(obs_dim: int, goal_dim: int) -> gym.spaces.Dict:
-    """The single-env Dict space of a goal env: unbounded float32 boxes."""
+def goal_spaces(
+    obs_dim: int, goal_dim: int, action_dim: int, num_envs: int
+) -> tuple[gym.spaces.Dict, gym.spaces.Box, gym.spaces.Dict, gym.spaces.Box]:
+    """Single and batched observation and action spaces of a goal env: unbounded float32 boxes
+    for the Dict observation, [-1, 1] for actions."""
 
     def box(dim: int) -> gym.spaces.Box:
         return gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
 
-    return gym.spaces.Dict(
+    single_obs = gym.spaces.Dict(
         {"observation": box(obs_dim), "achieved_goal": box(goal_dim), "desired_goal": box(goal_dim)}
+    )
+    single_act = gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
+    return (
+        single_obs,
+        single_act,
+        batch_space(single_obs, num_envs),
+        batch_space(single_act, num_envs),
     )
 
 
@@ -114,10 +124,12 @@ class TorchGoalVectorEnv(VectorEnv):
         self.max_episode_steps = int(max_episode_steps)
         self.success_distance = float(success_distance)
         self.terminate_on_success = bool(terminate_on_success)
-        self.single_observation_space = goal_observation_space(self.obs_dim, self.goal_dim)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        (
+            self.single_observation_space,
+            self.single_action_space,
+            self.observation_space,
+            self.action_space,
+        ) = goal_spaces(self.obs_dim, self.goal_dim, self.action_dim, self.num_envs)
         self.generator = torch.Generator(device=self.device)
         self.elapsed_steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         if seed is None:

@@ -19,14 +19,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
 
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
     check_action,
     check_num_envs,
-    goal_observation_space,
+    goal_spaces,
     is_success,
 )
 
@@ -96,10 +95,12 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self.success_distance = success_distance
         spec = self.env.spec
         self.max_episode_steps = None if spec is None else spec.max_episode_steps
-        self.single_observation_space = goal_observation_space(self.obs_dim, self.goal_dim)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        (
+            self.single_observation_space,
+            self.single_action_space,
+            self.observation_space,
+            self.action_space,
+        ) = goal_spaces(self.obs_dim, self.goal_dim, self.action_dim, self.num_envs)
 
     def _tensor(self, array: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), device=self.device).to(dtype)
