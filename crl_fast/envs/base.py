@@ -203,7 +203,8 @@ class TorchGoalVectorEnv(VectorEnv):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore a :meth:`state_dict` taken from an env of the same kind and ``num_envs``."""
+        """Restore a :meth:`state_dict` of an env of the same kind, ``num_envs`` and device type
+        (CPU and CUDA generator states differ)."""
         expected = {*self._state_keys, "generator"}
         if set(state) != expected:
             raise ValueError(f"state_dict keys must be {sorted(expected)}, got {sorted(state)}")
