@@ -1,13 +1,13 @@
 """Adapter: any Gymnasium goal env, vectorised by Gymnasium, behind the torch env API.
 
 The wrapped env must have a Dict observation space with 1-D ``observation``, ``achieved_goal`` and
-``desired_goal`` boxes and a bounded Box action space (gymnasium-robotics' PointMaze, AntMaze and
-Fetch tasks qualify; they are an optional install: pass e.g.
+``desired_goal`` boxes and a bounded Box action space. gymnasium-robotics' PointMaze, AntMaze and
+Fetch tasks qualify; they are an optional install (pass e.g.
 ``"gymnasium_robotics:PointMaze_UMaze-v3"`` so Gymnasium imports the module that registers them).
-Actions in [-1, 1] are clipped and rescaled to
-the env's bounds. Whatever autoreset mode the vector env uses, the adapter returns SAME_STEP
-results: with ``NEXT_STEP`` or ``DISABLED`` it resets the ended envs right away through
-``reset(options={"reset_mask": done})`` (supported by Gymnasium's sync and async vector envs).
+Actions in [-1, 1] are clipped and rescaled to the env's bounds. Whatever autoreset mode the vector
+env uses, the adapter returns SAME_STEP results: with ``NEXT_STEP`` or ``DISABLED`` it resets the
+ended envs right away through ``reset(options={"reset_mask": done})`` (supported by Gymnasium's
+sync and async vector envs).
 
 ``info["success"]`` comes from the env's ``is_success`` or ``success`` info (of the step that ran,
 also for envs reset in the same step) or, if ``success_distance`` is given, from the goal distance.
