@@ -77,9 +77,9 @@ def sample_reference(
     idx = r0 % total
     env = idx % n
     t = oldest + idx // n
-    row = t % cap
-    seg = segment[row, env]
-    end = segment_end[seg % cap, env]
+    anchor = (t % cap) * n + env  # flat (row, env) index
+    seg = torch.take(segment, anchor)
+    end = torch.take(segment_end, (seg % cap) * n + env)
     end = torch.where(end < 0, step - 1, end)
     len_f = (end - t + 1).float()
 
@@ -100,7 +100,8 @@ def sample_reference(
     if th_cur > th_rand:
         has_prev = t - 1 >= oldest
         prev = torch.where(has_prev, t - 1, t)
-        cur_t = torch.where(has_prev & (segment[prev % cap, env] == seg), prev, t)
+        same = torch.take(segment, (prev % cap) * n + env) == seg
+        cur_t = torch.where(has_prev & same, prev, t)
         target_t = torch.where(u_mix < th_cur, cur_t, target_t)
     if th_rand > 0:
         ridx = r1 % total
@@ -109,10 +110,13 @@ def sample_reference(
         target_env = torch.where(is_rand, ridx % n, env)
 
     a_w, b_w, _ = widths
+    flat_rows = rows.view(cap * n, -1)
+    anchor_rows = flat_rows.index_select(0, anchor)
+    target_rows = flat_rows.index_select(0, (target_t % cap) * n + target_env)
     return (
-        rows[row, env, :a_w],
-        rows[row, env, a_w : a_w + b_w],
-        rows[target_t % cap, target_env, a_w + b_w :],
+        anchor_rows[:, :a_w].contiguous(),
+        anchor_rows[:, a_w : a_w + b_w].contiguous(),
+        target_rows[:, a_w + b_w :].contiguous(),
     )
 
 
