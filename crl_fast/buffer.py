@@ -21,6 +21,7 @@ future stored.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ class GoalBatch(NamedTuple):
 
 def _f32(x: float) -> float:
     """``x`` rounded to float32, so the torch and Triton paths use identical constants."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def sample_reference(

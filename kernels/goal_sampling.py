@@ -136,9 +136,11 @@ def sample(
     """
     a_w, b_w, t_w = widths
     n_draws = bits.shape[0]
-    out_a = torch.empty(n_draws, a_w, device=rows.device, dtype=rows.dtype)
-    out_b = torch.empty(n_draws, b_w, device=rows.device, dtype=rows.dtype)
-    out_t = torch.empty(n_draws, t_w, device=rows.device, dtype=rows.dtype)
+    out = torch.empty(n_draws * (a_w + b_w + t_w), device=rows.device, dtype=rows.dtype)
+    na, nb = n_draws * a_w, n_draws * b_w  # one allocation, three contiguous outputs
+    out_a = out[:na].view(n_draws, a_w)
+    out_b = out[na : na + nb].view(n_draws, b_w)
+    out_t = out[na + nb :].view(n_draws, t_w)
     cap, n = segment.shape
     _sample_kernel[(triton.cdiv(n_draws, block),)](
         bits,
@@ -232,7 +234,7 @@ def _extend_kernel(
         seg += done.to(tl.int64)
     tl.store(open_ptr + envs, seg, mask=m)
     if pid == 0:
-        tl.store(step_ptr, (step0 + T).to(tl.int64))
+        tl.store(step_ptr, base + T)
 
 
 def extend(
