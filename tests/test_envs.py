@@ -391,6 +391,8 @@ def test_adapter_same_step_semantics(terminate_on_success):
         assert_same(
             {k: v[~done] for k, v in new_obs.items()}, {k: v[~done] for k, v in final.items()}
         )
+        # Ended envs already started a new episode (new goals are drawn at random).
+        assert (new_obs["desired_goal"][done] != final["desired_goal"][done]).all()
         n_success += int(info["success"][done].sum())
         obs = new_obs
     assert n_success > 0 or not terminate_on_success
