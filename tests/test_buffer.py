@@ -159,10 +159,9 @@ def chi2_critical(dof: int, z: float = 3.0902) -> float:
     return dof * (1.0 - c + z * math.sqrt(c)) ** 3
 
 
-@pytest.mark.parametrize("mode", ["geometric", "clamp", "uniform_future"])
-def test_offset_law_chi_square(mode: str) -> None:
+def check_offset_law(mode: str, device: str) -> None:
     gamma = 0.8
-    buf = make(capacity=64, num_envs=4, gamma=gamma)
+    buf = make(capacity=64, num_envs=4, gamma=gamma, device=device)
     rec = Recorder(buf, [0.02, 0.08, 0.2, 0.0], seed=1)
     rec.extend(150)  # wrapped twice; env 3 is one long running episode
     d = rec.check(buf.sample(200_000, goal_mode=mode), mode)
@@ -173,6 +172,11 @@ def test_offset_law_chi_square(mode: str) -> None:
     # The same statistic rejects an offset that is one off (too far, or too near).
     for wrong in (np.minimum(d["k"] + 1, d["L"]), np.maximum(d["k"] - 1, 1)):
         assert chi_square(wrong, d["L"], mode, gamma)[0] > 3 * crit
+
+
+@pytest.mark.parametrize("mode", ["geometric", "clamp", "uniform_future"])
+def test_offset_law_chi_square(mode: str) -> None:
+    check_offset_law(mode, "cpu")
 
 
 # ---------------------------------------------------------------- invariants over the ring
@@ -392,25 +396,51 @@ def test_invariants_cuda_triton() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["geometric", "clamp", "uniform_future"])
+def test_offset_law_chi_square_cuda_triton(mode: str) -> None:
+    check_offset_law(mode, "cuda")
+
+
+@pytest.mark.gpu
 def test_triton_matches_torch_cuda() -> None:
     """Same draws on CUDA: identical anchors and bookkeeping; offsets may differ by one where
     the GPU's log/exp round differently from torch's (a boundary case, rarer than 1e-3)."""
     bufs = [make(capacity=300, num_envs=64, device="cuda", backend=b) for b in ("torch", "auto")]
     recs = [Recorder(b, [0.01 * (i % 7) for i in range(64)], seed=4) for b in bufs]
     for rec in recs:
-        rec.extend(500)
+        rec.extend(500)  # more than the capacity
         rec.extend(1)
     sds = [b.state_dict() for b in bufs]
-    for key in ("rows", "segment", "segment_end", "open_segment"):
+    for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
         assert torch.equal(sds[0][key], sds[1][key]), key
     for mode in FUTURE_MODES:
+        kw = {"goal_mode": mode, "random_goal_fraction": 0.1, "current_goal_fraction": 0.1}
         a, b = (
-            buf.sample(65536, goal_mode=mode, generator=torch.Generator("cuda").manual_seed(1))
+            buf.sample(65536, generator=torch.Generator("cuda").manual_seed(1), **kw)
             for buf in bufs
         )
         assert torch.equal(a.observation, b.observation) and torch.equal(a.action, b.action)
         diff = (a.goal[:, 0] - b.goal[:, 0]).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_sample_and_extend_do_not_sync(backend: str) -> None:
+    buf = make(capacity=50, num_envs=16, device="cuda", backend=backend)
+    rec = Recorder(buf, [0.05] * 16, seed=0)
+    rec.extend(60)
+    buf.sample(256, random_goal_fraction=0.1, current_goal_fraction=0.1)  # compile outside
+    batch = random_batch(3, 16, seed=0)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        buf.extend(batch)
+        for mode in FUTURE_MODES:
+            buf.sample(256, goal_mode=mode, random_goal_fraction=0.1, current_goal_fraction=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
