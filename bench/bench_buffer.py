@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for key in ("capacity", "num_envs", "batch", "txt_envs"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = default_sizes(args.device)
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     rows = bench_rows(args.device, sizes)
