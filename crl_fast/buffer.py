@@ -146,8 +146,9 @@ class TrajectoryBuffer:
     anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
     where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in).
 
-    CUDA tensors take one Triton launch per ``sample`` and per ``extend`` (``backend="auto"``);
-    ``backend="torch"`` or ``"triton"`` forces a path (Triton on CPU needs TRITON_INTERPRET=1).
+    On CUDA (``backend="auto"``) ``sample`` is one random draw plus one Triton launch and
+    ``extend`` one Triton launch; ``backend="torch"`` or ``"triton"`` forces a path (Triton on
+    CPU tensors needs TRITON_INTERPRET=1).
     To capture ``sample`` in a CUDA graph with the buffer's own ``generator``, register it with
     the graph (``CUDAGraph.register_generator_state``) or pass the default generator.
     """
@@ -189,7 +190,7 @@ class TrajectoryBuffer:
         self._capacity = capacity
         self.num_envs = num_envs
         self.obs_dim, self.action_dim, self.goal_dim = obs_dim, action_dim, goal_dim
-        self.gamma = float(gamma)
+        self._gamma = float(gamma)
         self.goal_mode = self._check_mode(goal_mode)
         self.random_goal_fraction, self.current_goal_fraction = self._check_mix(
             random_goal_fraction, current_goal_fraction
@@ -221,6 +222,11 @@ class TrajectoryBuffer:
     def capacity(self) -> int:
         """Steps kept per env; the buffer holds ``capacity * num_envs`` transitions."""
         return self._capacity
+
+    @property
+    def gamma(self) -> float:
+        """Discount of the geometric offset law (fixed: the kernels use its float32 log)."""
+        return self._gamma
 
     def __len__(self) -> int:
         return min(self._step, self._capacity) * self.num_envs
@@ -341,7 +347,7 @@ class TrajectoryBuffer:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        mode = self.goal_mode if goal_mode is None else self._check_mode(goal_mode)
+        mode = self._check_mode(self.goal_mode if goal_mode is None else goal_mode)
         f_rand, f_cur = self._check_mix(
             self.random_goal_fraction if random_goal_fraction is None else random_goal_fraction,
             self.current_goal_fraction if current_goal_fraction is None else current_goal_fraction,
