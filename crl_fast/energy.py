@@ -1,9 +1,9 @@
 """Critic energies f(x, y) between a phi row x and a psi row y, and the logits built from them.
 
 Logits are ``L = exp(log_scale) * f(x, y) + bias``. The fused kernels see every energy as a
-function of the inner product ``P = x . y`` and per-row squared norms, so this module prepares
-those per-row inputs (O(B * d) work, differentiable through autograd) and computes the paired
-(diagonal) logits ``L_ii`` that the losses need.
+function of the inner product ``P = x . y`` and per-row squared norms; this module holds that
+function once, for the chunked PyTorch path and for ``pairwise_energy`` (the paired logits
+``L_ii`` that the actor maximises).
 """
 
 from __future__ import annotations
@@ -29,25 +29,24 @@ def check_energy(energy: str) -> None:
         raise ValueError(f"energy must be one of {ENERGIES}, got {energy!r}")
 
 
-def energy_inputs(
-    phi: torch.Tensor, psi: torch.Tensor, energy: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(x, y, |x|^2, |y|^2)`` as the kernels consume them (norms ``None`` if unused)."""
+def kernel_inputs(phi: torch.Tensor, psi: torch.Tensor, energy: str):
+    """The rows the fused kernels multiply: cosine normalises them, other energies pass them."""
     if energy == "cosine":
-        return F.normalize(phi, dim=-1), F.normalize(psi, dim=-1), None, None
-    if energy in ("l2", "norm"):
-        acc = accumulate_dtype(phi.dtype)
-        return phi, psi, phi.to(acc).square().sum(-1), psi.to(acc).square().sum(-1)
-    return phi, psi, None, None
+        return F.normalize(phi, dim=-1), F.normalize(psi, dim=-1)
+    return phi, psi
 
 
-def apply_energy(p: torch.Tensor, x_sq: torch.Tensor | None, y_sq: torch.Tensor | None, code: int):
-    """Energy from inner products ``p`` and squared norms (broadcastable); float32 or wider."""
+def energy_and_slope(p: torch.Tensor, x_sq, y_sq, code: int):
+    """Energy ``f`` and its slope ``df/dP`` from inner products ``p`` and squared norms
+    (broadcastable; ``None`` for dot). The slope of ``f`` w.r.t. each squared norm is
+    ``-slope / 2`` for l2 and norm. Inputs in float32 or wider."""
     if code == 0:
-        return p
+        return p, 1.0
     if code == 1:
-        return 2.0 * p - x_sq - y_sq
-    return -torch.sqrt((x_sq + y_sq - 2.0 * p).clamp_min(0.0) + NORM_EPS)
+        return 2.0 * p - x_sq - y_sq, 2.0
+    sq = x_sq + y_sq - 2.0 * p
+    root = torch.sqrt(sq.clamp_min(0.0) + NORM_EPS)
+    return -root, torch.where(sq > 0, 1.0 / root, 0.0)
 
 
 def pairwise_energy(
@@ -67,9 +66,11 @@ def pairwise_energy(
             f"pairwise_energy needs phi (B, d) and psi (M >= B, d), "
             f"got {tuple(phi.shape)} and {tuple(psi.shape)}"
         )
-    x, y, x_sq, y_sq = energy_inputs(phi, psi[: phi.shape[0]], energy)
+    x, y = kernel_inputs(phi, psi[: phi.shape[0]], energy)
     acc = accumulate_dtype(x.dtype)
-    f = apply_energy((x.to(acc) * y.to(acc)).sum(-1), x_sq, y_sq, ENERGY_CODES[energy])
+    x, y = x.to(acc), y.to(acc)
+    x_sq, y_sq = x.square().sum(-1), y.square().sum(-1)
+    f, _ = energy_and_slope((x * y).sum(-1), x_sq, y_sq, ENERGY_CODES[energy])
     if log_scale is not None:
         f = f * log_scale.exp()
     if bias is not None:

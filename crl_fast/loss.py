@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crl_fast.energy import ENERGIES, ENERGY_CODES, energy_inputs, pairwise_energy
+from crl_fast.energy import ENERGIES, ENERGY_CODES, kernel_inputs
 from crl_fast.pair_stats import PAIR_DPO, PAIR_IPO, PAIR_NONE, pair_stats
 
 LOSSES = (
@@ -155,9 +155,8 @@ def contrastive_loss(
 def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metrics, backend):
     b, m = phi.shape[0], psi.shape[0]
     name = config.loss
-    x, y, x_sq, y_sq = energy_inputs(phi, psi, config.energy)
-    pos = pairwise_energy(phi, psi, config.energy, log_scale, bias)
-    one = pos.new_ones(())
+    x, y = kernel_inputs(phi, psi, config.energy)
+    one = x.new_ones((), dtype=torch.float32)
     scale = one if log_scale is None else log_scale.reshape(()).exp()
     shift = one * 0 if bias is None else bias.reshape(())
 
@@ -169,22 +168,12 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     mask_diag = config.exclude_positive_from_lse or flat
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     stats = pair_stats(
-        x,
-        y,
-        x_sq,
-        y_sq,
-        pos if pair else None,
-        scale,
-        shift,
-        energy=ENERGY_CODES[config.energy],
-        row_lse=want_row_lse,
-        col_lse=want_col_lse,
-        mask_diag=mask_diag,
-        softplus=name == "binary",
-        pair=pair,
-        metrics=return_metrics,
+        x, y, scale, shift, energy=ENERGY_CODES[config.energy], pos=True,
+        row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,
+        softplus=name == "binary", pair=pair, metrics=return_metrics,
         use_triton=_use_triton(x, backend),
-    )
+    )  # fmt: skip
+    pos = stats.pos
 
     def lse(off_or_full: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """The logsumexp the loss asks for, given what the kernel computed."""

@@ -1,32 +1,35 @@
 """Triton kernels for per-row / per-column statistics of a logit matrix that is never stored.
 
 The logits are ``L_ij = scale * f(P_ij, ra_i, rb_j) + bias`` with ``P = A @ B.T`` (tensor cores)
-and ``f`` one of three energies of the inner product and squared norms ``ra``, ``rb``:
+and ``f`` one of three energies of the inner product and the squared row norms ``ra``, ``rb``:
 
     ENERGY 0 (dot):  f = P
     ENERGY 1 (l2):   f = 2P - ra - rb
     ENERGY 2 (norm): f = -sqrt(max(ra + rb - 2P, 0) + 1e-6)
 
 Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all rows of B:
-    lse_i      = logsumexp_j L_ij           (j != i when MASK_DIAG; online max in base 2)
+    pos_i      = L_ii                                   (computed first, row-wise)
+    lse_i      = logsumexp_j L_ij                       (j != i when MASK_DIAG)
     softplus_i = sum_j softplus(L_ij)
-    pair_i     = sum_{j != i} softplus(L_ij - shift_i)       (PAIR 1, DPO)
-               = sum_{j != i} (L_ij - shift_i + 1)^2         (PAIR 2, IPO)
+    pair_i     = sum_{j != i} softplus(u_ij)  or  (u_ij + 1)^2,   u_ij = L_ij - L_ii  (PAIR 1/2)
+    slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij)
     metrics: argmax_j L_ij, sum_j L_ij, #{j : (L_ij > 0) == (i == j)}
 Column statistics are row statistics of the transpose: launch with A and B swapped.
 
 Backward (``grad_kernel``): with upstream gradients of those statistics the logit gradient is
     G_ij = g_rlse_i exp(L_ij - rlse_i) + g_clse_j exp(L_ij - clse_j) + g_sp_i sigmoid(L_ij)
-           + g_pair_i [j != i] (sigmoid(L_ij - shift_i)  or  2 (L_ij - shift_i + 1))
-and with H = G * scale * df/dP (df/dra = -H/2 for l2 and norm):
-    dA_i = sum_j H_ij B_j,   dra_i = -1/2 sum_j H_ij,   dshift_i = -sum_j G^pair_ij,
-    dscale = sum G_ij f_ij,  dbias = sum G_ij.
-One launch with A = x (rows) gives dx, drx, dshift and per-program partials of dscale/dbias;
-one with A = y gives dy and dry (X_IS_A = False flips which index the x-indexed vectors follow).
-No atomics: both gradients are deterministic.
+           + g_pair_i [j != i] dpair(u_ij) + [i == j] g_diag_i
+where g_diag_i = g_pos_i - g_pair_i slope_i collects everything that acts on L_ii. With
+H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
+    dA_i = sum_j H_ij B_j - A_i sum_j H_ij [l2, norm],   dscale = sum G f,   dbias = sum G.
+One launch with A = x gives dx and per-program partials of dscale/dbias; one with A = y gives
+dy (X_IS_A = False flips which index the x-indexed vectors follow). No atomics: deterministic.
+Everything is accumulated in float32 and rounded once, so no gradient cancels in low precision.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -38,27 +41,29 @@ NORM_EPS = 1e-6
 
 
 @triton.jit
+def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
+    """Logits, energy and dL/dP slope (before ``scale``) from inner products; float32."""
+    if ENERGY == 0:
+        f = p
+        dfdp = tl.full(p.shape, 1.0, tl.float32)
+    elif ENERGY == 1:
+        f = 2.0 * p - ra - rb
+        dfdp = tl.full(p.shape, 2.0, tl.float32)
+    else:
+        sq = ra + rb - 2.0 * p
+        root = tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS)
+        f = -root
+        dfdp = tl.where(sq > 0.0, 1.0 / root, 0.0)
+    return scale * f + bias, f, dfdp
+
+
+@triton.jit
 def _logits_tile(
-    A_ptr,
-    B_ptr,
-    RA_ptr,
-    RB_ptr,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    D,
-    stride_a,
-    stride_b,
-    scale,
-    bias,
-    ENERGY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, all float32."""
+    A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
+    scale, bias, ENERGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_base = A_ptr + rows.to(tl.int64)[:, None] * stride_a
     b_base = B_ptr + cols.to(tl.int64)[:, None] * stride_b
@@ -67,22 +72,38 @@ def _logits_tile(
         kmask = ks < D
         a = tl.load(a_base + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_base + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    if ENERGY == 0:
-        f = acc
-        dfdp = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
-    else:
+    ra = tl.zeros((BLOCK_M,), tl.float32)
+    rb = tl.zeros((BLOCK_N,), tl.float32)
+    if ENERGY != 0:
         ra = tl.load(RA_ptr + rows, mask=row_mask, other=0.0)
         rb = tl.load(RB_ptr + cols, mask=col_mask, other=0.0)
-        if ENERGY == 1:
-            f = 2.0 * acc - ra[:, None] - rb[None, :]
-            dfdp = tl.full((BLOCK_M, BLOCK_N), 2.0, tl.float32)
-        else:
-            sq = ra[:, None] + rb[None, :] - 2.0 * acc
-            inv = 1.0 / tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS)
-            f = -(tl.maximum(sq, 0.0) + NORM_EPS) * inv
-            dfdp = tl.where(sq > 0.0, inv, 0.0)
-    return scale * f + bias, f, dfdp
+    return _energy(acc, ra[:, None], rb[None, :], scale, bias, ENERGY)
+
+
+@triton.jit
+def _positive_logits(
+    A_ptr, B_ptr, RA_ptr, RB_ptr, rows, row_mask, D, stride_a, stride_b, scale, bias,
+    ENERGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """L_ii for the rows of this program: a row-wise dot product in float32."""
+    p = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m2 = row_mask[:, None] & (ks < D)[None, :]
+        a = tl.load(A_ptr + rows.to(tl.int64)[:, None] * stride_a + ks[None, :], mask=m2, other=0.0)
+        b = tl.load(B_ptr + rows.to(tl.int64)[:, None] * stride_b + ks[None, :], mask=m2, other=0.0)
+        p += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    ra = tl.zeros((BLOCK_M,), tl.float32)
+    rb = tl.zeros((BLOCK_M,), tl.float32)
+    if ENERGY != 0:
+        ra = tl.load(RA_ptr + rows, mask=row_mask, other=0.0)
+        rb = tl.load(RB_ptr + rows, mask=row_mask, other=0.0)
+    logits, _, _ = _energy(p, ra, rb, scale, bias, ENERGY)
+    return logits
 
 
 @triton.jit
@@ -96,6 +117,17 @@ def _softplus_sigmoid(z):
 
 
 @triton.jit
+def _pair_term(u, PAIR: tl.constexpr):
+    """DPO (PAIR 1): softplus(u) and sigmoid(u); IPO (PAIR 2): (u + 1)^2 and 2 (u + 1)."""
+    if PAIR == 1:
+        term, slope = _softplus_sigmoid(u)
+    else:
+        term = (u + 1.0) * (u + 1.0)
+        slope = 2.0 * (u + 1.0)
+    return term, slope
+
+
+@triton.jit
 def _by_x(v, X_IS_A: tl.constexpr):
     """Broadcast a vector indexed by x-rows onto the tile: rows if A is x, else columns."""
     if X_IS_A:
@@ -106,46 +138,30 @@ def _by_x(v, X_IS_A: tl.constexpr):
 
 @triton.jit
 def stats_kernel(
-    A_ptr,
-    B_ptr,
-    RA_ptr,
-    RB_ptr,
-    SHIFT_ptr,
-    SCALE_ptr,
-    BIAS_ptr,
-    LSE_ptr,
-    SP_ptr,
-    PAIR_ptr,
-    ARGMAX_ptr,
-    SUM_ptr,
-    CORRECT_ptr,
-    NA,
-    NB,
-    D,
-    stride_a,
-    stride_b,
-    ENERGY: tl.constexpr,
-    LSE: tl.constexpr,
-    MASK_DIAG: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    PAIR: tl.constexpr,
-    METRICS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
+    POS_ptr, LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
+    NA, NB, D, stride_a, stride_b,
+    ENERGY: tl.constexpr, POS: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
+    SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < NA
     scale = tl.load(SCALE_ptr).to(tl.float32)
     bias = tl.load(BIAS_ptr).to(tl.float32)
-    if PAIR != 0:
-        shift = tl.load(SHIFT_ptr + rows, mask=row_mask, other=0.0)
+    if POS:
+        pos = _positive_logits(
+            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, row_mask, D, stride_a, stride_b, scale, bias,
+            ENERGY, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
+        tl.store(POS_ptr + rows, pos, mask=row_mask)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     sp_i = tl.zeros((BLOCK_M,), tl.float32)
     pair_i = tl.zeros((BLOCK_M,), tl.float32)
+    slope_i = tl.zeros((BLOCK_M,), tl.float32)
     best_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     arg_i = tl.zeros((BLOCK_M,), tl.int32)
     sum_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -154,25 +170,9 @@ def stats_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
         logits, _, _ = _logits_tile(
-            A_ptr,
-            B_ptr,
-            RA_ptr,
-            RB_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            D,
-            stride_a,
-            stride_b,
-            scale,
-            bias,
-            ENERGY,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            PRECISION,
-        )
+            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
+            stride_b, scale, bias, ENERGY, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST,
+        )  # fmt: skip
         valid = row_mask[:, None] & col_mask[None, :]
         diag = rows[:, None] == cols[None, :]
         if LSE:
@@ -180,21 +180,22 @@ def stats_kernel(
                 keep = valid & ~diag
             else:
                 keep = valid
-            z = tl.where(keep, logits * LOG2E, float("-inf"))
+            # Subtract the running max before going to base 2: scaling large logits first
+            # would round away their low bits (|L| ~ 1e4 loses 1e-3).
+            z = tl.where(keep, logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_i = s_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), 1)
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            s_i = s_i * alpha + tl.sum(tl.exp2((z - m_safe[:, None]) * LOG2E), 1)
             m_i = m_new
         if SOFTPLUS:
             sp, _ = _softplus_sigmoid(logits)
             sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
         if PAIR != 0:
-            u = logits - shift[:, None]
-            if PAIR == 1:
-                term, _ = _softplus_sigmoid(u)
-            else:
-                term = (u + 1.0) * (u + 1.0)
-            pair_i += tl.sum(tl.where(valid & ~diag, term, 0.0), 1)
+            term, slope = _pair_term(logits - pos[:, None], PAIR)
+            off = valid & ~diag
+            pair_i += tl.sum(tl.where(off, term, 0.0), 1)
+            slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
         if METRICS:
             lv = tl.where(valid, logits, float("-inf"))
             tile_best = tl.max(lv, 1)
@@ -207,12 +208,13 @@ def stats_kernel(
             cnt_i += tl.sum(tl.where(valid & hit, 1.0, 0.0), 1)
     if LSE:
         # Rows past NA have s_i = 0; keep log2 finite there (they are never stored).
-        lse = (m_i + tl.log2(tl.where(row_mask, s_i, 1.0))) * LN2
+        lse = m_i + tl.log2(tl.where(row_mask, s_i, 1.0)) * LN2
         tl.store(LSE_ptr + rows, lse, mask=row_mask)
     if SOFTPLUS:
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
     if PAIR != 0:
         tl.store(PAIR_ptr + rows, pair_i, mask=row_mask)
+        tl.store(SLOPE_ptr + rows, slope_i, mask=row_mask)
     if METRICS:
         tl.store(ARGMAX_ptr + rows, arg_i, mask=row_mask)
         tl.store(SUM_ptr + rows, sum_i, mask=row_mask)
@@ -221,43 +223,15 @@ def stats_kernel(
 
 @triton.jit
 def grad_kernel(
-    A_ptr,
-    B_ptr,
-    RA_ptr,
-    RB_ptr,
-    SHIFT_ptr,
-    SCALE_ptr,
-    BIAS_ptr,
-    XLSE_ptr,
-    YLSE_ptr,
-    G_XLSE_ptr,
-    G_YLSE_ptr,
-    G_SP_ptr,
-    G_PAIR_ptr,
-    DA_ptr,
-    DRA_ptr,
-    DSHIFT_ptr,
-    DSCALE_ptr,
-    DBIAS_ptr,
-    NA,
-    NB,
-    D,
-    stride_a,
-    stride_b,
-    stride_da,
-    ENERGY: tl.constexpr,
-    X_IS_A: tl.constexpr,
-    MASK_DIAG: tl.constexpr,
-    XLSE: tl.constexpr,
-    YLSE: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    PAIR: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
+    POS_ptr, XLSE_ptr, YLSE_ptr, G_DIAG_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr,
+    DA_ptr, DSCALE_ptr, DBIAS_ptr,
+    NA, NB, D, stride_a, stride_b, stride_da,
+    ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, DIAG: tl.constexpr,
+    XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -266,48 +240,33 @@ def grad_kernel(
     dmask = ds < D
     scale = tl.load(SCALE_ptr).to(tl.float32)
     bias = tl.load(BIAS_ptr).to(tl.float32)
-    # Vectors that follow the outer (A) index are loaded once.
+    # x-indexed vectors follow the outer index when A is x (loaded once), else the inner one.
     if X_IS_A:
+        if DIAG:
+            g_diag_o = tl.load(G_DIAG_ptr + rows, mask=row_mask, other=0.0)
         if XLSE:
             xlse_o = tl.load(XLSE_ptr + rows, mask=row_mask, other=0.0)
             g_xlse_o = tl.load(G_XLSE_ptr + rows, mask=row_mask, other=0.0)
         if SOFTPLUS:
             g_sp_o = tl.load(G_SP_ptr + rows, mask=row_mask, other=0.0)
         if PAIR != 0:
-            shift_o = tl.load(SHIFT_ptr + rows, mask=row_mask, other=0.0)
+            pos_o = tl.load(POS_ptr + rows, mask=row_mask, other=0.0)
             g_pair_o = tl.load(G_PAIR_ptr + rows, mask=row_mask, other=0.0)
     else:
         if YLSE:
             ylse_o = tl.load(YLSE_ptr + rows, mask=row_mask, other=0.0)
             g_ylse_o = tl.load(G_YLSE_ptr + rows, mask=row_mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    dra = tl.zeros((BLOCK_M,), tl.float32)
-    dshift = tl.zeros((BLOCK_M,), tl.float32)
+    h_sum = tl.zeros((BLOCK_M,), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
         logits, f, dfdp = _logits_tile(
-            A_ptr,
-            B_ptr,
-            RA_ptr,
-            RB_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            D,
-            stride_a,
-            stride_b,
-            scale,
-            bias,
-            ENERGY,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            PRECISION,
-        )
+            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
+            stride_b, scale, bias, ENERGY, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST,
+        )  # fmt: skip
         valid = row_mask[:, None] & col_mask[None, :]
         diag = rows[:, None] == cols[None, :]
         if MASK_DIAG:
@@ -315,6 +274,12 @@ def grad_kernel(
         else:
             lse_keep = valid
         g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if DIAG:
+            if X_IS_A:
+                g_diag = g_diag_o
+            else:
+                g_diag = tl.load(G_DIAG_ptr + cols, mask=col_mask, other=0.0)
+            g += tl.where(valid & diag, _by_x(g_diag, X_IS_A), 0.0)
         if XLSE:
             if X_IS_A:
                 xlse, g_xlse = xlse_o, g_xlse_o
@@ -341,44 +306,38 @@ def grad_kernel(
             g += tl.where(valid, _by_x(g_sp, X_IS_A) * sig, 0.0)
         if PAIR != 0:
             if X_IS_A:
-                shift, g_pair = shift_o, g_pair_o
+                pos, g_pair = pos_o, g_pair_o
             else:
-                shift = tl.load(SHIFT_ptr + cols, mask=col_mask, other=0.0)
+                pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
                 g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
-            u = logits - _by_x(shift, X_IS_A)
-            if PAIR == 1:
-                _, dterm = _softplus_sigmoid(u)
-            else:
-                dterm = 2.0 * (u + 1.0)
-            gp = tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * dterm, 0.0)
-            g += gp
-            if X_IS_A:
-                dshift -= tl.sum(gp, 1)
+            _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
+            g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
         h = g * scale * dfdp
         b = tl.load(
             B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
             mask=col_mask[:, None] & dmask[None, :],
             other=0.0,
         )
-        acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PRECISION)
+        h_in = h.to(b.dtype)
+        if UPCAST:
+            h_in = h_in.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(h_in, b, acc, input_precision=PRECISION)
         if ENERGY != 0:
-            dra -= 0.5 * tl.sum(h, 1)
+            h_sum += tl.sum(h, 1)
         if X_IS_A:
             dscale += tl.sum(g * f, 1)
             dbias += tl.sum(g, 1)
-    tl.store(
-        DA_ptr + rows.to(tl.int64)[:, None] * stride_da + ds[None, :],
-        acc.to(DA_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & dmask[None, :],
-    )
-    if pid_d == 0:
-        if ENERGY != 0:
-            tl.store(DRA_ptr + rows, dra, mask=row_mask)
-        if X_IS_A:
-            if PAIR != 0:
-                tl.store(DSHIFT_ptr + rows, dshift, mask=row_mask)
-            tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
-            tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
+    out_ptrs = rows.to(tl.int64)[:, None] * stride_a + ds[None, :]
+    out_mask = row_mask[:, None] & dmask[None, :]
+    if ENERGY != 0:  # the squared norm's share: d/dA_i of -(ra_i) terms = -A_i sum_j H_ij
+        a = tl.load(A_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        acc -= h_sum[:, None] * a
+    da_ptrs = DA_ptr + rows.to(tl.int64)[:, None] * stride_da + ds[None, :]
+    tl.store(da_ptrs, acc.to(DA_ptr.dtype.element_ty), mask=out_mask)
+    if X_IS_A and pid_d == 0:
+        tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
+        tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -386,13 +345,19 @@ def grad_kernel(
 
 def _config(n_a: int, d: int) -> dict[str, int]:
     """Fixed tile shapes: the K loop covers d in chunks; BLOCK_D tiles the gradient's columns."""
-    block_k = max(16, min(triton.next_power_of_2(d), 64))
     return {
         "BLOCK_M": 64 if n_a >= 64 else max(16, triton.next_power_of_2(n_a)),
         "BLOCK_N": 64,
-        "BLOCK_K": block_k,
+        "BLOCK_K": max(16, min(triton.next_power_of_2(d), 64)),
         "BLOCK_D": max(16, min(triton.next_power_of_2(d), 128)),
     }
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Triton's interpreter multiplies the raw bits of bfloat16 in ``tl.dot`` (seen with triton
+    3.8): under TRITON_INTERPRET=1 bfloat16 tiles are rounded as on the GPU, then multiplied in
+    float32. Compiled kernels always use the tensor cores."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -402,69 +367,49 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _vector(n: int, wanted: bool, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(n if wanted else 0, dtype=dtype, device=like.device)
+
+
 def stats(
     a: torch.Tensor,
     b: torch.Tensor,
     ra: torch.Tensor,
     rb: torch.Tensor,
-    shift: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor,
     *,
     energy: int,
+    pos: bool,
     lse: bool,
     mask_diag: bool,
     softplus: bool,
     pair: int,
     metrics: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Row statistics of the logits of (a, b): (lse, softplus, pair, argmax, sum, correct).
-
-    Statistics that are not asked for come back as empty tensors.
-    """
+    """Row statistics of the logits of (a, b): (pos, lse, softplus, pair, slope, argmax, sum,
+    correct). Statistics that are not asked for come back as empty tensors."""
     n_a, d = a.shape
-    n_b = b.shape[0]
     cfg = _config(n_a, d)
-    f32 = {"dtype": torch.float32, "device": a.device}
-
-    def out(flag: bool, **kw) -> torch.Tensor:
-        return torch.empty(n_a if flag else 0, **(kw or f32))
-
-    lse_o, sp_o, pair_o = out(lse), out(softplus), out(pair != 0)
-    arg_o = out(metrics, dtype=torch.int32, device=a.device)
-    sum_o, cnt_o = out(metrics), out(metrics)
+    pos = pos or pair != 0
+    outs = (
+        _vector(n_a, pos, a),
+        _vector(n_a, lse, a),
+        _vector(n_a, softplus, a),
+        _vector(n_a, pair != 0, a),
+        _vector(n_a, pair != 0, a),
+        _vector(n_a, metrics, a, torch.int32),
+        _vector(n_a, metrics, a),
+        _vector(n_a, metrics, a),
+    )
     grid = (triton.cdiv(n_a, cfg["BLOCK_M"]),)
     stats_kernel[grid](
-        a,
-        b,
-        ra,
-        rb,
-        shift,
-        scale,
-        bias,
-        lse_o,
-        sp_o,
-        pair_o,
-        arg_o,
-        sum_o,
-        cnt_o,
-        n_a,
-        n_b,
-        d,
-        a.stride(0),
-        b.stride(0),
-        ENERGY=energy,
-        LSE=lse,
-        MASK_DIAG=mask_diag,
-        SOFTPLUS=softplus,
-        PAIR=pair,
-        METRICS=metrics,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        PRECISION=_precision(a.dtype),
-    )
-    return lse_o, sp_o, pair_o, arg_o, sum_o, cnt_o
+        a, b, ra, rb, scale, bias, *outs, n_a, b.shape[0], d, a.stride(0), b.stride(0),
+        ENERGY=energy, POS=pos, LSE=lse, MASK_DIAG=mask_diag, SOFTPLUS=softplus, PAIR=pair,
+        METRICS=metrics, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
+    )  # fmt: skip
+    return outs
 
 
 def grad(
@@ -472,11 +417,12 @@ def grad(
     b: torch.Tensor,
     ra: torch.Tensor,
     rb: torch.Tensor,
-    shift: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor,
+    pos: torch.Tensor,
     xlse: torch.Tensor,
     ylse: torch.Tensor,
+    g_diag: torch.Tensor,
     g_xlse: torch.Tensor,
     g_ylse: torch.Tensor,
     g_sp: torch.Tensor,
@@ -486,60 +432,26 @@ def grad(
     x_is_a: bool,
     mask_diag: bool,
     pair: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradient for the rows of ``a``: (da, dra, dshift, dscale_partials, dbias_partials).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient for the rows of ``a``: (da, dscale_partials, dbias_partials).
 
-    A gradient term is active when its upstream gradient is non-empty. ``dshift`` and the
-    dscale/dbias partials are only produced when ``x_is_a``; otherwise they come back empty.
+    A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
+    partials (one per program) are produced only when ``x_is_a``.
     """
     n_a, d = a.shape
-    n_b = b.shape[0]
     cfg = _config(n_a, d)
     n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
-    f32 = {"dtype": torch.float32, "device": a.device}
-    pair = pair if g_pair.numel() > 0 else 0
     da = torch.empty_like(a)
-    dra = torch.empty(n_a if energy != 0 else 0, **f32)
-    dshift = torch.empty(n_a if (x_is_a and pair != 0) else 0, **f32)
-    dscale = torch.empty(n_prog if x_is_a else 0, **f32)
-    dbias = torch.empty(n_prog if x_is_a else 0, **f32)
+    dscale = _vector(n_prog, x_is_a, a)
+    dbias = _vector(n_prog, x_is_a, a)
     grid = (n_prog, triton.cdiv(d, cfg["BLOCK_D"]))
     grad_kernel[grid](
-        a,
-        b,
-        ra,
-        rb,
-        shift,
-        scale,
-        bias,
-        xlse,
-        ylse,
-        g_xlse,
-        g_ylse,
-        g_sp,
-        g_pair,
-        da,
-        dra,
-        dshift,
-        dscale,
-        dbias,
-        n_a,
-        n_b,
-        d,
-        a.stride(0),
-        b.stride(0),
-        da.stride(0),
-        ENERGY=energy,
-        X_IS_A=x_is_a,
-        MASK_DIAG=mask_diag,
-        XLSE=g_xlse.numel() > 0,
-        YLSE=g_ylse.numel() > 0,
-        SOFTPLUS=g_sp.numel() > 0,
-        PAIR=pair,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=_precision(a.dtype),
-    )
-    return da, dra, dshift, dscale, dbias
+        a, b, ra, rb, scale, bias, pos, xlse, ylse, g_diag, g_xlse, g_ylse, g_sp, g_pair,
+        da, dscale, dbias, n_a, b.shape[0], d, a.stride(0), b.stride(0), da.stride(0),
+        ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, DIAG=g_diag.numel() > 0,
+        XLSE=g_xlse.numel() > 0, YLSE=g_ylse.numel() > 0, SOFTPLUS=g_sp.numel() > 0,
+        PAIR=pair if g_pair.numel() > 0 else 0, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+        PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
+    )  # fmt: skip
+    return da, dscale, dbias

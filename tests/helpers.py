@@ -1,0 +1,31 @@
+"""Test helpers shared by the test files."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """Largest absolute difference, measured in float64."""
+    return (actual.double() - truth.double()).abs().max().item()
+
+
+def assert_no_worse_than_eager(
+    name: str, kernel: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, rtol: float
+) -> None:
+    """The kernel's error against float64 truth must not exceed eager PyTorch's error in the same
+    dtype by more than ``rtol * max|truth|`` (cut-cross-entropy's rule). On failure, name the
+    worst index."""
+    scale = max(truth.double().abs().max().item(), 1e-6)
+    k_err, e_err = max_error(kernel, truth), max_error(eager, truth)
+    if not torch.isfinite(eager.double()).all():
+        e_err = float("inf")
+    if k_err <= e_err + rtol * scale:
+        return
+    worst = (kernel.double() - truth.double()).abs().argmax().item()
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), truth.shape))
+    raise AssertionError(
+        f"{name}: kernel error {k_err:.3e} > eager error {e_err:.3e} + {rtol:g} * {scale:.3e}; "
+        f"worst at {idx}: kernel {kernel.reshape(-1)[worst].item():.6g}, "
+        f"truth {truth.reshape(-1)[worst].item():.6g}"
+    )

@@ -1,0 +1,300 @@
+"""contrastive_loss against the float64 B x M reference: Triton kernels (interpreter on CPU) and
+the chunked PyTorch path; every loss and energy; gradients, metrics, errors, memory."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
+from crl_fast.loss import LOSSES
+from tests.helpers import assert_no_worse_than_eager, max_error
+
+ENERGIES = ("dot", "l2", "norm", "cosine")
+BACKENDS = ("torch", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# (B, M, d): the issue's odd sizes, one rectangular batch with extra negatives.
+SHAPES = [(1, 1, 1), (2, 2, 3), (7, 7, 16), (100, 100, 64), (257, 257, 100), (5, 12, 3)]
+
+
+def _inputs(b, m, d, dtype=torch.float32, seed=0, scale=1.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    phi = (torch.randn(b, d, generator=g) * scale / math.sqrt(d) ** 0.5).to(device, dtype)
+    psi = (torch.randn(m, d, generator=g) * scale / math.sqrt(d) ** 0.5).to(device, dtype)
+    return phi, psi
+
+
+def _loss_and_grads(fn, phi, psi, extra=(), **kw):
+    """Loss value, metrics (if asked) and gradients w.r.t. phi, psi and ``extra`` tensors."""
+    leaves = [t.detach().clone().requires_grad_() for t in (phi, psi, *extra)]
+    names = ("log_scale", "bias")[: len(extra)]
+    out = fn(leaves[0], leaves[1], **kw, **dict(zip(names, leaves[2:], strict=True)))
+    value, metrics = out if isinstance(out, tuple) else (out, {})
+    grads = torch.autograd.grad(value, leaves)
+    return value.detach(), metrics, grads
+
+
+def _truth(phi, psi, extra=(), **kw):
+    return _loss_and_grads(
+        reference_contrastive_loss, phi.double(), psi.double(), [t.double() for t in extra], **kw
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_binary_loss_no_worse_than_eager(shape, dtype, backend):
+    phi, psi = _inputs(*shape, dtype=dtype)
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi)
+    t_value, _, t_grads = _truth(phi, psi)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
+def test_every_loss_and_energy(loss, energy, backend, scaled):
+    phi, psi = _inputs(7, 11, 5, seed=1)
+    extra = (torch.tensor(0.4), torch.tensor(-1.5)) if scaled else ()
+    kw = {"loss": loss, "energy": energy, "return_metrics": True}
+    kw["logsumexp_penalty"] = 0.1 if scaled else 0.0
+    value, metrics, grads = _loss_and_grads(
+        contrastive_loss, phi, psi, extra, backend=backend, **kw
+    )
+    t_value, t_metrics, t_grads = _truth(phi, psi, extra, **kw)
+    scale = max(1.0, t_value.abs().item())
+    assert max_error(value, t_value) < 2e-5 * scale
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
+    assert metrics.keys() == t_metrics.keys()
+    for key in metrics:
+        assert max_error(metrics[key], t_metrics[key]) < 1e-4 * max(1, t_metrics[key].abs()), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["infonce", "infonce_backward", "symmetric_infonce"])
+def test_exclude_positive_from_lse(loss, backend):
+    phi, psi = _inputs(6, 9, 4, seed=2)
+    kw = {"loss": loss, "exclude_positive_from_lse": True, "logsumexp_penalty": 0.2}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
+    t_value, _, t_grads = _truth(phi, psi, **kw)
+    assert max_error(value, t_value) < 1e-5
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
+def test_reduction_sum(loss, backend):
+    phi, psi = _inputs(5, 8, 3, seed=3)
+    value, _, grads = _loss_and_grads(
+        contrastive_loss, phi, psi, loss=loss, reduction="sum", backend=backend
+    )
+    t_value, _, t_grads = _truth(phi, psi, loss=loss, reduction="sum")
+    assert max_error(value, t_value) < 1e-4
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["binary", "infonce", "dpo"])
+def test_huge_logits_stay_finite(loss, backend):
+    phi, psi = _inputs(9, 9, 8, seed=4, scale=60.0)  # logits of order 1e3..1e4
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, loss=loss, backend=backend)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, loss=loss)
+    t_value, _, t_grads = _truth(phi, psi, loss=loss)
+    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[torch.float32])
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
+
+
+# FlatNCE's value is exp(c - stopgrad(c)) = 1 by construction: its gradient is not the
+# derivative of its value, so gradcheck does not apply (its gradients are checked above).
+@pytest.mark.parametrize("loss", [name for name in LOSSES if not name.startswith("flatnce")])
+@pytest.mark.parametrize("energy", ENERGIES)
+def test_gradcheck_float64(loss, energy):
+    phi, psi = _inputs(4, 6, 3, dtype=torch.float64, seed=5)
+    log_scale = torch.tensor(0.2, dtype=torch.float64)
+    bias = torch.tensor(-0.3, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (phi, psi, log_scale, bias)]
+
+    def fn(p, q, s, b):
+        return contrastive_loss(
+            p, q, loss=loss, energy=energy, log_scale=s, bias=b, logsumexp_penalty=0.1
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_partial_grad_and_non_contiguous(backend):
+    phi_t, psi_t = _inputs(6, 16, 10, seed=6)
+    phi = phi_t.T.contiguous().T  # same values, column-major
+    psi = psi_t[::2]  # strided rows: 8 rows
+    psi_leaf = psi.detach().clone().requires_grad_()
+    value = contrastive_loss(phi, psi_leaf, loss="infonce", energy="norm", backend=backend)
+    (3.5 * value).backward()
+    t_phi, t_psi = phi.double(), psi.double().requires_grad_()
+    (3.5 * reference_contrastive_loss(t_phi, t_psi, loss="infonce", energy="norm")).backward()
+    assert max_error(psi_leaf.grad, t_psi.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_learns_scale_and_bias(backend):
+    module = ContrastiveLoss(
+        "binary", learn_scale=True, init_log_scale=math.log(10), learn_bias=True, init_bias=-10
+    )
+    module.backend = backend
+    phi, psi = _inputs(8, 8, 4, seed=7)
+    value, metrics = module(phi, psi, return_metrics=True)
+    value.backward()
+    assert module.log_scale.grad is not None and module.bias.grad is not None
+    t_scale = torch.tensor(math.log(10), dtype=torch.float64, requires_grad=True)
+    t_bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    truth = reference_contrastive_loss(phi.double(), psi.double(), log_scale=t_scale, bias=t_bias)
+    truth.backward()
+    assert max_error(value.detach(), truth.detach()) < 1e-5
+    assert max_error(module.log_scale.grad, t_scale.grad) < 1e-5
+    assert max_error(module.bias.grad, t_bias.grad) < 1e-5
+    assert set(metrics) == {
+        "categorical_accuracy",
+        "binary_accuracy",
+        "logits_pos",
+        "logits_neg",
+        "logsumexp_sq",
+    }
+
+
+def test_compiles_without_graph_breaks():
+    phi, psi = _inputs(16, 16, 8, seed=8)
+    phi.requires_grad_()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(p, q):
+        return contrastive_loss(p, q, loss="symmetric_infonce", energy="norm")
+
+    value = step(phi, psi)
+    value.backward()
+    t_phi = phi.detach().double().requires_grad_()
+    truth = reference_contrastive_loss(t_phi, psi.double(), loss="symmetric_infonce", energy="norm")
+    truth.backward()
+    assert max_error(value.detach(), truth.detach()) < 1e-5
+    assert max_error(phi.grad, t_phi.grad) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("phi", "psi", "kwargs", "error", "match"),
+    [
+        (torch.randn(4), torch.randn(4, 3), {}, ValueError, "2-D"),
+        (torch.randn(4, 3), torch.randn(3, 3), {}, ValueError, "at least as many rows"),
+        (torch.randn(4, 3), torch.randn(4, 2), {}, ValueError, "feature sizes differ"),
+        (torch.randn(0, 3), torch.randn(0, 3), {}, ValueError, "empty batch"),
+        (torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3), {}, TypeError, "float"),
+        (torch.randn(4, 3), torch.randn(4, 3).double(), {}, TypeError, "share a dtype"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"loss": "nce"}, ValueError, "loss must be"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"energy": "cos"}, ValueError, "energy must be"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"reduction": "none"}, ValueError, "reduction"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
+        (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, "log_scale"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"backend": "cuda"}, ValueError, "backend"),
+        ([[1.0]], torch.randn(1, 1), {}, TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_is_named(phi, psi, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        contrastive_loss(phi, psi, **kwargs)
+
+
+def test_cpu_path_memory_is_bounded():
+    """B = 8192: the B x B float32 logits alone would be 256 MiB; the chunked path must stay
+    far below that, forward and backward (peak RSS growth, measured in a fresh process)."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from crl_fast import contrastive_loss
+        torch.set_num_threads(2)
+        b, d = 8192, 8
+        phi = torch.randn(b, d, requires_grad=True)
+        psi = torch.randn(b, d, requires_grad=True)
+        contrastive_loss(phi[:64], psi[:64]).backward()  # warm up allocator and autograd
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss = contrastive_loss(phi, psi, loss="infonce", logsumexp_penalty=0.1)
+        loss.backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    full_matrix_mib = 8192**2 * 4 / 2**20
+    assert growth_mib < full_matrix_mib / 4, f"peak grew {growth_mib:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1000, 1000, 64), (4096, 5000, 256), (333, 333, 100)], ids=str)
+@pytest.mark.parametrize("loss", ["binary", "symmetric_infonce", "dpo"])
+def test_cuda_kernels_no_worse_than_eager(shape, dtype, loss):
+    phi, psi = _inputs(*shape, dtype=dtype, device="cuda")
+    kw = {"loss": loss, "energy": "norm" if loss != "binary" else "dot"}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    t_value, _, t_grads = _truth(phi, psi, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
+@pytest.mark.gpu
+def test_cuda_memory_is_linear_in_batch():
+    b, d = 262144, 64
+    phi, psi = _inputs(b, b, d, dtype=torch.bfloat16, device="cuda")
+    phi.requires_grad_()
+    psi.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    contrastive_loss(phi, psi, loss="infonce", energy="norm", logsumexp_penalty=0.1).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 8 * b * d * 2 + (16 << 20), f"extra memory {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    phi, psi = _inputs(512, 512, 64, device="cuda")
+    phi.requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compiles the kernels) outside the graph
+            phi.grad = None
+            contrastive_loss(phi, psi, loss="infonce", energy="norm").backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    phi.grad = None
+    with torch.cuda.graph(graph):
+        value = contrastive_loss(phi, psi, loss="infonce", energy="norm")
+        value.backward()
+    phi.data.copy_(_inputs(512, 512, 64, device="cuda", seed=9)[0])
+    graph.replay()
+    torch.cuda.synchronize()
+    truth = reference_contrastive_loss(phi.detach().double(), psi.double(), loss="infonce",
+                                       energy="norm")  # fmt: skip
+    assert max_error(value, truth) < 1e-4
