@@ -25,7 +25,14 @@ def bench(name: str, num_envs: int, device: str) -> dict:
 
     timing = measure(step, device=device, warmup=10, rep=100)
     steps_per_s = num_envs / (timing["median_ms"] / 1e3)
-    return {"env": name, "num_envs": num_envs, **timing, "env_steps_per_s": steps_per_s}
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else None
+    return {
+        "env": name,
+        "num_envs": num_envs,
+        "cpu_threads": threads,
+        **timing,
+        "env_steps_per_s": steps_per_s,
+    }
 
 
 def main() -> None:
@@ -33,10 +40,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--envs", nargs="+", default=list(ENV_NAMES), choices=ENV_NAMES)
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [bench(name, n, args.device) for name in args.envs for n in args.num_envs]
     path = write_results("envs", args.device, rows)
-    label = "CPU" if args.device == "cpu" else args.device
+    label = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     columns = ["env", "num_envs", "median_ms", "p20_ms", "p80_ms", "env_steps_per_s"]
     print_table(rows, columns, title=f"env steps/s on {label} ({path.name})")
 
