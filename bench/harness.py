@@ -96,12 +96,16 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     }
 
 
-def write_results(name: str, device: torch.device | str, rows: Sequence[dict]) -> Path:
-    """Write ``rows`` with the environment to ``bench/results/<name>-<device>.json``."""
+def write_results(
+    name: str, device: torch.device | str, rows: Sequence[dict], extra: dict | None = None
+) -> Path:
+    """Write ``rows`` with the environment (and ``extra`` settings) to
+    ``bench/results/<name>-<device>.json``."""
     slug = device_name(device).lower().replace(" ", "-").replace("/", "-")
     path = RESULTS_DIR / f"{name}-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": environment(device), "rows": list(rows)}, indent=2) + "\n")
+    env = environment(device) | (extra or {})
+    path.write_text(json.dumps({"env": env, "rows": list(rows)}, indent=2) + "\n")
     return path
 
 

@@ -1,0 +1,169 @@
+"""Fused contrastive loss against eager PyTorch and torch.compile: forward + backward.
+
+    python -m bench.bench_loss                 # every size on the GPU (CPU: small sizes)
+    python -m bench.bench_loss --quick         # one size per table
+    pytest bench/bench_loss.py --benchmark-only
+
+Times ``loss(phi, psi)`` plus the gradients of phi and psi, median of many runs (CUDA events),
+and the peak extra device memory. Eager and torch.compile materialise the B x B logits: they
+are skipped, and say so, where that matrix cannot fit. Writes bench/results/loss-<device>.json.
+Issue targets (H100, bf16, d = 64): binary B = 16384 <= 0.30 ms, B = 65536 <= 4.5 ms,
+B = 1,048,576 <= 1.2 s; infonce + norm + penalty 0.1 at B = 16384 <= 0.45 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from bench.harness import measure, print_table, write_results
+from crl_fast import contrastive_loss, reference_contrastive_loss
+
+GPU_SIZES = (4096, 16384, 65536, 262144, 1048576)
+CPU_SIZES = (1024, 4096)
+DIMS = (64, 256)
+# Every loss with the energy JaxGCRL pairs it with most often, plus its default critic first.
+COMBOS = (
+    ("infonce", "norm", 0.1),
+    ("binary", "dot", 0.0),
+    ("infonce", "dot", 0.0),
+    ("infonce", "l2", 0.0),
+    ("infonce", "cosine", 0.0),
+    ("infonce_backward", "norm", 0.0),
+    ("symmetric_infonce", "norm", 0.1),
+    ("flatnce", "norm", 0.0),
+    ("flatnce_backward", "norm", 0.0),
+    ("dpo", "dot", 0.0),
+    ("ipo", "dot", 0.0),
+)
+IMPLS = ("crl_fast", "eager", "compile")
+
+
+def _loss_fn(impl: str) -> Callable:
+    if impl == "crl_fast":
+        return contrastive_loss
+    if impl == "eager":
+        return reference_contrastive_loss
+    return torch.compile(reference_contrastive_loss, dynamic=False)
+
+
+def make_step(impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.0):
+    """A closure computing the loss and the gradients of phi and psi once."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    phi = (torch.randn(b, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+    psi = (torch.randn(b, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+    fn = _loss_fn(impl)
+
+    def step():
+        value = fn(phi, psi, loss=loss, energy=energy, logsumexp_penalty=penalty)
+        return torch.autograd.grad(value, (phi, psi))
+
+    return step
+
+
+def _fits(impl: str, b: int, device: torch.device) -> bool:
+    """Whether a materialising implementation's B x B float32 temporaries can fit at all."""
+    if impl == "crl_fast":
+        return True
+    budget = (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 << 30
+    )
+    return 4 * b * b * 4 < budget
+
+
+def run_one(impl, b, d, dtype, device, **combo) -> dict:
+    row = {"impl": impl, "B": b, "d": d, "dtype": str(dtype).removeprefix("torch.")}
+    row |= {"loss": combo.get("loss", "binary"), "energy": combo.get("energy", "dot")}
+    row["penalty"] = combo.get("penalty", 0.0)
+    if not _fits(impl, b, device):
+        return row | {"status": "skipped: B x B logits do not fit"}
+    try:
+        step = make_step(impl, b, d, dtype, device, **combo)
+        t0 = time.perf_counter()
+        step()  # compiles (Triton / torch.compile) and sizes the repetitions
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        once = time.perf_counter() - t0 - first
+        rep = int(min(100, max(3, 2.0 / max(once, 1e-6))))
+        result = measure(step, device=device, warmup=2, rep=rep)
+    except torch.OutOfMemoryError:
+        return row | {"status": "out of memory"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row | result | {"status": "ok"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="one size per table")
+    parser.add_argument(
+        "--fp32-precision",
+        default="high",
+        choices=("highest", "high"),
+        help="torch.set_float32_matmul_precision for float32 runs (high = tf32), all impls",
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.fp32_precision)
+    cuda = device.type == "cuda"
+    sizes = GPU_SIZES if cuda else CPU_SIZES
+    sizes = sizes[1:2] if (args.quick and cuda) else sizes[:1] if args.quick else sizes
+    dims = DIMS[:1] if args.quick or not cuda else DIMS
+    dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
+    label = "" if cuda else " [CPU figures, not GPU]"
+    rows = []
+    for dtype in dtypes:
+        for d in dims:
+            for b in sizes:
+                for impl in IMPLS:
+                    rows.append(run_one(impl, b, d, dtype, device))
+                    print(rows[-1], flush=True)
+    cols = ["impl", "B", "d", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "status"]
+    print_table(rows, cols, title=f"binary + dot, forward + backward{label}")
+    combo_b = 16384 if cuda else 1024
+    combo_rows = []
+    for loss, energy, penalty in COMBOS[:2] if args.quick else COMBOS:
+        for impl in IMPLS if cuda else IMPLS[:2]:
+            combo = {"loss": loss, "energy": energy, "penalty": penalty}
+            combo_rows.append(run_one(impl, combo_b, 64, dtypes[0], device, **combo))
+            print(combo_rows[-1], flush=True)
+    cols = ["impl", "loss", "energy", "penalty", "B", "dtype", "median_ms", "peak_mem_mb", "status"]
+    print_table(combo_rows, cols, title=f"every loss, B={combo_b}, d=64{label}")
+    path = write_results(
+        "loss", device, rows + combo_rows, extra={"fp32_matmul_precision": args.fp32_precision}
+    )
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------- pytest-benchmark entry points
+
+_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_B = 16384 if _DEVICE.type == "cuda" else 1024
+_DTYPE = torch.bfloat16 if _DEVICE.type == "cuda" else torch.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2])
+@pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])
+def test_loss_forward_backward(benchmark, impl, loss, energy, penalty):
+    step = make_step(impl, _B, 64, _DTYPE, _DEVICE, loss=loss, energy=energy, penalty=penalty)
+
+    def call():
+        step()
+        if _DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(call)
+
+
+if __name__ == "__main__":
+    main()
