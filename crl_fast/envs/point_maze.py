@@ -108,7 +108,9 @@ class PointMazeEnv(TorchGoalVectorEnv):
                 f" wall, got radius={radius}, max_speed={max_speed}, dt={dt}"
             )
         if not 0 <= position_noise + radius < 0.5:
-            raise ValueError(f"position_noise + radius must be in [0, 0.5), got {position_noise}")
+            raise ValueError(
+                f"position_noise + radius must be in [0, 0.5), got {position_noise} + {radius}"
+            )
         self.layout = layout
         self.dt, self.accel, self.damping, self.max_speed = dt, accel, damping, max_speed
         self.radius, self.position_noise = radius, position_noise

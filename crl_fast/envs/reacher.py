@@ -19,6 +19,8 @@ import torch
 
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
 
+DEFAULT_MAX_EPISODE_STEPS = 50  # about 3x the steps a swing of pi at full speed takes
+
 
 class ReacherEnv(TorchGoalVectorEnv):
     """Batched 2-link reacher; see the module docstring for dynamics and defaults."""
@@ -51,7 +53,9 @@ class ReacherEnv(TorchGoalVectorEnv):
             num_envs,
             device=device,
             seed=seed,
-            max_episode_steps=50 if max_episode_steps is None else max_episode_steps,
+            max_episode_steps=(
+                DEFAULT_MAX_EPISODE_STEPS if max_episode_steps is None else max_episode_steps
+            ),
             success_distance=success_distance,
             terminate_on_success=terminate_on_success,
         )
