@@ -10,6 +10,7 @@ host, so it can run under ``torch.compile`` or inside a CUDA graph; its metrics 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -136,7 +137,12 @@ class CRL:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (in place, so optimisers keep their params)."""
+        """Restore what :meth:`state_dict` returned, into the existing parameters.
+
+        Optimiser states are copied first: ``Optimizer.load_state_dict`` would otherwise share
+        their tensors with ``state`` (and with the agent that produced it).
+        """
+        state = copy.deepcopy(state)
         self.sa_encoder.load_state_dict(state["sa_encoder"])
         self.goal_encoder.load_state_dict(state["goal_encoder"])
         self.actor.load_state_dict(state["actor"])

@@ -10,23 +10,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-LOSSES = (
-    "binary",
-    "infonce",
-    "infonce_backward",
-    "symmetric_infonce",
-    "flatnce",
-    "flatnce_backward",
-    "dpo",
-    "ipo",
-)
-ENERGIES = ("dot", "l2", "norm", "cosine")
-GOAL_MODES = ("geometric", "uniform_future", "next")
+from crl_fast import ENERGIES, LOSSES
+from crl_fast.buffer import GOAL_MODES
+
+ACTIVATIONS = ("swish", "relu")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string for the command line."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a default, a help string and optional choices for the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -36,11 +28,11 @@ class AgentConfig:
     width: int = option(256, "hidden width of the encoders and the actor")
     depth: int = option(2, "hidden layers (a multiple of 4 with --residual)")
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
-    activation: str = option("swish", "hidden activation: swish or relu")
+    activation: str = option("swish", "hidden activation", ACTIVATIONS)
     layer_norm: bool = option(False, "LayerNorm after each hidden Linear")
     residual: bool = option(False, "residual blocks of 4 x [Linear, LayerNorm, swish] + skip")
-    loss: str = option("binary", f"critic loss: {', '.join(LOSSES)}")
-    energy: str = option("dot", f"critic energy f(phi, psi): {', '.join(ENERGIES)}")
+    loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
+    energy: str = option("dot", "critic energy f(phi, psi)", ENERGIES)
     logsumexp_penalty: float = option(0.0, "weight of the logsumexp^2 regulariser")
     critic_lr: float = option(3e-4, "Adam learning rate of the encoders")
     actor_lr: float = option(3e-4, "Adam learning rate of the actor")
@@ -54,8 +46,8 @@ class AgentConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.energy not in ENERGIES:
             raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
-        if self.activation not in ("swish", "relu"):
-            raise ValueError(f"activation must be swish or relu, got {self.activation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.residual and (self.depth < 4 or self.depth % 4):
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
@@ -77,10 +69,11 @@ class TrainConfig:
     learning_starts: int = option(10_000, "environment steps collected before the first update")
     batch_size: int = option(256, "transitions per gradient update")
     updates_per_env_step: float = option(1 / 16, "gradient updates per environment step")
-    buffer_capacity: int = option(1_000_000, "replay capacity in transitions")
+    buffer_capacity: int = option(1_000_000, "replay capacity in transitions (all envs)")
     gamma: float = option(0.99, "discount of the geometric future-goal distribution")
-    goal_mode: str = option("geometric", f"how training goals are drawn: {', '.join(GOAL_MODES)}")
-    random_goal_fraction: float = option(0.0, "fraction of goals drawn from random states")
+    goal_mode: str = option("geometric", "law of the future-goal offset", GOAL_MODES)
+    random_goal_fraction: float = option(0.0, "fraction of goals drawn from random stored states")
+    current_goal_fraction: float = option(0.0, "fraction of goals that are the anchor's own state")
     eval_every: int = option(50_000, "environment steps between evaluations")
     eval_episodes: int = option(64, "episodes per evaluation, on fixed goals")
     log_every: int = option(10_000, "environment steps between training-metric logs")
@@ -101,8 +94,6 @@ class TrainConfig:
             raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
         if not 0.0 < self.gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
-        if self.goal_mode not in GOAL_MODES:
-            raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {self.goal_mode!r}")
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         if self.checkpoint_every < 0 or self.learning_starts < 0:

@@ -1,0 +1,126 @@
+"""``crl-fast`` command line: ``train`` (every config field is a flag) and ``eval``.
+
+``crl-fast train`` with no arguments runs the default point U-maze job. ``crl-fast train --resume
+--run-dir DIR`` continues DIR from its last checkpoint with its saved config, changed only by the
+flags given (for example a larger ``--total-env-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crl_fast.config import AgentConfig, TrainConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_optional(inner: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else inner(text)
+
+    parse.__name__ = inner.__name__
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of dataclass ``cls`` (nested dataclasses are flattened).
+
+    Flags default to ``argparse.SUPPRESS``, so the parsed namespace holds only the flags given.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            add_config_arguments(parser, kind)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, types.UnionType):  # ``X | None``
+            (inner,) = [t for t in typing.get_args(kind) if t is not type(None)]
+            kwargs["type"] = _parse_optional(inner)
+        else:
+            kwargs["type"] = kind
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(given: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
+    """``base`` (a :meth:`TrainConfig.to_dict`; default: the defaults) updated by ``given``."""
+    config = base or TrainConfig().to_dict()
+    agent_fields = {f.name for f in dataclasses.fields(AgentConfig)}
+    for key, value in given.items():
+        (config["agent"] if key in agent_fields else config)[key] = value
+    return TrainConfig.from_dict(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crl-fast", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser(
+        "train", help="train CRL (no flags: the default point U-maze run)"
+    )
+    add_config_arguments(train_parser, TrainConfig)
+    eval_parser = commands.add_parser("eval", help="evaluate a checkpoint")
+    eval_parser.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt")
+    eval_parser.add_argument("--episodes", type=int, default=100, help="episodes (parallel envs)")
+    eval_parser.add_argument("--device", default="auto", help="torch device (default: auto)")
+    eval_parser.add_argument(
+        "--seed", type=int, default=None, help="goal seed (default: the run's evaluation goals)"
+    )
+    return parser
+
+
+def train_config(given: dict[str, Any]) -> TrainConfig:
+    """The config of ``crl-fast train``: defaults, or the resumed run's saved config, plus flags."""
+    if not given.get("resume"):
+        return config_from_args(given)
+    if "run_dir" not in given:
+        raise ValueError("--resume needs --run-dir pointing at the run to continue")
+    saved = Path(given["run_dir"]) / "config.json"
+    if not saved.exists():
+        raise ValueError(f"cannot resume: {saved} does not exist")
+    return config_from_args(given, base=json.loads(saved.read_text()))
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, float]:
+    from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
+
+    agent, config = load_agent(args.checkpoint, args.device)
+    env = make_eval_env(config, agent.device, args.episodes)
+    seed = config.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    result = evaluate(agent, env, seed)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, **result}))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        run_eval(args)
+        return
+    try:
+        config = train_config({k: v for k, v in vars(args).items() if k != "command"})
+    except ValueError as error:  # bad configuration: a message, not a traceback
+        print(f"crl-fast train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    from crl_fast.train import train
+
+    train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The CRL training loop, top to bottom: act, step, store, train, evaluate, log, checkpoint.
+
+Everything lives on one device. Collection steps ``num_envs`` envs at once and appends the step to
+the replay buffer; every environment step earns ``updates_per_env_step`` gradient updates (a
+fractional credit is carried over), each sampling a fresh batch. Training metrics stay on the
+device until a log step reads them, so on a GPU the loop only synchronises when it logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crl_fast.agent import CRL
+from crl_fast.buffer import TrajectoryBuffer
+from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
+from crl_fast.checkpoint import set_rng_state as restore_rng_state
+from crl_fast.config import TrainConfig
+from crl_fast.envs import make_env
+from crl_fast.logger import MetricsLogger, Progress, plot_curve
+
+CHECKPOINT_NAME = "checkpoint.pt"
+EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
+
+
+@dataclass
+class LoopState:
+    """Counters of the loop, saved in checkpoints."""
+
+    env_steps: int = 0
+    updates: int = 0
+    update_credit: float = 0.0
+    elapsed_s: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(before, after]``."""
+    return every > 0 and after // every > before // every
+
+
+def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int):
+    return make_env(
+        config.env,
+        num_envs=num_episodes,
+        device=device,
+        seed=config.seed + EVAL_SEED_OFFSET,
+        max_episode_steps=config.max_episode_steps,
+    )
+
+
+@torch.no_grad()
+def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
+    """One episode per env on the fixed goals of ``env.reset(seed)``, with deterministic actions.
+
+    ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
+    distance at the last step; ``eval/final_distance``: mean distance to the goal at the last step.
+    """
+    obs, _ = env.reset(seed=seed)
+    n = env.num_envs
+    ended = torch.zeros(n, dtype=torch.bool, device=env.device)
+    success = torch.zeros_like(ended)
+    final_distance = torch.zeros(n, device=env.device)
+    for _ in range(env.max_episode_steps):
+        action = agent.act(obs["observation"], obs["desired_goal"], deterministic=True)
+        obs, _, terminated, truncated, info = env.step(action)
+        success |= info["success"] & ~ended
+        last = info["final_obs"]
+        distance = torch.linalg.vector_norm(last["achieved_goal"] - last["desired_goal"], dim=-1)
+        ends_now = (terminated | truncated) & ~ended
+        final_distance = torch.where(ends_now, distance, final_distance)
+        ended |= ends_now
+    return {
+        "eval/success": success.float().mean().item(),
+        "eval/success_final": (final_distance < env.success_distance).float().mean().item(),
+        "eval/final_distance": final_distance.mean().item(),
+    }
+
+
+def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
+    agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, config.agent, device)
+    if config.compile and device.type == "cuda":
+        agent.compile()
+    return agent
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    seed_everything(config.seed)
+
+    env = make_env(
+        config.env,
+        num_envs=config.num_envs,
+        device=device,
+        seed=config.seed,
+        max_episode_steps=config.max_episode_steps,
+    )
+    eval_env = make_eval_env(config, device, config.eval_episodes)
+    buffer = TrajectoryBuffer(
+        capacity=max(1, config.buffer_capacity // config.num_envs),  # steps per env
+        num_envs=config.num_envs,
+        obs_dim=env.obs_dim,
+        action_dim=env.action_dim,
+        goal_dim=env.goal_dim,
+        gamma=config.gamma,
+        goal_mode=config.goal_mode,
+        random_goal_fraction=config.random_goal_fraction,
+        current_goal_fraction=config.current_goal_fraction,
+        device=device,
+        seed=config.seed,
+    )
+    agent = make_agent(config, env, device)
+    obs, _ = env.reset(seed=config.seed)
+    loop = LoopState()
+
+    if config.resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+        agent.load_state_dict(checkpoint["agent"])
+        buffer.load_state_dict(checkpoint["buffer"])
+        env.load_state_dict(checkpoint["env"])
+        obs = checkpoint["obs"]
+        loop = LoopState(**checkpoint["loop"])
+        restore_rng_state(checkpoint["rng"])
+        print(f"resuming {run_dir} from env step {loop.env_steps:,}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    print(json.dumps(config.to_dict(), indent=2))
+    logger = MetricsLogger(run_dir, config.tensorboard, loop.env_steps if config.resume else None)
+    progress = Progress(config.total_env_steps, enabled=config.progress)
+
+    def checkpoint_now() -> None:
+        state = {
+            "config": config.to_dict(),
+            "dims": {
+                "obs_dim": env.obs_dim,
+                "action_dim": env.action_dim,
+                "goal_dim": env.goal_dim,
+            },
+            "agent": agent.state_dict(),
+            "buffer": buffer.state_dict(),
+            "env": env.state_dict(),
+            "obs": obs,
+            "loop": vars(loop).copy(),
+            "rng": rng_state(),
+        }
+        save_checkpoint(state, run_dir / CHECKPOINT_NAME)
+        logger.flush()
+
+    def evaluate_now() -> dict[str, float]:
+        result = evaluate(agent, eval_env, config.seed + EVAL_SEED_OFFSET)
+        logger.log(loop.env_steps, {**result, "charts/time_s": loop.elapsed_s})
+        return result
+
+    last_eval, last_eval_step = {}, None
+    if loop.env_steps == 0:
+        last_eval, last_eval_step = evaluate_now(), 0
+    metrics: dict[str, torch.Tensor] = {}
+    start = time.perf_counter() - loop.elapsed_s
+    last_log_time, last_log_steps, last_log_updates = (
+        time.perf_counter(),
+        loop.env_steps,
+        loop.updates,
+    )
+    while loop.env_steps < config.total_env_steps:
+        # Act: uniform random actions until learning starts, then samples from the policy.
+        if loop.env_steps < config.learning_starts:
+            action = torch.rand(config.num_envs, env.action_dim, device=device) * 2 - 1
+        else:
+            action = agent.act(obs["observation"], obs["desired_goal"])
+
+        # Step; where an env reset, its achieved goal after this step is in final_obs.
+        next_obs, _, terminated, truncated, info = env.step(action)
+        reset = info["_final_obs"].unsqueeze(-1)
+        next_goal = torch.where(
+            reset, info["final_obs"]["achieved_goal"], next_obs["achieved_goal"]
+        )
+
+        # Store the transition (a time slice of length 1).
+        buffer.extend(
+            {
+                "observation": obs["observation"].unsqueeze(0),
+                "action": action.unsqueeze(0),
+                "next_achieved_goal": next_goal.unsqueeze(0),
+                "terminated": terminated.unsqueeze(0),
+                "truncated": truncated.unsqueeze(0),
+            }
+        )
+        obs = next_obs
+        before, loop.env_steps = loop.env_steps, loop.env_steps + config.num_envs
+
+        # Train: each env step earns updates_per_env_step updates.
+        if loop.env_steps >= config.learning_starts:
+            loop.update_credit += config.num_envs * config.updates_per_env_step
+            while loop.update_credit >= 1.0:
+                metrics = agent.update(buffer.sample(config.batch_size))
+                loop.updates += 1
+                loop.update_credit -= 1.0
+
+        # Evaluate, log, checkpoint.
+        loop.elapsed_s = time.perf_counter() - start
+        if crossed(before, loop.env_steps, config.eval_every):
+            last_eval, last_eval_step = evaluate_now(), loop.env_steps
+        if crossed(before, loop.env_steps, config.log_every) and metrics:
+            now = time.perf_counter()
+            rates = {
+                "charts/sps": (loop.env_steps - last_log_steps) / (now - last_log_time),
+                "charts/updates_per_s": (loop.updates - last_log_updates) / (now - last_log_time),
+                "charts/updates": loop.updates,
+                "charts/time_s": loop.elapsed_s,
+            }
+            logger.log(loop.env_steps, {k: v.item() for k, v in metrics.items()} | rates)
+            last_log_time, last_log_steps, last_log_updates = now, loop.env_steps, loop.updates
+        if crossed(before, loop.env_steps, config.checkpoint_every):
+            checkpoint_now()
+        status = f"success {last_eval['eval/success']:.2f}" if last_eval else ""
+        progress.update(loop.env_steps, loop.updates, status)
+    progress.close()
+
+    if last_eval_step != loop.env_steps:
+        last_eval = evaluate_now()
+    checkpoint_now()
+    logger.close()
+    plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
+    print(
+        f"done: {loop.env_steps:,} env steps, {loop.updates:,} updates in {loop.elapsed_s:.0f}s; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
+        + f"; outputs in {run_dir}"
+    )
+    return {"run_dir": run_dir, **last_eval}
+
+
+def load_agent(checkpoint_path: str | Path, device: torch.device | str = "auto"):
+    """The agent and config of a checkpoint written by :func:`train`."""
+    device = resolve_device(str(device))
+    checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    agent = CRL(**checkpoint["dims"], config=config.agent, device=device)
+    agent.load_state_dict(checkpoint["agent"])
+    return agent, config

@@ -1,0 +1,150 @@
+"""The CRL agent: one update's effects, the critic learning a toy task, state round trips."""
+
+import pytest
+import torch
+
+from crl_fast import pairwise_energy
+from crl_fast.agent import CRL
+from crl_fast.buffer import GoalBatch
+from crl_fast.config import AgentConfig
+
+OBS, ACT, GOAL = 4, 2, 2
+
+
+def toy_batch(batch_size: int = 64) -> GoalBatch:
+    """Goals that are a deterministic function of (s, a): a critic can learn to match them."""
+    obs = torch.randn(batch_size, OBS)
+    action = torch.rand(batch_size, ACT) * 2 - 1
+    return GoalBatch(obs, action, obs[:, :GOAL] + 0.5 * action)
+
+
+def small_agent(**overrides) -> CRL:
+    return CRL(OBS, ACT, GOAL, AgentConfig(width=64, **overrides))
+
+
+def parameters(agent: CRL) -> dict[str, torch.Tensor]:
+    nets = {"sa": agent.sa_encoder, "g": agent.goal_encoder, "pi": agent.actor}
+    return {
+        f"{name}.{k}": v.detach().clone()
+        for name, net in nets.items()
+        for k, v in net.named_parameters()
+    } | {"log_alpha": agent.log_alpha.detach().clone()}
+
+
+def same_parameters(a: CRL, b: CRL) -> bool:
+    pa, pb = parameters(a), parameters(b)
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_update_moves_every_parameter_and_returns_tensor_metrics():
+    torch.manual_seed(0)
+    agent = small_agent()
+    before = parameters(agent)
+    metrics = agent.update(toy_batch())
+    after = parameters(agent)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    expected = {
+        "critic/loss",
+        "critic/categorical_accuracy",
+        "actor/loss",
+        "actor/entropy",
+        "alpha",
+    }
+    assert expected <= set(metrics)
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in metrics.values())
+    assert not any(v.requires_grad for v in metrics.values())
+
+
+def test_fixed_alpha_stays_fixed():
+    agent = small_agent(autotune_alpha=False, alpha=0.1)
+    for _ in range(3):
+        metrics = agent.update(toy_batch())
+    torch.testing.assert_close(metrics["alpha"], torch.tensor(0.1))
+
+
+@pytest.mark.parametrize(
+    ("loss", "energy", "penalty", "accuracy"),
+    [("binary", "dot", 0.0, 0.1), ("infonce", "norm", 0.1, 0.9)],
+)
+def test_critic_learns_a_toy_task(loss, energy, penalty, accuracy):
+    """Chance is 1/64; InfoNCE learns this much faster than the binary loss."""
+    torch.manual_seed(0)
+    agent = small_agent(loss=loss, energy=energy, logsumexp_penalty=penalty, critic_lr=1e-3)
+    first = agent.update(toy_batch())["critic/categorical_accuracy"]
+    for _ in range(150):
+        last = agent.update(toy_batch())["critic/categorical_accuracy"]
+    assert first < 0.1 and last > accuracy
+
+
+def test_actor_climbs_a_frozen_critic():
+    torch.manual_seed(0)
+    agent = small_agent(critic_lr=0.0, alpha=1e-3, autotune_alpha=False, actor_lr=1e-3)
+    batch = toy_batch(128)
+
+    def critic_value() -> torch.Tensor:
+        with torch.no_grad():
+            action = agent.act(batch.observation, batch.goal, deterministic=True)
+            phi = agent.sa_encoder(batch.observation, action)
+            return pairwise_energy(phi, agent.goal_encoder(batch.goal)).mean()
+
+    before = critic_value()
+    for _ in range(100):
+        agent.update(batch)
+    assert critic_value() > before + 0.25
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    agent = small_agent()
+    for _ in range(3):
+        agent.update(toy_batch())
+    clone = small_agent()
+    clone.load_state_dict(agent.state_dict())
+    assert same_parameters(agent, clone)
+    batch = toy_batch()
+    torch.manual_seed(1)
+    expected = agent.update(batch)
+    torch.manual_seed(1)
+    got = clone.update(batch)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert same_parameters(agent, clone)
+
+
+def test_actions_lie_in_the_unit_box():
+    agent = small_agent()
+    obs, goal = torch.randn(32, OBS) * 10, torch.randn(32, GOAL) * 10
+    for deterministic in (False, True):
+        action = agent.act(obs, goal, deterministic=deterministic)
+        assert action.shape == (32, ACT) and action.abs().max() <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_update", [False, True])
+def test_update_does_not_synchronise_on_cuda(compile_update):
+    from crl_fast.buffer import TrajectoryBuffer
+
+    device = torch.device("cuda")
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(), device)
+    if compile_update:
+        agent.compile()
+    buffer = TrajectoryBuffer(
+        capacity=64, num_envs=8, obs_dim=OBS, action_dim=ACT, goal_dim=GOAL, device=device, seed=0
+    )
+    steps = {
+        "observation": torch.randn(32, 8, OBS, device=device),
+        "action": torch.rand(32, 8, ACT, device=device) * 2 - 1,
+        "next_achieved_goal": torch.randn(32, 8, GOAL, device=device),
+        "terminated": torch.zeros(32, 8, dtype=torch.bool, device=device),
+        "truncated": torch.zeros(32, 8, dtype=torch.bool, device=device),
+    }
+    buffer.extend(steps)
+    for _ in range(3):  # warm-up (compilation may synchronise)
+        agent.update(buffer.sample(256))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            metrics = agent.update(buffer.sample(256))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(metrics["critic/loss"]).item()

@@ -1,0 +1,87 @@
+"""Networks: MLP structure and init, residual depth, tanh-Gaussian actor log-probabilities."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal, TanhTransform, TransformedDistribution
+
+from crl_fast.networks import MLP, Encoder, ResidualBlock, TanhGaussianActor
+
+
+def linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_plain_mlp_has_depth_hidden_layers_and_lecun_init(depth):
+    net = MLP(7, 3, width=32, depth=depth)
+    layers = linears(net)
+    assert len(layers) == depth + 1
+    assert net(torch.randn(5, 7)).shape == (5, 3)
+    for layer in layers:
+        assert layer.weight.abs().max() <= math.sqrt(3.0 / layer.in_features)
+        assert torch.all(layer.bias == 0)
+
+
+def test_layer_norm_and_relu_options():
+    net = MLP(4, 2, width=16, depth=3, activation="relu", layer_norm=True)
+    assert sum(isinstance(m, nn.LayerNorm) for m in net.modules()) == 3
+    assert sum(isinstance(m, nn.ReLU) for m in net.modules()) == 3
+
+
+def test_residual_mlp_goes_deep():
+    net = MLP(4, 8, width=32, depth=64, residual=True, layer_norm=True)
+    blocks = [m for m in net.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 16
+    assert len(linears(net)) == 64 + 2  # input layer, 16 blocks x 4, output layer
+    x = torch.randn(16, 4)
+    out = net(x)
+    out.square().sum().backward()
+    first = linears(net)[0]
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(first.weight.grad).all() and first.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"activation": "tanh"}, "activation"),
+        ({"depth": 0}, "depth"),
+        ({"depth": 6, "residual": True}, "multiple of 4"),
+    ],
+)
+def test_bad_network_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLP(4, 2, **kwargs)
+
+
+def test_encoder_concatenates_inputs():
+    enc = Encoder(5, 3, width=8)
+    s, a = torch.randn(2, 3), torch.randn(2, 2)
+    assert torch.equal(enc(s, a), MLP.forward(enc, torch.cat([s, a], -1)))
+
+
+def test_actor_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(4, 2, 3, width=32).double()
+    obs, goal = torch.randn(256, 4, dtype=torch.float64), torch.randn(256, 2, dtype=torch.float64)
+    torch.manual_seed(1)
+    action, log_prob = actor.sample(obs, goal)
+    mean, log_std = actor.distribution_params(obs, goal)
+    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()])
+    expected = dist.log_prob(action.clamp(-1 + 1e-12, 1 - 1e-12)).sum(-1)
+    assert action.abs().max() <= 1.0
+    torch.testing.assert_close(log_prob, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_actor_is_reparameterised_and_deterministic_mode_is_tanh_mean():
+    actor = TanhGaussianActor(4, 2, 2, width=16)
+    obs, goal = torch.randn(8, 4), torch.randn(8, 2)
+    action, log_prob = actor.sample(obs, goal)
+    (action.sum() + log_prob.sum()).backward()
+    assert all(p.grad is not None for p in actor.parameters())
+    mean, log_std = actor.distribution_params(obs, goal)
+    assert torch.equal(actor(obs, goal, deterministic=True), torch.tanh(mean))
+    assert log_std.min() >= -5.0 and log_std.max() <= 2.0
