@@ -3,7 +3,8 @@
 ``sample`` draws, in one launch, uniform anchor rows and a target row later in the anchor's
 segment (offset by inverse CDF), and gathers both. ``extend`` appends steps for all streams and
 updates the segment bookkeeping in one launch. The maths is defined by the torch reference in
-``crl_fast.buffer``; these kernels reproduce it bit for bit on the integer side.
+``crl_fast.buffer``: under TRITON_INTERPRET=1 the kernels match it bit for bit; on a GPU the
+float32 exp/log may round differently, moving a rare offset that sits on a boundary by one.
 
 Layout: ``rows[capacity, streams, width]`` hold ``[anchor_a | anchor_b | target]`` columns;
 ``segment[capacity, streams]`` the absolute segment index of each row; ``segment_end[capacity,
