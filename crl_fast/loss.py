@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from crl_fast.energy import ENERGIES, ENERGY_CODES, kernel_inputs
-from crl_fast.pair_stats import PAIR_DPO, PAIR_IPO, PAIR_NONE, pair_stats
+from crl_fast.pair_stats import (
+    PAIR_DPO,
+    PAIR_IPO,
+    PAIR_NONE,
+    binary_loss_with_grads,
+    pair_stats,
+)
 
 LOSSES = (
     "binary",
@@ -160,6 +166,18 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     scale = one if log_scale is None else log_scale.reshape(()).exp()
     shift = one * 0 if bias is None else bias.reshape(())
 
+    energy = ENERGY_CODES[config.energy]
+    use_triton = _use_triton(x, backend)
+    if name == "binary" and not config.logsumexp_penalty and not return_metrics:
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
+        )
+        if wants_grad:
+            mean = config.reduction == "mean"
+            return binary_loss_with_grads(
+                x, y, scale, shift, energy=energy, mean=mean, use_triton=use_triton
+            )
+
     flat = name in ("flatnce", "flatnce_backward")
     want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
     want_row_lse |= config.logsumexp_penalty > 0 or return_metrics
@@ -168,10 +186,10 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     mask_diag = config.exclude_positive_from_lse or flat
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     stats = pair_stats(
-        x, y, scale, shift, energy=ENERGY_CODES[config.energy], pos=True,
+        x, y, scale, shift, energy=energy, pos=True,
         row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,
         softplus=name == "binary", pair=pair, metrics=return_metrics,
-        use_triton=_use_triton(x, backend),
+        use_triton=use_triton,
     )  # fmt: skip
     pos = stats.pos
 

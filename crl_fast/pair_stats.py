@@ -29,6 +29,7 @@ PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
 
 Tensor = torch.Tensor
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
+Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 Tensors9 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -203,11 +204,11 @@ def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     grads = (g_diag, g_row_lse, g_col_lse, g_softplus, g_pair)
-    dx, dscale, dbias = kernels.grad(
+    dx, dscale, dbias, _, _ = kernels.grad(
         x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
         x_is_a=True, mask_diag=mask_diag, pair=pair,
     )  # fmt: skip
-    dy, _, _ = kernels.grad(
+    dy, *_ = kernels.grad(
         y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
         x_is_a=False, mask_diag=mask_diag, pair=pair,
     )  # fmt: skip
@@ -323,6 +324,90 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
 
 
 torch.library.register_autograd("crl_fast::pair_stats", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------- the sigmoid loss with gradients in forward
+
+
+def _binary_coefficients(x: Tensor, m: int, mean: bool) -> tuple[Tensor, Tensor, float]:
+    """dloss/dL_ij = w sigmoid(L_ij) - w [i == j] as per-row vectors, and the weight w."""
+    b = x.shape[0]
+    w = 1.0 / (b * m) if mean else 1.0
+    g_sp = torch.full((b,), w, dtype=accumulate_dtype(x.dtype), device=x.device)
+    return g_sp, -g_sp, w
+
+
+@torch.library.custom_op("crl_fast::binary_loss", mutates_args=())
+def _binary_loss_op(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, use_triton: bool
+) -> Tensors5:
+    g_sp, g_diag, w = _binary_coefficients(x, y.shape[0], mean)
+    empty = g_sp.new_empty(0)
+    if use_triton:
+        from crl_fast.kernels import pair_stats as kernels
+
+        x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
+        s32, b32 = scale.float(), bias.float()
+        grads = (g_diag, empty, empty, g_sp, empty)
+        dx, dscale, dbias, sp, pos = kernels.grad(
+            x, y, x_sq, y_sq, s32, b32, empty, empty, empty, *grads, energy=energy,
+            x_is_a=True, mask_diag=False, pair=PAIR_NONE, fwd=True,
+        )  # fmt: skip
+        dy, *_ = kernels.grad(
+            y, x, y_sq, x_sq, s32, b32, empty, empty, empty, *grads, energy=energy,
+            x_is_a=False, mask_diag=False, pair=PAIR_NONE,
+        )  # fmt: skip
+        dscale, dbias = dscale.sum(), dbias.sum()
+    else:
+        stats = PairStats(*_torch_stats(x, y, scale, bias, energy, True, False, False, False,
+                                        True, PAIR_NONE, False))  # fmt: skip
+        sp, pos = stats.row_softplus, stats.pos
+        dx, dy, dscale, dbias = _torch_grad(
+            x, y, scale, bias, empty, empty, empty, g_diag, empty, empty, g_sp, empty, energy,
+            False, PAIR_NONE,
+        )  # fmt: skip
+    return (sp.sum() - pos.sum()) * w, dx, dy, dscale, dbias
+
+
+@_binary_loss_op.register_fake
+def _(x, y, scale, bias, energy, mean, use_triton):
+    scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
+    return scalar, torch.empty_like(x), torch.empty_like(y), scalar.clone(), scalar.clone()
+
+
+def _binary_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
+
+
+def _binary_backward(ctx, g_loss, *_unused):
+    dx, dy, dscale, dbias = ctx.saved_tensors
+    return (
+        (g_loss * dx).to(dx.dtype),
+        (g_loss * dy).to(dy.dtype),
+        (g_loss * dscale).to(ctx.dtypes[0]),
+        (g_loss * dbias).to(ctx.dtypes[1]),
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "crl_fast::binary_loss", _binary_backward, setup_context=_binary_setup_context
+)
+
+
+def binary_loss_with_grads(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, energy: int, mean: bool,
+    use_triton: bool,
+) -> Tensor:  # fmt: skip
+    """The sigmoid loss (labels = identity) whose forward also computes every gradient (two
+    passes over the logits instead of three); backward only scales them by grad_output."""
+    acc = accumulate_dtype(x.dtype)
+    return _binary_loss_op(
+        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, mean, use_triton
+    )[0]
 
 
 def pair_stats(

@@ -25,6 +25,10 @@ H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
 One launch with A = x gives dx and per-program partials of dscale/dbias; one with A = y gives
 dy (X_IS_A = False flips which index the x-indexed vectors follow). No atomics: deterministic.
 Everything is accumulated in float32 and rounded once, so no gradient cancels in low precision.
+
+The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
+``grad_kernel`` also sums softplus(L_ij) and L_ii from the exp it already has: loss and both
+gradients then take two passes over the logits instead of three.
 """
 
 from __future__ import annotations
@@ -225,9 +229,10 @@ def stats_kernel(
 def grad_kernel(
     A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
     POS_ptr, XLSE_ptr, YLSE_ptr, G_DIAG_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr,
-    DA_ptr, DSCALE_ptr, DBIAS_ptr,
+    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, POS_OUT_ptr,
     NA, NB, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, DIAG: tl.constexpr,
+    FWD: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -260,6 +265,8 @@ def grad_kernel(
     h_sum = tl.zeros((BLOCK_M,), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
+    sp_i = tl.zeros((BLOCK_M,), tl.float32)
+    pos_i = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
@@ -302,8 +309,11 @@ def grad_kernel(
                 g_sp = g_sp_o
             else:
                 g_sp = tl.load(G_SP_ptr + cols, mask=col_mask, other=0.0)
-            _, sig = _softplus_sigmoid(logits)
+            sp, sig = _softplus_sigmoid(logits)
             g += tl.where(valid, _by_x(g_sp, X_IS_A) * sig, 0.0)
+            if FWD:  # the loss's own statistics, from the same exp
+                sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
+                pos_i += tl.sum(tl.where(valid & diag, logits, 0.0), 1)
         if PAIR != 0:
             if X_IS_A:
                 pos, g_pair = pos_o, g_pair_o
@@ -338,6 +348,9 @@ def grad_kernel(
     if X_IS_A and pid_d == 0:
         tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
+        if FWD:
+            tl.store(SP_ptr + rows, sp_i, mask=row_mask)
+            tl.store(POS_OUT_ptr + rows, pos_i, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -432,11 +445,13 @@ def grad(
     x_is_a: bool,
     mask_diag: bool,
     pair: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradient for the rows of ``a``: (da, dscale_partials, dbias_partials).
+    fwd: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Gradient for the rows of ``a``: (da, dscale_partials, dbias_partials, softplus, pos).
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
-    partials (one per program) are produced only when ``x_is_a``.
+    partials (one per program) are produced only when ``x_is_a``, the row sums of softplus and
+    the positives only with ``fwd`` (the fused sigmoid loss, ``x_is_a`` and ``g_sp`` given).
     """
     n_a, d = a.shape
     cfg = _config(n_a, d)
@@ -444,14 +459,17 @@ def grad(
     da = torch.empty_like(a)
     dscale = _vector(n_prog, x_is_a, a)
     dbias = _vector(n_prog, x_is_a, a)
+    fwd = fwd and x_is_a and g_sp.numel() > 0
+    sp, pos_out = _vector(n_a, fwd, a), _vector(n_a, fwd, a)
     grid = (n_prog, triton.cdiv(d, cfg["BLOCK_D"]))
     grad_kernel[grid](
         a, b, ra, rb, scale, bias, pos, xlse, ylse, g_diag, g_xlse, g_ylse, g_sp, g_pair,
-        da, dscale, dbias, n_a, b.shape[0], d, a.stride(0), b.stride(0), da.stride(0),
-        ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, DIAG=g_diag.numel() > 0,
+        da, dscale, dbias, sp, pos_out, n_a, b.shape[0], d, a.stride(0), b.stride(0),
+        da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag,
+        DIAG=g_diag.numel() > 0, FWD=fwd,
         XLSE=g_xlse.numel() > 0, YLSE=g_ylse.numel() > 0, SOFTPLUS=g_sp.numel() > 0,
         PAIR=pair if g_pair.numel() > 0 else 0, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
         PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
     )  # fmt: skip
-    return da, dscale, dbias
+    return da, dscale, dbias, sp, pos_out

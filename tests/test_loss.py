@@ -152,6 +152,26 @@ def test_grad_output_partial_grad_and_non_contiguous(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("energy", ENERGIES)
+def test_binary_gradients_computed_in_forward(energy, backend):
+    """Without metrics or penalty the sigmoid loss computes its gradients in forward and
+    backward only scales them: check that scaling, and the scale/bias gradients."""
+    phi, psi = _inputs(9, 13, 6, seed=10)
+    extra = (torch.tensor(0.7), torch.tensor(-2.0))
+    leaves = [t.clone().requires_grad_() for t in (phi, psi, *extra)]
+    value = contrastive_loss(*leaves[:2], energy=energy, log_scale=leaves[2], bias=leaves[3],
+                             backend=backend)  # fmt: skip
+    grads = torch.autograd.grad(2.5 * value, leaves)
+    t_leaves = [t.double().requires_grad_() for t in (phi, psi, *extra)]
+    truth = reference_contrastive_loss(*t_leaves[:2], energy=energy, log_scale=t_leaves[2],
+                                       bias=t_leaves[3])  # fmt: skip
+    t_grads = torch.autograd.grad(2.5 * truth, t_leaves)
+    assert max_error(value.detach(), truth.detach()) < 1e-5
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_learns_scale_and_bias(backend):
     module = ContrastiveLoss(
         "binary", learn_scale=True, init_log_scale=math.log(10), learn_bias=True, init_bias=-10
