@@ -1,9 +1,10 @@
 """crl-fast: fast contrastive reinforcement learning on GPUs.
 
-The loss API needs only torch (and triton on CUDA); the RL parts live in submodules
-(``crl_fast.buffer``, ``crl_fast.envs``, ``crl_fast.agent``) and are imported on demand.
+The loss and the replay buffer need only torch (and triton on CUDA); the environments
+(``crl_fast.envs``, which use gymnasium) and the training stack are imported on demand.
 """
 
+from crl_fast.buffer import GOAL_MODES, GoalBatch, TrajectoryBuffer
 from crl_fast.energy import ENERGIES, pairwise_energy
 from crl_fast.loss import LOSSES, ContrastiveLoss, LossConfig, contrastive_loss
 from crl_fast.loss_reference import reference_contrastive_loss
@@ -12,9 +13,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ENERGIES",
+    "GOAL_MODES",
     "LOSSES",
     "ContrastiveLoss",
+    "GoalBatch",
     "LossConfig",
+    "TrajectoryBuffer",
     "__version__",
     "contrastive_loss",
     "pairwise_energy",
