@@ -363,7 +363,46 @@ def _config(n_a: int, d: int) -> dict[str, int]:
         "BLOCK_N": 64,
         "BLOCK_K": max(16, min(triton.next_power_of_2(d), 64)),
         "BLOCK_D": max(16, min(triton.next_power_of_2(d), 128)),
+        "num_warps": 4,
+        "num_stages": 3,
     }
+
+
+_TUNED: dict[tuple, dict[str, int]] = {}
+
+
+def _choose(key: tuple, n_a: int, d: int, launch) -> dict[str, int]:
+    """The fixed config, or with CRL_FAST_AUTOTUNE=1 (compiled kernels only) the fastest of a
+    few candidates for this key, timed once with ``triton.testing.do_bench`` and remembered.
+    Tune before capturing a CUDA graph: timing cannot run inside a capture."""
+    base = _config(n_a, d)
+    if os.environ.get("CRL_FAST_AUTOTUNE") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return base
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        candidates = [
+            base | {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            for bm in (64, 128)
+            for bn in (32, 64, 128)
+            for w in (4, 8)
+            for st in (2, 3, 4)
+            if bm <= max(base["BLOCK_M"], 64)
+        ]
+        _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
+    return _TUNED[key]
+
+
+def _time_or_inf(do_bench, launch, cfg: dict[str, int]) -> float:
+    """A candidate that does not fit the chip (shared memory, registers) never wins."""
+    try:
+        return do_bench(lambda: launch(cfg))
+    except triton.runtime.errors.OutOfResources:
+        return float("inf")
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -403,26 +442,30 @@ def stats(
     """Row statistics of the logits of (a, b): (pos, lse, softplus, pair, slope, argmax, sum,
     correct). Statistics that are not asked for come back as empty tensors."""
     n_a, d = a.shape
-    cfg = _config(n_a, d)
     pos = pos or pair != 0
-    outs = (
-        _vector(n_a, pos, a),
-        _vector(n_a, lse, a),
-        _vector(n_a, softplus, a),
-        _vector(n_a, pair != 0, a),
-        _vector(n_a, pair != 0, a),
-        _vector(n_a, metrics, a, torch.int32),
-        _vector(n_a, metrics, a),
-        _vector(n_a, metrics, a),
-    )
-    grid = (triton.cdiv(n_a, cfg["BLOCK_M"]),)
-    stats_kernel[grid](
-        a, b, ra, rb, scale, bias, *outs, n_a, b.shape[0], d, a.stride(0), b.stride(0),
-        ENERGY=energy, POS=pos, LSE=lse, MASK_DIAG=mask_diag, SOFTPLUS=softplus, PAIR=pair,
-        METRICS=metrics, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
-    )  # fmt: skip
-    return outs
+
+    def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        outs = (
+            _vector(n_a, pos, a),
+            _vector(n_a, lse, a),
+            _vector(n_a, softplus, a),
+            _vector(n_a, pair != 0, a),
+            _vector(n_a, pair != 0, a),
+            _vector(n_a, metrics, a, torch.int32),
+            _vector(n_a, metrics, a),
+            _vector(n_a, metrics, a),
+        )
+        stats_kernel[(triton.cdiv(n_a, cfg["BLOCK_M"]),)](
+            a, b, ra, rb, scale, bias, *outs, n_a, b.shape[0], d, a.stride(0), b.stride(0),
+            ENERGY=energy, POS=pos, LSE=lse, MASK_DIAG=mask_diag, SOFTPLUS=softplus,
+            PAIR=pair, METRICS=metrics, PRECISION=_precision(a.dtype),
+            UPCAST=_upcast(a.dtype), **cfg,
+        )  # fmt: skip
+        return outs
+
+    flags = (energy, pos, lse, mask_diag, softplus, pair, metrics)
+    key = ("stats", a.dtype, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
+    return launch(_choose(key, n_a, d, launch))
 
 
 def grad(
@@ -454,22 +497,28 @@ def grad(
     the positives only with ``fwd`` (the fused sigmoid loss, ``x_is_a`` and ``g_sp`` given).
     """
     n_a, d = a.shape
-    cfg = _config(n_a, d)
-    n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
-    da = torch.empty_like(a)
-    dscale = _vector(n_prog, x_is_a, a)
-    dbias = _vector(n_prog, x_is_a, a)
     fwd = fwd and x_is_a and g_sp.numel() > 0
-    sp, pos_out = _vector(n_a, fwd, a), _vector(n_a, fwd, a)
-    grid = (n_prog, triton.cdiv(d, cfg["BLOCK_D"]))
-    grad_kernel[grid](
-        a, b, ra, rb, scale, bias, pos, xlse, ylse, g_diag, g_xlse, g_ylse, g_sp, g_pair,
-        da, dscale, dbias, sp, pos_out, n_a, b.shape[0], d, a.stride(0), b.stride(0),
-        da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag,
-        DIAG=g_diag.numel() > 0, FWD=fwd,
-        XLSE=g_xlse.numel() > 0, YLSE=g_ylse.numel() > 0, SOFTPLUS=g_sp.numel() > 0,
-        PAIR=pair if g_pair.numel() > 0 else 0, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype),
-    )  # fmt: skip
-    return da, dscale, dbias, sp, pos_out
+    pair = pair if g_pair.numel() > 0 else 0
+    terms = {
+        "DIAG": g_diag.numel() > 0,
+        "XLSE": g_xlse.numel() > 0,
+        "YLSE": g_ylse.numel() > 0,
+        "SOFTPLUS": g_sp.numel() > 0,
+    }
+
+    def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
+        da = torch.empty_like(a)
+        dscale, dbias = _vector(n_prog, x_is_a, a), _vector(n_prog, x_is_a, a)
+        sp, pos_out = _vector(n_a, fwd, a), _vector(n_a, fwd, a)
+        grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](
+            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_diag, g_xlse, g_ylse, g_sp, g_pair,
+            da, dscale, dbias, sp, pos_out, n_a, b.shape[0], d, a.stride(0), b.stride(0),
+            da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
+            PAIR=pair, PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
+        )  # fmt: skip
+        return da, dscale, dbias, sp, pos_out
+
+    flags = (energy, x_is_a, mask_diag, fwd, pair, *terms.values())
+    key = ("grad", a.dtype, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
+    return launch(_choose(key, n_a, d, launch))
