@@ -14,6 +14,7 @@ B = 1,048,576 <= 1.2 s; infonce + norm + penalty 0.1 at B = 16384 <= 0.45 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -112,7 +113,14 @@ def main() -> None:
         choices=("highest", "high"),
         help="torch.set_float32_matmul_precision for float32 runs (high = tf32), all impls",
     )
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="CRL_FAST_AUTOTUNE=1: time tile candidates per shape; the winners go in the JSON",
+    )
     args = parser.parse_args()
+    if args.autotune:
+        os.environ["CRL_FAST_AUTOTUNE"] = "1"
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.fp32_precision)
     cuda = device.type == "cuda"
@@ -139,9 +147,13 @@ def main() -> None:
             print(combo_rows[-1], flush=True)
     cols = ["impl", "loss", "energy", "penalty", "B", "dtype", "median_ms", "peak_mem_mb", "status"]
     print_table(combo_rows, cols, title=f"every loss, B={combo_b}, d=64{label}")
-    path = write_results(
-        "loss", device, rows + combo_rows, extra={"fp32_matmul_precision": args.fp32_precision}
-    )
+    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
+    if args.autotune:
+        from crl_fast.kernels.pair_stats import _TUNED
+
+        extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
+    name = "loss-autotuned" if args.autotune else "loss"
+    path = write_results(name, device, rows + combo_rows, extra=extra)
     print(f"wrote {path}")
 
 

@@ -24,6 +24,7 @@ LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result
 step() { echo "=== $1"; shift; timeout "$@"; echo "=== exit $?"; }
 step "gpu tests" 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee -a "$LOG"
 step "loss bench" 300 python3 -m bench.bench_loss 2>&1 | tee -a "$LOG"
+step "loss bench, autotuned tiles" 150 python3 -m bench.bench_loss --quick --autotune 2>&1 | tee -a "$LOG"
 for b in buffer envs update; do
     if [ -f "bench/bench_$b.py" ]; then
         step "$b bench" 120 python3 -m "bench.bench_$b" 2>&1 | tee -a "$LOG"
