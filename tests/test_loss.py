@@ -318,3 +318,24 @@ def test_cuda_graph_capture():
     truth = reference_contrastive_loss(phi.detach().double(), psi.double(), loss="infonce",
                                        energy="norm")  # fmt: skip
     assert max_error(value, truth) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_cuda_inductor_compile(loss):
+    phi, psi = _inputs(1024, 1024, 64, dtype=torch.bfloat16, device="cuda")
+    phi.requires_grad_()
+
+    @torch.compile(fullgraph=True)
+    def step(p, q):
+        return contrastive_loss(p, q, loss=loss, energy="norm", logsumexp_penalty=0.1)
+
+    value = step(phi, psi)
+    value.backward()
+    t_phi = phi.detach().double().requires_grad_()
+    truth = reference_contrastive_loss(
+        t_phi, psi.double(), loss=loss, energy="norm", logsumexp_penalty=0.1
+    )
+    truth.backward()
+    assert max_error(value.detach(), truth.detach()) < 1e-3
+    assert max_error(phi.grad, t_phi.grad) < 1e-2 * t_phi.grad.abs().max().item()
