@@ -64,15 +64,15 @@ class LossConfig:
         if not (isinstance(penalty, int | float) and math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"logsumexp_penalty must be a finite number >= 0, got {penalty!r}")
 
-    @property
-    def needs_negatives(self) -> bool:
-        """Losses whose terms are empty without an off-diagonal logit in every row."""
-        return self.exclude_positive_from_lse or self.loss in (
-            "flatnce",
-            "flatnce_backward",
-            "dpo",
-            "ipo",
+    def minimum_batch(self) -> tuple[int, int]:
+        """(rows of phi, rows of psi) below which a loss term is an empty sum: off-diagonal
+        row terms need two goals, off-diagonal column terms two rows of phi."""
+        exclude = self.exclude_positive_from_lse
+        rows_off = self.loss in ("flatnce", "dpo", "ipo") or exclude
+        cols_off = self.loss == "flatnce_backward" or (
+            exclude and self.loss in ("infonce_backward", "symmetric_infonce")
         )
+        return (2 if cols_off else 1), (2 if rows_off else 1)
 
 
 def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
@@ -99,8 +99,13 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
             f"psi needs at least as many rows as phi (row i of psi is the positive of row i of "
             f"phi; extra rows are negatives), got {m} < {b}"
         )
-    if config.needs_negatives and m < 2:
-        raise ValueError(f"loss {config.loss!r} (or exclude_positive_from_lse) needs >= 2 goals")
+    min_b, min_m = config.minimum_batch()
+    if b < min_b or m < min_m:
+        raise ValueError(
+            f"loss {config.loss!r} (exclude_positive_from_lse={config.exclude_positive_from_lse}) "
+            f"compares off-diagonal pairs: it needs >= {min_b} rows of phi and >= {min_m} goals, "
+            f"got {b} and {m}"
+        )
     for name, t in (("log_scale", log_scale), ("bias", bias)):
         if t is None:
             continue

@@ -64,11 +64,16 @@ def test_binary_loss_no_worse_than_eager(shape, dtype, backend):
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
-def test_every_loss_and_energy(loss, energy, backend, scaled):
-    phi, psi = _inputs(7, 11, 5, seed=1)
+@pytest.mark.parametrize("shape", [(7, 11, 5), (1, 3, 1), (70, 70, 33)], ids=str)
+def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
+    phi, psi = _inputs(*shape, seed=1)
     extra = (torch.tensor(0.4), torch.tensor(-1.5)) if scaled else ()
     kw = {"loss": loss, "energy": energy, "return_metrics": True}
     kw["logsumexp_penalty"] = 0.1 if scaled else 0.0
+    if loss == "flatnce_backward" and shape[0] < 2:  # its one column has no off-diagonal term
+        with pytest.raises(ValueError, match="off-diagonal"):
+            contrastive_loss(phi, psi, backend=backend, **kw)
+        return
     value, metrics, grads = _loss_and_grads(
         contrastive_loss, phi, psi, extra, backend=backend, **kw
     )
@@ -228,6 +233,7 @@ def test_compiles_without_graph_breaks():
         (torch.randn(4, 3), torch.randn(4, 3), {"reduction": "none"}, ValueError, "reduction"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
         (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
+        (torch.randn(1, 3), torch.randn(4, 3), {"loss": "flatnce_backward"}, ValueError, "phi"),
         (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, "log_scale"),
         (torch.randn(4, 3), torch.randn(4, 3), {"backend": "cuda"}, ValueError, "backend"),
         ([[1.0]], torch.randn(1, 1), {}, TypeError, "torch.Tensor"),
