@@ -55,9 +55,10 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
         dfdp = tl.full(p.shape, 2.0, tl.float32)
     else:
         sq = ra + rb - 2.0 * p
-        root = tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS)
-        f = -root
-        dfdp = tl.where(sq > 0.0, 1.0 / root, 0.0)
+        q = tl.maximum(sq, 0.0) + NORM_EPS
+        inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
+        f = -q * inv
+        dfdp = tl.where(sq > 0.0, inv, 0.0)
     return scale * f + bias, f, dfdp
 
 
