@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,3 +152,36 @@ class CRL:
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+
+
+class GraphedUpdates:
+    """``steps`` x (sample a batch, :meth:`CRL.update`) captured in one CUDA graph, then replayed.
+
+    ``sample`` must be capturable: e.g. ``lambda: buffer.sample(B, generator=cuda_default)`` (the
+    buffer reads its size from the device, so the graph keeps up as the buffer grows). Capture
+    needs ``warmup`` ordinary updates first (they initialise the optimiser state and cuBLAS);
+    they are real updates, counted in ``warmup_updates``. Build this after loading a checkpoint:
+    the graph holds the addresses of the parameters and optimiser state.
+    """
+
+    def __init__(
+        self, agent: CRL, sample: Callable[[], Any], steps: int = 1, warmup: int = 3
+    ) -> None:
+        if steps < 1 or warmup < 1:
+            raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                agent.update(sample())
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(steps):
+                self.metrics = agent.update(sample())
+        self.steps, self.warmup_updates = steps, warmup
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """Run the ``steps`` updates; the metrics of the last one (overwritten by the next call)."""
+        self.graph.replay()
+        return self.metrics

@@ -81,6 +81,7 @@ class TrainConfig:
     run_dir: str | None = option(None, "run directory (default runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     compile: bool = option(False, "torch.compile the update (CUDA only)")
+    cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
     progress: bool = option(True, "print a status line with env steps/s and updates/s")
     agent: AgentConfig = field(default_factory=AgentConfig)

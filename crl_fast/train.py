@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crl_fast.agent import CRL
+from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from crl_fast.checkpoint import set_rng_state as restore_rng_state
@@ -99,6 +100,19 @@ def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
     return agent
 
 
+def make_train_step(
+    config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer
+) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
+    """A callable doing one update on a fresh batch, and how many updates building it did."""
+    if config.cuda_graph and agent.device.type == "cuda":
+        generator = torch.cuda.default_generators[agent.device.index or 0]
+        graphed = GraphedUpdates(
+            agent, lambda: buffer.sample(config.batch_size, generator=generator)
+        )
+        return graphed, graphed.warmup_updates
+    return lambda: agent.update(buffer.sample(config.batch_size)), 0
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
     device = resolve_device(config.device)
@@ -172,6 +186,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if loop.env_steps == 0:
         last_eval, last_eval_step = evaluate_now(), 0
     metrics: dict[str, torch.Tensor] = {}
+    train_step = None  # built at the first update (a CUDA graph needs a non-empty buffer)
     start = time.perf_counter() - loop.elapsed_s
     last_log_time, last_log_steps, last_log_updates = (
         time.perf_counter(),
@@ -208,8 +223,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # Train: each env step earns updates_per_env_step updates.
         if loop.env_steps >= config.learning_starts:
             loop.update_credit += config.num_envs * config.updates_per_env_step
+            if train_step is None:
+                train_step, warmup_updates = make_train_step(config, agent, buffer)
+                loop.updates += warmup_updates
+                loop.update_credit -= warmup_updates
             while loop.update_credit >= 1.0:
-                metrics = agent.update(buffer.sample(config.batch_size))
+                metrics = train_step()
                 loop.updates += 1
                 loop.update_credit -= 1.0
 

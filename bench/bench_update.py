@@ -1,0 +1,114 @@
+"""Gradient updates per second of the CRL agent with JaxGCRL's default networks.
+
+    python -m bench.bench_update                    # batch 256 and 4096, every mode the device has
+    python -m bench.bench_update --batch-size 256 --modes eager
+
+JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a
+tanh-Gaussian actor, Adam 3e-4. Ant-sized inputs: state 27, action 8, goal 2. One update is one
+buffer sample plus the actor, alpha and critic steps. Modes: ``eager``; ``compile``
+(``torch.compile`` of the update, CUDA); ``graph`` (sample + update replayed from a CUDA graph
+holding ``--graph-steps`` updates). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >=
+3,000/s. Writes bench/results/update-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.harness import measure, print_table, write_results
+from crl_fast.agent import CRL, GraphedUpdates
+from crl_fast.buffer import TrajectoryBuffer
+from crl_fast.config import AgentConfig
+
+OBS_DIM, ACTION_DIM, GOAL_DIM = 27, 8, 2
+JAXGCRL_AGENT = AgentConfig(
+    width=256, depth=2, repr_dim=64, loss="infonce", energy="norm", logsumexp_penalty=0.1
+)
+TARGETS = {256: 13_000, 4096: 3_000}
+
+
+def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
+    """A buffer of random trajectories (episodes of 100 steps)."""
+    buffer = TrajectoryBuffer(
+        capacity=steps,
+        num_envs=num_envs,
+        obs_dim=OBS_DIM,
+        action_dim=ACTION_DIM,
+        goal_dim=GOAL_DIM,
+        device=device,
+        seed=0,
+    )
+    done = (torch.arange(steps, device=device) % 100 == 99)[:, None].expand(steps, num_envs)
+    buffer.extend(
+        {
+            "observation": torch.randn(steps, num_envs, OBS_DIM, device=device),
+            "action": torch.rand(steps, num_envs, ACTION_DIM, device=device) * 2 - 1,
+            "next_achieved_goal": torch.randn(steps, num_envs, GOAL_DIM, device=device),
+            "terminated": torch.zeros(steps, num_envs, dtype=torch.bool, device=device),
+            "truncated": done,
+        }
+    )
+    return buffer
+
+
+def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
+    torch.manual_seed(0)
+    agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, device)
+    buffer = filled_buffer(device)
+    updates_per_call = 1
+    if mode == "graph":
+        generator = torch.cuda.default_generators[device.index or 0]
+        step = GraphedUpdates(
+            agent, lambda: buffer.sample(batch_size, generator=generator), steps=graph_steps
+        )
+        updates_per_call = graph_steps
+    else:
+        if mode == "compile":
+            agent.compile()
+
+        def step():
+            return agent.update(buffer.sample(batch_size))
+
+    cpu = device.type == "cpu"
+    timing = measure(step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50)
+    return {
+        "mode": mode,
+        "batch": batch_size,
+        "updates_per_call": updates_per_call,
+        "cpu_threads": torch.get_num_threads() if cpu else None,
+        **timing,
+        "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
+        "target_per_s": None if cpu else TARGETS.get(batch_size),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--modes", nargs="+", default=None, choices=("eager", "compile", "graph"))
+    parser.add_argument("--graph-steps", type=int, default=16, help="updates per CUDA graph")
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    modes = args.modes or (["eager", "compile", "graph"] if cuda else ["eager"])
+    rows = []
+    for batch_size in args.batch_size:
+        for mode in modes:
+            rows.append(bench(mode, batch_size, device, args.graph_steps))
+            print(rows[-1], flush=True)
+    path = write_results("update", device, rows)
+    label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
+    columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
+    print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")
+
+
+if __name__ == "__main__":
+    main()

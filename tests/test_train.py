@@ -1,0 +1,160 @@
+"""Training loop, checkpoints, resume, logging and the command line, on small CPU runs."""
+
+import json
+
+import pytest
+import torch
+
+from crl_fast.checkpoint import load_checkpoint, save_checkpoint
+from crl_fast.cli import main
+from crl_fast.config import AgentConfig, TrainConfig
+from crl_fast.envs import make_env
+from crl_fast.logger import MetricsLogger, read_jsonl
+from crl_fast.train import EVAL_SEED_OFFSET, evaluate, train
+
+
+def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
+    """A run of a few seconds: few envs, short episodes, a small network."""
+    settings = dict(
+        env="point_umaze",
+        num_envs=8,
+        max_episode_steps=32,
+        total_env_steps=1024,
+        learning_starts=256,
+        batch_size=32,
+        updates_per_env_step=1 / 8,
+        buffer_capacity=4096,
+        eval_every=512,
+        eval_episodes=8,
+        log_every=256,
+        checkpoint_every=0,
+        run_dir=str(tmp_path / name),
+        tensorboard=False,
+        progress=False,
+        agent=AgentConfig(width=32),
+    )
+    return TrainConfig(**(settings | overrides))
+
+
+class RandomPolicy:
+    """Uniform actions: the baseline a trained agent must beat."""
+
+    def act(self, obs, goal, deterministic=False):
+        return torch.rand(obs.shape[0], 2) * 2 - 1
+
+
+def test_short_run_beats_a_random_policy(tmp_path):
+    """About 600 updates of a small InfoNCE critic: well above chance and a random policy."""
+    config = tiny_config(
+        tmp_path,
+        num_envs=16,
+        max_episode_steps=None,
+        total_env_steps=12_000,
+        learning_starts=2048,
+        batch_size=128,
+        updates_per_env_step=1 / 16,
+        buffer_capacity=100_000,
+        eval_every=12_000,
+        eval_episodes=64,
+        log_every=2048,
+        agent=AgentConfig(
+            width=64,
+            loss="infonce",
+            energy="norm",
+            logsumexp_penalty=0.1,
+            critic_lr=1e-3,
+            actor_lr=1e-3,
+        ),
+    )
+    result = train(config)
+    rows = read_jsonl(result["run_dir"] / "metrics.jsonl")
+    accuracy = [
+        r["critic/categorical_accuracy"] for r in rows if "critic/categorical_accuracy" in r
+    ]
+    torch.manual_seed(0)
+    env = make_env(config.env, num_envs=config.eval_episodes, seed=0)
+    random = evaluate(RandomPolicy(), env, config.seed + EVAL_SEED_OFFSET)
+    assert accuracy[0] < 2 / config.batch_size < 5 / config.batch_size < accuracy[-1]
+    assert result["eval/success"] > random["eval/success"] + 0.2
+    assert result["eval/success_final"] > random["eval/success_final"] + 0.3
+
+
+def agent_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    agent = checkpoint["agent"]
+    return {
+        f"{net}.{k}": v
+        for net in ("sa_encoder", "goal_encoder", "actor")
+        for k, v in agent[net].items()
+    } | {"log_alpha": agent["log_alpha"]}
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    straight = train(tiny_config(tmp_path, "straight", checkpoint_every=512))
+    train(tiny_config(tmp_path, "killed", total_env_steps=512))  # as if killed at step 512
+    resumed = train(tiny_config(tmp_path, "killed", resume=True))
+
+    a = load_checkpoint(straight["run_dir"] / "checkpoint.pt")
+    b = load_checkpoint(resumed["run_dir"] / "checkpoint.pt")
+    timeless = ("env_steps", "updates", "update_credit")
+    assert all(a["loop"][k] == b["loop"][k] for k in timeless)
+    ta, tb = agent_tensors(a), agent_tensors(b)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert all(torch.equal(a["buffer"][k], b["buffer"][k]) for k in ("rows", "segment_end"))
+    assert straight["eval/success"] == resumed["eval/success"]
+    steps = [r["step"] for r in read_jsonl(resumed["run_dir"] / "metrics.jsonl")]
+    assert steps == [r["step"] for r in read_jsonl(straight["run_dir"] / "metrics.jsonl")]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):
+        logger.log(step, {"critic/loss": float(step)})
+    logger.log(20, {"eval/success": 0.5})
+    logger.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resume_step=20)
+    resumed.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 20]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,critic/loss,eval/success"
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    flags = "--num-envs 4 --max-episode-steps 16 --total-env-steps 256 --learning-starts 64"
+    flags += " --batch-size 16 --width 16 --eval-episodes 4 --eval-every 128 --log-every 64"
+    main(["train", *flags.split(), "--run-dir", str(run_dir), "--no-tensorboard", "--no-progress"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["num_envs"] == 4 and saved["agent"]["width"] == 16
+    for name in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "curve.png"):
+        assert (run_dir / name).exists(), name
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(run_dir / "checkpoint.pt"), "--episodes", "4"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["episodes"] == 4 and 0.0 <= result["eval/success"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--resume"], ["train", "--gamma", "1.5"], ["train", "--residual", "--depth", "6"]],
+)
+def test_cli_rejects_bad_configs_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
