@@ -65,6 +65,7 @@ class TrainConfig:
     max_episode_steps: int | None = option(None, "episode length (None: the environment's)")
     seed: int = option(0, "seed of every random generator")
     device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1")
+    threads: int | None = option(None, "CPU threads for torch (None: torch's default)")
     total_env_steps: int = option(500_000, "environment steps (summed over envs) to train for")
     learning_starts: int = option(10_000, "environment steps collected before the first update")
     batch_size: int = option(256, "transitions per gradient update")
@@ -80,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = option(100_000, "environment steps between checkpoints (0: only last)")
     run_dir: str | None = option(None, "run directory (default runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
-    compile: bool = option(False, "torch.compile the update (CUDA only)")
+    compile: bool = option(False, "torch.compile the update (meant for CUDA)")
     cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
     progress: bool = option(True, "print a status line with env steps/s and updates/s")
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive (or None), got {self.threads}")
         if self.checkpoint_every < 0 or self.learning_starts < 0:
             raise ValueError("checkpoint_every and learning_starts must be >= 0")
 

@@ -93,41 +93,8 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
     }
 
 
-def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
-    agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, config.agent, device)
-    if config.compile and device.type == "cuda":
-        agent.compile()
-    return agent
-
-
-def make_train_step(
-    config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer
-) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
-    """A callable doing one update on a fresh batch, and how many updates building it did."""
-    if config.cuda_graph and agent.device.type == "cuda":
-        generator = torch.cuda.default_generators[agent.device.index or 0]
-        graphed = GraphedUpdates(
-            agent, lambda: buffer.sample(config.batch_size, generator=generator)
-        )
-        return graphed, graphed.warmup_updates
-    return lambda: agent.update(buffer.sample(config.batch_size)), 0
-
-
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
-    device = resolve_device(config.device)
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    seed_everything(config.seed)
-
-    env = make_env(
-        config.env,
-        num_envs=config.num_envs,
-        device=device,
-        seed=config.seed,
-        max_episode_steps=config.max_episode_steps,
-    )
-    eval_env = make_eval_env(config, device, config.eval_episodes)
-    buffer = TrajectoryBuffer(
+def make_buffer(config: TrainConfig, env, device: torch.device) -> TrajectoryBuffer:
+    return TrajectoryBuffer(
         capacity=max(1, config.buffer_capacity // config.num_envs),  # steps per env
         num_envs=config.num_envs,
         obs_dim=env.obs_dim,
@@ -140,6 +107,47 @@ def train(config: TrainConfig) -> dict[str, Any]:
         device=device,
         seed=config.seed,
     )
+
+
+def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
+    agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, config.agent, device)
+    if config.compile:
+        agent.compile()
+    return agent
+
+
+def make_train_step(
+    config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer
+) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
+    """A callable doing one update on a fresh batch, and how many updates building it did."""
+    if config.cuda_graph:
+        generator = torch.cuda.default_generators[agent.device.index or 0]
+        graphed = GraphedUpdates(
+            agent, lambda: buffer.sample(config.batch_size, generator=generator)
+        )
+        return graphed, graphed.warmup_updates
+    return lambda: agent.update(buffer.sample(config.batch_size)), 0
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
+    device = resolve_device(config.device)
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, got {device}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    seed_everything(config.seed)
+
+    env = make_env(
+        config.env,
+        num_envs=config.num_envs,
+        device=device,
+        seed=config.seed,
+        max_episode_steps=config.max_episode_steps,
+    )
+    eval_env = make_eval_env(config, device, config.eval_episodes)
+    buffer = make_buffer(config, env, device)
     agent = make_agent(config, env, device)
     obs, _ = env.reset(seed=config.seed)
     loop = LoopState()
@@ -188,11 +196,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, torch.Tensor] = {}
     train_step = None  # built at the first update (a CUDA graph needs a non-empty buffer)
     start = time.perf_counter() - loop.elapsed_s
-    last_log_time, last_log_steps, last_log_updates = (
-        time.perf_counter(),
-        loop.env_steps,
-        loop.updates,
-    )
+    log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
     while loop.env_steps < config.total_env_steps:
         # Act: uniform random actions until learning starts, then samples from the policy.
         if loop.env_steps < config.learning_starts:
@@ -237,15 +241,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if crossed(before, loop.env_steps, config.eval_every):
             last_eval, last_eval_step = evaluate_now(), loop.env_steps
         if crossed(before, loop.env_steps, config.log_every) and metrics:
-            now = time.perf_counter()
-            rates = {
-                "charts/sps": (loop.env_steps - last_log_steps) / (now - last_log_time),
-                "charts/updates_per_s": (loop.updates - last_log_updates) / (now - last_log_time),
+            dt = time.perf_counter() - log_time
+            charts = {
+                "charts/sps": (loop.env_steps - log_steps) / dt,
+                "charts/updates_per_s": (loop.updates - log_updates) / dt,
                 "charts/updates": loop.updates,
                 "charts/time_s": loop.elapsed_s,
             }
-            logger.log(loop.env_steps, {k: v.item() for k, v in metrics.items()} | rates)
-            last_log_time, last_log_steps, last_log_updates = now, loop.env_steps, loop.updates
+            logger.log(loop.env_steps, {k: v.item() for k, v in metrics.items()} | charts)
+            log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             checkpoint_now()
         status = f"success {last_eval['eval/success']:.2f}" if last_eval else ""
