@@ -127,6 +127,14 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
 
 
+def _online_applies(loss: str, d: int) -> bool:
+    """Row-softmax losses whose only other gradient is on L_ii: the forward keeps online sums
+    so that backward needs just the column pass (two passes over the logits, not three)."""
+    from crl_fast.kernels.pair_stats import ONLINE_MAX_D
+
+    return loss in ("infonce", "flatnce") and d <= ONLINE_MAX_D
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -173,15 +181,14 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
 
     energy = ENERGY_CODES[config.energy]
     use_triton = _use_triton(x, backend)
-    if name == "binary" and not config.logsumexp_penalty and not return_metrics:
-        wants_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
+    )
+    if name == "binary" and wants_grad and not (config.logsumexp_penalty or return_metrics):
+        mean = config.reduction == "mean"
+        return binary_loss_with_grads(
+            x, y, scale, shift, energy=energy, mean=mean, use_triton=use_triton
         )
-        if wants_grad:
-            mean = config.reduction == "mean"
-            return binary_loss_with_grads(
-                x, y, scale, shift, energy=energy, mean=mean, use_triton=use_triton
-            )
 
     flat = name in ("flatnce", "flatnce_backward")
     want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
@@ -194,6 +201,7 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
         x, y, scale, shift, energy=energy, pos=True,
         row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,
         softplus=name == "binary", pair=pair, metrics=return_metrics,
+        online=wants_grad and use_triton and _online_applies(name, x.shape[1]),
         use_triton=use_triton,
     )  # fmt: skip
     pos = stats.pos

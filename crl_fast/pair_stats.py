@@ -30,12 +30,15 @@ PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
 Tensor = torch.Tensor
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
 Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-Tensors9 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+Tensors12 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]
 
 
 class PairStats(NamedTuple):
     """Statistics over j of each row i (``pos`` and ``row_*``: length B) or over i of each
-    column (``col_lse``: length M); empty when not asked for."""
+    column (``col_lse``: length M); empty when not asked for. ``online_*`` are the softmax-
+    weighted row sums the Triton path keeps for the row-lse gradient (see the kernels)."""
 
     pos: Tensor
     row_lse: Tensor
@@ -46,6 +49,9 @@ class PairStats(NamedTuple):
     row_argmax: Tensor
     row_sum: Tensor
     row_correct: Tensor
+    online_u: Tensor
+    online_v: Tensor
+    online_w: Tensor
 
 
 def _squared_norms(t: Tensor, energy: int) -> Tensor:
@@ -99,6 +105,7 @@ def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, so
     }
     out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in PairStats._fields}
     out["row_argmax"] = torch.empty(b if metrics else 0, dtype=torch.int32, device=x.device)
+    out["online_u"] = torch.empty((0, x.shape[1]), **new)  # a Triton-path optimisation only
     if wanted["pos"]:
         f, _ = energy_and_slope((x * y[:b]).sum(-1), x_sq, y_sq[:b], energy)
         out["pos"] = scale * f + bias
@@ -179,14 +186,14 @@ def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_c
 
 
 def _triton_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pair,
-                  metrics):  # fmt: skip
+                  metrics, online):  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
-    pos, rl, sp, pr, slope, arg, rsum, cnt = kernels.stats(
+    pos, rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
         x, y, x_sq, y_sq, scale, bias, energy=energy, pos=pos, lse=row_lse,
-        mask_diag=mask_diag, softplus=softplus, pair=pair, metrics=metrics,
+        mask_diag=mask_diag, softplus=softplus, pair=pair, metrics=metrics, online=online,
     )  # fmt: skip
     cl = rl.new_empty(0)
     if col_lse:
@@ -194,20 +201,22 @@ def _triton_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, s
             y, x, y_sq, x_sq, scale, bias, energy=energy, pos=False, lse=True,
             mask_diag=mask_diag, softplus=False, pair=PAIR_NONE, metrics=False,
         )[1]  # fmt: skip
-    return pos, rl, cl, sp, pr, slope, arg, rsum, cnt
+    return pos, rl, cl, sp, pr, slope, arg, rsum, cnt, u, v, w
 
 
 def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse,
-                 g_softplus, g_pair, energy, mask_diag, pair):  # fmt: skip
+                 g_softplus, g_pair, energy, mask_diag, pair, need_dx=True):  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     grads = (g_diag, g_row_lse, g_col_lse, g_softplus, g_pair)
-    dx, dscale, dbias, _, _ = kernels.grad(
-        x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
-        x_is_a=True, mask_diag=mask_diag, pair=pair,
-    )  # fmt: skip
+    dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
+    if need_dx:
+        dx, dscale, dbias, _, _ = kernels.grad(
+            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
+            x_is_a=True, mask_diag=mask_diag, pair=pair,
+        )  # fmt: skip
     dy, *_ = kernels.grad(
         y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
         x_is_a=False, mask_diag=mask_diag, pair=pair,
@@ -229,16 +238,20 @@ def _pair_stats_op(
     softplus: bool,
     pair: int,
     metrics: bool,
+    online: bool,
     use_triton: bool,
-) -> Tensors9:
-    impl = _triton_stats if use_triton else _torch_stats
+) -> Tensors12:
     flags = (energy, pos, row_lse, col_lse, mask_diag, softplus, pair, metrics)
-    return tuple(impl(x, y, scale, bias, *flags))
+    if use_triton:
+        return tuple(_triton_stats(x, y, scale, bias, *flags, online))
+    if online:
+        raise ValueError("the online row sums are a Triton-path optimisation")
+    return tuple(_torch_stats(x, y, scale, bias, *flags))
 
 
 @_pair_stats_op.register_fake
 def _(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pair, metrics,
-      use_triton):  # fmt: skip
+      online, use_triton):  # fmt: skip
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
 
@@ -256,6 +269,9 @@ def _(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pai
         vec(b, metrics, torch.int32),
         vec(b, metrics),
         vec(b, metrics),
+        x.new_empty((b, x.shape[1]) if online else (0, x.shape[1]), dtype=acc),
+        vec(b, online),
+        vec(b, online),
     )
 
 
@@ -276,32 +292,58 @@ def _pair_stats_backward_op(
     energy: int,
     mask_diag: bool,
     pair: int,
+    need_dx: bool,
     use_triton: bool,
 ) -> Tensors4:
-    impl = _triton_grad if use_triton else _torch_grad
     stats = (pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse, g_softplus, g_pair)
-    return tuple(impl(x, y, scale, bias, *stats, energy, mask_diag, pair))
+    if use_triton:
+        return tuple(_triton_grad(x, y, scale, bias, *stats, energy, mask_diag, pair, need_dx))
+    return tuple(_torch_grad(x, y, scale, bias, *stats, energy, mask_diag, pair))
 
 
 @_pair_stats_backward_op.register_fake
 def _(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse, g_softplus,
-      g_pair, energy, mask_diag, pair, use_triton):  # fmt: skip
+      g_pair, energy, mask_diag, pair, need_dx, use_triton):  # fmt: skip
     acc = accumulate_dtype(x.dtype)
     scalar = x.new_empty((), dtype=acc)
-    return torch.empty_like(x), torch.empty_like(y), scalar, scalar.clone()
+    dx = torch.empty_like(x) if need_dx or not use_triton else x.new_empty(0)
+    return dx, torch.empty_like(y), scalar, scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, scale, bias, energy, _, _, _, mask_diag, _, pair, _, use_triton = inputs
-    pos, row_lse, col_lse, _, _, slope = output[:6]
-    ctx.save_for_backward(x, y, scale, bias, pos, row_lse, col_lse, slope)
-    ctx.options = (energy, mask_diag, pair, use_triton)
+    x, y, scale, bias, energy, _, _, _, mask_diag, _, pair, _, online, use_triton = inputs
+    stats = PairStats(*output)
+    ctx.save_for_backward(
+        x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_pair_slope,
+        stats.online_u, stats.online_v, stats.online_w,
+    )  # fmt: skip
+    ctx.options = (energy, mask_diag, pair, online, use_triton)
     ctx.set_materialize_grads(False)
 
 
+def _online_dx(x, y, scale, energy, g_rl, g_diag, u, v, w):
+    """dx, dscale, dbias of the row-lse and diagonal terms from the forward's online sums:
+    dx_i = scale (g_rl_i (U_i - V_i x_i) + g_diag_i f'_ii (y_i - x_i)), the x_i terms for l2 and
+    norm only; O(B d) work instead of a pass over the logits."""
+    acc = accumulate_dtype(x.dtype)
+    b = x.shape[0]
+    x32, y32 = x.to(acc), y[:b].to(acc)
+    g_rl = g_rl if g_rl is not None else x32.new_zeros(b)
+    norm_term = energy != 0
+    dx = g_rl[:, None] * (u - v[:, None] * x32 if norm_term else u)
+    dscale, dbias = (g_rl * w).sum(), g_rl.sum()
+    if g_diag is not None:
+        x_sq, y_sq = _squared_norms(x32, energy), _squared_norms(y32, energy)
+        f_ii, slope_ii = energy_and_slope((x32 * y32).sum(-1), x_sq, y_sq, energy)
+        coef = g_diag * slope_ii
+        dx = dx + coef[:, None] * (y32 - x32 if norm_term else y32)
+        dscale, dbias = dscale + (g_diag * f_ii).sum(), dbias + g_diag.sum()
+    return (scale * dx).to(x.dtype), dscale, dbias
+
+
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
-    x, y, scale, bias, pos, row_lse, col_lse, slope = ctx.saved_tensors
-    energy, mask_diag, pair, use_triton = ctx.options
+    x, y, scale, bias, pos, row_lse, col_lse, slope, u, v, w = ctx.saved_tensors
+    energy, mask_diag, pair, online, use_triton = ctx.options
     empty = pos.new_empty(0)
 
     def given(g):
@@ -315,12 +357,17 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
         g_diag = shift if g_diag is None else g_diag + shift
     grads = [g.contiguous() if given(g) else empty for g in (g_rl, g_cl, g_sp, g_pair)]
     if g_diag is None and not any(g.numel() for g in grads):
-        return (None,) * 13
+        return (None,) * 14
+    # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
+    online = online and not any(g.numel() for g in grads[1:])
     dx, dy, dscale, dbias = _pair_stats_backward_op(
         x, y, scale, bias, pos, row_lse, col_lse, empty if g_diag is None else g_diag, *grads,
-        energy, mask_diag, pair, use_triton,
+        energy, mask_diag, pair, not online, use_triton,
     )  # fmt: skip
-    return (dx, dy, dscale.to(scale.dtype), dbias.to(bias.dtype)) + (None,) * 9
+    if online:
+        g_rl_given = grads[0] if grads[0].numel() else None
+        dx, dscale, dbias = _online_dx(x, y, scale, energy, g_rl_given, g_diag, u, v, w)
+    return (dx, dy, dscale.to(scale.dtype), dbias.to(bias.dtype)) + (None,) * 10
 
 
 torch.library.register_autograd("crl_fast::pair_stats", _backward, setup_context=_setup_context)
@@ -424,16 +471,18 @@ def pair_stats(
     softplus: bool = False,
     pair: int = PAIR_NONE,
     metrics: bool = False,
+    online: bool = False,
     use_triton: bool,
 ) -> PairStats:
     """Differentiable statistics of ``L = scale * f(x, y) + bias``; inputs already validated.
 
     ``scale`` and ``bias`` are 0-d tensors; ``pos`` asks for the positives ``L_ii`` (always
-    produced for DPO/IPO, whose terms are relative to them).
+    produced for DPO/IPO, whose terms are relative to them). ``online`` (Triton path, row lse,
+    d <= 128) keeps the sums that let backward skip the pass over rows for the row-lse terms.
     """
     acc = accumulate_dtype(x.dtype)
     out = _pair_stats_op(
         x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, pos, row_lse,
-        col_lse, mask_diag, softplus, pair, metrics, use_triton,
+        col_lse, mask_diag, softplus, pair, metrics, online, use_triton,
     )  # fmt: skip
     return PairStats(*out)

@@ -14,6 +14,10 @@ Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all 
     pair_i     = sum_{j != i} softplus(u_ij)  or  (u_ij + 1)^2,   u_ij = L_ij - L_ii  (PAIR 1/2)
     slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij)
     metrics: argmax_j L_ij, sum_j L_ij, #{j : (L_ij > 0) == (i == j)}
+With ONLINE (row lse only, d <= BLOCK_D), also the softmax-weighted sums, p_ij = exp(L_ij - lse_i):
+    U_i = sum_j p_ij f'_ij B_j,   V_i = sum_j p_ij f'_ij,   W_i = sum_j p_ij f_ij
+accumulated online with the running max (as flash attention does), so that the row-lse part of
+dA_i is g_lse_i scale (U_i - [l2, norm] V_i A_i) without a second pass over the rows.
 Column statistics are row statistics of the transpose: launch with A and B swapped.
 
 Backward (``grad_kernel``): with upstream gradients of those statistics the logit gradient is
@@ -38,6 +42,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+ONLINE_MAX_D = 128
+"""The online row sums keep a (BLOCK_M, d) accumulator in registers: d up to this."""
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -145,11 +152,12 @@ def _by_x(v, X_IS_A: tl.constexpr):
 def stats_kernel(
     A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
     POS_ptr, LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
+    U_ptr, V_ptr, W_ptr,
     NA, NB, D, stride_a, stride_b,
     ENERGY: tl.constexpr, POS: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
-    SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr, ONLINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,10 +179,14 @@ def stats_kernel(
     arg_i = tl.zeros((BLOCK_M,), tl.int32)
     sum_i = tl.zeros((BLOCK_M,), tl.float32)
     cnt_i = tl.zeros((BLOCK_M,), tl.float32)
+    ds = tl.arange(0, BLOCK_D)
+    u_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    v_acc = tl.zeros((BLOCK_M,), tl.float32)
+    w_acc = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
-        logits, _, _ = _logits_tile(
+        logits, f, dfdp = _logits_tile(
             A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
             stride_b, scale, bias, ENERGY, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST,
         )  # fmt: skip
@@ -191,7 +203,22 @@ def stats_kernel(
             m_new = tl.maximum(m_i, tl.max(z, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
-            s_i = s_i * alpha + tl.sum(tl.exp2((z - m_safe[:, None]) * LOG2E), 1)
+            e = tl.exp2((z - m_safe[:, None]) * LOG2E)
+            s_i = s_i * alpha + tl.sum(e, 1)
+            if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
+                w = e * dfdp
+                b = tl.load(
+                    B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
+                    mask=col_mask[:, None] & (ds < D)[None, :],
+                    other=0.0,
+                )
+                w_in = w.to(b.dtype)
+                if UPCAST:
+                    w_in = w_in.to(tl.float32)
+                    b = b.to(tl.float32)
+                u_acc = tl.dot(w_in, b, u_acc * alpha[:, None], input_precision=PRECISION)
+                v_acc = v_acc * alpha + tl.sum(w, 1)
+                w_acc = w_acc * alpha + tl.sum(e * f, 1)
             m_i = m_new
         if SOFTPLUS:
             sp, _ = _softplus_sigmoid(logits)
@@ -213,8 +240,15 @@ def stats_kernel(
             cnt_i += tl.sum(tl.where(valid & hit, 1.0, 0.0), 1)
     if LSE:
         # Rows past NA have s_i = 0; keep log2 finite there (they are never stored).
-        lse = m_i + tl.log2(tl.where(row_mask, s_i, 1.0)) * LN2
+        s_safe = tl.where(row_mask, s_i, 1.0)
+        lse = m_i + tl.log2(s_safe) * LN2
         tl.store(LSE_ptr + rows, lse, mask=row_mask)
+        if ONLINE:
+            u_ptrs = U_ptr + rows.to(tl.int64)[:, None] * D + ds[None, :]
+            u_mask = row_mask[:, None] & (ds < D)[None, :]
+            tl.store(u_ptrs, u_acc / s_safe[:, None], mask=u_mask)
+            tl.store(V_ptr + rows, v_acc / s_safe, mask=row_mask)
+            tl.store(W_ptr + rows, w_acc / s_safe, mask=row_mask)
     if SOFTPLUS:
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
     if PAIR != 0:
@@ -439,11 +473,15 @@ def stats(
     softplus: bool,
     pair: int,
     metrics: bool,
+    online: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Row statistics of the logits of (a, b): (pos, lse, softplus, pair, slope, argmax, sum,
-    correct). Statistics that are not asked for come back as empty tensors."""
+    correct, U, V, W). Statistics that are not asked for come back as empty tensors; U, V, W
+    (``online``, needs ``lse`` and d <= ONLINE_MAX_D) are float32 (n_a, d), (n_a,), (n_a,)."""
     n_a, d = a.shape
     pos = pos or pair != 0
+    if online and not (lse and d <= ONLINE_MAX_D):
+        raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         outs = (
@@ -455,16 +493,19 @@ def stats(
             _vector(n_a, metrics, a, torch.int32),
             _vector(n_a, metrics, a),
             _vector(n_a, metrics, a),
+            torch.empty((n_a, d) if online else (0, d), dtype=torch.float32, device=a.device),
+            _vector(n_a, online, a),
+            _vector(n_a, online, a),
         )
         stats_kernel[(triton.cdiv(n_a, cfg["BLOCK_M"]),)](
             a, b, ra, rb, scale, bias, *outs, n_a, b.shape[0], d, a.stride(0), b.stride(0),
             ENERGY=energy, POS=pos, LSE=lse, MASK_DIAG=mask_diag, SOFTPLUS=softplus,
-            PAIR=pair, METRICS=metrics, PRECISION=_precision(a.dtype),
+            PAIR=pair, METRICS=metrics, ONLINE=online, PRECISION=_precision(a.dtype),
             UPCAST=_upcast(a.dtype), **cfg,
         )  # fmt: skip
         return outs
 
-    flags = (energy, pos, lse, mask_diag, softplus, pair, metrics)
+    flags = (energy, pos, lse, mask_diag, softplus, pair, metrics, online)
     key = ("stats", a.dtype, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, launch))
 
