@@ -112,14 +112,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "eval":
         run_eval(args)
         return
+    from crl_fast.train import train
+
     try:
-        config = train_config({k: v for k, v in vars(args).items() if k != "command"})
+        train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
     except ValueError as error:  # bad configuration: a message, not a traceback
         print(f"crl-fast train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    from crl_fast.train import train
-
-    train(config)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class AgentConfig:
     depth: int = option(2, "hidden layers (a multiple of 4 with --residual)")
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
     activation: str = option("swish", "hidden activation", ACTIVATIONS)
-    layer_norm: bool = option(False, "LayerNorm after each hidden Linear")
+    layer_norm: bool = option(False, "LayerNorm after each hidden Linear (residual blocks: always)")
     residual: bool = option(False, "residual blocks of 4 x [Linear, LayerNorm, swish] + skip")
     loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
     energy: str = option("dot", "critic energy f(phi, psi)", ENERGIES)

@@ -36,13 +36,13 @@ def _hidden_layer(in_dim: int, width: int, activation: str, layer_norm: bool) ->
 
 
 class ResidualBlock(nn.Module):
-    """``x + f(x)`` with ``f`` = 4 x [Linear, LayerNorm, activation]."""
+    """``x + f(x)`` with ``f`` = 4 x [Linear, LayerNorm, activation] (always normalised)."""
 
-    def __init__(self, width: int, activation: str, layer_norm: bool):
+    def __init__(self, width: int, activation: str):
         super().__init__()
         layers = []
         for _ in range(RESIDUAL_BLOCK_LAYERS):
-            layers += _hidden_layer(width, width, activation, layer_norm)
+            layers += _hidden_layer(width, width, activation, layer_norm=True)
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class MLP(nn.Sequential):
 
     With ``residual=True`` the hidden part is an input layer followed by ``depth // 4`` residual
     blocks (``depth`` must then be a positive multiple of 4), so it holds ``depth + 1`` hidden
-    layers in all.
+    layers in all; ``layer_norm`` then applies to the input layer (the blocks always normalise).
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class MLP(nn.Sequential):
         layers = _hidden_layer(in_dim, width, activation, layer_norm)
         if residual:
             for _ in range(depth // RESIDUAL_BLOCK_LAYERS):
-                layers.append(ResidualBlock(width, activation, layer_norm))
+                layers.append(ResidualBlock(width, activation))
         else:
             for _ in range(depth - 1):
                 layers += _hidden_layer(width, width, activation, layer_norm)

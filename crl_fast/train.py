@@ -137,6 +137,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    if not config.resume and (run_dir / CHECKPOINT_NAME).exists():
+        raise ValueError(
+            f"{run_dir} holds a run: pass --resume to continue it, or another --run-dir"
+        )
     seed_everything(config.seed)
 
     env = make_env(

@@ -32,9 +32,10 @@ def test_layer_norm_and_relu_options():
 
 
 def test_residual_mlp_goes_deep():
-    net = MLP(4, 8, width=32, depth=64, residual=True, layer_norm=True)
+    net = MLP(4, 8, width=32, depth=64, residual=True)
     blocks = [m for m in net.modules() if isinstance(m, ResidualBlock)]
     assert len(blocks) == 16
+    assert sum(isinstance(m, nn.LayerNorm) for m in net.modules()) == 64
     assert len(linears(net)) == 64 + 2  # input layer, 16 blocks x 4, output layer
     x = torch.randn(16, 4)
     out = net(x)

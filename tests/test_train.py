@@ -105,6 +105,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert steps == [r["step"] for r in read_jsonl(straight["run_dir"] / "metrics.jsonl")]
 
 
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    train(config)
+    with pytest.raises(ValueError, match="--resume"):
+        train(config)
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"step": 1}, path)
