@@ -82,28 +82,32 @@ class CRL:
         self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
-        psi = self.goal_encoder(goal)
+        # Each loss below has its own autograd graph (no tensor with a graph is shared between
+        # two backward calls), as torch.compile needs: it fuses each region into one node.
 
-        # Actor and alpha, against the critic as it stands before this step (as JaxGCRL does).
-        alpha = self.log_alpha.exp()
+        # Actor, against the critic as it stands before this step (as JaxGCRL does).
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            psi_target = self.goal_encoder(goal)
         new_action, log_prob = self.actor.sample(obs, goal)
-        q = pairwise_energy(self.sa_encoder(obs, new_action), psi.detach(), energy=cfg.energy)
-        actor_loss = (alpha.detach() * log_prob - q).mean()
+        q = pairwise_energy(self.sa_encoder(obs, new_action), psi_target, energy=cfg.energy)
+        actor_loss = (alpha * log_prob - q).mean()
         self.actor_optimizer.zero_grad()
         actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders
         self.actor_optimizer.step()
+        log_prob = log_prob.detach()
 
-        alpha_loss = (alpha * (-log_prob.detach() - self.target_entropy)).mean()
+        # Alpha: move the policy entropy towards the target.
+        alpha_loss = (self.log_alpha.exp() * (-log_prob - self.target_entropy)).mean()
         if cfg.autotune_alpha:
             self.alpha_optimizer.zero_grad()
             alpha_loss.backward()
             self.alpha_optimizer.step()
 
         # Critic: classify which goal in the batch is the future of each (s, a).
-        phi = self.sa_encoder(obs, action)
         critic_loss, critic_metrics = contrastive_loss(
-            phi,
-            psi,
+            self.sa_encoder(obs, action),
+            self.goal_encoder(goal),
             loss=cfg.loss,
             energy=cfg.energy,
             logsumexp_penalty=cfg.logsumexp_penalty,
@@ -118,8 +122,8 @@ class CRL:
             {
                 "critic/loss": critic_loss.detach(),
                 "actor/loss": actor_loss.detach(),
-                "actor/entropy": -log_prob.detach().mean(),
-                "alpha": alpha.detach(),
+                "actor/entropy": -log_prob.mean(),
+                "alpha": alpha,
                 "alpha/loss": alpha_loss.detach(),
             }
         )

@@ -3,7 +3,8 @@
 Everything lives on one device. Collection steps ``num_envs`` envs at once and appends the step to
 the replay buffer; every environment step earns ``updates_per_env_step`` gradient updates (a
 fractional credit is carried over), each sampling a fresh batch. Training metrics stay on the
-device until a log step reads them, so on a GPU the loop only synchronises when it logs.
+device until a log step reads them, so on a GPU the loop synchronises only to log, evaluate
+and checkpoint.
 """
 
 from __future__ import annotations

@@ -178,3 +178,26 @@ def test_cuda_graph_replay_matches_eager_updates():
     eager, graphed = parameters(train(False)), parameters(train(True))
     for key in eager:
         torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_update_matches_eager(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's random numbers
+    torch.manual_seed(0)
+    eager = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    compiled = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    batch = GoalBatch(*(t.cuda() for t in toy_batch()))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = eager.update(batch)
+        torch.manual_seed(seed)
+        got = compiled.update(batch)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    want, have = parameters(eager), parameters(compiled)
+    for key in want:
+        torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-5)
