@@ -74,9 +74,9 @@ def test_short_run_beats_a_random_policy(tmp_path):
     torch.manual_seed(0)
     env = make_env(config.env, num_envs=config.eval_episodes, seed=0)
     random = evaluate(RandomPolicy(), env, config.seed + EVAL_SEED_OFFSET)
-    assert accuracy[0] < 2 / config.batch_size < 5 / config.batch_size < accuracy[-1]
-    assert result["eval/success"] > random["eval/success"] + 0.2
-    assert result["eval/success_final"] > random["eval/success_final"] + 0.3
+    assert accuracy[-1] > 3 * max(accuracy[0], 1 / config.batch_size)  # chance: 1 / batch
+    assert result["eval/success"] > random["eval/success"] + 0.1  # a random walk often passes
+    assert result["eval/success_final"] > random["eval/success_final"] + 0.3  # but rarely stays
 
 
 def agent_tensors(checkpoint) -> dict[str, torch.Tensor]:
