@@ -253,7 +253,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "charts/updates": loop.updates,
                 "charts/time_s": loop.elapsed_s,
             }
-            logger.log(loop.env_steps, {k: v.item() for k, v in metrics.items()} | charts)
+            values = torch.stack(list(metrics.values())).tolist()  # one host sync
+            logger.log(loop.env_steps, dict(zip(metrics, values, strict=True)) | charts)
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             checkpoint_now()
