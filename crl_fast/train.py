@@ -138,7 +138,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    if not config.resume and (run_dir / CHECKPOINT_NAME).exists():
+    has_checkpoint = (run_dir / CHECKPOINT_NAME).exists()
+    if config.resume and not has_checkpoint:
+        raise ValueError(f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME}")
+    if not config.resume and has_checkpoint:
         raise ValueError(
             f"{run_dir} holds a run: pass --resume to continue it, or another --run-dir"
         )
