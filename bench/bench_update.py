@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 4096])
-    parser.add_argument("--modes", nargs="+", default=None, choices=("eager", "compile", "graph"))
+    parser.add_argument("--modes", nargs="+", default=None, choices=("graph", "eager", "compile"))
     parser.add_argument("--graph-steps", type=int, default=16, help="updates per CUDA graph")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     args = parser.parse_args()
@@ -98,13 +98,13 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.set_float32_matmul_precision("high")
-    modes = args.modes or (["eager", "compile", "graph"] if cuda else ["eager"])
+    modes = args.modes or (["graph", "eager", "compile"] if cuda else ["eager"])
     rows = []
     for batch_size in args.batch_size:
         for mode in modes:
             rows.append(bench(mode, batch_size, device, args.graph_steps))
             print(rows[-1], flush=True)
-    path = write_results("update", device, rows)
+            path = write_results("update", device, rows)  # after each row: survives a timeout
     label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
     print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")
