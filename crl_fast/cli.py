@@ -33,10 +33,11 @@ def _parse_optional(inner: type):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of dataclass ``cls`` (nested dataclasses are flattened).
+    """One flag per field of dataclass ``cls``, in a group per dataclass (nested ones flattened).
 
     Flags default to ``argparse.SUPPRESS``, so the parsed namespace holds only the flags given.
     """
+    group = parser.add_argument_group((cls.__doc__ or cls.__name__).rstrip("."))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -55,7 +56,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = kind
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(_flag(f.name), **kwargs)
 
 
 def config_from_args(given: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:

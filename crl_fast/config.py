@@ -79,7 +79,7 @@ class TrainConfig:
     eval_episodes: int = option(64, "episodes per evaluation, on fixed goals")
     log_every: int = option(5_000, "environment steps between training-metric logs")
     checkpoint_every: int = option(100_000, "environment steps between checkpoints (0: only last)")
-    run_dir: str | None = option(None, "run directory (default runs/<env>__<seed>__<timestamp>)")
+    run_dir: str | None = option(None, "run directory (None: runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     compile: bool = option(False, "torch.compile the update (meant for CUDA)")
     cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
