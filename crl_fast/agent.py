@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from crl_fast import contrastive_loss, pairwise_energy
+from crl_fast.buffer import GoalBatch
 from crl_fast.config import AgentConfig
 from crl_fast.networks import Encoder, TanhGaussianActor
 
@@ -71,7 +72,7 @@ class CRL:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
         return self.actor(obs, goal, deterministic=deterministic)
 
-    def update(self, batch) -> dict[str, torch.Tensor]:
+    def update(self, batch: GoalBatch) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
 
         Returns detached 0-d metric tensors; nothing is synchronised with the host.
@@ -169,7 +170,7 @@ class GraphedUpdates:
     """
 
     def __init__(
-        self, agent: CRL, sample: Callable[[], Any], steps: int = 1, warmup: int = 3
+        self, agent: CRL, sample: Callable[[], GoalBatch], steps: int = 1, warmup: int = 3
     ) -> None:
         if steps < 1 or warmup < 1:
             raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
