@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from crl_fast import contrastive_loss, pairwise_energy
 from crl_fast.buffer import GoalBatch
 from crl_fast.config import AgentConfig
+from crl_fast.energy import pairwise_energy
+from crl_fast.loss import contrastive_loss
 from crl_fast.networks import Encoder, TanhGaussianActor
 
 

@@ -10,8 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from crl_fast import ENERGIES, LOSSES
 from crl_fast.buffer import GOAL_MODES
+from crl_fast.energy import ENERGIES
+from crl_fast.loss import LOSSES
 
 ACTIVATIONS = ("swish", "relu")
 
