@@ -331,6 +331,21 @@ class TrajectoryBuffer:
             dst[: keep - head] = src[head:]
         self._step_t.fill_(self._step + steps)
 
+    def end_episodes(self) -> None:
+        """End every env's running episode at its newest stored step (marked truncated), so the
+        next ``extend`` starts new episodes: for envs that restart from a reset, as a resumed run
+        does when the env could not save its state. Goals never cross the cut."""
+        if self._step == 0:
+            return
+        last = (self._step - 1) % self._capacity
+        running = ~(self._terminated[last] | self._truncated[last])
+        self._truncated[last] |= running
+        slot = self._open_segment % self._capacity
+        envs = torch.arange(self.num_envs, device=self.device)
+        end = torch.where(running, self._step - 1, self._segment_end[slot, envs])
+        self._segment_end[slot, envs] = end
+        self._open_segment += running.long()
+
     def sample(
         self,
         batch_size: int,

@@ -463,3 +463,39 @@ def test_sample_in_cuda_graph() -> None:
         graph.replay()
         d = rec.check(out, "geometric")
         assert d["t"].max() >= rec.step - 13
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_end_episodes_cuts_running_episodes(backend: str) -> None:
+    """After end_episodes, 'final' goals of earlier anchors stop at the cut and later anchors'
+    goals come from after it, also for an env whose episode had just ended anyway."""
+    buf = make(capacity=32, num_envs=2, backend=backend)
+
+    def extend(first: int, steps: int, done_at: int | None = None) -> None:
+        t = torch.arange(first, first + steps, dtype=torch.float32)
+        field = t[:, None, None].expand(steps, 2, 1)
+        term = torch.zeros(steps, 2, dtype=torch.bool)
+        if done_at is not None:
+            term[done_at - first, 1] = True  # env 1 ends an episode on its own
+        buf.extend(
+            {
+                "observation": field.expand(steps, 2, OBS).contiguous(),
+                "action": field.expand(steps, 2, ACT).contiguous(),
+                "next_achieved_goal": field.expand(steps, 2, GOAL).contiguous(),
+                "terminated": term,
+                "truncated": torch.zeros(steps, 2, dtype=torch.bool),
+            }
+        )
+
+    extend(0, 5, done_at=4)
+    buf.end_episodes()
+    extend(5, 5)
+    batch = buf.sample(4000, goal_mode="final")
+    anchor, goal = batch.observation[:, 0], batch.goal[:, 0]
+    assert torch.equal(goal[anchor < 5], torch.full_like(goal[anchor < 5], 4.0))
+    assert torch.equal(goal[anchor >= 5], torch.full_like(goal[anchor >= 5], 9.0))
+    buf.end_episodes()
+    buf.end_episodes()  # idempotent: nothing is running any more
+    assert torch.equal(
+        buf.sample(4000, goal_mode="final").goal[:, 0].unique(), torch.tensor([4.0, 9.0])
+    )
