@@ -77,6 +77,7 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
     n = env.num_envs
     ended = torch.zeros(n, dtype=torch.bool, device=env.device)
     success = torch.zeros_like(ended)
+    success_final = torch.zeros_like(ended)
     final_distance = torch.zeros(n, device=env.device)
     for _ in range(env.max_episode_steps):
         action = agent.act(obs["observation"], obs["desired_goal"], deterministic=True)
@@ -86,12 +87,21 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
         distance = torch.linalg.vector_norm(last["achieved_goal"] - last["desired_goal"], dim=-1)
         ends_now = (terminated | truncated) & ~ended
         final_distance = torch.where(ends_now, distance, final_distance)
+        success_final = torch.where(ends_now, info["success"], success_final)
         ended |= ends_now
     return {
         "eval/success": success.float().mean().item(),
-        "eval/success_final": (final_distance < env.success_distance).float().mean().item(),
+        "eval/success_final": success_final.float().mean().item(),
         "eval/final_distance": final_distance.mean().item(),
     }
+
+
+def env_state(env) -> dict[str, torch.Tensor] | None:
+    """The env's state for a checkpoint, or None where it cannot save it (Gymnasium adapters)."""
+    try:
+        return env.state_dict()
+    except NotImplementedError:
+        return None
 
 
 def make_buffer(config: TrainConfig, env, device: torch.device) -> TrajectoryBuffer:
@@ -164,10 +174,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
         agent.load_state_dict(checkpoint["agent"])
         buffer.load_state_dict(checkpoint["buffer"])
-        env.load_state_dict(checkpoint["env"])
-        obs = checkpoint["obs"]
         loop = LoopState(**checkpoint["loop"])
         restore_rng_state(checkpoint["rng"])
+        if checkpoint["env"] is None:  # the env could not save its state: restart episodes
+            obs, _ = env.reset(seed=config.seed + loop.env_steps)
+            buffer.end_episodes()
+            print("the env could not save its state: its episodes restart from a reset")
+        else:
+            env.load_state_dict(checkpoint["env"])
+            obs = checkpoint["obs"]
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -185,7 +200,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             },
             "agent": agent.state_dict(),
             "buffer": buffer.state_dict(),
-            "env": env.state_dict(),
+            "env": env_state(env),
             "obs": obs,
             "loop": vars(loop).copy(),
             "rng": rng_state(),

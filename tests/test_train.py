@@ -165,3 +165,29 @@ def test_cli_rejects_bad_configs_with_a_message(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_gymnasium_env_trains_and_resumes(tmp_path):
+    """A registered Gymnasium goal env through ``gymnasium:<id>``: it cannot save its state, so
+    the checkpoint holds everything else and resume restarts its episodes, cutting the buffer's
+    running episodes so that no future goal crosses the restart."""
+    from tests.tiny_goal_env import TINY_ID
+
+    config = tiny_config(
+        tmp_path, env=f"gymnasium:{TINY_ID}", max_episode_steps=None, total_env_steps=512
+    )
+    first = train(config)
+    checkpoint = load_checkpoint(first["run_dir"] / "checkpoint.pt")
+    assert checkpoint["env"] is None
+    assert set(first) >= {"eval/success", "eval/success_final", "eval/final_distance"}
+    last = 512 // config.num_envs - 1  # newest step before the restart; episodes last 6 steps
+    assert not checkpoint["buffer"]["truncated"][last].any()
+    resumed = train(TrainConfig(**(vars(config) | {"resume": True, "total_env_steps": 1024})))
+    final = load_checkpoint(resumed["run_dir"] / "checkpoint.pt")
+    assert final["loop"]["env_steps"] == 1024
+    assert final["buffer"]["truncated"][last].all()  # every running episode was cut there
+
+
+def test_unknown_env_names_the_choices():
+    with pytest.raises(ValueError, match="gymnasium:<gymnasium id>"):
+        make_env("point_maze_huge", num_envs=2)

@@ -27,6 +27,10 @@ _FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
 ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
+GYMNASIUM_PREFIX = "gymnasium:"
+"""``make_env("gymnasium:<id>")`` wraps a registered Gymnasium goal env with the adapter."""
+
+
 def make_env(
     name: str,
     num_envs: int,
@@ -34,11 +38,28 @@ def make_env(
     seed: int | None = 0,
     max_episode_steps: int | None = None,
     **kwargs: Any,
-) -> TorchGoalVectorEnv:
+) -> TorchGoalVectorEnv | GymnasiumGoalVectorEnv:
     """Create the torch env ``name`` (one of :data:`ENV_NAMES`) with ``num_envs`` copies on
-    ``device``; ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class."""
+    ``device``; ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class.
+
+    ``"gymnasium:<id>"`` (e.g. ``gymnasium:gymnasium_robotics:PointMaze_UMaze-v3``) builds a
+    :class:`GymnasiumGoalVectorEnv` of that id instead; ``kwargs`` then go to it (for example
+    ``success_distance``) and to ``gymnasium.make``; it is seeded by ``reset(seed=...)``.
+    """
+    if name.startswith(GYMNASIUM_PREFIX):
+        if max_episode_steps is not None:
+            kwargs["max_episode_steps"] = max_episode_steps
+        env = GymnasiumGoalVectorEnv(
+            name.removeprefix(GYMNASIUM_PREFIX), num_envs, device=device, **kwargs
+        )
+        if env.max_episode_steps is None:
+            raise ValueError(f"{name} has no episode limit: pass max_episode_steps")
+        return env
     if name not in _FACTORIES:
-        raise ValueError(f"unknown env {name!r}; valid names: {', '.join(ENV_NAMES)}")
+        raise ValueError(
+            f"unknown env {name!r}; valid names: {', '.join(ENV_NAMES)}, "
+            f"or {GYMNASIUM_PREFIX}<gymnasium id>"
+        )
     return _FACTORIES[name](
         num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs
     )
@@ -46,6 +67,7 @@ def make_env(
 
 __all__ = [
     "ENV_NAMES",
+    "GYMNASIUM_PREFIX",
     "GymnasiumGoalVectorEnv",
     "PointMazeEnv",
     "ReacherEnv",
