@@ -72,10 +72,12 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
 @triton.jit
 def _logits_tile(
     A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
-    scale, bias, ENERGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile."""
+    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, with its masks:
+    valid entries, the diagonal i == j, and the entries the logsumexp keeps."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_base = A_ptr + rows.to(tl.int64)[:, None] * stride_a
     b_base = B_ptr + cols.to(tl.int64)[:, None] * stride_b
@@ -93,7 +95,14 @@ def _logits_tile(
     if ENERGY != 0:
         ra = tl.load(RA_ptr + rows, mask=row_mask, other=0.0)
         rb = tl.load(RB_ptr + cols, mask=col_mask, other=0.0)
-    return _energy(acc, ra[:, None], rb[None, :], scale, bias, ENERGY)
+    logits, f, dfdp = _energy(acc, ra[:, None], rb[None, :], scale, bias, ENERGY)
+    valid = row_mask[:, None] & col_mask[None, :]
+    diag = rows[:, None] == cols[None, :]
+    if MASK_DIAG:
+        keep = valid & ~diag
+    else:
+        keep = valid
+    return logits, f, dfdp, valid, diag, keep
 
 
 @triton.jit
@@ -186,17 +195,12 @@ def stats_kernel(
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
-        logits, f, dfdp = _logits_tile(
+        logits, f, dfdp, valid, diag, keep = _logits_tile(
             A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
-            stride_b, scale, bias, ENERGY, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST,
+            stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            UPCAST,
         )  # fmt: skip
-        valid = row_mask[:, None] & col_mask[None, :]
-        diag = rows[:, None] == cols[None, :]
         if LSE:
-            if MASK_DIAG:
-                keep = valid & ~diag
-            else:
-                keep = valid
             # Subtract the running max before going to base 2: scaling large logits first
             # would round away their low bits (|L| ~ 1e4 loses 1e-3).
             z = tl.where(keep, logits, float("-inf"))
@@ -305,16 +309,11 @@ def grad_kernel(
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
-        logits, f, dfdp = _logits_tile(
+        logits, f, dfdp, valid, diag, lse_keep = _logits_tile(
             A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
-            stride_b, scale, bias, ENERGY, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST,
+            stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            UPCAST,
         )  # fmt: skip
-        valid = row_mask[:, None] & col_mask[None, :]
-        diag = rows[:, None] == cols[None, :]
-        if MASK_DIAG:
-            lse_keep = valid & ~diag
-        else:
-            lse_keep = valid
         g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if DIAG:
             if X_IS_A:
