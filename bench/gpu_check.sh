@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One device call: install crl-fast, run the GPU tests, run every benchmark, copy results to $OUT.
+# Device check in one call (fits the 600 s command limit): install crl-fast, run the GPU tests
+# and the benchmarks, copy the result JSONs to $OUT. Stages: tests loss buffer envs update
+# (default: all of them) and autotune (opt-in: compiles many tile variants, a call of its own).
 #
 # The GPU machine has torch, triton and numpy but no gymnasium and no network. Before the call,
-# here:   echo /.whl/ >> .git/info/exclude   (already ignored by .gitignore)
-#         python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#           --implementation cp --platform manylinux2014_x86_64 --platform any \
-#           -d .whl gymnasium farama-notifications
-# then run this with carry [".whl"]:   bash bench/gpu_check.sh
+# here (.whl/ is git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 --platform any \
+#     -d .whl gymnasium farama-notifications
+# then call the device tool's run with carry [".whl"]:  bash bench/gpu_check.sh [stages...]
 set -uo pipefail
 OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests loss buffer envs update)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -21,14 +25,22 @@ LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$LOG"
-step() { echo "=== $1"; shift; timeout "$@"; echo "=== exit $?"; }
-step "gpu tests" 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee -a "$LOG"
-step "loss bench" 300 python3 -m bench.bench_loss 2>&1 | tee -a "$LOG"
-step "loss bench, autotuned tiles" 150 python3 -m bench.bench_loss --quick --autotune 2>&1 | tee -a "$LOG"
-for b in buffer envs update; do
-    if [ -f "bench/bench_$b.py" ]; then
-        step "$b bench" 120 python3 -m "bench.bench_$b" 2>&1 | tee -a "$LOG"
-    fi
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    SECONDS=0
+    timeout "$limit" "$@"
+    echo "=== $name: exit $?, ${SECONDS}s"
+}
+for stage in "${stages[@]}"; do
+    case $stage in
+        tests) step tests 170 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+        loss) step loss 230 python3 -m bench.bench_loss ;;
+        autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
+        buffer | envs | update) step "$stage" 60 python3 -m "bench.bench_$stage" ;;
+        *) echo "unknown stage $stage" ;;
+    esac 2>&1 | tee -a "$LOG"
 done
 cp bench/results/*.json "$OUT/" 2>/dev/null
 ls "$OUT"

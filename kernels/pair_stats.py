@@ -418,9 +418,9 @@ def _choose(key: tuple, n_a: int, d: int, launch) -> dict[str, int]:
         candidates = [
             base | {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
             for bm in (64, 128)
-            for bn in (32, 64, 128)
+            for bn in (64, 128)
             for w in (4, 8)
-            for st in (2, 3, 4)
+            for st in (2, 3)
             if bm <= max(base["BLOCK_M"], 64)
         ]
         _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
