@@ -36,17 +36,27 @@ def kernel_inputs(phi: torch.Tensor, psi: torch.Tensor, energy: str):
     return phi, psi
 
 
-def energy_and_slope(p: torch.Tensor, x_sq, y_sq, code: int):
+def energy_and_slope(p: torch.Tensor, x_sq, y_sq, code: int, sq=None):
     """Energy ``f`` and its slope ``df/dP`` from inner products ``p`` and squared norms
-    (broadcastable; ``None`` for dot). The slope of ``f`` w.r.t. each squared norm is
-    ``-slope / 2`` for l2 and norm. Inputs in float32 or wider."""
+    (broadcastable; ``None`` for dot), or from the squared distance ``sq`` when given (exact:
+    the expanded ``x_sq + y_sq - 2p`` cancels when x is close to y). The slope of ``f`` w.r.t.
+    each squared norm is ``-slope / 2`` for l2 and norm. Inputs in float32 or wider."""
     if code == 0:
         return p, 1.0
+    if sq is None:
+        sq = x_sq + y_sq - 2.0 * p
     if code == 1:
-        return 2.0 * p - x_sq - y_sq, 2.0
-    sq = x_sq + y_sq - 2.0 * p
+        return -sq, 2.0
     root = torch.sqrt(sq.clamp_min(0.0) + NORM_EPS)
     return -root, torch.where(sq > 0, 1.0 / root, 0.0)
+
+
+def paired_energy(x: torch.Tensor, y: torch.Tensor, code: int):
+    """``f(x_i, y_i)`` and its slope for paired rows, exactly (from ``x_i - y_i``); the rows
+    are kernel inputs (cosine already normalised) in float32 or wider."""
+    if code == 0:
+        return (x * y).sum(-1), 1.0
+    return energy_and_slope(None, None, None, code, sq=(x - y).square().sum(-1))
 
 
 def pairwise_energy(
@@ -68,9 +78,7 @@ def pairwise_energy(
         )
     x, y = kernel_inputs(phi, psi[: phi.shape[0]], energy)
     acc = accumulate_dtype(x.dtype)
-    x, y = x.to(acc), y.to(acc)
-    x_sq, y_sq = x.square().sum(-1), y.square().sum(-1)
-    f, _ = energy_and_slope((x * y).sum(-1), x_sq, y_sq, ENERGY_CODES[energy])
+    f, _ = paired_energy(x.to(acc), y.to(acc), ENERGY_CODES[energy])
     if log_scale is not None:
         f = f * log_scale.exp()
     if bias is not None:

@@ -198,7 +198,7 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     mask_diag = config.exclude_positive_from_lse or flat
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     stats = pair_stats(
-        x, y, scale, shift, energy=energy, pos=True,
+        x, y, scale, shift, energy=energy,
         row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,
         softplus=name == "binary", pair=pair, metrics=return_metrics,
         online=wants_grad and use_triton and _online_applies(name, x.shape[1]),

@@ -2,15 +2,18 @@
 
 Every critic loss is a small function of O(B) statistics of ``L = scale * f(x, y) + bias``
 (see ``kernels/pair_stats.py`` for the exact list and the gradient formula). This module wraps
-the statistics as two ``torch.library`` custom ops (forward and backward), so they work under
+the statistics as ``torch.library`` custom ops (forward and backward), so they work under
 autograd, ``torch.compile`` and CUDA-graph capture, and dispatches each call to
 
 * the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or
-* a chunked PyTorch implementation of the same maths that holds at most ``CHUNK_ELEMENTS``
-  logits at a time and recomputes them in backward (CPU, float64, or no Triton).
+* a chunked PyTorch implementation of the same maths that holds about ``CHUNK_ELEMENTS``
+  logits at a time (one row at least) and recomputes them in backward (CPU, float64, no Triton).
 
-The positives ``L_ii`` are an output of the op, not computed beside it: their gradient then
-joins the others inside the kernel, in float32, before the one rounding to the input dtype.
+The diagonal ``L_ii`` never comes from the B x M products: for l2 and norm the expanded
+``|x|^2 + |y|^2 - 2 x.y`` cancels exactly where a trained critic puts its positives (x_i close
+to y_i). Both paths take the positives from ``x_i - y_i`` (O(B d)), put them in place of the
+diagonal in every statistic, leave the diagonal out of the gradient products and add its share
+here, exactly, in float32, before the one rounding of each gradient to the input dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from crl_fast.energy import accumulate_dtype, energy_and_slope
+from crl_fast.energy import accumulate_dtype, energy_and_slope, paired_energy
 
 CHUNK_ELEMENTS = 1 << 20
 """Logits per chunk in the PyTorch path: bounds its extra memory to a few times 4 MiB."""
@@ -38,7 +41,7 @@ Tensors12 = tuple[
 class PairStats(NamedTuple):
     """Statistics over j of each row i (``pos`` and ``row_*``: length B) or over i of each
     column (``col_lse``: length M); empty when not asked for. ``online_*`` are the softmax-
-    weighted row sums the Triton path keeps for the row-lse gradient (see the kernels)."""
+    weighted off-diagonal row sums the Triton path keeps for the row-lse gradient."""
 
     pos: Tensor
     row_lse: Tensor
@@ -57,6 +60,44 @@ class PairStats(NamedTuple):
 def _squared_norms(t: Tensor, energy: int) -> Tensor:
     acc = accumulate_dtype(t.dtype)
     return t.to(acc).square().sum(-1) if energy else t.new_empty(0, dtype=acc)
+
+
+def _positives(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int) -> Tensor:
+    """The exact diagonal logits ``L_ii`` (from ``x_i - y_i``)."""
+    acc = accumulate_dtype(x.dtype)
+    f, _ = paired_energy(x.to(acc), y[: x.shape[0]].to(acc), energy)
+    return scale.to(acc) * f + bias.to(acc)
+
+
+def _diagonal_grad(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, slope,
+                   energy, mask_diag):  # fmt: skip
+    """The diagonal's share of (dx, dy[:B], dscale, dbias), exactly, in float32 or wider.
+
+    ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
+    and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
+    (``u_ij = L_ij - L_ii``, so d/dL_ii of sum_j pair(u_ij) is -slope_i). Absent gradients are
+    None.
+    """
+    b = x.shape[0]
+    acc = accumulate_dtype(x.dtype)
+    x32, y32 = x.to(acc), y[:b].to(acc)
+    g = torch.zeros(b, dtype=acc, device=x.device) if g_pos is None else g_pos.clone()
+    if g_pair is not None:
+        g -= g_pair * slope
+    if g_rl is not None and not mask_diag:
+        g += g_rl * torch.exp(pos - row_lse)
+    if g_cl is not None and not mask_diag:
+        g += g_cl[:b] * torch.exp(pos - col_lse[:b])
+    if g_sp is not None:
+        g += g_sp * torch.sigmoid(pos)
+    f, slope_ii = paired_energy(x32, y32, energy)
+    h = (g * scale.to(acc) * slope_ii)[:, None]
+    if energy:  # d f(x_i, y_i) / dx_i points along y_i - x_i, taken exactly
+        dx = h * (y32 - x32)
+        dy = -dx
+    else:
+        dx, dy = h * y32, h * x32
+    return dx, dy, (g * f).sum(), g.sum()
 
 
 # --------------------------------------------------------------------- chunked PyTorch path
@@ -87,15 +128,15 @@ def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
     return (u + 1.0).square(), 2.0 * (u + 1.0)
 
 
-def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pair,
+def _torch_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, softplus, pair,
                  metrics):  # fmt: skip
+    """Every statistic but ``pos``, in ``PairStats`` order."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     new = {"dtype": acc, "device": x.device}
     wanted = {
-        "pos": pos or pair != PAIR_NONE,
         "row_lse": row_lse,
         "row_softplus": softplus,
         "row_pair": pair != PAIR_NONE,
@@ -103,12 +144,9 @@ def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, so
         "row_sum": metrics,
         "row_correct": metrics,
     }
-    out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in PairStats._fields}
+    out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in PairStats._fields[1:]}
     out["row_argmax"] = torch.empty(b if metrics else 0, dtype=torch.int32, device=x.device)
     out["online_u"] = torch.empty((0, x.shape[1]), **new)  # a Triton-path optimisation only
-    if wanted["pos"]:
-        f, _ = energy_and_slope((x * y[:b]).sum(-1), x_sq, y_sq[:b], energy)
-        out["pos"] = scale * f + bias
     col_max = torch.full((m,), float("-inf"), **new)
     col_sum = torch.zeros(m, **new)
     for start, stop in _chunks(b, m):
@@ -117,6 +155,7 @@ def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, so
             x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
         )
         diag = _diag_mask(start, stop, m, x.device)
+        logits = torch.where(diag, pos[rows, None], logits)
         lse_in = logits.masked_fill(diag, float("-inf")) if mask_diag else logits
         if row_lse:
             out["row_lse"][rows] = lse_in.logsumexp(1)
@@ -128,7 +167,7 @@ def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, so
         if softplus:
             out["row_softplus"][rows] = F.softplus(logits).sum(1)
         if pair:
-            term, slope = _pair_term(logits - out["pos"][rows, None], pair)
+            term, slope = _pair_term(logits - pos[rows, None], pair)
             out["row_pair"][rows] = term.masked_fill(diag, 0.0).sum(1)
             out["row_pair_slope"][rows] = slope.masked_fill(diag, 0.0).sum(1)
         if metrics:
@@ -137,14 +176,14 @@ def _torch_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, so
             out["row_correct"][rows] = ((logits > 0) == diag).sum(1).to(acc)
     if col_lse:
         out["col_lse"] = torch.where(col_max == float("-inf"), 0.0, col_max) + col_sum.log()
-    return tuple(out[k] for k in PairStats._fields)
+    return tuple(out[k] for k in PairStats._fields[1:])
 
 
-def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse,
-                g_softplus, g_pair, energy, mask_diag, pair):  # fmt: skip
+def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
+                g_pair, energy, mask_diag, pair):  # fmt: skip
+    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
-    in_dtype = x.dtype
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     dx = torch.empty_like(x)
@@ -156,21 +195,16 @@ def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_c
         logits, f, slope = _chunk_logits(
             x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
         )
-        diag = _diag_mask(start, stop, m, x.device)
         g = torch.zeros_like(logits)
-        if g_diag.numel():
-            g += diag * g_diag[rows, None]
         if g_row_lse.numel():
-            p = torch.exp(logits - row_lse[rows, None])
-            g += g_row_lse[rows, None] * (p.masked_fill(diag, 0.0) if mask_diag else p)
+            g += g_row_lse[rows, None] * torch.exp(logits - row_lse[rows, None])
         if g_col_lse.numel():
-            p = torch.exp(logits - col_lse[None, :])
-            g += g_col_lse[None, :] * (p.masked_fill(diag, 0.0) if mask_diag else p)
+            g += g_col_lse[None, :] * torch.exp(logits - col_lse[None, :])
         if g_softplus.numel():
             g += g_softplus[rows, None] * torch.sigmoid(logits)
         if g_pair.numel():
-            _, dterm = _pair_term(logits - pos[rows, None], pair)
-            g += (g_pair[rows, None] * dterm).masked_fill(diag, 0.0)
+            g += g_pair[rows, None] * _pair_term(logits - pos[rows, None], pair)[1]
+        g = g.masked_fill(_diag_mask(start, stop, m, x.device), 0.0)
         h = g * scale * slope
         dx[rows] = h @ y
         dy += h.T @ x[rows]
@@ -179,49 +213,52 @@ def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_c
             dy -= h.sum(0)[:, None] * y
         dscale += (g * f).sum()
         dbias += g.sum()
-    return dx.to(in_dtype), dy.to(in_dtype), dscale, dbias
+    return dx, dy, dscale, dbias
 
 
-# ----------------------------------------------------------------------------------- the ops
+# ---------------------------------------------------------------------------- Triton path
 
 
-def _triton_stats(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pair,
+def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, softplus, pair,
                   metrics, online):  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
-    pos, rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
-        x, y, x_sq, y_sq, scale, bias, energy=energy, pos=pos, lse=row_lse,
-        mask_diag=mask_diag, softplus=softplus, pair=pair, metrics=metrics, online=online,
+    rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
+        x, y, x_sq, y_sq, scale, bias, pos, energy=energy, lse=row_lse, mask_diag=mask_diag,
+        softplus=softplus, pair=pair, metrics=metrics, online=online,
     )  # fmt: skip
     cl = rl.new_empty(0)
     if col_lse:
         cl = kernels.stats(
-            y, x, y_sq, x_sq, scale, bias, energy=energy, pos=False, lse=True,
-            mask_diag=mask_diag, softplus=False, pair=PAIR_NONE, metrics=False,
-        )[1]  # fmt: skip
-    return pos, rl, cl, sp, pr, slope, arg, rsum, cnt, u, v, w
+            y, x, y_sq, x_sq, scale, bias, pos, energy=energy, lse=True, mask_diag=mask_diag,
+            softplus=False, pair=PAIR_NONE, metrics=False,
+        )[0]  # fmt: skip
+    return rl, cl, sp, pr, slope, arg, rsum, cnt, u, v, w
 
 
-def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse,
-                 g_softplus, g_pair, energy, mask_diag, pair, need_dx=True):  # fmt: skip
+def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
+                 g_pair, energy, mask_diag, pair, need_dx=True):  # fmt: skip
+    """Off-diagonal (dx or empty, dy, dscale, dbias), float32."""
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
-    grads = (g_diag, g_row_lse, g_col_lse, g_softplus, g_pair)
-    dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
+    grads = (g_row_lse, g_col_lse, g_softplus, g_pair)
+    common = {"energy": energy, "mask_diag": mask_diag, "pair": pair}
+    dx, dscale, dbias = x.new_empty(0, dtype=torch.float32), scale.new_zeros(1), bias.new_zeros(1)
     if need_dx:
-        dx, dscale, dbias, _, _ = kernels.grad(
-            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
-            x_is_a=True, mask_diag=mask_diag, pair=pair,
-        )  # fmt: skip
+        dx, dscale, dbias, _ = kernels.grad(
+            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True, **common
+        )
     dy, *_ = kernels.grad(
-        y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, energy=energy,
-        x_is_a=False, mask_diag=mask_diag, pair=pair,
-    )  # fmt: skip
+        y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=False, **common
+    )
     return dx, dy, dscale.sum(), dbias.sum()
+
+
+# ----------------------------------------------------------------------------------- the ops
 
 
 @torch.library.custom_op("crl_fast::pair_stats", mutates_args=())
@@ -231,7 +268,6 @@ def _pair_stats_op(
     scale: Tensor,
     bias: Tensor,
     energy: int,
-    pos: bool,
     row_lse: bool,
     col_lse: bool,
     mask_diag: bool,
@@ -241,17 +277,18 @@ def _pair_stats_op(
     online: bool,
     use_triton: bool,
 ) -> Tensors12:
-    flags = (energy, pos, row_lse, col_lse, mask_diag, softplus, pair, metrics)
+    pos = _positives(x, y, scale, bias, energy)
+    flags = (energy, row_lse, col_lse, mask_diag, softplus, pair, metrics)
     if use_triton:
-        return tuple(_triton_stats(x, y, scale, bias, *flags, online))
+        return pos, *_triton_stats(x, y, scale, bias, pos, *flags, online)
     if online:
         raise ValueError("the online row sums are a Triton-path optimisation")
-    return tuple(_torch_stats(x, y, scale, bias, *flags))
+    return pos, *_torch_stats(x, y, scale, bias, pos, *flags)
 
 
 @_pair_stats_op.register_fake
-def _(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pair, metrics,
-      online, use_triton):  # fmt: skip
+def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, metrics, online,
+      use_triton):  # fmt: skip
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
 
@@ -260,7 +297,7 @@ def _(x, y, scale, bias, energy, pos, row_lse, col_lse, mask_diag, softplus, pai
 
     paired = pair != PAIR_NONE
     return (
-        vec(b, pos or paired),
+        vec(b, True),
         vec(b, row_lse),
         vec(m, col_lse),
         vec(b, softplus),
@@ -284,7 +321,6 @@ def _pair_stats_backward_op(
     pos: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
-    g_diag: Tensor,
     g_row_lse: Tensor,
     g_col_lse: Tensor,
     g_softplus: Tensor,
@@ -295,23 +331,25 @@ def _pair_stats_backward_op(
     need_dx: bool,
     use_triton: bool,
 ) -> Tensors4:
-    stats = (pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse, g_softplus, g_pair)
+    """Off-diagonal gradients, float32 (``dx`` empty unless ``need_dx``)."""
+    args = (x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
-        return tuple(_triton_grad(x, y, scale, bias, *stats, energy, mask_diag, pair, need_dx))
-    return tuple(_torch_grad(x, y, scale, bias, *stats, energy, mask_diag, pair))
+        return _triton_grad(*args, energy, mask_diag, pair, need_dx)
+    dx, dy, dscale, dbias = _torch_grad(*args, energy, mask_diag, pair)
+    return dx if need_dx else dx.new_empty(0), dy, dscale, dbias
 
 
 @_pair_stats_backward_op.register_fake
-def _(x, y, scale, bias, pos, row_lse, col_lse, g_diag, g_row_lse, g_col_lse, g_softplus,
-      g_pair, energy, mask_diag, pair, need_dx, use_triton):  # fmt: skip
+def _(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair,
+      energy, mask_diag, pair, need_dx, use_triton):  # fmt: skip
     acc = accumulate_dtype(x.dtype)
     scalar = x.new_empty((), dtype=acc)
-    dx = torch.empty_like(x) if need_dx or not use_triton else x.new_empty(0)
-    return dx, torch.empty_like(y), scalar, scalar.clone()
+    dx = x.new_empty(x.shape if need_dx else (0,), dtype=acc)
+    return dx, y.new_empty(y.shape, dtype=acc), scalar, scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, scale, bias, energy, _, _, _, mask_diag, _, pair, _, online, use_triton = inputs
+    x, y, scale, bias, energy, _, _, mask_diag, _, pair, _, online, use_triton = inputs
     stats = PairStats(*output)
     ctx.save_for_backward(
         x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_pair_slope,
@@ -321,123 +359,153 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _online_dx(x, y, scale, energy, g_rl, g_diag, u, v, w):
-    """dx, dscale, dbias of the row-lse and diagonal terms from the forward's online sums:
-    dx_i = scale (g_rl_i (U_i - V_i x_i) + g_diag_i f'_ii (y_i - x_i)), the x_i terms for l2 and
-    norm only; O(B d) work instead of a pass over the logits."""
-    acc = accumulate_dtype(x.dtype)
-    b = x.shape[0]
-    x32, y32 = x.to(acc), y[:b].to(acc)
-    g_rl = g_rl if g_rl is not None else x32.new_zeros(b)
-    norm_term = energy != 0
-    dx = g_rl[:, None] * (u - v[:, None] * x32 if norm_term else u)
-    dscale, dbias = (g_rl * w).sum(), g_rl.sum()
-    if g_diag is not None:
-        x_sq, y_sq = _squared_norms(x32, energy), _squared_norms(y32, energy)
-        f_ii, slope_ii = energy_and_slope((x32 * y32).sum(-1), x_sq, y_sq, energy)
-        coef = g_diag * slope_ii
-        dx = dx + coef[:, None] * (y32 - x32 if norm_term else y32)
-        dscale, dbias = dscale + (g_diag * f_ii).sum(), dbias + g_diag.sum()
-    return (scale * dx).to(x.dtype), dscale, dbias
+def _online_dx(x, scale, energy, pos, row_lse, mask_diag, g_rl, u, v, w):
+    """Off-diagonal (dx, dscale, dbias) of the row-lse term from the forward's online sums:
+    dx_i = scale g_rl_i (U_i - V_i x_i), the x_i term for l2 and norm only, and the
+    off-diagonal softmax mass 1 - p_ii for dbias; O(B d) instead of a pass over the logits."""
+    x32 = x.to(accumulate_dtype(x.dtype))
+    dx = g_rl[:, None] * (u - v[:, None] * x32 if energy else u)
+    mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
+    return scale * dx, (g_rl * w).sum(), (g_rl * mass).sum()
+
+
+def _refuse_double_backward() -> None:
+    """create_graph=True would silently treat the kernels' gradients as constants."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused contrastive losses have no second derivative (create_graph=True); "
+            "use crl_fast.reference_contrastive_loss for double backward"
+        )
 
 
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
+    _refuse_double_backward()
     x, y, scale, bias, pos, row_lse, col_lse, slope, u, v, w = ctx.saved_tensors
     energy, mask_diag, pair, online, use_triton = ctx.options
-    empty = pos.new_empty(0)
-
-    def given(g):
-        return g is not None and g.numel() > 0
-
-    # Everything acting on L_ii: its own upstream gradient and, for DPO/IPO, the shift's share
-    # (u_ij = L_ij - L_ii, so d/dL_ii of sum_j pair(u_ij) is -slope_i).
-    g_diag = g_pos.contiguous() if given(g_pos) else None
-    if given(g_pair):
-        shift = -g_pair * slope
-        g_diag = shift if g_diag is None else g_diag + shift
-    grads = [g.contiguous() if given(g) else empty for g in (g_rl, g_cl, g_sp, g_pair)]
-    if g_diag is None and not any(g.numel() for g in grads):
-        return (None,) * 14
+    g_pos, g_rl, g_cl, g_sp, g_pair = (
+        g.contiguous() if g is not None and g.numel() else None
+        for g in (g_pos, g_rl, g_cl, g_sp, g_pair)
+    )
+    if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
+        return (None,) * 13
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
-    online = online and not any(g.numel() for g in grads[1:])
+    online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
+    empty = pos.new_empty(0)
+    grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
     dx, dy, dscale, dbias = _pair_stats_backward_op(
-        x, y, scale, bias, pos, row_lse, col_lse, empty if g_diag is None else g_diag, *grads,
-        energy, mask_diag, pair, not online, use_triton,
+        x, y, scale, bias, pos, row_lse, col_lse, *grads, energy, mask_diag, pair, not online,
+        use_triton,
     )  # fmt: skip
     if online:
-        g_rl_given = grads[0] if grads[0].numel() else None
-        dx, dscale, dbias = _online_dx(x, y, scale, energy, g_rl_given, g_diag, u, v, w)
-    return (dx, dy, dscale.to(scale.dtype), dbias.to(bias.dtype)) + (None,) * 10
+        dx, dscale, dbias = _online_dx(x, scale, energy, pos, row_lse, mask_diag, g_rl, u, v, w)
+    d_x, d_y, d_scale, d_bias = _diagonal_grad(
+        x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, slope, energy,
+        mask_diag,
+    )  # fmt: skip
+    b = x.shape[0]
+    dy = torch.cat((dy[:b] + d_y, dy[b:]))
+    return (
+        (dx + d_x).to(x.dtype),
+        dy.to(y.dtype),
+        (dscale + d_scale).to(scale.dtype),
+        (dbias + d_bias).to(bias.dtype),
+    ) + (None,) * 9
 
 
 torch.library.register_autograd("crl_fast::pair_stats", _backward, setup_context=_setup_context)
 
 
+def pair_stats(
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    *,
+    energy: int,
+    row_lse: bool = False,
+    col_lse: bool = False,
+    mask_diag: bool = False,
+    softplus: bool = False,
+    pair: int = PAIR_NONE,
+    metrics: bool = False,
+    online: bool = False,
+    use_triton: bool,
+) -> PairStats:
+    """Differentiable statistics of ``L = scale * f(x, y) + bias``; inputs already validated.
+
+    ``scale`` and ``bias`` are 0-d tensors; the positives ``pos`` always come back. ``online``
+    (Triton path, row lse, d <= 128) keeps the sums that let backward skip the pass over rows
+    for the row-lse terms.
+    """
+    acc = accumulate_dtype(x.dtype)
+    out = _pair_stats_op(
+        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, row_lse, col_lse,
+        mask_diag, softplus, pair, metrics, online, use_triton,
+    )  # fmt: skip
+    return PairStats(*out)
+
+
 # ------------------------------------------------- the sigmoid loss with gradients in forward
-
-
-def _binary_coefficients(x: Tensor, m: int, mean: bool) -> tuple[Tensor, Tensor, float]:
-    """dloss/dL_ij = w sigmoid(L_ij) - w [i == j] as per-row vectors, and the weight w."""
-    b = x.shape[0]
-    w = 1.0 / (b * m) if mean else 1.0
-    g_sp = torch.full((b,), w, dtype=accumulate_dtype(x.dtype), device=x.device)
-    return g_sp, -g_sp, w
 
 
 @torch.library.custom_op("crl_fast::binary_loss", mutates_args=())
 def _binary_loss_op(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, use_triton: bool
 ) -> Tensors5:
-    g_sp, g_diag, w = _binary_coefficients(x, y.shape[0], mean)
+    """Loss and float32 (dx, dy, dscale, dbias) of the sigmoid loss with labels = identity:
+    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean."""
+    b, m = x.shape[0], y.shape[0]
+    acc = accumulate_dtype(x.dtype)
+    w = 1.0 / (b * m) if mean else 1.0
+    g_sp = torch.full((b,), w, dtype=acc, device=x.device)
     empty = g_sp.new_empty(0)
+    pos = _positives(x, y, scale, bias, energy)
+    args = (x, y, scale, bias, pos, empty, empty, empty, empty, g_sp, empty, energy, False)
     if use_triton:
         from crl_fast.kernels import pair_stats as kernels
 
         x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
         s32, b32 = scale.float(), bias.float()
-        grads = (g_diag, empty, empty, g_sp, empty)
-        dx, dscale, dbias, sp, pos = kernels.grad(
-            x, y, x_sq, y_sq, s32, b32, empty, empty, empty, *grads, energy=energy,
-            x_is_a=True, mask_diag=False, pair=PAIR_NONE, fwd=True,
+        common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
+        dx, dscale, dbias, sp_off = kernels.grad(
+            x, y, x_sq, y_sq, s32, b32, pos, empty, empty, empty, empty, g_sp, empty,
+            x_is_a=True, fwd=True, **common,
         )  # fmt: skip
         dy, *_ = kernels.grad(
-            y, x, y_sq, x_sq, s32, b32, empty, empty, empty, *grads, energy=energy,
-            x_is_a=False, mask_diag=False, pair=PAIR_NONE,
+            y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, g_sp, empty,
+            x_is_a=False, **common,
         )  # fmt: skip
+        softplus_sum = sp_off.sum() + F.softplus(pos).sum()
         dscale, dbias = dscale.sum(), dbias.sum()
     else:
-        stats = PairStats(*_torch_stats(x, y, scale, bias, energy, True, False, False, False,
-                                        True, PAIR_NONE, False))  # fmt: skip
-        sp, pos = stats.row_softplus, stats.pos
-        dx, dy, dscale, dbias = _torch_grad(
-            x, y, scale, bias, empty, empty, empty, g_diag, empty, empty, g_sp, empty, energy,
-            False, PAIR_NONE,
-        )  # fmt: skip
-    return (sp.sum() - pos.sum()) * w, dx, dy, dscale, dbias
+        stats = _torch_stats(x, y, scale, bias, pos, energy, False, False, False, True, 0, False)
+        softplus_sum = stats[2].sum()
+        dx, dy, dscale, dbias = _torch_grad(*args[:-1], False, PAIR_NONE)
+    d_x, d_y, d_scale, d_bias = _diagonal_grad(
+        x, y, scale, pos, None, None, -g_sp, None, None, g_sp, None, None, energy, False
+    )
+    dy = torch.cat((dy[:b] + d_y, dy[b:]))
+    loss = (softplus_sum - pos.sum()) * w
+    return loss, dx + d_x, dy, dscale + d_scale, dbias + d_bias
 
 
 @_binary_loss_op.register_fake
 def _(x, y, scale, bias, energy, mean, use_triton):
-    scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
-    return scalar, torch.empty_like(x), torch.empty_like(y), scalar.clone(), scalar.clone()
+    acc = accumulate_dtype(x.dtype)
+    scalar = x.new_empty((), dtype=acc)
+    grads = x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc)
+    return scalar, *grads, scalar.clone(), scalar.clone()
 
 
 def _binary_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
-    ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
 
 
 def _binary_backward(ctx, g_loss, *_unused):
-    dx, dy, dscale, dbias = ctx.saved_tensors
-    return (
-        (g_loss * dx).to(dx.dtype),
-        (g_loss * dy).to(dy.dtype),
-        (g_loss * dscale).to(ctx.dtypes[0]),
-        (g_loss * dbias).to(ctx.dtypes[1]),
-        None,
-        None,
-        None,
-    )
+    _refuse_double_backward()
+    grads = ((g_loss * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True))
+    return (*grads, None, None, None)
 
 
 torch.library.register_autograd(
@@ -455,34 +523,3 @@ def binary_loss_with_grads(
     return _binary_loss_op(
         x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, mean, use_triton
     )[0]
-
-
-def pair_stats(
-    x: Tensor,
-    y: Tensor,
-    scale: Tensor,
-    bias: Tensor,
-    *,
-    energy: int,
-    pos: bool = False,
-    row_lse: bool = False,
-    col_lse: bool = False,
-    mask_diag: bool = False,
-    softplus: bool = False,
-    pair: int = PAIR_NONE,
-    metrics: bool = False,
-    online: bool = False,
-    use_triton: bool,
-) -> PairStats:
-    """Differentiable statistics of ``L = scale * f(x, y) + bias``; inputs already validated.
-
-    ``scale`` and ``bias`` are 0-d tensors; ``pos`` asks for the positives ``L_ii`` (always
-    produced for DPO/IPO, whose terms are relative to them). ``online`` (Triton path, row lse,
-    d <= 128) keeps the sums that let backward skip the pass over rows for the row-lse terms.
-    """
-    acc = accumulate_dtype(x.dtype)
-    out = _pair_stats_op(
-        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, pos, row_lse,
-        col_lse, mask_diag, softplus, pair, metrics, online, use_triton,
-    )  # fmt: skip
-    return PairStats(*out)

@@ -7,32 +7,36 @@ and ``f`` one of three energies of the inner product and the squared row norms `
     ENERGY 1 (l2):   f = 2P - ra - rb
     ENERGY 2 (norm): f = -sqrt(max(ra + rb - 2P, 0) + 1e-6)
 
+The diagonal i == j is special: there |x_i - y_i| can be far below |x_i| and |y_i|, and the
+expanded form above loses it to cancellation. So the diagonal never comes from a tile: the exact
+positives ``pos_i = L_ii`` (from x_i - y_i, O(B d), computed by the caller) replace it in every
+statistic, and the gradient kernel leaves it out (the caller adds its share exactly).
+
 Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all rows of B:
-    pos_i      = L_ii                                   (computed first, row-wise)
     lse_i      = logsumexp_j L_ij                       (j != i when MASK_DIAG)
     softplus_i = sum_j softplus(L_ij)
     pair_i     = sum_{j != i} softplus(u_ij)  or  (u_ij + 1)^2,   u_ij = L_ij - L_ii  (PAIR 1/2)
     slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij)
     metrics: argmax_j L_ij, sum_j L_ij, #{j : (L_ij > 0) == (i == j)}
 With ONLINE (row lse only, d <= BLOCK_D), also the softmax-weighted sums, p_ij = exp(L_ij - lse_i):
-    U_i = sum_j p_ij f'_ij B_j,   V_i = sum_j p_ij f'_ij,   W_i = sum_j p_ij f_ij
-accumulated online with the running max (as flash attention does), so that the row-lse part of
-dA_i is g_lse_i scale (U_i - [l2, norm] V_i A_i) without a second pass over the rows.
+    U_i = sum_{j != i} p_ij f'_ij B_j,  V_i = sum_{j != i} p_ij f'_ij,  W_i = sum_{j != i} p_ij f_ij
+accumulated online with the running max (as flash attention does), so that the off-diagonal
+row-lse part of dA_i is g_lse_i scale (U_i - [l2, norm] V_i A_i) without a pass over the rows.
 Column statistics are row statistics of the transpose: launch with A and B swapped.
 
 Backward (``grad_kernel``): with upstream gradients of those statistics the logit gradient is
     G_ij = g_rlse_i exp(L_ij - rlse_i) + g_clse_j exp(L_ij - clse_j) + g_sp_i sigmoid(L_ij)
-           + g_pair_i [j != i] dpair(u_ij) + [i == j] g_diag_i
-where g_diag_i = g_pos_i - g_pair_i slope_i collects everything that acts on L_ii. With
-H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
+           + g_pair_i dpair(u_ij)                                          (i != j only)
+With H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
     dA_i = sum_j H_ij B_j - A_i sum_j H_ij [l2, norm],   dscale = sum G f,   dbias = sum G.
 One launch with A = x gives dx and per-program partials of dscale/dbias; one with A = y gives
 dy (X_IS_A = False flips which index the x-indexed vectors follow). No atomics: deterministic.
-Everything is accumulated in float32 and rounded once, so no gradient cancels in low precision.
+dA is accumulated and stored in float32, so the caller adds the diagonal and rounds once. The
+tile H is rounded to the input dtype before its tensor-core product, as flash attention does.
 
 The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
-``grad_kernel`` also sums softplus(L_ij) and L_ii from the exp it already has: loss and both
-gradients then take two passes over the logits instead of three.
+``grad_kernel`` also sums softplus(L_ij) off the diagonal from the exp it already has: loss and
+both gradients then take two passes over the logits instead of three.
 """
 
 from __future__ import annotations
@@ -106,28 +110,6 @@ def _logits_tile(
 
 
 @triton.jit
-def _positive_logits(
-    A_ptr, B_ptr, RA_ptr, RB_ptr, rows, row_mask, D, stride_a, stride_b, scale, bias,
-    ENERGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """L_ii for the rows of this program: a row-wise dot product in float32."""
-    p = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        m2 = row_mask[:, None] & (ks < D)[None, :]
-        a = tl.load(A_ptr + rows.to(tl.int64)[:, None] * stride_a + ks[None, :], mask=m2, other=0.0)
-        b = tl.load(B_ptr + rows.to(tl.int64)[:, None] * stride_b + ks[None, :], mask=m2, other=0.0)
-        p += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
-    ra = tl.zeros((BLOCK_M,), tl.float32)
-    rb = tl.zeros((BLOCK_M,), tl.float32)
-    if ENERGY != 0:
-        ra = tl.load(RA_ptr + rows, mask=row_mask, other=0.0)
-        rb = tl.load(RB_ptr + rows, mask=row_mask, other=0.0)
-    logits, _, _ = _energy(p, ra, rb, scale, bias, ENERGY)
-    return logits
-
-
-@triton.jit
 def _softplus_sigmoid(z):
     """softplus(z) and sigmoid(z) sharing one exp: e = exp(-|z|)."""
     e = tl.exp2(-tl.abs(z) * LOG2E)
@@ -159,11 +141,11 @@ def _by_x(v, X_IS_A: tl.constexpr):
 
 @triton.jit
 def stats_kernel(
-    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
-    POS_ptr, LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
+    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr, POS_ptr,
+    LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
     U_ptr, V_ptr, W_ptr,
-    NA, NB, D, stride_a, stride_b,
-    ENERGY: tl.constexpr, POS: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
+    NA, NB, NPOS, D, stride_a, stride_b,
+    ENERGY: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
     SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr, ONLINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -173,12 +155,8 @@ def stats_kernel(
     row_mask = rows < NA
     scale = tl.load(SCALE_ptr).to(tl.float32)
     bias = tl.load(BIAS_ptr).to(tl.float32)
-    if POS:
-        pos = _positive_logits(
-            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, row_mask, D, stride_a, stride_b, scale, bias,
-            ENERGY, BLOCK_M, BLOCK_K,
-        )  # fmt: skip
-        tl.store(POS_ptr + rows, pos, mask=row_mask)
+    # The exact positives replace the tiles' diagonal (on it, row index = column index).
+    pos = tl.load(POS_ptr + rows, mask=rows < NPOS, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     sp_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -200,6 +178,7 @@ def stats_kernel(
             stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
             UPCAST,
         )  # fmt: skip
+        logits = tl.where(diag, pos[:, None], logits)
         if LSE:
             # Subtract the running max before going to base 2: scaling large logits first
             # would round away their low bits (|L| ~ 1e4 loses 1e-3).
@@ -210,6 +189,7 @@ def stats_kernel(
             e = tl.exp2((z - m_safe[:, None]) * LOG2E)
             s_i = s_i * alpha + tl.sum(e, 1)
             if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
+                e = tl.where(diag, 0.0, e)  # the diagonal's share is added exactly outside
                 w = e * dfdp
                 b = tl.load(
                     B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
@@ -267,11 +247,10 @@ def stats_kernel(
 @triton.jit
 def grad_kernel(
     A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
-    POS_ptr, XLSE_ptr, YLSE_ptr, G_DIAG_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr,
-    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, POS_OUT_ptr,
+    POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr,
+    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr,
     NA, NB, D, stride_a, stride_b, stride_da,
-    ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, DIAG: tl.constexpr,
-    FWD: tl.constexpr,
+    ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -286,8 +265,6 @@ def grad_kernel(
     bias = tl.load(BIAS_ptr).to(tl.float32)
     # x-indexed vectors follow the outer index when A is x (loaded once), else the inner one.
     if X_IS_A:
-        if DIAG:
-            g_diag_o = tl.load(G_DIAG_ptr + rows, mask=row_mask, other=0.0)
         if XLSE:
             xlse_o = tl.load(XLSE_ptr + rows, mask=row_mask, other=0.0)
             g_xlse_o = tl.load(G_XLSE_ptr + rows, mask=row_mask, other=0.0)
@@ -305,7 +282,6 @@ def grad_kernel(
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
     sp_i = tl.zeros((BLOCK_M,), tl.float32)
-    pos_i = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
@@ -315,12 +291,6 @@ def grad_kernel(
             UPCAST,
         )  # fmt: skip
         g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if DIAG:
-            if X_IS_A:
-                g_diag = g_diag_o
-            else:
-                g_diag = tl.load(G_DIAG_ptr + cols, mask=col_mask, other=0.0)
-            g += tl.where(valid & diag, _by_x(g_diag, X_IS_A), 0.0)
         if XLSE:
             if X_IS_A:
                 xlse, g_xlse = xlse_o, g_xlse_o
@@ -345,9 +315,8 @@ def grad_kernel(
                 g_sp = tl.load(G_SP_ptr + cols, mask=col_mask, other=0.0)
             sp, sig = _softplus_sigmoid(logits)
             g += tl.where(valid, _by_x(g_sp, X_IS_A) * sig, 0.0)
-            if FWD:  # the loss's own statistics, from the same exp
-                sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
-                pos_i += tl.sum(tl.where(valid & diag, logits, 0.0), 1)
+            if FWD:  # the loss's own statistic, from the same exp (off the diagonal)
+                sp_i += tl.sum(tl.where(valid & ~diag, sp, 0.0), 1)
         if PAIR != 0:
             if X_IS_A:
                 pos, g_pair = pos_o, g_pair_o
@@ -356,6 +325,7 @@ def grad_kernel(
                 g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
             _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
             g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
+        g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
         h = g * scale * dfdp
         b = tl.load(
             B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
@@ -378,13 +348,12 @@ def grad_kernel(
         a = tl.load(A_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         acc -= h_sum[:, None] * a
     da_ptrs = DA_ptr + rows.to(tl.int64)[:, None] * stride_da + ds[None, :]
-    tl.store(da_ptrs, acc.to(DA_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(da_ptrs, acc, mask=out_mask)
     if X_IS_A and pid_d == 0:
         tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
         if FWD:
             tl.store(SP_ptr + rows, sp_i, mask=row_mask)
-            tl.store(POS_OUT_ptr + rows, pos_i, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -464,9 +433,9 @@ def stats(
     rb: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor,
+    pos: torch.Tensor,
     *,
     energy: int,
-    pos: bool,
     lse: bool,
     mask_diag: bool,
     softplus: bool,
@@ -474,17 +443,16 @@ def stats(
     metrics: bool,
     online: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Row statistics of the logits of (a, b): (pos, lse, softplus, pair, slope, argmax, sum,
-    correct, U, V, W). Statistics that are not asked for come back as empty tensors; U, V, W
-    (``online``, needs ``lse`` and d <= ONLINE_MAX_D) are float32 (n_a, d), (n_a,), (n_a,)."""
+    """Row statistics of the logits of (a, b), whose diagonal is ``pos`` (the exact L_ii, one per
+    row of x): (lse, softplus, pair, slope, argmax, sum, correct, U, V, W). Statistics not asked
+    for come back empty; U, V, W (``online``: needs ``lse`` and d <= ONLINE_MAX_D) are float32
+    (n_a, d), (n_a,), (n_a,) and leave the diagonal out."""
     n_a, d = a.shape
-    pos = pos or pair != 0
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         outs = (
-            _vector(n_a, pos, a),
             _vector(n_a, lse, a),
             _vector(n_a, softplus, a),
             _vector(n_a, pair != 0, a),
@@ -497,14 +465,14 @@ def stats(
             _vector(n_a, online, a),
         )
         stats_kernel[(triton.cdiv(n_a, cfg["BLOCK_M"]),)](
-            a, b, ra, rb, scale, bias, *outs, n_a, b.shape[0], d, a.stride(0), b.stride(0),
-            ENERGY=energy, POS=pos, LSE=lse, MASK_DIAG=mask_diag, SOFTPLUS=softplus,
-            PAIR=pair, METRICS=metrics, ONLINE=online, PRECISION=_precision(a.dtype),
-            UPCAST=_upcast(a.dtype), **cfg,
+            a, b, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0], d,
+            a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
+            SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online,
+            PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **cfg,
         )  # fmt: skip
         return outs
 
-    flags = (energy, pos, lse, mask_diag, softplus, pair, metrics, online)
+    flags = (energy, lse, mask_diag, softplus, pair, metrics, online)
     key = ("stats", a.dtype, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, launch))
 
@@ -519,7 +487,6 @@ def grad(
     pos: torch.Tensor,
     xlse: torch.Tensor,
     ylse: torch.Tensor,
-    g_diag: torch.Tensor,
     g_xlse: torch.Tensor,
     g_ylse: torch.Tensor,
     g_sp: torch.Tensor,
@@ -531,17 +498,17 @@ def grad(
     pair: int,
     fwd: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradient for the rows of ``a``: (da, dscale_partials, dbias_partials, softplus, pos).
+    """Off-diagonal gradient for the rows of ``a``, float32: (da, dscale_partials,
+    dbias_partials, softplus).
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
-    partials (one per program) are produced only when ``x_is_a``, the row sums of softplus and
-    the positives only with ``fwd`` (the fused sigmoid loss, ``x_is_a`` and ``g_sp`` given).
+    partials (one per program) are produced only when ``x_is_a``, the off-diagonal row sums of
+    softplus only with ``fwd`` (the fused sigmoid loss: ``x_is_a`` and ``g_sp`` given).
     """
     n_a, d = a.shape
     fwd = fwd and x_is_a and g_sp.numel() > 0
     pair = pair if g_pair.numel() > 0 else 0
     terms = {
-        "DIAG": g_diag.numel() > 0,
         "XLSE": g_xlse.numel() > 0,
         "YLSE": g_ylse.numel() > 0,
         "SOFTPLUS": g_sp.numel() > 0,
@@ -549,16 +516,16 @@ def grad(
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
-        da = torch.empty_like(a)
+        da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         dscale, dbias = _vector(n_prog, x_is_a, a), _vector(n_prog, x_is_a, a)
-        sp, pos_out = _vector(n_a, fwd, a), _vector(n_a, fwd, a)
+        sp = _vector(n_a, fwd, a)
         grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](
-            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_diag, g_xlse, g_ylse, g_sp, g_pair,
-            da, dscale, dbias, sp, pos_out, n_a, b.shape[0], d, a.stride(0), b.stride(0),
-            da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
-            PAIR=pair, PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
+            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair,
+            da, dscale, dbias, sp, n_a, b.shape[0], d, a.stride(0), b.stride(0), da.stride(0),
+            ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd, PAIR=pair,
+            PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
-        return da, dscale, dbias, sp, pos_out
+        return da, dscale, dbias, sp
 
     flags = (energy, x_is_a, mask_diag, fwd, pair, *terms.values())
     key = ("grad", a.dtype, _bucket(n_a), _bucket(b.shape[0]), d, *flags)

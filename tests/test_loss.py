@@ -11,8 +11,14 @@ import textwrap
 import pytest
 import torch
 
-from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
+from crl_fast import (
+    ContrastiveLoss,
+    contrastive_loss,
+    pairwise_energy,
+    reference_contrastive_loss,
+)
 from crl_fast.loss import LOSSES
+from crl_fast.loss_reference import reference_logits
 from tests.helpers import assert_no_worse_than_eager, max_error
 
 ENERGIES = ("dot", "l2", "norm", "cosine")
@@ -64,7 +70,7 @@ def test_binary_loss_no_worse_than_eager(shape, dtype, backend):
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
-@pytest.mark.parametrize("shape", [(7, 11, 5), (1, 3, 1), (70, 70, 33)], ids=str)
+@pytest.mark.parametrize("shape", [(7, 11, 5), (1, 3, 1), (70, 70, 33), (20, 37, 200)], ids=str)
 def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
     phi, psi = _inputs(*shape, seed=1)
     extra = (torch.tensor(0.4), torch.tensor(-1.5)) if scaled else ()
@@ -85,6 +91,59 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
     assert metrics.keys() == t_metrics.keys()
     for key in metrics:
         assert max_error(metrics[key], t_metrics[key]) < 1e-4 * max(1, t_metrics[key].abs()), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_low_precision_every_loss_no_worse_than_eager(loss, dtype):
+    phi, psi = _inputs(33, 40, 24, dtype=dtype, seed=11)
+    kw = {"loss": loss, "energy": "norm", "logsumexp_penalty": 0.1}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend="triton", **kw)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    t_value, _, t_grads = _truth(phi, psi, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("energy", ["l2", "norm"])
+@pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
+def test_positives_close_to_their_goals(loss, energy, backend):
+    """A trained critic puts phi_i near psi_i: |x|^2 + |y|^2 - 2 x.y would cancel there, so the
+    diagonal must come from x_i - y_i (float32, rows of norm ~8, distances ~1e-2)."""
+    g = torch.Generator().manual_seed(12)
+    phi = torch.randn(24, 64, generator=g)
+    psi = torch.cat((phi + 1e-3 * torch.randn(24, 64, generator=g), torch.randn(8, 64)))
+    kw = {"loss": loss, "energy": energy}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    t_value, _, t_grads = _truth(phi, psi, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[torch.float32])
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("energy", ENERGIES)
+def test_pairwise_energy_close_pairs(energy):
+    """The actor's critic value and its gradient, for phi(s, a) close to psi(g)."""
+    g = torch.Generator().manual_seed(13)
+    psi = 3 * torch.randn(16, 64, generator=g)
+    phi = (psi + 1e-3 * torch.randn(16, 64, generator=g)).requires_grad_()
+    (grad,) = torch.autograd.grad(pairwise_energy(phi, psi, energy).sum(), phi)
+    grads = []
+    for p, q in ((phi, psi), (phi.double(), psi.double())):  # eager float32, float64 truth
+        leaf = p.detach().requires_grad_()
+        grads += torch.autograd.grad(reference_logits(leaf, q, energy).diagonal().sum(), leaf)
+    assert_no_worse_than_eager("dphi", grad, *grads, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_double_backward_is_refused(loss):
+    phi, psi = _inputs(6, 6, 4, seed=14)
+    phi.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"second derivative|autograd"):
+        torch.autograd.grad(contrastive_loss(phi, psi, loss=loss), phi, create_graph=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
