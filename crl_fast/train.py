@@ -48,7 +48,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    return Path("runs") / f"{config.env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<env>__<seed>__<time>``, with a suffix when another run took that name."""
+    env = config.env.replace(":", "_").replace("/", "_")
+    base = Path("runs") / f"{env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -132,7 +139,7 @@ def make_train_step(
 ) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
     """A callable doing one update on a fresh batch, and how many updates building it did."""
     if config.cuda_graph:
-        generator = torch.cuda.default_generators[agent.device.index or 0]
+        generator = torch.cuda.default_generators[buffer.device.index]
         graphed = GraphedUpdates(
             agent, lambda: buffer.sample(config.batch_size, generator=generator)
         )
@@ -148,12 +155,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    has_checkpoint = (run_dir / CHECKPOINT_NAME).exists()
-    if config.resume and not has_checkpoint:
+    if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
         raise ValueError(f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME}")
-    if not config.resume and has_checkpoint:
+    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ValueError(
-            f"{run_dir} holds a run: pass --resume to continue it, or another --run-dir"
+            f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
+            "there, or another --run-dir"
         )
     seed_everything(config.seed)
 

@@ -1,6 +1,7 @@
 """Training loop, checkpoints, resume, logging and the command line, on small CPU runs."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
-from crl_fast.train import EVAL_SEED_OFFSET, evaluate, train
+from crl_fast.train import EVAL_SEED_OFFSET, default_run_dir, evaluate, train
 
 
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
@@ -105,11 +106,24 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert steps == [r["step"] for r in read_jsonl(straight["run_dir"] / "metrics.jsonl")]
 
 
-def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+def test_a_new_run_never_overwrites_an_old_one(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     train(config)
     with pytest.raises(ValueError, match="--resume"):
         train(config)
+    # A run that has not checkpointed yet: its metrics and config stay untouched.
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(ValueError, match="not empty"):
+        train(tiny_config(tmp_path, name="young"))
+    assert (young / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    # Default names taken in the same second do not collide.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261127-000000")
+    first = default_run_dir(config)
+    first.mkdir(parents=True)
+    assert default_run_dir(config) != first
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
