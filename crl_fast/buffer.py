@@ -33,6 +33,7 @@ GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 _FLOAT_FIELDS = ("observation", "action", "next_achieved_goal")
 _FLAG_FIELDS = ("terminated", "truncated")
 _MAX_CAPACITY = 2**24  # offsets are computed in float32, exact up to 2**24
+_TRITON_MAX_WIDTH = 2**13  # 128-row sample tiles of at most 2**20 elements
 _BITS_HIGH = 2**62  # random int64 draws lie in [0, 2**62)
 
 
@@ -197,7 +198,17 @@ class TrajectoryBuffer:
         )
         self.device = _resolve_device(device)
         self.dtype = dtype
-        self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        # Triton tiles hold at most 2**20 elements: sample() takes 128 rows of obs + action.
+        fits = max(obs_dim + action_dim, goal_dim) <= _TRITON_MAX_WIDTH
+        if backend == "triton" and not fits:
+            raise ValueError(
+                f"the Triton sampler takes obs_dim + action_dim and goal_dim up to "
+                f"{_TRITON_MAX_WIDTH}, got {obs_dim + action_dim} and {goal_dim}: "
+                "use backend='torch'"
+            )
+        self._use_triton = backend == "triton" or (
+            backend == "auto" and self.device.type == "cuda" and fits
+        )
         self._log_gamma = _f32(math.log(gamma))
         self._inv_log_gamma = _f32(1.0 / self._log_gamma)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from crl_fast.buffer import GOAL_MODES
 from crl_fast.energy import ENERGIES
-from crl_fast.loss import LOSSES
+from crl_fast.loss import LOSSES, LossConfig
 
 ACTIVATIONS = ("swish", "relu")
 
@@ -43,10 +43,7 @@ class AgentConfig:
     target_entropy_scale: float = option(0.5, "target entropy = -scale * action_dim")
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.energy not in ENERGIES:
-            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
+        LossConfig(self.loss, self.energy, self.logsumexp_penalty)  # names any bad loss option
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.residual and (self.depth < 4 or self.depth % 4):

@@ -47,11 +47,11 @@ class LossConfig:
     energy: str = "dot"
     """One of ``ENERGIES``: dot, l2 (-|x-y|^2), norm (-sqrt(|x-y|^2 + 1e-6)), cosine."""
     logsumexp_penalty: float = 0.0
-    """Adds ``c * mean_i(logsumexp_j L_ij)^2`` (JaxGCRL uses 0.1)."""
+    """Adds ``c * reduce_i(logsumexp_j L_ij)^2``, reduced like the loss (JaxGCRL: 0.1, mean)."""
     exclude_positive_from_lse: bool = False
     """Leave ``L_ii`` out of the logsumexp of the InfoNCE losses and the penalty."""
     reduction: str = "mean"
-    """``mean`` over terms, or ``sum`` (SigLIP: binary ``sum`` / B)."""
+    """``mean`` over terms, or their ``sum`` (SigLIP divides the binary ``sum`` by B)."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -386,11 +386,11 @@ def _choose(key: tuple, n_a: int, d: int, launch) -> dict[str, int]:
 
         candidates = [
             base | {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-            for bm in (64, 128)
+            for bm in sorted({base["BLOCK_M"], 64, 128})
             for bn in (64, 128)
             for w in (4, 8)
             for st in (2, 3)
-            if bm <= max(base["BLOCK_M"], 64)
+            if bm <= max(64, triton.next_power_of_2(n_a))
         ]
         _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
     return _TUNED[key]

@@ -499,3 +499,13 @@ def test_end_episodes_cuts_running_episodes(backend: str) -> None:
     assert torch.equal(
         buf.sample(4000, goal_mode="final").goal[:, 0].unique(), torch.tensor([4.0, 9.0])
     )
+
+
+def test_wide_rows_take_the_torch_path() -> None:
+    """Pixel-sized observations exceed a Triton tile: auto falls back, triton says why."""
+    with pytest.raises(ValueError, match="backend='torch'"):
+        TrajectoryBuffer(
+            capacity=4, num_envs=2, obs_dim=9000, action_dim=2, goal_dim=2, backend="triton"
+        )
+    buf = TrajectoryBuffer(capacity=4, num_envs=2, obs_dim=9000, action_dim=2, goal_dim=2)
+    assert not buf._use_triton
