@@ -62,16 +62,33 @@ def _squared_norms(t: Tensor, energy: int) -> Tensor:
     return t.to(acc).square().sum(-1) if energy else t.new_empty(0, dtype=acc)
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22
+"""Elements per chunk of the O(B d) row-wise work, so its float32 temporaries stay small."""
+
+
+def _paired(x: Tensor, y: Tensor, energy: int) -> tuple[Tensor, Tensor]:
+    """Exact ``f(x_i, y_i)`` and slope ``df/dP`` per row (from ``x_i - y_i``), float32 or wider,
+    computed in row chunks: no (B, d) float32 copy of bf16 inputs."""
+    b, d = x.shape
+    acc = accumulate_dtype(x.dtype)
+    f, slope = x.new_empty(b, dtype=acc), x.new_empty(b, dtype=acc)
+    step = max(1, ROW_CHUNK_ELEMENTS // d)
+    for start in range(0, b, step):
+        rows = slice(start, min(start + step, b))
+        f[rows], slope[rows] = paired_energy(x[rows].to(acc), y[rows].to(acc), energy)
+    return f, slope
+
+
 def _positives(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int) -> Tensor:
     """The exact diagonal logits ``L_ii`` (from ``x_i - y_i``)."""
-    acc = accumulate_dtype(x.dtype)
-    f, _ = paired_energy(x.to(acc), y[: x.shape[0]].to(acc), energy)
-    return scale.to(acc) * f + bias.to(acc)
+    f, _ = _paired(x, y[: x.shape[0]], energy)
+    return scale.to(f.dtype) * f + bias.to(f.dtype)
 
 
-def _diagonal_grad(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, slope,
-                   energy, mask_diag):  # fmt: skip
-    """The diagonal's share of (dx, dy[:B], dscale, dbias), exactly, in float32 or wider.
+def _diagonal(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
+              energy, mask_diag):  # fmt: skip
+    """The diagonal's gradient: per-row ``H_ii = G_ii scale f'_ii`` (what the kernels add as
+    ``H_ii (y_i - x_i)``, or ``H_ii y_i`` for dot) and its (dscale, dbias) share.
 
     ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
     and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
@@ -79,25 +96,32 @@ def _diagonal_grad(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, 
     None.
     """
     b = x.shape[0]
-    acc = accumulate_dtype(x.dtype)
-    x32, y32 = x.to(acc), y[:b].to(acc)
-    g = torch.zeros(b, dtype=acc, device=x.device) if g_pos is None else g_pos.clone()
+    g = torch.zeros_like(pos) if g_pos is None else g_pos.clone()
     if g_pair is not None:
-        g -= g_pair * slope
+        g -= g_pair * pair_slope
     if g_rl is not None and not mask_diag:
         g += g_rl * torch.exp(pos - row_lse)
     if g_cl is not None and not mask_diag:
         g += g_cl[:b] * torch.exp(pos - col_lse[:b])
     if g_sp is not None:
         g += g_sp * torch.sigmoid(pos)
-    f, slope_ii = paired_energy(x32, y32, energy)
-    h = (g * scale.to(acc) * slope_ii)[:, None]
-    if energy:  # d f(x_i, y_i) / dx_i points along y_i - x_i, taken exactly
-        dx = h * (y32 - x32)
-        dy = -dx
-    else:
-        dx, dy = h * y32, h * x32
-    return dx, dy, (g * f).sum(), g.sum()
+    f, slope = _paired(x, y[:b], energy)
+    return g * scale.to(g.dtype) * slope, (g * f).sum(), g.sum()
+
+
+def _diagonal_term(a: Tensor, other: Tensor, hd: Tensor, energy: int) -> Tensor:
+    """``hd_i (other_i - a_i)`` (l2, norm) or ``hd_i other_i`` (dot), for paired rows: the
+    diagonal's share of dA, as the kernels add it."""
+    other = other.to(hd.dtype)
+    return hd[:, None] * (other - a.to(hd.dtype) if energy else other)
+
+
+def _diagonal_rows(a: Tensor, other: Tensor, hd: Tensor, energy: int) -> Tensor:
+    """:func:`_diagonal_term` for the first len(hd) rows of ``a``, zero below (PyTorch path)."""
+    out = torch.zeros(a.shape, dtype=hd.dtype, device=a.device)
+    b = hd.shape[0]
+    out[:b] = _diagonal_term(a[:b], other[:b], hd, energy)
+    return out
 
 
 # --------------------------------------------------------------------- chunked PyTorch path
@@ -239,15 +263,16 @@ def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, s
 
 
 def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-                 g_pair, energy, mask_diag, pair, need_dx=True):  # fmt: skip
-    """Off-diagonal (dx or empty, dy, dscale, dbias), float32."""
+                 g_pair, hd, energy, mask_diag, pair, need_dx=True):  # fmt: skip
+    """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added in the kernels,
+    and the off-diagonal (dscale, dbias), float32."""
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
-    grads = (g_row_lse, g_col_lse, g_softplus, g_pair)
+    grads = (g_row_lse, g_col_lse, g_softplus, g_pair, hd)
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair}
-    dx, dscale, dbias = x.new_empty(0, dtype=torch.float32), scale.new_zeros(1), bias.new_zeros(1)
+    dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
     if need_dx:
         dx, dscale, dbias, _ = kernels.grad(
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True, **common
@@ -325,27 +350,29 @@ def _pair_stats_backward_op(
     g_col_lse: Tensor,
     g_softplus: Tensor,
     g_pair: Tensor,
+    hd: Tensor,
     energy: int,
     mask_diag: bool,
     pair: int,
     need_dx: bool,
     use_triton: bool,
 ) -> Tensors4:
-    """Off-diagonal gradients, float32 (``dx`` empty unless ``need_dx``)."""
+    """(dx or empty unless ``need_dx``, dy) in the input dtypes, the diagonal's ``hd`` included,
+    and the off-diagonal (dscale, dbias)."""
     args = (x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
-        return _triton_grad(*args, energy, mask_diag, pair, need_dx)
+        return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx)
     dx, dy, dscale, dbias = _torch_grad(*args, energy, mask_diag, pair)
-    return dx if need_dx else dx.new_empty(0), dy, dscale, dbias
+    dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype) if need_dx else x.new_empty(0)
+    return dx, (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype), dscale, dbias
 
 
 @_pair_stats_backward_op.register_fake
-def _(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair,
+def _(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair, hd,
       energy, mask_diag, pair, need_dx, use_triton):  # fmt: skip
-    acc = accumulate_dtype(x.dtype)
-    scalar = x.new_empty((), dtype=acc)
-    dx = x.new_empty(x.shape if need_dx else (0,), dtype=acc)
-    return dx, y.new_empty(y.shape, dtype=acc), scalar, scalar.clone()
+    scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(y), scalar, scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
@@ -359,16 +386,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _online_dx(x, scale, energy, pos, row_lse, mask_diag, g_rl, u, v, w):
-    """Off-diagonal (dx, dscale, dbias) of the row-lse term from the forward's online sums:
-    dx_i = scale g_rl_i (U_i - V_i x_i), the x_i term for l2 and norm only, and the
-    off-diagonal softmax mass 1 - p_ii for dbias; O(B d) instead of a pass over the logits."""
-    x32 = x.to(accumulate_dtype(x.dtype))
-    dx = g_rl[:, None] * (u - v[:, None] * x32 if energy else u)
-    mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
-    return scale * dx, (g_rl * w).sum(), (g_rl * mass).sum()
-
-
 def _refuse_double_backward() -> None:
     """create_graph=True would silently treat the kernels' gradients as constants."""
     if torch.is_grad_enabled():
@@ -378,9 +395,25 @@ def _refuse_double_backward() -> None:
         )
 
 
+def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
+    """dx (input dtype) and the off-diagonal (dscale, dbias) of the row-lse term from the
+    forward's online sums: dx_i = scale g_rl_i (U_i - V_i x_i) (the x_i term for l2 and norm
+    only) plus the diagonal's row; dbias takes the off-diagonal softmax mass 1 - p_ii.
+    O(B d) instead of a pass over the logits."""
+    dx = torch.empty_like(x)
+    step = max(1, ROW_CHUNK_ELEMENTS // x.shape[1])
+    for start in range(0, x.shape[0], step):  # row chunks: float32 temporaries stay small
+        r = slice(start, min(start + step, x.shape[0]))
+        x32 = x[r].to(u.dtype)
+        part = scale * g_rl[r, None] * (u[r] - v[r, None] * x32 if energy else u[r])
+        dx[r] = part + _diagonal_term(x[r], y[r], hd[r], energy)
+    mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
+    return dx, (g_rl * w).sum(), (g_rl * mass).sum()
+
+
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     _refuse_double_backward()
-    x, y, scale, bias, pos, row_lse, col_lse, slope, u, v, w = ctx.saved_tensors
+    x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w = ctx.saved_tensors
     energy, mask_diag, pair, online, use_triton = ctx.options
     g_pos, g_rl, g_cl, g_sp, g_pair = (
         g.contiguous() if g is not None and g.numel() else None
@@ -388,27 +421,27 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     )
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 13
+    hd, dscale_ii, dbias_ii = _diagonal(
+        x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
+        energy, mask_diag,
+    )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
     empty = pos.new_empty(0)
     grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
     dx, dy, dscale, dbias = _pair_stats_backward_op(
-        x, y, scale, bias, pos, row_lse, col_lse, *grads, energy, mask_diag, pair, not online,
-        use_triton,
+        x, y, scale, bias, pos, row_lse, col_lse, *grads, hd, energy, mask_diag, pair,
+        not online, use_triton,
     )  # fmt: skip
     if online:
-        dx, dscale, dbias = _online_dx(x, scale, energy, pos, row_lse, mask_diag, g_rl, u, v, w)
-    d_x, d_y, d_scale, d_bias = _diagonal_grad(
-        x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, slope, energy,
-        mask_diag,
-    )  # fmt: skip
-    b = x.shape[0]
-    dy = torch.cat((dy[:b] + d_y, dy[b:]))
+        dx, dscale, dbias = _online_dx(
+            x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w
+        )
     return (
-        (dx + d_x).to(x.dtype),
-        dy.to(y.dtype),
-        (dscale + d_scale).to(scale.dtype),
-        (dbias + d_bias).to(bias.dtype),
+        dx,
+        dy,
+        (dscale + dscale_ii).to(scale.dtype),
+        (dbias + dbias_ii).to(bias.dtype),
     ) + (None,) * 9
 
 
@@ -452,49 +485,44 @@ def pair_stats(
 def _binary_loss_op(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, use_triton: bool
 ) -> Tensors5:
-    """Loss and float32 (dx, dy, dscale, dbias) of the sigmoid loss with labels = identity:
-    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean."""
+    """Loss, (dx, dy) in the input dtypes and float32 (dscale, dbias) of the sigmoid loss with
+    labels = identity: dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean."""
     b, m = x.shape[0], y.shape[0]
-    acc = accumulate_dtype(x.dtype)
     w = 1.0 / (b * m) if mean else 1.0
-    g_sp = torch.full((b,), w, dtype=acc, device=x.device)
-    empty = g_sp.new_empty(0)
     pos = _positives(x, y, scale, bias, energy)
-    args = (x, y, scale, bias, pos, empty, empty, empty, empty, g_sp, empty, energy, False)
+    g_sp = torch.full_like(pos, w)
+    empty = pos.new_empty(0)
+    hd, dscale_ii, dbias_ii = _diagonal(
+        x, y, scale, pos, None, None, -g_sp, None, None, g_sp, None, None, energy, False
+    )
     if use_triton:
         from crl_fast.kernels import pair_stats as kernels
 
         x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
         s32, b32 = scale.float(), bias.float()
+        grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
         dx, dscale, dbias, sp_off = kernels.grad(
-            x, y, x_sq, y_sq, s32, b32, pos, empty, empty, empty, empty, g_sp, empty,
-            x_is_a=True, fwd=True, **common,
-        )  # fmt: skip
-        dy, *_ = kernels.grad(
-            y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, g_sp, empty,
-            x_is_a=False, **common,
-        )  # fmt: skip
+            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
+        )
+        dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
         softplus_sum = sp_off.sum() + F.softplus(pos).sum()
         dscale, dbias = dscale.sum(), dbias.sum()
     else:
         stats = _torch_stats(x, y, scale, bias, pos, energy, False, False, False, True, 0, False)
         softplus_sum = stats[2].sum()
-        dx, dy, dscale, dbias = _torch_grad(*args[:-1], False, PAIR_NONE)
-    d_x, d_y, d_scale, d_bias = _diagonal_grad(
-        x, y, scale, pos, None, None, -g_sp, None, None, g_sp, None, None, energy, False
-    )
-    dy = torch.cat((dy[:b] + d_y, dy[b:]))
+        args = (x, y, scale, bias, pos, empty, empty, empty, empty, g_sp, empty, energy)
+        dx, dy, dscale, dbias = _torch_grad(*args, False, PAIR_NONE)
+        dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype)
+        dy = (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype)
     loss = (softplus_sum - pos.sum()) * w
-    return loss, dx + d_x, dy, dscale + d_scale, dbias + d_bias
+    return loss, dx, dy, dscale + dscale_ii, dbias + dbias_ii
 
 
 @_binary_loss_op.register_fake
 def _(x, y, scale, bias, energy, mean, use_triton):
-    acc = accumulate_dtype(x.dtype)
-    scalar = x.new_empty((), dtype=acc)
-    grads = x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc)
-    return scalar, *grads, scalar.clone(), scalar.clone()
+    scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
+    return scalar, torch.empty_like(x), torch.empty_like(y), scalar.clone(), scalar.clone()
 
 
 def _binary_setup_context(ctx, inputs, output):

@@ -31,8 +31,10 @@ With H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA =
     dA_i = sum_j H_ij B_j - A_i sum_j H_ij [l2, norm],   dscale = sum G f,   dbias = sum G.
 One launch with A = x gives dx and per-program partials of dscale/dbias; one with A = y gives
 dy (X_IS_A = False flips which index the x-indexed vectors follow). No atomics: deterministic.
-dA is accumulated and stored in float32, so the caller adds the diagonal and rounds once. The
-tile H is rounded to the input dtype before its tensor-core product, as flash attention does.
+The caller passes the diagonal's H_ii (exact, O(B)); each program adds H_ii (B_i - A_i) (l2, norm)
+or H_ii B_i (dot) from the loaded rows themselves, so dA is accumulated in float32 and rounded once
+to the input dtype when stored. The tile H is rounded to the input dtype before its tensor-core
+product, as flash attention does.
 
 The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
 ``grad_kernel`` also sums softplus(L_ij) off the diagonal from the exp it already has: loss and
@@ -247,10 +249,11 @@ def stats_kernel(
 @triton.jit
 def grad_kernel(
     A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
-    POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr,
+    POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr, HD_ptr,
     DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr,
-    NA, NB, D, stride_a, stride_b, stride_da,
+    NA, NB, NHD, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
+    HAS_HD: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -342,13 +345,24 @@ def grad_kernel(
         if X_IS_A:
             dscale += tl.sum(g * f, 1)
             dbias += tl.sum(g, 1)
-    out_ptrs = rows.to(tl.int64)[:, None] * stride_a + ds[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
     out_mask = row_mask[:, None] & dmask[None, :]
+    if ENERGY != 0 or HAS_HD:
+        a = tl.load(A_ptr + rows64 * stride_a + ds[None, :], mask=out_mask, other=0.0)
+        a = a.to(tl.float32)
     if ENERGY != 0:  # the squared norm's share: d/dA_i of -(ra_i) terms = -A_i sum_j H_ij
-        a = tl.load(A_ptr + out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         acc -= h_sum[:, None] * a
-    da_ptrs = DA_ptr + rows.to(tl.int64)[:, None] * stride_da + ds[None, :]
-    tl.store(da_ptrs, acc, mask=out_mask)
+    if HAS_HD:  # the diagonal, from the exact difference of the paired rows
+        hd = tl.load(HD_ptr + rows, mask=rows < NHD, other=0.0)
+        o_mask = (rows < NB)[:, None] & dmask[None, :]
+        o = tl.load(B_ptr + rows64 * stride_b + ds[None, :], mask=o_mask, other=0.0)
+        o = o.to(tl.float32)
+        if ENERGY != 0:
+            acc += hd[:, None] * (o - a)
+        else:
+            acc += hd[:, None] * o
+    da_ptrs = DA_ptr + rows64 * stride_da + ds[None, :]
+    tl.store(da_ptrs, acc.to(DA_ptr.dtype.element_ty), mask=out_mask)
     if X_IS_A and pid_d == 0:
         tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
@@ -491,6 +505,7 @@ def grad(
     g_ylse: torch.Tensor,
     g_sp: torch.Tensor,
     g_pair: torch.Tensor,
+    hd: torch.Tensor,
     *,
     energy: int,
     x_is_a: bool,
@@ -498,12 +513,14 @@ def grad(
     pair: int,
     fwd: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Off-diagonal gradient for the rows of ``a``, float32: (da, dscale_partials,
-    dbias_partials, softplus).
+    """Gradient for the rows of ``a`` in their dtype: (da, dscale_partials, dbias_partials,
+    softplus). The tiles give the off-diagonal part; ``hd`` (one per row of x: the diagonal's
+    dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2, norm) or ``hd_i b_i`` (dot)
+    from the exact difference of the paired rows.
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
-    partials (one per program) are produced only when ``x_is_a``, the off-diagonal row sums of
-    softplus only with ``fwd`` (the fused sigmoid loss: ``x_is_a`` and ``g_sp`` given).
+    partials (one per program, off-diagonal) are produced only when ``x_is_a``, the
+    off-diagonal row sums of softplus only with ``fwd`` (the fused sigmoid loss).
     """
     n_a, d = a.shape
     fwd = fwd and x_is_a and g_sp.numel() > 0
@@ -516,13 +533,14 @@ def grad(
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
-        da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        da = torch.empty_like(a)
         dscale, dbias = _vector(n_prog, x_is_a, a), _vector(n_prog, x_is_a, a)
         sp = _vector(n_a, fwd, a)
         grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](
-            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair,
-            da, dscale, dbias, sp, n_a, b.shape[0], d, a.stride(0), b.stride(0), da.stride(0),
-            ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd, PAIR=pair,
+            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair, hd,
+            da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0), b.stride(0),
+            da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
+            HAS_HD=hd.numel() > 0, PAIR=pair,
             PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
         return da, dscale, dbias, sp

@@ -114,12 +114,15 @@ def test_positives_close_to_their_goals(loss, energy, backend):
     diagonal must come from x_i - y_i (float32, rows of norm ~8, distances ~1e-2)."""
     g = torch.Generator().manual_seed(12)
     phi = torch.randn(24, 64, generator=g)
-    psi = torch.cat((phi + 1e-3 * torch.randn(24, 64, generator=g), torch.randn(8, 64)))
+    psi = torch.cat(
+        (phi + 1e-3 * torch.randn(24, 64, generator=g), torch.randn(8, 64, generator=g))
+    )
     kw = {"loss": loss, "energy": energy}
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
-    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
     t_value, _, t_grads = _truth(phi, psi, **kw)
-    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[torch.float32])
+    # The loss is ~1e-3 here (lse ~ L_ii): float32 logsumexps of O(1) terms carry ~1e-7.
+    assert max_error(value, t_value) < 1e-6
     for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
         assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
 
