@@ -11,9 +11,11 @@ autograd, ``torch.compile`` and CUDA-graph capture, and dispatches each call to
 
 The diagonal ``L_ii`` never comes from the B x M products: for l2 and norm the expanded
 ``|x|^2 + |y|^2 - 2 x.y`` cancels exactly where a trained critic puts its positives (x_i close
-to y_i). Both paths take the positives from ``x_i - y_i`` (O(B d)), put them in place of the
-diagonal in every statistic, leave the diagonal out of the gradient products and add its share
-here, exactly, in float32, before the one rounding of each gradient to the input dtype.
+to y_i). Both paths take the positives from ``x_i - y_i`` (O(B d), in row chunks), put them in
+place of the diagonal in every statistic and leave the diagonal out of the gradient products;
+its share ``H_ii (y_i - x_i)``, with ``H_ii`` computed here exactly, is added to each row of the
+float32 accumulator (in the kernel on the Triton path) before the one rounding to the input
+dtype.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ and ``f`` one of three energies of the inner product and the squared row norms `
 The diagonal i == j is special: there |x_i - y_i| can be far below |x_i| and |y_i|, and the
 expanded form above loses it to cancellation. So the diagonal never comes from a tile: the exact
 positives ``pos_i = L_ii`` (from x_i - y_i, O(B d), computed by the caller) replace it in every
-statistic, and the gradient kernel leaves it out (the caller adds its share exactly).
+statistic; the gradient tiles leave it out, and each program adds the diagonal's share from its
+paired rows, H_ii (B_i - A_i), with the exact H_ii the caller passes (one float per row).
 
 Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all rows of B:
     lse_i      = logsumexp_j L_ij                       (j != i when MASK_DIAG)
