@@ -53,9 +53,11 @@ import triton.language as tl
 ONLINE_MAX_D = 128
 """The online row sums keep a (BLOCK_M, d) accumulator in registers: d up to this."""
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NORM_EPS = 1e-6
+# Globals read inside @triton.jit must be constexpr: the compiler rejects plain floats (the
+# interpreter does not, so only a real compile catches it; tests/test_kernels_compile.py does).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NORM_EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
