@@ -201,8 +201,9 @@ def _extend_kernel(
     seg = tl.load(open_ptr + envs, mask=m, other=0)
     # Steps that a later step of this call overwrites only advance the segment counters.
     for i in range(0, DROP):
-        f0 = tl.load(flag0_ptr + i * N + envs, mask=m, other=0)
-        f1 = tl.load(flag1_ptr + i * N + envs, mask=m, other=0)
+        src = tl.cast(i, tl.int64) * N + envs  # 64-bit: T * N may pass 2**31
+        f0 = tl.load(flag0_ptr + src, mask=m, other=0)
+        f1 = tl.load(flag1_ptr + src, mask=m, other=0)
         seg += ((f0 | f1) != 0).to(tl.int64)
 
     W = A_W + B_W + C_W
@@ -215,7 +216,7 @@ def _extend_kernel(
     for i in range(DROP, T):
         s = base + i
         row = s % CAP
-        src = (i * N + envs).to(tl.int64)
+        src = tl.cast(i, tl.int64) * N + envs
         f0 = tl.load(flag0_ptr + src, mask=m, other=0)
         f1 = tl.load(flag1_ptr + src, mask=m, other=0)
         done = (f0 | f1) != 0
