@@ -1,0 +1,267 @@
+"""Compile every Triton kernel variant the library launches for a GPU, on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, so it accepts code the compiler
+rejects (a plain float global, a dtype mismatch in ``tl.where``, ...) and never sees shared memory
+or register limits. This script records the launches the loss and the buffer make on CPU tensors
+with the Triton backend forced (nothing runs: the recorded kernels return without launching),
+then compiles each distinct variant down to a cubin for sm_90 with the ptxas that ships in the
+triton wheel, and checks its shared memory against the H100's 227 KiB.
+
+    python tests/compile_kernels.py [--arch 90] [--autotune]
+
+Run by ``tests/test_kernels_compile.py`` in a subprocess (TRITON_INTERPRET must be unset).
+Prints one line per variant; exits 1 if any fails to compile or does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_kernels.py compiles for the GPU: run it with TRITON_INTERPRET unset")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
+from crl_fast.kernels import goal_sampling, pair_stats
+
+H100_SHARED_BYTES = 232_448
+"""Dynamic shared memory one block may use on sm_90 (227 KiB)."""
+
+_PTR = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.uint8: "*u8",
+    torch.bool: "*i1",
+}
+_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclass
+class Variant:
+    kernel: triton.runtime.JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict[str, int]
+    callers: set[str] = field(default_factory=set)
+
+    def key(self) -> tuple:
+        return (
+            self.kernel.__name__,
+            tuple(self.signature.items()),
+            tuple(self.constexprs.items()),
+            tuple(self.options.items()),
+        )
+
+    def with_overrides(self, values: dict[str, int]) -> Variant:
+        """The same variant with the constexprs and options it has replaced by ``values``."""
+        constexprs = {k: values.get(k, v) for k, v in self.constexprs.items()}
+        options = {k: values.get(k, v) for k, v in self.options.items()}
+        return Variant(self.kernel, self.signature, constexprs, options, self.callers)
+
+    def label(self) -> str:
+        flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        types = sorted({t for t in self.signature.values() if t.startswith("*") and "f" in t})
+        return f"{self.kernel.__name__}[{'/'.join(types)}] {flags} {self.options}"
+
+
+def _arg_type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return _PTR[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+class Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the variant."""
+
+    def __init__(self, kernel: triton.runtime.JITFunction, seen: dict[tuple, Variant]):
+        self.kernel, self.seen, self.caller = kernel, seen, "?"
+        self.params = list(inspect.signature(kernel.fn).parameters.values())
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _record(self, *args, **kwargs) -> None:
+        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+        bound = dict(zip((p.name for p in self.params), args, strict=False)) | kwargs
+        signature, constexprs = {}, {}
+        for p in self.params:
+            if p.annotation in (triton.language.constexpr, "tl.constexpr"):
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = bound[p.name]
+            else:
+                signature[p.name] = _arg_type(bound[p.name])
+        variant = Variant(self.kernel, signature, constexprs, options)
+        self.seen.setdefault(variant.key(), variant).callers.add(self.caller)
+
+
+def _record_candidate(do_bench, launch, cfg: dict[str, int]) -> float:
+    launch(cfg)  # recorded, not run
+    return 0.0
+
+
+def _loss_cases(quick: bool):
+    """(dtype, (B, d), loss, energy, options): every combination, or with ``quick`` every flag
+    combination in bfloat16 and the other dtypes and tile shapes on a few losses."""
+    energies = ("dot", "l2", "norm", "cosine")
+    extras = ({}, {"logsumexp_penalty": 0.1, "exclude_positive_from_lse": True})
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    shapes = ((100, 64), (7, 200))
+    if not quick:
+        return itertools.product(dtypes, shapes, LOSSES, energies, extras)
+    every_flag = itertools.product((torch.bfloat16,), shapes[:1], LOSSES, energies, extras)
+    few = ("binary", "infonce", "symmetric_infonce", "dpo")
+    other = itertools.product(dtypes, shapes, few, ("dot", "norm"), extras[:1])
+    return itertools.chain(every_flag, other)
+
+
+def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool) -> None:
+    """Forward and backward of the losses, energies, dtypes and options the kernels specialise
+    on."""
+    if autotune:  # record every candidate config instead of timing it
+        os.environ["CRL_FAST_AUTOTUNE"] = "1"
+        pair_stats._time_or_inf = _record_candidate
+    for dtype, (b, d), loss, energy, extra in _loss_cases(quick):
+        for r in recorders:
+            r.caller = f"{loss}/{energy}/{dtype}/B={b}/d={d}/{extra}"
+        phi = torch.randn(b, d, dtype=dtype, requires_grad=True)
+        psi = torch.randn(b + 3, d, dtype=dtype, requires_grad=True)
+        scale = torch.zeros((), requires_grad=True)
+        out, _ = contrastive_loss(
+            phi, psi, loss=loss, energy=energy, log_scale=scale, backend="triton",
+            return_metrics=True, **extra,
+        )  # fmt: skip
+        out.backward()
+        square = contrastive_loss(phi, psi[:b], loss=loss, energy=energy, backend="triton", **extra)
+        square.backward()
+
+
+def _record_buffer_launches(recorders: list[Recorder]) -> None:
+    for r in recorders:
+        r.caller = "buffer"
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = TrajectoryBuffer(
+            capacity=8, num_envs=3, obs_dim=5, action_dim=2, goal_dim=2, dtype=dtype,
+            backend="triton",
+        )  # fmt: skip
+        t = 4
+        buf.extend(
+            {
+                "observation": torch.randn(t, 3, 5, dtype=dtype),
+                "action": torch.randn(t, 3, 2, dtype=dtype),
+                "next_achieved_goal": torch.randn(t, 3, 2, dtype=dtype),
+                "terminated": torch.zeros(t, 3, dtype=torch.bool),
+                "truncated": torch.zeros(t, 3, dtype=torch.bool),
+            }
+        )
+        for mode in GOAL_MODES:
+            buf.sample(16, goal_mode=mode, random_goal_fraction=0.2, current_goal_fraction=0.1)
+
+
+def _compile(v: Variant, arch: int) -> tuple[bool, int, str]:
+    """Compile one variant to a cubin: (fits, stack bytes, report line)."""
+    try:
+        src = ASTSource(v.kernel, v.signature, v.constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v.options)
+    except Exception as exc:  # report every variant, not just the first error
+        where = f"first caller: {min(v.callers)}"
+        return False, 0, f"FAIL {v.label()}\n     {where}\n     {exc!r:.2000}"
+    shared = compiled.metadata.shared
+    fits = arch != 90 or shared <= H100_SHARED_BYTES
+    regs, stack = _registers_and_stack(compiled.asm["cubin"])
+    line = f"{'ok  ' if fits else 'FAIL'} {shared:6d} B shared {regs:3d} regs {stack:4d} B stack  "
+    line += v.label()
+    if not fits:
+        line += f"\n     exceeds {H100_SHARED_BYTES} B; first caller: {min(v.callers)}"
+    return fits, stack, line
+
+
+def _registers_and_stack(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and stack bytes (register spills) of a cubin, by ``cuobjdump``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
+    return (int(found[1]), int(found[2])) if found else (-1, -1)
+
+
+_VARIANTS: list[Variant] = []  # read by forked workers
+
+
+def _compile_nth(job: tuple[int, int]) -> tuple[bool, int, str]:
+    return _compile(_VARIANTS[job[0]], job[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90")
+    parser.add_argument("--autotune", action="store_true", help="also the autotune candidates")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--quick", action="store_true", help="every flag combination, fewer dtypes")
+    parser.add_argument("--only", default="", help="compile the variants whose label matches")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=INT",
+        help="what-if: override a tile size or option (e.g. num_warps=8) where a variant has it",
+    )  # fmt: skip
+    args = parser.parse_args()
+
+    seen: dict[tuple, Variant] = {}
+    recorders = []
+    for module, name in (
+        (pair_stats, "stats_kernel"),
+        (pair_stats, "grad_kernel"),
+        (goal_sampling, "_sample_kernel"),
+        (goal_sampling, "_extend_kernel"),
+    ):
+        recorders.append(Recorder(getattr(module, name), seen))
+        setattr(module, name, recorders[-1])
+    _record_loss_launches(recorders, args.autotune, args.quick)
+    _record_buffer_launches(recorders)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    for v in seen.values():
+        if re.search(args.only, v.label()):
+            _VARIANTS.append(v.with_overrides({k: int(x) for k, x in overrides.items()}))
+
+    start = time.perf_counter()
+    head = f"triton {triton.__version__}: {len(_VARIANTS)} of {len(seen)} variants"
+    print(f"{head} for sm_{args.arch}", flush=True)
+    jobs = [(i, args.arch) for i in range(len(_VARIANTS))]
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        results = pool.map(_compile_nth, jobs, chunksize=4)
+    for _, _, line in results:
+        print(line)
+    failures = sum(not ok for ok, _, _ in results)
+    spills = sum(stack > 0 for _, stack, _ in results)
+    print(f"{spills} variants spill registers to the stack (slow, not wrong)")
+    elapsed = time.perf_counter() - start
+    print(f"{len(_VARIANTS) - failures}/{len(_VARIANTS)} compiled in {elapsed:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
