@@ -79,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = option(100_000, "environment steps between checkpoints (0: only last)")
     run_dir: str | None = option(None, "run directory (None: runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
+    tf32: bool = option(True, "float32 matmuls may use TF32 tensor cores on CUDA (as JAX does)")
     compile: bool = option(False, "torch.compile the update (meant for CUDA)")
     cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")

@@ -154,6 +154,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--cuda-graph needs a CUDA device, got {device}")
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.tf32 and device.type == "cuda":
+        # Networks and the loss kernels read this setting; "highest" keeps float32 FMA.
+        torch.set_float32_matmul_precision("high")
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
         raise ValueError(f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME}")
