@@ -16,7 +16,6 @@ Prints one line per variant; exits 1 if any fails to compile or does not fit.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import multiprocessing
 import os
@@ -33,8 +32,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
 from crl_fast.kernels import goal_sampling, pair_stats
@@ -42,15 +42,6 @@ from crl_fast.kernels import goal_sampling, pair_stats
 H100_SHARED_BYTES = 232_448
 """Dynamic shared memory one block may use on sm_90 (227 KiB)."""
 
-_PTR = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
 _OPTIONS = ("num_warps", "num_stages")
 
 
@@ -59,6 +50,7 @@ class Variant:
     kernel: triton.runtime.JITFunction
     signature: dict[str, str]
     constexprs: dict[str, object]
+    attrs: dict[tuple[int], list]
     options: dict[str, int]
     callers: set[str] = field(default_factory=set)
 
@@ -67,6 +59,7 @@ class Variant:
             self.kernel.__name__,
             tuple(self.signature.items()),
             tuple(self.constexprs.items()),
+            repr(sorted(self.attrs.items())),
             tuple(self.options.items()),
         )
 
@@ -74,7 +67,7 @@ class Variant:
         """The same variant with the constexprs and options it has replaced by ``values``."""
         constexprs = {k: values.get(k, v) for k, v in self.constexprs.items()}
         options = {k: values.get(k, v) for k, v in self.options.items()}
-        return Variant(self.kernel, self.signature, constexprs, options, self.callers)
+        return Variant(self.kernel, self.signature, constexprs, self.attrs, options, self.callers)
 
     def label(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
@@ -82,39 +75,36 @@ class Variant:
         return f"{self.kernel.__name__}[{'/'.join(types)}] {flags} {self.options}"
 
 
-def _arg_type(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return _PTR[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
 class Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the variant."""
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the variant, with
+    the arguments specialised as a real launch does (16-divisible ints and 16-aligned pointers
+    get ``tt.divisibility``, which decides vector widths; ints equal to 1 become constants)."""
 
     def __init__(self, kernel: triton.runtime.JITFunction, seen: dict[tuple, Variant]):
         self.kernel, self.seen, self.caller = kernel, seen, "?"
-        self.params = list(inspect.signature(kernel.fn).parameters.values())
 
     def __getitem__(self, grid):
         return self._record
 
     def _record(self, *args, **kwargs) -> None:
         options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-        bound = dict(zip((p.name for p in self.params), args, strict=False)) | kwargs
-        signature, constexprs = {}, {}
-        for p in self.params:
-            if p.annotation in (triton.language.constexpr, "tl.constexpr"):
-                signature[p.name] = "constexpr"
-                constexprs[p.name] = bound[p.name]
+        params = self.kernel.params
+        values = list(args) + [kwargs[p.name] for p in params[len(args) :]]
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (p, value) in enumerate(zip(params, values, strict=True)):
+            if p.is_constexpr:
+                kind, spec = "constexpr", None
             else:
-                signature[p.name] = _arg_type(bound[p.name])
-        variant = Variant(self.kernel, signature, constexprs, options)
+                kind, spec = native_specialize_impl(
+                    BaseBackend, value, False, not p.do_not_specialize,
+                    not p.do_not_specialize_on_alignment,
+                )  # fmt: skip
+            signature[p.name] = kind
+            if kind == "constexpr":
+                constexprs[p.name] = value
+            elif spec:
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+        variant = Variant(self.kernel, signature, constexprs, attrs, options)
         self.seen.setdefault(variant.key(), variant).callers.add(self.caller)
 
 
@@ -124,15 +114,21 @@ def _record_candidate(do_bench, launch, cfg: dict[str, int]) -> float:
 
 
 def _loss_cases(quick: bool):
-    """(dtype, (B, d), loss, energy, options): every combination, or with ``quick`` every flag
-    combination in bfloat16 and the other dtypes and tile shapes on a few losses."""
+    """((dtype, float32 matmul precision), (B, d), loss, energy, options): every combination, or
+    with ``quick`` every flag combination in bfloat16 and the other dtypes and tile shapes on a
+    few losses. Float32 runs with TF32 ("high", as training on CUDA does) and without."""
     energies = ("dot", "l2", "norm", "cosine")
     extras = ({}, {"logsumexp_penalty": 0.1, "exclude_positive_from_lse": True})
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    shapes = ((100, 64), (7, 200))
+    dtypes = (
+        (torch.float32, "highest"),
+        (torch.float32, "high"),
+        (torch.bfloat16, "highest"),
+        (torch.float16, "highest"),
+    )
+    shapes = ((100, 64), (7, 200), (100, 256))
     if not quick:
         return itertools.product(dtypes, shapes, LOSSES, energies, extras)
-    every_flag = itertools.product((torch.bfloat16,), shapes[:1], LOSSES, energies, extras)
+    every_flag = itertools.product(dtypes[2:3], shapes[:1], LOSSES, energies, extras)
     few = ("binary", "infonce", "symmetric_infonce", "dpo")
     other = itertools.product(dtypes, shapes, few, ("dot", "norm"), extras[:1])
     return itertools.chain(every_flag, other)
@@ -144,9 +140,10 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
     if autotune:  # record every candidate config instead of timing it
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
         pair_stats._time_or_inf = _record_candidate
-    for dtype, (b, d), loss, energy, extra in _loss_cases(quick):
+    for (dtype, precision), (b, d), loss, energy, extra in _loss_cases(quick):
+        torch.set_float32_matmul_precision(precision)
         for r in recorders:
-            r.caller = f"{loss}/{energy}/{dtype}/B={b}/d={d}/{extra}"
+            r.caller = f"{loss}/{energy}/{dtype}/{precision}/B={b}/d={d}/{extra}"
         phi = torch.randn(b, d, dtype=dtype, requires_grad=True)
         psi = torch.randn(b + 3, d, dtype=dtype, requires_grad=True)
         scale = torch.zeros((), requires_grad=True)
@@ -182,32 +179,36 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
 
 
 def _compile(v: Variant, arch: int) -> tuple[bool, int, str]:
-    """Compile one variant to a cubin: (fits, stack bytes, report line)."""
+    """Compile one variant to a cubin: (fits, spilled bytes, report line)."""
     try:
-        src = ASTSource(v.kernel, v.signature, v.constexprs)
+        src = ASTSource(v.kernel, v.signature, v.constexprs, v.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v.options)
     except Exception as exc:  # report every variant, not just the first error
         where = f"first caller: {min(v.callers)}"
         return False, 0, f"FAIL {v.label()}\n     {where}\n     {exc!r:.2000}"
     shared = compiled.metadata.shared
     fits = arch != 90 or shared <= H100_SHARED_BYTES
-    regs, stack = _registers_and_stack(compiled.asm["cubin"])
-    line = f"{'ok  ' if fits else 'FAIL'} {shared:6d} B shared {regs:3d} regs {stack:4d} B stack  "
-    line += v.label()
+    regs, spills = _registers_and_spills(compiled.asm["ptx"], arch)
+    status = "ok  " if fits else "FAIL"
+    line = f"{status} {shared:6d} B shared {regs:3d} regs {spills:4d} B spilled  {v.label()}"
     if not fits:
         line += f"\n     exceeds {H100_SHARED_BYTES} B; first caller: {min(v.callers)}"
-    return fits, stack, line
+    return fits, spills, line
 
 
-def _registers_and_stack(cubin: bytes) -> tuple[int, int]:
-    """Registers per thread and stack bytes (register spills) of a cubin, by ``cuobjdump``."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+def _registers_and_spills(ptx: str, arch: int) -> tuple[int, int]:
+    """Registers per thread and bytes of register spill stores, from ``ptxas -v`` on the PTX
+    (the stack frame alone is no spill: it also holds local arrays)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
-    return (int(found[1]), int(found[2])) if found else (-1, -1)
+        command = [tool, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull]
+        log = subprocess.run(command, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs[1]) if regs else -1), (int(spills[1]) if spills else -1)
 
 
 _VARIANTS: list[Variant] = []  # read by forked workers
@@ -256,8 +257,8 @@ def main() -> int:
     for _, _, line in results:
         print(line)
     failures = sum(not ok for ok, _, _ in results)
-    spills = sum(stack > 0 for _, stack, _ in results)
-    print(f"{spills} variants spill registers to the stack (slow, not wrong)")
+    spills = sum(spilled > 0 for _, spilled, _ in results)
+    print(f"{spills} variants spill registers (slow, not wrong)")
     elapsed = time.perf_counter() - start
     print(f"{len(_VARIANTS) - failures}/{len(_VARIANTS)} compiled in {elapsed:.0f} s")
     return 1 if failures else 0

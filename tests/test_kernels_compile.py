@@ -20,8 +20,7 @@ SCRIPT = Path(__file__).with_name("compile_kernels.py")
 @pytest.mark.slow
 def test_every_variant_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"], env=env, capture_output=True, text=True, timeout=1500
-    )
+    command = [sys.executable, str(SCRIPT), "--quick"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
     failures = [line for line in run.stdout.splitlines() if not line.startswith("ok")]
     assert run.returncode == 0, "\n".join(failures[:40]) + run.stderr[-4000:]
