@@ -5,9 +5,10 @@ rejects (a plain float global, a dtype mismatch in ``tl.where``, ...) and never 
 or register limits. This script records the launches the loss and the buffer make on CPU tensors
 with the Triton backend forced (nothing runs: the recorded kernels return without launching),
 then compiles each distinct variant down to a cubin for sm_90 with the ptxas that ships in the
-triton wheel, and checks its shared memory against the H100's 227 KiB.
+triton wheel, checks its shared memory against the H100's 227 KiB and reports its registers and
+spills (``ptxas -v``).
 
-    python tests/compile_kernels.py [--arch 90] [--autotune]
+    python tests/compile_kernels.py [--quick] [--autotune] [--only REGEX] [--set num_warps=4]
 
 Run by ``tests/test_kernels_compile.py`` in a subprocess (TRITON_INTERPRET must be unset).
 Prints one line per variant; exits 1 if any fails to compile or does not fit.
@@ -47,6 +48,8 @@ _OPTIONS = ("num_warps", "num_stages")
 
 @dataclass
 class Variant:
+    """One compilation: a kernel with its argument types, constants, alignment and options."""
+
     kernel: triton.runtime.JITFunction
     signature: dict[str, str]
     constexprs: dict[str, object]
