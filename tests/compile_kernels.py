@@ -160,12 +160,14 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
 
 
 def _record_buffer_launches(recorders: list[Recorder]) -> None:
+    """Extend and every goal mode of sample, on CPU tensors (CUDA stays uninitialised for the
+    forked compile workers, also on a GPU machine)."""
     for r in recorders:
         r.caller = "buffer"
     for dtype in (torch.float32, torch.bfloat16):
         buf = TrajectoryBuffer(
             capacity=8, num_envs=3, obs_dim=5, action_dim=2, goal_dim=2, dtype=dtype,
-            backend="triton",
+            device="cpu", backend="triton",
         )  # fmt: skip
         t = 4
         buf.extend(
