@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device check in one call (fits the 600 s command limit): install crl-fast, run the GPU tests
-# and the benchmarks, copy the result JSONs to $OUT. Stages: tests loss buffer envs update
+# and the benchmarks, copy the result JSONs to $OUT. Stages: compile tests loss buffer envs update
 # (default: all of them) and autotune (opt-in: compiles many tile variants, a call of its own).
+# `compile` builds every kernel variant on all CPU cores first (tests/compile_kernels.py): a
+# build error shows in seconds, and the Triton cache it fills spares the tests' serial compiles.
 #
 # The GPU machine has torch, triton and numpy but no gymnasium and no network. Before the call,
 # here (.whl/ is git-ignored):
@@ -14,7 +16,7 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests loss buffer envs update)
+[ ${#stages[@]} -gt 0 ] || stages=(compile tests loss buffer envs update)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -35,12 +37,13 @@ step() {
 }
 for stage in "${stages[@]}"; do
     case $stage in
+        compile) step compile 50 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
         tests) step tests 170 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
-        loss) step loss 230 python3 -m bench.bench_loss ;;
+        loss) step loss 200 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer | envs | update) step "$stage" 60 python3 -m "bench.bench_$stage" ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
+    cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran
 done
-cp bench/results/*.json "$OUT/" 2>/dev/null
 ls "$OUT"
