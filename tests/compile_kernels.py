@@ -34,7 +34,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch
 import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime.driver import driver
 from triton.runtime.jit import native_specialize_impl
 
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
@@ -48,40 +48,60 @@ _OPTIONS = ("num_warps", "num_stages")
 
 @dataclass
 class Variant:
-    """One compilation: a kernel with its argument types, constants, alignment and options."""
+    """One launch as recorded: compiling it takes the path a real launch takes."""
 
     kernel: triton.runtime.JITFunction
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    attrs: dict[tuple[int], list]
-    options: dict[str, int]
+    args: tuple
+    kwargs: dict[str, object]  # constexprs and options (num_warps, num_stages)
+    types: tuple  # (type, specialisation) of each positional argument, as Triton derives them
     callers: set[str] = field(default_factory=set)
 
     def key(self) -> tuple:
-        return (
-            self.kernel.__name__,
-            tuple(self.signature.items()),
-            tuple(self.constexprs.items()),
-            repr(sorted(self.attrs.items())),
-            tuple(self.options.items()),
-        )
+        return (self.kernel.__name__, self.types, tuple(self.kwargs.items()))
 
     def with_overrides(self, values: dict[str, int]) -> Variant:
-        """The same variant with the constexprs and options it has replaced by ``values``."""
-        constexprs = {k: values.get(k, v) for k, v in self.constexprs.items()}
-        options = {k: values.get(k, v) for k, v in self.options.items()}
-        return Variant(self.kernel, self.signature, constexprs, self.attrs, options, self.callers)
+        """The same launch with the constexprs and options it has replaced by ``values``."""
+        kwargs = {k: values.get(k, v) for k, v in self.kwargs.items()}
+        return Variant(self.kernel, self.args, kwargs, self.types, self.callers)
 
     def label(self) -> str:
-        flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        types = sorted({t for t in self.signature.values() if t.startswith("*") and "f" in t})
-        return f"{self.kernel.__name__}[{'/'.join(types)}] {flags} {self.options}"
+        flags = {k: v for k, v in self.kwargs.items() if k not in _OPTIONS}
+        options = {k: v for k, v in self.kwargs.items() if k in _OPTIONS}
+        types = sorted({t for t, _ in self.types if t.startswith("*") and "f" in t})
+        text = ",".join(f"{k}={v}" for k, v in flags.items())
+        return f"{self.kernel.__name__}[{'/'.join(types)}] {text} {options}"
+
+    def compile(self):
+        """Compile (or fetch from the Triton cache) as ``kernel[grid](...)`` would, without
+        launching: the arguments get the same specialisation (alignment, ints equal to 1), so
+        the cache keys are the ones a real launch looks up. Needs :class:`_TargetOnly` active."""
+        return self.kernel.warmup(*self.args, grid=(1,), **self.kwargs)
+
+
+class _TargetOnly:
+    """A stand-in for Triton's CUDA driver that names the target and launches nothing."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def _specialisation(param, value) -> tuple:
+    """(type, alignment) of one argument, as ``JITFunction`` derives them (for the dedup key)."""
+    specialise, align = not param.do_not_specialize, not param.do_not_specialize_on_alignment
+    return native_specialize_impl(BaseBackend, value, False, specialise, align)
 
 
 class Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the variant, with
-    the arguments specialised as a real launch does (16-divisible ints and 16-aligned pointers
-    get ``tt.divisibility``, which decides vector widths; ints equal to 1 become constants)."""
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the launch."""
 
     def __init__(self, kernel: triton.runtime.JITFunction, seen: dict[tuple, Variant]):
         self.kernel, self.seen, self.caller = kernel, seen, "?"
@@ -90,24 +110,9 @@ class Recorder:
         return self._record
 
     def _record(self, *args, **kwargs) -> None:
-        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
         params = self.kernel.params
-        values = list(args) + [kwargs[p.name] for p in params[len(args) :]]
-        signature, constexprs, attrs = {}, {}, {}
-        for i, (p, value) in enumerate(zip(params, values, strict=True)):
-            if p.is_constexpr:
-                kind, spec = "constexpr", None
-            else:
-                kind, spec = native_specialize_impl(
-                    BaseBackend, value, False, not p.do_not_specialize,
-                    not p.do_not_specialize_on_alignment,
-                )  # fmt: skip
-            signature[p.name] = kind
-            if kind == "constexpr":
-                constexprs[p.name] = value
-            elif spec:
-                attrs[(i,)] = BaseBackend.parse_attr(spec)
-        variant = Variant(self.kernel, signature, constexprs, attrs, options)
+        types = tuple(_specialisation(p, v) for p, v in zip(params, args, strict=False))
+        variant = Variant(self.kernel, args, kwargs, types)
         self.seen.setdefault(variant.key(), variant).callers.add(self.caller)
 
 
@@ -186,8 +191,7 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
 def _compile(v: Variant, arch: int) -> tuple[bool, int, str]:
     """Compile one variant to a cubin: (fits, spilled bytes, report line)."""
     try:
-        src = ASTSource(v.kernel, v.signature, v.constexprs, v.attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v.options)
+        compiled = v.compile()
     except Exception as exc:  # report every variant, not just the first error
         where = f"first caller: {min(v.callers)}"
         return False, 0, f"FAIL {v.label()}\n     {where}\n     {exc!r:.2000}"
@@ -253,6 +257,7 @@ def main() -> int:
         if re.search(args.only, v.label()):
             _VARIANTS.append(v.with_overrides({k: int(x) for k, x in overrides.items()}))
 
+    driver.set_active(_TargetOnly(args.arch))  # before forking: the workers inherit it
     start = time.perf_counter()
     head = f"triton {triton.__version__}: {len(_VARIANTS)} of {len(seen)} variants"
     print(f"{head} for sm_{args.arch}", flush=True)
