@@ -6,7 +6,9 @@ or register limits. This script records the launches the loss and the buffer mak
 with the Triton backend forced (nothing runs: the recorded kernels return without launching),
 then compiles each distinct variant down to a cubin for sm_90 with the ptxas that ships in the
 triton wheel, checks its shared memory against the H100's 227 KiB and reports its registers and
-spills (``ptxas -v``).
+spills (``ptxas -v``). Compiling goes through ``JITFunction.warmup``, the path of a real launch, so
+the Triton cache it fills is the one a GPU run looks up (``bench/gpu_check.sh`` warms it this way,
+on all cores, before the serial GPU tests).
 
     python tests/compile_kernels.py [--quick] [--autotune] [--only REGEX] [--set num_warps=4]
 
