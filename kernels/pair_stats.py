@@ -49,6 +49,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 ONLINE_MAX_D = 128
 """The online row sums keep a (BLOCK_M, d) accumulator in registers: d up to this."""
@@ -79,26 +80,55 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(
-    A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
-    scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+def _load_rows(ptr, idx, mask, ks, D, stride, UPCAST: tl.constexpr):
+    """Rows ``idx`` and columns ``ks`` of a row-major matrix, zero outside (float32 if UPCAST)."""
+    t = tl.load(
+        ptr + idx.to(tl.int64)[:, None] * stride + ks[None, :],
+        mask=mask[:, None] & (ks < D)[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _program_rows(
+    A_ptr, rows, row_mask, D, stride_a, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, with its masks:
-    valid entries, the diagonal i == j, and the entries the logsumexp keeps."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_base = A_ptr + rows.to(tl.int64)[:, None] * stride_a
-    b_base = B_ptr + cols.to(tl.int64)[:, None] * stride_b
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        a = tl.load(a_base + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + ks[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    """The program's A rows, loaded once (SINGLE_K), else a placeholder: K is then chunked."""
+    if SINGLE_K:
+        return _load_rows(A_ptr, rows, row_mask, tl.arange(0, BLOCK_K), D, stride_a, UPCAST)
+    else:
+        return tl.zeros((1, 1), tl.float32)
+
+
+@triton.jit
+def _logits_tile(
+    a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
+    stride_b, scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, with its masks (valid
+    entries, the diagonal i == j, the entries the logsumexp keeps) and the B rows it loaded.
+
+    SINGLE_K (d <= BLOCK_K): ``a_rows`` holds the program's A rows, loaded once before the loop
+    over column tiles, and the B tile comes back for the caller's second product; the column loop
+    is then the innermost loop, the one Triton's pipeliner overlaps with the loads ahead. Else K
+    is walked in BLOCK_K chunks (A reloaded per tile) and no B tile comes back."""
+    if SINGLE_K:
+        b = _load_rows(B_ptr, cols, col_mask, tl.arange(0, BLOCK_K), D, stride_b, UPCAST)
+        acc = tl.dot(a_rows, tl.trans(b), input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a_k = _load_rows(A_ptr, rows, row_mask, ks, D, stride_a, UPCAST)
+            b_k = _load_rows(B_ptr, cols, col_mask, ks, D, stride_b, UPCAST)
+            acc = tl.dot(a_k, tl.trans(b_k), acc, input_precision=PRECISION)
+        b = tl.zeros((1, 1), tl.float32)  # unused: the caller loads B's rows by BLOCK_D
     ra = tl.zeros((BLOCK_M,), tl.float32)
     rb = tl.zeros((BLOCK_N,), tl.float32)
     if ENERGY != 0:
@@ -111,17 +141,59 @@ def _logits_tile(
         keep = valid & ~diag
     else:
         keep = valid
-    return logits, f, dfdp, valid, diag, keep
+    return logits, f, dfdp, valid, diag, keep, b
+
+
+@triton.jit
+def _weighted_rows(
+    w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``acc + w @ B[cols, ds]``: the tile's weights rounded to B's dtype for the tensor cores
+    (as flash attention rounds P), B's rows reused from the logits' product when SINGLE_K."""
+    if SINGLE_K:
+        b = b_rows
+    else:
+        b = _load_rows(B_ptr, cols, col_mask, ds, D, stride_b, UPCAST)
+    w_in = w.to(B_ptr.dtype.element_ty)
+    if UPCAST:
+        w_in = w_in.to(tl.float32)
+    return tl.dot(w_in, b, acc, input_precision=PRECISION)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
+
+    @triton.jit
+    def _log2_approx(x):
+        return tl.log2(x)
+
+    @triton.jit
+    def _div_approx(x, y):
+        return x / y
+
+else:
+
+    @triton.jit
+    def _log2_approx(x):
+        """log2 in one special-function op (lg2.approx: absolute error below 2**-22 on [1, 2]);
+        ``tl.log2`` is libdevice's exact log2f, about 25 instructions per element."""
+        return libdevice.fast_log2f(x)
+
+    @triton.jit
+    def _div_approx(x, y):
+        """x / y as one reciprocal and a multiply (div.approx, 2 ulp) for y in [1, 2]; ``/`` is
+        div.full, whose range checks add three instructions per element."""
+        return libdevice.fast_dividef(x, y)
 
 
 @triton.jit
 def _softplus_sigmoid(z):
-    """softplus(z) and sigmoid(z) sharing one exp: e = exp(-|z|)."""
+    """softplus(z) and sigmoid(z) sharing one exp: e = exp(-|z|), 1 + e in [1, 2]."""
     e = tl.exp2(-tl.abs(z) * LOG2E)
     # log1p(e) without a log1p: the series is exact to float32 where 1 + e would round.
-    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log2(1.0 + e) * LN2)
-    r = 1.0 / (1.0 + e)
-    return tl.maximum(z, 0.0) + log1p_e, tl.where(z >= 0.0, r, e * r)
+    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), _log2_approx(1.0 + e) * LN2)
+    sigmoid = _div_approx(tl.where(z >= 0.0, 1.0, e), 1.0 + e)
+    return tl.maximum(z, 0.0) + log1p_e, sigmoid
 
 
 @triton.jit
@@ -153,7 +225,8 @@ def stats_kernel(
     ENERGY: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
     SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr, ONLINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,16 +245,17 @@ def stats_kernel(
     sum_i = tl.zeros((BLOCK_M,), tl.float32)
     cnt_i = tl.zeros((BLOCK_M,), tl.float32)
     ds = tl.arange(0, BLOCK_D)
+    a_rows = _program_rows(A_ptr, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, UPCAST)
     u_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     v_acc = tl.zeros((BLOCK_M,), tl.float32)
     w_acc = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
-        logits, f, dfdp, valid, diag, keep = _logits_tile(
-            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
-            stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-            UPCAST,
+        logits, f, dfdp, valid, diag, keep, b_rows = _logits_tile(
+            a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
+            stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+            SINGLE_K, PRECISION, UPCAST,
         )  # fmt: skip
         logits = tl.where(diag, pos[:, None], logits)
         if LSE:
@@ -196,16 +270,10 @@ def stats_kernel(
             if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
                 e = tl.where(diag, 0.0, e)  # the diagonal's share is added exactly outside
                 w = e * dfdp
-                b = tl.load(
-                    B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
-                    mask=col_mask[:, None] & (ds < D)[None, :],
-                    other=0.0,
-                )
-                w_in = w.to(b.dtype)
-                if UPCAST:
-                    w_in = w_in.to(tl.float32)
-                    b = b.to(tl.float32)
-                u_acc = tl.dot(w_in, b, u_acc * alpha[:, None], input_precision=PRECISION)
+                u_acc = _weighted_rows(
+                    w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, u_acc * alpha[:, None],
+                    SINGLE_K, PRECISION, UPCAST,
+                )  # fmt: skip
                 v_acc = v_acc * alpha + tl.sum(w, 1)
                 w_acc = w_acc * alpha + tl.sum(e * f, 1)
             m_i = m_new
@@ -259,7 +327,8 @@ def grad_kernel(
     HAS_HD: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -283,6 +352,7 @@ def grad_kernel(
         if YLSE:
             ylse_o = tl.load(YLSE_ptr + rows, mask=row_mask, other=0.0)
             g_ylse_o = tl.load(G_YLSE_ptr + rows, mask=row_mask, other=0.0)
+    a_rows = _program_rows(A_ptr, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, UPCAST)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     h_sum = tl.zeros((BLOCK_M,), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
@@ -291,10 +361,10 @@ def grad_kernel(
     for n0 in range(0, NB, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < NB
-        logits, f, dfdp, valid, diag, lse_keep = _logits_tile(
-            A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
-            stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-            UPCAST,
+        logits, f, dfdp, valid, diag, lse_keep, b_rows = _logits_tile(
+            a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
+            stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+            SINGLE_K, PRECISION, UPCAST,
         )  # fmt: skip
         g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if XLSE:
@@ -333,16 +403,9 @@ def grad_kernel(
             g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
         g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
         h = g * scale * dfdp
-        b = tl.load(
-            B_ptr + cols.to(tl.int64)[:, None] * stride_b + ds[None, :],
-            mask=col_mask[:, None] & dmask[None, :],
-            other=0.0,
+        acc = _weighted_rows(
+            h, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K, PRECISION, UPCAST
         )
-        h_in = h.to(b.dtype)
-        if UPCAST:
-            h_in = h_in.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(h_in, b, acc, input_precision=PRECISION)
         if ENERGY != 0:
             h_sum += tl.sum(h, 1)
         if X_IS_A:
@@ -376,21 +439,34 @@ def grad_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
-    """Fixed tile shapes: the K loop covers d in chunks; BLOCK_D tiles the gradient's columns.
+SINGLE_K_MAX_D = 128
+"""Up to this d (16 for float32 without TF32), a program holds its whole A rows and takes B's
+rows in one chunk: the column loop is innermost, so its loads are pipelined across tiles."""
 
-    Chosen from ptxas reports on sm_90 (``tests/compile_kernels.py``), not yet from timings: on
+
+def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
+    """Fixed tile shapes: K in one chunk (SINGLE_K) or in BLOCK_K chunks; BLOCK_D tiles the
+    gradient's columns (one tile with SINGLE_K, whose gradient product reuses B's tile).
+
+    Chosen from sm_90 compiler reports (``tests/compile_kernels.py``), not yet from timings: on
     4 warps a 64 x 64 tile keeps too many values live (255 registers; 22 of 258 bfloat16
-    variants spilled, up to 220 B), on 8 warps none spill (at most 215 registers; occupancy is
-    the same 8 warps per SM). Float32 without TF32 multiplies on the CUDA cores with operands in
-    registers: K in chunks of 16 cuts its spills from up to 18.9 KB to at most 36 B."""
-    ieee = _precision(dtype) == "ieee"
+    variants spilled, up to 220 B), on 8 warps none spill (occupancy is the same 8 warps per
+    SM). Float32 without TF32 multiplies on the CUDA cores with operands in registers: K in
+    chunks of 16 cuts its spills from up to 18.9 KB to at most 36 B. With K chunked, the chunk
+    loop is the one Triton pipelines and a 64-wide d has one chunk: each column tile then waited
+    for its own loads (seen in the SASS), hence SINGLE_K. It runs on 4 warps: with 8, the second
+    product's register operand made both warpgroups compute the whole 64 x 64 tile of logits
+    (twice the special-function work), and float32 takes 32 columns a tile, as 64 spilled up to
+    388 B (the agent's infonce + norm critic with metrics)."""
+    width = max(16, triton.next_power_of_2(d))
+    single = width <= (16 if _precision(dtype) == "ieee" else SINGLE_K_MAX_D)
     return {
         "BLOCK_M": 64 if n_a >= 64 else max(16, triton.next_power_of_2(n_a)),
-        "BLOCK_N": 64,
-        "BLOCK_K": 16 if ieee else max(16, min(triton.next_power_of_2(d), 64)),
-        "BLOCK_D": max(16, min(triton.next_power_of_2(d), 128)),
-        "num_warps": 8,
+        "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
+        "BLOCK_K": width if single else 16 if _precision(dtype) == "ieee" else 64,
+        "BLOCK_D": width if single else min(width, 128),
+        "SINGLE_K": single,
+        "num_warps": 4 if single else 8,
         "num_stages": 3,
     }
 

@@ -11,6 +11,12 @@ the Triton cache it fills is the one a GPU run looks up (``bench/gpu_check.sh`` 
 on all cores, before the serial GPU tests).
 
     python tests/compile_kernels.py [--quick] [--autotune] [--only REGEX] [--set num_warps=4]
+                                    [--sass]
+
+``--sass`` adds, per variant, the instructions issued per logit in the loop over column tiles
+(from the cubin's SASS, counted over all threads of a program and divided by the tile's logits)
+and how many of them are special-function (MUFU) ops: a static cost model, not a timing. An
+H100 issues at most 4 warp-instructions per SM per clock and 16 MUFU ops.
 
 Run by ``tests/test_kernels_compile.py`` in a subprocess (TRITON_INTERPRET must be unset).
 Prints one line per variant; exits 1 if any fails to compile or does not fit.
@@ -190,7 +196,29 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
             buf.sample(16, goal_mode=mode, random_goal_fraction=0.2, current_goal_fraction=0.1)
 
 
-def _compile(v: Variant, arch: int) -> tuple[bool, int, str]:
+def _loop_cost(cubin: bytes, v: Variant) -> str:
+    """Issued instructions and MUFU ops per logit in the kernel's longest loop (the column
+    loop; a K loop inside it is counted once, as for d <= BLOCK_K)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    back_edges = [
+        (int(m[1], 16), at) for at, op in code if (m := re.search(r"BRA .*0x([0-9a-f]+)", op))
+    ]
+    loops = [(lo, hi) for lo, hi in back_edges if lo < hi]
+    if not loops or "BLOCK_N" not in v.kwargs:
+        return ""
+    lo, hi = max(loops, key=lambda edge: edge[1] - edge[0])
+    body = [op for at, op in code if lo <= at <= hi]
+    per = 32 * v.kwargs["num_warps"] / (v.kwargs["BLOCK_M"] * v.kwargs["BLOCK_N"])
+    mufu = sum("MUFU" in op for op in body)
+    return f"  {len(body) * per:5.1f} instr/logit {mufu * per:3.1f} MUFU/logit"
+
+
+def _compile(v: Variant, arch: int, sass: bool = False) -> tuple[bool, int, str]:
     """Compile one variant to a cubin: (fits, spilled bytes, report line)."""
     try:
         compiled = v.compile()
@@ -202,6 +230,8 @@ def _compile(v: Variant, arch: int) -> tuple[bool, int, str]:
     regs, spills = _registers_and_spills(compiled.asm["ptx"], arch)
     status = "ok  " if fits else "FAIL"
     line = f"{status} {shared:6d} B shared {regs:3d} regs {spills:4d} B spilled  {v.label()}"
+    if sass:
+        line += _loop_cost(compiled.asm["cubin"], v)
     if not fits:
         line += f"\n     exceeds {H100_SHARED_BYTES} B; first caller: {min(v.callers)}"
     return fits, spills, line
@@ -225,8 +255,8 @@ def _registers_and_spills(ptx: str, arch: int) -> tuple[int, int]:
 _VARIANTS: list[Variant] = []  # read by forked workers
 
 
-def _compile_nth(job: tuple[int, int]) -> tuple[bool, int, str]:
-    return _compile(_VARIANTS[job[0]], job[1])
+def _compile_nth(job: tuple[int, int, bool]) -> tuple[bool, int, str]:
+    return _compile(_VARIANTS[job[0]], job[1], job[2])
 
 
 def main() -> int:
@@ -236,6 +266,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--quick", action="store_true", help="every flag combination, fewer dtypes")
     parser.add_argument("--only", default="", help="compile the variants whose label matches")
+    parser.add_argument("--sass", action="store_true", help="instructions per logit (SASS)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=INT",
         help="what-if: override a tile size or option (e.g. num_warps=8) where a variant has it",
@@ -263,7 +294,7 @@ def main() -> int:
     start = time.perf_counter()
     head = f"triton {triton.__version__}: {len(_VARIANTS)} of {len(seen)} variants"
     print(f"{head} for sm_{args.arch}", flush=True)
-    jobs = [(i, args.arch) for i in range(len(_VARIANTS))]
+    jobs = [(i, args.arch, args.sass) for i in range(len(_VARIANTS))]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         results = pool.map(_compile_nth, jobs, chunksize=4)
     for _, _, line in results:
