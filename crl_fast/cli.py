@@ -2,7 +2,8 @@
 
 ``crl-fast train`` with no arguments runs the default point U-maze job. ``crl-fast train --resume
 --run-dir DIR`` continues DIR from its last checkpoint with its saved config, changed only by the
-flags given (for example a larger ``--total-env-steps``).
+flags given, which may only be schedule, reporting and speed flags (for example a larger
+``--total-env-steps``; see ``crl_fast.config.RESUME_SAFE_FIELDS``): others are refused.
 """
 
 from __future__ import annotations

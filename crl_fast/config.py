@@ -15,6 +15,21 @@ from crl_fast.energy import ENERGIES
 from crl_fast.loss import LOSSES, LossConfig
 
 ACTIVATIONS = ("swish", "relu")
+RESUME_SAFE_FIELDS = (
+    "total_env_steps",  # the schedule
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "tensorboard",  # what is reported
+    "progress",
+    "threads",  # how fast the same updates run
+    "compile",
+    "cuda_graph",
+    "run_dir",  # where the run lies
+    "resume",
+)
+"""The :class:`TrainConfig` fields a resumed run may change; the others define the run (env, seed,
+networks, losses, buffer, device, precision) and must match its checkpoint."""
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -112,3 +127,23 @@ class TrainConfig:
         d = dict(d)
         agent = AgentConfig(**d.pop("agent"))
         return cls(**d, agent=agent)
+
+
+def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Raise ValueError naming every field outside :data:`RESUME_SAFE_FIELDS` in which ``config``
+    differs from ``saved`` (the :meth:`TrainConfig.to_dict` of the checkpoint it resumes)."""
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k != "agent"} | d.get("agent", {})
+
+    old, new = flat(saved), flat(config.to_dict())
+    changed = [
+        f"{name} {old[name]!r} -> {value!r}"
+        for name, value in new.items()
+        if name not in RESUME_SAFE_FIELDS and name in old and old[name] != value
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume with settings that differ from the checkpoint: {', '.join(changed)}"
+            f" (only {', '.join(RESUME_SAFE_FIELDS)} may change)"
+        )

@@ -22,7 +22,8 @@ class MetricsLogger:
     """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/metrics.jsonl`` (and TensorBoard).
 
     With ``resume_step`` set, rows logged after that step (by a run killed after its last
-    checkpoint) are dropped, so a resumed run's metrics hold each step once.
+    checkpoint) are dropped, so a resumed run's metrics hold each step once; the file is rewritten
+    through a temporary file, so a crash meanwhile leaves the old one whole.
     """
 
     def __init__(
@@ -34,7 +35,9 @@ class MetricsLogger:
         self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
         self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.replace(self.jsonl_path)
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
         self._tb = _summary_writer(self.run_dir) if tensorboard else None
 
@@ -79,6 +82,7 @@ def _summary_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
+        print("tensorboard is not installed: skipping the TensorBoard logs", file=sys.stderr)
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 

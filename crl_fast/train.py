@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from crl_fast.checkpoint import set_rng_state as restore_rng_state
-from crl_fast.config import TrainConfig
+from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 
@@ -32,12 +32,14 @@ EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
 
 @dataclass
 class LoopState:
-    """Counters of the loop, saved in checkpoints."""
+    """Counters of the loop and the latest evaluation, saved in checkpoints."""
 
     env_steps: int = 0
     updates: int = 0
     update_credit: float = 0.0
     elapsed_s: float = 0.0
+    last_eval_step: int | None = None  # so that resuming a finished run does not evaluate again
+    last_eval: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +81,8 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
 
     ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
     distance at the last step; ``eval/final_distance``: mean distance to the goal at the last step.
+    Runs ``env.max_episode_steps`` steps; raises ValueError if an episode has not ended by then
+    (the env's limit is longer than it says), rather than report a distance it never measured.
     """
     obs, _ = env.reset(seed=seed)
     n = env.num_envs
@@ -96,6 +100,11 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
         final_distance = torch.where(ends_now, distance, final_distance)
         success_final = torch.where(ends_now, info["success"], success_final)
         ended |= ends_now
+    if not ended.all():
+        raise ValueError(
+            f"{int((~ended).sum())} of {n} evaluation episodes did not end within "
+            f"env.max_episode_steps={env.max_episode_steps} steps"
+        )
     return {
         "eval/success": success.float().mean().item(),
         "eval/success_final": success_final.float().mean().item(),
@@ -165,6 +174,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
             "there, or another --run-dir"
         )
+    checkpoint = None
+    if config.resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+        check_resume(checkpoint["config"], config)
     seed_everything(config.seed)
 
     env = make_env(
@@ -179,12 +192,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     agent = make_agent(config, env, device)
     obs, _ = env.reset(seed=config.seed)
     loop = LoopState()
+    # The latest update's metrics, logged at each log step; checkpointed so that a resumed run
+    # logs the same rows as an uninterrupted one.
+    metrics: dict[str, torch.Tensor] = {}
 
-    if config.resume:
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+    if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         buffer.load_state_dict(checkpoint["buffer"])
         loop = LoopState(**checkpoint["loop"])
+        metrics = checkpoint.get("metrics", {})
         restore_rng_state(checkpoint["rng"])
         if checkpoint["env"] is None:  # the env could not save its state: restart episodes
             obs, _ = env.reset(seed=config.seed + loop.env_steps)
@@ -213,20 +229,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "env": env_state(env),
             "obs": obs,
             "loop": vars(loop).copy(),
+            "metrics": metrics,
             "rng": rng_state(),
         }
         save_checkpoint(state, run_dir / CHECKPOINT_NAME)
         logger.flush()
 
-    def evaluate_now() -> dict[str, float]:
-        result = evaluate(agent, eval_env, config.seed + EVAL_SEED_OFFSET)
-        logger.log(loop.env_steps, {**result, "charts/time_s": loop.elapsed_s})
-        return result
+    def evaluate_now() -> None:
+        loop.last_eval = evaluate(agent, eval_env, config.seed + EVAL_SEED_OFFSET)
+        loop.last_eval_step = loop.env_steps
+        logger.log(loop.env_steps, {**loop.last_eval, "charts/time_s": loop.elapsed_s})
 
-    last_eval, last_eval_step = {}, None
     if loop.env_steps == 0:
-        last_eval, last_eval_step = evaluate_now(), 0
-    metrics: dict[str, torch.Tensor] = {}
+        evaluate_now()
     train_step = None  # built at the first update (a CUDA graph needs a non-empty buffer)
     start = time.perf_counter() - loop.elapsed_s
     log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
@@ -272,7 +287,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # Evaluate, log, checkpoint.
         loop.elapsed_s = time.perf_counter() - start
         if crossed(before, loop.env_steps, config.eval_every):
-            last_eval, last_eval_step = evaluate_now(), loop.env_steps
+            evaluate_now()
         if crossed(before, loop.env_steps, config.log_every) and metrics:
             dt = time.perf_counter() - log_time
             charts = {
@@ -286,21 +301,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             checkpoint_now()
-        status = f"success {last_eval['eval/success']:.2f}" if last_eval else ""
+        status = f"success {loop.last_eval['eval/success']:.2f}" if loop.last_eval else ""
         progress.update(loop.env_steps, loop.updates, status)
     progress.close()
 
-    if last_eval_step != loop.env_steps:
-        last_eval = evaluate_now()
+    if loop.last_eval_step != loop.env_steps:
+        evaluate_now()
     checkpoint_now()
     logger.close()
     plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
     print(
         f"done: {loop.env_steps:,} env steps, {loop.updates:,} updates in {loop.elapsed_s:.0f}s; "
-        + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
+        + ", ".join(f"{k} {v:.3f}" for k, v in loop.last_eval.items())
         + f"; outputs in {run_dir}"
     )
-    return {"run_dir": run_dir, **last_eval}
+    return {"run_dir": run_dir, **loop.last_eval}
 
 
 def load_agent(checkpoint_path: str | Path, device: torch.device | str = "auto"):

@@ -12,7 +12,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
 from crl_fast.envs.point_maze import MAZES
-from tests.tiny_goal_env import TINY_ID
+from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID
 
 
 def random_actions(env, gen: torch.Generator) -> torch.Tensor:
@@ -384,3 +384,17 @@ def test_adapter_actions_rescaled_and_errors():
     with pytest.raises(ValueError, match="num_envs"):
         GymnasiumGoalVectorEnv(TINY_ID, 0)
     env.close()
+
+
+def test_adapter_episode_limit_override():
+    """``make_env("gymnasium:<id>", max_episode_steps=N)``: episodes end at N, and the adapter says
+    N (evaluation runs that many steps), also for an env registered without a limit."""
+    for env_id, steps in ((TINY_ID, 3), (TINY_ID, 10), (TINY_UNLIMITED_ID, 5)):
+        env = make_env(f"gymnasium:{env_id}", 2, max_episode_steps=steps)
+        assert env.max_episode_steps == steps
+        env.reset(seed=0)
+        truncated = [env.step(torch.zeros(2, 2))[3].all().item() for _ in range(steps)]
+        assert truncated == [False] * (steps - 1) + [True]
+        env.close()
+    with pytest.raises(ValueError, match="no episode limit"):
+        make_env(f"gymnasium:{TINY_UNLIMITED_ID}", 2)

@@ -1,6 +1,9 @@
 """Training loop, checkpoints, resume, logging and the command line, on small CPU runs."""
 
+import dataclasses
+import io
 import json
+import sys
 import time
 
 import pytest
@@ -106,6 +109,72 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert steps == [r["step"] for r in read_jsonl(straight["run_dir"] / "metrics.jsonl")]
 
 
+class Killed(Exception):
+    """Raised in place of a kill signal."""
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("charts/")} for row in rows]
+
+
+def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
+    """Killed at step 608, between its checkpoint at 512 and the end, then resumed: the same weights
+    and metrics rows as an uninterrupted run, also at the log steps 544-640 where no update ran
+    since the checkpoint (one update per 200 env steps here)."""
+    settings = dict(updates_per_env_step=0.005, log_every=32, checkpoint_every=512)
+    straight = train(tiny_config(tmp_path, "straight", **settings))
+    log = MetricsLogger.log
+
+    def log_then_die(self, step, metrics):
+        log(self, step, metrics)
+        if step >= 600:
+            raise Killed
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path, "killed", **settings))
+    monkeypatch.undo()
+    assert max(r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 608
+    resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
+
+    a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
+    b = agent_tensors(load_checkpoint(resumed["run_dir"] / "checkpoint.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
+    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+
+
+def test_resuming_a_finished_run_adds_no_rows(tmp_path):
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    first = train(config)
+    rows = read_jsonl(first["run_dir"] / "metrics.jsonl")
+    again = train(dataclasses.replace(config, resume=True))
+    assert read_jsonl(again["run_dir"] / "metrics.jsonl") == rows
+    assert again["eval/success_final"] == first["eval/success_final"]
+
+
+def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
+    """Changing what defines the run is refused with a one-line message naming old and new values,
+    before anything in the run directory changes; changing the schedule is allowed."""
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    run_dir = train(config)["run_dir"]
+    saved = (run_dir / "config.json").read_text()
+    resume = ["train", "--resume", "--run-dir", str(run_dir)]
+    capsys.readouterr()
+    for flags, message in [
+        ("--env point_large --seed 7", "env 'point_umaze' -> 'point_large', seed 0 -> 7"),
+        ("--width 64", "width 32 -> 64"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*resume, *flags.split()])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert (run_dir / "config.json").read_text() == saved
+    main([*resume, "--total-env-steps", "128", "--log-every", "16"])
+    assert load_checkpoint(run_dir / "checkpoint.pt")["loop"]["env_steps"] == 128
+
+
 def test_a_new_run_never_overwrites_an_old_one(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     train(config)
@@ -155,6 +224,35 @@ def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
     assert header == "step,critic/loss,eval/success"
 
 
+def test_logger_crash_while_rewriting_keeps_the_old_metrics(tmp_path, monkeypatch):
+    """A run killed while the resumed logger rewrites metrics.jsonl loses none of its rows."""
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):
+        logger.log(step, {"critic/loss": float(step)})
+    logger.close()
+    old = (tmp_path / "metrics.jsonl").read_text()
+    real_open = io.open
+
+    def open_then_die(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and "metrics.jsonl" in str(file):  # killed right after truncating
+            f.close()
+            raise Killed
+        return f
+
+    monkeypatch.setattr(io, "open", open_then_die)
+    with pytest.raises(Killed):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=20)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == old
+
+
+def test_logger_says_when_tensorboard_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    MetricsLogger(tmp_path, tensorboard=True).close()
+    assert "tensorboard is not installed" in capsys.readouterr().err
+
+
 def test_cli_train_then_eval(tmp_path, capsys):
     run_dir = tmp_path / "cli"
     flags = "--num-envs 4 --max-episode-steps 16 --total-env-steps 256 --learning-starts 64"
@@ -200,6 +298,18 @@ def test_gymnasium_env_trains_and_resumes(tmp_path):
     final = load_checkpoint(resumed["run_dir"] / "checkpoint.pt")
     assert final["loop"]["env_steps"] == 1024
     assert final["buffer"]["truncated"][last].all()  # every running episode was cut there
+
+
+def test_evaluate_runs_the_overridden_episode_length():
+    """Evaluation runs the episode length given to make_env, and refuses to report episodes that
+    did not end in the steps it ran (their final distance was never measured)."""
+    from tests.tiny_goal_env import TINY_ID
+
+    env = make_env(f"gymnasium:{TINY_ID}", 4, max_episode_steps=10)  # registered: 6
+    assert evaluate(RandomPolicy(), env, seed=0)["eval/final_distance"] > 0
+    env.max_episode_steps = 4  # shorter than its episodes really are
+    with pytest.raises(ValueError, match="did not end"):
+        evaluate(RandomPolicy(), env, seed=0)
 
 
 def test_unknown_env_names_the_choices():

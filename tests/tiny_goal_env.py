@@ -1,5 +1,6 @@
 """A tiny goal-conditioned Gymnasium env (gymnasium-robotics' interface), registered as
-``TINY_ID``: what the adapter and the training loop are tested against."""
+``TINY_ID`` (episodes of 6 steps) and ``TINY_UNLIMITED_ID`` (no limit): what the adapter and the
+training loop are tested against."""
 
 from __future__ import annotations
 
@@ -50,3 +51,6 @@ class TinyGoalEnv(gym.Env):
 TINY_ID = "CrlFastTinyGoal-v0"
 if TINY_ID not in gym.registry:
     gym.register(TINY_ID, entry_point=TinyGoalEnv, max_episode_steps=6)
+TINY_UNLIMITED_ID = "CrlFastTinyGoalUnlimited-v0"  # registered without an episode limit
+if TINY_UNLIMITED_ID not in gym.registry:
+    gym.register(TINY_UNLIMITED_ID, entry_point=TinyGoalEnv)

@@ -49,6 +49,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         num_envs: number of copies when ``env`` is an id.
         device: where the returned tensors live.
         success_distance: goal distance counted as success when the env reports no success info.
+        make_kwargs: go to ``gymnasium.make``; ``max_episode_steps`` there also sets
+            :attr:`max_episode_steps` (else the registered limit, or None).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -95,8 +97,11 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self.num_envs = self.env.num_envs
         self.device = torch.device(device)
         self.success_distance = success_distance
-        spec = self.env.spec
-        self.max_episode_steps = None if spec is None else spec.max_episode_steps
+        # An override passed to gymnasium.make wins over the registered limit (which the vector
+        # env's spec still reports).
+        self.max_episode_steps = make_kwargs.get("max_episode_steps")
+        if self.max_episode_steps is None and self.env.spec is not None:
+            self.max_episode_steps = self.env.spec.max_episode_steps
         (
             self.single_observation_space,
             self.single_action_space,

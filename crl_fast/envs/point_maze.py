@@ -9,9 +9,11 @@ the goal is a random free cell, the start a random *other* free cell, each plus 
 Dynamics (per step of ``dt`` = 0.1 s): the action in [-1, 1]^2 is an acceleration,
 ``v <- clip(0.9 v + 10 dt a, -3, 3)`` per component, then the point moves by ``v dt`` (at most 0.3
 per axis, so a cell is crossed in about 3.3 steps). The point is a square of half-size 0.1 that
-never enters a wall cell: it moves one axis at a time, and a move whose leading edge would enter a
-wall stops at the wall (minus 1e-4) and zeroes that velocity component. This is exact for
-axis-aligned walls as long as a step is shorter than a cell, which the constructor checks.
+ends every step outside the walls: it moves along x, then along y, and a move whose leading edge
+would enter a wall stops at the wall (minus 1e-4) and zeroes that velocity component. No wall is
+skipped as long as a step is shorter than a cell, which the constructor checks. As the axes move
+in turn, the path within a step is L-shaped, not a straight segment: a diagonal step past a convex
+wall corner can cut through the corner, or be stopped by it, where continuous collision would not.
 """
 
 from __future__ import annotations
@@ -201,6 +203,8 @@ class PointMazeEnv(TorchGoalVectorEnv):
         }
 
     def _advance(self, action: torch.Tensor) -> None:
+        """Update the velocity, then slide along x and then y (an L-shaped path, see the module
+        docstring); the velocity component of each blocked axis is zeroed."""
         vel = damped_velocity(self.vel, action, self.accel, self.damping, self.max_speed, self.dt)
         delta = vel * self.dt * self._world_to_grid
         uv = self._to_grid(self.pos)
