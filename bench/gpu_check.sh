@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Device check in one call (fits the 600 s command limit): install crl-fast, run the GPU tests
-# and the benchmarks, copy the result JSONs to $OUT. Stages: compile tests loss buffer envs update
-# (default: all of them) and autotune (opt-in: compiles many tile variants, a call of its own).
+# Device check in one call (stage limits sum to 595 s, inside the 600 s command limit): install
+# crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: compile
+# tests loss buffer envs update jax (default: all of them) and autotune (opt-in: compiles many
+# tile variants, a call of its own).
+# `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
+# image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `compile` builds every kernel variant on all CPU cores first (tests/compile_kernels.py): a
 # build error shows in seconds, and the Triton cache it fills spares the tests' serial compiles.
 #
@@ -16,7 +19,7 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(compile tests loss buffer envs update)
+[ ${#stages[@]} -gt 0 ] || stages=(compile tests loss buffer envs update jax)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -38,10 +41,13 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 50 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 170 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
-        loss) step loss 200 python3 -m bench.bench_loss ;;
+        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+        loss) step loss 175 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
-        buffer | envs | update) step "$stage" 60 python3 -m "bench.bench_$stage" ;;
+        buffer) step buffer 45 python3 -m bench.bench_buffer ;;
+        envs) step envs 40 python3 -m bench.bench_envs ;;
+        update) step update 60 python3 -m bench.bench_update ;;
+        jax) step jax 75 python3 -m bench.jax_baselines ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran

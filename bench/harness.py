@@ -78,6 +78,15 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu-{platform.machine()}"
 
 
+def run_facts() -> dict[str, str]:
+    """Python version, git SHA and date of this run (any framework's results carry them)."""
+    return {
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Facts that make a number reproducible: device, versions, git SHA, date."""
     try:
@@ -90,9 +99,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "python": platform.python_version(),
-        "git_sha": _git_sha(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_facts(),
     }
 
 
@@ -101,10 +108,15 @@ def write_results(
 ) -> Path:
     """Write ``rows`` with the environment (and ``extra`` settings) to
     ``bench/results/<name>-<device>.json``."""
-    slug = device_name(device).lower().replace(" ", "-").replace("/", "-")
+    return save_results(name, environment(device) | (extra or {}), rows)
+
+
+def save_results(name: str, env: dict[str, Any], rows: Sequence[dict]) -> Path:
+    """Write ``rows`` with ``env`` (which names the ``device``) to
+    ``bench/results/<name>-<device>.json``."""
+    slug = env["device"].lower().replace(" ", "-").replace("/", "-")
     path = RESULTS_DIR / f"{name}-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment(device) | (extra or {})
     path.write_text(json.dumps({"env": env, "rows": list(rows)}, indent=2) + "\n")
     return path
 
