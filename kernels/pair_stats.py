@@ -37,6 +37,11 @@ or H_ii B_i (dot) from the loaded rows themselves, so dA is accumulated in float
 to the input dtype when stored. The tile H is rounded to the input dtype before its tensor-core
 product, as flash attention does.
 
+Each program walks its column tiles in two phases: first the interior tiles, full and off the
+diagonal band, whose masks are constants the compiler folds away; then the checked ones (the
+band, the partial last tile, every tile when the program's rows run past NA). Statistics do not
+depend on the order (argmax takes the first index among ties, as torch.argmax does).
+
 The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
 ``grad_kernel`` also sums softplus(L_ij) off the diagonal from the exp it already has: loss and
 both gradients then take two passes over the logits instead of three.
@@ -80,6 +85,34 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
 
 
 @triton.jit
+def _tile_count(phase: tl.constexpr, r0, NA, NB, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How many column tiles a program with rows r0.. visits in ``phase``: 0, the full tiles
+    off the diagonal band when all its rows are valid; 1, the rest (checked with masks)."""
+    n_full = NB // BLOCK_N
+    band = tl.minimum(tl.cdiv(r0 + BLOCK_M, BLOCK_N), n_full) - tl.minimum(r0 // BLOCK_N, n_full)
+    rows_ok = r0 + BLOCK_M <= NA
+    if phase == 0:
+        return tl.where(rows_ok, n_full - band, 0)
+    else:
+        return tl.where(rows_ok, band, n_full) + tl.cdiv(NB, BLOCK_N) - n_full
+
+
+@triton.jit
+def _tile_start(t, phase: tl.constexpr, r0, NA, NB, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First column of the ``t``-th tile of ``phase`` (see :func:`_tile_count`): phase 0 skips
+    the band of tiles [lo, hi) that hold the diagonal; phase 1 visits that band, then the partial
+    last tile, or every tile in order when some rows are past NA."""
+    n_full = NB // BLOCK_N
+    lo = tl.minimum(r0 // BLOCK_N, n_full)
+    hi = tl.minimum(tl.cdiv(r0 + BLOCK_M, BLOCK_N), n_full)
+    if phase == 0:
+        c = t + tl.where(t >= lo, hi - lo, 0)
+    else:
+        c = tl.where(r0 + BLOCK_M <= NA, tl.where(t < hi - lo, lo + t, n_full), t)
+    return c * BLOCK_N
+
+
+@triton.jit
 def _load_rows(ptr, idx, mask, ks, D, stride, UPCAST: tl.constexpr):
     """Rows ``idx`` and columns ``ks`` of a row-major matrix, zero outside (float32 if UPCAST)."""
     t = tl.load(
@@ -109,7 +142,8 @@ def _logits_tile(
     a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
     stride_b, scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SINGLE_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_K: tl.constexpr, CHECK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, with its masks (valid
     entries, the diagonal i == j, the entries the logsumexp keeps) and the B rows it loaded.
@@ -135,8 +169,12 @@ def _logits_tile(
         ra = tl.load(RA_ptr + rows, mask=row_mask, other=0.0)
         rb = tl.load(RB_ptr + cols, mask=col_mask, other=0.0)
     logits, f, dfdp = _energy(acc, ra[:, None], rb[None, :], scale, bias, ENERGY)
-    valid = row_mask[:, None] & col_mask[None, :]
-    diag = rows[:, None] == cols[None, :]
+    if CHECK:
+        valid = row_mask[:, None] & col_mask[None, :]
+        diag = rows[:, None] == cols[None, :]
+    else:  # an interior tile: constant masks, which the compiler folds away
+        valid = tl.full((BLOCK_M, BLOCK_N), True, tl.int1)
+        diag = tl.full((BLOCK_M, BLOCK_N), False, tl.int1)
     if MASK_DIAG:
         keep = valid & ~diag
     else:
@@ -249,52 +287,58 @@ def stats_kernel(
     u_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     v_acc = tl.zeros((BLOCK_M,), tl.float32)
     w_acc = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, NB, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < NB
-        logits, f, dfdp, valid, diag, keep, b_rows = _logits_tile(
-            a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
-            stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
-            SINGLE_K, PRECISION, UPCAST,
-        )  # fmt: skip
-        logits = tl.where(diag, pos[:, None], logits)
-        if LSE:
-            # Subtract the running max before going to base 2: scaling large logits first
-            # would round away their low bits (|L| ~ 1e4 loses 1e-3).
-            z = tl.where(keep, logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2((m_i - m_safe) * LOG2E)
-            e = tl.exp2((z - m_safe[:, None]) * LOG2E)
-            s_i = s_i * alpha + tl.sum(e, 1)
-            if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
-                e = tl.where(diag, 0.0, e)  # the diagonal's share is added exactly outside
-                w = e * dfdp
-                u_acc = _weighted_rows(
-                    w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, u_acc * alpha[:, None],
-                    SINGLE_K, PRECISION, UPCAST,
-                )  # fmt: skip
-                v_acc = v_acc * alpha + tl.sum(w, 1)
-                w_acc = w_acc * alpha + tl.sum(e * f, 1)
-            m_i = m_new
-        if SOFTPLUS:
-            sp, _ = _softplus_sigmoid(logits)
-            sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
-        if PAIR != 0:
-            term, slope = _pair_term(logits - pos[:, None], PAIR)
-            off = valid & ~diag
-            pair_i += tl.sum(tl.where(off, term, 0.0), 1)
-            slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
-        if METRICS:
-            lv = tl.where(valid, logits, float("-inf"))
-            tile_best = tl.max(lv, 1)
-            tile_arg = tl.argmax(lv, 1).to(tl.int32) + n0
-            better = tile_best > best_i
-            arg_i = tl.where(better, tile_arg, arg_i)
-            best_i = tl.where(better, tile_best, best_i)
-            sum_i += tl.sum(tl.where(valid, logits, 0.0), 1)
-            hit = (logits > 0.0) == diag
-            cnt_i += tl.sum(tl.where(valid & hit, 1.0, 0.0), 1)
+    # Interior tiles first, without masks (every entry valid, none on the diagonal), then
+    # the checked ones: the diagonal band, the last partial tile, all tiles of partial rows.
+    for phase in tl.static_range(2):
+        r0 = pid * BLOCK_M
+        for t in range(0, _tile_count(phase, r0, NA, NB, BLOCK_M, BLOCK_N)):
+            n0 = _tile_start(t, phase, r0, NA, NB, BLOCK_M, BLOCK_N)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < NB
+            logits, f, dfdp, valid, diag, keep, b_rows = _logits_tile(
+                a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
+                stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+                SINGLE_K, phase == 1, PRECISION, UPCAST,
+            )  # fmt: skip
+            logits = tl.where(diag, pos[:, None], logits)
+            if LSE:
+                # Subtract the running max before going to base 2: scaling large logits first
+                # would round away their low bits (|L| ~ 1e4 loses 1e-3).
+                z = tl.where(keep, logits, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(z, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2((m_i - m_safe) * LOG2E)
+                e = tl.exp2((z - m_safe[:, None]) * LOG2E)
+                s_i = s_i * alpha + tl.sum(e, 1)
+                if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
+                    e = tl.where(diag, 0.0, e)  # the diagonal's share is added exactly outside
+                    w = e * dfdp
+                    u_acc = _weighted_rows(
+                        w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, u_acc * alpha[:, None],
+                        SINGLE_K, PRECISION, UPCAST,
+                    )  # fmt: skip
+                    v_acc = v_acc * alpha + tl.sum(w, 1)
+                    w_acc = w_acc * alpha + tl.sum(e * f, 1)
+                m_i = m_new
+            if SOFTPLUS:
+                sp, _ = _softplus_sigmoid(logits)
+                sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
+            if PAIR != 0:
+                term, slope = _pair_term(logits - pos[:, None], PAIR)
+                off = valid & ~diag
+                pair_i += tl.sum(tl.where(off, term, 0.0), 1)
+                slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
+            if METRICS:
+                lv = tl.where(valid, logits, float("-inf"))
+                tile_best = tl.max(lv, 1)
+                tile_arg = tl.argmax(lv, 1).to(tl.int32) + n0
+                # The first index among ties, as torch.argmax, whatever the order of tiles.
+                better = (tile_best > best_i) | ((tile_best == best_i) & (tile_arg < arg_i))
+                arg_i = tl.where(better, tile_arg, arg_i)
+                best_i = tl.where(better, tile_best, best_i)
+                sum_i += tl.sum(tl.where(valid, logits, 0.0), 1)
+                hit = (logits > 0.0) == diag
+                cnt_i += tl.sum(tl.where(valid & hit, 1.0, 0.0), 1)
     if LSE:
         # Rows past NA have s_i = 0; keep log2 finite there (they are never stored).
         s_safe = tl.where(row_mask, s_i, 1.0)
@@ -358,59 +402,64 @@ def grad_kernel(
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
     sp_i = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, NB, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < NB
-        logits, f, dfdp, valid, diag, lse_keep, b_rows = _logits_tile(
-            a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
-            stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
-            SINGLE_K, PRECISION, UPCAST,
-        )  # fmt: skip
-        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if XLSE:
+    # Interior tiles first, without masks (every entry valid, none on the diagonal), then
+    # the checked ones: the diagonal band, the last partial tile, all tiles of partial rows.
+    for phase in tl.static_range(2):
+        r0 = pid * BLOCK_M
+        for t in range(0, _tile_count(phase, r0, NA, NB, BLOCK_M, BLOCK_N)):
+            n0 = _tile_start(t, phase, r0, NA, NB, BLOCK_M, BLOCK_N)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < NB
+            logits, f, dfdp, valid, diag, lse_keep, b_rows = _logits_tile(
+                a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
+                stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+                SINGLE_K, phase == 1, PRECISION, UPCAST,
+            )  # fmt: skip
+            g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            if XLSE:
+                if X_IS_A:
+                    xlse, g_xlse = xlse_o, g_xlse_o
+                else:
+                    xlse = tl.load(XLSE_ptr + cols, mask=col_mask, other=0.0)
+                    g_xlse = tl.load(G_XLSE_ptr + cols, mask=col_mask, other=0.0)
+                p = tl.exp2((logits - _by_x(xlse, X_IS_A)) * LOG2E)
+                g += tl.where(lse_keep, _by_x(g_xlse, X_IS_A) * p, 0.0)
+            if YLSE:
+                if X_IS_A:
+                    ylse = tl.load(YLSE_ptr + cols, mask=col_mask, other=0.0)
+                    g_ylse = tl.load(G_YLSE_ptr + cols, mask=col_mask, other=0.0)
+                    p = tl.exp2((logits - ylse[None, :]) * LOG2E)
+                    g += tl.where(lse_keep, g_ylse[None, :] * p, 0.0)
+                else:
+                    p = tl.exp2((logits - ylse_o[:, None]) * LOG2E)
+                    g += tl.where(lse_keep, g_ylse_o[:, None] * p, 0.0)
+            if SOFTPLUS:
+                if X_IS_A:
+                    g_sp = g_sp_o
+                else:
+                    g_sp = tl.load(G_SP_ptr + cols, mask=col_mask, other=0.0)
+                sp, sig = _softplus_sigmoid(logits)
+                g += tl.where(valid, _by_x(g_sp, X_IS_A) * sig, 0.0)
+                if FWD:  # the loss's own statistic, from the same exp (off the diagonal)
+                    sp_i += tl.sum(tl.where(valid & ~diag, sp, 0.0), 1)
+            if PAIR != 0:
+                if X_IS_A:
+                    pos, g_pair = pos_o, g_pair_o
+                else:
+                    pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
+                    g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
+                _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
+                g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
+            g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
+            h = g * scale * dfdp
+            acc = _weighted_rows(
+                h, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K, PRECISION, UPCAST
+            )
+            if ENERGY != 0:
+                h_sum += tl.sum(h, 1)
             if X_IS_A:
-                xlse, g_xlse = xlse_o, g_xlse_o
-            else:
-                xlse = tl.load(XLSE_ptr + cols, mask=col_mask, other=0.0)
-                g_xlse = tl.load(G_XLSE_ptr + cols, mask=col_mask, other=0.0)
-            p = tl.exp2((logits - _by_x(xlse, X_IS_A)) * LOG2E)
-            g += tl.where(lse_keep, _by_x(g_xlse, X_IS_A) * p, 0.0)
-        if YLSE:
-            if X_IS_A:
-                ylse = tl.load(YLSE_ptr + cols, mask=col_mask, other=0.0)
-                g_ylse = tl.load(G_YLSE_ptr + cols, mask=col_mask, other=0.0)
-                p = tl.exp2((logits - ylse[None, :]) * LOG2E)
-                g += tl.where(lse_keep, g_ylse[None, :] * p, 0.0)
-            else:
-                p = tl.exp2((logits - ylse_o[:, None]) * LOG2E)
-                g += tl.where(lse_keep, g_ylse_o[:, None] * p, 0.0)
-        if SOFTPLUS:
-            if X_IS_A:
-                g_sp = g_sp_o
-            else:
-                g_sp = tl.load(G_SP_ptr + cols, mask=col_mask, other=0.0)
-            sp, sig = _softplus_sigmoid(logits)
-            g += tl.where(valid, _by_x(g_sp, X_IS_A) * sig, 0.0)
-            if FWD:  # the loss's own statistic, from the same exp (off the diagonal)
-                sp_i += tl.sum(tl.where(valid & ~diag, sp, 0.0), 1)
-        if PAIR != 0:
-            if X_IS_A:
-                pos, g_pair = pos_o, g_pair_o
-            else:
-                pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
-                g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
-            _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
-            g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
-        g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
-        h = g * scale * dfdp
-        acc = _weighted_rows(
-            h, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K, PRECISION, UPCAST
-        )
-        if ENERGY != 0:
-            h_sum += tl.sum(h, 1)
-        if X_IS_A:
-            dscale += tl.sum(g * f, 1)
-            dbias += tl.sum(g, 1)
+                dscale += tl.sum(g * f, 1)
+                dbias += tl.sum(g, 1)
     rows64 = rows.to(tl.int64)[:, None]
     out_mask = row_mask[:, None] & dmask[None, :]
     if ENERGY != 0 or HAS_HD:

@@ -13,10 +13,11 @@ on all cores, before the serial GPU tests).
     python tests/compile_kernels.py [--quick] [--autotune] [--only REGEX] [--set num_warps=4]
                                     [--sass]
 
-``--sass`` adds, per variant, the instructions issued per logit in the loop over column tiles
-(from the cubin's SASS, counted over all threads of a program and divided by the tile's logits)
-and how many of them are special-function (MUFU) ops: a static cost model, not a timing. An
-H100 issues at most 4 warp-instructions per SM per clock and 16 MUFU ops.
+``--sass`` adds, per variant, the instructions issued per logit in the loop over interior column
+tiles (those off the diagonal, which need no masks), from the cubin's SASS, counted over all
+threads of a program and divided by the tile's logits, and how many of them are special-function
+(MUFU) ops: a static cost model, not a timing. An H100 issues at most 4 warp-instructions per SM
+per clock and 16 MUFU ops.
 
 Run by ``tests/test_kernels_compile.py`` in a subprocess (TRITON_INTERPRET must be unset).
 Prints one line per variant; exits 1 if any fails to compile or does not fit.
@@ -197,8 +198,8 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
 
 
 def _loop_cost(cubin: bytes, v: Variant) -> str:
-    """Issued instructions and MUFU ops per logit in the kernel's longest loop (the column
-    loop; a K loop inside it is counted once, as for d <= BLOCK_K)."""
+    """Issued instructions and MUFU ops per logit in the kernel's first outer loop: the loop over
+    interior column tiles (a K loop inside it is counted once, as for d <= BLOCK_K)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -211,7 +212,8 @@ def _loop_cost(cubin: bytes, v: Variant) -> str:
     loops = [(lo, hi) for lo, hi in back_edges if lo < hi]
     if not loops or "BLOCK_N" not in v.kwargs:
         return ""
-    lo, hi = max(loops, key=lambda edge: edge[1] - edge[0])
+    outer = [(lo, hi) for lo, hi in loops if not any(a < lo and hi < b for a, b in loops)]
+    lo, hi = min(outer)  # the first column loop: interior tiles (checked tiles follow)
     body = [op for at, op in code if lo <= at <= hi]
     per = 32 * v.kwargs["num_warps"] / (v.kwargs["BLOCK_M"] * v.kwargs["BLOCK_N"])
     mufu = sum("MUFU" in op for op in body)

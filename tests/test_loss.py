@@ -264,6 +264,16 @@ def test_module_learns_scale_and_bias(backend):
     }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_ties_take_the_first_column(backend):
+    """All logits equal: every row's argmax is column 0, as torch.argmax says, though the Triton
+    kernels visit the tiles off the diagonal before the diagonal's own (rows 0..63 see column 64
+    before column 0)."""
+    phi, psi = torch.zeros(100, 8), torch.zeros(130, 8)
+    _, metrics = contrastive_loss(phi, psi, loss="infonce", return_metrics=True, backend=backend)
+    assert metrics["categorical_accuracy"].item() == pytest.approx(1 / 100)
+
+
 def test_compiles_without_graph_breaks():
     phi, psi = _inputs(16, 16, 8, seed=8)
     phi.requires_grad_()
