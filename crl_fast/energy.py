@@ -29,10 +29,16 @@ def check_energy(energy: str) -> None:
         raise ValueError(f"energy must be one of {ENERGIES}, got {energy!r}")
 
 
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to norm 1 (a zero row stays zero), normalised in float32 or wider: in float16
+    the norm overflows past 65504 and ``F.normalize``'s eps of 1e-12 rounds to 0."""
+    return F.normalize(t.to(accumulate_dtype(t.dtype)), dim=-1).to(t.dtype)
+
+
 def kernel_inputs(phi: torch.Tensor, psi: torch.Tensor, energy: str):
     """The rows the fused kernels multiply: cosine normalises them, other energies pass them."""
     if energy == "cosine":
-        return F.normalize(phi, dim=-1), F.normalize(psi, dim=-1)
+        return _unit_rows(phi), _unit_rows(psi)
     return phi, psi
 
 
@@ -71,10 +77,20 @@ def pairwise_energy(
     This is the critic value the actor maximises; ``contrastive_loss`` uses it for positives.
     """
     check_energy(energy)
-    if phi.ndim != 2 or psi.ndim != 2 or psi.shape[0] < phi.shape[0]:
+    if (
+        phi.ndim != 2
+        or psi.ndim != 2
+        or psi.shape[0] < phi.shape[0]
+        or phi.shape[1] != psi.shape[1]
+    ):
         raise ValueError(
             f"pairwise_energy needs phi (B, d) and psi (M >= B, d), "
             f"got {tuple(phi.shape)} and {tuple(psi.shape)}"
+        )
+    if not (phi.is_floating_point() and phi.dtype == psi.dtype and phi.device == psi.device):
+        raise TypeError(
+            f"pairwise_energy needs floating-point phi and psi of one dtype on one device, got "
+            f"{phi.dtype} on {phi.device} and {psi.dtype} on {psi.device}"
         )
     x, y = kernel_inputs(phi, psi[: phi.shape[0]], energy)
     acc = accumulate_dtype(x.dtype)

@@ -8,6 +8,8 @@ backward. ``crl_fast.loss_reference`` writes the same losses on the full matrix.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +63,11 @@ class LossConfig:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         penalty = self.logsumexp_penalty
-        if not (isinstance(penalty, int | float) and math.isfinite(penalty) and penalty >= 0):
+        if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real):
+            raise TypeError(
+                f"logsumexp_penalty must be a real number, got {type(penalty).__name__}"
+            )
+        if not (math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"logsumexp_penalty must be a finite number >= 0, got {penalty!r}")
 
     def minimum_batch(self) -> tuple[int, int]:
@@ -110,7 +116,8 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor with one element")
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor with one element, got {got}")
         if t.device != phi.device:
             raise ValueError(f"{name} is on {t.device} but phi is on {phi.device}")
 
@@ -123,8 +130,18 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the Triton backend takes float16/bfloat16/float32, got {x.dtype}")
+        if not _triton_runs_on(x):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
+                "before importing triton to run the kernels on the CPU"
+            )
         return True
     return x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
+
+
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _online_applies(loss: str, d: int) -> bool:

@@ -487,12 +487,18 @@ def pair_stats(
 def _binary_loss_op(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, use_triton: bool
 ) -> Tensors5:
-    """Loss, (dx, dy) in the input dtypes and float32 (dscale, dbias) of the sigmoid loss with
-    labels = identity: dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean."""
+    """Loss, (dx, dy) and float32 (dscale, dbias) of the sigmoid loss with labels = identity:
+    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean.
+
+    (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
+    them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
+    carry sigmoid - [i == j] unscaled, w applied to the float32 sums (w H would underflow)."""
     b, m = x.shape[0], y.shape[0]
     w = 1.0 / (b * m) if mean else 1.0
+    wide = x.dtype == torch.float16
+    grad_dtype = _binary_grad_dtype(x.dtype)
     pos = _positives(x, y, scale, bias, energy)
-    g_sp = torch.full_like(pos, w)
+    g_sp = torch.full_like(pos, 1.0 if wide else w)
     empty = pos.new_empty(0)
     hd, dscale_ii, dbias_ii = _diagonal(
         x, y, scale, pos, None, None, -g_sp, None, None, g_sp, None, None, energy, False
@@ -504,6 +510,7 @@ def _binary_loss_op(
         s32, b32 = scale.float(), bias.float()
         grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
+        common |= {"out_dtype": grad_dtype}
         dx, dscale, dbias, sp_off = kernels.grad(
             x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
         )
@@ -515,16 +522,25 @@ def _binary_loss_op(
         softplus_sum = stats[2].sum()
         args = (x, y, scale, bias, pos, empty, empty, empty, empty, g_sp, empty, energy)
         dx, dy, dscale, dbias = _torch_grad(*args, False, PAIR_NONE)
-        dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype)
-        dy = (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype)
+        dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
+        dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
     loss = (softplus_sum - pos.sum()) * w
-    return loss, dx, dy, dscale + dscale_ii, dbias + dbias_ii
+    dscale, dbias = dscale + dscale_ii, dbias + dbias_ii
+    if wide:
+        dx, dy, dscale, dbias = dx * w, dy * w, dscale * w, dbias * w
+    return loss, dx, dy, dscale, dbias
+
+
+def _binary_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 @_binary_loss_op.register_fake
 def _(x, y, scale, bias, energy, mean, use_triton):
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
-    return scalar, torch.empty_like(x), torch.empty_like(y), scalar.clone(), scalar.clone()
+    grad_dtype = _binary_grad_dtype(x.dtype)
+    dx, dy = torch.empty_like(x, dtype=grad_dtype), torch.empty_like(y, dtype=grad_dtype)
+    return scalar, dx, dy, scalar.clone(), scalar.clone()
 
 
 def _binary_setup_context(ctx, inputs, output):

@@ -565,10 +565,17 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only when torch's matmul precision setting allows it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """tf32 for float32 only when torch's matmul precision setting allows it: the
+    ``fp32_precision`` setting where torch has it (reading the legacy one raises once the new
+    one is set), else ``get_float32_matmul_precision``."""
+    if dtype != torch.float32:
+        return "tf32"
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting is None:  # torch < 2.9
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if setting == "none":  # inherits the global setting
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if setting == "tf32" else "ieee"
 
 
 def _vector(n: int, wanted: bool, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -647,11 +654,12 @@ def grad(
     mask_diag: bool,
     pair: int,
     fwd: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradient for the rows of ``a`` in their dtype: (da, dscale_partials, dbias_partials,
-    softplus). The tiles give the off-diagonal part; ``hd`` (one per row of x: the diagonal's
-    dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2, norm) or ``hd_i b_i`` (dot)
-    from the exact difference of the paired rows.
+    """Gradient for the rows of ``a`` in their dtype (or ``out_dtype``): (da, dscale_partials,
+    dbias_partials, softplus). The tiles give the off-diagonal part; ``hd`` (one per row of x:
+    the diagonal's dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2, norm) or
+    ``hd_i b_i`` (dot) from the exact difference of the paired rows.
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
     partials (one per program, off-diagonal) are produced only when ``x_is_a``, the
@@ -668,7 +676,7 @@ def grad(
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
-        da = torch.empty_like(a)
+        da = torch.empty_like(a, dtype=out_dtype or a.dtype)
         dscale, dbias = _vector(n_prog, x_is_a, a), _vector(n_prog, x_is_a, a)
         sp = _vector(n_a, fwd, a)
         grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](

@@ -47,6 +47,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import native_specialize_impl
 
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
+from crl_fast import loss as loss_module
 from crl_fast.kernels import goal_sampling, pair_stats
 
 H100_SHARED_BYTES = 232_448
@@ -154,6 +155,7 @@ def _loss_cases(quick: bool):
 def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool) -> None:
     """Forward and backward of the losses, energies, dtypes and options the kernels specialise
     on."""
+    loss_module._triton_runs_on = lambda x: True  # CPU tensors: the launches are only recorded
     if autotune:  # record every candidate config instead of timing it
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
         pair_stats._time_or_inf = _record_candidate

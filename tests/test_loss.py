@@ -304,6 +304,7 @@ def test_compiles_without_graph_breaks():
         (torch.randn(4, 3), torch.randn(4, 3), {"energy": "cos"}, ValueError, "energy must be"),
         (torch.randn(4, 3), torch.randn(4, 3), {"reduction": "none"}, ValueError, "reduction"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": True}, TypeError, "penalty"),
         (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
         (torch.randn(1, 3), torch.randn(4, 3), {"loss": "flatnce_backward"}, ValueError, "phi"),
         (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, "log_scale"),
@@ -314,6 +315,69 @@ def test_compiles_without_graph_breaks():
 def test_bad_input_is_named(phi, psi, kwargs, error, match):
     with pytest.raises(error, match=match):
         contrastive_loss(phi, psi, **kwargs)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("phi", "psi", "error"),
+    [
+        (torch.ones(3, 1), torch.randn(3, 5), ValueError),
+        (torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 2, dtype=torch.int64), TypeError),
+        (torch.ones(3, 2), torch.ones(3, 2).double(), TypeError),
+    ],
+)
+def test_pairwise_energy_refuses_mismatched_rows(phi, psi, error):
+    with pytest.raises(error, match="pairwise_energy"):
+        pairwise_energy(phi, psi, "l2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_sigmoid_gradients_survive_loss_scaling(backend):
+    """GradScaler multiplies the loss by 2**16: the fused sigmoid loss (gradients made in forward)
+    must scale before rounding to float16, not overflow or lose the 1 / (B M) factor."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 64) / 8, torch.randn(256, 64)
+    psi = (torch.randn(256, 64) / 8).half()
+    w16 = w.clone().requires_grad_()
+    (contrastive_loss((x @ w16).half(), psi, backend=backend) * 2**16).backward()
+    w64 = w.double().requires_grad_()
+    reference_contrastive_loss(x.double() @ w64, psi.double()).backward()
+    grad = w16.grad.double() / 2**16
+    assert torch.isfinite(grad).all()
+    assert (grad - w64.grad).norm() / w64.grad.norm() < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_cosine_takes_zero_and_large_rows(backend):
+    """Rows are normalised in float32: float16's eps of 0 gave NaN for a zero row, and norms past
+    65504 overflowed to give zero rows."""
+    phi, psi = _inputs(6, 6, 64, dtype=torch.float16, seed=3)
+    phi[1] = 0.0
+    psi[2] = 1e4
+    value = contrastive_loss(phi, psi, loss="infonce", energy="cosine", backend=backend)
+    truth = reference_contrastive_loss(phi.double(), psi.double(), loss="infonce", energy="cosine")
+    assert torch.isfinite(value)
+    assert max_error(value, truth) < 1e-2
+
+
+def test_triton_reads_the_new_fp32_precision_setting():
+    """torch >= 2.9 raises on the legacy getter once ``fp32_precision`` is set."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch has no fp32_precision setting")
+    before = matmul.fp32_precision
+    phi, psi = _inputs(8, 8, 4)
+    try:
+        matmul.fp32_precision = "tf32"
+        value = contrastive_loss(phi, psi, backend="triton")
+    finally:
+        matmul.fp32_precision = before
+    assert max_error(value, reference_contrastive_loss(phi.double(), psi.double())) < 1e-3
 
 
 def test_cpu_path_memory_is_bounded():
