@@ -35,7 +35,8 @@ def step_batch(steps: int, num_envs: int, t0: int, device: str) -> dict[str, tor
         "action": torch.randn(steps, num_envs, ACT, device=device),
         "next_achieved_goal": torch.randn(steps, num_envs, GOAL, device=device),
         "terminated": torch.rand(steps, num_envs, device=device) < 1e-3,
-        "truncated": ((t + 1) % EPISODE == 0).expand(steps, num_envs),
+        # contiguous, as env outputs are: an expanded view would add a copy to each timed extend
+        "truncated": ((t + 1) % EPISODE == 0).expand(steps, num_envs).contiguous(),
     }
 
 

@@ -21,6 +21,7 @@ future stored.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -33,7 +34,6 @@ GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 _FLOAT_FIELDS = ("observation", "action", "next_achieved_goal")
 _FLAG_FIELDS = ("terminated", "truncated")
 _MAX_CAPACITY = 2**24  # offsets are computed in float32, exact up to 2**24
-_TRITON_MAX_WIDTH = 2**13  # 128-row sample tiles of at most 2**20 elements
 _BITS_HIGH = 2**62  # random int64 draws lie in [0, 2**62)
 
 
@@ -88,7 +88,8 @@ def sample_reference(
     u = (r2 & 0xFFFFFF).float() * 2.0**-24
     u_mix = ((r2 >> 24) & 0xFFFFFF).float() * 2.0**-24
     if mode == 0:  # geometric, truncated at L and renormalised
-        j = torch.log(1.0 - u * (1.0 - torch.exp(len_f * log_gamma))) * inv_log_gamma
+        # log(1 - u (1 - gamma^L)), as log1p/expm1: no cancellation for gamma near 1.
+        j = torch.log1p(u * torch.expm1(len_f * log_gamma)) * inv_log_gamma
     elif mode == 1:  # untruncated geometric, clamped to L
         j = torch.log(1.0 - u) * inv_log_gamma
     elif mode == 2:  # uniform on 1..L
@@ -147,7 +148,8 @@ class TrajectoryBuffer:
     anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
     where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in).
 
-    On CUDA (``backend="auto"``) ``sample`` is one random draw plus one Triton launch and
+    On CUDA (``backend="auto"``) ``sample`` is two launches (a ``torch.randint`` draw, then one
+    Triton kernel) and
     ``extend`` one Triton launch; ``backend="torch"`` or ``"triton"`` forces a path (Triton on
     CPU tensors needs TRITON_INTERPRET=1).
     To capture ``sample`` in a CUDA graph with the buffer's own ``generator``, register it with
@@ -198,17 +200,8 @@ class TrajectoryBuffer:
         )
         self.device = _resolve_device(device)
         self.dtype = dtype
-        # Triton tiles hold at most 2**20 elements: sample() takes 128 rows of obs + action.
-        fits = max(obs_dim + action_dim, goal_dim) <= _TRITON_MAX_WIDTH
-        if backend == "triton" and not fits:
-            raise ValueError(
-                f"the Triton sampler takes obs_dim + action_dim and goal_dim up to "
-                f"{_TRITON_MAX_WIDTH}, got {obs_dim + action_dim} and {goal_dim}: "
-                "use backend='torch'"
-            )
-        self._use_triton = backend == "triton" or (
-            backend == "auto" and self.device.type == "cuda" and fits
-        )
+        # The kernels copy rows in chunks of at most 64 columns: any width takes the Triton path.
+        self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self._log_gamma = _f32(math.log(gamma))
         self._inv_log_gamma = _f32(1.0 / self._log_gamma)
 
@@ -423,6 +416,7 @@ class TrajectoryBuffer:
         }
 
     def _config(self) -> dict[str, Any]:
+        """What a state must match to be loaded: shapes, dtype and the sampling law."""
         return {
             "capacity": self._capacity,
             "num_envs": self.num_envs,
@@ -430,6 +424,10 @@ class TrajectoryBuffer:
             "action_dim": self.action_dim,
             "goal_dim": self.goal_dim,
             "dtype": str(self.dtype),
+            "gamma": self._gamma,
+            "goal_mode": self.goal_mode,
+            "random_goal_fraction": self.random_goal_fraction,
+            "current_goal_fraction": self.current_goal_fraction,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -439,17 +437,62 @@ class TrajectoryBuffer:
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` in place (addresses kept, so CUDA graphs stay valid)."""
-        if dict(state_dict.get("config", {})) != self._config():
+        """Restore a :meth:`state_dict` in place (addresses kept, so CUDA graphs stay valid).
+
+        Everything is checked before anything is written: a state that does not fit (another
+        config or sampling law, wrong shapes, a generator state from another device type)
+        raises ``ValueError`` and leaves the buffer as it was.
+        """
+        config = state_dict.get("config")
+        if not isinstance(config, Mapping):
+            raise ValueError("state_dict has no 'config': not a TrajectoryBuffer state")
+        mine = self._config()
+        for key, value in mine.items():
+            if key not in config or config[key] != value:
+                raise ValueError(
+                    f"state_dict was saved from a buffer with config {key}="
+                    f"{config.get(key, '<missing>')!r}, this one has {key}={value!r}"
+                )
+        extra = sorted(set(config) - set(mine))
+        if extra:
+            raise ValueError(f"state_dict config has unknown fields {extra}")
+        tensors = self._state_tensors()
+        for name, dst in tensors.items():
+            src = state_dict.get(name)
+            if not isinstance(src, torch.Tensor):
+                raise ValueError(f"state_dict[{name!r}] must be a tensor, got {type(src).__name__}")
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(
+                    f"state_dict[{name!r}] is {src.dtype} {list(src.shape)}, "
+                    f"the buffer's is {dst.dtype} {list(dst.shape)}"
+                )
+        step = state_dict.get("step")
+        try:
+            step = -1 if isinstance(step, bool) else operator.index(step)
+        except TypeError:
+            step = -1
+        if step < 0:
             raise ValueError(
-                f"state_dict was saved from a buffer with config {state_dict.get('config')}, "
-                f"this one has {self._config()}"
+                f"state_dict['step'] must be a non-negative int, got {state_dict.get('step')!r}"
             )
-        for name, dst in self._state_tensors().items():
+        gen_state = state_dict.get("generator")
+        if not isinstance(gen_state, torch.Tensor):
+            raise ValueError("state_dict['generator'] must be a generator state tensor")
+        gen_state = gen_state.cpu()
+        probe = torch.Generator(device=self.device)
+        try:  # a CUDA generator's state does not fit a CPU generator, and vice versa
+            probe.set_state(gen_state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"state_dict['generator'] ({gen_state.numel()} bytes) is not a state of this "
+                f"buffer's {self.device.type} generator ({self.generator.get_state().numel()} "
+                f"bytes): {err}"
+            ) from err
+        for name, dst in tensors.items():
             dst.copy_(state_dict[name])
-        self._step = int(state_dict["step"])
-        self._step_t.fill_(self._step)
-        self.generator.set_state(state_dict["generator"].cpu())
+        self._step = step
+        self._step_t.fill_(step)
+        self.generator.set_state(gen_state)
 
     def __repr__(self) -> str:
         return (

@@ -1,10 +1,14 @@
 """Triton kernels for a lockstep ring of trajectory segments.
 
-``sample`` draws, in one launch, uniform anchor rows and a target row later in the anchor's
-segment (offset by inverse CDF), and gathers both. ``extend`` appends steps for all streams and
-updates the segment bookkeeping in one launch. The maths is defined by the torch reference in
-``crl_fast.buffer``: under TRITON_INTERPRET=1 the kernels match it bit for bit; on a GPU the
-float32 exp/log may round differently, moving a rare offset that sits on a boundary by one.
+``sample`` draws uniform anchor rows and a target row later in the anchor's segment (offset by
+inverse CDF), and gathers both, in one launch (the random bits it reads are drawn by a second,
+``torch.randint``). ``extend`` appends steps for all streams and updates the segment bookkeeping
+in one launch. Both copy rows in chunks of at most ``_MAX_BLOCK_W`` columns, so the tile a program
+holds is bounded whatever the row width. The maths is defined by the torch reference in
+``crl_fast.buffer``; the kernels compute it in float32 with the same operations, but their
+exp/log/log1p/expm1 (libdevice on a GPU, numpy under TRITON_INTERPRET=1) may round differently
+from torch's by an ulp, which moves a rare offset that sits on a boundary by one step (within the
+same segment). Anchors, mixing decisions and the bookkeeping are exact.
 
 Layout: ``rows[capacity, streams, width]`` hold ``[anchor_a | anchor_b | target]`` columns;
 ``segment[capacity, streams]`` the absolute segment index of each row; ``segment_end[capacity,
@@ -14,12 +18,62 @@ streams]`` the last absolute step of segment ``s`` at slot ``s % capacity`` (-1 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 GEOMETRIC, CLAMP, UNIFORM, FINAL = 0, 1, 2, 3
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
+_MAX_BLOCK_W = 32
+"""Columns a program copies per loop iteration: tiles of at most 128 x 32 (sample), 32 x 32
+(extend) elements, so wide rows (pixels) neither spill nor slow the compile."""
+
+
+def _block_w(width: int) -> int:
+    return min(_MAX_BLOCK_W, triton.next_power_of_2(width))
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
+
+    @triton.jit
+    def _log1p(x):
+        """Goldberg: log(1 + x) = log(u) * x / (u - 1) with u = 1 + x rounded (x where u == 1);
+        a few ulp, like libdevice's log1pf."""
+        u = 1.0 + x
+        d = tl.where(u == 1.0, 1.0, u - 1.0)
+        return tl.where(u == 1.0, x, tl.log(u) * (x / d))
+
+    @triton.jit
+    def _expm1(x):
+        """Kahan: exp(x) - 1 = (u - 1) * x / log(u) with u = exp(x) rounded (x where u == 1,
+        -1 where u - 1 rounds to -1)."""
+        u = tl.exp(x)
+        ok = (u != 1.0) & (u - 1.0 != -1.0)
+        r = (u - 1.0) * (x / tl.log(tl.where(ok, u, 2.0)))
+        return tl.where(ok, r, tl.where(u == 1.0, x, -1.0))
+
+else:
+
+    @triton.jit
+    def _log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def _expm1(x):
+        return libdevice.expm1(x)
+
+
+@triton.jit
+def _copy_columns(src, dst, m2, width, BLOCK_W: tl.constexpr):
+    """``dst[r, c] = src[r, c]`` for ``c < width`` and the rows where ``m2`` ([R, 1]) holds, in
+    chunks of BLOCK_W columns; ``src`` and ``dst`` point at each row's first column ([R, 1])."""
+    cols = tl.arange(0, BLOCK_W)[None, :]
+    for c0 in range(0, width, BLOCK_W):
+        mc = m2 & (c0 + cols < width)
+        tl.store(dst + (c0 + cols), tl.load(src + (c0 + cols), mask=mc), mask=mc)
 
 
 @triton.jit
@@ -44,11 +98,12 @@ def _sample_kernel(
     th_cur,
     MODE: tl.constexpr,
     BLOCK: tl.constexpr,
-    BLOCK_AB: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: B * width may pass 2**31
     m = offs < B
     r0 = tl.load(bits_ptr + offs * 3, mask=m, other=0)
     r1 = tl.load(bits_ptr + offs * 3 + 1, mask=m, other=0)
@@ -74,8 +129,8 @@ def _sample_kernel(
     u = (r2 & 0xFFFFFF).to(tl.float32) * _INV_2_24
     u_mix = ((r2 >> 24) & 0xFFFFFF).to(tl.float32) * _INV_2_24
     if MODE == 0:
-        x = u * (1.0 - tl.exp(len_f * log_gamma))
-        j = tl.log(1.0 - x) * inv_log_gamma
+        # log(1 - u (1 - gamma^L)) without cancellation for gamma near 1.
+        j = _log1p(u * _expm1(len_f * log_gamma)) * inv_log_gamma
     elif MODE == 1:
         j = tl.log(1.0 - u) * inv_log_gamma
     elif MODE == 2:
@@ -98,20 +153,15 @@ def _sample_kernel(
     target_env = tl.where(is_rand, ridx % N, env)
     target_row = target_t % CAP
 
+    # Copy in chunks of at most _MAX_BLOCK_W columns: anchor row [a | b] -> out_a, out_b; the
+    # target row's t -> out_t.
     W = A_W + B_W + T_W
-    cols = tl.arange(0, BLOCK_AB)
-    src = rows_ptr + (row * N + env)[:, None] * W + cols[None, :]
-    vals = tl.load(src, mask=m[:, None] & (cols < A_W + B_W)[None, :], other=0.0)
-    ma = m[:, None] & (cols < A_W)[None, :]
-    tl.store(out_a_ptr + offs[:, None] * A_W + cols[None, :], vals, mask=ma)
-    mb = m[:, None] & ((cols >= A_W) & (cols < A_W + B_W))[None, :]
-    tl.store(out_b_ptr + offs[:, None] * B_W + (cols - A_W)[None, :], vals, mask=mb)
-
-    tcols = tl.arange(0, BLOCK_T)
-    mt = m[:, None] & (tcols < T_W)[None, :]
-    tsrc = rows_ptr + (target_row * N + target_env)[:, None] * W + (A_W + B_W) + tcols[None, :]
-    tvals = tl.load(tsrc, mask=mt, other=0.0)
-    tl.store(out_target_ptr + offs[:, None] * T_W + tcols[None, :], tvals, mask=mt)
+    m2 = m[:, None]
+    src = rows_ptr + ((row * N + env) * W)[:, None]
+    tsrc = rows_ptr + ((target_row * N + target_env) * W + (A_W + B_W))[:, None]
+    _copy_columns(src, out_a_ptr + offs[:, None] * A_W, m2, A_W, BLOCK_A)
+    _copy_columns(src + A_W, out_b_ptr + offs[:, None] * B_W, m2, B_W, BLOCK_B)
+    _copy_columns(tsrc, out_target_ptr + offs[:, None] * T_W, m2, T_W, BLOCK_T)
 
 
 def sample(
@@ -164,8 +214,9 @@ def sample(
         th_cur,
         MODE=mode,
         BLOCK=block,
-        BLOCK_AB=triton.next_power_of_2(a_w + b_w),
-        BLOCK_T=triton.next_power_of_2(t_w),
+        BLOCK_A=_block_w(a_w),
+        BLOCK_B=_block_w(b_w),
+        BLOCK_T=_block_w(t_w),
     )
     return out_a, out_b, out_t
 
@@ -193,7 +244,9 @@ def _extend_kernel(
     C_W,
     step0,
     BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     envs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,10 +260,6 @@ def _extend_kernel(
         seg += ((f0 | f1) != 0).to(tl.int64)
 
     W = A_W + B_W + C_W
-    cols = tl.arange(0, BLOCK_W)
-    in_a = cols < A_W
-    in_b = (cols >= A_W) & (cols < A_W + B_W)
-    in_c = (cols >= A_W + B_W) & (cols < W)
     m2 = m[:, None]
     base = step0.to(tl.int64)
     for i in range(DROP, T):
@@ -226,13 +275,11 @@ def _extend_kernel(
         tl.store(segment_ptr + dst, seg, mask=m)
         tl.store(flag0_out_ptr + dst, f0, mask=m)
         tl.store(flag1_out_ptr + dst, f1, mask=m)
-        va = tl.load(a_ptr + src[:, None] * A_W + cols[None, :], mask=m2 & in_a[None, :])
-        vb = tl.load(b_ptr + src[:, None] * B_W + (cols - A_W)[None, :], mask=m2 & in_b[None, :])
-        vc = tl.load(
-            c_ptr + src[:, None] * C_W + (cols - A_W - B_W)[None, :], mask=m2 & in_c[None, :]
-        )
-        v = tl.where(in_a[None, :], va, tl.where(in_b[None, :], vb, vc))
-        tl.store(rows_ptr + dst[:, None] * W + cols[None, :], v, mask=m2 & (cols < W)[None, :])
+        # Row [a | b | c] in chunks of at most _MAX_BLOCK_W columns.
+        out = rows_ptr + (dst * W)[:, None]
+        _copy_columns(a_ptr + (src * A_W)[:, None], out, m2, A_W, BLOCK_A)
+        _copy_columns(b_ptr + (src * B_W)[:, None], out + A_W, m2, B_W, BLOCK_B)
+        _copy_columns(c_ptr + (src * C_W)[:, None], out + (A_W + B_W), m2, C_W, BLOCK_C)
         seg += done.to(tl.int64)
     tl.store(open_ptr + envs, seg, mask=m)
     if pid == 0:
@@ -263,7 +310,7 @@ def extend(
     """
     steps, n = flag0.shape
     cap = segment.shape[0]
-    width = rows.shape[-1]
+    a_w, b_w, c_w = a.shape[-1], b.shape[-1], c.shape[-1]
     _extend_kernel[(triton.cdiv(n, block_n),)](
         a.contiguous(),
         b.contiguous(),
@@ -281,10 +328,12 @@ def extend(
         max(steps - cap, 0),
         n,
         cap,
-        a.shape[-1],
-        b.shape[-1],
-        c.shape[-1],
+        a_w,
+        b_w,
+        c_w,
         step0,
         BLOCK_N=block_n,
-        BLOCK_W=triton.next_power_of_2(width),
+        BLOCK_A=_block_w(a_w),
+        BLOCK_B=_block_w(b_w),
+        BLOCK_C=_block_w(c_w),
     )
