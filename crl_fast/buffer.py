@@ -31,6 +31,8 @@ import torch
 GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 """Future-goal offset laws; their index is the mode id the kernels use."""
 
+_SAMPLING_LAW = ("gamma", "goal_mode", "random_goal_fraction", "current_goal_fraction")
+"""Config fields that states saved before 2026-11-28 lack; such states load unchecked on them."""
 _FLOAT_FIELDS = ("observation", "action", "next_achieved_goal")
 _FLAG_FIELDS = ("terminated", "truncated")
 _MAX_CAPACITY = 2**24  # offsets are computed in float32, exact up to 2**24
@@ -448,6 +450,8 @@ class TrajectoryBuffer:
             raise ValueError("state_dict has no 'config': not a TrajectoryBuffer state")
         mine = self._config()
         for key, value in mine.items():
+            if key in _SAMPLING_LAW and key not in config:
+                continue  # saved before the sampling law was recorded: nothing to compare
             if key not in config or config[key] != value:
                 raise ValueError(
                     f"state_dict was saved from a buffer with config {key}="

@@ -436,6 +436,18 @@ def test_load_state_dict_rejects_mismatch_unchanged(field: str, value: object) -
             assert torch.equal(after[key], v), key
 
 
+def test_state_saved_before_the_sampling_law_was_recorded_loads() -> None:
+    """Checkpoints written before the config named gamma and the goal modes must still resume."""
+    src = make(seed=1)
+    src.extend(random_batch(20, 6, seed=0))
+    state = src.state_dict()
+    for key in ("gamma", "goal_mode", "random_goal_fraction", "current_goal_fraction"):
+        del state["config"][key]
+    buf = make(seed=2)
+    buf.load_state_dict(state)
+    assert buf.state_dict()["step"] == 20
+
+
 def test_len_capacity_clear() -> None:
     buf = make(capacity=4, num_envs=3)
     rec = Recorder(buf, [0.5] * 3, seed=0)
