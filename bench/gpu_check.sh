@@ -40,8 +40,8 @@ step() {
 }
 for stage in "${stages[@]}"; do
     case $stage in
-        compile) step compile 50 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+        compile) step compile 60 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
+        tests) step tests 140 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
         loss) step loss 175 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 45 python3 -m bench.bench_buffer ;;
