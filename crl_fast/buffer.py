@@ -202,7 +202,7 @@ class TrajectoryBuffer:
         )
         self.device = _resolve_device(device)
         self.dtype = dtype
-        # The kernels copy rows in chunks of at most 64 columns: any width takes the Triton path.
+        # The kernels copy rows in bounded chunks of columns: any width takes the Triton path.
         self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self._log_gamma = _f32(math.log(gamma))
         self._inv_log_gamma = _f32(1.0 / self._log_gamma)
