@@ -212,12 +212,13 @@ def _loop_cost(cubin: bytes, v: Variant) -> str:
         (int(m[1], 16), at) for at, op in code if (m := re.search(r"BRA .*0x([0-9a-f]+)", op))
     ]
     loops = [(lo, hi) for lo, hi in back_edges if lo < hi]
-    if not loops or "BLOCK_N" not in v.kwargs:
+    if not loops or not {"BLOCK_M", "BLOCK_N"} <= v.kwargs.keys():  # the pair-stats kernels
         return ""
     outer = [(lo, hi) for lo, hi in loops if not any(a < lo and hi < b for a, b in loops)]
     lo, hi = min(outer)  # the first column loop: interior tiles (checked tiles follow)
     body = [op for at, op in code if lo <= at <= hi]
-    per = 32 * v.kwargs["num_warps"] / (v.kwargs["BLOCK_M"] * v.kwargs["BLOCK_N"])
+    warps = v.kwargs.get("num_warps", 4)  # Triton's default where a launch leaves it out
+    per = 32 * warps / (v.kwargs["BLOCK_M"] * v.kwargs["BLOCK_N"])
     mufu = sum("MUFU" in op for op in body)
     return f"  {len(body) * per:5.1f} instr/logit {mufu * per:3.1f} MUFU/logit"
 
