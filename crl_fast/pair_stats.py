@@ -246,14 +246,14 @@ def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, 
 
 
 def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, softplus, pair,
-                  metrics, online):  # fmt: skip
+                  metrics, online, online_w):  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
         x, y, x_sq, y_sq, scale, bias, pos, energy=energy, lse=row_lse, mask_diag=mask_diag,
-        softplus=softplus, pair=pair, metrics=metrics, online=online,
+        softplus=softplus, pair=pair, metrics=metrics, online=online, online_w=online_w,
     )  # fmt: skip
     cl = rl.new_empty(0)
     if col_lse:
@@ -265,18 +265,18 @@ def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, s
 
 
 def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-                 g_pair, hd, energy, mask_diag, pair, need_dx=True):  # fmt: skip
+                 g_pair, hd, energy, mask_diag, pair, need_dx, need_scale):  # fmt: skip
     """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added in the kernels,
-    and the off-diagonal (dscale, dbias), float32."""
+    and the off-diagonal (dscale, dbias), float32 (zero unless ``need_dx`` and ``need_scale``)."""
     from crl_fast.kernels import pair_stats as kernels
 
     x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     grads = (g_row_lse, g_col_lse, g_softplus, g_pair, hd)
-    common = {"energy": energy, "mask_diag": mask_diag, "pair": pair}
+    common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
     dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
     if need_dx:
-        dx, dscale, dbias, _ = kernels.grad(
+        dx, dscale, dbias, _ = kernels.grad(  # empty partials (sum 0) unless need_scale
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True, **common
         )
     dy, *_ = kernels.grad(
@@ -302,12 +302,13 @@ def _pair_stats_op(
     pair: int,
     metrics: bool,
     online: bool,
+    online_w: bool,
     use_triton: bool,
 ) -> Tensors12:
     pos = _positives(x, y, scale, bias, energy)
     flags = (energy, row_lse, col_lse, mask_diag, softplus, pair, metrics)
     if use_triton:
-        return pos, *_triton_stats(x, y, scale, bias, pos, *flags, online)
+        return pos, *_triton_stats(x, y, scale, bias, pos, *flags, online, online_w)
     if online:
         raise ValueError("the online row sums are a Triton-path optimisation")
     return pos, *_torch_stats(x, y, scale, bias, pos, *flags)
@@ -315,7 +316,7 @@ def _pair_stats_op(
 
 @_pair_stats_op.register_fake
 def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, metrics, online,
-      use_triton):  # fmt: skip
+      online_w, use_triton):  # fmt: skip
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
 
@@ -335,7 +336,7 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
         vec(b, metrics),
         x.new_empty((b, x.shape[1]) if online else (0, x.shape[1]), dtype=acc),
         vec(b, online),
-        vec(b, online),
+        vec(b, online and online_w),
     )
 
 
@@ -357,13 +358,14 @@ def _pair_stats_backward_op(
     mask_diag: bool,
     pair: int,
     need_dx: bool,
+    need_scale: bool,
     use_triton: bool,
 ) -> Tensors4:
     """(dx or empty unless ``need_dx``, dy) in the input dtypes, the diagonal's ``hd`` included,
-    and the off-diagonal (dscale, dbias)."""
+    and the off-diagonal (dscale, dbias) (zero on the Triton path unless ``need_scale``)."""
     args = (x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
-        return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx)
+        return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
     dx, dy, dscale, dbias = _torch_grad(*args, energy, mask_diag, pair)
     dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype) if need_dx else x.new_empty(0)
     return dx, (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype), dscale, dbias
@@ -371,14 +373,14 @@ def _pair_stats_backward_op(
 
 @_pair_stats_backward_op.register_fake
 def _(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair, hd,
-      energy, mask_diag, pair, need_dx, use_triton):  # fmt: skip
+      energy, mask_diag, pair, need_dx, need_scale, use_triton):  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(y), scalar, scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, scale, bias, energy, _, _, mask_diag, _, pair, _, online, use_triton = inputs
+    x, y, scale, bias, energy, _, _, mask_diag, _, pair, _, online, _, use_triton = inputs
     stats = PairStats(*output)
     ctx.save_for_backward(
         x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_pair_slope,
@@ -410,7 +412,9 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
         part = scale * g_rl[r, None] * (u[r] - v[r, None] * x32 if energy else u[r])
         dx[r] = part + _diagonal_term(x[r], y[r], hd[r], energy)
     mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
-    return dx, (g_rl * w).sum(), (g_rl * mass).sum()
+    # W is kept only when the scale needs a gradient (a learnable bias alone needs no W)
+    dscale = (g_rl * w).sum() if w.numel() else g_rl.new_zeros(())
+    return dx, dscale, (g_rl * mass).sum()
 
 
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
@@ -422,7 +426,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
         for g in (g_pos, g_rl, g_cl, g_sp, g_pair)
     )
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
-        return (None,) * 13
+        return (None,) * 14
     hd, dscale_ii, dbias_ii = _diagonal(
         x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
         energy, mask_diag,
@@ -431,20 +435,23 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
     empty = pos.new_empty(0)
     grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
+    need_scale = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     dx, dy, dscale, dbias = _pair_stats_backward_op(
         x, y, scale, bias, pos, row_lse, col_lse, *grads, hd, energy, mask_diag, pair,
-        not online, use_triton,
+        not online, need_scale, use_triton,
     )  # fmt: skip
     if online:
         dx, dscale, dbias = _online_dx(
             x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w
         )
+    if not need_scale:
+        return dx, dy, None, None, *(None,) * 10
     return (
         dx,
         dy,
         (dscale + dscale_ii).to(scale.dtype),
         (dbias + dbias_ii).to(bias.dtype),
-    ) + (None,) * 9
+    ) + (None,) * 10
 
 
 torch.library.register_autograd("crl_fast::pair_stats", _backward, setup_context=_setup_context)
@@ -470,12 +477,13 @@ def pair_stats(
 
     ``scale`` and ``bias`` are 0-d tensors; the positives ``pos`` always come back. ``online``
     (Triton path, row lse, d <= 128) keeps the sums that let backward skip the pass over rows
-    for the row-lse terms.
+    for the row-lse terms (the one for dscale only when ``scale`` requires a gradient).
     """
     acc = accumulate_dtype(x.dtype)
+    online_w = online and torch.is_grad_enabled() and scale.requires_grad
     out = _pair_stats_op(
         x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, row_lse, col_lse,
-        mask_diag, softplus, pair, metrics, online, use_triton,
+        mask_diag, softplus, pair, metrics, online, online_w, use_triton,
     )  # fmt: skip
     return PairStats(*out)
 
@@ -485,10 +493,12 @@ def pair_stats(
 
 @torch.library.custom_op("crl_fast::binary_loss", mutates_args=())
 def _binary_loss_op(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, use_triton: bool
-) -> Tensors5:
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, scale_grad: bool,
+    use_triton: bool,
+) -> Tensors5:  # fmt: skip
     """Loss, (dx, dy) and float32 (dscale, dbias) of the sigmoid loss with labels = identity:
-    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean.
+    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean. Without
+    ``scale_grad`` the kernels skip (dscale, dbias): their off-diagonal part is then zero.
 
     (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
     them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
@@ -510,7 +520,7 @@ def _binary_loss_op(
         s32, b32 = scale.float(), bias.float()
         grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
-        common |= {"out_dtype": grad_dtype}
+        common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
         dx, dscale, dbias, sp_off = kernels.grad(
             x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
         )
@@ -536,7 +546,7 @@ def _binary_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @_binary_loss_op.register_fake
-def _(x, y, scale, bias, energy, mean, use_triton):
+def _(x, y, scale, bias, energy, mean, scale_grad, use_triton):
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     grad_dtype = _binary_grad_dtype(x.dtype)
     dx, dy = torch.empty_like(x, dtype=grad_dtype), torch.empty_like(y, dtype=grad_dtype)
@@ -551,7 +561,7 @@ def _binary_setup_context(ctx, inputs, output):
 def _binary_backward(ctx, g_loss, *_unused):
     _refuse_double_backward()
     grads = ((g_loss * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True))
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -566,6 +576,8 @@ def binary_loss_with_grads(
     """The sigmoid loss (labels = identity) whose forward also computes every gradient (two
     passes over the logits instead of three); backward only scales them by grad_output."""
     acc = accumulate_dtype(x.dtype)
+    scale_grad = torch.is_grad_enabled() and (scale.requires_grad or bias.requires_grad)
     return _binary_loss_op(
-        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, mean, use_triton
-    )[0]
+        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, mean, scale_grad,
+        use_triton,
+    )[0]  # fmt: skip

@@ -28,10 +28,11 @@ Column statistics are row statistics of the transpose: launch with A and B swapp
 Backward (``grad_kernel``): with upstream gradients of those statistics the logit gradient is
     G_ij = g_rlse_i exp(L_ij - rlse_i) + g_clse_j exp(L_ij - clse_j) + g_sp_i sigmoid(L_ij)
            + g_pair_i dpair(u_ij)                                          (i != j only)
-With H = G * scale * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
-    dA_i = sum_j H_ij B_j - A_i sum_j H_ij [l2, norm],   dscale = sum G f,   dbias = sum G.
-One launch with A = x gives dx and per-program partials of dscale/dbias; one with A = y gives
-dy (X_IS_A = False flips which index the x-indexed vectors follow). No atomics: deterministic.
+With H = G * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
+    dA_i = scale (sum_j H_ij B_j - A_i sum_j H_ij [l2, norm]),  dscale = sum G f,  dbias = sum G.
+``scale`` multiplies the program's sums once, not every logit. One launch with A = x gives dx
+and, with DSCALE, per-program partials of dscale/dbias; one with A = y gives dy (X_IS_A = False
+flips which index the x-indexed vectors follow). No atomics: deterministic.
 The caller passes the diagonal's H_ii (exact, O(B)); each program adds H_ii (B_i - A_i) (l2, norm)
 or H_ii B_i (dot) from the loaded rows themselves, so dA is accumulated in float32 and rounded once
 to the input dtype when stored. The tile H is rounded to the input dtype before its tensor-core
@@ -76,11 +77,11 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
         f = 2.0 * p - ra - rb
         dfdp = tl.full(p.shape, 2.0, tl.float32)
     else:
-        sq = ra + rb - 2.0 * p
-        q = tl.maximum(sq, 0.0) + NORM_EPS
+        # max(|x - y|^2, 0) + eps, with eps added to the row norms (once per row, not per logit)
+        q = tl.maximum((ra + NORM_EPS) + rb - 2.0 * p, NORM_EPS)
         inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
         f = -q * inv
-        dfdp = tl.where(sq > 0.0, inv, 0.0)
+        dfdp = tl.where(q > NORM_EPS, inv, 0.0)
     return scale * f + bias, f, dfdp
 
 
@@ -235,6 +236,13 @@ def _softplus_sigmoid(z):
 
 
 @triton.jit
+def _softmax_weight(f, scale, bias, lse):
+    """exp(L - lse) for L = scale f + bias: the bias goes into the per-row (or per-column) shift,
+    so one fused multiply-add gives L - lse, rounded once (L itself is never formed)."""
+    return tl.exp2((scale * f + (bias - lse)) * LOG2E)
+
+
+@triton.jit
 def _pair_term(u, PAIR: tl.constexpr):
     """DPO (PAIR 1): softplus(u) and sigmoid(u); IPO (PAIR 2): (u + 1)^2 and 2 (u + 1)."""
     if PAIR == 1:
@@ -262,6 +270,7 @@ def stats_kernel(
     NA, NB, NPOS, D, stride_a, stride_b,
     ENERGY: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
     SOFTPLUS: tl.constexpr, PAIR: tl.constexpr, METRICS: tl.constexpr, ONLINE: tl.constexpr,
+    ONLINE_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -318,7 +327,8 @@ def stats_kernel(
                         SINGLE_K, PRECISION, UPCAST,
                     )  # fmt: skip
                     v_acc = v_acc * alpha + tl.sum(w, 1)
-                    w_acc = w_acc * alpha + tl.sum(e * f, 1)
+                    if ONLINE_W:  # for dscale only
+                        w_acc = w_acc * alpha + tl.sum(e * f, 1)
                 m_i = m_new
             if SOFTPLUS:
                 sp, _ = _softplus_sigmoid(logits)
@@ -349,7 +359,8 @@ def stats_kernel(
             u_mask = row_mask[:, None] & (ds < D)[None, :]
             tl.store(u_ptrs, u_acc / s_safe[:, None], mask=u_mask)
             tl.store(V_ptr + rows, v_acc / s_safe, mask=row_mask)
-            tl.store(W_ptr + rows, w_acc / s_safe, mask=row_mask)
+            if ONLINE_W:
+                tl.store(W_ptr + rows, w_acc / s_safe, mask=row_mask)
     if SOFTPLUS:
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
     if PAIR != 0:
@@ -368,7 +379,7 @@ def grad_kernel(
     DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr,
     NA, NB, NHD, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
-    HAS_HD: tl.constexpr,
+    HAS_HD: tl.constexpr, DSCALE: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -422,16 +433,16 @@ def grad_kernel(
                 else:
                     xlse = tl.load(XLSE_ptr + cols, mask=col_mask, other=0.0)
                     g_xlse = tl.load(G_XLSE_ptr + cols, mask=col_mask, other=0.0)
-                p = tl.exp2((logits - _by_x(xlse, X_IS_A)) * LOG2E)
+                p = _softmax_weight(f, scale, bias, _by_x(xlse, X_IS_A))
                 g += tl.where(lse_keep, _by_x(g_xlse, X_IS_A) * p, 0.0)
             if YLSE:
                 if X_IS_A:
                     ylse = tl.load(YLSE_ptr + cols, mask=col_mask, other=0.0)
                     g_ylse = tl.load(G_YLSE_ptr + cols, mask=col_mask, other=0.0)
-                    p = tl.exp2((logits - ylse[None, :]) * LOG2E)
+                    p = _softmax_weight(f, scale, bias, ylse[None, :])
                     g += tl.where(lse_keep, g_ylse[None, :] * p, 0.0)
                 else:
-                    p = tl.exp2((logits - ylse_o[:, None]) * LOG2E)
+                    p = _softmax_weight(f, scale, bias, ylse_o[:, None])
                     g += tl.where(lse_keep, g_ylse_o[:, None] * p, 0.0)
             if SOFTPLUS:
                 if X_IS_A:
@@ -451,13 +462,13 @@ def grad_kernel(
                 _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
                 g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
             g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
-            h = g * scale * dfdp
+            h = g * dfdp
             acc = _weighted_rows(
                 h, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K, PRECISION, UPCAST
             )
             if ENERGY != 0:
                 h_sum += tl.sum(h, 1)
-            if X_IS_A:
+            if DSCALE:
                 dscale += tl.sum(g * f, 1)
                 dbias += tl.sum(g, 1)
     rows64 = rows.to(tl.int64)[:, None]
@@ -467,6 +478,7 @@ def grad_kernel(
         a = a.to(tl.float32)
     if ENERGY != 0:  # the squared norm's share: d/dA_i of -(ra_i) terms = -A_i sum_j H_ij
         acc -= h_sum[:, None] * a
+    acc *= scale
     if HAS_HD:  # the diagonal, from the exact difference of the paired rows
         hd = tl.load(HD_ptr + rows, mask=rows < NHD, other=0.0)
         o_mask = (rows < NB)[:, None] & dmask[None, :]
@@ -478,11 +490,11 @@ def grad_kernel(
             acc += hd[:, None] * o
     da_ptrs = DA_ptr + rows64 * stride_da + ds[None, :]
     tl.store(da_ptrs, acc.to(DA_ptr.dtype.element_ty), mask=out_mask)
-    if X_IS_A and pid_d == 0:
+    if DSCALE and pid_d == 0:
         tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
-        if FWD:
-            tl.store(SP_ptr + rows, sp_i, mask=row_mask)
+    if FWD and pid_d == 0:
+        tl.store(SP_ptr + rows, sp_i, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -600,14 +612,17 @@ def stats(
     pair: int,
     metrics: bool,
     online: bool = False,
+    online_w: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Row statistics of the logits of (a, b), whose diagonal is ``pos`` (the exact L_ii, one per
     row of x): (lse, softplus, pair, slope, argmax, sum, correct, U, V, W). Statistics not asked
-    for come back empty; U, V, W (``online``: needs ``lse`` and d <= ONLINE_MAX_D) are float32
-    (n_a, d), (n_a,), (n_a,) and leave the diagonal out."""
+    for come back empty; U, V (``online``: needs ``lse`` and d <= ONLINE_MAX_D) and W (only with
+    ``online_w`` too: it serves dscale alone) are float32 (n_a, d), (n_a,), (n_a,) and leave the
+    diagonal out."""
     n_a, d = a.shape
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
+    online_w = online and online_w
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         outs = (
@@ -620,17 +635,17 @@ def stats(
             _vector(n_a, metrics, a),
             torch.empty((n_a, d) if online else (0, d), dtype=torch.float32, device=a.device),
             _vector(n_a, online, a),
-            _vector(n_a, online, a),
+            _vector(n_a, online_w, a),
         )
         stats_kernel[(triton.cdiv(n_a, cfg["BLOCK_M"]),)](
             a, b, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0], d,
             a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
-            SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online,
+            SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online, ONLINE_W=online_w,
             PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **cfg,
         )  # fmt: skip
         return outs
 
-    flags = (energy, lse, mask_diag, softplus, pair, metrics, online)
+    flags = (energy, lse, mask_diag, softplus, pair, metrics, online, online_w)
     key = ("stats", a.dtype, _precision(a.dtype), _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, a.dtype, launch))
 
@@ -655,6 +670,7 @@ def grad(
     x_is_a: bool,
     mask_diag: bool,
     pair: int,
+    scale_grad: bool,
     fwd: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
@@ -664,10 +680,12 @@ def grad(
     ``hd_i b_i`` (dot) from the exact difference of the paired rows.
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
-    partials (one per program, off-diagonal) are produced only when ``x_is_a``, the
-    off-diagonal row sums of softplus only with ``fwd`` (the fused sigmoid loss).
+    partials (one per program, off-diagonal) are produced only when ``x_is_a`` and
+    ``scale_grad`` (else empty: two sums per logit saved), the off-diagonal row sums of softplus
+    only with ``fwd`` (the fused sigmoid loss).
     """
     n_a, d = a.shape
+    dscale_partials = x_is_a and scale_grad
     fwd = fwd and x_is_a and g_sp.numel() > 0
     pair = pair if g_pair.numel() > 0 else 0
     terms = {
@@ -679,17 +697,18 @@ def grad(
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
         da = torch.empty_like(a, dtype=out_dtype or a.dtype)
-        dscale, dbias = _vector(n_prog, x_is_a, a), _vector(n_prog, x_is_a, a)
+        dscale = _vector(n_prog, dscale_partials, a)
+        dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
         grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](
             a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair, hd,
             da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0), b.stride(0),
             da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
-            HAS_HD=hd.numel() > 0, PAIR=pair,
+            HAS_HD=hd.numel() > 0, DSCALE=dscale_partials, PAIR=pair,
             PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
         return da, dscale, dbias, sp
 
-    flags = (energy, x_is_a, mask_diag, fwd, pair, *terms.values())
+    flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
     key = ("grad", a.dtype, _precision(a.dtype), _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, a.dtype, launch))

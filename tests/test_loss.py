@@ -93,6 +93,31 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
         assert max_error(metrics[key], t_metrics[key]) < 1e-4 * max(1, t_metrics[key].abs()), key
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce"])
+@pytest.mark.parametrize("learn", ["log_scale", "bias", "neither"])
+def test_scale_or_bias_learnable_alone(learn, loss, backend):
+    """The kernels skip the dscale/dbias sums (and infonce's online W) unless the scale or the
+    bias needs a gradient: either alone must still get the right one, phi and psi theirs."""
+    phi, psi = _inputs(20, 27, 8, seed=5)
+
+    def grads(fn, dtype, **kw):
+        leaves = [phi.to(dtype).requires_grad_(), psi.to(dtype).requires_grad_()]
+        given = {
+            "log_scale": torch.tensor(0.4, dtype=dtype),
+            "bias": torch.tensor(-1.5, dtype=dtype),
+        }
+        if learn in given:
+            leaves.append(given[learn].requires_grad_())
+        value = fn(leaves[0], leaves[1], loss=loss, energy="norm", **given, **kw)
+        return torch.autograd.grad(value, leaves)
+
+    got = grads(contrastive_loss, torch.float32, backend=backend)
+    truth = grads(reference_contrastive_loss, torch.float64)
+    for k, t in zip(got, truth, strict=True):
+        assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_low_precision_every_loss_no_worse_than_eager(loss, dtype):
