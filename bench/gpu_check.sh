@@ -40,14 +40,14 @@ step() {
 }
 for stage in "${stages[@]}"; do
     case $stage in
-        compile) step compile 60 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 140 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
-        loss) step loss 175 python3 -m bench.bench_loss ;;
+        compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
+        tests) step tests 135 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+        loss) step loss 165 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 45 python3 -m bench.bench_buffer ;;
         envs) step envs 40 python3 -m bench.bench_envs ;;
-        update) step update 60 python3 -m bench.bench_update ;;
-        jax) step jax 75 python3 -m bench.jax_baselines ;;
+        update) step update 75 python3 -m bench.bench_update ;;
+        jax) step jax 65 python3 -m bench.jax_baselines ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran

@@ -181,6 +181,22 @@ def test_cuda_graph_replay_matches_eager_updates():
 
 
 @pytest.mark.gpu
+def test_compiled_update_replays_from_a_cuda_graph():
+    """bench_update's compile-graph mode: the compiled update captures, and replays train."""
+    buffer = random_cuda_buffer()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    agent.compile()
+    step = GraphedUpdates(agent, lambda: buffer.sample(64, generator=generator), steps=2)
+    before = parameters(agent)
+    for _ in range(3):
+        metrics = step()
+    assert torch.isfinite(torch.stack(list(metrics.values()))).all().item()
+    after = parameters(agent)
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.gpu
 def test_compiled_update_matches_eager(monkeypatch):
     import torch._inductor.config as inductor_config
 
