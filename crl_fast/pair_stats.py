@@ -35,15 +35,17 @@ PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
 Tensor = torch.Tensor
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
 Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-Tensors12 = tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
-]
+Tensors16 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
 
 
 class PairStats(NamedTuple):
     """Statistics over j of each row i (``pos`` and ``row_*``: length B) or over i of each
     column (``col_lse``: length M); empty when not asked for. ``online_*`` are the softmax-
-    weighted off-diagonal row sums the Triton path keeps for the row-lse gradient."""
+    weighted off-diagonal row sums the Triton path keeps for the row-lse gradient; the last four
+    are the prologue backward reuses (see :class:`Rows`)."""
 
     pos: Tensor
     row_lse: Tensor
@@ -57,6 +59,10 @@ class PairStats(NamedTuple):
     online_u: Tensor
     online_v: Tensor
     online_w: Tensor
+    x_sq: Tensor
+    y_sq: Tensor
+    paired_f: Tensor
+    paired_slope: Tensor
 
 
 def _squared_norms(t: Tensor, energy: int) -> Tensor:
@@ -81,23 +87,41 @@ def _paired(x: Tensor, y: Tensor, energy: int) -> tuple[Tensor, Tensor]:
     return f, slope
 
 
-def _positives(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int) -> Tensor:
-    """The exact diagonal logits ``L_ii`` (from ``x_i - y_i``)."""
-    f, _ = _paired(x, y[: x.shape[0]], energy)
-    return scale.to(f.dtype) * f + bias.to(f.dtype)
+class Rows(NamedTuple):
+    """The O(B d) prologue of every statistic, computed once per call and kept for backward:
+    the squared row norms of x and y (l2, norm; else empty), the exact paired energy
+    ``f(x_i, y_i)`` and its slope ``df/dP`` (from ``x_i - y_i``) and the positives
+    ``L_ii = scale f + bias``; float32 or wider."""
+
+    x_sq: Tensor
+    y_sq: Tensor
+    f: Tensor
+    slope: Tensor
+    pos: Tensor
 
 
-def _diagonal(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
-              energy, mask_diag):  # fmt: skip
+def _rows(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, use_triton: bool) -> Rows:
+    """:class:`Rows`: one kernel launch on the Triton path, a few PyTorch ops otherwise."""
+    if use_triton:
+        from crl_fast.kernels import pair_stats as kernels
+
+        return Rows(*kernels.paired_rows(x, y, scale.float(), bias.float(), energy=energy))
+    f, slope = _paired(x, y[: x.shape[0]], energy)
+    pos = scale.to(f.dtype) * f + bias.to(f.dtype)
+    return Rows(_squared_norms(x, energy), _squared_norms(y, energy), f, slope, pos)
+
+
+def _diagonal(scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair,
+              pair_slope, mask_diag):  # fmt: skip
     """The diagonal's gradient: per-row ``H_ii = G_ii scale f'_ii`` (what the kernels add as
     ``H_ii (y_i - x_i)``, or ``H_ii y_i`` for dot) and its (dscale, dbias) share.
 
     ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
     and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
     (``u_ij = L_ij - L_ii``, so d/dL_ii of sum_j pair(u_ij) is -slope_i). Absent gradients are
-    None.
+    None. ``f`` and ``slope`` are the exact paired energy and its slope (:class:`Rows`).
     """
-    b = x.shape[0]
+    b = pos.shape[0]
     g = torch.zeros_like(pos) if g_pos is None else g_pos.clone()
     if g_pair is not None:
         g -= g_pair * pair_slope
@@ -107,7 +131,6 @@ def _diagonal(x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pai
         g += g_cl[:b] * torch.exp(pos - col_lse[:b])
     if g_sp is not None:
         g += g_sp * torch.sigmoid(pos)
-    f, slope = _paired(x, y[:b], energy)
     return g * scale.to(g.dtype) * slope, (g * f).sum(), g.sum()
 
 
@@ -154,13 +177,12 @@ def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
     return (u + 1.0).square(), 2.0 * (u + 1.0)
 
 
-def _torch_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, softplus, pair,
-                 metrics):  # fmt: skip
-    """Every statistic but ``pos``, in ``PairStats`` order."""
+def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, mask_diag,
+                 softplus, pair, metrics):  # fmt: skip
+    """The statistics from ``row_lse`` to ``online_w``, in ``PairStats`` order."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
-    x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     new = {"dtype": acc, "device": x.device}
     wanted = {
         "row_lse": row_lse,
@@ -170,7 +192,8 @@ def _torch_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, so
         "row_sum": metrics,
         "row_correct": metrics,
     }
-    out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in PairStats._fields[1:]}
+    fields = PairStats._fields[1:12]
+    out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in fields}
     out["row_argmax"] = torch.empty(b if metrics else 0, dtype=torch.int32, device=x.device)
     out["online_u"] = torch.empty((0, x.shape[1]), **new)  # a Triton-path optimisation only
     col_max = torch.full((m,), float("-inf"), **new)
@@ -202,16 +225,15 @@ def _torch_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, so
             out["row_correct"][rows] = ((logits > 0) == diag).sum(1).to(acc)
     if col_lse:
         out["col_lse"] = torch.where(col_max == float("-inf"), 0.0, col_max) + col_sum.log()
-    return tuple(out[k] for k in PairStats._fields[1:])
+    return tuple(out[k] for k in fields)
 
 
-def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-                g_pair, energy, mask_diag, pair):  # fmt: skip
+def _torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
+                g_softplus, g_pair, energy, mask_diag, pair):  # fmt: skip
     """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
-    x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     dx = torch.empty_like(x)
     dy = torch.zeros_like(y)
     dscale = torch.zeros((), dtype=acc, device=x.device)
@@ -245,11 +267,10 @@ def _torch_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, 
 # ---------------------------------------------------------------------------- Triton path
 
 
-def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, softplus, pair,
-                  metrics, online, online_w):  # fmt: skip
+def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, mask_diag,
+                  softplus, pair, metrics, online, online_w):  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
-    x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
         x, y, x_sq, y_sq, scale, bias, pos, energy=energy, lse=row_lse, mask_diag=mask_diag,
@@ -264,13 +285,12 @@ def _triton_stats(x, y, scale, bias, pos, energy, row_lse, col_lse, mask_diag, s
     return rl, cl, sp, pr, slope, arg, rsum, cnt, u, v, w
 
 
-def _triton_grad(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-                 g_pair, hd, energy, mask_diag, pair, need_dx, need_scale):  # fmt: skip
+def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
+                 g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_scale):  # fmt: skip
     """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added in the kernels,
     and the off-diagonal (dscale, dbias), float32 (zero unless ``need_dx`` and ``need_scale``)."""
     from crl_fast.kernels import pair_stats as kernels
 
-    x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
     scale, bias = scale.float(), bias.float()
     grads = (g_row_lse, g_col_lse, g_softplus, g_pair, hd)
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
@@ -304,14 +324,17 @@ def _pair_stats_op(
     online: bool,
     online_w: bool,
     use_triton: bool,
-) -> Tensors12:
-    pos = _positives(x, y, scale, bias, energy)
+) -> Tensors16:
+    if online and not use_triton:
+        raise ValueError("the online row sums are a Triton-path optimisation")
+    rows = _rows(x, y, scale, bias, energy, use_triton)
+    args = (x, y, rows.x_sq, rows.y_sq, scale, bias, rows.pos)
     flags = (energy, row_lse, col_lse, mask_diag, softplus, pair, metrics)
     if use_triton:
-        return pos, *_triton_stats(x, y, scale, bias, pos, *flags, online, online_w)
-    if online:
-        raise ValueError("the online row sums are a Triton-path optimisation")
-    return pos, *_torch_stats(x, y, scale, bias, pos, *flags)
+        stats = _triton_stats(*args, *flags, online, online_w)
+    else:
+        stats = _torch_stats(*args, *flags)
+    return rows.pos, *stats, rows.x_sq, rows.y_sq, rows.f, rows.slope
 
 
 @_pair_stats_op.register_fake
@@ -337,6 +360,10 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
         x.new_empty((b, x.shape[1]) if online else (0, x.shape[1]), dtype=acc),
         vec(b, online),
         vec(b, online and online_w),
+        vec(b, energy != 0),
+        vec(m, energy != 0),
+        vec(b, True),
+        vec(b, True),
     )
 
 
@@ -344,6 +371,8 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
 def _pair_stats_backward_op(
     x: Tensor,
     y: Tensor,
+    x_sq: Tensor,
+    y_sq: Tensor,
     scale: Tensor,
     bias: Tensor,
     pos: Tensor,
@@ -363,7 +392,8 @@ def _pair_stats_backward_op(
 ) -> Tensors4:
     """(dx or empty unless ``need_dx``, dy) in the input dtypes, the diagonal's ``hd`` included,
     and the off-diagonal (dscale, dbias) (zero on the Triton path unless ``need_scale``)."""
-    args = (x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair)
+    args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse)
+    args += (g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
     dx, dy, dscale, dbias = _torch_grad(*args, energy, mask_diag, pair)
@@ -372,8 +402,8 @@ def _pair_stats_backward_op(
 
 
 @_pair_stats_backward_op.register_fake
-def _(x, y, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus, g_pair, hd,
-      energy, mask_diag, pair, need_dx, need_scale, use_triton):  # fmt: skip
+def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
+      g_pair, hd, energy, mask_diag, pair, need_dx, need_scale, use_triton):  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(y), scalar, scalar.clone()
@@ -384,7 +414,8 @@ def _setup_context(ctx, inputs, output):
     stats = PairStats(*output)
     ctx.save_for_backward(
         x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_pair_slope,
-        stats.online_u, stats.online_v, stats.online_w,
+        stats.online_u, stats.online_v, stats.online_w, stats.x_sq, stats.y_sq, stats.paired_f,
+        stats.paired_slope,
     )  # fmt: skip
     ctx.options = (energy, mask_diag, pair, online, use_triton)
     ctx.set_materialize_grads(False)
@@ -419,7 +450,8 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
 
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     _refuse_double_backward()
-    x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w = ctx.saved_tensors
+    x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w, *rows = ctx.saved_tensors
+    x_sq, y_sq, f, slope = rows
     energy, mask_diag, pair, online, use_triton = ctx.options
     g_pos, g_rl, g_cl, g_sp, g_pair = (
         g.contiguous() if g is not None and g.numel() else None
@@ -428,8 +460,8 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
     hd, dscale_ii, dbias_ii = _diagonal(
-        x, y, scale, pos, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
-        energy, mask_diag,
+        scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
+        mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
@@ -437,8 +469,8 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
     need_scale = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     dx, dy, dscale, dbias = _pair_stats_backward_op(
-        x, y, scale, bias, pos, row_lse, col_lse, *grads, hd, energy, mask_diag, pair,
-        not online, need_scale, use_triton,
+        x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, hd, energy, mask_diag,
+        pair, not online, need_scale, use_triton,
     )  # fmt: skip
     if online:
         dx, dscale, dbias = _online_dx(
@@ -507,16 +539,15 @@ def _binary_loss_op(
     w = 1.0 / (b * m) if mean else 1.0
     wide = x.dtype == torch.float16
     grad_dtype = _binary_grad_dtype(x.dtype)
-    pos = _positives(x, y, scale, bias, energy)
+    x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
     g_sp = torch.full_like(pos, 1.0 if wide else w)
     empty = pos.new_empty(0)
     hd, dscale_ii, dbias_ii = _diagonal(
-        x, y, scale, pos, None, None, -g_sp, None, None, g_sp, None, None, energy, False
+        scale, pos, f, slope, None, None, -g_sp, None, None, g_sp, None, None, False
     )
     if use_triton:
         from crl_fast.kernels import pair_stats as kernels
 
-        x_sq, y_sq = _squared_norms(x, energy), _squared_norms(y, energy)
         s32, b32 = scale.float(), bias.float()
         grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
@@ -528,10 +559,11 @@ def _binary_loss_op(
         softplus_sum = sp_off.sum() + F.softplus(pos).sum()
         dscale, dbias = dscale.sum(), dbias.sum()
     else:
-        stats = _torch_stats(x, y, scale, bias, pos, energy, False, False, False, True, 0, False)
+        inputs = (x, y, x_sq, y_sq, scale, bias, pos)
+        stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
         softplus_sum = stats[2].sum()
-        args = (x, y, scale, bias, pos, empty, empty, empty, empty, g_sp, empty, energy)
-        dx, dy, dscale, dbias = _torch_grad(*args, False, PAIR_NONE)
+        grads = (empty, empty, empty, empty, g_sp, empty)
+        dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, False, PAIR_NONE)
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
     loss = (softplus_sum - pos.sum()) * w

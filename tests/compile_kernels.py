@@ -281,6 +281,7 @@ def main() -> int:
     seen: dict[tuple, Variant] = {}
     recorders = []
     for module, name in (
+        (pair_stats, "rows_kernel"),
         (pair_stats, "stats_kernel"),
         (pair_stats, "grad_kernel"),
         (goal_sampling, "_sample_kernel"),

@@ -93,6 +93,27 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
         assert max_error(metrics[key], t_metrics[key]) < 1e-4 * max(1, t_metrics[key].abs()), key
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("energy", ["dot", "l2", "norm"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 12, 3), (40, 70, 200)], ids=str)
+def test_rows_kernel_matches_torch(shape, energy, dtype):
+    """The prologue kernel (squared norms, paired energy, slope, positives) against its PyTorch
+    twin, rows past B included and d in two chunks."""
+    from crl_fast.energy import ENERGY_CODES
+    from crl_fast.pair_stats import _rows
+
+    phi, psi = _inputs(*shape, dtype=dtype, seed=7)
+    psi[0] = phi[0]  # a zero distance: the norm energy's slope is 0 there
+    scale, bias = torch.tensor(1.7), torch.tensor(-0.4)
+    code = ENERGY_CODES[energy]
+    got = _rows(phi, psi, scale, bias, code, use_triton=True)
+    want = _rows(phi, psi, scale, bias, code, use_triton=False)
+    for name, k, t in zip(got._fields, got, want, strict=True):
+        assert k.shape == t.shape and k.dtype == t.dtype, name
+        if t.numel():  # the squared norms are empty for dot
+            assert max_error(k, t) <= 1e-5 * max(1.0, t.abs().max().item()), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce"])
 @pytest.mark.parametrize("learn", ["log_scale", "bias", "neither"])
