@@ -113,8 +113,9 @@ def _rows(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, use_tr
 
 def _diagonal(scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair,
               pair_slope, mask_diag):  # fmt: skip
-    """The diagonal's gradient: per-row ``H_ii = G_ii scale f'_ii`` (what the kernels add as
-    ``H_ii (y_i - x_i)``, or ``H_ii y_i`` for dot) and its (dscale, dbias) share.
+    """The diagonal's gradient ``(H_ii, G_ii)`` per row: ``H_ii = G_ii scale f'_ii`` is what the
+    kernels add as ``H_ii (y_i - x_i)`` (or ``H_ii y_i`` for dot); the diagonal's share of
+    (dscale, dbias) is ``(sum G_ii f_ii, sum G_ii)``, :func:`_diagonal_scale_grads`.
 
     ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
     and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
@@ -131,7 +132,12 @@ def _diagonal(scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g
         g += g_cl[:b] * torch.exp(pos - col_lse[:b])
     if g_sp is not None:
         g += g_sp * torch.sigmoid(pos)
-    return g * scale.to(g.dtype) * slope, (g * f).sum(), g.sum()
+    return g * scale.to(g.dtype) * slope, g
+
+
+def _diagonal_scale_grads(g: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """The diagonal's share of (dscale, dbias), from its ``G_ii`` and exact energies."""
+    return (g * f).sum(), g.sum()
 
 
 def _diagonal_term(a: Tensor, other: Tensor, hd: Tensor, energy: int) -> Tensor:
@@ -459,7 +465,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     )
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
-    hd, dscale_ii, dbias_ii = _diagonal(
+    hd, g_ii = _diagonal(
         scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
         mask_diag,
     )  # fmt: skip
@@ -478,6 +484,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
         )
     if not need_scale:
         return dx, dy, None, None, *(None,) * 10
+    dscale_ii, dbias_ii = _diagonal_scale_grads(g_ii, f)
     return (
         dx,
         dy,
@@ -542,7 +549,7 @@ def _binary_loss_op(
     x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
     g_sp = torch.full_like(pos, 1.0 if wide else w)
     empty = pos.new_empty(0)
-    hd, dscale_ii, dbias_ii = _diagonal(
+    hd, g_ii = _diagonal(
         scale, pos, f, slope, None, None, -g_sp, None, None, g_sp, None, None, False
     )
     if use_triton:
@@ -557,7 +564,6 @@ def _binary_loss_op(
         )
         dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
         softplus_sum = sp_off.sum() + F.softplus(pos).sum()
-        dscale, dbias = dscale.sum(), dbias.sum()
     else:
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
@@ -567,9 +573,14 @@ def _binary_loss_op(
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
     loss = (softplus_sum - pos.sum()) * w
-    dscale, dbias = dscale + dscale_ii, dbias + dbias_ii
     if wide:
-        dx, dy, dscale, dbias = dx * w, dy * w, dscale * w, dbias * w
+        dx, dy = dx * w, dy * w
+    if not scale_grad:  # backward returns no gradient for them
+        return loss, dx, dy, pos.new_zeros(()), pos.new_zeros(())
+    dscale_ii, dbias_ii = _diagonal_scale_grads(g_ii, f)
+    dscale, dbias = dscale.sum() + dscale_ii, dbias.sum() + dbias_ii
+    if wide:
+        dscale, dbias = dscale * w, dbias * w
     return loss, dx, dy, dscale, dbias
 
 
@@ -592,7 +603,12 @@ def _binary_setup_context(ctx, inputs, output):
 
 def _binary_backward(ctx, g_loss, *_unused):
     _refuse_double_backward()
-    grads = ((g_loss * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True))
+    grads = [
+        (g_loss * g).to(dtype) if needed else None
+        for g, dtype, needed in zip(
+            ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4], strict=True
+        )
+    ]
     return (*grads, None, None, None, None)
 
 
