@@ -173,6 +173,10 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
         out.backward()
         square = contrastive_loss(phi, psi[:b], loss=loss, energy=energy, backend="triton", **extra)
         square.backward()
+        agent, _ = contrastive_loss(  # metrics without a learnable scale, as the agent asks
+            phi, psi, loss=loss, energy=energy, backend="triton", return_metrics=True, **extra
+        )
+        agent.backward()
 
 
 def _record_buffer_launches(recorders: list[Recorder]) -> None:
