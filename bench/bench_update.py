@@ -6,7 +6,8 @@
 JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a
 tanh-Gaussian actor, Adam 3e-4. Ant-sized inputs: state 27, action 8, goal 2. One update is one
 buffer sample plus the actor, alpha and critic steps. Modes: ``graph`` (sample + update
-replayed from a CUDA graph holding ``--graph-steps`` updates); ``compile-graph`` (the same with
+replayed from a CUDA graph holding ``--graph-steps`` updates, of which the last computes the
+critic's metrics, as a training loop logs them); ``compile-graph`` (the same with
 the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager``; ``compile``.
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes

@@ -73,15 +73,17 @@ class CRL:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
         return self.actor(obs, goal, deterministic=deterministic)
 
-    def update(self, batch: GoalBatch) -> dict[str, torch.Tensor]:
+    def update(self, batch: GoalBatch, critic_metrics: bool = True) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
 
-        Returns detached 0-d metric tensors; nothing is synchronised with the host.
+        Returns detached 0-d metric tensors; nothing is synchronised with the host. Without
+        ``critic_metrics`` the critic's accuracies and mean logits are left out (the losses
+        stay): they cost the loss kernels extra work, and the sigmoid loss a third pass.
         """
-        return self._update(batch.observation, batch.action, batch.goal)
+        return self._update(batch.observation, batch.action, batch.goal, critic_metrics)
 
     def _update_eager(
-        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor
+        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor, critic_metrics: bool
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
         # Each loss below has its own autograd graph (no tensor with a graph is shared between
@@ -107,19 +109,20 @@ class CRL:
             self.alpha_optimizer.step()
 
         # Critic: classify which goal in the batch is the future of each (s, a).
-        critic_loss, critic_metrics = contrastive_loss(
+        critic_out = contrastive_loss(
             self.sa_encoder(obs, action),
             self.goal_encoder(goal),
             loss=cfg.loss,
             energy=cfg.energy,
             logsumexp_penalty=cfg.logsumexp_penalty,
-            return_metrics=True,
+            return_metrics=critic_metrics,
         )
+        critic_loss, accuracy = critic_out if critic_metrics else (critic_out, {})
         self.critic_optimizer.zero_grad()
         critic_loss.backward()
         self.critic_optimizer.step()
 
-        metrics = {f"critic/{k}": v.detach() for k, v in critic_metrics.items()}
+        metrics = {f"critic/{k}": v.detach() for k, v in accuracy.items()}
         metrics.update(
             {
                 "critic/loss": critic_loss.detach(),
@@ -165,26 +168,31 @@ class GraphedUpdates:
 
     ``sample`` must be capturable: e.g. ``lambda: buffer.sample(B, generator=cuda_default)`` (the
     buffer reads its size from the device, so the graph keeps up as the buffer grows). Capture
-    needs ``warmup`` ordinary updates first (they initialise the optimiser state and cuBLAS);
-    they are real updates, counted in ``warmup_updates``. Build this after loading a checkpoint:
-    the graph holds the addresses of the parameters and optimiser state.
+    needs ``warmup`` ordinary updates first (they initialise the optimiser state and cuBLAS, and
+    compile both kinds of update of a compiled agent); they are real updates, counted in
+    ``warmup_updates``. Only the last update of each replay computes the critic's metrics, the
+    ones it returns. Build this after loading a checkpoint: the graph holds the addresses of the
+    parameters and optimiser state.
     """
 
     def __init__(
         self, agent: CRL, sample: Callable[[], GoalBatch], steps: int = 1, warmup: int = 3
     ) -> None:
-        if steps < 1 or warmup < 1:
-            raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+        if steps < 1 or warmup < (2 if steps > 1 else 1):
+            raise ValueError(
+                f"steps must be >= 1 and warmup >= 1 (>= 2 with steps > 1: both kinds of "
+                f"update run before capture), got {steps} and {warmup}"
+            )
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(warmup):
-                agent.update(sample())
+            for i in range(warmup):
+                agent.update(sample(), critic_metrics=steps == 1 or i == warmup - 1)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            for _ in range(steps):
-                self.metrics = agent.update(sample())
+            for i in range(steps):
+                self.metrics = agent.update(sample(), critic_metrics=i == steps - 1)
         self.steps, self.warmup_updates = steps, warmup
 
     def __call__(self) -> dict[str, torch.Tensor]:

@@ -55,6 +55,33 @@ def test_update_moves_every_parameter_and_returns_tensor_metrics():
     assert not any(v.requires_grad for v in metrics.values())
 
 
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_update_without_critic_metrics_takes_the_same_step(loss):
+    """Leaving the critic's metrics out (as all but the last update of a CUDA graph do) changes
+    what is returned, not the step: the sigmoid loss then takes its fused two-pass path."""
+    torch.manual_seed(0)
+    with_metrics = small_agent(loss=loss)
+    without = small_agent(loss=loss)
+    without.load_state_dict(with_metrics.state_dict())
+    batch = toy_batch()
+    torch.manual_seed(1)
+    full = with_metrics.update(batch)
+    torch.manual_seed(1)
+    lean = without.update(batch, critic_metrics=False)
+    assert "critic/categorical_accuracy" in full and "critic/categorical_accuracy" not in lean
+    assert set(lean) <= set(full)
+    torch.testing.assert_close(lean["critic/loss"], full["critic/loss"])
+    want, have = parameters(with_metrics), parameters(without)
+    for key in want:
+        torch.testing.assert_close(have[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_updates_refuse_too_few_warmups():
+    """With several updates per graph, warm-up must run both kinds of update before capture."""
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedUpdates(small_agent(), toy_batch, steps=2, warmup=1)
+
+
 def test_fixed_alpha_stays_fixed():
     agent = small_agent(autotune_alpha=False, alpha=0.1)
     for _ in range(3):
