@@ -198,7 +198,7 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
         "row_sum": metrics,
         "row_correct": metrics,
     }
-    fields = PairStats._fields[1:12]
+    fields = PairStats._fields[1 : PairStats._fields.index("x_sq")]
     out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in fields}
     out["row_argmax"] = torch.empty(b if metrics else 0, dtype=torch.int32, device=x.device)
     out["online_u"] = torch.empty((0, x.shape[1]), **new)  # a Triton-path optimisation only
