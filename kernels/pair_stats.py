@@ -524,24 +524,16 @@ def rows_kernel(
             y_sq += tl.sum(y * y, 1)
             diff = x - y
             dist += tl.sum(diff * diff, 1)
-    if ENERGY == 0:
-        f = xy
-        slope = tl.full((BLOCK_R,), 1.0, tl.float32)
-    elif ENERGY == 1:
-        f = -dist
-        slope = tl.full((BLOCK_R,), 2.0, tl.float32)
-    else:
-        root = tl.sqrt_rn(dist + NORM_EPS)  # a sum of squares: no clamp needed
-        f = -root
-        slope = tl.where(dist > 0.0, 1.0 / root, 0.0)
     if ENERGY != 0:
         tl.store(XSQ_ptr + rows, x_sq, mask=in_x)
         tl.store(YSQ_ptr + rows, y_sq, mask=in_y)
     scale = tl.load(SCALE_ptr).to(tl.float32)
     bias = tl.load(BIAS_ptr).to(tl.float32)
+    # The tiles' energy with the exact squared distance in place of ra + rb - 2P (P = 0).
+    pos, f, slope = _energy(xy, dist, 0.0, scale, bias, ENERGY)
     tl.store(F_ptr + rows, f, mask=in_x)
     tl.store(SLOPE_ptr + rows, slope, mask=in_x)
-    tl.store(POS_ptr + rows, scale * f + bias, mask=in_x)
+    tl.store(POS_ptr + rows, pos, mask=in_x)
 
 
 # ----------------------------------------------------------------------------------- launchers
