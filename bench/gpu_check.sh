@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# Device check in one call (stage limits sum to 595 s, inside the 600 s command limit): install
-# crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: compile
-# tests loss buffer envs update jax (default: all of them) and autotune (opt-in: compiles many
-# tile variants, a call of its own).
+# Device check in one call (stage limits sum to 560 s, inside the 600 s command limit): install
+# crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
+# loss buffer envs update jax (the default, in that order), compile and autotune (opt-in; autotune
+# compiles many tile variants, a call of its own).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
-# `compile` builds every kernel variant on all CPU cores first (tests/compile_kernels.py): a
-# build error shows in seconds, and the Triton cache it fills spares the tests' serial compiles.
+# `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
+# Triton and inductor compiles of the many kernel variants overlap on the CPU cores.
+# `compile` builds every kernel variant on all CPU cores (tests/compile_kernels.py).
 #
 # The GPU machine has torch, triton and numpy but no gymnasium and no network. Before the call,
 # here (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 --platform any \
 #     -d .whl gymnasium farama-notifications
-# then call the device tool's run with carry [".whl"]:  bash bench/gpu_check.sh [stages...]
+# then call the device tool's run with carry [".whl"]:
+#   CRL_FAST_GIT_SHA=<sha> bash bench/gpu_check.sh [stages...]
+# (the copied tree has no .git; the SHA goes into the result JSONs).
 set -uo pipefail
 OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(compile tests loss buffer envs update jax)
+[ ${#stages[@]} -gt 0 ] || stages=(tests loss buffer envs update jax)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tail -2
+# The checkout itself, as an editable install sees it: crl_fast.kernels is kernels/ (a plain
+# `pip install .` would be shadowed by ./crl_fast, which has no kernels/, from the repo root).
+ln -sfn ../kernels crl_fast/kernels
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
@@ -41,13 +47,13 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 135 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
-        loss) step loss 165 python3 -m bench.bench_loss ;;
+        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
+        loss) step loss 150 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
-        buffer) step buffer 45 python3 -m bench.bench_buffer ;;
-        envs) step envs 40 python3 -m bench.bench_envs ;;
-        update) step update 75 python3 -m bench.bench_update ;;
-        jax) step jax 65 python3 -m bench.jax_baselines ;;
+        buffer) step buffer 35 python3 -m bench.bench_buffer ;;
+        envs) step envs 35 python3 -m bench.bench_envs ;;
+        update) step update 100 python3 -m bench.bench_update ;;
+        jax) step jax 90 python3 -m bench.jax_baselines ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran

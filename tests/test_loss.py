@@ -66,23 +66,18 @@ def test_binary_loss_no_worse_than_eager(shape, dtype, backend):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("energy", ENERGIES)
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
-@pytest.mark.parametrize("shape", [(7, 11, 5), (1, 3, 1), (70, 70, 33), (20, 37, 200)], ids=str)
-def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
-    phi, psi = _inputs(*shape, seed=1)
-    extra = (torch.tensor(0.4), torch.tensor(-1.5)) if scaled else ()
-    kw = {"loss": loss, "energy": energy, "return_metrics": True}
+def _check_every_loss(shape, loss, energy, scaled, device="cpu", **kw):
+    """Loss, gradients (scale and bias too) and metrics against the float64 reference."""
+    phi, psi = _inputs(*shape, seed=1, device=device)
+    extra = (torch.tensor(0.4, device=device), torch.tensor(-1.5, device=device)) if scaled else ()
+    kw |= {"loss": loss, "energy": energy, "return_metrics": True}
     kw["logsumexp_penalty"] = 0.1 if scaled else 0.0
     if loss == "flatnce_backward" and shape[0] < 2:  # its one column has no off-diagonal term
         with pytest.raises(ValueError, match="off-diagonal"):
-            contrastive_loss(phi, psi, backend=backend, **kw)
+            contrastive_loss(phi, psi, **kw)
         return
-    value, metrics, grads = _loss_and_grads(
-        contrastive_loss, phi, psi, extra, backend=backend, **kw
-    )
+    value, metrics, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, **kw)
+    kw.pop("backend", None)
     t_value, t_metrics, t_grads = _truth(phi, psi, extra, **kw)
     scale = max(1.0, t_value.abs().item())
     assert max_error(value, t_value) < 2e-5 * scale
@@ -91,6 +86,18 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
     assert metrics.keys() == t_metrics.keys()
     for key in metrics:
         assert max_error(metrics[key], t_metrics[key]) < 1e-4 * max(1, t_metrics[key].abs()), key
+
+
+SCALED = pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("loss", LOSSES)
+@SCALED
+@pytest.mark.parametrize("shape", [(7, 11, 5), (1, 3, 1), (70, 70, 33), (20, 37, 200)], ids=str)
+def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
+    _check_every_loss(shape, loss, energy, scaled, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -139,10 +146,17 @@ def test_scale_or_bias_learnable_alone(learn, loss, backend):
         assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_low_precision_every_loss_no_worse_than_eager(loss, dtype):
-    phi, psi = _inputs(33, 40, 24, dtype=dtype, seed=11)
+def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
+    """bf16/fp16 on every loss; on CUDA with the approximate log2 and reciprocal of the sigmoid
+    kernels and over several tiles."""
+    shape = (33, 40, 24) if device == "cpu" else (300, 333, 64)
+    phi, psi = _inputs(*shape, dtype=dtype, seed=11, device=device)
     kw = {"loss": loss, "energy": "norm", "logsumexp_penalty": 0.1}
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend="triton", **kw)
     e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
@@ -467,6 +481,15 @@ def test_cuda_kernels_no_worse_than_eager(shape, dtype, loss):
     assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
     for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("loss", LOSSES)
+@SCALED
+def test_cuda_every_loss_and_energy(loss, energy, scaled):
+    """Every compiled variant (float32, several tiles, ragged edges) against float64."""
+    _check_every_loss((300, 333, 64), loss, energy, scaled, device="cuda")
 
 
 @pytest.mark.gpu
