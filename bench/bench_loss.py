@@ -5,8 +5,11 @@
     pytest bench/bench_loss.py --benchmark-only
 
 Times ``loss(phi, psi)`` plus the gradients of phi and psi, median of many runs (CUDA events),
-and the peak extra device memory. Eager and torch.compile materialise the B x B logits: they
-are skipped, and say so, where that matrix cannot fit. Writes bench/results/loss-<device>.json.
+and the peak extra device memory. ``crl_fast`` is one eager call (Python, launches and GPU work:
+small batches measure the host); ``crl_fast-graph`` replays the same call from a CUDA graph, so
+it measures the GPU work alone (its memory lives in the graph's pool: peak shows 0). Eager and
+torch.compile materialise the B x B logits: they are skipped, and say so, where that matrix
+cannot fit. Writes bench/results/loss-<device>.json.
 Issue targets (H100, bf16, d = 64): binary B = 16384 <= 0.30 ms, B = 65536 <= 4.5 ms,
 B = 1,048,576 <= 1.2 s; infonce + norm + penalty 0.1 at B = 16384 <= 0.45 ms.
 """
@@ -41,11 +44,12 @@ COMBOS = (
     ("dpo", "dot", 0.0),
     ("ipo", "dot", 0.0),
 )
-IMPLS = ("crl_fast", "eager", "compile")
+IMPLS = ("crl_fast", "crl_fast-graph", "eager", "compile")
+CPU_IMPLS = ("crl_fast", "eager")
 
 
 def _loss_fn(impl: str) -> Callable:
-    if impl == "crl_fast":
+    if impl.startswith("crl_fast"):
         return contrastive_loss
     if impl == "eager":
         return reference_contrastive_loss
@@ -66,9 +70,23 @@ def make_step(impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.
     return step
 
 
+def _graphed(step: Callable) -> Callable:
+    """``step`` captured in a CUDA graph (warmed up on a side stream first); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _fits(impl: str, b: int, device: torch.device) -> bool:
     """Whether a materialising implementation's B x B float32 temporaries can fit at all."""
-    if impl == "crl_fast":
+    if impl.startswith("crl_fast"):
         return True
     budget = (
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 << 30
@@ -84,6 +102,8 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
         return row | {"status": "skipped: B x B logits do not fit"}
     try:
         step = make_step(impl, b, d, dtype, device, **combo)
+        if impl.endswith("-graph"):
+            step = _graphed(step)
         t0 = time.perf_counter()
         step()  # compiles (Triton / torch.compile) and sizes the repetitions
         if device.type == "cuda":
@@ -118,6 +138,11 @@ def main() -> None:
         action="store_true",
         help="CRL_FAST_AUTOTUNE=1: time tile candidates per shape; the winners go in the JSON",
     )
+    parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (default per device)")
+    parser.add_argument("--dims", type=int, nargs="+", help="d (default 64 and 256 on GPUs)")
+    parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all the device has")
+    parser.add_argument("--combos", type=int, help=f"first N of the {len(COMBOS)} loss combos")
     args = parser.parse_args()
     if args.autotune:
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
@@ -126,8 +151,12 @@ def main() -> None:
     cuda = device.type == "cuda"
     sizes = GPU_SIZES if cuda else CPU_SIZES
     sizes = sizes[1:2] if (args.quick and cuda) else sizes[:1] if args.quick else sizes
-    dims = DIMS[:1] if args.quick or not cuda else DIMS
+    sizes = args.sizes or sizes
+    dims = args.dims or (DIMS[:1] if args.quick or not cuda else DIMS)
     dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
+    dtypes = [getattr(torch, name) for name in args.dtypes] if args.dtypes else dtypes
+    impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
+    combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = "" if cuda else " [CPU figures, not GPU]"
     extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
     name = "loss-autotuned" if args.autotune else "loss"
@@ -146,19 +175,20 @@ def main() -> None:
     # The issues' targets first (bf16, d = 64, then every loss), so a time limit keeps them.
     tables = [(dtype, d) for dtype in dtypes for d in dims]
     combo_b = 16384 if cuda else 1024
-    cols = ["impl", "loss", "energy", "penalty", "B", "d", "dtype", "median_ms", "peak_mem_mb"]
+    cols = ["impl", "loss", "energy", "penalty", "B", "d", "dtype", "median_ms", "host_ms"]
+    cols.append("peak_mem_mb")
     cols.append("status")
     for index, (dtype, d) in enumerate(tables):
         first = len(rows)
         for b in sizes:
-            for impl in IMPLS:
+            for impl in impls:
                 record(run_one(impl, b, d, dtype, device))
         print_table(rows[first:], cols, title=f"binary + dot, forward + backward{label}")
         if index == 0:
             first = len(rows)
-            for n, (loss, energy, penalty) in enumerate(COMBOS[:2] if args.quick else COMBOS):
+            for n, (loss, energy, penalty) in enumerate(combos):
                 # torch.compile costs ~20 s per graph: the two default critics only
-                for impl in IMPLS if cuda and n < 2 else IMPLS[:2]:
+                for impl in (i for i in impls if n < 2 or i != "compile"):
                     combo = {"loss": loss, "energy": energy, "penalty": penalty}
                     record(run_one(impl, combo_b, 64, dtype, device, **combo))
             print_table(rows[first:], cols, title=f"every loss, B={combo_b}, d=64{label}")
@@ -171,7 +201,7 @@ _B = 16384 if _DEVICE.type == "cuda" else 1024
 _DTYPE = torch.bfloat16 if _DEVICE.type == "cuda" else torch.float32
 
 
-@pytest.mark.parametrize("impl", IMPLS[:2])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])
 def test_loss_forward_backward(benchmark, impl, loss, energy, penalty):
     step = make_step(impl, _B, 64, _DTYPE, _DEVICE, loss=loss, energy=energy, penalty=penalty)

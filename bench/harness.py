@@ -27,8 +27,10 @@ def measure(
 ) -> dict[str, float]:
     """Time ``fn`` ``rep`` times after ``warmup`` calls; median/p20/p80 in ms, peak memory in MB.
 
-    On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them);
-    on CPU by ``time.perf_counter``. Peak memory is the extra device memory the calls allocate.
+    On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them)
+    and ``host_ms`` is the median time the call takes to return (the host's share: launches,
+    Python; where it is close to ``median_ms`` the call is host-bound); on CPU calls are timed by
+    ``time.perf_counter``. Peak memory is the extra device memory the calls allocate.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -38,12 +40,14 @@ def measure(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
+    times, host = [], []
     for _ in range(rep):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -54,6 +58,7 @@ def measure(
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     out = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
     if cuda:
+        out["host_ms"] = statistics.median(host)
         out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return out
 

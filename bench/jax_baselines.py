@@ -439,6 +439,9 @@ def main() -> None:
         help="jax_default_matmul_precision (default: TF32 for float32 matmuls on GPUs)",
     )
     parser.add_argument("--scan-updates", type=int, help="updates per call (GPU 100, CPU 10)")
+    for table, what in (("loss", "loss B"), ("update", "update batch sizes"), ("sampler", "envs")):
+        parser.add_argument(f"--{table}-sizes", type=int, nargs="*", help=f"{what}; none: skip")
+    parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"))
     args = parser.parse_args()
     if jax is None:
         print(
@@ -466,12 +469,16 @@ def main() -> None:
         "xla_python_client_preallocate": os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"],
         **run_facts(),
     }
-    sizes = SIZES[kind]
+    sizes = dict(SIZES[kind])
     if args.quick:
         sizes = {key: value[:1] for key, value in sizes.items()}
         sizes["loss"] = (16384,) if kind == "gpu" else sizes["loss"]
+    for table in sizes:
+        if (given := getattr(args, f"{table}_sizes")) is not None:
+            sizes[table] = tuple(given)
     updates = args.scan_updates or (100 if kind == "gpu" else 10)
     dtypes = (jnp.bfloat16, jnp.float32) if kind == "gpu" else (jnp.float32,)
+    dtypes = tuple(getattr(jnp, name) for name in args.dtypes) if args.dtypes else dtypes
     rows: list[dict] = []
 
     def record(row: dict) -> dict:

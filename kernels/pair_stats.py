@@ -559,14 +559,17 @@ def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
     for its own loads (seen in the SASS), hence SINGLE_K. It runs on 4 warps: with 8, the second
     product's register operand made both warpgroups compute the whole 64 x 64 tile of logits
     (twice the special-function work), and float32 takes 32 columns a tile, as 64 spilled up to
-    388 B (the agent's infonce + norm critic with metrics)."""
+    388 B (the agent's infonce + norm critic with metrics). With K chunked, each BLOCK_D tile of
+    the gradient recomputes the whole tile of logits: 16-bit inputs take d up to 256 in one
+    (H200, bf16, B = 65536, d = 256: 78 ms with two 128-wide tiles, 2026-11-28); float32 keeps
+    128, as 256 spilled up to 140 B (norm energy, TF32)."""
     width = max(16, triton.next_power_of_2(d))
     single = width <= (16 if _precision(dtype) == "ieee" else SINGLE_K_MAX_D)
     return {
         "BLOCK_M": 64 if n_a >= 64 else max(16, triton.next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
         "BLOCK_K": width if single else 16 if _precision(dtype) == "ieee" else 64,
-        "BLOCK_D": width if single else min(width, 128),
+        "BLOCK_D": width if single else min(width, 256 if dtype.itemsize == 2 else 128),
         "SINGLE_K": single,
         "num_warps": 4 if single else 8,
         "num_stages": 3,

@@ -470,7 +470,7 @@ def test_cpu_path_memory_is_bounded():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1000, 1000, 64), (4096, 5000, 256), (333, 333, 100)], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 1000, 64), (1024, 1500, 256), (333, 333, 100)], ids=str)
 @pytest.mark.parametrize("loss", ["binary", "symmetric_infonce", "dpo"])
 def test_cuda_kernels_no_worse_than_eager(shape, dtype, loss):
     phi, psi = _inputs(*shape, dtype=dtype, device="cuda")
