@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.kernels.grid import cdiv, next_power_of_2
+
 GEOMETRIC, CLAMP, UNIFORM, FINAL = 0, 1, 2, 3
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
 _MAX_BLOCK_W = 32
@@ -33,7 +35,7 @@ _MAX_BLOCK_W = 32
 
 
 def _block_w(width: int) -> int:
-    return min(_MAX_BLOCK_W, triton.next_power_of_2(width))
+    return min(_MAX_BLOCK_W, next_power_of_2(width))
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
@@ -193,7 +195,7 @@ def sample(
     out_b = out[na : na + nb].view(n_draws, b_w)
     out_t = out[na + nb :].view(n_draws, t_w)
     cap, n = segment.shape
-    _sample_kernel[(triton.cdiv(n_draws, block),)](
+    _sample_kernel[(cdiv(n_draws, block),)](
         bits,
         step,
         segment,
@@ -311,7 +313,7 @@ def extend(
     steps, n = flag0.shape
     cap = segment.shape[0]
     a_w, b_w, c_w = a.shape[-1], b.shape[-1], c.shape[-1]
-    _extend_kernel[(triton.cdiv(n, block_n),)](
+    _extend_kernel[(cdiv(n, block_n),)](
         a.contiguous(),
         b.contiguous(),
         c.contiguous(),

@@ -57,6 +57,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.kernels.grid import cdiv, next_power_of_2
+
 ONLINE_MAX_D = 128
 """The online row sums keep a (BLOCK_M, d) accumulator in registers: d up to this."""
 
@@ -563,12 +565,13 @@ def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
     the gradient recomputes the whole tile of logits: 16-bit inputs take d up to 256 in one
     (H200, bf16, B = 65536, d = 256: 78 ms with two 128-wide tiles, 2026-11-28); float32 keeps
     128, as 256 spilled up to 140 B (norm energy, TF32)."""
-    width = max(16, triton.next_power_of_2(d))
-    single = width <= (16 if _precision(dtype) == "ieee" else SINGLE_K_MAX_D)
+    width = max(16, next_power_of_2(d))
+    ieee = _precision(dtype) == "ieee"
+    single = width <= (16 if ieee else SINGLE_K_MAX_D)
     return {
-        "BLOCK_M": 64 if n_a >= 64 else max(16, triton.next_power_of_2(n_a)),
+        "BLOCK_M": 64 if n_a >= 64 else max(16, next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
-        "BLOCK_K": width if single else 16 if _precision(dtype) == "ieee" else 64,
+        "BLOCK_K": width if single else 16 if ieee else 64,
         "BLOCK_D": width if single else min(width, 256 if dtype.itemsize == 2 else 128),
         "SINGLE_K": single,
         "num_warps": 4 if single else 8,
@@ -595,7 +598,7 @@ def _choose(key: tuple, n_a: int, d: int, dtype: torch.dtype, launch) -> dict[st
             for bn in (64, 128)
             for w in (4, 8)
             for st in (2, 3)
-            if bm <= max(64, triton.next_power_of_2(n_a))
+            if bm <= max(64, next_power_of_2(n_a))
         ]
         _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
     return _TUNED[key]
@@ -610,7 +613,7 @@ def _time_or_inf(do_bench, launch, cfg: dict[str, int]) -> float:
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -665,6 +668,7 @@ def stats(
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
     online_w = online and online_w
+    precision = _precision(a.dtype)
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         outs = (
@@ -679,16 +683,16 @@ def stats(
             _vector(n_a, online, a),
             _vector(n_a, online_w, a),
         )
-        stats_kernel[(triton.cdiv(n_a, cfg["BLOCK_M"]),)](
+        stats_kernel[(cdiv(n_a, cfg["BLOCK_M"]),)](
             a, b, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0], d,
             a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
             SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online, ONLINE_W=online_w,
-            PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **cfg,
+            PRECISION=precision, UPCAST=_upcast(a.dtype), **cfg,
         )  # fmt: skip
         return outs
 
     flags = (energy, lse, mask_diag, softplus, pair, metrics, online, online_w)
-    key = ("stats", a.dtype, _precision(a.dtype), _bucket(n_a), _bucket(b.shape[0]), d, *flags)
+    key = ("stats", a.dtype, precision, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, a.dtype, launch))
 
 
@@ -735,24 +739,25 @@ def grad(
         "YLSE": g_ylse.numel() > 0,
         "SOFTPLUS": g_sp.numel() > 0,
     }
+    precision = _precision(a.dtype)
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        n_prog = triton.cdiv(n_a, cfg["BLOCK_M"])
+        n_prog = cdiv(n_a, cfg["BLOCK_M"])
         da = torch.empty_like(a, dtype=out_dtype or a.dtype)
         dscale = _vector(n_prog, dscale_partials, a)
         dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
-        grad_kernel[(n_prog, triton.cdiv(d, cfg["BLOCK_D"]))](
+        grad_kernel[(n_prog, cdiv(d, cfg["BLOCK_D"]))](
             a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair, hd,
             da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0), b.stride(0),
             da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
             HAS_HD=hd.numel() > 0, DSCALE=dscale_partials, PAIR=pair,
-            PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype), **terms, **cfg,
+            PRECISION=precision, UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
         return da, dscale, dbias, sp
 
     flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
-    key = ("grad", a.dtype, _precision(a.dtype), _bucket(n_a), _bucket(b.shape[0]), d, *flags)
+    key = ("grad", a.dtype, precision, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
     return launch(_choose(key, n_a, d, a.dtype, launch))
 
 
@@ -767,9 +772,9 @@ def paired_rows(
     x_sq, y_sq = _vector(n_x, energy != 0, x), _vector(n_y, energy != 0, x)
     f, slope, pos = _vector(n_x, True, x), _vector(n_x, True, x), _vector(n_x, True, x)
     block_r = 32  # 64-wide chunks on 4 warps, loads two deep: no spills (128 spilled 400 B)
-    rows_kernel[(triton.cdiv(max(n_x, n_y), block_r),)](
+    rows_kernel[(cdiv(max(n_x, n_y), block_r),)](
         x, y, scale, bias, x_sq, y_sq, f, slope, pos, n_x, n_y, d, x.stride(0), y.stride(0),
-        ENERGY=energy, BLOCK_R=block_r, BLOCK_D=min(max(16, triton.next_power_of_2(d)), 64),
+        ENERGY=energy, BLOCK_R=block_r, BLOCK_D=min(max(16, next_power_of_2(d)), 64),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return x_sq, y_sq, f, slope, pos
