@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import measure, print_table, write_results
+from bench.harness import graphed, measure, print_table, write_results
 from crl_fast.buffer import GOAL_MODES, TrajectoryBuffer
 
 OBS, ACT, GOAL = 29, 8, 2
@@ -80,6 +80,11 @@ def bench_rows(device: str, sizes: dict[str, int]) -> list[dict]:
     for mode in GOAL_MODES:
         t = measure(lambda m=mode: buf.sample(batch, goal_mode=m), device=device)
         rows.append({"op": "sample", "mode": mode, **common, "batch": batch, **t})
+    if torch.device(device).type == "cuda":  # the GPU work alone: sample replayed from a graph
+        generator = torch.cuda.default_generators[torch.device(device).index or 0]
+        replay = graphed(lambda: buf.sample(batch, generator=generator))
+        t = measure(replay, device=device)
+        rows.append({"op": "sample", "mode": "geometric, graph", **common, "batch": batch, **t})
     mix = {"random_goal_fraction": 0.2, "current_goal_fraction": 0.1}
     t = measure(lambda: buf.sample(batch, **mix), device=device)
     rows.append({"op": "sample", "mode": "geometric+mix", **common, "batch": batch, **t})
@@ -115,7 +120,7 @@ def main() -> None:
     rows = bench_rows(args.device, sizes)
     path = write_results("buffer", args.device, rows)
     label = "CPU" if torch.device(args.device).type == "cpu" else args.device
-    columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "p20_ms", "p80_ms"]
+    columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "host_ms", "p80_ms"]
     print_table(rows, [*columns, "samples_per_s"], title=f"buffer on {label} ({path.name})")
 
 

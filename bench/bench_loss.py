@@ -24,7 +24,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.harness import measure, print_table, write_results
+from bench.harness import graphed, measure, print_table, write_results
 from crl_fast import contrastive_loss, reference_contrastive_loss
 
 GPU_SIZES = (4096, 16384, 65536, 262144, 1048576)
@@ -70,20 +70,6 @@ def make_step(impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.
     return step
 
 
-def _graphed(step: Callable) -> Callable:
-    """``step`` captured in a CUDA graph (warmed up on a side stream first); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def _fits(impl: str, b: int, device: torch.device) -> bool:
     """Whether a materialising implementation's B x B float32 temporaries can fit at all."""
     if impl.startswith("crl_fast"):
@@ -103,7 +89,7 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
     try:
         step = make_step(impl, b, d, dtype, device, **combo)
         if impl.endswith("-graph"):
-            step = _graphed(step)
+            step = graphed(step)
         t0 = time.perf_counter()
         step()  # compiles (Triton / torch.compile) and sizes the repetitions
         if device.type == "cuda":

@@ -63,6 +63,9 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
     buffer = filled_buffer(device)
     updates_per_call = 1
     if mode in ("compile", "compile-graph"):
+        # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
+        # agent of a run passes dynamo's recompile limit (8) and its optimisers fall back to eager.
+        torch._dynamo.reset()
         agent.compile()
     if mode in ("graph", "compile-graph"):
         generator = torch.cuda.default_generators[device.index or 0]

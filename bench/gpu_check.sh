@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check in one call (stage limits sum to 560 s, inside the 600 s command limit): install
+# Device check in one call (stage limits sum to 555 s, inside the 600 s command limit): install
 # crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
 # loss buffer envs update jax (the default, in that order), compile and autotune (opt-in; autotune
 # compiles many tile variants, a call of its own).
@@ -47,13 +47,13 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
+        tests) step tests 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
         loss) step loss 150 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
-        buffer) step buffer 35 python3 -m bench.bench_buffer ;;
-        envs) step envs 35 python3 -m bench.bench_envs ;;
-        update) step update 100 python3 -m bench.bench_update ;;
-        jax) step jax 90 python3 -m bench.jax_baselines ;;
+        buffer) step buffer 20 python3 -m bench.bench_buffer ;;
+        envs) step envs 15 python3 -m bench.bench_envs ;;
+        update) step update 90 python3 -m bench.bench_update ;;
+        jax) step jax 150 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran

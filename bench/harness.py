@@ -63,6 +63,21 @@ def measure(
     return out
 
 
+def graphed(step: Callable[[], Any]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (warmed up on a side stream first): returns its replay,
+    whose timing is the GPU work alone, without the host's launches."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _git_sha() -> str:
     """HEAD's short SHA, or ``$CRL_FAST_GIT_SHA`` where the tree has no git (a copied checkout)."""
     if sha := os.environ.get("CRL_FAST_GIT_SHA"):
