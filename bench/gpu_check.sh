@@ -47,8 +47,8 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
-        loss) step loss 150 python3 -m bench.bench_loss ;;
+        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
+        loss) step loss 130 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 15 python3 -m bench.bench_envs ;;
