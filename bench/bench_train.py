@@ -1,0 +1,100 @@
+"""End-to-end training speed: ``crl_fast.train`` on the point U-maze, env steps and updates per s.
+
+    python -m bench.bench_train                        # GPU: the graph modes; CPU: eager, small
+    python -m bench.bench_train --modes eager --env-steps 20000 60000
+
+Issue target (H100): 10 M env steps with training in <= 2 minutes, with 1,024 envs and one update
+of batch 256 per 16 env steps (625,000 updates). Each mode trains twice, for the two
+``--env-steps`` budgets, and the rates come from the difference of the two wall times, so set-up,
+compilation, graph capture and the evaluations at start and end (the same in both runs) drop
+out. ``projected_10M_s`` is 10 M env steps at that rate: a projection, not a 10 M run. Modes:
+``eager`` (host-bound on GPUs: not run there unless asked), ``cuda-graph`` (sample + update
+replayed from a graph), ``compile+cuda-graph``.
+Writes bench/results/train-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+
+import torch
+
+from bench.harness import print_table, write_results
+from crl_fast.config import TrainConfig
+
+MODES = {
+    "eager": {},
+    "cuda-graph": {"cuda_graph": True},
+    "compile+cuda-graph": {"cuda_graph": True, "compile": True},
+}
+TARGET_S = 120.0
+TARGET_STEPS = 10_000_000
+
+
+def train_seconds(env_steps: int, mode: str, num_envs: int, device: str) -> float:
+    """Wall time of one ``train`` run of ``env_steps``, its console output swallowed."""
+    from crl_fast.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            env="point_umaze", num_envs=num_envs, device=device, total_env_steps=env_steps,
+            eval_every=10 * env_steps, eval_episodes=16, log_every=10 * env_steps,
+            checkpoint_every=0, run_dir=f"{tmp}/run", tensorboard=False, progress=False,
+            **MODES[mode],
+        )  # fmt: skip
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(config)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def bench(mode: str, budgets: tuple[int, int], num_envs: int, device: str) -> dict:
+    short, long = (train_seconds(n, mode, num_envs, device) for n in budgets)
+    steps = budgets[1] - budgets[0]
+    env_steps_per_s = steps / (long - short)
+    updates = steps * TrainConfig.updates_per_env_step
+    return {
+        "mode": mode,
+        "num_envs": num_envs,
+        "batch": TrainConfig.batch_size,
+        "updates_per_env_step": TrainConfig.updates_per_env_step,
+        "env_steps": list(budgets),
+        "wall_s": [short, long],
+        "env_steps_per_s": env_steps_per_s,
+        "updates_per_s": updates / (long - short),
+        "projected_10M_s": TARGET_STEPS / env_steps_per_s,
+        "target_s": TARGET_S,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=None)
+    parser.add_argument("--num-envs", type=int, default=None, help="GPU 1024, CPU 64")
+    parser.add_argument("--env-steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"))
+    args = parser.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    modes = args.modes or (["cuda-graph", "compile+cuda-graph"] if cuda else ["eager"])
+    num_envs = args.num_envs or (1024 if cuda else 64)
+    budgets = tuple(args.env_steps or ((100_000, 600_000) if cuda else (12_800, 25_600)))
+    if budgets[1] <= budgets[0]:
+        parser.error("--env-steps: the second budget must be larger")
+    rows = []
+    for mode in modes:
+        rows.append(bench(mode, budgets, num_envs, args.device))
+        print(rows[-1], flush=True)
+        path = write_results("train", args.device, rows)  # after each row: survives a timeout
+    label = "GPU" if cuda else f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+    columns = ["mode", "num_envs", "env_steps_per_s", "updates_per_s", "projected_10M_s"]
+    print_table(rows, [*columns, "target_s"], title=f"training, point_umaze, {label} ({path.name})")
+
+
+if __name__ == "__main__":
+    main()
