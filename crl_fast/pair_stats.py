@@ -3,7 +3,8 @@
 Every critic loss is a small function of O(B) statistics of ``L = scale * f(x, y) + bias``
 (see ``kernels/pair_stats.py`` for the exact list and the gradient formula). This module wraps
 the statistics as ``torch.library`` custom ops (forward and backward), so they work under
-autograd, ``torch.compile`` and CUDA-graph capture, and dispatches each call to
+autograd, ``torch.compile`` and CUDA-graph capture (eager calls run the same code without the
+ops' dispatch), and dispatches each call to
 
 * the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or
 * a chunked PyTorch implementation of the same maths that holds about ``CHUNK_ELEMENTS``
