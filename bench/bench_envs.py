@@ -1,7 +1,8 @@
 """Env throughput: environment steps per second of each torch env for a batch of N envs.
 
 Usage: ``python -m bench.bench_envs [--device cuda] [--num-envs 1024 16384]``. One timed call is
-one ``env.step`` of all N envs (random actions generated beforehand), autoresets included.
+one ``env.step`` of all N envs (random actions generated beforehand), autoresets included. On
+CUDA, rows named ``<env>, graph`` replay one step from a CUDA graph: the GPU work alone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 
 import torch
 
-from bench.harness import measure, print_table, write_results
+from bench.harness import graphed, measure, print_table, write_results
 from crl_fast.envs import ENV_NAMES, make_env
 
 
@@ -35,6 +36,22 @@ def bench(name: str, num_envs: int, device: str) -> dict:
     }
 
 
+def bench_graphed(name: str, num_envs: int, device: str) -> dict:
+    """The GPU work of one step: a step captured in a CUDA graph and replayed (each replay
+    steps from the captured state, so only the timing means anything), or why capture failed
+    (the env's own random generator, say)."""
+    env = make_env(name, num_envs=num_envs, device=device, seed=0)
+    env.reset(seed=0)
+    action = torch.rand(num_envs, env.action_dim, device=device) * 2 - 1
+    row = {"env": f"{name}, graph", "num_envs": num_envs, "cpu_threads": None}
+    try:
+        replay = graphed(lambda: env.step(action))
+    except RuntimeError as error:
+        return row | {"status": f"capture failed: {str(error).splitlines()[0][:120]}"}
+    timing = measure(replay, device=device, warmup=10, rep=100)
+    return row | timing | {"env_steps_per_s": num_envs / (timing["median_ms"] / 1e3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,9 +62,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [bench(name, n, args.device) for name in args.envs for n in args.num_envs]
+    if torch.device(args.device).type == "cuda":
+        rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
     path = write_results("envs", args.device, rows)
     label = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
-    columns = ["env", "num_envs", "median_ms", "p20_ms", "p80_ms", "env_steps_per_s"]
+    columns = ["env", "num_envs", "median_ms", "host_ms", "p80_ms", "env_steps_per_s", "status"]
     print_table(rows, columns, title=f"env steps/s on {label} ({path.name})")
 
 
