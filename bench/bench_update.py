@@ -88,7 +88,25 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
         "target_per_s": None if cpu else TARGETS.get(batch_size),
+        "kernels_per_update": None
+        if cpu
+        else cuda_kernels(lambda: agent.update(buffer.sample(batch_size), critic_metrics=False)),
     }
+
+
+def cuda_kernels(fn) -> int | None:
+    """CUDA kernels (and memsets / copies) one call of ``fn`` launches, from the profiler: what
+    a CUDA graph of the update replays (the graph modes replay their eager or compiled twin's);
+    None where the profiler fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError:
+        return None
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def main() -> None:
@@ -114,6 +132,7 @@ def main() -> None:
             path = write_results("update", device, rows)  # after each row: survives a timeout
     label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
+    columns.append("kernels_per_update")
     print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")
 
 
