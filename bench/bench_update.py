@@ -1,6 +1,6 @@
 """Gradient updates per second of the CRL agent with JaxGCRL's default networks.
 
-    python -m bench.bench_update                    # batch 256 and 4096, every mode the device has
+    python -m bench.bench_update                    # batch 256 and 4096, the four default modes
     python -m bench.bench_update --batch-size 256 --modes eager
 
 JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a
@@ -8,7 +8,9 @@ tanh-Gaussian actor, Adam 3e-4. Ant-sized inputs: state 27, action 8, goal 2. On
 buffer sample plus the actor, alpha and critic steps. Modes: ``graph`` (sample + update
 replayed from a CUDA graph holding ``--graph-steps`` updates, of which the last computes the
 critic's metrics, as a training loop logs them); ``compile-graph`` (the same with
-the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager``; ``compile``.
+the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager``; ``compile``;
+``autotune-graph`` (opt-in: compiled with ``mode="max-autotune-no-cudagraphs"``, whose Triton
+matmul templates can take the bias and activation into the product; compiling takes minutes).
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -30,7 +32,13 @@ JAXGCRL_AGENT = AgentConfig(
     width=256, depth=2, repr_dim=64, loss="infonce", energy="norm", logsumexp_penalty=0.1
 )
 TARGETS = {256: 13_000, 4096: 3_000}
-MODES = ("graph", "compile-graph", "eager", "compile")
+MODES = ("graph", "compile-graph", "eager", "compile", "autotune-graph")
+DEFAULT_MODES = MODES[:4]
+COMPILE_OPTIONS = {
+    "compile": {},
+    "compile-graph": {},
+    "autotune-graph": {"mode": "max-autotune-no-cudagraphs"},
+}
 
 
 def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
@@ -62,12 +70,12 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
     agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, device)
     buffer = filled_buffer(device)
     updates_per_call = 1
-    if mode in ("compile", "compile-graph"):
+    if mode in COMPILE_OPTIONS:
         # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
         # agent of a run passes dynamo's recompile limit (8) and its optimisers fall back to eager.
         torch._dynamo.reset()
-        agent.compile()
-    if mode in ("graph", "compile-graph"):
+        agent.compile(**COMPILE_OPTIONS[mode])
+    if mode.endswith("graph"):
         generator = torch.cuda.default_generators[device.index or 0]
         step = GraphedUpdates(
             agent, lambda: buffer.sample(batch_size, generator=generator), steps=graph_steps
@@ -123,7 +131,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.set_float32_matmul_precision("high")
-    modes = args.modes or (MODES if cuda else ["eager"])
+    modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
     rows = []
     for mode in modes:
         for batch_size in args.batch_size:
