@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Device check in one call (stage limits sum to 555 s, inside the 600 s command limit): install
 # crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
-# loss buffer envs update jax (the default, in that order), compile, train and autotune (opt-in;
-# train runs two trainings per mode, about 2 minutes; autotune compiles many tile variants, a call
-# of its own).
+# loss buffer envs update jax (the default, in that order), compile, train, probe and autotune
+# (opt-in; train runs two trainings per mode, about 2 minutes; probe times the loss row pass with
+# TMA loads and warp specialization, seconds; autotune compiles many tile variants, a call of its
+# own).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
@@ -55,6 +56,7 @@ for stage in "${stages[@]}"; do
         envs) step envs 15 python3 -m bench.bench_envs ;;
         update) step update 90 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
+        probe) step probe 60 python3 -m bench.probe_warp_specialize ;;
         jax) step jax 150 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
