@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Device check in one call (stage limits sum to 555 s, inside the 600 s command limit): install
+# Device check in one call (stage limits sum to 560 s, inside the 600 s command limit): install
 # crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
-# loss buffer envs update jax (the default, in that order), compile, train, probe and autotune
-# (opt-in; train runs two trainings per mode, about 2 minutes; probe times the loss row pass with
-# TMA loads and warp specialization, seconds; autotune compiles many tile variants, a call of its
-# own).
+# probe loss buffer envs update jax (the default, in that order), compile, train and autotune
+# (opt-in; train runs two trainings per mode, about 2 minutes; autotune compiles many tile
+# variants, a call of its own). probe times the loss row pass with TMA loads and warp
+# specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
@@ -24,7 +24,7 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests loss buffer envs update jax)
+[ ${#stages[@]} -gt 0 ] || stages=(tests probe loss buffer envs update jax)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -49,15 +49,15 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
+        tests) step tests 140 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
         loss) step loss 130 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 15 python3 -m bench.bench_envs ;;
         update) step update 90 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
-        probe) step probe 60 python3 -m bench.probe_warp_specialize ;;
-        jax) step jax 150 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
+        probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
+        jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran
