@@ -50,10 +50,10 @@ for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
         tests) step tests 140 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
-        loss) step loss 130 python3 -m bench.bench_loss ;;
+        loss) step loss 125 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
-        envs) step envs 15 python3 -m bench.bench_envs ;;
+        envs) step envs 20 python3 -m bench.bench_envs ;;
         update) step update 90 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
