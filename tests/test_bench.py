@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end at tiny sizes on CPU and write the JSON they promise
+(results go to a temporary folder): a benchmark that breaks should break here, not on the GPU
+machine's clock."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from bench import (
+    bench_buffer,
+    bench_envs,
+    bench_loss,
+    bench_train,
+    bench_update,
+    harness,
+    probe_warp_specialize,
+)
+
+CASES = {
+    "loss": (bench_loss, ["--sizes", "64", "--combos", "2"], {"impl", "median_ms", "status"}),
+    "buffer": (
+        bench_buffer,
+        ["--capacity", "20", "--num-envs", "4", "--batch", "64", "--txt-envs", "2"],
+        {"op", "mode", "us_per_call"},
+    ),
+    "envs": (bench_envs, ["--num-envs", "8", "--envs", "point_umaze"], {"env_steps_per_s"}),
+    "update": (bench_update, ["--batch-size", "16"], {"mode", "updates_per_s"}),
+    "train": (
+        bench_train,
+        ["--num-envs", "8", "--env-steps", "10400", "10800"],
+        {"env_steps_per_s", "updates_per_s", "projected_10M_s"},
+    ),
+    "probe-ws": (
+        probe_warp_specialize,
+        ["--batch", "100", "--dim", "16"],
+        {"variant", "rel_error", "status"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, capsys):
+    module, argv, keys = CASES[name]
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--device", "cpu", *argv])
+    if module is probe_warp_specialize:  # no --device: it takes CUDA when there is one
+        monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+    (path,) = tmp_path.glob(f"{name}-*.json")
+    result = json.loads(path.read_text())
+    assert {"device", "torch", "git_sha", "date"} <= result["env"].keys()
+    assert result["rows"] and all(keys <= row.keys() for row in result["rows"])
+    assert all(row.get("status", "ok") == "ok" for row in result["rows"]), result["rows"]
+    assert "CPU" in capsys.readouterr().out or module is probe_warp_specialize
