@@ -130,22 +130,29 @@ def _load_rows(ptr, idx, mask, ks, D, stride, UPCAST: tl.constexpr):
 
 @triton.jit
 def _program_rows(
-    A_ptr, rows, row_mask, D, stride_a, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    A_ptr, A_desc, r0, rows, row_mask, D, stride_a, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """The program's A rows, loaded once (SINGLE_K), else a placeholder: K is then chunked."""
+    """The program's A rows, loaded once (SINGLE_K; through the tensor descriptor with TMA),
+    else a placeholder: K is then chunked."""
     if SINGLE_K:
-        return _load_rows(A_ptr, rows, row_mask, tl.arange(0, BLOCK_K), D, stride_a, UPCAST)
+        if TMA:  # the copy engine zero-fills rows past the end and columns past D
+            t = A_desc.load([r0, 0])
+            if UPCAST:
+                t = t.to(tl.float32)
+            return t
+        else:
+            return _load_rows(A_ptr, rows, row_mask, tl.arange(0, BLOCK_K), D, stride_a, UPCAST)
     else:
         return tl.zeros((1, 1), tl.float32)
 
 
 @triton.jit
 def _logits_tile(
-    a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D, stride_a,
-    stride_b, scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr,
+    a_rows, A_ptr, B_ptr, B_desc, RA_ptr, RB_ptr, rows, n0, cols, row_mask, col_mask, D,
+    stride_a, stride_b, scale, bias, ENERGY: tl.constexpr, MASK_DIAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SINGLE_K: tl.constexpr, CHECK: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_K: tl.constexpr, CHECK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Logits, energy values and dL/dP for one (BLOCK_M, BLOCK_N) tile, with its masks (valid
@@ -156,7 +163,12 @@ def _logits_tile(
     is then the innermost loop, the one Triton's pipeliner overlaps with the loads ahead. Else K
     is walked in BLOCK_K chunks (A reloaded per tile) and no B tile comes back."""
     if SINGLE_K:
-        b = _load_rows(B_ptr, cols, col_mask, tl.arange(0, BLOCK_K), D, stride_b, UPCAST)
+        if TMA:
+            b = B_desc.load([n0, 0])
+            if UPCAST:
+                b = b.to(tl.float32)
+        else:
+            b = _load_rows(B_ptr, cols, col_mask, tl.arange(0, BLOCK_K), D, stride_b, UPCAST)
         acc = tl.dot(a_rows, tl.trans(b), input_precision=PRECISION, out_dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -266,7 +278,7 @@ def _by_x(v, X_IS_A: tl.constexpr):
 
 @triton.jit
 def stats_kernel(
-    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr, POS_ptr,
+    A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr, POS_ptr,
     LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
     U_ptr, V_ptr, W_ptr,
     NA, NB, NPOS, D, stride_a, stride_b,
@@ -275,7 +287,7 @@ def stats_kernel(
     ONLINE_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -294,7 +306,9 @@ def stats_kernel(
     sum_i = tl.zeros((BLOCK_M,), tl.float32)
     cnt_i = tl.zeros((BLOCK_M,), tl.float32)
     ds = tl.arange(0, BLOCK_D)
-    a_rows = _program_rows(A_ptr, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, UPCAST)
+    a_rows = _program_rows(
+        A_ptr, A_desc, pid * BLOCK_M, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, TMA, UPCAST
+    )
     u_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     v_acc = tl.zeros((BLOCK_M,), tl.float32)
     w_acc = tl.zeros((BLOCK_M,), tl.float32)
@@ -307,9 +321,9 @@ def stats_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             logits, f, dfdp, valid, diag, keep, b_rows = _logits_tile(
-                a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
-                stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
-                SINGLE_K, phase == 1, PRECISION, UPCAST,
+                a_rows, A_ptr, B_ptr, B_desc, RA_ptr, RB_ptr, rows, n0, cols, row_mask, col_mask,
+                D, stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+                SINGLE_K, phase == 1, PRECISION, TMA, UPCAST,
             )  # fmt: skip
             logits = tl.where(diag, pos[:, None], logits)
             if LSE:
@@ -376,7 +390,7 @@ def stats_kernel(
 
 @triton.jit
 def grad_kernel(
-    A_ptr, B_ptr, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
+    A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
     POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr, HD_ptr,
     DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr,
     NA, NB, NHD, D, stride_a, stride_b, stride_da,
@@ -385,7 +399,7 @@ def grad_kernel(
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -409,7 +423,9 @@ def grad_kernel(
         if YLSE:
             ylse_o = tl.load(YLSE_ptr + rows, mask=row_mask, other=0.0)
             g_ylse_o = tl.load(G_YLSE_ptr + rows, mask=row_mask, other=0.0)
-    a_rows = _program_rows(A_ptr, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, UPCAST)
+    a_rows = _program_rows(
+        A_ptr, A_desc, pid * BLOCK_M, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, TMA, UPCAST
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     h_sum = tl.zeros((BLOCK_M,), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
@@ -424,9 +440,9 @@ def grad_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             logits, f, dfdp, valid, diag, lse_keep, b_rows = _logits_tile(
-                a_rows, A_ptr, B_ptr, RA_ptr, RB_ptr, rows, cols, row_mask, col_mask, D,
-                stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
-                SINGLE_K, phase == 1, PRECISION, UPCAST,
+                a_rows, A_ptr, B_ptr, B_desc, RA_ptr, RB_ptr, rows, n0, cols, row_mask, col_mask,
+                D, stride_a, stride_b, scale, bias, ENERGY, MASK_DIAG, BLOCK_M, BLOCK_N, BLOCK_K,
+                SINGLE_K, phase == 1, PRECISION, TMA, UPCAST,
             )  # fmt: skip
             g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             if XLSE:
@@ -574,9 +590,36 @@ def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
         "BLOCK_K": width if single else 16 if ieee else 64,
         "BLOCK_D": width if single else min(width, 256 if dtype.itemsize == 2 else 128),
         "SINGLE_K": single,
+        "TMA": single and os.environ.get("CRL_FAST_TMA") == "1",
         "num_warps": 4 if single else 8,
         "num_stages": 3,
     }
+
+
+def _descriptors(a: torch.Tensor, b: torch.Tensor, cfg: dict[str, int]) -> tuple:
+    """(A descriptor, B descriptor, cfg) for cfg's tiles; (None, None, cfg without TMA) when cfg
+    asks for none or the copy engine cannot take the tensors (rows not 16-byte aligned).
+
+    ``CRL_FAST_TMA=1`` (experimental, SINGLE_K tiles only; the autotuner also tries it): the
+    programs' rows and column tiles come through tensor descriptors, the Hopper copy engine,
+    instead of pointer loads. All 168 bf16 ``--quick`` variants compile for sm_90 with it
+    (Triton 3.6 and 3.8); not yet timed. Warp-specialising the column loop on top, which needs
+    these loads, fails in Triton 3.8's NVGPUWarpSpecialization pass for these kernels;
+    ``bench/probe_warp_specialize.py`` times it on a simpler loop, to tell whether restructuring
+    the kernels for it would pay."""
+
+    def ready(t: torch.Tensor) -> bool:
+        row_bytes = t.stride(0) * t.element_size()
+        return t.stride(1) == 1 and row_bytes % 16 == 0 and t.data_ptr() % 16 == 0
+
+    if not cfg["TMA"] or not (ready(a) and ready(b)):
+        return None, None, cfg | {"TMA": False}
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, cfg["BLOCK_K"]])
+
+    return desc(a, cfg["BLOCK_M"]), desc(b, cfg["BLOCK_N"]), cfg
 
 
 _TUNED: dict[tuple, dict[str, int]] = {}
@@ -607,6 +650,8 @@ def _choose(key: tuple, n_a: int, d: int, dtype: torch.dtype, launch) -> dict[st
             for st in (2, 3)
             if bm <= max(64, next_power_of_2(n_a))
         ]
+        if base["SINGLE_K"]:  # the default tile through the copy engine (see _descriptors)
+            candidates += [base | {"TMA": True, "num_stages": st} for st in (2, 3)]
         _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
     return _TUNED[key]
 
@@ -690,9 +735,10 @@ def stats(
             _vector(n_a, online, a),
             _vector(n_a, online_w, a),
         )
+        a_desc, b_desc, cfg = _descriptors(a, b, cfg)
         stats_kernel[(cdiv(n_a, cfg["BLOCK_M"]),)](
-            a, b, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0], d,
-            a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
+            a, b, a_desc, b_desc, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0],
+            d, a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
             SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online, ONLINE_W=online_w,
             PRECISION=precision, UPCAST=_upcast(a.dtype), **cfg,
         )  # fmt: skip
@@ -754,10 +800,11 @@ def grad(
         dscale = _vector(n_prog, dscale_partials, a)
         dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
+        a_desc, b_desc, cfg = _descriptors(a, b, cfg)
         grad_kernel[(n_prog, cdiv(d, cfg["BLOCK_D"]))](
-            a, b, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp, g_pair, hd,
-            da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0), b.stride(0),
-            da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
+            a, b, a_desc, b_desc, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp,
+            g_pair, hd, da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0),
+            b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
             HAS_HD=hd.numel() > 0, DSCALE=dscale_partials, PAIR=pair,
             PRECISION=precision, UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip

@@ -166,6 +166,36 @@ def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize(
+    ("loss", "energy"),
+    [("binary", "dot"), ("infonce", "norm"), ("symmetric_infonce", "l2"), ("dpo", "cosine")],
+)
+def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
+    """CRL_FAST_TMA=1 takes the tiles through tensor descriptors (zero-filled past the rows and
+    past d): the same numbers as the masked pointer loads, ragged tiles included."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    phi, psi = _inputs(70, 90, 24, dtype=torch.bfloat16, seed=3, device=device)
+    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "backend": "triton"}
+    want_value, _, want_grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    engaged = []
+    descriptors = kernels._descriptors
+
+    def recording(a, b, cfg):
+        out = descriptors(a, b, cfg)
+        engaged.append(out[2]["TMA"])
+        return out
+
+    monkeypatch.setattr(kernels, "_descriptors", recording)
+    monkeypatch.setenv("CRL_FAST_TMA", "1")
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    assert engaged and all(engaged)
+    assert max_error(value, want_value) <= 1e-6 * max(1.0, want_value.abs().item())
+    for k, t in zip(grads, want_grads, strict=True):
+        assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("energy", ["l2", "norm"])
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
