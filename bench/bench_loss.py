@@ -144,8 +144,9 @@ def main() -> None:
     impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = "" if cuda else " [CPU figures, not GPU]"
-    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
-    name = "loss-autotuned" if args.autotune else "loss"
+    tma = os.environ.get("CRL_FAST_TMA") == "1"  # experimental tile loads, see kernels/
+    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune, "tma": tma}
+    name = "loss-autotuned" if args.autotune else "loss-tma" if tma else "loss"
     rows: list[dict] = []
 
     def record(row: dict) -> None:
