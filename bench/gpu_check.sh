@@ -34,6 +34,7 @@ fi
 # `pip install .` would be shadowed by ./crl_fast, which has no kernels/, from the repo root).
 ln -sfn ../kernels crl_fast/kernels
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
@@ -63,6 +64,7 @@ for stage in "${stages[@]}"; do
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
-    cp bench/results/*.json "$OUT/" 2>/dev/null  # after each stage: a timeout keeps what ran
+    # after each stage, what this run wrote (a timeout keeps what ran; $OUT takes 8 files)
+    find bench/results -name '*.json' -newer "$START" -exec cp {} "$OUT/" \;
 done
 ls "$OUT"
