@@ -129,6 +129,23 @@ def _load_rows(ptr, idx, mask, ks, D, stride, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(
+    ptr, desc, start, idx, mask, BLOCK_K: tl.constexpr, D, stride, TMA: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Rows ``idx`` (= start + arange) of a row-major matrix, its first BLOCK_K columns, zero
+    outside: through the tensor descriptor with TMA (the copy engine zero-fills rows past the
+    end and columns past D), else by masked pointer loads; float32 if UPCAST."""
+    if TMA:
+        t = desc.load([start, 0])
+        if UPCAST:
+            t = t.to(tl.float32)
+        return t
+    else:
+        return _load_rows(ptr, idx, mask, tl.arange(0, BLOCK_K), D, stride, UPCAST)
+
+
+@triton.jit
 def _program_rows(
     A_ptr, A_desc, r0, rows, row_mask, D, stride_a, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
@@ -136,13 +153,7 @@ def _program_rows(
     """The program's A rows, loaded once (SINGLE_K; through the tensor descriptor with TMA),
     else a placeholder: K is then chunked."""
     if SINGLE_K:
-        if TMA:  # the copy engine zero-fills rows past the end and columns past D
-            t = A_desc.load([r0, 0])
-            if UPCAST:
-                t = t.to(tl.float32)
-            return t
-        else:
-            return _load_rows(A_ptr, rows, row_mask, tl.arange(0, BLOCK_K), D, stride_a, UPCAST)
+        return _tile_rows(A_ptr, A_desc, r0, rows, row_mask, BLOCK_K, D, stride_a, TMA, UPCAST)
     else:
         return tl.zeros((1, 1), tl.float32)
 
@@ -163,12 +174,7 @@ def _logits_tile(
     is then the innermost loop, the one Triton's pipeliner overlaps with the loads ahead. Else K
     is walked in BLOCK_K chunks (A reloaded per tile) and no B tile comes back."""
     if SINGLE_K:
-        if TMA:
-            b = B_desc.load([n0, 0])
-            if UPCAST:
-                b = b.to(tl.float32)
-        else:
-            b = _load_rows(B_ptr, cols, col_mask, tl.arange(0, BLOCK_K), D, stride_b, UPCAST)
+        b = _tile_rows(B_ptr, B_desc, n0, cols, col_mask, BLOCK_K, D, stride_b, TMA, UPCAST)
         acc = tl.dot(a_rows, tl.trans(b), input_precision=PRECISION, out_dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
