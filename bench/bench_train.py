@@ -9,7 +9,8 @@ of batch 256 per 16 env steps (625,000 updates). Each mode trains twice, for the
 compilation, graph capture and the evaluations at start and end (the same in both runs) drop
 out. ``projected_10M_s`` is 10 M env steps at that rate: a projection, not a 10 M run. Modes:
 ``eager`` (host-bound on GPUs: not run there unless asked), ``cuda-graph`` (sample + update
-replayed from a graph), ``compile+cuda-graph``.
+replayed from a graph), ``compile+cuda-graph``, ``compile+cuda-graph+stream`` (the actor step on
+a second stream).
 Writes bench/results/train-<device>.json.
 """
 
@@ -30,7 +31,9 @@ MODES = {
     "eager": {},
     "cuda-graph": {"cuda_graph": True},
     "compile+cuda-graph": {"cuda_graph": True, "compile": True},
+    "compile+cuda-graph+stream": {"cuda_graph": True, "compile": True, "actor_stream": True},
 }
+GPU_MODES = ["compile+cuda-graph", "compile+cuda-graph+stream"]
 TARGET_S = 120.0
 TARGET_STEPS = 10_000_000
 
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("--env-steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"))
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
-    modes = args.modes or (["cuda-graph", "compile+cuda-graph"] if cuda else ["eager"])
+    modes = args.modes or (GPU_MODES if cuda else ["eager"])
     num_envs = args.num_envs or (1024 if cuda else 64)
     budgets = tuple(args.env_steps or ((100_000, 600_000) if cuda else (12_800, 25_600)))
     if budgets[1] <= budgets[0]:

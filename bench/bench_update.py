@@ -1,6 +1,6 @@
 """Gradient updates per second of the CRL agent with JaxGCRL's default networks.
 
-    python -m bench.bench_update                    # batch 256 and 4096, the four default modes
+    python -m bench.bench_update                    # batch 256 and 4096, the four graph modes
     python -m bench.bench_update --batch-size 256 --modes eager
 
 JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a
@@ -11,6 +11,8 @@ critic's metrics, as a training loop logs them); ``compile-graph`` (the same wit
 the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager``; ``compile``;
 ``autotune-graph`` (opt-in: compiled with ``mode="max-autotune-no-cudagraphs"``, whose Triton
 matmul templates can take the bias and activation into the product; compiling takes minutes).
+A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the agent with
+``actor_stream=True``: the actor and alpha steps on a second CUDA stream, beside the critic's.
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -32,8 +34,17 @@ JAXGCRL_AGENT = AgentConfig(
     width=256, depth=2, repr_dim=64, loss="infonce", energy="norm", logsumexp_penalty=0.1
 )
 TARGETS = {256: 13_000, 4096: 3_000}
-MODES = ("graph", "compile-graph", "eager", "compile", "autotune-graph")
+MODES = (
+    "compile-graph",
+    "compile-graph+stream",
+    "graph",
+    "graph+stream",
+    "eager",
+    "compile",
+    "autotune-graph",
+)
 DEFAULT_MODES = MODES[:4]
+"""On CUDA; the CPU runs ``eager``."""
 COMPILE_OPTIONS = {
     "compile": {},
     "compile-graph": {},
@@ -67,15 +78,17 @@ def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
 
 def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
     torch.manual_seed(0)
-    agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, device)
+    kind, _, stream = mode.partition("+")
+    agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, device, actor_stream=bool(stream))
     buffer = filled_buffer(device)
     updates_per_call = 1
-    if mode in COMPILE_OPTIONS:
+    graphed = kind.endswith("graph")
+    if kind in COMPILE_OPTIONS:
         # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
         # agent of a run passes dynamo's recompile limit (8) and its optimisers fall back to eager.
         torch._dynamo.reset()
-        agent.compile(**COMPILE_OPTIONS[mode])
-    if mode.endswith("graph"):
+        agent.compile(**COMPILE_OPTIONS[kind])
+    if graphed:
         generator = torch.cuda.default_generators[device.index or 0]
         step = GraphedUpdates(
             agent, lambda: buffer.sample(batch_size, generator=generator), steps=graph_steps
@@ -92,7 +105,7 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
     def one_update() -> None:
         """The timed kind of update; in a graph, one without the critic's metrics, as all but the
         last of a graph's updates are (a compiled agent has both kinds compiled by now)."""
-        agent.update(buffer.sample(batch_size), critic_metrics=not mode.endswith("graph"))
+        agent.update(buffer.sample(batch_size), critic_metrics=not graphed)
 
     return {
         "mode": mode,
@@ -135,6 +148,8 @@ def main() -> None:
     if cuda:
         torch.set_float32_matmul_precision("high")
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
+    if not cuda and any("+" in mode for mode in modes):
+        parser.error("the +stream modes need a CUDA device")
     rows = []
     for mode in modes:
         for batch_size in args.batch_size:

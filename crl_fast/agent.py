@@ -10,9 +10,10 @@ host, so it can run under ``torch.compile`` or inside a CUDA graph; its metrics 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +33,12 @@ def make_adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
 
 
 class CRL:
-    """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022)."""
+    """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022).
+
+    ``actor_stream`` (CUDA only) runs the actor and alpha steps on a second stream, beside the
+    critic's forward and backward: a CUDA graph of the update then holds two parallel branches.
+    The numbers are the same either way.
+    """
 
     def __init__(
         self,
@@ -41,9 +47,12 @@ class CRL:
         goal_dim: int,
         config: AgentConfig | None = None,
         device: torch.device | str = "cpu",
+        actor_stream: bool = False,
     ):
         self.config = config = config or AgentConfig()
         self.device = device = torch.device(device)
+        if actor_stream and device.type != "cuda":
+            raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net = dict(
             width=config.width,
             depth=config.depth,
@@ -62,11 +71,20 @@ class CRL:
         self.actor_optimizer = make_adam(self.actor.parameters(), config.actor_lr, device)
         self.alpha_optimizer = make_adam([self.log_alpha], config.alpha_lr, device)
         self._actor_params = list(self.actor.parameters())
-        self._update = self._update_eager
+        self._side = torch.cuda.Stream(device) if actor_stream and device.type == "cuda" else None
+        self._actor_step = self._actor_step_eager
+        self._critic_backward = self._critic_backward_eager
+        self._critic_step = self._critic_step_eager
 
     def compile(self, **kwargs: Any) -> None:
-        """Run :meth:`update` through ``torch.compile(**kwargs)`` from now on."""
-        self._update = torch.compile(self._update_eager, **kwargs)
+        """Run the three steps of :meth:`update` through ``torch.compile(**kwargs)`` from now on.
+
+        The steps are compiled one by one, so the streams that :meth:`update` puts them on are
+        chosen in plain Python, outside the compiled code.
+        """
+        self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
+        self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)
+        self._critic_step = torch.compile(self._critic_step_eager, **kwargs)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False):
@@ -80,16 +98,34 @@ class CRL:
         ``critic_metrics`` the critic's accuracies and mean logits are left out (the losses
         stay): they cost the loss kernels extra work, and the sigmoid loss a third pass.
         """
-        return self._update(batch.observation, batch.action, batch.goal, critic_metrics)
+        obs, action, goal = batch
+        # The actor and alpha steps read the critic as it stands before this update (as JaxGCRL
+        # does) and write nothing the critic reads, so with ``actor_stream`` they run beside the
+        # critic's forward and backward; only the critic's optimiser step waits for them.
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        with self._on_side_stream(main):
+            actor = self._actor_step(obs, goal)
+        critic = self._critic_backward(obs, action, goal, critic_metrics)
+        if main is not None:
+            main.wait_stream(self._side)
+        self._critic_step()
+        return critic | actor
 
-    def _update_eager(
-        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor, critic_metrics: bool
-    ) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def _on_side_stream(self, main: torch.cuda.Stream | None) -> Iterator[None]:
+        """Run the block on the side stream, after the work ``main`` has queued (no-op without)."""
+        if main is None:
+            yield
+            return
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            yield
+
+    def _actor_step_eager(self, obs: torch.Tensor, goal: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The actor and alpha steps; the encoders are read, not trained."""
         cfg = self.config
-        # Each loss below has its own autograd graph (no tensor with a graph is shared between
-        # two backward calls), as torch.compile needs: it fuses each region into one node.
-
-        # Actor, against the critic as it stands before this step (as JaxGCRL does).
+        # Each loss has its own autograd graph (no tensor with a graph is shared between two
+        # backward calls), as torch.compile needs: it fuses each region into one node.
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             psi_target = self.goal_encoder(goal)
@@ -107,8 +143,19 @@ class CRL:
             self.alpha_optimizer.zero_grad()
             alpha_loss.backward()
             self.alpha_optimizer.step()
+        return {
+            "actor/loss": actor_loss.detach(),
+            "actor/entropy": -log_prob.mean(),
+            "alpha": alpha,
+            "alpha/loss": alpha_loss.detach(),
+        }
 
-        # Critic: classify which goal in the batch is the future of each (s, a).
+    def _critic_backward_eager(
+        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor, critic_metrics: bool
+    ) -> dict[str, torch.Tensor]:
+        """The critic's loss and gradients: classify which goal in the batch is the future of
+        each (s, a). Its optimiser step is left to :meth:`update`."""
+        cfg = self.config
         critic_out = contrastive_loss(
             self.sa_encoder(obs, action),
             self.goal_encoder(goal),
@@ -120,19 +167,11 @@ class CRL:
         critic_loss, accuracy = critic_out if critic_metrics else (critic_out, {})
         self.critic_optimizer.zero_grad()
         critic_loss.backward()
-        self.critic_optimizer.step()
-
         metrics = {f"critic/{k}": v.detach() for k, v in accuracy.items()}
-        metrics.update(
-            {
-                "critic/loss": critic_loss.detach(),
-                "actor/loss": actor_loss.detach(),
-                "actor/entropy": -log_prob.mean(),
-                "alpha": alpha,
-                "alpha/loss": alpha_loss.detach(),
-            }
-        )
-        return metrics
+        return metrics | {"critic/loss": critic_loss.detach()}
+
+    def _critic_step_eager(self) -> None:
+        self.critic_optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
         """Networks, entropy weight and optimiser states."""

@@ -25,6 +25,7 @@ RESUME_SAFE_FIELDS = (
     "threads",  # how fast the same updates run
     "compile",
     "cuda_graph",
+    "actor_stream",
     "run_dir",  # where the run lies
     "resume",
 )
@@ -97,6 +98,9 @@ class TrainConfig:
     tf32: bool = option(True, "float32 matmuls may use TF32 tensor cores on CUDA (as JAX does)")
     compile: bool = option(False, "torch.compile the update (meant for CUDA)")
     cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
+    actor_stream: bool = option(
+        False, "run the actor step on a second CUDA stream, beside the critic's (CUDA only)"
+    )
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
     progress: bool = option(True, "print a status line with env steps/s and updates/s")
     agent: AgentConfig = field(default_factory=AgentConfig)

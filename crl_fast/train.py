@@ -137,7 +137,9 @@ def make_buffer(config: TrainConfig, env, device: torch.device) -> TrajectoryBuf
 
 
 def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
-    agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, config.agent, device)
+    agent = CRL(
+        env.obs_dim, env.action_dim, env.goal_dim, config.agent, device, config.actor_stream
+    )
     if config.compile:
         agent.compile()
     return agent
@@ -159,8 +161,9 @@ def make_train_step(
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
     device = resolve_device(config.device)
-    if config.cuda_graph and device.type != "cuda":
-        raise ValueError(f"--cuda-graph needs a CUDA device, got {device}")
+    for flag in ("cuda_graph", "actor_stream"):
+        if getattr(config, flag) and device.type != "cuda":
+            raise ValueError(f"--{flag.replace('_', '-')} needs a CUDA device, got {device}")
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.tf32 and device.type == "cuda":

@@ -82,6 +82,11 @@ def test_graphed_updates_refuse_too_few_warmups():
         GraphedUpdates(small_agent(), toy_batch, steps=2, warmup=1)
 
 
+def test_actor_stream_needs_cuda():
+    with pytest.raises(ValueError, match="actor_stream needs a CUDA device"):
+        CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cpu", actor_stream=True)
+
+
 def test_fixed_alpha_stays_fixed():
     agent = small_agent(autotune_alpha=False, alpha=0.1)
     for _ in range(3):
@@ -244,3 +249,36 @@ def test_compiled_update_matches_eager(monkeypatch):
     want, have = parameters(eager), parameters(compiled)
     for key in want:
         torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "graph", "compile-graph"])
+def test_actor_stream_takes_the_same_steps(mode):
+    """The actor and alpha steps on their own stream give the same updates: the same kernels,
+    only their order across the two streams changes (a missing wait before the critic's step
+    would let the actor read half-updated encoders)."""
+    buffer = random_cuda_buffer()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+
+    def train(actor_stream: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda", actor_stream=actor_stream)
+        if mode == "compile-graph":
+            torch._dynamo.reset()
+            agent.compile()
+        if mode == "eager":
+            for _ in range(6):
+                metrics = agent.update(buffer.sample(64, generator=generator))
+        else:
+            step = GraphedUpdates(
+                agent, lambda: buffer.sample(64, generator=generator), steps=2, warmup=2
+            )
+            for _ in range(2):
+                metrics = step()
+        torch.cuda.synchronize()
+        return parameters(agent) | {f"metric {k}": v.clone() for k, v in metrics.items()}
+
+    one, two = train(False), train(True)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=0, msg=key)

@@ -175,6 +175,13 @@ def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
     assert load_checkpoint(run_dir / "checkpoint.pt")["loop"]["env_steps"] == 128
 
 
+@pytest.mark.parametrize("flag", ["cuda_graph", "actor_stream"])
+def test_cuda_only_flags_refuse_the_cpu(tmp_path, flag):
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} needs a CUDA device"):
+        train(tiny_config(tmp_path, device="cpu", **{flag: True}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_new_run_never_overwrites_an_old_one(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     train(config)
