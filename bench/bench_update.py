@@ -115,13 +115,15 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
         "target_per_s": None if cpu else TARGETS.get(batch_size),
-        "kernels_per_update": None if cpu else cuda_kernels(one_update),
+        **({} if cpu else cuda_kernels(one_update)),
     }
 
 
-def cuda_kernels(fn) -> int | None:
-    """CUDA kernels (and memsets / copies) one call of ``fn`` launches, from the profiler: what
-    a CUDA graph of it replays; None where the profiler fails."""
+def cuda_kernels(fn) -> dict:
+    """The CUDA kernels (and memsets / copies) one call of ``fn`` launches, from the profiler:
+    what a CUDA graph of it replays. Their count, their summed GPU time (next to a graph's time
+    per update it shows how much is launch gaps and waiting) and the heaviest by name. Empty
+    where the profiler fails."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -129,8 +131,19 @@ def cuda_kernels(fn) -> int | None:
             fn()
             torch.cuda.synchronize()
     except RuntimeError:
-        return None
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return {}
+    total: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = total.setdefault(e.name[:80], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    heaviest = sorted(total.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        "kernels_per_update": sum(n for n, _ in total.values()),
+        "kernel_us_per_update": sum(us for _, us in total.values()),
+        "heaviest_kernels": [[name, n, round(us, 1)] for name, (n, us) in heaviest],
+    }
 
 
 def main() -> None:
@@ -158,7 +171,7 @@ def main() -> None:
             path = write_results("update", device, rows)  # after each row: survives a timeout
     label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
-    columns.append("kernels_per_update")
+    columns += ["kernels_per_update", "kernel_us_per_update"]
     print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")
 
 
