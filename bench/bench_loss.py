@@ -144,9 +144,15 @@ def main() -> None:
     impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = "" if cuda else " [CPU figures, not GPU]"
-    tma = os.environ.get("CRL_FAST_TMA") == "1"  # experimental tile loads, see kernels/
-    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune, "tma": tma}
-    name = "loss-autotuned" if args.autotune else "loss-tma" if tma else "loss"
+    # The experimental kernel paths (see kernels/pair_stats.py) each write a file of their own.
+    variants = {
+        "autotuned": args.autotune,
+        "tma": os.environ.get("CRL_FAST_TMA") == "1",
+        "single-pass": os.environ.get("CRL_FAST_SINGLE_PASS") == "1",
+    }
+    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
+    extra |= {"tma": variants["tma"], "single_pass": variants["single-pass"]}
+    name = "-".join(["loss", *(k for k, on in variants.items() if on)])
     rows: list[dict] = []
 
     def record(row: dict) -> None:

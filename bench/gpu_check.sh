@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Device check in one call (stage limits sum to 560 s, inside the 600 s command limit): install
 # crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
-# probe loss buffer envs update jax (the default, in that order), compile, tma, train and
-# autotune (opt-in; tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads, about a
-# minute; train runs two trainings per mode, about 2 minutes; autotune compiles many tile
-# variants, a call of its own). probe times the loss row pass with TMA loads and warp
+# probe loss buffer envs update jax (the default, in that order), compile, tma, single, train
+# and autotune (opt-in; tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads, about
+# a minute; single the sigmoid loss in one pass, dpsi through atomics (CRL_FAST_SINGLE_PASS=1);
+# train runs two trainings per mode, about 2 minutes; autotune compiles many tile variants, a
+# call of its own). probe times the loss row pass with TMA loads and warp
 # specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
@@ -61,6 +62,8 @@ for stage in "${stages[@]}"; do
         probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
+        single) CRL_FAST_SINGLE_PASS=1 step single 40 python3 -m bench.bench_loss \
+            --sizes 16384 65536 --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"

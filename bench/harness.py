@@ -154,7 +154,7 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[k]) for row in cells)]) for k, c in enumerate(columns)]
     if title:
         print(title)
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))

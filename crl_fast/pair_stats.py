@@ -591,10 +591,19 @@ def _binary_loss_impl(
         grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
         common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
-        dx, dscale, dbias, sp_off = kernels.grad(
-            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
-        )
-        dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
+        if kernels.single_pass(x.dtype, x.shape[1]):
+            f32 = {"dtype": torch.float32, "device": y.device}
+            col = (torch.zeros(y.shape, **f32), torch.zeros(m if energy else 0, **f32))
+            dx, dscale, dbias, sp_off = kernels.grad(
+                x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True,
+                column_sums=col, **common,
+            )  # fmt: skip
+            dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
+        else:
+            dx, dscale, dbias, sp_off = kernels.grad(
+                x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
+            )
+            dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
         softplus_sum = sp_off.sum() + F.softplus(pos).sum()
     else:
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
@@ -614,6 +623,15 @@ def _binary_loss_impl(
     if wide:
         dscale, dbias = dscale * w, dbias * w
     return loss, dx, dy, dscale, dbias
+
+
+def _column_grads(
+    y: Tensor, x: Tensor, hy: Tensor, hcol: Tensor, scale: Tensor, hd: Tensor, energy: int
+) -> Tensor:
+    """dy from the single pass's column sums ``hy_j = sum_i H_ij x_i`` and ``hcol_j = sum_i
+    H_ij``: ``scale (hy_j - [l2, norm] y_j hcol_j)`` plus the diagonal's share, float32."""
+    dy = hy - y * hcol[:, None] if energy else hy
+    return dy * scale + _diagonal_rows(y, x, hd, energy)
 
 
 def _binary_grad_dtype(dtype: torch.dtype) -> torch.dtype:

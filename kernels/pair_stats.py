@@ -32,7 +32,8 @@ With H = G * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
     dA_i = scale (sum_j H_ij B_j - A_i sum_j H_ij [l2, norm]),  dscale = sum G f,  dbias = sum G.
 ``scale`` multiplies the program's sums once, not every logit. One launch with A = x gives dx
 and, with DSCALE, per-program partials of dscale/dbias; one with A = y gives dy (X_IS_A = False
-flips which index the x-indexed vectors follow). No atomics: deterministic.
+flips which index the x-indexed vectors follow). No atomics (but see DB_ATOMIC below):
+deterministic.
 The caller passes the diagonal's H_ii (exact, O(B)); each program adds H_ii (B_i - A_i) (l2, norm)
 or H_ii B_i (dot) from the loaded rows themselves, so dA is accumulated in float32 and rounded once
 to the input dtype when stored. The tile H is rounded to the input dtype before its tensor-core
@@ -45,7 +46,12 @@ depend on the order (argmax takes the first index among ties, as torch.argmax do
 
 The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
 ``grad_kernel`` also sums softplus(L_ij) off the diagonal from the exp it already has: loss and
-both gradients then take two passes over the logits instead of three.
+both gradients then take two passes over the logits instead of three. With DB_ATOMIC
+(experimental, ``CRL_FAST_SINGLE_PASS=1``; d in one tile) that launch also adds each tile's
+H.T @ A to a float32 dB with atomics, so one pass gives everything: the column pass's logits
+product and special-function work (2 MUFU ops per logit of its 5 in all) are saved, at the
+price of one atomic float per two logits (128-row programs) and last bits of dB that vary from
+run to run. Programs then start their column loop at different tiles, to spread the atomics.
 """
 
 from __future__ import annotations
@@ -395,13 +401,31 @@ def stats_kernel(
 
 
 @triton.jit
+def _add_column_grads(
+    h, a_rows, A_ptr, DB_ptr, HCOL_ptr, cols, col_mask, ds, D, ENERGY: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``DB[cols] += H.T @ A[rows]`` and, for l2 / norm, ``HCOL[cols] += sum_i H_ij``, with
+    float32 atomics (SINGLE_K: the program's A rows are ``a_rows``). The caller finishes dB_j as
+    ``scale (DB_j - [l2, norm] B_j HCOL_j)`` plus the diagonal."""
+    h_in = h.to(A_ptr.dtype.element_ty)
+    if UPCAST:
+        h_in = h_in.to(tl.float32)
+    db = tl.dot(tl.trans(h_in), a_rows, input_precision=PRECISION, out_dtype=tl.float32)
+    db_ptrs = DB_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :]
+    tl.atomic_add(db_ptrs, db, mask=col_mask[:, None] & (ds < D)[None, :], sem="relaxed")
+    if ENERGY != 0:
+        tl.atomic_add(HCOL_ptr + cols, tl.sum(h, 0), mask=col_mask, sem="relaxed")
+
+
+@triton.jit
 def grad_kernel(
     A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
     POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr, HD_ptr,
-    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr,
+    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, DB_ptr, HCOL_ptr,
     NA, NB, NHD, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
-    HAS_HD: tl.constexpr, DSCALE: tl.constexpr,
+    HAS_HD: tl.constexpr, DSCALE: tl.constexpr, DB_ATOMIC: tl.constexpr,
     XLSE: tl.constexpr, YLSE: tl.constexpr, SOFTPLUS: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -441,8 +465,12 @@ def grad_kernel(
     # the checked ones: the diagonal band, the last partial tile, all tiles of partial rows.
     for phase in tl.static_range(2):
         r0 = pid * BLOCK_M
-        for t in range(0, _tile_count(phase, r0, NA, NB, BLOCK_M, BLOCK_N)):
-            n0 = _tile_start(t, phase, r0, NA, NB, BLOCK_M, BLOCK_N)
+        n_tiles = _tile_count(phase, r0, NA, NB, BLOCK_M, BLOCK_N)
+        for t in range(0, n_tiles):
+            tile = t
+            if DB_ATOMIC and phase == 0:  # programs start on different tiles: fewer collisions
+                tile = (t + pid) % n_tiles
+            n0 = _tile_start(tile, phase, r0, NA, NB, BLOCK_M, BLOCK_N)
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
             logits, f, dfdp, valid, diag, lse_keep, b_rows = _logits_tile(
@@ -492,6 +520,9 @@ def grad_kernel(
             )
             if ENERGY != 0:
                 h_sum += tl.sum(h, 1)
+            if DB_ATOMIC:  # the column pass's product from the same tile, added to dB in float32
+                _add_column_grads(h, a_rows, A_ptr, DB_ptr, HCOL_ptr, cols, col_mask, ds, D,
+                                  ENERGY, PRECISION, UPCAST)  # fmt: skip
             if DSCALE:
                 dscale += tl.sum(g * f, 1)
                 dbias += tl.sum(g, 1)
@@ -570,7 +601,7 @@ rows in one chunk: the column loop is innermost, so its loads are pipelined acro
 BLOCK_D = 128): d in (64, 128] keeps the chunked loop on 8 warps until a GPU says otherwise."""
 
 
-def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
+def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> dict[str, int]:
     """Fixed tile shapes: K in one chunk (SINGLE_K) or in BLOCK_K chunks; BLOCK_D tiles the
     gradient's columns (one tile with SINGLE_K, whose gradient product reuses B's tile).
 
@@ -586,20 +617,36 @@ def _config(n_a: int, d: int, dtype: torch.dtype) -> dict[str, int]:
     388 B (the agent's infonce + norm critic with metrics). With K chunked, each BLOCK_D tile of
     the gradient recomputes the whole tile of logits: 16-bit inputs take d up to 256 in one
     (H200, bf16, B = 65536, d = 256: 78 ms with two 128-wide tiles, 2026-11-28); float32 keeps
-    128, as 256 spilled up to 140 B (norm energy, TF32)."""
+    128, as 256 spilled up to 140 B (norm energy, TF32).
+
+    ``single_pass`` (the sigmoid loss's dy through atomics, see :func:`single_pass`): 128 rows
+    on 8 warps, one 64-row warpgroup each, halve the atomic traffic of 64 (one float per logit)
+    at 25.0 instead of 27.5 instructions per logit (bf16 dot, d = 64, sm_90 SASS), no spills."""
     width = max(16, next_power_of_2(d))
     ieee = _precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
+    rows = 128 if single_pass else 64
     return {
-        "BLOCK_M": 64 if n_a >= 64 else max(16, next_power_of_2(n_a)),
+        "BLOCK_M": rows if n_a >= rows else max(16, next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
         "BLOCK_K": width if single else 16 if ieee else 64,
         "BLOCK_D": width if single else min(width, 256 if dtype.itemsize == 2 else 128),
         "SINGLE_K": single,
         "TMA": single and os.environ.get("CRL_FAST_TMA") == "1",
-        "num_warps": 4 if single else 8,
+        "num_warps": 4 if single and not single_pass else 8,
         "num_stages": 3,
     }
+
+
+def single_pass(dtype: torch.dtype, d: int) -> bool:
+    """Whether the sigmoid loss takes both gradients in one pass over the logits, dy through
+    float32 atomics (``CRL_FAST_SINGLE_PASS=1``, experimental): only where d fits one tile and
+    torch is not asked for deterministic algorithms (the atomics' order varies)."""
+    return (
+        os.environ.get("CRL_FAST_SINGLE_PASS") == "1"
+        and not torch.are_deterministic_algorithms_enabled()
+        and _config(1, d, dtype)["SINGLE_K"]
+    )
 
 
 def _descriptors(a: torch.Tensor, b: torch.Tensor, cfg: dict[str, int]) -> tuple:
@@ -640,11 +687,13 @@ Smaller tiles trade a few instructions per logit (bf16 dot: 21.5 -> 23.3 in the 
 32 columns) for more resident warps (100 registers: five programs) or a larger grid."""
 
 
-def _choose(key: tuple, n_a: int, d: int, dtype: torch.dtype, launch) -> dict[str, int]:
+def _choose(
+    key: tuple, n_a: int, d: int, dtype: torch.dtype, launch, single_pass: bool = False
+) -> dict[str, int]:
     """The fixed config, or with CRL_FAST_AUTOTUNE=1 (compiled kernels only) the fastest of a
     few candidates for this key, timed once with ``triton.testing.do_bench`` and remembered.
     Tune before capturing a CUDA graph: timing cannot run inside a capture."""
-    base = _config(n_a, d, dtype)
+    base = _config(n_a, d, dtype, single_pass)
     if os.environ.get("CRL_FAST_AUTOTUNE") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return base
     if key not in _TUNED:
@@ -778,6 +827,7 @@ def grad(
     scale_grad: bool,
     fwd: bool = False,
     out_dtype: torch.dtype | None = None,
+    column_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradient for the rows of ``a`` in their dtype (or ``out_dtype``): (da, dscale_partials,
     dbias_partials, softplus). The tiles give the off-diagonal part; ``hd`` (one per row of x:
@@ -788,6 +838,10 @@ def grad(
     partials (one per program, off-diagonal) are produced only when ``x_is_a`` and
     ``scale_grad`` (else empty: two sums per logit saved), the off-diagonal row sums of softplus
     only with ``fwd`` (the fused sigmoid loss).
+
+    ``column_sums`` (single pass; float32 (len(b), d) and (len(b),) or empty for dot, zeroed):
+    the same tiles also add ``sum_i H_ij a_i`` and ``sum_i H_ij`` to them with atomics, the
+    column pass's sums, in an order that varies from run to run. Needs d in one tile.
     """
     n_a, d = a.shape
     dscale_partials = x_is_a and scale_grad
@@ -807,18 +861,23 @@ def grad(
         dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
         a_desc, b_desc, cfg = _descriptors(a, b, cfg)
+        if column_sums is not None and not cfg["SINGLE_K"]:
+            raise ValueError(f"column_sums need d in one tile, got d = {d}")
+        db, hcol = (None, None) if column_sums is None else column_sums
         grad_kernel[(n_prog, cdiv(d, cfg["BLOCK_D"]))](
             a, b, a_desc, b_desc, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp,
-            g_pair, hd, da, dscale, dbias, sp, n_a, b.shape[0], hd.shape[0], d, a.stride(0),
-            b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a, MASK_DIAG=mask_diag, FWD=fwd,
-            HAS_HD=hd.numel() > 0, DSCALE=dscale_partials, PAIR=pair,
+            g_pair, hd, da, dscale, dbias, sp, db, hcol, n_a, b.shape[0], hd.shape[0], d,
+            a.stride(0), b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a,
+            MASK_DIAG=mask_diag, FWD=fwd, HAS_HD=hd.numel() > 0, DSCALE=dscale_partials,
+            DB_ATOMIC=column_sums is not None, PAIR=pair,
             PRECISION=precision, UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
         return da, dscale, dbias, sp
 
     flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
+    flags += (column_sums is not None,)
     key = ("grad", a.dtype, precision, _bucket(n_a), _bucket(b.shape[0]), d, *flags)
-    return launch(_choose(key, n_a, d, a.dtype, launch))
+    return launch(_choose(key, n_a, d, a.dtype, launch, column_sums is not None))
 
 
 def paired_rows(

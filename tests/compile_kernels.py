@@ -177,6 +177,13 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
             phi, psi, loss=loss, energy=energy, backend="triton", return_metrics=True, **extra
         )
         agent.backward()
+        if loss == "binary" and not extra:  # the experimental single pass (dpsi by atomics)
+            os.environ["CRL_FAST_SINGLE_PASS"] = "1"
+            try:
+                kw = {"energy": energy, "log_scale": scale, "backend": "triton"}
+                contrastive_loss(phi, psi, **kw).backward()
+            finally:
+                del os.environ["CRL_FAST_SINGLE_PASS"]
 
 
 def _record_buffer_launches(recorders: list[Recorder]) -> None:

@@ -196,6 +196,45 @@ def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
         assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("energy", ENERGIES)
+def test_single_pass_sigmoid_loss(energy, dtype, device, monkeypatch):
+    """CRL_FAST_SINGLE_PASS=1: dpsi from the row pass's tiles through float32 atomics, learnable
+    scale and bias, extra negatives, several programs per tile column; held to float64 truth
+    like the two passes. Deterministic algorithms switch it off."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
+    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=5, device=device)
+    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
+    kw = {"energy": energy}
+    launches = []
+    grad = kernels.grad
+
+    def recording(*args, **kwargs):
+        launches.append(kwargs.get("column_sums") is not None)
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "grad", recording)
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
+    assert launches == [True]
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    names = ("dphi", "dpsi", "dlog_scale", "dbias")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+    launches.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launches == [False, False]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("energy", ["l2", "norm"])
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
