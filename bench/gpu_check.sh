@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Device check in one call (stage limits sum to 560 s, inside the 600 s command limit): install
-# crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT. Stages: tests
-# probe loss buffer envs update jax (the default, in that order), compile, tma, single, train
-# and autotune (opt-in; tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads, about
-# a minute; single the sigmoid loss in one pass, dpsi through atomics (CRL_FAST_SINGLE_PASS=1);
-# train runs two trainings per mode, about 2 minutes; autotune compiles many tile variants, a
-# call of its own). probe times the loss row pass with TMA loads and warp
+# Device check in one call (the default stages' limits sum to 500 s, inside the 600 s command
+# limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
+# Stages: tests probe single loss update buffer envs (the default, in that order; single times
+# the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
+# compile, tma, train and autotune (tma times the loss with CRL_FAST_TMA=1, the copy-engine tile
+# loads, about a minute; train runs two trainings per mode, about 2 minutes; autotune compiles
+# many tile variants, a call of its own). probe times the loss row pass with TMA loads and warp
 # specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
@@ -26,7 +26,7 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests probe loss buffer envs update jax)
+[ ${#stages[@]} -gt 0 ] || stages=(tests probe single loss update buffer envs)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -52,17 +52,17 @@ step() {
 for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
-        tests) step tests 140 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
+        tests) step tests 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST ;;
         loss) step loss 125 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 20 python3 -m bench.bench_envs ;;
-        update) step update 90 python3 -m bench.bench_update ;;
+        update) step update 110 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
-        single) CRL_FAST_SINGLE_PASS=1 step single 40 python3 -m bench.bench_loss \
+        single) CRL_FAST_SINGLE_PASS=1 step single 30 python3 -m bench.bench_loss \
             --sizes 16384 65536 --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
