@@ -34,6 +34,8 @@ def measure(
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
+    if cuda:
+        _wake(device)
     for _ in range(warmup):
         fn()
     if cuda:
@@ -61,6 +63,23 @@ def measure(
         out["host_ms"] = statistics.median(host)
         out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return out
+
+
+_AWAKE: set[torch.device] = set()
+
+
+def _wake(device: torch.device, seconds: float = 0.5) -> None:
+    """Keep the GPU busy for ``seconds`` before a process's first timing, so that it does not
+    run at idle clocks (on the H200, 2026-11-28, the first row of a buffer run took 161 us and the
+    same kind of call later in the run 96 us)."""
+    if device in _AWAKE:
+        return
+    x = torch.randn(4096, 4096, device=device)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x = torch.tanh(x @ x)
+        torch.cuda.synchronize(device)
+    _AWAKE.add(device)
 
 
 def graphed(step: Callable[[], Any]) -> Callable[[], None]:
