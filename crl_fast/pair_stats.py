@@ -629,9 +629,20 @@ def _column_grads(
     y: Tensor, x: Tensor, hy: Tensor, hcol: Tensor, scale: Tensor, hd: Tensor, energy: int
 ) -> Tensor:
     """dy from the single pass's column sums ``hy_j = sum_i H_ij x_i`` and ``hcol_j = sum_i
-    H_ij``: ``scale (hy_j - [l2, norm] y_j hcol_j)`` plus the diagonal's share, float32."""
-    dy = hy - y * hcol[:, None] if energy else hy
-    return dy * scale + _diagonal_rows(y, x, hd, energy)
+    H_ij``: ``scale (hy_j - [l2, norm] y_j hcol_j)`` plus the diagonal's share
+    (:func:`_diagonal_term`, from the exact difference of the paired rows), float32, computed in
+    ``hy``'s memory: temporaries of at most ``_DIAGONAL_CHUNK`` rows."""
+    if energy:
+        hy.addcmul_(y, hcol[:, None], value=-1.0)
+    hy.mul_(scale)
+    b = hd.shape[0]
+    for i in range(0, b, _DIAGONAL_CHUNK):
+        rows = slice(i, min(i + _DIAGONAL_CHUNK, b))
+        hy[rows] += _diagonal_term(y[rows], x[rows], hd[rows], energy)
+    return hy
+
+
+_DIAGONAL_CHUNK = 1 << 16
 
 
 def _binary_grad_dtype(dtype: torch.dtype) -> torch.dtype:
