@@ -71,7 +71,7 @@ class CRL:
         self.actor_optimizer = make_adam(self.actor.parameters(), config.actor_lr, device)
         self.alpha_optimizer = make_adam([self.log_alpha], config.alpha_lr, device)
         self._actor_params = list(self.actor.parameters())
-        self._side = torch.cuda.Stream(device) if actor_stream and device.type == "cuda" else None
+        self._side = torch.cuda.Stream(device) if actor_stream else None
         self._actor_step = self._actor_step_eager
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
