@@ -28,8 +28,8 @@ from bench.harness import print_table, write_results
 from crl_fast.config import TrainConfig
 
 MODES = {
-    "eager": {},
-    "cuda-graph": {"cuda_graph": True},
+    "eager": {"cuda_graph": False, "compile": False},
+    "cuda-graph": {"cuda_graph": True, "compile": False},
     "compile+cuda-graph": {"cuda_graph": True, "compile": True},
     "compile+cuda-graph+stream": {"cuda_graph": True, "compile": True, "actor_stream": True},
 }

@@ -48,7 +48,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
+        if kind is bool or kind == bool | None:  # --flag / --no-flag; absent: the default
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(kind, types.UnionType):  # ``X | None``
             (inner,) = [t for t in typing.get_args(kind) if t is not type(None)]

@@ -96,8 +96,10 @@ class TrainConfig:
     run_dir: str | None = option(None, "run directory (None: runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     tf32: bool = option(True, "float32 matmuls may use TF32 tensor cores on CUDA (as JAX does)")
-    compile: bool = option(False, "torch.compile the update (meant for CUDA)")
-    cuda_graph: bool = option(False, "replay sample + update from a CUDA graph (CUDA only)")
+    compile: bool | None = option(None, "torch.compile the update (None: on CUDA, off on CPU)")
+    cuda_graph: bool | None = option(
+        None, "replay sample + update from a CUDA graph (None: on CUDA; CUDA only)"
+    )
     actor_stream: bool = option(
         False, "run the actor step on a second CUDA stream, beside the critic's (CUDA only)"
     )

@@ -136,20 +136,32 @@ def make_buffer(config: TrainConfig, env, device: torch.device) -> TrajectoryBuf
     )
 
 
-def make_agent(config: TrainConfig, env, device: torch.device) -> CRL:
+def speed_flags(config: TrainConfig, device: torch.device) -> dict[str, bool]:
+    """``compile`` and ``cuda_graph`` as the run uses them: None means on for CUDA, off for CPU.
+    Asking for a CUDA-only one (``cuda_graph``, ``actor_stream``) on another device is an error."""
+    for flag in ("cuda_graph", "actor_stream"):
+        if getattr(config, flag) and device.type != "cuda":
+            raise ValueError(f"--{flag.replace('_', '-')} needs a CUDA device, got {device}")
+    return {
+        name: device.type == "cuda" if getattr(config, name) is None else getattr(config, name)
+        for name in ("compile", "cuda_graph")
+    }
+
+
+def make_agent(config: TrainConfig, env, device: torch.device, compile_update: bool) -> CRL:
     agent = CRL(
         env.obs_dim, env.action_dim, env.goal_dim, config.agent, device, config.actor_stream
     )
-    if config.compile:
+    if compile_update:
         agent.compile()
     return agent
 
 
 def make_train_step(
-    config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer
+    config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer, cuda_graph: bool
 ) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
     """A callable doing one update on a fresh batch, and how many updates building it did."""
-    if config.cuda_graph:
+    if cuda_graph:
         generator = torch.cuda.default_generators[buffer.device.index]
         graphed = GraphedUpdates(
             agent, lambda: buffer.sample(config.batch_size, generator=generator)
@@ -161,9 +173,7 @@ def make_train_step(
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
     device = resolve_device(config.device)
-    for flag in ("cuda_graph", "actor_stream"):
-        if getattr(config, flag) and device.type != "cuda":
-            raise ValueError(f"--{flag.replace('_', '-')} needs a CUDA device, got {device}")
+    speed = speed_flags(config, device)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.tf32 and device.type == "cuda":
@@ -192,7 +202,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     eval_env = make_eval_env(config, device, config.eval_episodes)
     buffer = make_buffer(config, env, device)
-    agent = make_agent(config, env, device)
+    agent = make_agent(config, env, device, speed["compile"])
     obs, _ = env.reset(seed=config.seed)
     loop = LoopState()
     # The latest update's metrics, logged at each log step; checkpointed so that a resumed run
@@ -216,6 +226,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
+    print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
+          f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
     logger = MetricsLogger(run_dir, config.tensorboard, loop.env_steps if config.resume else None)
     progress = Progress(config.total_env_steps, enabled=config.progress)
 
@@ -279,7 +291,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if loop.env_steps >= config.learning_starts:
             loop.update_credit += config.num_envs * config.updates_per_env_step
             if train_step is None:
-                train_step, warmup_updates = make_train_step(config, agent, buffer)
+                graphed = speed["cuda_graph"]
+                train_step, warmup_updates = make_train_step(config, agent, buffer, graphed)
                 loop.updates += warmup_updates
                 loop.update_credit -= warmup_updates
             while loop.update_credit >= 1.0:

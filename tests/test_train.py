@@ -20,6 +20,7 @@ from crl_fast.train import EVAL_SEED_OFFSET, default_run_dir, evaluate, train
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
     """A run of a few seconds: few envs, short episodes, a small network."""
     settings = dict(
+        device="cpu",  # also on a GPU machine: these tests compare CPU runs bit for bit
         env="point_umaze",
         num_envs=8,
         max_episode_steps=32,
@@ -276,6 +277,23 @@ def test_cli_train_then_eval(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("flags", "value"), [([], None), (["--compile"], True), (["--no-compile"], False)]
+)
+def test_cli_speed_flags_default_to_the_device(flags, value):
+    """--compile / --no-compile set the flag; without either it stays None: on for CUDA."""
+    from crl_fast.cli import build_parser, train_config
+    from crl_fast.train import speed_flags
+
+    args = vars(build_parser().parse_args(["train", *flags, "--cuda-graph"]))
+    config = train_config({k: v for k, v in args.items() if k != "command"})
+    assert config.compile is value and config.cuda_graph is True
+    auto = dataclasses.replace(config, cuda_graph=None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert speed_flags(auto, cuda) == {"compile": value is not False, "cuda_graph": True}
+    assert speed_flags(auto, cpu) == {"compile": bool(value), "cuda_graph": False}
+
+
+@pytest.mark.parametrize(
     "argv",
     [["train", "--resume"], ["train", "--gamma", "1.5"], ["train", "--residual", "--depth", "6"]],
 )
@@ -322,3 +340,11 @@ def test_evaluate_runs_the_overridden_episode_length():
 def test_unknown_env_names_the_choices():
     with pytest.raises(ValueError, match="gymnasium:<gymnasium id>"):
         make_env("point_maze_huge", num_envs=2)
+
+
+@pytest.mark.gpu
+def test_default_run_on_cuda_compiles_and_replays_graphs(tmp_path, capsys):
+    """The defaults on CUDA: the update compiled and replayed from CUDA graphs, end to end."""
+    result = train(tiny_config(tmp_path, device="cuda", total_env_steps=512))
+    assert "update: torch.compile on, CUDA graph on" in capsys.readouterr().out
+    assert 0.0 <= result["eval/success"] <= 1.0
