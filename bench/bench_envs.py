@@ -2,7 +2,9 @@
 
 Usage: ``python -m bench.bench_envs [--device cuda] [--num-envs 1024 16384]``. One timed call is
 one ``env.step`` of all N envs (random actions generated beforehand), autoresets included. On
-CUDA, rows named ``<env>, graph`` replay one step from a CUDA graph: the GPU work alone.
+CUDA, rows named ``<env>, graph`` replay one step from a CUDA graph: the GPU work alone; rows named
+``<env>, compiled`` step after ``env.compile()`` (point U-maze and reacher, by default), as
+training on CUDA does.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from bench.harness import graphed, measure, print_table, write_results
 from crl_fast.envs import ENV_NAMES, make_env
 
 
-def bench(name: str, num_envs: int, device: str) -> dict:
+def bench(name: str, num_envs: int, device: str, compiled: bool = False) -> dict:
     env = make_env(name, num_envs=num_envs, device=device, seed=0)
+    if compiled:
+        env.compile()
     env.reset(seed=0)
     actions = torch.rand(64, num_envs, env.action_dim, device=device) * 2 - 1
     calls = iter(range(10**9))
@@ -28,7 +32,7 @@ def bench(name: str, num_envs: int, device: str) -> dict:
     steps_per_s = num_envs / (timing["median_ms"] / 1e3)
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else None
     return {
-        "env": name,
+        "env": f"{name}, compiled" if compiled else name,
         "num_envs": num_envs,
         "cpu_threads": threads,
         **timing,
@@ -58,11 +62,21 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--envs", nargs="+", default=list(ENV_NAMES), choices=ENV_NAMES)
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--compiled",
+        nargs="*",
+        choices=ENV_NAMES,
+        help="envs also timed after env.compile(), at the largest N (default on CUDA: "
+        "point_umaze reacher; on CPU: none)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [bench(name, n, args.device) for name in args.envs for n in args.num_envs]
-    if torch.device(args.device).type == "cuda":
+    cuda = torch.device(args.device).type == "cuda"
+    compiled = args.compiled if args.compiled is not None else ["point_umaze", "reacher"] * cuda
+    rows += [bench(name, max(args.num_envs), args.device, compiled=True) for name in compiled]
+    if cuda:
         rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
     path = write_results("envs", args.device, rows)
     label = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 500 s, inside the 600 s command
+# Device check in one call (the default stages' limits sum to 520 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
@@ -56,7 +56,7 @@ for stage in "${stages[@]}"; do
         loss) step loss 125 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
-        envs) step envs 20 python3 -m bench.bench_envs ;;
+        envs) step envs 40 python3 -m bench.bench_envs ;;
         update) step update 110 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 45 python3 -m bench.probe_warp_specialize ;;

@@ -24,6 +24,7 @@ from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, see
 from crl_fast.checkpoint import set_rng_state as restore_rng_state
 from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import make_env
+from crl_fast.envs.base import TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -201,6 +202,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         max_episode_steps=config.max_episode_steps,
     )
     eval_env = make_eval_env(config, device, config.eval_episodes)
+    if speed["compile"] and isinstance(env, TorchGoalVectorEnv):
+        env.compile()
     buffer = make_buffer(config, env, device)
     agent = make_agent(config, env, device, speed["compile"])
     obs, _ = env.reset(seed=config.seed)

@@ -26,7 +26,11 @@ CASES = {
         ["--capacity", "20", "--num-envs", "4", "--batch", "64", "--txt-envs", "2"],
         {"op", "mode", "us_per_call"},
     ),
-    "envs": (bench_envs, ["--num-envs", "8", "--envs", "point_umaze"], {"env_steps_per_s"}),
+    "envs": (
+        bench_envs,
+        ["--num-envs", "8", "--envs", "point_umaze", "--compiled", "point_umaze"],
+        {"env_steps_per_s"},
+    ),
     "update": (bench_update, ["--batch-size", "16"], {"mode", "updates_per_s"}),
     "train": (
         bench_train,

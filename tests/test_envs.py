@@ -312,6 +312,25 @@ def test_cuda_matches_semantics(name):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_compiled_step_matches_eager(name, device):
+    """``env.compile()``: the same episodes (truncations, resets, rewards) and observations up
+    to the compiler's rounding, in one graph (fullgraph: no break)."""
+    eager = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
+    compiled = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
+    compiled.compile()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for _ in range(45):  # two autoresets
+        action = torch.rand(64, eager.action_dim, generator=gen, device=device) * 2 - 1
+        want, have = eager.step(action), compiled.step(action)
+        for key in ("observation", "achieved_goal", "desired_goal"):
+            torch.testing.assert_close(have[0][key], want[0][key], rtol=1e-5, atol=1e-5)
+        for k in (1, 2, 3):  # reward, terminated, truncated
+            assert torch.equal(have[k], want[k])
+        assert torch.equal(have[4]["_final_obs"], want[4]["_final_obs"])
+
+
 # --------------------------------------------------------------------------- adapter
 
 

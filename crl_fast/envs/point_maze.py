@@ -189,13 +189,19 @@ class PointMazeEnv(TorchGoalVectorEnv):
         moved[:, axis] = torch.where(hit, stop, new)
         return moved, hit
 
-    def _sample_state(self) -> dict[str, torch.Tensor]:
+    def _draw(self) -> dict[str, torch.Tensor]:
         n, k, gen = self.num_envs, self.free_cells.shape[0], self.generator
-        goal_cell = torch.randint(k, (n,), generator=gen, device=self.device)
-        start_cell = torch.randint(k - 1, (n,), generator=gen, device=self.device)
+        return {
+            "goal_cell": torch.randint(k, (n,), generator=gen, device=self.device),
+            "start_cell": torch.randint(k - 1, (n,), generator=gen, device=self.device),
+            "noise": torch.rand((2, n, 2), generator=gen, device=self.device),
+        }
+
+    def _initial_state(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n, goal_cell = self.num_envs, draws["goal_cell"]
+        start_cell = draws["start_cell"]
         start_cell = start_cell + (start_cell >= goal_cell).long()  # any cell but the goal's
-        noise = torch.rand((2, n, 2), generator=gen, device=self.device)
-        noise = (2 * noise - 1) * self.position_noise
+        noise = (2 * draws["noise"] - 1) * self.position_noise
         return {
             "pos": self.free_cells[start_cell] + noise[0],
             "vel": torch.zeros(n, 2, device=self.device),

@@ -66,10 +66,16 @@ class ReacherEnv(TorchGoalVectorEnv):
         q1, q12 = angle[..., 0], angle[..., 0] + angle[..., 1]
         return torch.stack([l1 * q1.cos() + l2 * q12.cos(), l1 * q1.sin() + l2 * q12.sin()], -1)
 
-    def _sample_state(self) -> dict[str, torch.Tensor]:
+    def _draw(self) -> dict[str, torch.Tensor]:
         n, gen, dev = self.num_envs, self.generator, self.device
-        u = torch.rand((2, n), generator=gen, device=dev)
-        angle = (torch.rand((n, 2), generator=gen, device=dev) * 2 - 1) * math.pi
+        return {
+            "u": torch.rand((2, n), generator=gen, device=dev),
+            "angle": torch.rand((n, 2), generator=gen, device=dev),
+        }
+
+    def _initial_state(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n, dev, u = self.num_envs, self.device, draws["u"]
+        angle = (draws["angle"] * 2 - 1) * math.pi
         l1, l2 = self.link_lengths
         r_min, r_max = abs(l1 - l2), l1 + l2
         radius = (r_min**2 + u[0] * (r_max**2 - r_min**2)).sqrt()  # uniform over the annulus
