@@ -25,6 +25,7 @@ RESUME_SAFE_FIELDS = (
     "threads",  # how fast the same updates run
     "compile",
     "cuda_graph",
+    "graph_updates",
     "actor_stream",
     "run_dir",  # where the run lies
     "resume",
@@ -100,6 +101,9 @@ class TrainConfig:
     cuda_graph: bool | None = option(
         None, "replay sample + update from a CUDA graph (None: on CUDA; CUDA only)"
     )
+    graph_updates: int = option(
+        16, "updates per CUDA graph replay (the last one computes the critic's metrics)"
+    )
     actor_stream: bool = option(
         False, "run the actor step on a second CUDA stream, beside the critic's (CUDA only)"
     )
@@ -108,7 +112,7 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
-        positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity")
+        positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity", "graph_updates")
         for name in (*positive, "eval_every", "eval_episodes", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -160,15 +160,18 @@ def make_agent(config: TrainConfig, env, device: torch.device, compile_update: b
 
 def make_train_step(
     config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer, cuda_graph: bool
-) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
-    """A callable doing one update on a fresh batch, and how many updates building it did."""
+) -> tuple[Callable[[], dict[str, torch.Tensor]], int, int]:
+    """A callable doing updates on fresh batches (``graph_updates`` of them per CUDA graph
+    replay, else one), how many updates a call does, and how many building it did."""
     if cuda_graph:
         generator = torch.cuda.default_generators[buffer.device.index]
         graphed = GraphedUpdates(
-            agent, lambda: buffer.sample(config.batch_size, generator=generator)
+            agent,
+            lambda: buffer.sample(config.batch_size, generator=generator),
+            steps=config.graph_updates,
         )
-        return graphed, graphed.warmup_updates
-    return lambda: agent.update(buffer.sample(config.batch_size)), 0
+        return graphed, graphed.steps, graphed.warmup_updates
+    return lambda: agent.update(buffer.sample(config.batch_size)), 1, 0
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -295,13 +298,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loop.update_credit += config.num_envs * config.updates_per_env_step
             if train_step is None:
                 graphed = speed["cuda_graph"]
-                train_step, warmup_updates = make_train_step(config, agent, buffer, graphed)
-                loop.updates += warmup_updates
-                loop.update_credit -= warmup_updates
-            while loop.update_credit >= 1.0:
+                train_step, per_call, warmup = make_train_step(config, agent, buffer, graphed)
+                loop.updates += warmup
+                loop.update_credit -= warmup
+            while loop.update_credit >= per_call:
                 metrics = train_step()
-                loop.updates += 1
-                loop.update_credit -= 1.0
+                loop.updates += per_call
+                loop.update_credit -= per_call
 
         # Evaluate, log, checkpoint.
         loop.elapsed_s = time.perf_counter() - start
