@@ -150,8 +150,11 @@ def main() -> None:
         "tma": os.environ.get("CRL_FAST_TMA") == "1",
         "single-pass": os.environ.get("CRL_FAST_SINGLE_PASS") == "1",
     }
+    if variants["single-pass"] and (rows := os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")):
+        variants[f"rows{rows}"] = True
     extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
     extra |= {"tma": variants["tma"], "single_pass": variants["single-pass"]}
+    extra["single_pass_rows"] = os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")
     name = "-".join(["loss", *(k for k, on in variants.items() if on)])
     rows: list[dict] = []
 

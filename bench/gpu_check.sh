@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 520 s, inside the 600 s command
+# Device check in one call (the default stages' limits sum to 540 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
@@ -62,8 +62,11 @@ for stage in "${stages[@]}"; do
         probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
-        single) CRL_FAST_SINGLE_PASS=1 step single 30 python3 -m bench.bench_loss \
-            --sizes 16384 65536 --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
+        single) for rows in 128 256; do  # 128 is the default; 256 quarters the atomics
+                CRL_FAST_SINGLE_PASS=1 CRL_FAST_SINGLE_PASS_ROWS=$rows step "single $rows" 25 \
+                    python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
+                    --dtypes bfloat16 --impls crl_fast-graph --combos 0
+            done ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"

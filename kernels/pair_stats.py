@@ -621,11 +621,13 @@ def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> 
 
     ``single_pass`` (the sigmoid loss's dy through atomics, see :func:`single_pass`): 128 rows
     on 8 warps, one 64-row warpgroup each, halve the atomic traffic of 64 (one float per logit)
-    at 25.0 instead of 27.5 instructions per logit (bf16 dot, d = 64, sm_90 SASS), no spills."""
+    at 25.0 instead of 27.5 instructions per logit (bf16 dot, d = 64, sm_90 SASS), no spills.
+    ``CRL_FAST_SINGLE_PASS_ROWS`` (experimental) sets another count: 256 quarters the traffic
+    at 22.1 instructions per logit, but with 255 registers (l2 and norm spill)."""
     width = max(16, next_power_of_2(d))
     ieee = _precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
-    rows = 128 if single_pass else 64
+    rows = int(os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", 128)) if single_pass else 64
     return {
         "BLOCK_M": rows if n_a >= rows else max(16, next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
