@@ -578,16 +578,17 @@ def _binary_loss_impl(
     w = 1.0 / (b * m) if mean else 1.0
     wide = x.dtype == torch.float16
     grad_dtype = _binary_grad_dtype(x.dtype)
-    x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
-    g_sp = torch.full_like(pos, 1.0 if wide else w)
-    empty = pos.new_empty(0)
-    hd, g_ii = _diagonal(
-        scale, pos, f, slope, None, None, -g_sp, None, None, g_sp, None, None, False
-    )
+    g_label = 1.0 if wide else w  # dloss/dL_ij = g_label (sigmoid(L_ij) - [i == j])
+    empty = x.new_empty(0, dtype=torch.float32)
     if use_triton:
         from crl_fast.kernels import pair_stats as kernels
 
         s32, b32 = scale.float(), bias.float()
+        # One launch: the rows' norms and the diagonal's gradient and loss terms.
+        x_sq, y_sq, f, slope, pos, g_ii, hd, sp_diag = kernels.paired_rows(
+            x, y, s32, b32, energy=energy, binary_weight=g_label
+        )
+        g_sp = torch.full_like(pos, g_label)
         grads = (empty, empty, empty, empty, g_sp, empty, hd)
         common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
         common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
@@ -604,16 +605,20 @@ def _binary_loss_impl(
                 x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
             )
             dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
-        softplus_sum = sp_off.sum() + F.softplus(pos).sum()
+        loss = (sp_off + sp_diag).sum() * w  # softplus(L_ij) off the diagonal, softplus(-L_ii) on
     else:
+        x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
+        g_sp = torch.full_like(pos, g_label)
+        hd, g_ii = _diagonal(
+            scale, pos, f, slope, None, None, -g_sp, None, None, g_sp, None, None, False
+        )
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
-        softplus_sum = stats[2].sum()
         grads = (empty, empty, empty, empty, g_sp, empty)
         dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, False, PAIR_NONE)
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
-    loss = (softplus_sum - pos.sum()) * w
+        loss = (stats[2].sum() - pos.sum()) * w
     if wide:
         dx, dy = dx * w, dy * w
     if not scale_grad:  # backward returns no gradient for them
@@ -665,10 +670,14 @@ def _(x, y, scale, bias, energy, mean, scale_grad, use_triton):
 def _binary_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+    # The gradients travel as outputs, which nothing downstream uses: no zero tensors for them.
+    ctx.set_materialize_grads(False)
 
 
 def _binary_backward(ctx, g_loss, *_unused):
     _refuse_double_backward()
+    if g_loss is None:
+        return (None,) * 8
     grads = [
         (g_loss * g).to(dtype) if needed else None
         for g, dtype, needed in zip(

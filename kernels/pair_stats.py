@@ -555,12 +555,17 @@ def grad_kernel(
 @triton.jit
 def rows_kernel(
     X_ptr, Y_ptr, SCALE_ptr, BIAS_ptr, XSQ_ptr, YSQ_ptr, F_ptr, SLOPE_ptr, POS_ptr,
+    G_ptr, HD_ptr, SP_ptr, g_label,
     NX, NY, D, stride_x, stride_y,
-    ENERGY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ENERGY: tl.constexpr, BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The O(B d) prologue in one launch: the rows' squared norms (l2, norm) of x (NX rows) and
     y (NY rows), and for the paired rows i < NX the exact energy f(x_i, y_i) (from x_i - y_i,
-    no cancellation), its slope df/dP and the positive logit scale f + bias. Float32."""
+    no cancellation), its slope df/dP and the positive logit scale f + bias. Float32.
+
+    BINARY: also the sigmoid loss's diagonal (label 1), with ``g_label`` its weight per logit:
+    G_ii = dloss/dL_ii = -g_label sigmoid(-L_ii), H_ii = G_ii scale df/dP and the loss term
+    softplus(-L_ii)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_x = rows < NX
     in_y = rows < NY
@@ -589,6 +594,12 @@ def rows_kernel(
     tl.store(F_ptr + rows, f, mask=in_x)
     tl.store(SLOPE_ptr + rows, slope, mask=in_x)
     tl.store(POS_ptr + rows, pos, mask=in_x)
+    if BINARY:
+        sp, sig = _softplus_sigmoid(-pos)
+        g = -g_label * sig
+        tl.store(G_ptr + rows, g, mask=in_x)
+        tl.store(HD_ptr + rows, g * scale * slope, mask=in_x)
+        tl.store(SP_ptr + rows, sp, mask=in_x)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -883,19 +894,24 @@ def grad(
 
 
 def paired_rows(
-    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, energy: int
-) -> tuple[torch.Tensor, ...]:
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, energy: int,
+    binary_weight: float | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(x_sq, y_sq, f, slope, pos), float32, in one launch: the squared norms of the rows of x
     and y (empty for dot) and, for the first len(x) rows of y paired with x, the exact energy
-    f(x_i, y_i), its slope df/dP and the positive logit ``scale * f + bias``."""
+    f(x_i, y_i), its slope df/dP and the positive logit ``scale * f + bias``. With
+    ``binary_weight`` (the sigmoid loss's weight per logit) also (G_ii, H_ii, softplus(-L_ii)),
+    the loss's diagonal (see :func:`rows_kernel`)."""
     n_x, d = x.shape
     n_y = y.shape[0]
+    binary = binary_weight is not None
     x_sq, y_sq = _vector(n_x, energy != 0, x), _vector(n_y, energy != 0, x)
     f, slope, pos = _vector(n_x, True, x), _vector(n_x, True, x), _vector(n_x, True, x)
+    diagonal = tuple(_vector(n_x, binary, x) for _ in range(3))
     block_r = 32  # 64-wide chunks on 4 warps, loads two deep: no spills (128 spilled 400 B)
     rows_kernel[(cdiv(max(n_x, n_y), block_r),)](
-        x, y, scale, bias, x_sq, y_sq, f, slope, pos, n_x, n_y, d, x.stride(0), y.stride(0),
-        ENERGY=energy, BLOCK_R=block_r, BLOCK_D=min(max(16, next_power_of_2(d)), 64),
-        num_warps=4, num_stages=2,
+        x, y, scale, bias, x_sq, y_sq, f, slope, pos, *diagonal, binary_weight or 0.0, n_x, n_y,
+        d, x.stride(0), y.stride(0), ENERGY=energy, BINARY=binary, BLOCK_R=block_r,
+        BLOCK_D=min(max(16, next_power_of_2(d)), 64), num_warps=4, num_stages=2,
     )  # fmt: skip
-    return x_sq, y_sq, f, slope, pos
+    return (x_sq, y_sq, f, slope, pos, *diagonal) if binary else (x_sq, y_sq, f, slope, pos)
