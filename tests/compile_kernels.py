@@ -131,18 +131,23 @@ def _record_candidate(do_bench, launch, cfg: dict[str, int]) -> float:
     return 0.0
 
 
+_DTYPES = (
+    (torch.float32, "highest"),
+    (torch.float32, "high"),
+    (torch.bfloat16, "highest"),
+    (torch.float16, "highest"),
+)
+"""(dtype, float32 matmul precision): float32 with TF32 ("high", as training on CUDA) and
+without."""
+
+
 def _loss_cases(quick: bool):
     """((dtype, float32 matmul precision), (B, d), loss, energy, options): every combination, or
     with ``quick`` every flag combination in bfloat16 and the other dtypes and tile shapes on a
     few losses. Float32 runs with TF32 ("high", as training on CUDA does) and without."""
     energies = ("dot", "l2", "norm", "cosine")
     extras = ({}, {"logsumexp_penalty": 0.1, "exclude_positive_from_lse": True})
-    dtypes = (
-        (torch.float32, "highest"),
-        (torch.float32, "high"),
-        (torch.bfloat16, "highest"),
-        (torch.float16, "highest"),
-    )
+    dtypes = _DTYPES
     shapes = ((100, 64), (7, 200), (100, 256))
     if not quick:
         return itertools.product(dtypes, shapes, LOSSES, energies, extras)
@@ -177,13 +182,28 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
             phi, psi, loss=loss, energy=energy, backend="triton", return_metrics=True, **extra
         )
         agent.backward()
-        if loss == "binary" and not extra:  # the experimental single pass (dpsi by atomics)
-            os.environ["CRL_FAST_SINGLE_PASS"] = "1"
-            try:
-                kw = {"energy": energy, "log_scale": scale, "backend": "triton"}
-                contrastive_loss(phi, psi, **kw).backward()
-            finally:
-                del os.environ["CRL_FAST_SINGLE_PASS"]
+    _record_single_pass_launches(recorders)
+
+
+def _record_single_pass_launches(recorders: list[Recorder]) -> None:
+    """The sigmoid loss's experimental single pass (CRL_FAST_SINGLE_PASS=1), every dtype and
+    energy, with and without a learnable scale, at widths it takes in one tile (float32
+    without TF32: 16)."""
+    os.environ["CRL_FAST_SINGLE_PASS"] = "1"
+    try:
+        for (dtype, precision), d, energy, learn in itertools.product(
+            _DTYPES, (16, 64), ("dot", "l2", "norm", "cosine"), (False, True)
+        ):
+            torch.set_float32_matmul_precision(precision)
+            for r in recorders:
+                r.caller = f"single pass/{energy}/{dtype}/{precision}/d={d}/scale={learn}"
+            phi = torch.randn(130, d, dtype=dtype, requires_grad=True)
+            psi = torch.randn(133, d, dtype=dtype, requires_grad=True)
+            scale = torch.zeros((), requires_grad=True) if learn else None
+            kw = {"energy": energy, "log_scale": scale, "backend": "triton"}
+            contrastive_loss(phi, psi, **kw).backward()
+    finally:
+        del os.environ["CRL_FAST_SINGLE_PASS"]
 
 
 def _record_buffer_launches(recorders: list[Recorder]) -> None:
