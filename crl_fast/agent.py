@@ -75,9 +75,11 @@ class CRL:
         self._actor_step = self._actor_step_eager
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
+        self._act = self.actor
 
     def compile(self, **kwargs: Any) -> None:
-        """Run the three steps of :meth:`update` through ``torch.compile(**kwargs)`` from now on.
+        """Run :meth:`act` and the three steps of :meth:`update` through
+        ``torch.compile(**kwargs)`` from now on.
 
         The steps are compiled one by one, so the streams that :meth:`update` puts them on are
         chosen in plain Python, outside the compiled code.
@@ -85,11 +87,12 @@ class CRL:
         self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
         self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)
         self._critic_step = torch.compile(self._critic_step_eager, **kwargs)
+        self._act = torch.compile(self.actor, **kwargs)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False):
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
-        return self.actor(obs, goal, deterministic=deterministic)
+        return self._act(obs, goal, deterministic=deterministic)
 
     def update(self, batch: GoalBatch, critic_metrics: bool = True) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).

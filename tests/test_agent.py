@@ -142,6 +142,18 @@ def test_state_dict_round_trip_continues_identically():
     assert same_parameters(agent, clone)
 
 
+def test_compiled_act_matches_eager():
+    """``compile()`` compiles :meth:`CRL.act` too: the same deterministic actions, samples in the
+    box."""
+    torch.manual_seed(0)
+    agent = small_agent()
+    obs, goal = torch.randn(32, OBS), torch.randn(32, GOAL)
+    want = agent.act(obs, goal, deterministic=True)
+    agent.compile()
+    torch.testing.assert_close(agent.act(obs, goal, deterministic=True), want)
+    assert agent.act(obs, goal).abs().max() <= 1.0
+
+
 def test_actions_lie_in_the_unit_box():
     agent = small_agent()
     obs, goal = torch.randn(32, OBS) * 10, torch.randn(32, GOAL) * 10
