@@ -20,7 +20,7 @@ from crl_fast.pair_stats import (
     PAIR_DPO,
     PAIR_IPO,
     PAIR_NONE,
-    binary_loss_with_grads,
+    loss_with_grads,
     pair_stats,
 )
 
@@ -201,11 +201,14 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
     )
-    if name == "binary" and wants_grad and not (config.logsumexp_penalty or return_metrics):
-        mean = config.reduction == "mean"
-        return binary_loss_with_grads(
-            x, y, scale, shift, energy=energy, mean=mean, use_triton=use_triton
-        )
+    pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
+    # Losses whose gradient needs no statistic first: computed in forward (two passes).
+    fused = name == "binary" or (pair != PAIR_NONE and use_triton and m > 1)
+    if fused and wants_grad and not (config.logsumexp_penalty or return_metrics):
+        return loss_with_grads(
+            x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
+            use_triton=use_triton,
+        )  # fmt: skip
 
     flat = name in ("flatnce", "flatnce_backward")
     want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
@@ -213,7 +216,6 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     want_col_lse = name in ("infonce_backward", "symmetric_infonce", "flatnce_backward")
     # Off-diagonal sums are computed directly; the full logsumexp is logaddexp(off, L_ii).
     mask_diag = config.exclude_positive_from_lse or flat
-    pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     stats = pair_stats(
         x, y, scale, shift, energy=energy,
         row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,

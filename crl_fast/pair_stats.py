@@ -303,7 +303,7 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
     dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
     if need_dx:
-        dx, dscale, dbias, _ = kernels.grad(  # empty partials (sum 0) unless need_scale
+        dx, dscale, dbias, *_ = kernels.grad(  # empty partials (sum 0) unless need_scale
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True, **common
         )
     dy, *_ = kernels.grad(
@@ -518,6 +518,8 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     if not need_scale:
         return dx, dy, None, None, *(None,) * 10
     dscale_ii, dbias_ii = _diagonal_scale_grads(g_ii, f)
+    if g_pair is not None and all(g is None for g in (g_pos, g_rl, g_cl, g_sp)):
+        dbias = dbias_ii = torch.zeros_like(dbias_ii)  # DPO / IPO alone: the bias cancels
     return (
         dx,
         dy,
@@ -560,53 +562,53 @@ def pair_stats(
     return PairStats(*out)
 
 
-# ------------------------------------------------- the sigmoid loss with gradients in forward
+# ---------------------------------------------- the losses that take their gradients in forward
 
 
-def _binary_loss_impl(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, mean: bool, scale_grad: bool,
-    use_triton: bool,
+def _loss_with_grads_impl(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int, mean: bool,
+    scale_grad: bool, use_triton: bool,
 ) -> Tensors5:  # fmt: skip
-    """Loss, (dx, dy) and float32 (dscale, dbias) of the sigmoid loss with labels = identity:
-    dloss/dL_ij = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean. Without
-    ``scale_grad`` the kernels skip (dscale, dbias): their off-diagonal part is then zero.
+    """Loss, (dx, dy) and float32 (dscale, dbias) of a loss whose gradient needs no statistic of
+    the logits first: the sigmoid loss with labels = identity (``pair`` PAIR_NONE), dloss/dL_ij
+    = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean; DPO / IPO (PAIR_DPO / PAIR_IPO,
+    Triton path), dloss/dL_ij = w pair'(L_ij - L_ii) off the diagonal, w = 1 / (B (M - 1)), and
+    on it minus the row's sum. Without ``scale_grad`` the kernels skip (dscale, dbias): their
+    off-diagonal part is then zero.
 
     (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
     them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
-    carry sigmoid - [i == j] unscaled, w applied to the float32 sums (w H would underflow)."""
+    carry the gradient without w, applied to the float32 sums (w H would underflow)."""
     b, m = x.shape[0], y.shape[0]
-    w = 1.0 / (b * m) if mean else 1.0
+    w = 1.0 / (b * (m - 1) if pair else b * m) if mean else 1.0
     wide = x.dtype == torch.float16
-    grad_dtype = _binary_grad_dtype(x.dtype)
-    g_label = 1.0 if wide else w  # dloss/dL_ij = g_label (sigmoid(L_ij) - [i == j])
-    empty = x.new_empty(0, dtype=torch.float32)
-    if use_triton:
-        from crl_fast.kernels import pair_stats as kernels
+    g_label = 1.0 if wide else w  # the kernels' weight of every logit's term
+    grads_of = _pair_grads if pair else _sigmoid_grads
+    loss, dx, dy, dscale, dbias, g_ii, f = grads_of(
+        x, y, scale, bias, energy, pair, g_label, _forward_grad_dtype(x.dtype), scale_grad,
+        use_triton,
+    )  # fmt: skip
+    loss = loss * w
+    if wide:
+        dx, dy = dx * w, dy * w
+    if not scale_grad:  # backward returns no gradient for them
+        return loss, dx, dy, loss.new_zeros(()), loss.new_zeros(())
+    dscale_ii, dbias_ii = _diagonal_scale_grads(g_ii, f)
+    dscale, dbias = dscale.sum() + dscale_ii, dbias.sum() + dbias_ii
+    if pair:  # the bias cancels in L_ij - L_ii: its gradient is zero, not rounding noise
+        dbias = torch.zeros_like(dbias)
+    if wide:
+        dscale, dbias = dscale * w, dbias * w
+    return loss, dx, dy, dscale, dbias
 
-        s32, b32 = scale.float(), bias.float()
-        # One launch: the rows' norms and the diagonal's gradient and loss terms.
-        x_sq, y_sq, f, slope, pos, g_ii, hd, sp_diag = kernels.paired_rows(
-            x, y, s32, b32, energy=energy, binary_weight=g_label
-        )
-        g_sp = torch.full_like(pos, g_label)
-        grads = (empty, empty, empty, empty, g_sp, empty, hd)
-        common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
-        common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
-        if kernels.single_pass(x.dtype, x.shape[1]):
-            f32 = {"dtype": torch.float32, "device": y.device}
-            col = (torch.zeros(y.shape, **f32), torch.zeros(m if energy else 0, **f32))
-            dx, dscale, dbias, sp_off = kernels.grad(
-                x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True,
-                column_sums=col, **common,
-            )  # fmt: skip
-            dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
-        else:
-            dx, dscale, dbias, sp_off = kernels.grad(
-                x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
-            )
-            dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
-        loss = (sp_off + sp_diag).sum() * w  # softplus(L_ij) off the diagonal, softplus(-L_ii) on
-    else:
+
+def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton):
+    """The sigmoid loss's unweighted sum, (dx, dy), the off-diagonal (dscale, dbias) partials,
+    the diagonal's G_ii and exact energies: two passes over the logits (Triton: one with
+    ``CRL_FAST_SINGLE_PASS=1``), or the chunked PyTorch path."""
+    m = y.shape[0]
+    empty = x.new_empty(0, dtype=torch.float32)
+    if not use_triton:
         x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
         g_sp = torch.full_like(pos, g_label)
         hd, g_ii = _diagonal(
@@ -618,16 +620,60 @@ def _binary_loss_impl(
         dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, False, PAIR_NONE)
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
-        loss = (stats[2].sum() - pos.sum()) * w
-    if wide:
-        dx, dy = dx * w, dy * w
-    if not scale_grad:  # backward returns no gradient for them
-        return loss, dx, dy, pos.new_zeros(()), pos.new_zeros(())
-    dscale_ii, dbias_ii = _diagonal_scale_grads(g_ii, f)
-    dscale, dbias = dscale.sum() + dscale_ii, dbias.sum() + dbias_ii
-    if wide:
-        dscale, dbias = dscale * w, dbias * w
-    return loss, dx, dy, dscale, dbias
+        return stats[2].sum() - pos.sum(), dx, dy, dscale, dbias, g_ii, f
+    from crl_fast.kernels import pair_stats as kernels
+
+    s32, b32 = scale.float(), bias.float()
+    # One launch: the rows' norms and the diagonal's gradient and loss terms.
+    x_sq, y_sq, f, slope, pos, g_ii, hd, sp_diag = kernels.paired_rows(
+        x, y, s32, b32, energy=energy, binary_weight=g_label
+    )
+    g_sp = torch.full_like(pos, g_label)
+    grads = (empty, empty, empty, empty, g_sp, empty, hd)
+    common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
+    common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
+    if kernels.single_pass(x.dtype, x.shape[1]):
+        f32 = {"dtype": torch.float32, "device": y.device}
+        col = (torch.zeros(y.shape, **f32), torch.zeros(m if energy else 0, **f32))
+        dx, dscale, dbias, sp_off, _ = kernels.grad(
+            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, column_sums=col,
+            **common,
+        )  # fmt: skip
+        dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
+    else:
+        dx, dscale, dbias, sp_off, _ = kernels.grad(
+            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
+        )
+        dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
+    # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
+    return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
+
+
+def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton):
+    """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes. The row pass sums
+    the loss terms and their slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the
+    whole row), so dx stays float32 until the diagonal's share is added."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    if not use_triton:
+        raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
+    s32, b32 = scale.float(), bias.float()
+    x_sq, y_sq, f, slope, pos = kernels.paired_rows(x, y, s32, b32, energy=energy)
+    empty = x.new_empty(0, dtype=torch.float32)
+    g_pair = torch.full_like(pos, g_label)
+    common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
+    dx, dscale, dbias, terms, slopes = kernels.grad(
+        x, y, x_sq, y_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, empty,
+        x_is_a=True, fwd=True, out_dtype=torch.float32, **common,
+    )  # fmt: skip
+    g_ii = -g_label * slopes
+    hd = g_ii * s32 * slope
+    _add_diagonal(dx, x, y, hd, energy)
+    dy, *_ = kernels.grad(
+        y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, hd,
+        x_is_a=False, out_dtype=grad_dtype, **common,
+    )  # fmt: skip
+    return terms.sum(), dx.to(grad_dtype), dy, dscale, dbias, g_ii, f
 
 
 def _column_grads(
@@ -640,67 +686,75 @@ def _column_grads(
     if energy:
         hy.addcmul_(y, hcol[:, None], value=-1.0)
     hy.mul_(scale)
+    _add_diagonal(hy, y, x, hd, energy)
+    return hy
+
+
+def _add_diagonal(grad: Tensor, a: Tensor, other: Tensor, hd: Tensor, energy: int) -> None:
+    """``grad[:len(hd)] += hd_i (other_i - a_i)`` (``hd_i other_i`` for dot) in place, float32,
+    from the exact difference of the paired rows, in chunks of ``_DIAGONAL_CHUNK`` rows."""
     b = hd.shape[0]
     for i in range(0, b, _DIAGONAL_CHUNK):
         rows = slice(i, min(i + _DIAGONAL_CHUNK, b))
-        hy[rows] += _diagonal_term(y[rows], x[rows], hd[rows], energy)
-    return hy
+        grad[rows] += _diagonal_term(a[rows], other[rows], hd[rows], energy)
 
 
 _DIAGONAL_CHUNK = 1 << 16
 
 
-def _binary_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+def _forward_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-_binary_loss_op = torch.library.custom_op(
-    "crl_fast::binary_loss", _binary_loss_impl, mutates_args=()
+_loss_with_grads_op = torch.library.custom_op(
+    "crl_fast::loss_with_grads", _loss_with_grads_impl, mutates_args=()
 )
 
 
-@_binary_loss_op.register_fake
-def _(x, y, scale, bias, energy, mean, scale_grad, use_triton):
+@_loss_with_grads_op.register_fake
+def _(x, y, scale, bias, energy, pair, mean, scale_grad, use_triton):
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
-    grad_dtype = _binary_grad_dtype(x.dtype)
+    grad_dtype = _forward_grad_dtype(x.dtype)
     dx, dy = torch.empty_like(x, dtype=grad_dtype), torch.empty_like(y, dtype=grad_dtype)
     return scalar, dx, dy, scalar.clone(), scalar.clone()
 
 
-def _binary_setup_context(ctx, inputs, output):
+def _forward_grads_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.dtypes = tuple(t.dtype for t in inputs[:4])
     # The gradients travel as outputs, which nothing downstream uses: no zero tensors for them.
     ctx.set_materialize_grads(False)
 
 
-def _binary_backward(ctx, g_loss, *_unused):
+def _forward_grads_backward(ctx, g_loss, *_unused):
     _refuse_double_backward()
     if g_loss is None:
-        return (None,) * 8
+        return (None,) * 9
     grads = [
         (g_loss * g).to(dtype) if needed else None
         for g, dtype, needed in zip(
             ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4], strict=True
         )
     ]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
-_binary_loss = _eager_fast_path(
-    _binary_loss_op, _binary_loss_impl, _binary_backward, _binary_setup_context
-)
+_loss_with_grads = _eager_fast_path(
+    _loss_with_grads_op, _loss_with_grads_impl, _forward_grads_backward,
+    _forward_grads_setup_context,
+)  # fmt: skip
 
 
-def binary_loss_with_grads(
-    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, energy: int, mean: bool,
+def loss_with_grads(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, energy: int, pair: int, mean: bool,
     use_triton: bool,
 ) -> Tensor:  # fmt: skip
-    """The sigmoid loss (labels = identity) whose forward also computes every gradient (two
-    passes over the logits instead of three); backward only scales them by grad_output."""
+    """The sigmoid loss (labels = identity; ``pair`` PAIR_NONE) or DPO / IPO (PAIR_DPO /
+    PAIR_IPO, Triton path) whose forward also computes every gradient (two passes over the
+    logits instead of three); backward only scales them by grad_output."""
     acc = accumulate_dtype(x.dtype)
     scale_grad = torch.is_grad_enabled() and (scale.requires_grad or bias.requires_grad)
-    return _binary_loss(
-        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, mean, scale_grad,
-        use_triton,
+    return _loss_with_grads(
+        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, pair, mean,
+        scale_grad, use_triton,
     )[0]  # fmt: skip

@@ -422,7 +422,7 @@ def _add_column_grads(
 def grad_kernel(
     A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
     POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr, HD_ptr,
-    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, DB_ptr, HCOL_ptr,
+    DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, PS_ptr, DB_ptr, HCOL_ptr,
     NA, NB, NHD, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
     HAS_HD: tl.constexpr, DSCALE: tl.constexpr, DB_ATOMIC: tl.constexpr,
@@ -461,6 +461,7 @@ def grad_kernel(
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
     sp_i = tl.zeros((BLOCK_M,), tl.float32)
+    ps_i = tl.zeros((BLOCK_M,), tl.float32)
     # Interior tiles first, without masks (every entry valid, none on the diagonal), then
     # the checked ones: the diagonal band, the last partial tile, all tiles of partial rows.
     for phase in tl.static_range(2):
@@ -511,8 +512,11 @@ def grad_kernel(
                 else:
                     pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
                     g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
-                _, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
+                term, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
                 g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
+                if FWD:  # the loss's own statistics (its value, the diagonal's slope sum)
+                    sp_i += tl.sum(tl.where(valid & ~diag, term, 0.0), 1)
+                    ps_i += tl.sum(tl.where(valid & ~diag, slope, 0.0), 1)
             g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
             h = g * dfdp
             acc = _weighted_rows(
@@ -550,6 +554,8 @@ def grad_kernel(
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
     if FWD and pid_d == 0:
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
+        if PAIR != 0:
+            tl.store(PS_ptr + rows, ps_i, mask=row_mask)
 
 
 @triton.jit
@@ -843,14 +849,16 @@ def grad(
     column_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradient for the rows of ``a`` in their dtype (or ``out_dtype``): (da, dscale_partials,
-    dbias_partials, softplus). The tiles give the off-diagonal part; ``hd`` (one per row of x:
-    the diagonal's dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2, norm) or
-    ``hd_i b_i`` (dot) from the exact difference of the paired rows.
+    dbias_partials, loss_rows, slope_rows). The tiles give the off-diagonal part; ``hd`` (one
+    per row of x: the diagonal's dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2,
+    norm) or ``hd_i b_i`` (dot) from the exact difference of the paired rows.
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
     partials (one per program, off-diagonal) are produced only when ``x_is_a`` and
-    ``scale_grad`` (else empty: two sums per logit saved), the off-diagonal row sums of softplus
-    only with ``fwd`` (the fused sigmoid loss).
+    ``scale_grad`` (else empty: two sums per logit saved). With ``fwd`` (the losses that take
+    their gradients in forward) the x-launch also gives the loss's off-diagonal row sums: of
+    softplus (sigmoid loss), or of the DPO / IPO term with, as ``slope_rows``, that of its slope
+    (which the diagonal's gradient needs); empty otherwise.
 
     ``column_sums`` (single pass; float32 (len(b), d) and (len(b),) or empty for dot, zeroed):
     the same tiles also add ``sum_i H_ij a_i`` and ``sum_i H_ij`` to them with atomics, the
@@ -858,8 +866,8 @@ def grad(
     """
     n_a, d = a.shape
     dscale_partials = x_is_a and scale_grad
-    fwd = fwd and x_is_a and g_sp.numel() > 0
     pair = pair if g_pair.numel() > 0 else 0
+    fwd = fwd and x_is_a and (g_sp.numel() > 0 or pair != 0)
     terms = {
         "XLSE": g_xlse.numel() > 0,
         "YLSE": g_ylse.numel() > 0,
@@ -873,19 +881,20 @@ def grad(
         dscale = _vector(n_prog, dscale_partials, a)
         dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
+        ps = _vector(n_a, fwd and pair != 0, a)
         a_desc, b_desc, cfg = _descriptors(a, b, cfg)
         if column_sums is not None and not cfg["SINGLE_K"]:
             raise ValueError(f"column_sums need d in one tile, got d = {d}")
         db, hcol = (None, None) if column_sums is None else column_sums
         grad_kernel[(n_prog, cdiv(d, cfg["BLOCK_D"]))](
             a, b, a_desc, b_desc, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp,
-            g_pair, hd, da, dscale, dbias, sp, db, hcol, n_a, b.shape[0], hd.shape[0], d,
+            g_pair, hd, da, dscale, dbias, sp, ps, db, hcol, n_a, b.shape[0], hd.shape[0], d,
             a.stride(0), b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a,
             MASK_DIAG=mask_diag, FWD=fwd, HAS_HD=hd.numel() > 0, DSCALE=dscale_partials,
             DB_ATOMIC=column_sums is not None, PAIR=pair,
             PRECISION=precision, UPCAST=_upcast(a.dtype), **terms, **cfg,
         )  # fmt: skip
-        return da, dscale, dbias, sp
+        return da, dscale, dbias, sp, ps
 
     flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
     flags += (column_sums is not None,)

@@ -355,24 +355,49 @@ def test_grad_output_partial_grad_and_non_contiguous(backend):
     assert max_error(psi_leaf.grad, t_psi.grad) < 1e-5
 
 
+FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("energy", ENERGIES)
-def test_binary_gradients_computed_in_forward(energy, backend):
-    """Without metrics or penalty the sigmoid loss computes its gradients in forward and
-    backward only scales them: check that scaling, and the scale/bias gradients."""
+@pytest.mark.parametrize("loss", FORWARD_GRAD_LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradients_computed_in_forward(loss, energy, backend, reduction):
+    """Without metrics or penalty the sigmoid loss (and on the Triton path DPO / IPO) computes
+    its gradients in forward and backward only scales them: check that scaling, and the
+    scale/bias gradients."""
     phi, psi = _inputs(9, 13, 6, seed=10)
     extra = (torch.tensor(0.7), torch.tensor(-2.0))
+    kw = {"loss": loss, "energy": energy, "reduction": reduction}
     leaves = [t.clone().requires_grad_() for t in (phi, psi, *extra)]
-    value = contrastive_loss(*leaves[:2], energy=energy, log_scale=leaves[2], bias=leaves[3],
-                             backend=backend)  # fmt: skip
+    value = contrastive_loss(*leaves[:2], log_scale=leaves[2], bias=leaves[3], backend=backend,
+                             **kw)  # fmt: skip
     grads = torch.autograd.grad(2.5 * value, leaves)
     t_leaves = [t.double().requires_grad_() for t in (phi, psi, *extra)]
-    truth = reference_contrastive_loss(*t_leaves[:2], energy=energy, log_scale=t_leaves[2],
-                                       bias=t_leaves[3])  # fmt: skip
+    truth = reference_contrastive_loss(*t_leaves[:2], log_scale=t_leaves[2], bias=t_leaves[3],
+                                       **kw)  # fmt: skip
     t_grads = torch.autograd.grad(2.5 * truth, t_leaves)
-    assert max_error(value.detach(), truth.detach()) < 1e-5
+    assert max_error(value.detach(), truth.detach()) < 1e-5 * max(1.0, truth.abs().item())
     for k, t in zip(grads, t_grads, strict=True):
         assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", FORWARD_GRAD_LOSSES)
+def test_gradients_in_forward_no_worse_than_eager(loss, dtype, device):
+    """The losses with gradients in forward on the Triton path, several tiles each way, extra
+    negatives, learnable scale and bias, every dtype: no worse than eager against float64."""
+    phi, psi = _inputs(150, 170, 16 if dtype == torch.float32 else 24, dtype, 7, device=device)
+    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
+    kw = {"loss": loss, "energy": "norm"}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    names = ("dphi", "dpsi", "dlog_scale", "dbias")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
