@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -144,6 +144,10 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}
+"""Column losses and the row losses they equal on the transposed logits."""
+
+
 def _online_applies(loss: str, d: int) -> bool:
     """Row-softmax losses whose only other gradient is on L_ii: the forward keeps online sums
     so that backward needs just the column pass (two passes over the logits, not three)."""
@@ -201,10 +205,16 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
     )
+    plain = wants_grad and not (config.logsumexp_penalty or return_metrics)
+    if name in _ROW_TWIN and b == m and use_triton and plain:
+        # A square batch's column loss is the row loss of the transposed problem (every energy
+        # is symmetric), whose forward keeps online row sums: two passes, not three.
+        twin = replace(config, loss=_ROW_TWIN[name])
+        return _contrastive_loss(psi, phi, twin, log_scale, bias, False, backend)
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     # Losses whose gradient needs no statistic first: computed in forward (two passes).
     fused = name == "binary" or (pair != PAIR_NONE and use_triton and m > 1)
-    if fused and wants_grad and not (config.logsumexp_penalty or return_metrics):
+    if fused and plain:
         return loss_with_grads(
             x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
             use_triton=use_triton,
