@@ -606,7 +606,6 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
     """The sigmoid loss's unweighted sum, (dx, dy), the off-diagonal (dscale, dbias) partials,
     the diagonal's G_ii and exact energies: two passes over the logits (Triton: one with
     ``CRL_FAST_SINGLE_PASS=1``), or the chunked PyTorch path."""
-    m = y.shape[0]
     empty = x.new_empty(0, dtype=torch.float32)
     if not use_triton:
         x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
@@ -633,8 +632,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
     common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
     common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
     if kernels.single_pass(x.dtype, x.shape[1]):
-        f32 = {"dtype": torch.float32, "device": y.device}
-        col = (torch.zeros(y.shape, **f32), torch.zeros(m if energy else 0, **f32))
+        col = _column_buffers(y, energy)
         dx, dscale, dbias, sp_off, _ = kernels.grad(
             x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, column_sums=col,
             **common,
@@ -650,9 +648,10 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
 
 
 def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton):
-    """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes. The row pass sums
-    the loss terms and their slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the
-    whole row), so dx stays float32 until the diagonal's share is added."""
+    """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one with
+    ``CRL_FAST_SINGLE_PASS=1``). The row pass sums the loss terms and their slopes (the
+    diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays float32 until
+    the diagonal's share is added."""
     from crl_fast.kernels import pair_stats as kernels
 
     if not use_triton:
@@ -662,18 +661,28 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad
     empty = x.new_empty(0, dtype=torch.float32)
     g_pair = torch.full_like(pos, g_label)
     common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
+    col = _column_buffers(y, energy) if kernels.single_pass(x.dtype, x.shape[1]) else None
     dx, dscale, dbias, terms, slopes = kernels.grad(
         x, y, x_sq, y_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, empty,
-        x_is_a=True, fwd=True, out_dtype=torch.float32, **common,
+        x_is_a=True, fwd=True, out_dtype=torch.float32, column_sums=col, **common,
     )  # fmt: skip
     g_ii = -g_label * slopes
     hd = g_ii * s32 * slope
     _add_diagonal(dx, x, y, hd, energy)
-    dy, *_ = kernels.grad(
-        y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, hd,
-        x_is_a=False, out_dtype=grad_dtype, **common,
-    )  # fmt: skip
+    if col is not None:
+        dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
+    else:
+        dy, *_ = kernels.grad(
+            y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, hd,
+            x_is_a=False, out_dtype=grad_dtype, **common,
+        )  # fmt: skip
     return terms.sum(), dx.to(grad_dtype), dy, dscale, dbias, g_ii, f
+
+
+def _column_buffers(y: Tensor, energy: int) -> tuple[Tensor, Tensor]:
+    """The single pass's zeroed float32 column sums: (M, d), and (M,) for l2 / norm."""
+    f32 = {"dtype": torch.float32, "device": y.device}
+    return torch.zeros(y.shape, **f32), torch.zeros(y.shape[0] if energy else 0, **f32)
 
 
 def _column_grads(

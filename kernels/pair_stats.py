@@ -658,9 +658,10 @@ def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> 
 
 
 def single_pass(dtype: torch.dtype, d: int) -> bool:
-    """Whether the sigmoid loss takes both gradients in one pass over the logits, dy through
-    float32 atomics (``CRL_FAST_SINGLE_PASS=1``, experimental): only where d fits one tile and
-    torch is not asked for deterministic algorithms (the atomics' order varies)."""
+    """Whether the losses with gradients in forward (sigmoid, DPO, IPO) take both gradients in
+    one pass over the logits, dy through float32 atomics (``CRL_FAST_SINGLE_PASS=1``,
+    experimental): only where d fits one tile and torch is not asked for deterministic
+    algorithms (the atomics' order varies)."""
     return (
         os.environ.get("CRL_FAST_SINGLE_PASS") == "1"
         and not torch.are_deterministic_algorithms_enabled()

@@ -199,7 +199,8 @@ def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("energy", ENERGIES)
-def test_single_pass_sigmoid_loss(energy, dtype, device, monkeypatch):
+@pytest.mark.parametrize("loss", ["binary", "dpo", "ipo"])
+def test_single_pass(loss, energy, dtype, device, monkeypatch):
     """CRL_FAST_SINGLE_PASS=1: dpsi from the row pass's tiles through float32 atomics, learnable
     scale and bias, extra negatives, several programs per tile column; held to float64 truth
     like the two passes. Deterministic algorithms switch it off."""
@@ -208,7 +209,7 @@ def test_single_pass_sigmoid_loss(energy, dtype, device, monkeypatch):
     d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
     phi, psi = _inputs(130, 150, d, dtype=dtype, seed=5, device=device)
     extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
-    kw = {"energy": energy}
+    kw = {"loss": loss, "energy": energy}
     launches = []
     grad = kernels.grad
 
