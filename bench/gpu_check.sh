@@ -57,15 +57,15 @@ for stage in "${stages[@]}"; do
         tests)  # this session's new GPU tests first, so that a time limit cannot cut them
             step "tests (new)" 80 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "$NEW_TESTS"
-            step tests 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
+            step tests 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "not ($NEW_TESTS)" ;;
-        loss) step loss 125 python3 -m bench.bench_loss ;;
+        loss) step loss 115 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
-        envs) step envs 40 python3 -m bench.bench_envs ;;
+        envs) step envs 30 python3 -m bench.bench_envs ;;
         update) step update 110 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
-        probe) step probe 45 python3 -m bench.probe_warp_specialize ;;
+        probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
         single) for rows in 128 256; do  # 128 is the default; 256 quarters the atomics
