@@ -195,13 +195,7 @@ def contrastive_loss(
 def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metrics, backend):
     b, m = phi.shape[0], psi.shape[0]
     name = config.loss
-    x, y = kernel_inputs(phi, psi, config.energy)
-    one = x.new_ones((), dtype=torch.float32)
-    scale = one if log_scale is None else log_scale.reshape(()).exp()
-    shift = one * 0 if bias is None else bias.reshape(())
-
-    energy = ENERGY_CODES[config.energy]
-    use_triton = _use_triton(x, backend)
+    use_triton = _use_triton(phi, backend)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
     )
@@ -211,6 +205,12 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
         # is symmetric), whose forward keeps online row sums: two passes, not three.
         twin = replace(config, loss=_ROW_TWIN[name])
         return _contrastive_loss(psi, phi, twin, log_scale, bias, False, backend)
+
+    x, y = kernel_inputs(phi, psi, config.energy)
+    one = x.new_ones((), dtype=torch.float32)
+    scale = one if log_scale is None else log_scale.reshape(()).exp()
+    shift = one * 0 if bias is None else bias.reshape(())
+    energy = ENERGY_CODES[config.energy]
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     # Losses whose gradient needs no statistic first: computed in forward (two passes).
     fused = name == "binary" or (pair != PAIR_NONE and use_triton and m > 1)
