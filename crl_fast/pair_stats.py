@@ -294,21 +294,29 @@ def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, 
 
 def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
                  g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_scale):  # fmt: skip
-    """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added in the kernels,
-    and the off-diagonal (dscale, dbias), float32 (zero unless ``need_dx`` and ``need_scale``)."""
+    """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added, and the
+    off-diagonal (dscale, dbias), float32 (zero unless ``need_dx`` and ``need_scale``). A row
+    pass and a column pass; with ``CRL_FAST_SINGLE_PASS=1`` and dx needed, the row pass alone."""
     from crl_fast.kernels import pair_stats as kernels
 
     scale, bias = scale.float(), bias.float()
     grads = (g_row_lse, g_col_lse, g_softplus, g_pair, hd)
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
     dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
+    # CRL_FAST_SINGLE_PASS=1: the row pass's tiles also give dy's sums, through atomics.
+    single = need_dx and kernels.single_pass(x.dtype, x.shape[1])
+    col = _column_buffers(y, energy) if single else None
     if need_dx:
         dx, dscale, dbias, *_ = kernels.grad(  # empty partials (sum 0) unless need_scale
-            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True, **common
+            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True,
+            column_sums=col, **common,
+        )  # fmt: skip
+    if col is not None:
+        dy = _column_grads(y, x, *col, scale, hd, energy).to(y.dtype)
+    else:
+        dy, *_ = kernels.grad(
+            y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=False, **common
         )
-    dy, *_ = kernels.grad(
-        y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=False, **common
-    )
     return dx, dy, dscale.sum(), dbias.sum()
 
 

@@ -236,6 +236,39 @@ def test_single_pass(loss, energy, dtype, device, monkeypatch):
     assert launches == [False, False]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("energy", ["dot", "norm"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_single_pass_backward_of_every_loss(loss, energy, dtype, device, monkeypatch):
+    """CRL_FAST_SINGLE_PASS=1 in the backward of every loss (penalty and metrics on: the
+    general path): where dphi needs a pass over the logits, that pass also gives dpsi through
+    atomics and no column pass follows. Held to float64 truth."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    launches = []
+    grad = kernels.grad
+
+    def recording(*args, **kwargs):
+        launches.append((kwargs["x_is_a"], kwargs.get("column_sums") is not None))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "grad", recording)
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
+    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=8, device=device)
+    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
+    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "return_metrics": True}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
+    assert launches in ([(True, True)], [(False, False)])  # [(False, False)]: online dphi
+    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
+    names = ("dphi", "dpsi", "dlog_scale", "dbias")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("energy", ["l2", "norm"])
 @pytest.mark.parametrize(
