@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 570 s, inside the 600 s command
+# Device check in one call (the default stages' limits sum to 565 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
@@ -55,15 +55,15 @@ for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
         tests)  # this session's new GPU tests first, so that a time limit cannot cut them
-            step "tests (new)" 80 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
+            step "tests (new)" 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "$NEW_TESTS"
             step tests 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "not ($NEW_TESTS)" ;;
-        loss) step loss 115 python3 -m bench.bench_loss ;;
+        loss) step loss 100 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 30 python3 -m bench.bench_envs ;;
-        update) step update 110 python3 -m bench.bench_update ;;
+        update) step update 100 python3 -m bench.bench_update ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
