@@ -188,23 +188,29 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
 def _record_single_pass_launches(recorders: list[Recorder]) -> None:
     """The experimental single pass (CRL_FAST_SINGLE_PASS=1): the sigmoid loss in every dtype
     and energy, with and without a learnable scale, at widths it takes in one tile (float32
-    without TF32: 16); DPO and IPO in bfloat16."""
+    without TF32: 16); DPO and IPO in bfloat16; every loss's backward (penalty and metrics on:
+    the general path) in bfloat16."""
     energies = ("dot", "l2", "norm", "cosine")
-    cases = itertools.chain(
-        itertools.product(("binary",), _DTYPES, (16, 64), energies, (False, True)),
-        itertools.product(("dpo", "ipo"), _DTYPES[2:3], (64,), energies, (False, True)),
+    cases = itertools.chain(  # (loss, dtype, d, energy, options)
+        itertools.product(("binary",), _DTYPES, (16, 64), energies, ("plain", "scale")),
+        itertools.product(("dpo", "ipo"), _DTYPES[2:3], (64,), energies, ("plain", "scale")),
+        itertools.product(LOSSES, _DTYPES[2:3], (64,), ("dot", "norm"), ("general",)),
     )
     os.environ["CRL_FAST_SINGLE_PASS"] = "1"
     try:
-        for loss, (dtype, precision), d, energy, learn in cases:
+        for loss, (dtype, precision), d, energy, options in cases:
             torch.set_float32_matmul_precision(precision)
             for r in recorders:
-                r.caller = f"single pass/{loss}/{energy}/{dtype}/{precision}/d={d}/scale={learn}"
+                r.caller = f"single pass/{loss}/{energy}/{dtype}/{precision}/d={d}/{options}"
             phi = torch.randn(130, d, dtype=dtype, requires_grad=True)
             psi = torch.randn(133, d, dtype=dtype, requires_grad=True)
-            scale = torch.zeros((), requires_grad=True) if learn else None
+            scale = None if options == "plain" else torch.zeros((), requires_grad=True)
             kw = {"loss": loss, "energy": energy, "log_scale": scale, "backend": "triton"}
-            contrastive_loss(phi, psi, **kw).backward()
+            if options == "general":  # penalty and metrics: the general backward
+                kw |= {"logsumexp_penalty": 0.1, "return_metrics": True}
+                contrastive_loss(phi, psi, **kw)[0].backward()
+            else:
+                contrastive_loss(phi, psi, **kw).backward()
     finally:
         del os.environ["CRL_FAST_SINGLE_PASS"]
 
