@@ -196,54 +196,8 @@ def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
         assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("energy", ENERGIES)
-@pytest.mark.parametrize("loss", ["binary", "dpo", "ipo"])
-def test_single_pass(loss, energy, dtype, device, monkeypatch):
-    """CRL_FAST_SINGLE_PASS=1: dpsi from the row pass's tiles through float32 atomics, learnable
-    scale and bias, extra negatives, several programs per tile column; held to float64 truth
-    like the two passes. Deterministic algorithms switch it off."""
-    from crl_fast.kernels import pair_stats as kernels
-
-    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
-    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=5, device=device)
-    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
-    kw = {"loss": loss, "energy": energy}
-    launches = []
-    grad = kernels.grad
-
-    def recording(*args, **kwargs):
-        launches.append(kwargs.get("column_sums") is not None)
-        return grad(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "grad", recording)
-    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
-    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
-    assert launches == [True]
-    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
-    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
-    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
-    names = ("dphi", "dpsi", "dlog_scale", "dbias")
-    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
-        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
-    launches.clear()
-    torch.use_deterministic_algorithms(True)
-    try:
-        _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert launches == [False, False]
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("energy", ["dot", "norm"])
-@pytest.mark.parametrize("loss", LOSSES)
-def test_single_pass_backward_of_every_loss(loss, energy, dtype, device, monkeypatch):
-    """CRL_FAST_SINGLE_PASS=1 in the backward of every loss (penalty and metrics on: the
-    general path): where dphi needs a pass over the logits, that pass also gives dpsi through
-    atomics and no column pass follows. Held to float64 truth."""
+def _record_grad_launches(monkeypatch) -> list[tuple[bool, bool]]:
+    """Record (x_is_a, column sums given) for each launch of the kernels' gradient pass."""
     from crl_fast.kernels import pair_stats as kernels
 
     launches = []
@@ -254,19 +208,60 @@ def test_single_pass_backward_of_every_loss(loss, energy, dtype, device, monkeyp
         return grad(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "grad", recording)
-    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
-    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
-    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=8, device=device)
-    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
-    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "return_metrics": True}
+    return launches
+
+
+def _check_scaled_loss(phi, psi, dtype, **kw):
+    """The Triton path's loss and gradients (phi, psi, a learnable scale and bias) no worse than
+    eager PyTorch in ``dtype`` against the float64 truth."""
+    extra = (torch.tensor(0.3, device=phi.device), torch.tensor(-1.0, device=phi.device))
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
-    assert launches in ([(True, True)], [(False, False)])  # [(False, False)]: online dphi
     e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
     t_value, _, t_grads = _truth(phi, psi, extra, **kw)
     assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
     names = ("dphi", "dpsi", "dlog_scale", "dbias")
     for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("loss", ["binary", "dpo", "ipo"])
+def test_single_pass(loss, energy, dtype, device, monkeypatch):
+    """CRL_FAST_SINGLE_PASS=1: dpsi from the row pass's tiles through float32 atomics, learnable
+    scale and bias, extra negatives, several programs per tile column; held to float64 truth
+    like the two passes. Deterministic algorithms switch it off."""
+    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
+    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=5, device=device)
+    launches = _record_grad_launches(monkeypatch)
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    _check_scaled_loss(phi, psi, dtype, loss=loss, energy=energy)
+    assert launches == [(True, True)]
+    launches.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check_scaled_loss(phi, psi, dtype, loss=loss, energy=energy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launches == [(True, False), (False, False)]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("energy", ["dot", "norm"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_single_pass_backward_of_every_loss(loss, energy, dtype, device, monkeypatch):
+    """CRL_FAST_SINGLE_PASS=1 in the backward of every loss (penalty and metrics on: the
+    general path): where dphi needs a pass over the logits, that pass also gives dpsi through
+    atomics and no column pass follows. Held to float64 truth."""
+    launches = _record_grad_launches(monkeypatch)
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    d = 16 if dtype == torch.float32 else 24  # one tile: float32 without TF32 takes 16
+    phi, psi = _inputs(130, 150, d, dtype=dtype, seed=8, device=device)
+    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "return_metrics": True}
+    _check_scaled_loss(phi, psi, dtype, **kw)
+    assert launches in ([(True, True)], [(False, False)])  # [(False, False)]: online dphi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -447,19 +442,13 @@ def test_gradients_computed_in_forward(loss, energy, backend, reduction):
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", FORWARD_GRAD_LOSSES)
-def test_gradients_in_forward_no_worse_than_eager(loss, dtype, device):
+def test_gradients_in_forward_no_worse_than_eager(loss, dtype, device, monkeypatch):
     """The losses with gradients in forward on the Triton path, several tiles each way, extra
     negatives, learnable scale and bias, every dtype: no worse than eager against float64."""
     phi, psi = _inputs(150, 170, 16 if dtype == torch.float32 else 24, dtype, 7, device=device)
-    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
-    kw = {"loss": loss, "energy": "norm"}
-    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
-    e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
-    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
-    assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
-    names = ("dphi", "dpsi", "dlog_scale", "dbias")
-    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
-        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+    launches = _record_grad_launches(monkeypatch)
+    _check_scaled_loss(phi, psi, dtype, loss=loss, energy="norm")
+    assert launches == [(True, False), (False, False)]  # two passes, both in forward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
