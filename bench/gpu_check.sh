@@ -68,7 +68,7 @@ for stage in "${stages[@]}"; do
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
-        single) for rows in 128 256; do  # 128 is the default; 256 quarters the atomics
+        single) for rows in 128 256; do  # 128 is the default; 256 halves its atomics
                 CRL_FAST_SINGLE_PASS=1 CRL_FAST_SINGLE_PASS_ROWS=$rows step "single $rows" 25 \
                     python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
                     --dtypes bfloat16 --impls crl_fast-graph --combos 0
