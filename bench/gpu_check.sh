@@ -26,6 +26,7 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
+# The default stages bring back 8 files (the log and 7 result JSONs): all that $OUT takes.
 [ ${#stages[@]} -gt 0 ] || stages=(tests probe single loss update buffer envs)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
