@@ -112,7 +112,7 @@ def _rows(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, use_tr
     return Rows(_squared_norms(x, energy), _squared_norms(y, energy), f, slope, pos)
 
 
-def _diagonal(scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair,
+def _diagonal(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair,
               pair_slope, mask_diag):  # fmt: skip
     """The diagonal's gradient ``(H_ii, G_ii)`` per row: ``H_ii = G_ii scale f'_ii`` is what the
     kernels add as ``H_ii (y_i - x_i)`` (or ``H_ii y_i`` for dot); the diagonal's share of
@@ -121,7 +121,7 @@ def _diagonal(scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g
     ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
     and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
     (``u_ij = L_ij - L_ii``, so d/dL_ii of sum_j pair(u_ij) is -slope_i). Absent gradients are
-    None. ``f`` and ``slope`` are the exact paired energy and its slope (:class:`Rows`).
+    None. ``slope`` is the exact paired energy's slope (:class:`Rows`).
     """
     b = pos.shape[0]
     g = torch.zeros_like(pos) if g_pos is None else g_pos.clone()
@@ -236,7 +236,7 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
 
 
 def _torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-                g_softplus, g_pair, energy, mask_diag, pair):  # fmt: skip
+                g_softplus, g_pair, energy, pair):  # fmt: skip
     """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
@@ -311,12 +311,7 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True,
             column_sums=col, **common,
         )  # fmt: skip
-    if col is not None:
-        dy = _column_grads(y, x, *col, scale, hd, energy).to(y.dtype)
-    else:
-        dy, *_ = kernels.grad(
-            y, x, y_sq, x_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=False, **common
-        )
+    dy = _dy(y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common)
     return dx, dy, dscale.sum(), dbias.sum()
 
 
@@ -437,7 +432,7 @@ def _pair_stats_backward_impl(
     args += (g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
-    dx, dy, dscale, dbias = _torch_grad(*args, energy, mask_diag, pair)
+    dx, dy, dscale, dbias = _torch_grad(*args, energy, pair)
     dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype) if need_dx else x.new_empty(0)
     return dx, (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype), dscale, dbias
 
@@ -507,7 +502,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
     hd, g_ii = _diagonal(
-        scale, pos, f, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
+        scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
         mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
@@ -619,12 +614,12 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
         x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
         g_sp = torch.full_like(pos, g_label)
         hd, g_ii = _diagonal(
-            scale, pos, f, slope, None, None, -g_sp, None, None, g_sp, None, None, False
+            scale, pos, slope, None, None, -g_sp, None, None, g_sp, None, None, False
         )
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
         grads = (empty, empty, empty, empty, g_sp, empty)
-        dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, False, PAIR_NONE)
+        dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, PAIR_NONE)
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
         return stats[2].sum() - pos.sum(), dx, dy, dscale, dbias, g_ii, f
@@ -637,20 +632,13 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
     )
     g_sp = torch.full_like(pos, g_label)
     grads = (empty, empty, empty, empty, g_sp, empty, hd)
-    common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE}
-    common |= {"out_dtype": grad_dtype, "scale_grad": scale_grad}
-    if kernels.single_pass(x.dtype, x.shape[1]):
-        col = _column_buffers(y, energy)
-        dx, dscale, dbias, sp_off, _ = kernels.grad(
-            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, column_sums=col,
-            **common,
-        )  # fmt: skip
-        dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
-    else:
-        dx, dscale, dbias, sp_off, _ = kernels.grad(
-            x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, **common
-        )
-        dy, *_ = kernels.grad(y, x, y_sq, x_sq, s32, b32, pos, *grads, x_is_a=False, **common)
+    common = {"energy": energy, "mask_diag": False, "pair": PAIR_NONE, "scale_grad": scale_grad}
+    col = _column_buffers(y, energy) if kernels.single_pass(x.dtype, x.shape[1]) else None
+    dx, dscale, dbias, sp_off, _ = kernels.grad(
+        x, y, x_sq, y_sq, s32, b32, pos, *grads, x_is_a=True, fwd=True, column_sums=col,
+        out_dtype=grad_dtype, **common,
+    )  # fmt: skip
+    dy = _dy(y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common)
     # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
     return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
 
@@ -670,21 +658,31 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad
     g_pair = torch.full_like(pos, g_label)
     common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
     col = _column_buffers(y, energy) if kernels.single_pass(x.dtype, x.shape[1]) else None
+    grads = (empty, empty, empty, empty, empty, g_pair)
     dx, dscale, dbias, terms, slopes = kernels.grad(
-        x, y, x_sq, y_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, empty,
-        x_is_a=True, fwd=True, out_dtype=torch.float32, column_sums=col, **common,
+        x, y, x_sq, y_sq, s32, b32, pos, *grads, empty, x_is_a=True, fwd=True,
+        out_dtype=torch.float32, column_sums=col, **common,
     )  # fmt: skip
     g_ii = -g_label * slopes
     hd = g_ii * s32 * slope
     _add_diagonal(dx, x, y, hd, energy)
-    if col is not None:
-        dy = _column_grads(y, x, *col, s32, hd, energy).to(grad_dtype)
-    else:
-        dy, *_ = kernels.grad(
-            y, x, y_sq, x_sq, s32, b32, pos, empty, empty, empty, empty, empty, g_pair, hd,
-            x_is_a=False, out_dtype=grad_dtype, **common,
-        )  # fmt: skip
+    dy = _dy(y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common)
     return terms.sum(), dx.to(grad_dtype), dy, dscale, dbias, g_ii, f
+
+
+def _dy(y, x, y_sq, x_sq, scale, bias, pos, stats_and_grads, col, out_dtype, common) -> Tensor:
+    """dy in ``out_dtype``: finished from the column sums ``col`` where the row pass took them
+    (single pass), else by the column pass. ``stats_and_grads`` are the seven tensors after
+    ``pos`` that :func:`kernels.grad` takes (row_lse ... hd); ``common`` its keywords."""
+    if col is not None:
+        hd = stats_and_grads[-1]
+        return _column_grads(y, x, *col, scale, hd, common["energy"]).to(out_dtype)
+    from crl_fast.kernels import pair_stats as kernels
+
+    return kernels.grad(
+        y, x, y_sq, x_sq, scale, bias, pos, *stats_and_grads, x_is_a=False, out_dtype=out_dtype,
+        **common,
+    )[0]  # fmt: skip
 
 
 def _column_buffers(y: Tensor, energy: int) -> tuple[Tensor, Tensor]:
