@@ -35,14 +35,22 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.to(accumulate_dtype(t.dtype)), dim=-1).to(t.dtype)
 
 
-def kernel_inputs(phi: torch.Tensor, psi: torch.Tensor, energy: str):
+def kernel_inputs(
+    phi: torch.Tensor, psi: torch.Tensor, energy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows the fused kernels multiply: cosine normalises them, other energies pass them."""
     if energy == "cosine":
         return _unit_rows(phi), _unit_rows(psi)
     return phi, psi
 
 
-def energy_and_slope(p: torch.Tensor, x_sq, y_sq, code: int, sq=None):
+def energy_and_slope(
+    p: torch.Tensor | None,
+    x_sq: torch.Tensor | None,
+    y_sq: torch.Tensor | None,
+    code: int,
+    sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | float]:
     """Energy ``f`` and its slope ``df/dP`` from inner products ``p`` and squared norms
     (broadcastable; ``None`` for dot), or from the squared distance ``sq`` when given (exact:
     the expanded ``x_sq + y_sq - 2p`` cancels when x is close to y). The slope of ``f`` w.r.t.
@@ -57,12 +65,28 @@ def energy_and_slope(p: torch.Tensor, x_sq, y_sq, code: int, sq=None):
     return -root, torch.where(sq > 0, 1.0 / root, 0.0)
 
 
-def paired_energy(x: torch.Tensor, y: torch.Tensor, code: int):
+def paired_energy(
+    x: torch.Tensor, y: torch.Tensor, code: int
+) -> tuple[torch.Tensor, torch.Tensor | float]:
     """``f(x_i, y_i)`` and its slope for paired rows, exactly (from ``x_i - y_i``); the rows
     are kernel inputs (cosine already normalised) in float32 or wider."""
     if code == 0:
         return (x * y).sum(-1), 1.0
     return energy_and_slope(None, None, None, code, sq=(x - y).square().sum(-1))
+
+
+def check_scale_and_bias(
+    log_scale: torch.Tensor | None, bias: torch.Tensor | None, device: torch.device
+) -> None:
+    """Each is None or a one-element floating-point tensor on ``device``."""
+    for name, t in (("log_scale", log_scale), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor with one element, got {got}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but phi is on {device}")
 
 
 def pairwise_energy(
@@ -74,9 +98,11 @@ def pairwise_energy(
 ) -> torch.Tensor:
     """Logits ``L_ii`` of paired rows ``(phi_i, psi_i)``: shape (B,), float32 (float64 stays).
 
-    This is the critic value the actor maximises; ``contrastive_loss`` uses it for positives.
+    This is the critic value the actor maximises (``contrastive_loss`` computes its positives
+    the same way, from ``phi_i - psi_i``, inside its own passes).
     """
     check_energy(energy)
+    check_scale_and_bias(log_scale, bias, phi.device)
     if (
         phi.ndim != 2
         or psi.ndim != 2
@@ -96,7 +122,7 @@ def pairwise_energy(
     acc = accumulate_dtype(x.dtype)
     f, _ = paired_energy(x.to(acc), y.to(acc), ENERGY_CODES[energy])
     if log_scale is not None:
-        f = f * log_scale.exp()
+        f = f * log_scale.reshape(()).exp()
     if bias is not None:
-        f = f + bias
+        f = f + bias.reshape(())
     return f

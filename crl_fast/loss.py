@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from crl_fast.energy import ENERGIES, ENERGY_CODES, kernel_inputs
+from crl_fast.energy import ENERGIES, ENERGY_CODES, check_scale_and_bias, kernel_inputs
 from crl_fast.pair_stats import (
     PAIR_DPO,
     PAIR_IPO,
@@ -35,6 +36,8 @@ LOSSES = (
     "ipo",
 )
 REDUCTIONS = ("mean", "sum")
+LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""The loss, or (loss, metrics) with ``return_metrics``."""
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,6 +65,11 @@ class LossConfig:
             raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if not isinstance(self.exclude_positive_from_lse, bool):
+            raise TypeError(
+                f"exclude_positive_from_lse must be a bool, got "
+                f"{type(self.exclude_positive_from_lse).__name__}"
+            )
         penalty = self.logsumexp_penalty
         if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real):
             raise TypeError(
@@ -112,14 +120,7 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
             f"compares off-diagonal pairs: it needs >= {min_b} rows of phi and >= {min_m} goals, "
             f"got {b} and {m}"
         )
-    for name, t in (("log_scale", log_scale), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a floating-point tensor with one element, got {got}")
-        if t.device != phi.device:
-            raise ValueError(f"{name} is on {t.device} but phi is on {phi.device}")
+    check_scale_and_bias(log_scale, bias, phi.device)
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -177,7 +178,7 @@ def contrastive_loss(
     reduction: str = "mean",
     return_metrics: bool = False,
     backend: str = "auto",
-):
+) -> LossOutput:
     """Contrastive critic loss between ``phi`` (B, d) and ``psi`` (M >= B, d).
 
     Row i of ``psi`` is the positive goal of row i of ``phi``; every other row is a negative
@@ -192,7 +193,15 @@ def contrastive_loss(
     return _contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend)
 
 
-def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metrics, backend):
+def _contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    config: LossConfig,
+    log_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    return_metrics: bool,
+    backend: str,
+) -> LossOutput:
     b, m = phi.shape[0], psi.shape[0]
     name = config.loss
     use_triton = _use_triton(phi, backend)
@@ -244,7 +253,8 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
     reduce = torch.mean if config.reduction == "mean" else torch.sum
     row_lse = lse(stats.row_lse, pos) if want_row_lse else None
     if name == "binary":
-        value = stats.row_softplus.sum() - pos.sum()
+        # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
+        value = stats.row_softplus.sum() + F.softplus(-pos).sum()
         value = value / (b * m) if config.reduction == "mean" else value
     elif name == "infonce":
         value = reduce(row_lse - pos)
@@ -279,9 +289,11 @@ def _contrastive_loss(phi, psi, config: LossConfig, log_scale, bias, return_metr
 
 
 class ContrastiveLoss(nn.Module):
-    """``contrastive_loss`` as a module, with an optional learnable logit scale and bias.
+    """``contrastive_loss`` as a module, with a logit scale and bias.
 
-    SigLIP initialises ``log_scale = log(10)`` and ``bias = -10``; CRL uses 0 and 0 (off).
+    ``init_log_scale`` and ``init_bias`` are their values: parameters with ``learn_scale`` /
+    ``learn_bias``, fixed buffers otherwise (left out when 0, CRL's default). SigLIP learns
+    both from ``log_scale = log(10)`` and ``bias = -10``.
     """
 
     def __init__(
@@ -302,11 +314,22 @@ class ContrastiveLoss(nn.Module):
         self.config = LossConfig(
             loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction
         )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale))) if learn_scale else None
-        self.bias = nn.Parameter(torch.tensor(float(init_bias))) if learn_bias else None
+        for name, value, learn in (
+            ("log_scale", init_log_scale, learn_scale),
+            ("bias", init_bias, learn_bias),
+        ):
+            t = torch.tensor(float(value))
+            if learn:
+                self.register_parameter(name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t if value != 0 else None)
 
-    def forward(self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False):
+    def forward(
+        self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False
+    ) -> LossOutput:
         _check_inputs(phi, psi, self.config, self.log_scale, self.bias)
         return _contrastive_loss(
             phi, psi, self.config, self.log_scale, self.bias, return_metrics, self.backend

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-6
+from crl_fast.energy import NORM_EPS
 
 
 def reference_logits(
@@ -58,7 +58,7 @@ def reference_contrastive_loss(
     exclude_positive_from_lse: bool = False,
     reduction: str = "mean",
     return_metrics: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every loss of ``crl_fast.contrastive_loss``, written directly on the logit matrix."""
     logits = reference_logits(phi, psi, energy, log_scale, bias)
     b, m = logits.shape

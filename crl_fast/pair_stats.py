@@ -46,7 +46,8 @@ class PairStats(NamedTuple):
     """Statistics over j of each row i (``pos`` and ``row_*``: length B) or over i of each
     column (``col_lse``: length M); empty when not asked for. ``online_*`` are the softmax-
     weighted off-diagonal row sums the Triton path keeps for the row-lse gradient; the last four
-    are the prologue backward reuses (see :class:`Rows`)."""
+    are the prologue backward reuses (see :class:`Rows`). ``row_softplus`` sums softplus(L_ij)
+    over j != i only."""
 
     pos: Tensor
     row_lse: Tensor
@@ -112,14 +113,15 @@ def _rows(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, use_tr
     return Rows(_squared_norms(x, energy), _squared_norms(y, energy), f, slope, pos)
 
 
-def _diagonal(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair,
-              pair_slope, mask_diag):  # fmt: skip
+def _diagonal(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_pair, pair_slope,
+              mask_diag):  # fmt: skip
     """The diagonal's gradient ``(H_ii, G_ii)`` per row: ``H_ii = G_ii scale f'_ii`` is what the
     kernels add as ``H_ii (y_i - x_i)`` (or ``H_ii y_i`` for dot); the diagonal's share of
     (dscale, dbias) is ``(sum G_ii f_ii, sum G_ii)``, :func:`_diagonal_scale_grads`.
 
     ``G_ii`` collects every gradient that acts on ``L_ii``: its own (``g_pos``), the softmax
-    and sigmoid terms whose tiles leave the diagonal out, and for DPO/IPO the shift's share
+    terms whose tiles leave the diagonal out (``row_softplus`` has no diagonal term: the
+    caller takes softplus(-L_ii) from ``pos``), and for DPO/IPO the shift's share
     (``u_ij = L_ij - L_ii``, so d/dL_ii of sum_j pair(u_ij) is -slope_i). Absent gradients are
     None. ``slope`` is the exact paired energy's slope (:class:`Rows`).
     """
@@ -131,8 +133,6 @@ def _diagonal(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pa
         g += g_rl * torch.exp(pos - row_lse)
     if g_cl is not None and not mask_diag:
         g += g_cl[:b] * torch.exp(pos - col_lse[:b])
-    if g_sp is not None:
-        g += g_sp * torch.sigmoid(pos)
     return g * scale.to(g.dtype) * slope, g
 
 
@@ -221,7 +221,7 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
             col_sum = col_sum * torch.exp(col_max - safe) + torch.exp(lse_in - safe).sum(0)
             col_max = new_max
         if softplus:
-            out["row_softplus"][rows] = F.softplus(logits).sum(1)
+            out["row_softplus"][rows] = F.softplus(logits).masked_fill(diag, 0.0).sum(1)
         if pair:
             term, slope = _pair_term(logits - pos[rows, None], pair)
             out["row_pair"][rows] = term.masked_fill(diag, 0.0).sum(1)
@@ -502,8 +502,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
     hd, g_ii = _diagonal(
-        scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_sp, g_pair, pair_slope,
-        mask_diag,
+        scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_pair, pair_slope, mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
@@ -613,16 +612,15 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
     if not use_triton:
         x_sq, y_sq, f, slope, pos = _rows(x, y, scale, bias, energy, use_triton)
         g_sp = torch.full_like(pos, g_label)
-        hd, g_ii = _diagonal(
-            scale, pos, slope, None, None, -g_sp, None, None, g_sp, None, None, False
-        )
+        g_pos = -g_sp * torch.sigmoid(-pos)  # of softplus(-L_ii)
+        hd, g_ii = _diagonal(scale, pos, slope, None, None, g_pos, None, None, None, None, False)
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
         grads = (empty, empty, empty, empty, g_sp, empty)
         dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, PAIR_NONE)
         dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
         dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
-        return stats[2].sum() - pos.sum(), dx, dy, dscale, dbias, g_ii, f
+        return stats[2].sum() + F.softplus(-pos).sum(), dx, dy, dscale, dbias, g_ii, f
     from crl_fast.kernels import pair_stats as kernels
 
     s32, b32 = scale.float(), bias.float()

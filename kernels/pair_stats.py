@@ -360,7 +360,7 @@ def stats_kernel(
                 m_i = m_new
             if SOFTPLUS:
                 sp, _ = _softplus_sigmoid(logits)
-                sp_i += tl.sum(tl.where(valid, sp, 0.0), 1)
+                sp_i += tl.sum(tl.where(valid & ~diag, sp, 0.0), 1)  # L_ii: the caller's
             if PAIR != 0:
                 term, slope = _pair_term(logits - pos[:, None], PAIR)
                 off = valid & ~diag

@@ -353,6 +353,25 @@ def test_huge_logits_stay_finite(loss, backend):
         assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "metrics"])
+def test_binary_loss_of_a_confident_critic(mode, backend, device):
+    """Positives at +25, negatives at -25: the loss is ~6e-8 and every path (gradients in
+    forward, no gradients, metrics) keeps its digits, summing softplus(-L_ii) rather than
+    softplus(L_ii) - L_ii, which cancels to 0 in float32."""
+    phi = (torch.eye(64) * 5).to(device).requires_grad_(mode == "grad")
+    kw = {"loss": "binary", "energy": "l2", "reduction": "sum"}
+    bias = torch.tensor(25.0, device=device)
+    truth = reference_contrastive_loss(phi.double(), phi.double(), bias=bias.double(), **kw)
+    out = contrastive_loss(
+        phi, phi, bias=bias, return_metrics=mode == "metrics", backend=backend, **kw
+    )
+    value = out[0] if mode == "metrics" else out
+    assert truth.item() == pytest.approx(5.69e-8, rel=1e-2)
+    assert value.item() == pytest.approx(truth.item(), rel=1e-4)
+
+
 # FlatNCE's value is exp(c - stopgrad(c)) = 1 by construction: its gradient is not the
 # derivative of its value, so gradcheck does not apply (its gradients are checked above).
 @pytest.mark.parametrize("loss", [name for name in LOSSES if not name.startswith("flatnce")])
@@ -477,6 +496,25 @@ def test_module_learns_scale_and_bias(backend):
     }
 
 
+def test_module_fixed_scale_and_bias():
+    """Without learn_*, init_* are fixed values (buffers), not dropped."""
+    module = ContrastiveLoss("infonce", init_log_scale=math.log(10), init_bias=-10)
+    assert not list(module.parameters())
+    assert set(dict(module.named_buffers())) == {"log_scale", "bias"}
+    phi, psi = _inputs(8, 8, 4, seed=7)
+    truth = reference_contrastive_loss(
+        phi.double(), psi.double(), loss="infonce",
+        log_scale=torch.tensor(math.log(10)).double(), bias=torch.tensor(-10.0).double(),
+    )  # fmt: skip
+    assert max_error(module(phi, psi), truth) < 1e-5
+    assert not dict(ContrastiveLoss().named_buffers())  # zero: left out
+
+
+def test_module_refuses_a_bad_backend_when_built():
+    with pytest.raises(ValueError, match="backend"):
+        ContrastiveLoss(backend="gpu")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_ties_take_the_first_column(backend):
     """All logits equal: every row's argmax is column 0, as torch.argmax says, though the Triton
@@ -522,6 +560,13 @@ def test_compiles_without_graph_breaks():
         (torch.randn(1, 3), torch.randn(4, 3), {"loss": "flatnce_backward"}, ValueError, "phi"),
         (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, "log_scale"),
         (torch.randn(4, 3), torch.randn(4, 3), {"backend": "cuda"}, ValueError, "backend"),
+        (
+            torch.randn(4, 3),
+            torch.randn(4, 3),
+            {"exclude_positive_from_lse": "no"},
+            TypeError,
+            "exclude_positive_from_lse",
+        ),
         ([[1.0]], torch.randn(1, 1), {}, TypeError, "torch.Tensor"),
     ],
 )
@@ -547,6 +592,28 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 def test_pairwise_energy_refuses_mismatched_rows(phi, psi, error):
     with pytest.raises(error, match="pairwise_energy"):
         pairwise_energy(phi, psi, "l2")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"bias": torch.tensor([1.0, 100.0])}, TypeError),
+        ({"bias": torch.zeros(2, 2)}, TypeError),
+        ({"log_scale": 0.5}, TypeError),
+        ({"log_scale": torch.tensor(1)}, TypeError),
+    ],
+)
+def test_pairwise_energy_checks_scale_and_bias(kwargs, error):
+    with pytest.raises(error, match=r"log_scale|bias"):
+        pairwise_energy(torch.randn(2, 3), torch.randn(2, 3), **kwargs)
+
+
+def test_pairwise_energy_scale_and_bias_keep_the_shape():
+    phi, psi = torch.randn(5, 3), torch.randn(5, 3)
+    plain = pairwise_energy(phi, psi, "l2")
+    scaled = pairwise_energy(phi, psi, "l2", log_scale=torch.ones(1, 1), bias=torch.ones(1))
+    assert scaled.shape == (5,)
+    torch.testing.assert_close(scaled, plain * math.e + 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
