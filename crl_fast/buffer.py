@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from crl_fast.checks import positive_int, resolve_device
+
 GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 """Future-goal offset laws; their index is the mode id the kernels use."""
 
@@ -125,15 +127,6 @@ def sample_reference(
     )
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _check_fraction(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -182,8 +175,7 @@ class TrajectoryBuffer:
             ("action_dim", action_dim),
             ("goal_dim", goal_dim),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, value)
         if capacity > _MAX_CAPACITY:
             raise ValueError(f"capacity must be at most 2**24 steps per env, got {capacity}")
         if not 0.0 < gamma < 1.0:
@@ -200,7 +192,7 @@ class TrajectoryBuffer:
         self.random_goal_fraction, self.current_goal_fraction = self._check_mix(
             random_goal_fraction, current_goal_fraction
         )
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         # The kernels copy rows in bounded chunks of columns: any width takes the Triton path.
         self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
@@ -366,8 +358,7 @@ class TrajectoryBuffer:
         ``goal_mode`` and the mixing fractions default to the buffer's (the actor may use
         different ones than the critic). ``generator`` defaults to ``self.generator``.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         mode = self._check_mode(self.goal_mode if goal_mode is None else goal_mode)
         f_rand, f_cur = self._check_mix(
             self.random_goal_fraction if random_goal_fraction is None else random_goal_fraction,
@@ -475,10 +466,11 @@ class TrajectoryBuffer:
             step = -1 if isinstance(step, bool) else operator.index(step)
         except TypeError:
             step = -1
-        if step < 0:
+        if not 0 <= step < 2**62:
             raise ValueError(
-                f"state_dict['step'] must be a non-negative int, got {state_dict.get('step')!r}"
+                f"state_dict['step'] must be an int in [0, 2**62), got {state_dict.get('step')!r}"
             )
+        self._check_bookkeeping(state_dict, step)
         gen_state = state_dict.get("generator")
         if not isinstance(gen_state, torch.Tensor):
             raise ValueError("state_dict['generator'] must be a generator state tensor")
@@ -497,6 +489,28 @@ class TrajectoryBuffer:
         self._step = step
         self._step_t.fill_(step)
         self.generator.set_state(gen_state)
+
+    def _check_bookkeeping(self, state_dict: Mapping[str, Any], step: int) -> None:
+        """The episode bookkeeping must fit ``step`` (a host sync; loading is rare): each
+        stored row's episode is the running one exactly when it has no end, and an ended one
+        ends at or after that row's step and before ``step``."""
+        ends, segment = state_dict["segment_end"], state_dict["segment"]
+        stored = min(step, self._capacity)
+        rows = torch.arange(stored, device=segment.device)
+        row_step = rows + self._capacity * torch.div(
+            step - 1 - rows, self._capacity, rounding_mode="floor"
+        )
+        episode = segment[:stored]
+        end = ends.to(segment.device).gather(0, episode % self._capacity)
+        running = episode == state_dict["open_segment"].to(segment.device)
+        consistent = (episode >= 0) & torch.where(
+            running, end == -1, (end >= row_step[:, None]) & (end < step)
+        )
+        if not bool(consistent.all()):
+            raise ValueError(
+                f"state_dict['segment'] / ['segment_end'] do not fit state_dict['step'] = "
+                f"{step}: the episode bookkeeping belongs to another step count or was edited"
+            )
 
     def __repr__(self) -> str:
         return (

@@ -409,6 +409,9 @@ def test_state_dict_round_trip() -> None:
         ("rows", torch.zeros(17, 6, OBS + ACT + GOAL, dtype=torch.float64)),
         ("segment", torch.zeros(16, 6, dtype=torch.int64)),
         ("step", -1),
+        ("step", 2**64),
+        ("step", 21),  # one past the 20 stored steps: the bookkeeping does not fit
+        ("step", 10**6),
         ("generator", torch.zeros(16, dtype=torch.uint8)),  # a CUDA generator's state
     ],
 )

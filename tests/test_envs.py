@@ -289,6 +289,32 @@ def test_state_dict_resumes_exactly(name):
         make_env(name, num_envs=8).load_state_dict(state)
 
 
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_a_bad_generator_state_leaves_the_env_as_it_was(name):
+    env = make_env(name, num_envs=4, seed=0)
+    state, before = env.state_dict(), env.state_dict()
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state size
+    key = env._sim_keys[0]
+    state[key] = torch.zeros_like(state[key]) + 0.1
+    with pytest.raises(ValueError, match="generator"):
+        env.load_state_dict(state)
+    after = env.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_nan_actions_act_as_zero(name):
+    """A NaN action moves like a zero action instead of staying in the state all episode."""
+    nan_env, zero_env = (make_env(name, num_envs=3, seed=0) for _ in range(2))
+    action = torch.rand(3, nan_env.action_dim) * 2 - 1
+    nan_action, zero_action = action.clone(), action.clone()
+    nan_action[1] = float("nan")
+    zero_action[1] = 0.0
+    for _ in range(3):
+        got, want = nan_env.step(nan_action)[0], zero_env.step(zero_action)[0]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ENV_NAMES)
 def test_cuda_matches_semantics(name):

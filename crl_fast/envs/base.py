@@ -22,17 +22,12 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from crl_fast.checks import positive_int
+
 GoalObs = dict[str, torch.Tensor]
 """A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
 
 GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")
-
-
-def check_num_envs(num_envs: int) -> int:
-    """Return ``num_envs`` if it is a positive int, else raise a ValueError."""
-    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs <= 0:
-        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-    return num_envs
 
 
 def goal_spaces(
@@ -58,14 +53,15 @@ def goal_spaces(
 
 def check_action(action: Any, num_envs: int, action_dim: int, device: torch.device) -> torch.Tensor:
     """Return ``action`` as a float32 ``(num_envs, action_dim)`` tensor on ``device``, clipped to
-    [-1, 1]; raise a ValueError on a wrong shape."""
+    [-1, 1], NaN read as 0 (it would stay in the simulation state until the episode ends;
+    checking for it would cost a host sync); raise a ValueError on a wrong shape."""
     action = torch.as_tensor(action, dtype=torch.float32, device=device)
     if action.shape != (num_envs, action_dim):
         raise ValueError(
             f"action must have shape (num_envs, action_dim) = {(num_envs, action_dim)}, "
             f"got {tuple(action.shape)}"
         )
-    return action.clamp(-1.0, 1.0)
+    return action.clamp(-1.0, 1.0).nan_to_num(0.0)
 
 
 def damped_velocity(
@@ -119,7 +115,7 @@ class TorchGoalVectorEnv(VectorEnv):
         success_distance: float,
         terminate_on_success: bool,
     ) -> None:
-        self.num_envs = check_num_envs(num_envs)
+        self.num_envs = positive_int("num_envs", num_envs)
         if max_episode_steps <= 0:
             raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
         self.device = torch.device(device)
@@ -236,10 +232,17 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, "
                     f"expected {tuple(current.shape)}"
                 )
+        generator = state["generator"].cpu()
+        try:  # checked on a probe first: nothing changes unless all of the state fits
+            torch.Generator(device=self.device).set_state(generator)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"state_dict['generator'] is not a state of a {self.device.type} generator: {error}"
+            ) from error
         for key in self._state_keys:
             current = getattr(self, key)
             setattr(self, key, state[key].to(device=self.device, dtype=current.dtype).clone())
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(generator)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_envs={self.num_envs}, device={self.device})"

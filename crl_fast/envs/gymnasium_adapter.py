@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
+from crl_fast.checks import positive_int
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
     check_action,
-    check_num_envs,
     goal_spaces,
     is_success,
 )
@@ -73,7 +73,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         else:
             self.env = gym.make_vec(
                 env,
-                num_envs=check_num_envs(num_envs),
+                num_envs=positive_int("num_envs", num_envs),
                 vectorization_mode="sync",
                 vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
                 **make_kwargs,

@@ -1,0 +1,29 @@
+"""Argument checks shared by the buffer, the envs and the training loop."""
+
+from __future__ import annotations
+
+import torch
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (bool is not), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when available, else CPU. A bare ``"cuda"`` gets the current
+    index, so that it compares equal to the device of the tensors made on it."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"not a torch device: {device!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
