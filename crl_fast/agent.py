@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from crl_fast.loss import contrastive_loss
 from crl_fast.networks import Encoder, TanhGaussianActor
 
 
-def make_adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam, fused and capturable (state on the device, CUDA-graph safe) on CUDA."""
     if device.type == "cuda":
         return torch.optim.Adam(params, lr=lr, fused=True, capturable=True)
@@ -90,7 +90,9 @@ class CRL:
         self._act = torch.compile(self.actor, **kwargs)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False):
+    def act(
+        self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False
+    ) -> torch.Tensor:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
         return self._act(obs, goal, deterministic=deterministic)
 
@@ -167,10 +169,10 @@ class CRL:
             logsumexp_penalty=cfg.logsumexp_penalty,
             return_metrics=critic_metrics,
         )
-        critic_loss, accuracy = critic_out if critic_metrics else (critic_out, {})
+        critic_loss, loss_metrics = critic_out if critic_metrics else (critic_out, {})
         self.critic_optimizer.zero_grad()
         critic_loss.backward()
-        metrics = {f"critic/{k}": v.detach() for k, v in accuracy.items()}
+        metrics = {f"critic/{k}": v.detach() for k, v in loss_metrics.items()}
         return metrics | {"critic/loss": critic_loss.detach()}
 
     def _critic_step_eager(self) -> None:

@@ -8,6 +8,7 @@ checkpoint intact. Files load with ``torch.load(weights_only=True)``: plain cont
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint written by :func:`save_checkpoint`; a ValueError naming ``path`` if
+    there is none or it cannot be read."""
+    if not Path(path).is_file():
+        raise ValueError(f"no checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"cannot read checkpoint {path} (truncated or not one?): {error}"
+        ) from error
 
 
 def seed_everything(seed: int) -> None:

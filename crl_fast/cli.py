@@ -95,7 +95,11 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
     saved = Path(given["run_dir"]) / "config.json"
     if not saved.exists():
         raise ValueError(f"cannot resume: {saved} does not exist")
-    return config_from_args(given, base=json.loads(saved.read_text()))
+    try:
+        base = json.loads(saved.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"cannot resume: {saved} is not valid JSON: {error}") from error
+    return config_from_args(given, base=base)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
@@ -111,15 +115,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "eval":
-        run_eval(args)
-        return
-    from crl_fast.train import train
-
     try:
-        train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
-    except ValueError as error:  # bad configuration: a message, not a traceback
-        print(f"crl-fast train: error: {error}", file=sys.stderr)
+        if args.command == "eval":
+            run_eval(args)
+        else:
+            from crl_fast.train import train
+
+            train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
+    except ValueError as error:  # bad configuration or files: a message, not a traceback
+        print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 
 

@@ -13,8 +13,8 @@ from typing import Any
 from crl_fast.buffer import GOAL_MODES
 from crl_fast.energy import ENERGIES
 from crl_fast.loss import LOSSES, LossConfig
+from crl_fast.networks import ACTIVATIONS
 
-ACTIVATIONS = ("swish", "relu")
 RESUME_SAFE_FIELDS = (
     "total_env_steps",  # the schedule
     "eval_every",
@@ -46,7 +46,7 @@ class AgentConfig:
     width: int = option(256, "hidden width of the encoders and the actor")
     depth: int = option(2, "hidden layers (a multiple of 4 with --residual)")
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
-    activation: str = option("swish", "hidden activation", ACTIVATIONS)
+    activation: str = option("swish", "hidden activation", tuple(ACTIVATIONS))
     layer_norm: bool = option(False, "LayerNorm after each hidden Linear (residual blocks: always)")
     residual: bool = option(False, "residual blocks of 4 x [Linear, LayerNorm, swish] + skip")
     loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
@@ -62,7 +62,9 @@ class AgentConfig:
     def __post_init__(self) -> None:
         LossConfig(self.loss, self.energy, self.logsumexp_penalty)  # names any bad loss option
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.residual and (self.depth < 4 or self.depth % 4):
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
@@ -97,7 +99,9 @@ class TrainConfig:
     run_dir: str | None = option(None, "run directory (None: runs/<env>__<seed>__<timestamp>)")
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     tf32: bool = option(True, "float32 matmuls may use TF32 tensor cores on CUDA (as JAX does)")
-    compile: bool | None = option(None, "torch.compile the update (None: on CUDA, off on CPU)")
+    compile: bool | None = option(
+        None, "torch.compile the update, act and a built-in env's step (None: on CUDA only)"
+    )
     cuda_graph: bool | None = option(
         None, "replay sample + update from a CUDA graph (None: on CUDA; CUDA only)"
     )

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accuracy", "critic/loss")
 
@@ -123,7 +123,7 @@ class Progress:
     On a terminal the line is redrawn in place; otherwise a new line is printed every 30 s.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stdout):
+    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO = sys.stdout):
         self.total_steps = total_steps
         self.enabled = enabled
         self.stream = stream

@@ -22,8 +22,9 @@ from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from crl_fast.checkpoint import set_rng_state as restore_rng_state
+from crl_fast.checks import resolve_device
 from crl_fast.config import TrainConfig, check_resume
-from crl_fast.envs import make_env
+from crl_fast.envs import GoalVectorEnv, make_env
 from crl_fast.envs.base import TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 
@@ -43,13 +44,6 @@ class LoopState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def default_run_dir(config: TrainConfig) -> Path:
     """``runs/<env>__<seed>__<time>``, with a suffix when another run took that name."""
     env = config.env.replace(":", "_").replace("/", "_")
@@ -66,7 +60,8 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int):
+def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) -> GoalVectorEnv:
+    """``num_episodes`` copies of the run's env, seeded apart from the training env."""
     return make_env(
         config.env,
         num_envs=num_episodes,
@@ -77,7 +72,7 @@ def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int):
 
 
 @torch.no_grad()
-def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
+def evaluate(agent: CRL, env: GoalVectorEnv, seed: int) -> dict[str, float]:
     """One episode per env on the fixed goals of ``env.reset(seed)``, with deterministic actions.
 
     ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
@@ -113,7 +108,7 @@ def evaluate(agent: CRL, env, seed: int) -> dict[str, float]:
     }
 
 
-def env_state(env) -> dict[str, torch.Tensor] | None:
+def env_state(env: GoalVectorEnv) -> dict[str, torch.Tensor] | None:
     """The env's state for a checkpoint, or None where it cannot save it (Gymnasium adapters)."""
     try:
         return env.state_dict()
@@ -121,7 +116,8 @@ def env_state(env) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def make_buffer(config: TrainConfig, env, device: torch.device) -> TrajectoryBuffer:
+def make_buffer(config: TrainConfig, env: GoalVectorEnv, device: torch.device) -> TrajectoryBuffer:
+    """The run's buffer: ``buffer_capacity`` transitions split over the envs."""
     return TrajectoryBuffer(
         capacity=max(1, config.buffer_capacity // config.num_envs),  # steps per env
         num_envs=config.num_envs,
@@ -149,11 +145,14 @@ def speed_flags(config: TrainConfig, device: torch.device) -> dict[str, bool]:
     }
 
 
-def make_agent(config: TrainConfig, env, device: torch.device, compile_update: bool) -> CRL:
+def make_agent(
+    config: TrainConfig, env: GoalVectorEnv, device: torch.device, compiled: bool
+) -> CRL:
+    """The agent for ``env``'s sizes; ``compiled``: its update and ``act`` through torch.compile."""
     agent = CRL(
         env.obs_dim, env.action_dim, env.goal_dim, config.agent, device, config.actor_stream
     )
-    if compile_update:
+    if compiled:
         agent.compile()
     return agent
 
@@ -297,8 +296,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if loop.env_steps >= config.learning_starts:
             loop.update_credit += config.num_envs * config.updates_per_env_step
             if train_step is None:
-                graphed = speed["cuda_graph"]
-                train_step, per_call, warmup = make_train_step(config, agent, buffer, graphed)
+                train_step, per_call, warmup = make_train_step(
+                    config, agent, buffer, speed["cuda_graph"]
+                )
                 loop.updates += warmup
                 loop.update_credit -= warmup
             while loop.update_credit >= per_call:
@@ -340,9 +340,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return {"run_dir": run_dir, **loop.last_eval}
 
 
-def load_agent(checkpoint_path: str | Path, device: torch.device | str = "auto"):
+def load_agent(
+    checkpoint_path: str | Path, device: torch.device | str = "auto"
+) -> tuple[CRL, TrainConfig]:
     """The agent and config of a checkpoint written by :func:`train`."""
-    device = resolve_device(str(device))
+    device = resolve_device(device)
     checkpoint = load_checkpoint(checkpoint_path, map_location=device)
     config = TrainConfig.from_dict(checkpoint["config"])
     agent = CRL(**checkpoint["dims"], config=config.agent, device=device)

@@ -304,6 +304,36 @@ def test_cli_rejects_bad_configs_with_a_message(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
+    """A missing, empty or foreign checkpoint, a corrupt config.json or an unknown device: a
+    message naming the file or device and exit code 2, not a traceback."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04truncated")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    for argv, named in [
+        (["eval", "--checkpoint", str(tmp_path / "nope.pt")], "nope.pt"),
+        (["eval", "--checkpoint", str(tmp_path)], str(tmp_path)),
+        (["eval", "--checkpoint", str(tmp_path / "empty.pt")], "empty.pt"),
+        (["eval", "--checkpoint", str(tmp_path / "junk.pt")], "junk.pt"),
+        (["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--device", "tpu"], "tpu"),
+        (["train", "--resume", "--run-dir", str(run), "--device", "cpu"], "checkpoint.pt"),
+        (["train", "--resume", "--run-dir", str(broken)], "config.json"),
+        (["train", "--device", "tpu", "--run-dir", str(tmp_path / "new")], "tpu"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and err.startswith(f"crl-fast {argv[0]}: error:"), (argv, err)
+    assert not (tmp_path / "new").exists()
+
+
 def test_gymnasium_env_trains_and_resumes(tmp_path):
     """A registered Gymnasium goal env through ``gymnasium:<id>``: it cannot save its state, so
     the checkpoint holds everything else and resume restarts its episodes, cutting the buffer's

@@ -27,6 +27,9 @@ _FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
 ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
+GoalVectorEnv = TorchGoalVectorEnv | GymnasiumGoalVectorEnv
+"""What :func:`make_env` returns: either kind has the same torch API."""
+
 GYMNASIUM_PREFIX = "gymnasium:"
 """``make_env("gymnasium:<id>")`` wraps a registered Gymnasium goal env with the adapter."""
 
@@ -38,7 +41,7 @@ def make_env(
     seed: int | None = 0,
     max_episode_steps: int | None = None,
     **kwargs: Any,
-) -> TorchGoalVectorEnv | GymnasiumGoalVectorEnv:
+) -> GoalVectorEnv:
     """Create the torch env ``name`` (one of :data:`ENV_NAMES`) with ``num_envs`` copies on
     ``device``; ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class.
 
@@ -68,6 +71,7 @@ def make_env(
 __all__ = [
     "ENV_NAMES",
     "GYMNASIUM_PREFIX",
+    "GoalVectorEnv",
     "GymnasiumGoalVectorEnv",
     "PointMazeEnv",
     "ReacherEnv",
