@@ -21,6 +21,7 @@ future stored.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import struct
 from collections.abc import Mapping
@@ -178,10 +179,12 @@ class TrajectoryBuffer:
             positive_int(name, value)
         if capacity > _MAX_CAPACITY:
             raise ValueError(f"capacity must be at most 2**24 steps per env, got {capacity}")
+        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+            raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self._capacity = capacity

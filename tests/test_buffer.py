@@ -507,6 +507,10 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
     for gamma in (0.0, 1.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="gamma"):
             make(gamma=gamma)
+    with pytest.raises(TypeError, match="gamma"):
+        make(gamma="0.9")
+    with pytest.raises(TypeError, match="dtype"):
+        make(dtype="float32")
     with pytest.raises(ValueError, match="goal_mode"):
         make(goal_mode="future")
     with pytest.raises(ValueError, match="capacity"):

@@ -97,6 +97,12 @@ def test_make_env_defaults_and_errors():
         PointMazeEnv(4, ("000", "010", "000"), max_episode_steps=10)
     with pytest.raises(ValueError, match="skips a wall"):
         PointMazeEnv(4, max_speed=20.0)
+    for layout in ((), ("",)):
+        with pytest.raises(ValueError, match="non-empty"):
+            PointMazeEnv(4, layout, max_episode_steps=10)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_episode_steps"):
+            make_env("reacher", 4, max_episode_steps=steps)
 
 
 def test_import_crl_fast_does_not_import_gymnasium():

@@ -116,10 +116,8 @@ class TorchGoalVectorEnv(VectorEnv):
         terminate_on_success: bool,
     ) -> None:
         self.num_envs = positive_int("num_envs", num_envs)
-        if max_episode_steps <= 0:
-            raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
         self.device = torch.device(device)
-        self.max_episode_steps = int(max_episode_steps)
+        self.max_episode_steps = positive_int("max_episode_steps", max_episode_steps)
         self.success_distance = float(success_distance)
         self.terminate_on_success = bool(terminate_on_success)
         (

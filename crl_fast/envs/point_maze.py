@@ -143,6 +143,8 @@ class PointMazeEnv(TorchGoalVectorEnv):
                 raise ValueError(f"unknown maze {maze!r}; valid: {sorted(MAZES)}")
             return MAZES[maze]
         layout = tuple(maze)
+        if not layout or any(not isinstance(row, str) or not row for row in layout):
+            raise ValueError("a maze layout must be a non-empty sequence of non-empty strings")
         if any(len(row) != len(layout[0]) or set(row) - {"0", "1"} for row in layout):
             raise ValueError("a maze layout must be equal-length rows of '0' and '1'")
         border = layout[0] + layout[-1] + "".join(row[0] + row[-1] for row in layout)
