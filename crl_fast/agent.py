@@ -72,18 +72,20 @@ class CRL:
         self.alpha_optimizer = make_adam([self.log_alpha], config.alpha_lr, device)
         self._actor_params = list(self.actor.parameters())
         self._side = torch.cuda.Stream(device) if actor_stream else None
+        self._encode_goals = self.goal_encoder
         self._actor_step = self._actor_step_eager
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
         self._act = self.actor
 
     def compile(self, **kwargs: Any) -> None:
-        """Run :meth:`act` and the three steps of :meth:`update` through
+        """Run :meth:`act` and the four parts of :meth:`update` through
         ``torch.compile(**kwargs)`` from now on.
 
-        The steps are compiled one by one, so the streams that :meth:`update` puts them on are
+        The parts are compiled one by one, so the streams that :meth:`update` puts them on are
         chosen in plain Python, outside the compiled code.
         """
+        self._encode_goals = torch.compile(self.goal_encoder, **kwargs)
         self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
         self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)
         self._critic_step = torch.compile(self._critic_step_eager, **kwargs)
@@ -104,13 +106,15 @@ class CRL:
         stay): they cost the loss kernels extra work, and the sigmoid loss a third pass.
         """
         obs, action, goal = batch
-        # The actor and alpha steps read the critic as it stands before this update (as JaxGCRL
-        # does) and write nothing the critic reads, so with ``actor_stream`` they run beside the
-        # critic's forward and backward; only the critic's optimiser step waits for them.
+        # psi(g) once: the critic trains through it, the actor reads it. The actor and alpha
+        # steps read the critic as it stands before this update (as JaxGCRL does) and write
+        # nothing the critic reads, so with ``actor_stream`` they run beside the critic's
+        # forward and backward; only the critic's optimiser step waits for them.
+        psi = self._encode_goals(goal)
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         with self._on_side_stream(main):
-            actor = self._actor_step(obs, goal)
-        critic = self._critic_backward(obs, action, goal, critic_metrics)
+            actor = self._actor_step(obs, goal, psi.detach())
+        critic = self._critic_backward(obs, action, psi, critic_metrics)
         if main is not None:
             main.wait_stream(self._side)
         self._critic_step()
@@ -126,16 +130,16 @@ class CRL:
         with torch.cuda.stream(self._side):
             yield
 
-    def _actor_step_eager(self, obs: torch.Tensor, goal: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The actor and alpha steps; the encoders are read, not trained."""
+    def _actor_step_eager(
+        self, obs: torch.Tensor, goal: torch.Tensor, psi: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The actor and alpha steps; the encoders are read, not trained (``psi``: detached)."""
         cfg = self.config
         # Each loss has its own autograd graph (no tensor with a graph is shared between two
         # backward calls), as torch.compile needs: it fuses each region into one node.
         alpha = self.log_alpha.detach().exp()
-        with torch.no_grad():
-            psi_target = self.goal_encoder(goal)
         new_action, log_prob = self.actor.sample(obs, goal)
-        q = pairwise_energy(self.sa_encoder(obs, new_action), psi_target, energy=cfg.energy)
+        q = pairwise_energy(self.sa_encoder(obs, new_action), psi, energy=cfg.energy)
         actor_loss = (alpha * log_prob - q).mean()
         self.actor_optimizer.zero_grad()
         actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders
@@ -156,14 +160,14 @@ class CRL:
         }
 
     def _critic_backward_eager(
-        self, obs: torch.Tensor, action: torch.Tensor, goal: torch.Tensor, critic_metrics: bool
+        self, obs: torch.Tensor, action: torch.Tensor, psi: torch.Tensor, critic_metrics: bool
     ) -> dict[str, torch.Tensor]:
-        """The critic's loss and gradients: classify which goal in the batch is the future of
-        each (s, a). Its optimiser step is left to :meth:`update`."""
+        """The critic's loss and gradients (through ``psi = psi(g)`` too): classify which goal
+        in the batch is the future of each (s, a). Its optimiser step is left to :meth:`update`."""
         cfg = self.config
         critic_out = contrastive_loss(
             self.sa_encoder(obs, action),
-            self.goal_encoder(goal),
+            psi,
             loss=cfg.loss,
             energy=cfg.energy,
             logsumexp_penalty=cfg.logsumexp_penalty,

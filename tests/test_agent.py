@@ -240,17 +240,20 @@ def test_compiled_update_replays_from_a_cuda_graph():
     assert any(not torch.equal(before[key], after[key]) for key in before)
 
 
-@pytest.mark.gpu
-def test_compiled_update_matches_eager(monkeypatch):
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_update_matches_eager(device, monkeypatch):
+    """The update's four compiled parts (psi(g) shared by critic and actor across them) take
+    the eager steps."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's random numbers
     torch.manual_seed(0)
-    eager = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
-    compiled = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    eager = CRL(OBS, ACT, GOAL, AgentConfig(width=64), device)
+    compiled = CRL(OBS, ACT, GOAL, AgentConfig(width=64), device)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
-    batch = GoalBatch(*(t.cuda() for t in toy_batch()))
+    batch = GoalBatch(*(t.to(device) for t in toy_batch()))
     for seed in range(4):
         torch.manual_seed(seed)
         expected = eager.update(batch)
