@@ -277,12 +277,14 @@ class TrajectoryBuffer:
             out.append(x)
         return out
 
+    @torch.no_grad()
     def extend(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Append ``T`` steps of all envs: fields shaped ``[T, num_envs, ...]`` (flags ``[T, N]``).
 
         Fields: ``observation``, ``action``, ``next_achieved_goal`` (buffer dtype),
         ``terminated``, ``truncated`` (bool). If ``T > capacity`` only the last ``capacity``
-        steps are kept. No host synchronisation.
+        steps are kept. The buffer stores values: inputs that require grad leave no autograd
+        history in it. No host synchronisation.
         """
         obs, act, nag, term, trunc = self._check_batch(batch)
         steps = obs.shape[0]

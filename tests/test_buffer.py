@@ -329,8 +329,21 @@ def test_geometric_offset_exact_for_gamma_near_one(
     assert abs(p1 - 1 / (1 + gamma)) < 1e-4, p1
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_extend_stores_values_without_autograd_history(backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    buf = make(backend=backend)
+    batch = good_batch()
+    w = torch.ones((), requires_grad=True)
+    batch["observation"] = batch["observation"] * w
+    buf.extend(batch)
+    buf.extend(good_batch())
+    assert not buf.sample(8).observation.requires_grad
+
+
 def test_wide_rows_triton_matches_torch() -> None:
-    """Rows wider than a column chunk (64) and not a multiple of it: the chunked copies of both
+    """Rows wider than a column chunk (16) and not a multiple of it: the chunked copies of both
     kernels write and gather every column."""
     pytest.importorskip("triton")
     dims = {"obs_dim": 150, "action_dim": 70, "goal_dim": 65}
