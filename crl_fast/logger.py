@@ -21,19 +21,25 @@ CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accur
 class MetricsLogger:
     """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/metrics.jsonl`` (and TensorBoard).
 
-    With ``resume_step`` set, rows logged after that step (by a run killed after its last
-    checkpoint) are dropped, so a resumed run's metrics hold each step once; the file is rewritten
+    With ``resume_step`` set, the rows a run killed after its last checkpoint logged are
+    dropped, so a resumed run's metrics hold each row once: the first ``resume_rows`` rows (the
+    count that checkpoint recorded; rows logged at its step after it was written go too), or
+    for checkpoints without that count the rows up to ``resume_step``. The file is rewritten
     through a temporary file, so a crash meanwhile leaves the old one whole.
     """
 
     def __init__(
-        self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        resume_rows: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self.csv_path = self.run_dir / "metrics.csv"
         self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
-        self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)]
+        self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)][:resume_rows]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -71,11 +77,21 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file (empty if it does not exist)."""
+    """The rows of a JSONL file (empty if it does not exist). A torn last line (a write cut
+    short by a crash or a full disk) is left out; a bad line before it is a ValueError."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {error}") from error
+    return rows
 
 
 def _summary_writer(run_dir: Path):

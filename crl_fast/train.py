@@ -20,7 +20,13 @@ import torch
 
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
-from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
+from crl_fast.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    write_atomically,
+)
 from crl_fast.checkpoint import set_rng_state as restore_rng_state
 from crl_fast.checks import resolve_device
 from crl_fast.config import TrainConfig, check_resume
@@ -184,7 +190,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
-        raise ValueError(f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME}")
+        raise ValueError(
+            f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME} (a run stopped before its "
+            "first checkpoint cannot continue: start again in another --run-dir, or delete it)"
+        )
     if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ValueError(
             f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
@@ -229,11 +238,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             obs = checkpoint["obs"]
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
-    logger = MetricsLogger(run_dir, config.tensorboard, loop.env_steps if config.resume else None)
+    logger = MetricsLogger(
+        run_dir,
+        config.tensorboard,
+        resume_step=loop.env_steps if config.resume else None,
+        resume_rows=checkpoint.get("log_rows") if checkpoint else None,
+    )
     progress = Progress(config.total_env_steps, enabled=config.progress)
 
     def checkpoint_now() -> None:
@@ -250,6 +264,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "obs": obs,
             "loop": vars(loop).copy(),
             "metrics": metrics,
+            "log_rows": len(logger.rows),  # what a resumed run keeps of metrics.jsonl
             "rng": rng_state(),
         }
         save_checkpoint(state, run_dir / CHECKPOINT_NAME)

@@ -145,6 +145,40 @@ def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
 
 
+def test_kill_between_final_eval_and_final_checkpoint_logs_each_row_once(tmp_path, monkeypatch):
+    """The loop's checkpoint at the last step, then the final evaluation's row, then a kill
+    during the final checkpoint: the resumed run evaluates again and logs that row once."""
+    import crl_fast.train as train_module
+
+    settings = dict(eval_every=384, checkpoint_every=512)  # 1024: a checkpoint, not an eval
+    straight = train(tiny_config(tmp_path, "straight", **settings))
+    saves, save = [], train_module.save_checkpoint
+
+    def third_save_dies(state, path):
+        saves.append(state["loop"]["env_steps"])
+        if len(saves) == 3:
+            raise Killed
+        return save(state, path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", third_save_dies)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path, "killed", **settings))
+    monkeypatch.undo()
+    assert saves == [512, 1024, 1024]
+    resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
+    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
+    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+
+
+def test_a_torn_last_metrics_line_is_left_out(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "eval/succ')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "eval\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(path)
+
+
 def test_resuming_a_finished_run_adds_no_rows(tmp_path):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     first = train(config)
@@ -216,6 +250,9 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    (tmp_path / ".checkpoint.pt.99999.tmp").write_bytes(b"a killed process's partial write")
+    save_checkpoint({"step": 3}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
