@@ -45,7 +45,8 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         tmp.replace(self.jsonl_path)
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
-        self._tb = _summary_writer(self.run_dir) if tensorboard else None
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = _summary_writer(self.run_dir, purge) if tensorboard else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` (plain floats) at environment step ``step``."""
@@ -94,13 +95,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary_writer(run_dir: Path):
+def _summary_writer(run_dir: Path, purge_step: int | None):
+    """A TensorBoard writer; on resume its events after ``purge_step - 1`` (a killed run's
+    steps past its checkpoint) are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         print("tensorboard is not installed: skipping the TensorBoard logs", file=sys.stderr)
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
