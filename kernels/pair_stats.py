@@ -712,9 +712,11 @@ def _choose(
 ) -> dict[str, int]:
     """The fixed config, or with CRL_FAST_AUTOTUNE=1 (compiled kernels only) the fastest of a
     few candidates for this key, timed once with ``triton.testing.do_bench`` and remembered.
-    Tune before capturing a CUDA graph: timing cannot run inside a capture."""
+    Tune before capturing a CUDA graph: timing cannot run inside a capture. The single pass is
+    never tuned: each timed launch would add its atomics into the caller's column sums."""
     base = _config(n_a, d, dtype, single_pass)
-    if os.environ.get("CRL_FAST_AUTOTUNE") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    tune = os.environ.get("CRL_FAST_AUTOTUNE") == "1" and not single_pass
+    if not tune or os.environ.get("TRITON_INTERPRET") == "1":
         return base
     if key not in _TUNED:
         from triton.testing import do_bench

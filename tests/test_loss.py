@@ -247,6 +247,18 @@ def test_single_pass(loss, energy, dtype, device, monkeypatch):
     assert launches == [(True, False), (False, False)]
 
 
+def test_autotune_leaves_the_single_pass_alone(monkeypatch):
+    """CRL_FAST_AUTOTUNE=1 times candidate configs by launching them; a single-pass launch adds
+    into the caller's column sums, so it must take the fixed config without a timed launch."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    monkeypatch.setenv("CRL_FAST_AUTOTUNE", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    launched = []
+    config = kernels._choose(("test",), 1024, 64, torch.bfloat16, launched.append, True)
+    assert launched == [] and config == kernels._config(1024, 64, torch.bfloat16, True)
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("energy", ["dot", "norm"])
