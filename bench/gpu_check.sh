@@ -4,7 +4,7 @@
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
 # compile, tma, train and autotune (tma times the loss with CRL_FAST_TMA=1, the copy-engine tile
-# loads, about a minute; train runs two trainings per mode, about 2 minutes; autotune compiles
+# loads, about a minute; train runs three trainings per mode, 2-4 minutes; autotune compiles
 # many tile variants, a call of its own). probe times the loss row pass with TMA loads and warp
 # specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
