@@ -100,7 +100,9 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
             return agent.update(buffer.sample(batch_size))
 
     cpu = device.type == "cpu"
-    timing = measure(step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50)
+    timing = measure(
+        step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50, memory=not graphed
+    )
 
     def one_update() -> None:
         """The timed kind of update; in a graph, one without the critic's metrics, as all but the

@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,22 +24,27 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def measure(
-    fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 5, rep: int = 30
-) -> dict[str, float]:
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str,
+    warmup: int = 5,
+    rep: int = 30,
+    memory: bool = True,
+) -> dict[str, float | None]:
     """Time ``fn`` ``rep`` times after ``warmup`` calls; median/p20/p80 in ms, peak memory in MB.
 
     On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them)
     and ``host_ms`` is the median time the call takes to return (the host's share: launches,
     Python; where it is close to ``median_ms`` the call is host-bound); on CPU calls are timed by
-    ``time.perf_counter``. Peak memory is the extra device memory the calls allocate.
+    ``time.perf_counter``. Peak memory is the extra device memory the calls allocate; None with
+    ``memory=False`` (a CUDA graph's replay allocates nothing: its memory is the graph's pool).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if cuda:
-        _wake(device)
     for _ in range(warmup):
         fn()
     if cuda:
+        _wake(device)  # after the warm-up calls, which may have compiled on the host for long
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -61,25 +67,28 @@ def measure(
     out = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
     if cuda:
         out["host_ms"] = statistics.median(host)
-        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        out["peak_mem_mb"] = peak if memory else None
+        _BUSY_UNTIL[device] = time.perf_counter()
     return out
 
 
-_AWAKE: set[torch.device] = set()
+_BUSY_UNTIL: dict[torch.device, float] = {}
+"""When each GPU last finished a timing: a gap of more than a second may have let it idle."""
 
 
-def _wake(device: torch.device, seconds: float = 0.5) -> None:
-    """Keep the GPU busy for ``seconds`` before a process's first timing, so that it does not
-    run at idle clocks (on the H200, 2026-11-28, the first row of a buffer run took 161 us and the
-    same kind of call later in the run 96 us)."""
-    if device in _AWAKE:
+def _wake(device: torch.device, seconds: float = 0.25) -> None:
+    """Keep the GPU busy for ``seconds`` before a timing that follows an idle second (the first
+    of a process, or one after a long host-side compile), so that it does not run at idle
+    clocks (on the H200, 2026-11-28, the first row of a buffer run took 161 us and the same kind
+    of call later in the run 96 us)."""
+    if time.perf_counter() - _BUSY_UNTIL.get(device, float("-inf")) < 1.0:
         return
     x = torch.randn(4096, 4096, device=device)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         x = torch.tanh(x @ x)
         torch.cuda.synchronize(device)
-    _AWAKE.add(device)
 
 
 def graphed(step: Callable[[], Any]) -> Callable[[], None]:
@@ -98,12 +107,13 @@ def graphed(step: Callable[[], Any]) -> Callable[[], None]:
 
 
 def _git_sha() -> str:
-    """HEAD's short SHA, or ``$CRL_FAST_GIT_SHA`` where the tree has no git (a copied checkout)."""
+    """HEAD's short SHA (``-dirty`` with uncommitted changes to tracked files), or
+    ``$CRL_FAST_GIT_SHA`` where the tree has no git (a copied checkout)."""
     if sha := os.environ.get("CRL_FAST_GIT_SHA"):
         return sha
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
@@ -121,12 +131,17 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu-{platform.machine()}"
 
 
-def run_facts() -> dict[str, str]:
-    """Python version, git SHA and date of this run (any framework's results carry them)."""
+def run_facts() -> dict[str, Any]:
+    """Python version, git SHA, date, command line and the settings read from the environment
+    (``CRL_FAST_*``, ``TORCHINDUCTOR_*``, ``TRITON_*``) of this run; any framework's results
+    carry them."""
+    prefixes = ("CRL_FAST_", "TORCHINDUCTOR_", "TRITON_")
     return {
         "python": platform.python_version(),
         "git_sha": _git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "env_vars": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},
     }
 
 
@@ -141,6 +156,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     return {
         "device": device_name(device),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "triton": triton_version,
         **run_facts(),
     }
