@@ -240,6 +240,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
+    print(f"run directory: {run_dir}")
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
     logger = MetricsLogger(
