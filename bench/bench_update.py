@@ -8,7 +8,9 @@ tanh-Gaussian actor, Adam 3e-4. Ant-sized inputs: state 27, action 8, goal 2. On
 buffer sample plus the actor, alpha and critic steps. Modes: ``graph`` (sample + update
 replayed from a CUDA graph holding ``--graph-steps`` updates, of which the last computes the
 critic's metrics, as a training loop logs them); ``compile-graph`` (the same with
-the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager``; ``compile``;
+the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager`` and
+``compile`` (one update per call, each computing the critic's metrics, as the eager training
+loop's updates do);
 ``autotune-graph`` (opt-in: compiled with ``mode="max-autotune-no-cudagraphs"``, whose Triton
 matmul templates can take the bias and activation into the product; compiling takes minutes).
 A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the agent with

@@ -237,6 +237,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             env.load_state_dict(checkpoint["env"])
             obs = checkpoint["obs"]
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
+        if loop.env_steps >= config.total_env_steps:
+            print(f"--total-env-steps {config.total_env_steps:,} is reached already: no training")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
