@@ -341,7 +341,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             checkpoint_now()
-        status = f"success {loop.last_eval['eval/success']:.2f}" if loop.last_eval else ""
+        status = f"eval success {loop.last_eval['eval/success']:.2f}" if loop.last_eval else ""
         progress.update(loop.env_steps, loop.updates, status)
     progress.close()
 
