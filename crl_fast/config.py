@@ -48,7 +48,11 @@ class AgentConfig:
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
     activation: str = option("swish", "hidden activation", tuple(ACTIVATIONS))
     layer_norm: bool = option(False, "LayerNorm after each hidden Linear (residual blocks: always)")
-    residual: bool = option(False, "residual blocks of 4 x [Linear, LayerNorm, swish] + skip")
+    residual: bool = option(
+        False,
+        "residual blocks of 4 x [Linear, LayerNorm, swish] + skip; with --layer-norm also after "
+        "the first Linear, as in '1000 Layer Networks for Self-Supervised RL'",
+    )
     loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
     energy: str = option("dot", "critic energy f(phi, psi)", ENERGIES)
     logsumexp_penalty: float = option(0.0, "weight of the logsumexp^2 regulariser")
