@@ -23,6 +23,7 @@ bench/results/update-<device>.json.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -167,12 +168,21 @@ def main() -> None:
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
     if not cuda and any("+" in mode for mode in modes):
         parser.error("the +stream modes need a CUDA device")
+    # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
+    # (before any graph capture); such a run writes a file of its own, with the winners.
+    autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"
+    name = "update-autotuned" if autotuned else "update"
+    extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}
     rows = []
     for mode in modes:
         for batch_size in args.batch_size:
             rows.append(bench(mode, batch_size, device, args.graph_steps))
             print(rows[-1], flush=True)
-            path = write_results("update", device, rows)  # after each row: survives a timeout
+            if autotuned:
+                from crl_fast.kernels.pair_stats import _TUNED
+
+                extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
+            path = write_results(name, device, rows, extra=extra)  # each row: survives a timeout
     label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
     columns += ["kernels_per_update", "kernel_us_per_update"]

@@ -3,9 +3,11 @@
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
-# compile, tma, train and autotune (tma times the loss with CRL_FAST_TMA=1, the copy-engine tile
-# loads, about a minute; train runs three trainings per mode, 2-4 minutes; autotune compiles
-# many tile variants, a call of its own). probe times the loss row pass with TMA loads and warp
+# compile, tma, train, autotune and update-autotune (tma times the loss with CRL_FAST_TMA=1,
+# the copy-engine tile loads, about a minute; train runs three trainings per mode, 2-4 minutes;
+# autotune compiles many tile variants, a call of its own; update-autotune times the compiled
+# update with the loss kernels' tiles tuned per shape: at batch 256 the default 64-row tiles
+# give 4 programs). probe times the loss row pass with TMA loads and warp
 # specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
@@ -65,6 +67,8 @@ for stage in "${stages[@]}"; do
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 30 python3 -m bench.bench_envs ;;
         update) step update 100 python3 -m bench.bench_update ;;
+        update-autotune) CRL_FAST_AUTOTUNE=1 step "update autotune" 120 \
+            python3 -m bench.bench_update --modes compile-graph ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
