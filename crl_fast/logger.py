@@ -8,12 +8,15 @@ columns. matplotlib and TensorBoard are optional and imported only when used.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from crl_fast.checkpoint import write_atomically
 
 CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accuracy", "critic/loss")
 
@@ -25,7 +28,8 @@ class MetricsLogger:
     dropped, so a resumed run's metrics hold each row once: the first ``resume_rows`` rows (the
     count that checkpoint recorded; rows logged at its step after it was written go too), or
     for checkpoints without that count the rows up to ``resume_step``. The file is rewritten
-    through a temporary file, so a crash meanwhile leaves the old one whole.
+    atomically (:func:`crl_fast.checkpoint.write_atomically`), so a crash meanwhile leaves the
+    old one whole; so is ``metrics.csv``.
     """
 
     def __init__(
@@ -40,10 +44,7 @@ class MetricsLogger:
         self.csv_path = self.run_dir / "metrics.csv"
         self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
         self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)][:resume_rows]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        tmp.replace(self.jsonl_path)
+        write_atomically(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
         purge = None if resume_step is None else resume_step + 1
         self._tb = _summary_writer(self.run_dir, purge) if tensorboard else None
@@ -61,12 +62,11 @@ class MetricsLogger:
     def flush(self) -> None:
         """Rewrite ``metrics.csv`` from every row so far (columns: the union of all keys)."""
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomically(self.csv_path, text.getvalue())
         if self._tb is not None:
             self._tb.flush()
 

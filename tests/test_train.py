@@ -1,5 +1,6 @@
 """Training loop, checkpoints, resume, logging and the command line, on small CPU runs."""
 
+import builtins
 import dataclasses
 import io
 import json
@@ -276,7 +277,7 @@ def test_logger_crash_while_rewriting_keeps_the_old_metrics(tmp_path, monkeypatc
         logger.log(step, {"critic/loss": float(step)})
     logger.close()
     old = (tmp_path / "metrics.jsonl").read_text()
-    real_open = io.open
+    real_open = builtins.open
 
     def open_then_die(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
@@ -285,6 +286,7 @@ def test_logger_crash_while_rewriting_keeps_the_old_metrics(tmp_path, monkeypatc
             raise Killed
         return f
 
+    monkeypatch.setattr(builtins, "open", open_then_die)
     monkeypatch.setattr(io, "open", open_then_die)
     with pytest.raises(Killed):
         MetricsLogger(tmp_path, tensorboard=False, resume_step=20)
