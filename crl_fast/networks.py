@@ -85,6 +85,12 @@ class MLP(nn.Sequential):
         layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
         super().__init__(*layers)
 
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        """A layer, or a slice of layers as a plain ``nn.Sequential`` (e.g. ``net[:-1]``)."""
+        if isinstance(index, slice):
+            return nn.Sequential(*list(self)[index])
+        return super().__getitem__(index)
+
 
 class Encoder(MLP):
     """Maps the concatenation of its inputs to a representation: phi(s, a) or psi(g)."""

@@ -45,6 +45,15 @@ def test_residual_mlp_goes_deep():
     assert torch.isfinite(first.weight.grad).all() and first.weight.grad.abs().sum() > 0
 
 
+def test_mlp_slices_share_its_layers():
+    net = Encoder(3, 2, width=8, depth=2)
+    features = net[:-1]
+    x = torch.randn(4, 3)
+    assert isinstance(net[-1], nn.Linear)
+    assert torch.equal(net[-1](features(x)), net(x))
+    assert features[0] is net[0]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
