@@ -89,6 +89,20 @@ class LossConfig:
         return (2 if cols_off else 1), (2 if rows_off else 1)
 
 
+def _autocast(phi, psi):
+    """Under ``torch.autocast``, phi and psi in the autocast dtype, as a matmul would take them
+    (float64 and non-tensors are left for ``_check_inputs``)."""
+    if not isinstance(phi, torch.Tensor) or not torch.is_autocast_enabled(phi.device.type):
+        return phi, psi
+    dtype = torch.get_autocast_dtype(phi.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.dtype in _TRITON_DTYPES
+        return t.to(dtype) if eligible and t.device == phi.device else t
+
+    return cast(phi), cast(psi)
+
+
 def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
     for name, t in (("phi", phi), ("psi", psi)):
         if not isinstance(t, torch.Tensor):
@@ -186,9 +200,11 @@ def contrastive_loss(
     are never stored: extra memory is O((B + M) * d). ``backend="auto"`` runs the Triton kernels
     on CUDA and a chunked PyTorch path elsewhere; ``"triton"`` forces the kernels (on CPU only
     under ``TRITON_INTERPRET=1``). With ``return_metrics`` also returns a dict of 0-d tensors:
-    categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq.
+    categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq. Under
+    ``torch.autocast`` float16/bfloat16/float32 inputs are cast to the autocast dtype first.
     """
     config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
+    phi, psi = _autocast(phi, psi)
     _check_inputs(phi, psi, config, log_scale, bias)
     return _contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend)
 
@@ -330,6 +346,7 @@ class ContrastiveLoss(nn.Module):
     def forward(
         self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False
     ) -> LossOutput:
+        phi, psi = _autocast(phi, psi)
         _check_inputs(phi, psi, self.config, self.log_scale, self.bias)
         return _contrastive_loss(
             phi, psi, self.config, self.log_scale, self.bias, return_metrics, self.backend

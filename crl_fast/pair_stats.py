@@ -21,7 +21,9 @@ dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ CHUNK_ELEMENTS = 1 << 20
 PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
 
 Tensor = torch.Tensor
+F_ = TypeVar("F_", bound=Callable)
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
 Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 Tensors16 = tuple[
@@ -318,6 +321,21 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
 # ----------------------------------------------------------------------------------- the ops
 
 
+def _autocast_off(fn: F_) -> F_:
+    """``fn`` run with autocast off: under ``torch.autocast`` its float32 sums and chunked
+    matmuls would otherwise be recast to the autocast dtype. For the ops' implementations: eager
+    calls, compiled graphs and backward (inside an autocast region too) all run them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return fn(*args)
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args)
+
+    return wrapper
+
+
 def _eager_fast_path(op, impl, backward=None, setup_context=None):
     """A caller of the custom op ``op`` (``impl`` registered under a name, with ``backward`` and
     ``setup_context`` as its autograd) that runs ``impl`` directly in eager mode, through a plain
@@ -343,6 +361,7 @@ def _eager_fast_path(op, impl, backward=None, setup_context=None):
     return call
 
 
+@_autocast_off
 def _pair_stats_impl(
     x: Tensor,
     y: Tensor,
@@ -404,6 +423,7 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
     )
 
 
+@_autocast_off
 def _pair_stats_backward_impl(
     x: Tensor,
     y: Tensor,
@@ -567,6 +587,7 @@ def pair_stats(
 # ---------------------------------------------- the losses that take their gradients in forward
 
 
+@_autocast_off
 def _loss_with_grads_impl(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int, mean: bool,
     scale_grad: bool, use_triton: bool,

@@ -3,6 +3,7 @@ the chunked PyTorch path; every loss and energy; gradients, metrics, errors, mem
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -413,6 +414,34 @@ def test_grad_output_partial_grad_and_non_contiguous(backend):
     t_phi, t_psi = phi.double(), psi.double().requires_grad_()
     (3.5 * reference_contrastive_loss(t_phi, t_psi, loss="infonce", energy="norm")).backward()
     assert max_error(psi_leaf.grad, t_psi.grad) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["function", "module", "compiled"])
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_autocast_casts_inputs_like_a_matmul(loss, call, backend, device):
+    """Under autocast, float32 phi and a bfloat16 psi (a LayerNorm keeps float32, a Linear
+    does not) give the loss of both in bfloat16, computed as without autocast; gradients
+    return in each input's dtype."""
+    phi, psi = _inputs(12, 12, 8, seed=11, device=device)
+    phi, psi = phi.requires_grad_(), psi.bfloat16().requires_grad_()
+    kw = {"loss": loss, "energy": "cosine", "backend": backend}
+    fn = ContrastiveLoss(**kw) if call == "module" else functools.partial(contrastive_loss, **kw)
+    if call == "compiled":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        value = fn(phi, psi)
+        value.backward()  # inside the region too: backward must not be recast either
+    leaves = phi.detach().bfloat16().requires_grad_(), psi.detach().requires_grad_()
+    expected = contrastive_loss(*leaves, **kw)
+    expected.backward()
+    assert torch.equal(value.detach(), expected.detach())
+    assert torch.equal(phi.grad, leaves[0].grad.float()) and torch.equal(psi.grad, leaves[1].grad)
+    assert phi.grad.dtype == torch.float32 and psi.grad.dtype == torch.bfloat16
+    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
+        contrastive_loss(phi.detach().double(), psi.detach(), **kw)  # as torch: float64 stays
 
 
 FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
