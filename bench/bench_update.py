@@ -30,12 +30,10 @@ import torch
 from bench.harness import measure, print_table, write_results
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
-from crl_fast.config import AgentConfig
+from crl_fast.config import JAXGCRL_CRITIC, AgentConfig
 
 OBS_DIM, ACTION_DIM, GOAL_DIM = 27, 8, 2
-JAXGCRL_AGENT = AgentConfig(
-    width=256, depth=2, repr_dim=64, loss="infonce", energy="norm", logsumexp_penalty=0.1
-)
+JAXGCRL_AGENT = AgentConfig(width=256, depth=2, repr_dim=64, **JAXGCRL_CRITIC)
 TARGETS = {256: 13_000, 4096: 3_000}
 MODES = (
     "compile-graph",

@@ -63,7 +63,8 @@ class CRL:
         self.sa_encoder = Encoder(obs_dim + action_dim, config.repr_dim, **net).to(device)
         self.goal_encoder = Encoder(goal_dim, config.repr_dim, **net).to(device)
         self.actor = TanhGaussianActor(obs_dim, goal_dim, action_dim, **net).to(device)
-        self.log_alpha = torch.tensor(math.log(config.alpha), device=device, requires_grad=True)
+        log_alpha = math.log(config.alpha) if config.alpha > 0 else -math.inf  # 0: no entropy
+        self.log_alpha = torch.tensor(log_alpha, device=device, requires_grad=True)
         self.target_entropy = -config.target_entropy_scale * action_dim
 
         critic_params = [*self.sa_encoder.parameters(), *self.goal_encoder.parameters()]
@@ -171,6 +172,7 @@ class CRL:
             loss=cfg.loss,
             energy=cfg.energy,
             logsumexp_penalty=cfg.logsumexp_penalty,
+            exclude_positive_from_lse=cfg.exclude_positive_from_lse,
             return_metrics=critic_metrics,
         )
         critic_loss, loss_metrics = critic_out if critic_metrics else (critic_out, {})

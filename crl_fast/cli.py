@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crl_fast.config import AgentConfig, TrainConfig
+from crl_fast.config import JAXGCRL_CRITIC, AgentConfig, TrainConfig
 
 
 def _flag(name: str) -> str:
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train CRL (no flags: the default point U-maze run)"
     )
     add_config_arguments(train_parser, TrainConfig)
+    train_parser.add_argument(
+        "--jaxgcrl-critic",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JaxGCRL's default critic: "
+        + " ".join(f"{_flag(k)} {v}" for k, v in JAXGCRL_CRITIC.items()),
+    )
     eval_parser = commands.add_parser("eval", help="evaluate a checkpoint")
     eval_parser.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt")
     eval_parser.add_argument("--episodes", type=int, default=100, help="episodes (parallel envs)")
@@ -88,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_config(given: dict[str, Any]) -> TrainConfig:
     """The config of ``crl-fast train``: defaults, or the resumed run's saved config, plus flags."""
+    if given.pop("jaxgcrl_critic", False):
+        clash = [_flag(k) for k, v in JAXGCRL_CRITIC.items() if given.get(k, v) != v]
+        if clash:
+            raise ValueError(f"--jaxgcrl-critic sets {', '.join(clash)}: give one or the other")
+        given = given | JAXGCRL_CRITIC
     if not given.get("resume"):
         return config_from_args(given)
     if "run_dir" not in given:

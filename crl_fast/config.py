@@ -15,6 +15,9 @@ from crl_fast.energy import ENERGIES
 from crl_fast.loss import LOSSES, LossConfig
 from crl_fast.networks import ACTIVATIONS
 
+JAXGCRL_CRITIC = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
+"""JaxGCRL's default critic as :class:`AgentConfig` fields (`crl-fast train --jaxgcrl-critic`)."""
+
 RESUME_SAFE_FIELDS = (
     "total_env_steps",  # the schedule
     "eval_every",
@@ -56,15 +59,20 @@ class AgentConfig:
     loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
     energy: str = option("dot", "critic energy f(phi, psi)", ENERGIES)
     logsumexp_penalty: float = option(0.0, "weight of the logsumexp^2 regulariser")
+    exclude_positive_from_lse: bool = option(
+        False, "leave the positive out of the logsumexp of the InfoNCE losses and the penalty"
+    )
     critic_lr: float = option(3e-4, "Adam learning rate of the encoders")
     actor_lr: float = option(3e-4, "Adam learning rate of the actor")
     alpha_lr: float = option(3e-4, "Adam learning rate of the entropy temperature")
     autotune_alpha: bool = option(True, "tune alpha towards the target entropy")
-    alpha: float = option(1.0, "initial (or, without --autotune-alpha, fixed) entropy weight")
+    alpha: float = option(
+        1.0, "initial (or, without --autotune-alpha, fixed; 0: no entropy term) entropy weight"
+    )
     target_entropy_scale: float = option(0.5, "target entropy = -scale * action_dim")
 
     def __post_init__(self) -> None:
-        LossConfig(self.loss, self.energy, self.logsumexp_penalty)  # names any bad loss option
+        self.loss_config()  # names any bad loss option
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
@@ -73,8 +81,16 @@ class AgentConfig:
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
             raise ValueError("width, depth and repr_dim must be positive")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.alpha < 0 or (self.alpha == 0 and self.autotune_alpha):
+            raise ValueError(
+                f"alpha must be positive (or 0 with --no-autotune-alpha), got {self.alpha}"
+            )
+
+    def loss_config(self) -> LossConfig:
+        """The critic's loss options."""
+        return LossConfig(
+            self.loss, self.energy, self.logsumexp_penalty, self.exclude_positive_from_lse
+        )
 
 
 @dataclass
@@ -134,6 +150,12 @@ class TrainConfig:
             raise ValueError(f"threads must be positive (or None), got {self.threads}")
         if self.checkpoint_every < 0 or self.learning_starts < 0:
             raise ValueError("checkpoint_every and learning_starts must be >= 0")
+        smallest = max(self.agent.loss_config().minimum_batch())
+        if self.batch_size < smallest:
+            raise ValueError(
+                f"loss {self.agent.loss!r} compares off-diagonal pairs: batch_size must be >= "
+                f"{smallest}, got {self.batch_size}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (nested dataclasses become dicts)."""

@@ -311,7 +311,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         before, loop.env_steps = loop.env_steps, loop.env_steps + config.num_envs
 
         # Train: each env step earns updates_per_env_step updates.
-        if loop.env_steps >= config.learning_starts:
+        if loop.env_steps >= config.learning_starts and config.updates_per_env_step > 0:
             loop.update_credit += config.num_envs * config.updates_per_env_step
             if train_step is None:
                 train_step, per_call, warmup = make_train_step(

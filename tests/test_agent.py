@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crl_fast import pairwise_energy
+from crl_fast import contrastive_loss, pairwise_energy
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.config import AgentConfig
@@ -87,11 +87,27 @@ def test_actor_stream_needs_cuda():
         CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cpu", actor_stream=True)
 
 
-def test_fixed_alpha_stays_fixed():
-    agent = small_agent(autotune_alpha=False, alpha=0.1)
+@pytest.mark.parametrize("alpha", [0.1, 0.0])
+def test_fixed_alpha_stays_fixed(alpha):
+    agent = small_agent(autotune_alpha=False, alpha=alpha)
     for _ in range(3):
         metrics = agent.update(toy_batch())
-    torch.testing.assert_close(metrics["alpha"], torch.tensor(0.1))
+    torch.testing.assert_close(metrics["alpha"], torch.tensor(alpha))
+    assert all(torch.isfinite(v) for k, v in metrics.items() if k != "alpha/loss")
+
+
+def test_critic_loss_options_reach_the_loss(monkeypatch):
+    import crl_fast.agent
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return contrastive_loss(*args, **kwargs)
+
+    monkeypatch.setattr(crl_fast.agent, "contrastive_loss", spy)
+    small_agent(loss="infonce", exclude_positive_from_lse=True).update(toy_batch())
+    assert seen["loss"] == "infonce" and seen["exclude_positive_from_lse"] is True
 
 
 @pytest.mark.parametrize(

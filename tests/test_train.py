@@ -189,6 +189,18 @@ def test_resuming_a_finished_run_adds_no_rows(tmp_path):
     assert again["eval/success_final"] == first["eval/success_final"]
 
 
+def test_no_updates_means_no_train_step(tmp_path, monkeypatch):
+    """updates_per_env_step=0 collects only: not even the CUDA graph's warm-up updates run."""
+
+    def refuse(*args):
+        raise AssertionError("a train step was built")
+
+    monkeypatch.setattr("crl_fast.train.make_train_step", refuse)
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, updates_per_env_step=0)
+    train(config)
+    assert load_checkpoint(config.run_dir + "/checkpoint.pt")["loop"]["updates"] == 0
+
+
 def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
     """Changing what defines the run is refused with a one-line message naming old and new values,
     before anything in the run directory changes; changing the schedule is allowed."""
@@ -332,9 +344,29 @@ def test_cli_speed_flags_default_to_the_device(flags, value):
     assert speed_flags(auto, cpu) == {"compile": bool(value), "cuda_graph": False}
 
 
+def test_cli_jaxgcrl_critic_shorthand():
+    from crl_fast.cli import build_parser, train_config
+
+    def config(*flags):
+        args = vars(build_parser().parse_args(["train", *flags]))
+        return train_config({k: v for k, v in args.items() if k != "command"}).agent
+
+    agent = config("--jaxgcrl-critic", "--energy", "norm", "--exclude-positive-from-lse")
+    assert (agent.loss, agent.energy, agent.logsumexp_penalty) == ("infonce", "norm", 0.1)
+    assert agent.exclude_positive_from_lse
+    with pytest.raises(ValueError, match="--loss"):
+        config("--jaxgcrl-critic", "--loss", "binary")
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["train", "--resume"], ["train", "--gamma", "1.5"], ["train", "--residual", "--depth", "6"]],
+    [
+        ["train", "--resume"],
+        ["train", "--gamma", "1.5"],
+        ["train", "--residual", "--depth", "6"],
+        ["train", "--loss", "flatnce", "--batch-size", "1"],
+        ["train", "--alpha", "0"],
+    ],
 )
 def test_cli_rejects_bad_configs_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
