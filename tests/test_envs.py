@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import ClassVar
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
 from crl_fast.envs.point_maze import MAZES
-from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID
+from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID, TinyGoalEnv
 
 
 def random_actions(env, gen: torch.Generator) -> torch.Tensor:
@@ -208,6 +210,37 @@ def test_reset_seed_reproducible(name):
     assert_same(first, (other.reset(seed=5), rollout(other, 30)))
     obs6, _ = other.reset(seed=6)
     assert not torch.equal(obs6["desired_goal"], first[0][0]["desired_goal"])
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_reset_mask_resets_only_those_envs(name):
+    env = make_env(name, num_envs=6, seed=0)
+    env.reset(seed=np.int64(1))  # numpy ints are seeds too
+    rollout(env, 5)
+    before, steps = env.state_dict(), env.elapsed_steps.clone()
+    mask = np.array([True, False, True, False, False, False])
+    obs, _ = env.reset(options={"reset_mask": mask})
+    kept = ~torch.from_numpy(mask)
+    assert torch.equal(env.elapsed_steps, torch.where(kept, steps, 0)) and steps.min() == 5
+    for key in env._sim_keys:
+        assert torch.equal(getattr(env, key)[kept], before[key][kept])
+        assert not torch.equal(getattr(env, key)[~kept], before[key][~kept])
+    assert torch.equal(obs["observation"], env._observe()["observation"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": [1, 2]}, "one int seed"),
+        ({"seed": 1.5}, "one int seed"),
+        ({"options": {"reset_mask": [True, False]}}, "shape"),
+        ({"options": {"reset_mask": [1, 0, 1]}}, "bool"),
+        ({"options": {"goal": 3}}, "only the reset_mask"),
+    ],
+)
+def test_reset_rejects_bad_seeds_and_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_env("point_umaze", num_envs=3, seed=0).reset(**kwargs)
 
 
 def test_point_reset_distribution():
@@ -449,3 +482,52 @@ def test_adapter_episode_limit_override():
         env.close()
     with pytest.raises(ValueError, match="no episode limit"):
         make_env(f"gymnasium:{TINY_UNLIMITED_ID}", 2)
+
+
+@pytest.mark.parametrize("vectorization_mode", ["sync", "async"])
+def test_adapter_reads_the_limit_of_a_ready_vector_env(vectorization_mode):
+    ready = gym.make_vec(TINY_ID, 2, vectorization_mode, max_episode_steps=3)
+    env = GymnasiumGoalVectorEnv(ready)
+    assert env.max_episode_steps == 3
+    env.close()
+
+
+def test_adapter_outputs_are_copies():
+    """A vector env made with copy=False reuses its observation arrays from step to step."""
+
+    def make():
+        return gym.wrappers.TransformObservation(
+            gym.make(TINY_ID),
+            lambda obs: {k: v.astype(np.float32) for k, v in obs.items()},
+            gym.spaces.Dict(
+                {
+                    k: gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+                    for k in ("observation", "achieved_goal", "desired_goal")
+                }
+            ),
+        )
+
+    env = GymnasiumGoalVectorEnv(SyncVectorEnv([make, make], copy=False))
+    obs, _ = env.reset(seed=0)
+    first = {k: v.clone() for k, v in obs.items()}
+    stepped = env.step(torch.ones(2, 2))[0]
+    assert_same(obs, first)
+    assert not torch.equal(stepped["achieved_goal"], first["achieved_goal"])
+    env.close()
+
+
+def test_adapter_renders_through_the_wrapped_env():
+    class Rendering(TinyGoalEnv):
+        metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
+
+        def __init__(self, render_mode=None):
+            super().__init__()
+            self.render_mode = render_mode
+
+        def render(self):
+            return np.zeros((4, 4, 3), np.uint8)
+
+    fns = [lambda: Rendering(render_mode="rgb_array")] * 2
+    env = GymnasiumGoalVectorEnv(SyncVectorEnv(fns))
+    env.reset(seed=0)
+    assert env.render_mode == "rgb_array" and len(env.render()) == 2

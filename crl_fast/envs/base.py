@@ -80,8 +80,9 @@ def damped_velocity(
 def is_success(
     achieved_goal: torch.Tensor, desired_goal: torch.Tensor, success_distance: float
 ) -> torch.Tensor:
-    """``||achieved - desired|| < success_distance``, batched over leading dims."""
-    return torch.linalg.vector_norm(achieved_goal - desired_goal, dim=-1) < success_distance
+    """``||achieved - desired|| <= success_distance`` (gymnasium-robotics' test), batched over
+    leading dims."""
+    return torch.linalg.vector_norm(achieved_goal - desired_goal, dim=-1) <= success_distance
 
 
 class TorchGoalVectorEnv(VectorEnv):
@@ -162,15 +163,43 @@ class TorchGoalVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[GoalObs, dict[str, Any]]:
-        """Start new episodes in all envs; ``seed`` reseeds the env's torch generator."""
-        if options:
-            raise ValueError(f"{type(self).__name__}.reset takes no options, got {options!r}")
+        """Start new episodes in all envs, or with ``options={"reset_mask": mask}`` (a bool array
+        of shape ``(num_envs,)``, as Gymnasium's vector envs take) only where ``mask`` is true.
+        ``seed`` (one int: all envs share one generator) reseeds the env's torch generator."""
+        mask = self._reset_mask(options)
         if seed is not None:
-            self.generator.manual_seed(seed)
-        for key, value in self._initial_state(self._draw()).items():
-            setattr(self, key, value)
-        self.elapsed_steps.zero_()
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise ValueError(
+                    f"{type(self).__name__} takes one int seed (its envs share one generator), "
+                    f"got {seed!r}"
+                )
+            self.generator.manual_seed(int(seed))
+        initial = self._initial_state(self._draw())
+        if mask is None:
+            for key, value in initial.items():
+                setattr(self, key, value)
+            self.elapsed_steps.zero_()
+        else:
+            self._reset_where(mask, initial)
         return self._observe(), {}
+
+    def _reset_mask(self, options: dict[str, Any] | None) -> torch.Tensor | None:
+        """The ``reset_mask`` option as a bool tensor on the env's device (None: every env)."""
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        if options:
+            raise ValueError(
+                f"{type(self).__name__}.reset takes only the reset_mask option, got {options!r}"
+            )
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask, device=self.device)
+        if mask.dtype != torch.bool or tuple(mask.shape) != (self.num_envs,):
+            raise ValueError(
+                f"reset_mask must be a bool array of shape ({self.num_envs},), got "
+                f"{mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        return mask
 
     def step(
         self, action: Any

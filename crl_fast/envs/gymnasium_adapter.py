@@ -40,6 +40,19 @@ def _space_dim(space: gym.Space, name: str) -> int:
     return space.shape[0]
 
 
+def _episode_limit(env: VectorEnv) -> int | None:
+    """The longest episode limit of the wrapped envs, from their own specs (which include an
+    override given to ``gymnasium.make``; the vector env's spec keeps the registered limit)."""
+    try:
+        specs = env.get_attr("spec")
+    except Exception:  # a vector env that cannot fetch attributes of its envs
+        specs = ()
+    limits = [s.max_episode_steps for s in specs if s is not None and s.max_episode_steps]
+    if limits:
+        return max(limits)
+    return env.spec.max_episode_steps if env.spec is not None else None
+
+
 class GymnasiumGoalVectorEnv(VectorEnv):
     """Torch view of a Gymnasium goal vector env, with SAME_STEP autoreset.
 
@@ -49,8 +62,10 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         num_envs: number of copies when ``env`` is an id.
         device: where the returned tensors live.
         success_distance: goal distance counted as success when the env reports no success info.
-        make_kwargs: go to ``gymnasium.make``; ``max_episode_steps`` there also sets
-            :attr:`max_episode_steps` (else the registered limit, or None).
+        make_kwargs: go to ``gymnasium.make`` (e.g. ``max_episode_steps``, ``render_mode``).
+
+    :attr:`max_episode_steps` is the episode limit the wrapped envs run with (their specs'), else
+    the registered one, or None. Returned tensors are copies: Gymnasium may reuse its arrays.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -97,11 +112,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self.num_envs = self.env.num_envs
         self.device = torch.device(device)
         self.success_distance = success_distance
-        # An override passed to gymnasium.make wins over the registered limit (which the vector
-        # env's spec still reports).
-        self.max_episode_steps = make_kwargs.get("max_episode_steps")
-        if self.max_episode_steps is None and self.env.spec is not None:
-            self.max_episode_steps = self.env.spec.max_episode_steps
+        self.max_episode_steps = _episode_limit(self.env)
+        self.render_mode = self.env.render_mode
         (
             self.single_observation_space,
             self.single_action_space,
@@ -110,7 +122,9 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         ) = goal_spaces(self.obs_dim, self.goal_dim, self.action_dim, self.num_envs)
 
     def _tensor(self, array: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(array), device=self.device).to(dtype)
+        """A copy (``torch.tensor`` copies): a vector env made with ``copy=False`` writes its
+        next observations into the arrays it returned."""
+        return torch.tensor(np.asarray(array), dtype=dtype, device=self.device)
 
     def _obs(self, obs: dict[str, np.ndarray]) -> GoalObs:
         return {key: self._tensor(obs[key]) for key in GOAL_KEYS}
@@ -197,6 +211,10 @@ class GymnasiumGoalVectorEnv(VectorEnv):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Not supported, see :meth:`state_dict`."""
         raise NotImplementedError("GymnasiumGoalVectorEnv cannot restore the wrapped envs' state")
+
+    def render(self) -> Any:
+        """The wrapped vector env's frames (made with ``render_mode``)."""
+        return self.env.render()
 
     def close_extras(self, **kwargs: Any) -> None:
         self.env.close(**kwargs)
