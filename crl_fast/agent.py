@@ -26,10 +26,9 @@ from crl_fast.networks import Encoder, TanhGaussianActor
 
 
 def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused and capturable (state on the device, CUDA-graph safe) on CUDA."""
-    if device.type == "cuda":
-        return torch.optim.Adam(params, lr=lr, fused=True, capturable=True)
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+    """Fused Adam; on CUDA also capturable (state on the device, CUDA-graph safe). On CPU, fused
+    took 6.1-6.4 ms per default update against 6.6 ms with ``foreach`` (2 threads, this CPU)."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=device.type == "cuda")
 
 
 class CRL:
