@@ -33,6 +33,16 @@ def _parse_optional(inner: type):
     return parse
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse reports it
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object: {text}")
+    return value
+
+
+_json_object.__name__ = "JSON object"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of dataclass ``cls``, in a group per dataclass (nested ones flattened).
 
@@ -50,6 +60,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if kind is bool or kind == bool | None:  # --flag / --no-flag; absent: the default
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is dict:
+            kwargs["type"] = _json_object
         elif isinstance(kind, types.UnionType):  # ``X | None``
             (inner,) = [t for t in typing.get_args(kind) if t is not type(None)]
             kwargs["type"] = _parse_optional(inner)

@@ -100,6 +100,13 @@ class TrainConfig:
     env: str = option("point_umaze", "environment name (see crl_fast.envs)")
     num_envs: int = option(64, "parallel environments used for collection")
     max_episode_steps: int | None = option(None, "episode length (None: the environment's)")
+    env_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": 'env keyword arguments as a JSON object, e.g. \'{"terminate_on_success": '
+            "true}' (gymnasium:<id> envs: the adapter's and gymnasium.make's)",
+        },
+    )
     seed: int = option(0, "seed of every random generator")
     device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1")
     threads: int | None = option(None, "CPU threads for torch (None: torch's default)")
@@ -144,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
         if not 0.0 < self.gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}")
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         if self.threads is not None and self.threads < 1:

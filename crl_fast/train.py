@@ -66,15 +66,26 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+def make_run_env(
+    config: TrainConfig, device: torch.device, num_envs: int, seed: int
+) -> GoalVectorEnv:
+    """``num_envs`` copies of the run's env, with its episode limit and ``env_kwargs``."""
+    try:
+        return make_env(
+            config.env,
+            num_envs=num_envs,
+            device=device,
+            seed=seed,
+            max_episode_steps=config.max_episode_steps,
+            **config.env_kwargs,
+        )
+    except TypeError as error:  # an env_kwargs key the env does not take
+        raise ValueError(f"cannot make {config.env} with env_kwargs: {error}") from error
+
+
 def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) -> GoalVectorEnv:
     """``num_episodes`` copies of the run's env, seeded apart from the training env."""
-    return make_env(
-        config.env,
-        num_envs=num_episodes,
-        device=device,
-        seed=config.seed + EVAL_SEED_OFFSET,
-        max_episode_steps=config.max_episode_steps,
-    )
+    return make_run_env(config, device, num_episodes, config.seed + EVAL_SEED_OFFSET)
 
 
 @torch.no_grad()
@@ -205,13 +216,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_resume(checkpoint["config"], config)
     seed_everything(config.seed)
 
-    env = make_env(
-        config.env,
-        num_envs=config.num_envs,
-        device=device,
-        seed=config.seed,
-        max_episode_steps=config.max_episode_steps,
-    )
+    env = make_run_env(config, device, config.num_envs, config.seed)
     eval_env = make_eval_env(config, device, config.eval_episodes)
     if speed["compile"] and isinstance(env, TorchGoalVectorEnv):
         env.compile()

@@ -358,9 +358,23 @@ def test_cli_jaxgcrl_critic_shorthand():
         config("--jaxgcrl-critic", "--loss", "binary")
 
 
+def test_env_kwargs_reach_the_env(tmp_path):
+    from crl_fast.cli import build_parser, train_config
+    from crl_fast.train import make_eval_env
+
+    argv = ["train", "--env-kwargs", '{"success_distance": 0.3, "terminate_on_success": true}']
+    args = vars(build_parser().parse_args(argv))
+    config = train_config({k: v for k, v in args.items() if k != "command"})
+    env = make_eval_env(config, torch.device("cpu"), 2)
+    assert (env.success_distance, env.terminate_on_success) == (0.3, True)
+    with pytest.raises(ValueError, match="env_kwargs"):
+        make_eval_env(dataclasses.replace(config, env_kwargs={"colour": 1}), "cpu", 2)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["train", "--env-kwargs", "[1, 2]"],
         ["train", "--resume"],
         ["train", "--gamma", "1.5"],
         ["train", "--residual", "--depth", "6"],
