@@ -215,15 +215,33 @@ def _weighted_rows(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``acc + w @ B[cols, ds]``: the tile's weights rounded to B's dtype for the tensor cores
-    (as flash attention rounds P), B's rows reused from the logits' product when SINGLE_K."""
+    (as flash attention rounds P), B's rows reused from the logits' product when SINGLE_K.
+    float16 is the exception (see ``_tile_weights``)."""
     if SINGLE_K:
         b = b_rows
     else:
         b = _load_rows(B_ptr, cols, col_mask, ds, D, stride_b, UPCAST)
-    w_in = w.to(B_ptr.dtype.element_ty)
-    if UPCAST:
-        w_in = w_in.to(tl.float32)
+    w_in, b = _tile_weights(w, b, UPCAST)
     return tl.dot(w_in, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_weights(w, rows, UPCAST: tl.constexpr):
+    """The float32 weights ``w`` and the input rows ``rows`` they multiply, as the tensor cores
+    take them: ``w`` rounded to the rows' dtype (bfloat16 under the interpreter: rounded, then
+    both in float32, see ``_upcast``), except for float16 rows. A float16 weight overflows past
+    65504 (IPO's slope has no bound) and flushes below 6e-8 (a small loss weight), so float16
+    products run in tf32 (the precision float16 inputs get): float32's range, float16's 10-bit
+    mantissa."""
+    if rows.dtype == tl.float16:  # (one return: Triton compiles code after a returning branch)
+        w_in = w
+        rows_in = rows.to(tl.float32)
+    else:
+        w_in = w.to(rows.dtype)
+        if UPCAST:
+            w_in = w_in.to(tl.bfloat16).to(tl.float32)
+        rows_in = rows
+    return w_in, rows_in
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
@@ -408,10 +426,8 @@ def _add_column_grads(
     """``DB[cols] += H.T @ A[rows]`` and, for l2 / norm, ``HCOL[cols] += sum_i H_ij``, with
     float32 atomics (SINGLE_K: the program's A rows are ``a_rows``). The caller finishes dB_j as
     ``scale (DB_j - [l2, norm] B_j HCOL_j)`` plus the diagonal."""
-    h_in = h.to(A_ptr.dtype.element_ty)
-    if UPCAST:
-        h_in = h_in.to(tl.float32)
-    db = tl.dot(tl.trans(h_in), a_rows, input_precision=PRECISION, out_dtype=tl.float32)
+    h_in, a_in = _tile_weights(h, a_rows, UPCAST)
+    db = tl.dot(tl.trans(h_in), a_in, input_precision=PRECISION, out_dtype=tl.float32)
     db_ptrs = DB_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :]
     tl.atomic_add(db_ptrs, db, mask=col_mask[:, None] & (ds < D)[None, :], sem="relaxed")
     if ENERGY != 0:

@@ -367,6 +367,41 @@ def test_huge_logits_stay_finite(loss, backend):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("metrics", [False, True], ids=["grads-in-forward", "backward"])
+def test_float16_ipo_weights_do_not_overflow(metrics, device):
+    """IPO's logit gradient 2 (u + 1) has no bound: a far positive plus a negative on phi_0
+    (norm energy, slope 1 / |x - y|) makes tile weights past float16's 65504."""
+    phi = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+    psi = phi + 0.1
+    psi[0] = phi[0] + torch.tensor([0.0, 100.0, 0.0, 0.0])
+    psi[1] = phi[0] + torch.tensor([0.002, 0.0, 0.0, 0.0])
+    phi, psi = phi.to(device, torch.float16), psi.to(device, torch.float16)
+    kw = {"loss": "ipo", "energy": "norm", "return_metrics": metrics}
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend="triton", **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    _, _, t_grads = _truth(phi, psi, **kw)
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float16])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_float16_small_loss_weight_keeps_its_gradient(device):
+    """A loss weighted by 0.01 (no GradScaler): tile weights of ~1e-8 would flush to zero in
+    float16; the kernels' error stays the torch path's (float32 sums, one rounding)."""
+    phi, psi = _inputs(128, 128, 16, torch.float16, seed=12, scale=0.5, device=device)
+    kw = {"loss": "symmetric_infonce"}
+
+    def weighted(p, q, **kw):
+        return 0.01 * contrastive_loss(p, q, **kw)
+
+    _, _, grads = _loss_and_grads(weighted, phi, psi, backend="triton", **kw)
+    _, _, torch_grads = _loss_and_grads(weighted, phi.cpu(), psi.cpu(), backend="torch", **kw)
+    _, _, t_grads = _truth(phi, psi, **kw)
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, torch_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k.cpu(), e, 0.01 * t.cpu(), 1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "metrics"])
 def test_binary_loss_of_a_confident_critic(mode, backend, device):
