@@ -218,8 +218,10 @@ def _contrastive_loss(
     return_metrics: bool,
     backend: str,
 ) -> LossOutput:
-    b, m = phi.shape[0], psi.shape[0]
     name = config.loss
+    if name in _ROW_TWIN and not (config.logsumexp_penalty or return_metrics):
+        psi = psi[: phi.shape[0]]  # extra negatives are columns that no column-loss term reads
+    b, m = phi.shape[0], psi.shape[0]
     use_triton = _use_triton(phi, backend)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)

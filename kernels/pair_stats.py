@@ -808,15 +808,15 @@ def stats(
     row of x): (lse, softplus, pair, slope, argmax, sum, correct, U, V, W). Statistics not asked
     for come back empty; U, V (``online``: needs ``lse`` and d <= ONLINE_MAX_D) and W (only with
     ``online_w`` too: it serves dscale alone) are float32 (n_a, d), (n_a,), (n_a,) and leave the
-    diagonal out."""
+    diagonal out. Asked for nothing, it launches nothing."""
     n_a, d = a.shape
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
     online_w = online and online_w
     precision = _precision(a.dtype)
 
-    def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        outs = (
+    def outputs() -> tuple[torch.Tensor, ...]:
+        return (
             _vector(n_a, lse, a),
             _vector(n_a, softplus, a),
             _vector(n_a, pair != 0, a),
@@ -828,6 +828,12 @@ def stats(
             _vector(n_a, online, a),
             _vector(n_a, online_w, a),
         )
+
+    if not (lse or softplus or pair or metrics):
+        return outputs()
+
+    def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        outs = outputs()
         a_desc, b_desc, cfg = _descriptors(a, b, cfg)
         stats_kernel[(cdiv(n_a, cfg["BLOCK_M"]),)](
             a, b, a_desc, b_desc, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0],

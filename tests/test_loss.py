@@ -482,28 +482,51 @@ def test_autocast_casts_inputs_like_a_matmul(loss, call, backend, device):
 FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
 
 
+def test_column_loss_value_launches_only_the_column_pass(monkeypatch):
+    """Without gradients a column loss needs no row statistic: one stats launch, over columns."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    launches = []
+    kernel = kernels.stats_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kernels, "stats_kernel", Recording())
+    phi, psi = _inputs(20, 30, 8, seed=5)
+    with torch.no_grad():
+        value = contrastive_loss(phi, psi, loss="infonce_backward", backend="triton")
+    truth = reference_contrastive_loss(phi.double(), psi.double(), loss="infonce_backward")
+    assert max_error(value, truth) < 1e-5
+    assert len(launches) == 1
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("exclude", [False, True])
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", ["infonce_backward", "flatnce_backward"])
-def test_square_column_losses_take_the_row_path(loss, energy, exclude, device, monkeypatch):
-    """On a square batch the column losses run as the row losses of (psi, phi), whose forward
-    keeps the online sums (two passes); the same values and gradients as the float64 truth."""
+@pytest.mark.parametrize("m", [70, 90])
+def test_column_losses_take_the_row_path(m, loss, energy, exclude, device, monkeypatch):
+    """The column losses read only psi's first B rows (extra negatives are columns without a
+    term), and run as the row losses of (psi[:B], phi), whose forward keeps the online sums (two
+    passes over B x B logits); the same values and gradients as the float64 truth."""
     from crl_fast import loss as loss_module
 
     calls = []
     stats = loss_module.pair_stats
 
     def recording(x, y, scale, bias, **kw):
-        calls.append(kw["online"])
+        calls.append((kw["online"], x.shape[0], y.shape[0]))
         return stats(x, y, scale, bias, **kw)
 
     monkeypatch.setattr(loss_module, "pair_stats", recording)
-    phi, psi = _inputs(70, 70, 24, seed=4, device=device)
+    phi, psi = _inputs(70, m, 24, seed=4, device=device)
     extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
     kw = {"loss": loss, "energy": energy, "exclude_positive_from_lse": exclude}
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
-    assert calls == [True]
+    assert calls == [(True, 70, 70)]
     t_value, _, t_grads = _truth(phi, psi, extra, **kw)
     assert max_error(value, t_value) < 2e-5 * max(1.0, t_value.abs().item())
     for k, t in zip(grads, t_grads, strict=True):
