@@ -151,14 +151,6 @@ def _diagonal_term(a: Tensor, other: Tensor, hd: Tensor, energy: int) -> Tensor:
     return hd[:, None] * (other - a.to(hd.dtype) if energy else other)
 
 
-def _diagonal_rows(a: Tensor, other: Tensor, hd: Tensor, energy: int) -> Tensor:
-    """:func:`_diagonal_term` for the first len(hd) rows of ``a``, zero below (PyTorch path)."""
-    out = torch.zeros(a.shape, dtype=hd.dtype, device=a.device)
-    b = hd.shape[0]
-    out[:b] = _diagonal_term(a[:b], other[:b], hd, energy)
-    return out
-
-
 # --------------------------------------------------------------------- chunked PyTorch path
 
 
@@ -453,8 +445,9 @@ def _pair_stats_backward_impl(
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
     dx, dy, dscale, dbias = _torch_grad(*args, energy, pair)
-    dx = (dx + _diagonal_rows(x, y, hd, energy)).to(x.dtype) if need_dx else x.new_empty(0)
-    return dx, (dy + _diagonal_rows(y, x, hd, energy)).to(y.dtype), dscale, dbias
+    _add_diagonal(dx, x, y, hd, energy)
+    _add_diagonal(dy, y, x, hd, energy)
+    return dx.to(x.dtype) if need_dx else x.new_empty(0), dy.to(y.dtype), dscale, dbias
 
 
 _pair_stats_backward_op = torch.library.custom_op(
@@ -639,9 +632,10 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
         stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
         grads = (empty, empty, empty, empty, g_sp, empty)
         dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, PAIR_NONE)
-        dx = (dx + _diagonal_rows(x, y, hd, energy)).to(grad_dtype)
-        dy = (dy + _diagonal_rows(y, x, hd, energy)).to(grad_dtype)
-        return stats[2].sum() + F.softplus(-pos).sum(), dx, dy, dscale, dbias, g_ii, f
+        _add_diagonal(dx, x, y, hd, energy)
+        _add_diagonal(dy, y, x, hd, energy)
+        value = stats[2].sum() + F.softplus(-pos).sum()
+        return value, dx.to(grad_dtype), dy.to(grad_dtype), dscale, dbias, g_ii, f
     from crl_fast.kernels import pair_stats as kernels
 
     s32, b32 = scale.float(), bias.float()

@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.energy import NORM_EPS as _NORM_EPS
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 ONLINE_MAX_D = 128
@@ -72,7 +73,7 @@ ONLINE_MAX_D = 128
 # interpreter does not, so only a real compile catches it; tests/test_kernels_compile.py does).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NORM_EPS = tl.constexpr(1e-6)
+NORM_EPS = tl.constexpr(_NORM_EPS)
 
 
 @triton.jit
@@ -85,7 +86,8 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
         f = 2.0 * p - ra - rb
         dfdp = tl.full(p.shape, 2.0, tl.float32)
     else:
-        # max(|x - y|^2, 0) + eps, with eps added to the row norms (once per row, not per logit)
+        # max(|x - y|^2, 0) + eps, eps added to the tile's row norms, not to each logit (float32
+        # loses it in norms >= 16, where the expanded form's own rounding is larger anyway)
         q = tl.maximum((ra + NORM_EPS) + rb - 2.0 * p, NORM_EPS)
         inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
         f = -q * inv
@@ -634,7 +636,7 @@ rows in one chunk: the column loop is innermost, so its loads are pipelined acro
 BLOCK_D = 128): d in (64, 128] keeps the chunked loop on 8 warps until a GPU says otherwise."""
 
 
-def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> dict[str, int]:
+def _config(n_a: int, d: int, dtype: torch.dtype, atomics: bool = False) -> dict[str, int]:
     """Fixed tile shapes: K in one chunk (SINGLE_K) or in BLOCK_K chunks; BLOCK_D tiles the
     gradient's columns (one tile with SINGLE_K, whose gradient product reuses B's tile).
 
@@ -652,7 +654,7 @@ def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> 
     (H200, bf16, B = 65536, d = 256: 78 ms with two 128-wide tiles, 2026-11-28); float32 keeps
     128, as 256 spilled up to 140 B (norm energy, TF32).
 
-    ``single_pass`` (the sigmoid loss's dy through atomics, see :func:`single_pass`): 128 rows
+    ``atomics`` (the single pass: dy through atomics, see :func:`single_pass`): 128 rows
     on 8 warps, one 64-row warpgroup each, halve the atomic traffic of 64 (one float per logit)
     at 25.0 instead of 27.5 instructions per logit (bf16 dot, d = 64, sm_90 SASS), no spills.
     ``CRL_FAST_SINGLE_PASS_ROWS`` (experimental) sets another count: 256 quarters the traffic
@@ -660,7 +662,7 @@ def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> 
     width = max(16, next_power_of_2(d))
     ieee = _precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
-    rows = int(os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", 128)) if single_pass else 64
+    rows = int(os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", 128)) if atomics else 64
     return {
         "BLOCK_M": rows if n_a >= rows else max(16, next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
@@ -668,7 +670,7 @@ def _config(n_a: int, d: int, dtype: torch.dtype, single_pass: bool = False) -> 
         "BLOCK_D": width if single else min(width, 256 if dtype.itemsize == 2 else 128),
         "SINGLE_K": single,
         "TMA": single and os.environ.get("CRL_FAST_TMA") == "1",
-        "num_warps": 4 if single and not single_pass else 8,
+        "num_warps": 4 if single and not atomics else 8,
         "num_stages": 3,
     }
 
@@ -724,14 +726,14 @@ Smaller tiles trade a few instructions per logit (bf16 dot: 21.5 -> 23.3 in the 
 
 
 def _choose(
-    key: tuple, n_a: int, d: int, dtype: torch.dtype, launch, single_pass: bool = False
+    key: tuple, n_a: int, d: int, dtype: torch.dtype, launch, atomics: bool = False
 ) -> dict[str, int]:
     """The fixed config, or with CRL_FAST_AUTOTUNE=1 (compiled kernels only) the fastest of a
     few candidates for this key, timed once with ``triton.testing.do_bench`` and remembered.
     Tune before capturing a CUDA graph: timing cannot run inside a capture. The single pass is
     never tuned: each timed launch would add its atomics into the caller's column sums."""
-    base = _config(n_a, d, dtype, single_pass)
-    tune = os.environ.get("CRL_FAST_AUTOTUNE") == "1" and not single_pass
+    base = _config(n_a, d, dtype, atomics)
+    tune = os.environ.get("CRL_FAST_AUTOTUNE") == "1" and not atomics
     if not tune or os.environ.get("TRITON_INTERPRET") == "1":
         return base
     if key not in _TUNED:
