@@ -3,7 +3,8 @@
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
-# compile, tma, train, autotune and update-autotune (tma times the loss with CRL_FAST_TMA=1,
+# compile, tma, fp16, train, autotune and update-autotune (fp16 times float16 against bfloat16:
+# float16's gradient products run in tf32; tma times the loss with CRL_FAST_TMA=1,
 # the copy-engine tile loads, about a minute; train runs three trainings per mode, 2-4 minutes;
 # autotune compiles many tile variants, a call of its own; update-autotune times the compiled
 # update with the loss kernels' tiles tuned per shape: at batch 256 the default 64-row tiles
@@ -39,7 +40,8 @@ fi
 ln -sfn ../kernels crl_fast/kernels
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 NEW_TESTS="single_pass or actor_stream or compiled_step or default_run_on_cuda"
-NEW_TESTS+=" or gradients_in_forward or square_column or compiled_update or confident_critic"
+NEW_TESTS+=" or gradients_in_forward or column_loss or compiled_update or confident_critic"
+NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
@@ -78,6 +80,8 @@ for stage in "${stages[@]}"; do
                     python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
                     --dtypes bfloat16 --impls crl_fast-graph --combos 0
             done ;;
+        fp16) step fp16 40 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
+            --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
