@@ -31,6 +31,11 @@ def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -
     return torch.optim.Adam(params, lr=lr, fused=True, capturable=device.type == "cuda")
 
 
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
+"""Adam options that choose an implementation, not the maths: a checkpoint's (saved on another
+device or by an older version) would override the ones :func:`make_adam` picked."""
+
+
 class CRL:
     """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022).
 
@@ -207,9 +212,12 @@ class CRL:
         self.actor.load_state_dict(state["actor"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        for name in ("critic_optimizer", "actor_optimizer", "alpha_optimizer"):
+            optimizer = getattr(self, name)
+            flags = {k: optimizer.defaults[k] for k in _IMPLEMENTATION_FLAGS}
+            for group in state[name]["param_groups"]:  # before loading: they place its steps
+                group.update(flags)
+            optimizer.load_state_dict(state[name])
 
 
 class GraphedUpdates:

@@ -185,7 +185,8 @@ def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
     def flat(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k != "agent"} | d.get("agent", {})
 
-    old, new = flat(saved), flat(config.to_dict())
+    # A field newer than the checkpoint ran with its default value.
+    old, new = flat(TrainConfig().to_dict()) | flat(saved), flat(config.to_dict())
     changed = [
         f"{name} {old[name]!r} -> {value!r}"
         for name, value in new.items()

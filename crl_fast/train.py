@@ -80,6 +80,8 @@ def make_run_env(
             **config.env_kwargs,
         )
     except TypeError as error:  # an env_kwargs key the env does not take
+        if not config.env_kwargs:
+            raise
         raise ValueError(f"cannot make {config.env} with env_kwargs: {error}") from error
 
 

@@ -96,6 +96,20 @@ def test_fixed_alpha_stays_fixed(alpha):
     assert all(torch.isfinite(v) for k, v in metrics.items() if k != "alpha/loss")
 
 
+def test_loaded_optimisers_keep_this_agents_implementation():
+    """A checkpoint's Adam flags (foreach, from an older version or another device) must not
+    replace the fused / capturable choice of the agent that loads it."""
+    state = small_agent().state_dict()
+    for name in ("critic_optimizer", "actor_optimizer", "alpha_optimizer"):
+        for group in state[name]["param_groups"]:
+            group.update(fused=None, foreach=True)
+    agent = small_agent()
+    agent.load_state_dict(state)
+    for optimizer in (agent.critic_optimizer, agent.actor_optimizer, agent.alpha_optimizer):
+        assert optimizer.param_groups[0]["fused"] and not optimizer.param_groups[0]["foreach"]
+    assert torch.isfinite(agent.update(toy_batch())["critic/loss"])
+
+
 def test_critic_loss_options_reach_the_loss(monkeypatch):
     import crl_fast.agent
 

@@ -358,6 +358,18 @@ def test_cli_jaxgcrl_critic_shorthand():
         config("--jaxgcrl-critic", "--loss", "binary")
 
 
+def test_resume_treats_fields_newer_than_the_checkpoint_as_defaults():
+    from crl_fast.config import check_resume
+
+    saved = TrainConfig().to_dict()
+    del saved["env_kwargs"], saved["agent"]["exclude_positive_from_lse"]  # an older checkpoint
+    check_resume(saved, TrainConfig(total_env_steps=10**6))
+    with pytest.raises(ValueError, match="env_kwargs"):
+        check_resume(saved, TrainConfig(env_kwargs={"success_distance": 5.0}))
+    with pytest.raises(ValueError, match="exclude_positive_from_lse"):
+        check_resume(saved, TrainConfig(agent=AgentConfig(exclude_positive_from_lse=True)))
+
+
 def test_env_kwargs_reach_the_env(tmp_path):
     from crl_fast.cli import build_parser, train_config
     from crl_fast.train import make_eval_env
@@ -369,6 +381,8 @@ def test_env_kwargs_reach_the_env(tmp_path):
     assert (env.success_distance, env.terminate_on_success) == (0.3, True)
     with pytest.raises(ValueError, match="env_kwargs"):
         make_eval_env(dataclasses.replace(config, env_kwargs={"colour": 1}), "cpu", 2)
+    with pytest.raises(ValueError, match="fixes the maze"):  # not point_large under another name
+        make_eval_env(dataclasses.replace(config, env_kwargs={"maze": "large"}), "cpu", 2)
 
 
 @pytest.mark.parametrize(

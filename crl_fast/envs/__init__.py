@@ -17,11 +17,18 @@ from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
 from crl_fast.envs.reacher import ReacherEnv
 
+
+def _point_maze(maze: str) -> Callable[..., PointMazeEnv]:
+    def make(num_envs: int, **kwargs: Any) -> PointMazeEnv:
+        if "maze" in kwargs:  # the name says which maze: another one would be mislabelled
+            raise ValueError(f"point_{maze} fixes the maze; build PointMazeEnv for another layout")
+        return PointMazeEnv(num_envs, maze, **kwargs)
+
+    return make
+
+
 _FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
-    **{
-        f"point_{maze}": lambda num_envs, maze=maze, **kw: PointMazeEnv(num_envs, maze, **kw)
-        for maze in MAZES
-    },
+    **{f"point_{maze}": _point_maze(maze) for maze in MAZES},
     "reacher": ReacherEnv,
 }
 ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)

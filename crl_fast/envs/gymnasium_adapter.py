@@ -41,16 +41,16 @@ def _space_dim(space: gym.Space, name: str) -> int:
 
 
 def _episode_limit(env: VectorEnv) -> int | None:
-    """The longest episode limit of the wrapped envs, from their own specs (which include an
-    override given to ``gymnasium.make``; the vector env's spec keeps the registered limit)."""
-    try:
-        specs = env.get_attr("spec")
-    except Exception:  # a vector env that cannot fetch attributes of its envs
-        specs = ()
-    limits = [s.max_episode_steps for s in specs if s is not None and s.max_episode_steps]
+    """The episode limit the wrapped envs run with: the longest of a sync env's own specs, else
+    an override recorded in the vector env's ``make_vec`` kwargs, else the registered limit.
+    (Not ``get_attr``: a failed call shuts an async env's workers down.)"""
+    specs = [e.spec for e in getattr(env, "envs", ()) if e.spec is not None]
+    limits = [s.max_episode_steps for s in specs if s.max_episode_steps]
     if limits:
         return max(limits)
-    return env.spec.max_episode_steps if env.spec is not None else None
+    if env.spec is None:
+        return None
+    return env.spec.kwargs.get("max_episode_steps", env.spec.max_episode_steps)
 
 
 class GymnasiumGoalVectorEnv(VectorEnv):
