@@ -3,13 +3,17 @@
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
-# compile, tma, fp16, train, autotune and update-autotune (fp16 times float16 against bfloat16:
-# float16's gradient products run in tf32; tma times the loss with CRL_FAST_TMA=1,
-# the copy-engine tile loads, about a minute; train runs three trainings per mode, 2-4 minutes;
-# autotune compiles many tile variants, a call of its own; update-autotune times the compiled
-# update with the loss kernels' tiles tuned per shape: at batch 256 the default 64-row tiles
-# give 4 programs). probe times the loss row pass with TMA loads and warp
-# specialization (seconds).
+# compile, tma, fp16, train, autotune, update-autotune and update-maxtune.
+# - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
+# - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
+# - train runs three trainings per mode (2-4 minutes).
+# - autotune compiles many tile variants (a call of its own).
+# - update-autotune times the compiled update with the loss kernels' tiles tuned per shape (at
+#   batch 256 the default 64-row tiles give 4 programs).
+# - update-maxtune compiles the update with inductor's max-autotune, whose Triton GEMM templates
+#   can fuse bias and activation into the matmuls (inductor on CPU makes 33 matmul calls and 31
+#   fused pointwise kernels per update; the update stage counts the GPU's kernels).
+# - probe times the loss row pass with TMA loads and warp specialization (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
@@ -71,6 +75,8 @@ for stage in "${stages[@]}"; do
         update) step update 100 python3 -m bench.bench_update ;;
         update-autotune) CRL_FAST_AUTOTUNE=1 step "update autotune" 120 \
             python3 -m bench.bench_update --modes compile-graph ;;
+        update-maxtune) step "update max-autotune" 240 \
+            python3 -m bench.bench_update --modes autotune-graph --batch-size 256 ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
