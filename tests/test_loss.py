@@ -92,6 +92,22 @@ def _check_every_loss(shape, loss, energy, scaled, device="cpu", **kw):
 SCALED = pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-bias-penalty"])
 
 
+@pytest.mark.parametrize("exclude", [False, True])
+@SCALED
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_torch_path_in_many_chunks(loss, energy, scaled, exclude, monkeypatch):
+    """The chunked PyTorch path with chunks of a few rows (every other test fits in one): the
+    diagonal, online column sums and row-chunked terms must line up across chunk boundaries."""
+    from crl_fast import pair_stats
+
+    monkeypatch.setattr(pair_stats, "CHUNK_ELEMENTS", 100)  # 37 columns: 2 rows a chunk
+    monkeypatch.setattr(pair_stats, "ROW_CHUNK_ELEMENTS", 20)
+    monkeypatch.setattr(pair_stats, "_DIAGONAL_CHUNK", 3)
+    kw = {"exclude_positive_from_lse": exclude, "backend": "torch"}
+    _check_every_loss((21, 37, 7), loss, energy, scaled, **kw)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", LOSSES)
@@ -342,12 +358,12 @@ def test_exclude_positive_from_lse(loss, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
-def test_reduction_sum(loss, backend):
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+def test_reduction_sum(loss, backend, penalty):
     phi, psi = _inputs(5, 8, 3, seed=3)
-    value, _, grads = _loss_and_grads(
-        contrastive_loss, phi, psi, loss=loss, reduction="sum", backend=backend
-    )
-    t_value, _, t_grads = _truth(phi, psi, loss=loss, reduction="sum")
+    kw = {"loss": loss, "reduction": "sum", "logsumexp_penalty": penalty}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
+    t_value, _, t_grads = _truth(phi, psi, **kw)
     assert max_error(value, t_value) < 1e-4
     for k, t in zip(grads, t_grads, strict=True):
         assert max_error(k, t) < 1e-4
