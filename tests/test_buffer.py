@@ -201,6 +201,12 @@ def test_invariants_over_wraparound() -> None:
     run_invariants("cpu", "torch", rounds=120, batch=512)
 
 
+def test_invariants_over_wraparound_triton_interpreter() -> None:
+    """The goal-sampling kernel under the interpreter (the CUDA run is a GPU test)."""
+    pytest.importorskip("triton")
+    run_invariants("cpu", "triton", rounds=12, batch=256)
+
+
 @pytest.mark.parametrize("steps", [7, 33])  # partly filled, and wrapped
 def test_anchors_uniform_over_stored_transitions(steps: int) -> None:
     buf = make(capacity=10, num_envs=4)
@@ -235,6 +241,10 @@ def test_mixing_fractions() -> None:
     ep = np.asarray(rec.ep)[-40:]
     prev_ok = (ep[1:] == ep[:-1]).sum() / ep.size  # rows whose step t-1 is stored and the same ep
     assert abs((d["g"] == d["t"] - 1).mean() - 0.3 * prev_ok) < 0.02
+    d = rec.decode(buf.sample(n, random_goal_fraction=0.4, current_goal_fraction=0.3))
+    assert abs((d["g_env"] != d["env"]).mean() - 0.4 * 7 / 8) < 0.02
+    mine = d["g_env"] == d["env"]  # a random goal from the anchor's own env can be anywhere
+    assert abs(((d["g"] == d["t"] - 1) & mine).mean() - 0.3 * prev_ok) < 0.02
     with pytest.raises(ValueError, match="at most 1"):
         buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
 
