@@ -155,6 +155,30 @@ def test_actor_climbs_a_frozen_critic():
     assert critic_value() > before + 0.25
 
 
+@pytest.mark.parametrize("target", [50.0, -50.0])
+def test_alpha_moves_towards_the_target_entropy(target):
+    """Entropy below the target raises alpha, above it lowers alpha (the policy is frozen)."""
+    agent = small_agent(critic_lr=0.0, actor_lr=0.0, alpha_lr=0.05)
+    assert agent.target_entropy == -0.5 * ACT
+    agent.target_entropy = target  # out of reach either way
+    before = agent.log_alpha.item()
+    for _ in range(5):
+        agent.update(toy_batch())
+    assert (agent.log_alpha.item() - before) * target > 0.1 * abs(target) / 50
+
+
+def test_a_large_entropy_weight_raises_the_entropy():
+    """With alpha large and the critic frozen, the actor's loss is mostly alpha log pi: its
+    steps must spread the policy out."""
+    torch.manual_seed(0)
+    agent = small_agent(critic_lr=0.0, alpha=10.0, autotune_alpha=False, actor_lr=1e-3)
+    batch = toy_batch(256)
+    first = agent.update(batch)["actor/entropy"]
+    for _ in range(30):
+        last = agent.update(batch)["actor/entropy"]
+    assert last > first + 0.5
+
+
 def test_state_dict_round_trip_continues_identically():
     torch.manual_seed(0)
     agent = small_agent()
