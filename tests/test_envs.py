@@ -178,6 +178,19 @@ def test_reacher_kinematics_and_goals():
         assert obs["achieved_goal"].norm(dim=-1).max() <= 1.0 + 1e-5
 
 
+def test_reacher_one_step_dynamics():
+    """w <- clip(0.9 w + 10 dt a, -3, 3), then q <- wrap(q + w dt) to [-pi, pi)."""
+    env = ReacherEnv(2, seed=0)
+    env.angle = torch.tensor([[0.5, -1.0], [3.1, 0.0]])
+    env.ang_vel = torch.tensor([[1.0, 0.0], [2.9, -2.0]])
+    obs, *_ = env.step(torch.tensor([[1.0, -0.5], [1.0, 0.2]]))
+    ang_vel = torch.tensor([[1.9, -0.5], [3.0, -1.6]])  # 2.61 + 1 clipped to 3
+    angle = torch.tensor([[0.69, -1.05], [3.4 - 2 * torch.pi, -0.16]])
+    torch.testing.assert_close(env.ang_vel, ang_vel)
+    torch.testing.assert_close(env.angle, angle)
+    torch.testing.assert_close(obs["achieved_goal"], env.fingertip(angle))
+
+
 def test_reacher_goal_reachable_by_a_controller():
     env = ReacherEnv(256, seed=3)
     env.reset(seed=3)
