@@ -466,6 +466,29 @@ def test_evaluate_runs_the_overridden_episode_length():
         evaluate(RandomPolicy(), env, seed=0)
 
 
+class SeekThenFlee:
+    """Tiny goal env: 7 steps to the goal (each moves at most 0.5 per axis, exactly onto it once
+    within reach), then 3 steps of +0.5 per axis away: success yes, success at the end no."""
+
+    def __init__(self):
+        self.t = 0
+
+    def act(self, obs, goal, deterministic=False):
+        self.t += 1
+        if self.t > 7:
+            return torch.ones_like(goal)
+        return ((goal - obs) / 0.5).clamp(-1, 1)
+
+
+def test_evaluate_reports_the_last_step():
+    from tests.tiny_goal_env import TINY_ID
+
+    env = make_env(f"gymnasium:{TINY_ID}", 4, max_episode_steps=10)
+    result = evaluate(SeekThenFlee(), env, seed=0)
+    assert result["eval/success"] == 1.0 and result["eval/success_final"] == 0.0
+    assert result["eval/final_distance"] == pytest.approx(1.5 * 2**0.5, rel=1e-5)
+
+
 def test_unknown_env_names_the_choices():
     with pytest.raises(ValueError, match="gymnasium:<gymnasium id>"):
         make_env("point_maze_huge", num_envs=2)
