@@ -15,7 +15,7 @@ from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
-from crl_fast.train import EVAL_SEED_OFFSET, default_run_dir, evaluate, train
+from crl_fast.train import EVAL_SEED_OFFSET, default_run_dir, evaluate, load_agent, train
 
 
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
@@ -324,7 +324,14 @@ def test_cli_train_then_eval(tmp_path, capsys):
     capsys.readouterr()
     main(["eval", "--checkpoint", str(run_dir / "checkpoint.pt"), "--episodes", "4"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["episodes"] == 4 and 0.0 <= result["eval/success"] <= 1.0
+    # The run's own last evaluation: the same 4 goals (its seed), the same weights, CPU.
+    last = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/success" in row][-1]
+    assert result["episodes"] == 4
+    for key in ("eval/success", "eval/success_final", "eval/final_distance"):
+        assert result[key] == pytest.approx(last[key], abs=1e-6), key
+    agent, _ = load_agent(run_dir / "checkpoint.pt", "cpu")
+    saved = load_checkpoint(run_dir / "checkpoint.pt")["agent"]["actor"]
+    assert all(torch.equal(v, saved[k]) for k, v in agent.actor.state_dict().items())
 
 
 @pytest.mark.parametrize(
