@@ -180,6 +180,51 @@ def test_a_torn_last_metrics_line_is_left_out(tmp_path):
         read_jsonl(path)
 
 
+def test_stored_goal_of_an_ending_step_is_its_final_state(tmp_path, monkeypatch):
+    """Where an episode ends, the next state the buffer stores is the ended episode's last one
+    (``final_obs``), not the first state of the next episode (which the env already returns)."""
+    import crl_fast.train
+    from crl_fast.buffer import TrajectoryBuffer
+
+    stepped, stored = [], []
+    make_run_env = crl_fast.train.make_run_env
+
+    def recording_env(config, device, num_envs, seed):
+        env = make_run_env(config, device, num_envs, seed)
+        if num_envs == config.num_envs:  # the training env, not the evaluation one
+            step = env.step
+
+            def recording_step(action):
+                out = step(action)
+                stepped.append(out)
+                return out
+
+            env.step = recording_step
+        return env
+
+    extend = TrajectoryBuffer.extend
+
+    def recording_extend(self, batch):
+        stored.append(batch["next_achieved_goal"][0].clone())
+        return extend(self, batch)
+
+    monkeypatch.setattr(crl_fast.train, "make_run_env", recording_env)
+    monkeypatch.setattr(TrajectoryBuffer, "extend", recording_extend)
+    config = tiny_config(
+        tmp_path, total_env_steps=96, max_episode_steps=5, learning_starts=96, eval_episodes=4
+    )
+    train(config)
+    assert len(stepped) == len(stored) == 12
+    ended = 0
+    for (obs, _, terminated, truncated, info), goal in zip(stepped, stored, strict=True):
+        done = terminated | truncated
+        final, new = info["final_obs"]["achieved_goal"], obs["achieved_goal"]
+        assert torch.equal(goal, torch.where(done[:, None], final, new))
+        assert (final[done] != new[done]).any(1).all()  # the two differ where episodes end
+        ended += int(done.sum())
+    assert ended == 2 * 8  # steps 5 and 10 of 12
+
+
 def test_resuming_a_finished_run_adds_no_rows(tmp_path):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     first = train(config)
