@@ -67,6 +67,11 @@ def bench(
     warmup_s = train_seconds(budgets[0], mode, num_envs, device)
     walls = [[train_seconds(n, mode, num_envs, device) for _ in range(repeats)] for n in budgets]
     short, long = (statistics.median(w) for w in walls)
+    if long <= short:
+        raise RuntimeError(
+            f"the {budgets[1]}-step run took {long:.2f} s, the {budgets[0]}-step run {short:.2f} s:"
+            " timing noise swamps their difference (larger budgets or --repeats)"
+        )
     steps = budgets[1] - budgets[0]
     env_steps_per_s = steps / (long - short)
     fixed_s = short - budgets[0] / env_steps_per_s

@@ -5,6 +5,7 @@ machine's clock."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -34,7 +35,7 @@ CASES = {
     "update": (bench_update, ["--batch-size", "16"], {"mode", "updates_per_s"}),
     "train": (
         bench_train,
-        ["--num-envs", "8", "--env-steps", "10400", "10800"],
+        ["--num-envs", "8", "--env-steps", "10400", "11600"],
         {"env_steps_per_s", "updates_per_s", "projected_10M_s"},
     ),
     "probe-ws": (
@@ -59,4 +60,11 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     assert {"device", "torch", "git_sha", "date"} <= result["env"].keys()
     assert result["rows"] and all(keys <= row.keys() for row in result["rows"])
     assert all(row.get("status", "ok") == "ok" for row in result["rows"]), result["rows"]
+    for row in result["rows"]:  # every time and rate measured is a positive number (fixed_s,
+        for key, value in row.items():  # an intercept, is not: the first 10k steps do no updates)
+            timed = key.endswith(("_per_s", "_ms", "_us", "_s", "us_per_call"))
+            if timed and key != "fixed_s" and value is not None:
+                values = value if isinstance(value, list) else [value]  # wall_s: per repeat
+                flat = [v for v in values for v in (v if isinstance(v, list) else [v])]
+                assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
     assert "CPU" in capsys.readouterr().out or module is probe_warp_specialize
