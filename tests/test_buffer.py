@@ -295,6 +295,33 @@ def test_triton_matches_torch_cpu() -> None:
         assert_same_sample(a, b, max_moved=1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_episode_ending_at_step_zero(backend: str) -> None:
+    """An episode that ends at the buffer's very first step is closed: its final goal is its own
+    (step 0's next state), not that of a later step of the env."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    buf = make(capacity=10, num_envs=2, backend=backend)
+    steps = torch.arange(5, dtype=torch.float32)[:, None] * 10 + torch.arange(2)  # t * 10 + env
+    terminated = torch.zeros(5, 2, dtype=torch.bool)
+    terminated[0, 0] = True
+    buf.extend(
+        {
+            "observation": steps[..., None].expand(5, 2, OBS).clone(),
+            "action": torch.zeros(5, 2, ACT),
+            "next_achieved_goal": (1000 + steps)[..., None].expand(5, 2, GOAL).clone(),
+            "terminated": terminated,
+            "truncated": torch.zeros(5, 2, dtype=torch.bool),
+        }
+    )
+    batch = buf.sample(2000, goal_mode="final", generator=torch.Generator().manual_seed(0))
+    first = batch.observation[:, 0] == 0  # anchors at step 0 of env 0
+    assert first.any()
+    assert (batch.goal[first, 0] == 1000).all()
+    later = batch.observation[:, 0] == 10  # step 1 of env 0: its episode runs on to step 4
+    assert (batch.goal[later, 0] == 1040).all()
+
+
 def test_triton_matches_torch_cpu_gamma_near_one() -> None:
     """gamma = 0.9999 over long episodes: offsets agree but for rare one-step moves (numpy's
     float32 exp/log against torch's; 4 of these 100k draws)."""

@@ -638,6 +638,30 @@ def test_argmax_ties_take_the_first_column(backend):
     phi, psi = torch.zeros(100, 8), torch.zeros(130, 8)
     _, metrics = contrastive_loss(phi, psi, loss="infonce", return_metrics=True, backend=backend)
     assert metrics["categorical_accuracy"].item() == pytest.approx(1 / 100)
+    # A logit of exactly 0 is not > 0: every negative is right, no positive is.
+    assert metrics["binary_accuracy"].item() == pytest.approx(1 - 100 / (100 * 130))
+
+
+@pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
+@pytest.mark.parametrize("shape", [(16, 70, 24), (32, 100, 24)], ids=str)
+def test_few_rows_many_columns(shape, loss):
+    """B = 16 or 32 with 64-wide column tiles: a program's rows end inside the diagonal's column
+    tile, which must still count as a diagonal tile (masked, L_ii replaced)."""
+    _check_every_loss(shape, loss, "norm", True, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softplus_of_moderately_negative_logits(backend):
+    """Logits around -5 (softplus ~ 7e-3): the kernels' log1p(e) switches to a series only for
+    tiny e, so the binary loss keeps float32's relative precision there."""
+    g = torch.Generator().manual_seed(13)
+    phi = 10**0.5 * torch.eye(8) + 0.05 * torch.randn(8, 8, generator=g)  # L_ii ~ 5, L_ij ~ -5
+    psi = 10**0.5 * torch.eye(8) + 0.05 * torch.randn(8, 8, generator=g)
+    bias = torch.tensor(-5.0)
+    with torch.no_grad():
+        value = contrastive_loss(phi, psi, bias=bias, backend=backend, return_metrics=True)[0]
+    truth = reference_contrastive_loss(phi.double(), psi.double(), bias=bias.double())
+    assert abs(value.item() / truth.item() - 1) < 1e-6  # Triton 2e-7, eager float32 6e-8
 
 
 def test_compiles_without_graph_breaks():
