@@ -15,6 +15,8 @@ loop's updates do);
 matmul templates can take the bias and activation into the product; compiling takes minutes).
 A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the agent with
 ``actor_stream=True``: the actor and alpha steps on a second CUDA stream, beside the critic's.
+A ``+bf16`` suffix (opt-in: ``graph+bf16``, ``compile-graph+bf16``, ``eager+bf16``) builds it with
+``amp="bfloat16"``: the networks' matmuls and the loss in bfloat16 under autocast.
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -23,6 +25,7 @@ bench/results/update-<device>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -43,6 +46,9 @@ MODES = (
     "eager",
     "compile",
     "autotune-graph",
+    "compile-graph+bf16",
+    "graph+bf16",
+    "eager+bf16",
 )
 DEFAULT_MODES = MODES[:4]
 """On CUDA; the CPU runs ``eager``."""
@@ -79,8 +85,9 @@ def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
 
 def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
     torch.manual_seed(0)
-    kind, _, stream = mode.partition("+")
-    agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, device, actor_stream=bool(stream))
+    kind, *suffixes = mode.split("+")
+    config = dataclasses.replace(JAXGCRL_AGENT, amp="bfloat16" if "bf16" in suffixes else "off")
+    agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, config, device, actor_stream="stream" in suffixes)
     buffer = filled_buffer(device)
     updates_per_call = 1
     graphed = kind.endswith("graph")
@@ -164,7 +171,7 @@ def main() -> None:
     if cuda:
         torch.set_float32_matmul_precision("high")
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
-    if not cuda and any("+" in mode for mode in modes):
+    if not cuda and any("+stream" in mode for mode in modes):
         parser.error("the +stream modes need a CUDA device")
     # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
     # (before any graph capture); such a run writes a file of its own, with the winners.

@@ -3,11 +3,12 @@
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
-# compile, tma, fp16, train, autotune, update-autotune and update-maxtune.
+# compile, tma, fp16, train, autotune, update-bf16, update-autotune and update-maxtune.
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
 # - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
 # - train runs three trainings per mode (2-4 minutes).
 # - autotune compiles many tile variants (a call of its own).
+# - update-bf16 times the update with --amp bfloat16 (matmuls and loss under autocast).
 # - update-autotune times the compiled update with the loss kernels' tiles tuned per shape (at
 #   batch 256 the default 64-row tiles give 4 programs).
 # - update-maxtune compiles the update with inductor's max-autotune, whose Triton GEMM templates
@@ -45,7 +46,7 @@ ln -sfn ../kernels crl_fast/kernels
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 NEW_TESTS="single_pass or actor_stream or compiled_step or default_run_on_cuda"
 NEW_TESTS+=" or gradients_in_forward or column_loss or compiled_update or confident_critic"
-NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast"
+NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast or amp"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
@@ -73,6 +74,8 @@ for stage in "${stages[@]}"; do
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 30 python3 -m bench.bench_envs ;;
         update) step update 100 python3 -m bench.bench_update ;;
+        update-bf16) step "update bf16" 60 \
+            python3 -m bench.bench_update --modes compile-graph+bf16 graph+bf16 ;;
         update-autotune) CRL_FAST_AUTOTUNE=1 step "update autotune" 120 \
             python3 -m bench.bench_update --modes compile-graph ;;
         update-maxtune) step "update max-autotune" 240 \

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
-from crl_fast.config import AgentConfig
+from crl_fast.config import AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
 from crl_fast.networks import Encoder, TanhGaussianActor
@@ -77,11 +77,11 @@ class CRL:
         self.alpha_optimizer = make_adam([self.log_alpha], config.alpha_lr, device)
         self._actor_params = list(self.actor.parameters())
         self._side = torch.cuda.Stream(device) if actor_stream else None
-        self._encode_goals = self.goal_encoder
+        self._encode_goals = self._encode_goals_eager
         self._actor_step = self._actor_step_eager
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
-        self._act = self.actor
+        self._act = self._act_eager
 
     def compile(self, **kwargs: Any) -> None:
         """Run :meth:`act` and the four parts of :meth:`update` through
@@ -90,11 +90,21 @@ class CRL:
         The parts are compiled one by one, so the streams that :meth:`update` puts them on are
         chosen in plain Python, outside the compiled code.
         """
-        self._encode_goals = torch.compile(self.goal_encoder, **kwargs)
+        self._encode_goals = torch.compile(self._encode_goals_eager, **kwargs)
         self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
         self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)
         self._critic_step = torch.compile(self._critic_step_eager, **kwargs)
-        self._act = torch.compile(self.actor, **kwargs)
+        self._act = torch.compile(self._act_eager, **kwargs)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in the ``config.amp`` dtype, for forward passes (backward runs
+        outside it, as torch recommends); a no-op without ``amp``. Its cache of cast weights is
+        off: each region uses a weight once, and a cache kept across CUDA graph capture
+        boundaries would hold freed memory (torch's advice for autocast in graphs)."""
+        dtype = AMP_DTYPES[self.config.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
 
     @torch.no_grad()
     def act(
@@ -102,6 +112,16 @@ class CRL:
     ) -> torch.Tensor:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
         return self._act(obs, goal, deterministic=deterministic)
+
+    def _act_eager(
+        self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool
+    ) -> torch.Tensor:
+        with self._autocast():
+            return self.actor(obs, goal, deterministic=deterministic)
+
+    def _encode_goals_eager(self, goal: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.goal_encoder(goal)
 
     def update(self, batch: GoalBatch, critic_metrics: bool = True) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
@@ -143,9 +163,10 @@ class CRL:
         # Each loss has its own autograd graph (no tensor with a graph is shared between two
         # backward calls), as torch.compile needs: it fuses each region into one node.
         alpha = self.log_alpha.detach().exp()
-        new_action, log_prob = self.actor.sample(obs, goal)
-        q = pairwise_energy(self.sa_encoder(obs, new_action), psi, energy=cfg.energy)
-        actor_loss = (alpha * log_prob - q).mean()
+        with self._autocast():
+            new_action, log_prob = self.actor.sample(obs, goal)
+            q = pairwise_energy(self.sa_encoder(obs, new_action), psi, energy=cfg.energy)
+            actor_loss = (alpha * log_prob - q).mean()
         self.actor_optimizer.zero_grad()
         actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders
         self.actor_optimizer.step()
@@ -170,15 +191,16 @@ class CRL:
         """The critic's loss and gradients (through ``psi = psi(g)`` too): classify which goal
         in the batch is the future of each (s, a). Its optimiser step is left to :meth:`update`."""
         cfg = self.config
-        critic_out = contrastive_loss(
-            self.sa_encoder(obs, action),
-            psi,
-            loss=cfg.loss,
-            energy=cfg.energy,
-            logsumexp_penalty=cfg.logsumexp_penalty,
-            exclude_positive_from_lse=cfg.exclude_positive_from_lse,
-            return_metrics=critic_metrics,
-        )
+        with self._autocast():  # under amp: the loss kernels take bfloat16 phi and psi
+            critic_out = contrastive_loss(
+                self.sa_encoder(obs, action),
+                psi,
+                loss=cfg.loss,
+                energy=cfg.energy,
+                logsumexp_penalty=cfg.logsumexp_penalty,
+                exclude_positive_from_lse=cfg.exclude_positive_from_lse,
+                return_metrics=critic_metrics,
+            )
         critic_loss, loss_metrics = critic_out if critic_metrics else (critic_out, {})
         self.critic_optimizer.zero_grad()
         critic_loss.backward()

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from crl_fast.buffer import GOAL_MODES
 from crl_fast.energy import ENERGIES
 from crl_fast.loss import LOSSES, LossConfig
@@ -17,6 +19,10 @@ from crl_fast.networks import ACTIVATIONS
 
 JAXGCRL_CRITIC = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
 """JaxGCRL's default critic as :class:`AgentConfig` fields (`crl-fast train --jaxgcrl-critic`)."""
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bfloat16": torch.bfloat16}
+"""``--amp`` choices: the ``torch.autocast`` dtype of the agent's forward passes (None: none).
+float16 is left out: it would need loss scaling (a GradScaler) to keep small gradients."""
 
 RESUME_SAFE_FIELDS = (
     "total_env_steps",  # the schedule
@@ -70,6 +76,12 @@ class AgentConfig:
         1.0, "initial (or, without --autotune-alpha, fixed; 0: no entropy term) entropy weight"
     )
     target_entropy_scale: float = option(0.5, "target entropy = -scale * action_dim")
+    amp: str = option(
+        "off",
+        "mixed precision: bfloat16 runs the networks' matmuls and the critic loss in bfloat16 "
+        "under torch.autocast (weights, Adam and the actor's distribution stay float32)",
+        tuple(AMP_DTYPES),
+    )
 
     def __post_init__(self) -> None:
         self.loss_config()  # names any bad loss option
@@ -77,6 +89,8 @@ class AgentConfig:
             raise ValueError(
                 f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
             )
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
         if self.residual and (self.depth < 4 or self.depth % 4):
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:

@@ -85,6 +85,11 @@ class MLP(nn.Sequential):
         layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
         super().__init__(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output in ``x``'s dtype: under ``torch.autocast`` the matmuls run in the autocast
+        dtype, and what reads the output (the actor's distribution, the energies) stays float32."""
+        return super().forward(x).to(x.dtype)
+
     def __getitem__(self, index: int | slice) -> nn.Module:
         """A layer, or a slice of layers as a plain ``nn.Sequential`` (e.g. ``net[:-1]``)."""
         if isinstance(index, slice):

@@ -125,17 +125,77 @@ def test_critic_loss_options_reach_the_loss(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("loss", "energy", "penalty", "accuracy"),
-    [("binary", "dot", 0.0, 0.1), ("infonce", "norm", 0.1, 0.9)],
+    ("loss", "energy", "penalty", "accuracy", "amp"),
+    [
+        ("binary", "dot", 0.0, 0.1, "off"),
+        ("infonce", "norm", 0.1, 0.9, "off"),
+        ("infonce", "norm", 0.1, 0.9, "bfloat16"),
+    ],
 )
-def test_critic_learns_a_toy_task(loss, energy, penalty, accuracy):
+def test_critic_learns_a_toy_task(loss, energy, penalty, accuracy, amp):
     """Chance is 1/64; InfoNCE learns this much faster than the binary loss."""
     torch.manual_seed(0)
-    agent = small_agent(loss=loss, energy=energy, logsumexp_penalty=penalty, critic_lr=1e-3)
+    agent = small_agent(
+        loss=loss, energy=energy, logsumexp_penalty=penalty, critic_lr=1e-3, amp=amp
+    )
     first = agent.update(toy_batch())["critic/categorical_accuracy"]
     for _ in range(150):
         last = agent.update(toy_batch())["critic/categorical_accuracy"]
     assert first < 0.1 and last > accuracy
+
+
+@pytest.mark.parametrize("amp", ["off", "bfloat16"])
+def test_amp_runs_the_matmuls_and_the_loss_in_bfloat16(monkeypatch, amp):
+    """Every Linear of the three networks and the critic loss run under autocast; parameters,
+    gradients, actions and log-probabilities stay float32; losses and gradients are the float32
+    ones within bfloat16's precision."""
+    import crl_fast.agent
+
+    bf16 = amp == "bfloat16"
+    seen: dict[str, list] = {"linear": [], "loss": []}
+
+    def spy(*args, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        seen["loss"].append(torch.get_autocast_dtype("cpu") if on else None)
+        return contrastive_loss(*args, **kwargs)
+
+    monkeypatch.setattr(crl_fast.agent, "contrastive_loss", spy)
+    torch.manual_seed(0)
+    agent, reference = small_agent(amp=amp), small_agent()
+    reference.load_state_dict(agent.state_dict())
+    for net in (agent.sa_encoder, agent.goal_encoder, agent.actor):
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda m, i, out: seen["linear"].append(out.dtype))
+    batch = toy_batch()
+    torch.manual_seed(1)
+    metrics = agent.update(batch)
+    action = agent.act(batch.observation, batch.goal)
+    linear = seen["linear"].copy()
+    _, log_prob = agent.actor.sample(batch.observation, batch.goal)  # outside autocast
+    assert set(linear) == {torch.bfloat16 if bf16 else torch.float32}
+    assert len(linear) == 3 * 4 + 3  # sa twice (critic, actor), goal, actor; act
+    assert seen["loss"] == [torch.bfloat16 if bf16 else None]
+    assert action.dtype == log_prob.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in parameters(agent).values())
+    torch.manual_seed(1)
+    expected = reference.update(batch)
+    for key in ("critic/loss", "actor/loss"):
+        torch.testing.assert_close(metrics[key], expected[key], rtol=1e-2, atol=1e-2)
+    for net, ref in zip(
+        (agent.sa_encoder, agent.goal_encoder, agent.actor),
+        (reference.sa_encoder, reference.goal_encoder, reference.actor),
+        strict=True,
+    ):
+        for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+            assert p.grad.dtype == torch.float32
+            cosine = torch.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+            assert cosine > 0.99
+
+
+def test_amp_refuses_float16():
+    with pytest.raises(ValueError, match="amp must be one of"):
+        AgentConfig(amp="float16")
 
 
 def test_actor_climbs_a_frozen_critic():
@@ -279,11 +339,12 @@ def test_cuda_graph_replay_matches_eager_updates():
 
 
 @pytest.mark.gpu
-def test_compiled_update_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("amp", ["off", "bfloat16"])
+def test_compiled_update_replays_from_a_cuda_graph(amp):
     """bench_update's compile-graph mode: the compiled update captures, and replays train."""
     buffer = random_cuda_buffer()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
-    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64, amp=amp), "cuda")
     agent.compile()
     step = GraphedUpdates(agent, lambda: buffer.sample(64, generator=generator), steps=2)
     before = parameters(agent)
