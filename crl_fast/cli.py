@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument(
         "--seed", type=int, default=None, help="goal seed (default: the run's evaluation goals)"
     )
+    eval_parser.add_argument(
+        "--video", default=None, help="also write a GIF of the first --video-envs episodes here"
+    )
+    eval_parser.add_argument(
+        "--video-envs", type=int, default=4, help="episodes side by side in the GIF (default: 4)"
+    )
     return parser
 
 
@@ -127,13 +133,26 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
+    from crl_fast.envs.render import save_gif, tile
     from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
 
+    if args.video and not 1 <= args.video_envs <= args.episodes:
+        raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
     agent, config = load_agent(args.checkpoint, args.device)
+    if args.video:
+        render = {"render_mode": "rgb_array"}
+        config = dataclasses.replace(config, env_kwargs=config.env_kwargs | render)
     env = make_eval_env(config, agent.device, args.episodes)
     seed = config.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
-    result = evaluate(agent, env, seed)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, **result}))
+    frames: list = []
+    record = (lambda: frames.append(tile(env.render()[: args.video_envs]))) if args.video else None
+    result = evaluate(agent, env, seed, record=record)
+    written = {}
+    if args.video:
+        fps = env.metadata.get("render_fps") or 10
+        written = {"video": str(save_gif(frames, args.video, fps))}
+    summary = {"checkpoint": str(args.checkpoint), "episodes": args.episodes, **written}
+    print(json.dumps(summary | result))
     return result
 
 

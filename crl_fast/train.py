@@ -91,8 +91,11 @@ def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) 
 
 
 @torch.no_grad()
-def evaluate(agent: CRL, env: GoalVectorEnv, seed: int) -> dict[str, float]:
+def evaluate(
+    agent: CRL, env: GoalVectorEnv, seed: int, record: Callable[[], None] | None = None
+) -> dict[str, float]:
     """One episode per env on the fixed goals of ``env.reset(seed)``, with deterministic actions.
+    ``record`` is called before each step, in the state the step acts from (e.g. to render it).
 
     ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
     distance at the last step; ``eval/final_distance``: mean distance to the goal at the last step.
@@ -106,6 +109,8 @@ def evaluate(agent: CRL, env: GoalVectorEnv, seed: int) -> dict[str, float]:
     success_final = torch.zeros_like(ended)
     final_distance = torch.zeros(n, device=env.device)
     for _ in range(env.max_episode_steps):
+        if record is not None:
+            record()
         action = agent.act(obs["observation"], obs["desired_goal"], deterministic=True)
         obs, _, terminated, truncated, info = env.step(action)
         success |= info["success"] & ~ended

@@ -409,6 +409,84 @@ def test_compiled_step_matches_eager(name, device):
         assert torch.equal(have[4]["_final_obs"], want[4]["_final_obs"])
 
 
+# --------------------------------------------------------------------------- rendering
+
+
+def pixel(xy: torch.Tensor, lo: tuple[float, float], pixels_per_unit: float) -> tuple[int, int]:
+    """(row, col) of the pixel holding world point ``xy`` in a frame whose top left is at
+    ``(lo[0], -lo[1])``."""
+    return int((-lo[1] - float(xy[1])) * pixels_per_unit), int(
+        (float(xy[0]) - lo[0]) * pixels_per_unit
+    )
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "point_medium"])
+def test_point_maze_frames_show_walls_goal_and_point(name):
+    from crl_fast.envs.point_maze import FLOOR, GOAL, PIXELS_PER_CELL, POINT, WALL
+
+    env = make_env(name, num_envs=6, seed=1, render_mode="rgb_array")
+    env.step(torch.rand(6, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    frames = env.render()
+    height, width = len(env.layout), len(env.layout[0])
+    lo, ppu = (-width / 2, -height / 2), PIXELS_PER_CELL
+    assert len(frames) == 6
+    for i, frame in enumerate(frames):
+        assert frame.shape == (height * ppu, width * ppu, 3) and frame.dtype == np.uint8
+        assert tuple(frame[pixel(env.pos[i], lo, ppu)]) == POINT
+        near_point = torch.dist(env.pos[i], env.goal[i]) < 0.2
+        assert near_point or tuple(frame[pixel(env.goal[i], lo, ppu)]) == GOAL
+        for row, cells in enumerate(env.layout):
+            for col, cell in enumerate(cells):
+                centre = frame[row * ppu + ppu // 2, col * ppu + ppu // 2]
+                centre_xy = torch.tensor([col + 0.5 - width / 2, height / 2 - row - 0.5])
+                allowed = {WALL} if cell == "1" else {FLOOR}
+                if torch.dist(centre_xy, env.goal[i]) < 0.5:
+                    allowed.add(GOAL)
+                if torch.dist(centre_xy, env.pos[i]) < 0.15:
+                    allowed.add(POINT)
+                assert tuple(centre) in allowed, (row, col)
+
+
+def test_reacher_frames_show_links_and_goal():
+    from crl_fast.envs.reacher import BACKGROUND, GOAL, LINK, REACH
+
+    env = make_env("reacher", num_envs=8, seed=2, render_mode="rgb_array")
+    frames = env.render()
+    reach = 1.1 * sum(env.link_lengths)
+    lo, ppu = (-reach, -reach), frames[0].shape[0] / (2 * reach)
+    tip = env.fingertip(env.angle)
+    for i, frame in enumerate(frames):
+        q1 = env.angle[i, 0]
+        elbow = env.link_lengths[0] * torch.stack([q1.cos(), q1.sin()])
+        for point in (elbow / 2, (elbow + tip[i]) / 2):  # the middle of each link
+            assert tuple(frame[pixel(point, lo, ppu)]) == LINK
+        links_near_goal = (
+            torch.dist(tip[i], env.goal[i]) < 0.2 or torch.dist(elbow, env.goal[i]) < 0.2
+        )
+        assert links_near_goal or tuple(frame[pixel(env.goal[i], lo, ppu)]) in (GOAL, LINK)
+        assert tuple(frame[0, 0]) == BACKGROUND  # the corner lies outside the reachable disc
+        assert tuple(frame[pixel(torch.tensor([-0.95, 0.05]), lo, ppu)]) in (REACH, LINK, GOAL)
+
+
+def test_canvas_segment_stops_at_its_ends():
+    from crl_fast.envs.render import Canvas
+
+    canvas = Canvas((-1.0, -1.0), (1.0, 1.0), 10, torch.device("cpu"))
+    mask = canvas.segment(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 0.0]]), 0.06)[0]
+    inside = [(0.25, 0.05), (0.05, -0.05), (0.45, 0.05)]
+    outside = [(0.25, 0.15), (0.65, 0.05), (-0.15, 0.05), (0.95, 0.05)]
+    for points, want in ((inside, True), (outside, False)):
+        for x, y in points:  # pixel centres lie at odd multiples of 0.05
+            assert mask[int((1 - y) * 10), int((x + 1) * 10)].item() is want, (x, y)
+
+
+def test_render_needs_the_rgb_array_mode():
+    with pytest.raises(ValueError, match="render_mode="):
+        make_env("reacher", num_envs=2).render()
+    with pytest.raises(ValueError, match="render_mode must be"):
+        make_env("point_umaze", num_envs=2, render_mode="human")
+
+
 # --------------------------------------------------------------------------- adapter
 
 

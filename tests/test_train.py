@@ -378,6 +378,17 @@ def test_cli_train_then_eval(tmp_path, capsys):
     saved = load_checkpoint(run_dir / "checkpoint.pt")["agent"]["actor"]
     assert all(torch.equal(v, saved[k]) for k, v in agent.actor.state_dict().items())
 
+    # With a video: the same evaluation, and a GIF of 2 of its episodes, one frame a step.
+    video = tmp_path / "eval.gif"
+    checkpoint = ["eval", "--checkpoint", str(run_dir / "checkpoint.pt"), "--episodes", "4"]
+    main([*checkpoint, "--video", str(video), "--video-envs", "2"])
+    filmed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert filmed == result | {"video": str(video)}
+    from PIL import Image
+
+    with Image.open(video) as gif:
+        assert gif.n_frames == 16 and gif.size == (2 * 160 + 2, 160)
+
 
 @pytest.mark.parametrize(
     ("flags", "value"), [([], None), (["--compile"], True), (["--no-compile"], False)]

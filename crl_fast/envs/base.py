@@ -29,6 +29,9 @@ GoalObs = dict[str, torch.Tensor]
 
 GOAL_KEYS = ("observation", "achieved_goal", "desired_goal")
 
+RGB_ARRAY = "rgb_array"
+"""The one render mode of the torch envs."""
+
 
 def goal_spaces(
     obs_dim: int, goal_dim: int, action_dim: int, num_envs: int
@@ -95,12 +98,17 @@ class TorchGoalVectorEnv(VectorEnv):
     (valid rows where ``info["_final_obs"]``), and ``info["success"]`` says whether the step that
     just ran reached the goal.
 
+    With ``render_mode="rgb_array"``, :meth:`render` returns a frame of every env.
+
     Subclasses set ``obs_dim``, ``goal_dim``, ``action_dim``, ``_sim_keys`` (names of the tensor
     attributes holding the simulation state) and implement :meth:`_draw`, :meth:`_initial_state`,
-    :meth:`_advance` and :meth:`_observe`.
+    :meth:`_advance` and :meth:`_observe`, and :meth:`_frames` to render.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    metadata: ClassVar[dict[str, Any]] = {
+        "autoreset_mode": AutoresetMode.SAME_STEP,
+        "render_modes": [RGB_ARRAY],
+    }
     obs_dim: int
     goal_dim: int
     action_dim: int
@@ -115,7 +123,13 @@ class TorchGoalVectorEnv(VectorEnv):
         max_episode_steps: int,
         success_distance: float,
         terminate_on_success: bool,
+        render_mode: str | None = None,
+        render_fps: float = 10.0,
     ) -> None:
+        if render_mode not in (None, RGB_ARRAY):
+            raise ValueError(f"render_mode must be None or {RGB_ARRAY!r}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": render_fps}
         self.num_envs = positive_int("num_envs", num_envs)
         self.device = torch.device(device)
         self.max_episode_steps = positive_int("max_episode_steps", max_episode_steps)
@@ -155,6 +169,20 @@ class TorchGoalVectorEnv(VectorEnv):
     @abstractmethod
     def _observe(self) -> GoalObs:
         """The current observation dict (new tensors, not views of the state)."""
+
+    def _frames(self) -> torch.Tensor:
+        """A picture of every env's current state: uint8 ``(num_envs, height, width, 3)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not render")
+
+    def render(self) -> tuple[np.ndarray, ...]:
+        """One RGB frame (a ``(height, width, 3)`` uint8 array) per env, as Gymnasium's vector
+        envs render; needs ``render_mode="rgb_array"``. Copies the frames to the host."""
+        if self.render_mode != RGB_ARRAY:
+            raise ValueError(
+                f"{type(self).__name__} was made with render_mode={self.render_mode!r}; make it "
+                f"with render_mode={RGB_ARRAY!r} to render"
+            )
+        return tuple(self._frames().cpu().numpy())
 
     @property
     def _state_keys(self) -> tuple[str, ...]:

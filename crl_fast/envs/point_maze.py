@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+from crl_fast.envs.render import Canvas
 
 OPEN = (
     "1111111",
@@ -70,6 +71,9 @@ MAZES: dict[str, tuple[tuple[str, ...], int]] = {
 
 _EDGE_EPS = 1e-4  # gap kept between the point and a wall it stopped at
 
+PIXELS_PER_CELL = 32
+FLOOR, WALL, GOAL, POINT = (245, 245, 240), (90, 90, 100), (240, 150, 150), (20, 140, 60)
+
 
 class PointMazeEnv(TorchGoalVectorEnv):
     """Batched point mass in a maze; observation ``[x, y, vx, vy]``, goals ``(x, y)``.
@@ -102,6 +106,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
         max_speed: float = 3.0,
         radius: float = 0.1,
         position_noise: float = 0.25,
+        render_mode: str | None = None,
     ) -> None:
         layout, default_steps = self._resolve_maze(maze, max_episode_steps)
         if not (0 < radius < 0.5 and max_speed * dt < 1.0 - 2 * radius):
@@ -131,7 +136,11 @@ class PointMazeEnv(TorchGoalVectorEnv):
             max_episode_steps=default_steps if max_episode_steps is None else max_episode_steps,
             success_distance=success_distance,
             terminate_on_success=terminate_on_success,
+            render_mode=render_mode,
+            render_fps=1 / dt,
         )
+        self._canvas: Canvas | None = None  # built at the first render
+        self._background: torch.Tensor | None = None
 
     @staticmethod
     def _resolve_maze(
@@ -227,3 +236,18 @@ class PointMazeEnv(TorchGoalVectorEnv):
             "achieved_goal": self.pos.clone(),
             "desired_goal": self.goal.clone(),
         }
+
+    def _frames(self) -> torch.Tensor:
+        """Top view: walls grey, the success disc around the goal red, the point green."""
+        if self._canvas is None:
+            half = (self._width / 2, self._height / 2)
+            self._canvas = Canvas((-half[0], -half[1]), half, PIXELS_PER_CELL, self.device)
+            x, y = torch.broadcast_tensors(self._canvas.x[0], self._canvas.y[0])
+            u, v = self._to_grid(torch.stack([x, y], -1)).unbind(-1)
+            self._background = self._canvas.paint(
+                self._canvas.fill(1, FLOOR), self._is_wall(u, v)[None], WALL
+            )[0]
+        canvas = self._canvas
+        frames = canvas.fill(self.num_envs, self._background)
+        frames = canvas.paint(frames, canvas.disc(self.goal, self.success_distance), GOAL)
+        return canvas.paint(frames, canvas.square(self.pos, self.radius), POINT)

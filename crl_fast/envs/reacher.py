@@ -18,8 +18,12 @@ import math
 import torch
 
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+from crl_fast.envs.render import Canvas
 
 DEFAULT_MAX_EPISODE_STEPS = 50  # about 3x the steps a swing of pi at full speed takes
+
+PIXELS, LINK_HALF_WIDTH = 200, 0.03  # frame side; links drawn 0.06 wide
+BACKGROUND, REACH, GOAL, LINK = (255, 255, 255), (235, 235, 228), (230, 90, 90), (40, 80, 170)
 
 
 class ReacherEnv(TorchGoalVectorEnv):
@@ -44,6 +48,7 @@ class ReacherEnv(TorchGoalVectorEnv):
         accel: float = 10.0,
         damping: float = 0.9,
         max_speed: float = 3.0,
+        render_mode: str | None = None,
     ) -> None:
         if min(link_lengths) <= 0:
             raise ValueError(f"link_lengths must be positive, got {link_lengths}")
@@ -58,7 +63,11 @@ class ReacherEnv(TorchGoalVectorEnv):
             ),
             success_distance=success_distance,
             terminate_on_success=terminate_on_success,
+            render_mode=render_mode,
+            render_fps=1 / dt,
         )
+        reach = sum(link_lengths) * 1.1
+        self._canvas = Canvas((-reach, -reach), (reach, reach), round(PIXELS / (2 * reach)), device)
 
     def fingertip(self, angle: torch.Tensor) -> torch.Tensor:
         """Forward kinematics: fingertip ``(x, y)`` of joint angles ``(..., 2)``."""
@@ -101,3 +110,17 @@ class ReacherEnv(TorchGoalVectorEnv):
             "achieved_goal": tip,
             "desired_goal": self.goal.clone(),
         }
+
+    def _frames(self) -> torch.Tensor:
+        """Top view: the reachable disc, the goal's success disc red, the links blue."""
+        canvas, n = self._canvas, self.num_envs
+        base = torch.zeros(n, 2, device=self.device)
+        q1 = self.angle[:, 0]
+        elbow = self.link_lengths[0] * torch.stack([q1.cos(), q1.sin()], -1)
+        tip = self.fingertip(self.angle)
+        frames = canvas.fill(n, BACKGROUND)
+        frames = canvas.paint(frames, canvas.disc(base, sum(self.link_lengths)), REACH)
+        frames = canvas.paint(frames, canvas.disc(self.goal, self.success_distance), GOAL)
+        for start, end in ((base, elbow), (elbow, tip)):
+            frames = canvas.paint(frames, canvas.segment(start, end, LINK_HALF_WIDTH), LINK)
+        return frames
