@@ -168,9 +168,10 @@ def _chunks(n_rows: int, n_cols: int):
         yield start, min(start + step, n_rows)
 
 
-def _diag_mask(start: int, stop: int, n_cols: int, device) -> Tensor:
-    rows = torch.arange(start, stop, device=device)
-    return rows[:, None] == torch.arange(n_cols, device=device)[None, :]
+def _diagonal_of(block: Tensor, start: int) -> Tensor:
+    """The entries ``(i, i)`` of a block holding rows ``start..`` of a B x M matrix: a view, so
+    the diagonal is read and written in place with O(rows) work, no B x M mask."""
+    return block[:, start : start + block.shape[0]].diagonal()
 
 
 def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
@@ -205,9 +206,11 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
         logits, _, _ = _chunk_logits(
             x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
         )
-        diag = _diag_mask(start, stop, m, x.device)
-        logits = torch.where(diag, pos[rows, None], logits)
-        lse_in = logits.masked_fill(diag, float("-inf")) if mask_diag else logits
+        _diagonal_of(logits, start).copy_(pos[rows])
+        lse_in = logits
+        if mask_diag:
+            lse_in = logits.clone()
+            _diagonal_of(lse_in, start).fill_(float("-inf"))
         if row_lse:
             out["row_lse"][rows] = lse_in.logsumexp(1)
         if col_lse:
@@ -216,23 +219,35 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
             col_sum = col_sum * torch.exp(col_max - safe) + torch.exp(lse_in - safe).sum(0)
             col_max = new_max
         if softplus:
-            out["row_softplus"][rows] = F.softplus(logits).masked_fill(diag, 0.0).sum(1)
+            out["row_softplus"][rows] = _off_diagonal_softplus(logits, start).sum(1)
         if pair:
             term, slope = _pair_term(logits - pos[rows, None], pair)
-            out["row_pair"][rows] = term.masked_fill(diag, 0.0).sum(1)
-            out["row_pair_slope"][rows] = slope.masked_fill(diag, 0.0).sum(1)
+            for t in (term, slope):
+                _diagonal_of(t, start).zero_()
+            out["row_pair"][rows], out["row_pair_slope"][rows] = term.sum(1), slope.sum(1)
         if metrics:
             out["row_argmax"][rows] = logits.argmax(1).to(torch.int32)
             out["row_sum"][rows] = logits.sum(1)
-            out["row_correct"][rows] = ((logits > 0) == diag).sum(1).to(acc)
+            correct = logits <= 0  # the label: 1 on the diagonal, 0 off it
+            _diagonal_of(correct, start).logical_not_()
+            out["row_correct"][rows] = correct.sum(1).to(acc)
     if col_lse:
         out["col_lse"] = torch.where(col_max == float("-inf"), 0.0, col_max) + col_sum.log()
     return tuple(out[k] for k in fields)
 
 
+def _off_diagonal_softplus(logits: Tensor, start: int) -> Tensor:
+    """softplus(L_ij) of a block of rows ``start..``, 0 on the diagonal."""
+    sp = F.softplus(logits)
+    _diagonal_of(sp, start).zero_()
+    return sp
+
+
 def _torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-                g_softplus, g_pair, energy, pair):  # fmt: skip
-    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider."""
+                g_softplus, g_pair, energy, pair, softplus_sum=False):  # fmt: skip
+    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider, and the sum of softplus(L_ij)
+    over j != i when ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits,
+    so that loss takes one pass."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
@@ -240,22 +255,28 @@ def _torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse,
     dy = torch.zeros_like(y)
     dscale = torch.zeros((), dtype=acc, device=x.device)
     dbias = torch.zeros((), dtype=acc, device=x.device)
+    value = torch.zeros((), dtype=acc, device=x.device)
     for start, stop in _chunks(b, m):
         rows = slice(start, stop)
         logits, f, slope = _chunk_logits(
             x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
         )
-        g = torch.zeros_like(logits)
+        if softplus_sum:
+            value += _off_diagonal_softplus(logits, start).sum()
+        terms = []  # dloss/dL of each statistic's term, summed below without a zero tensor
         if g_row_lse.numel():
-            g += g_row_lse[rows, None] * torch.exp(logits - row_lse[rows, None])
+            terms.append(g_row_lse[rows, None] * torch.exp(logits - row_lse[rows, None]))
         if g_col_lse.numel():
-            g += g_col_lse[None, :] * torch.exp(logits - col_lse[None, :])
+            terms.append(g_col_lse[None, :] * torch.exp(logits - col_lse[None, :]))
         if g_softplus.numel():
-            g += g_softplus[rows, None] * torch.sigmoid(logits)
+            terms.append(g_softplus[rows, None] * torch.sigmoid(logits))
         if g_pair.numel():
-            g += g_pair[rows, None] * _pair_term(logits - pos[rows, None], pair)[1]
-        g = g.masked_fill(_diag_mask(start, stop, m, x.device), 0.0)
-        h = g * scale * slope
+            terms.append(g_pair[rows, None] * _pair_term(logits - pos[rows, None], pair)[1])
+        g = terms[0] if terms else torch.zeros_like(logits)
+        for term in terms[1:]:
+            g += term
+        _diagonal_of(g, start).zero_()
+        h = g * (scale * slope)  # dot: slope is 1.0, so one B x M product
         dx[rows] = h @ y
         dy += h.T @ x[rows]
         if energy:  # the squared norms' share: -A_i sum_j H_ij
@@ -263,7 +284,7 @@ def _torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse,
             dy -= h.sum(0)[:, None] * y
         dscale += (g * f).sum()
         dbias += g.sum()
-    return dx, dy, dscale, dbias
+    return dx, dy, dscale, dbias, value
 
 
 # ---------------------------------------------------------------------------- Triton path
@@ -444,7 +465,7 @@ def _pair_stats_backward_impl(
     args += (g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
-    dx, dy, dscale, dbias = _torch_grad(*args, energy, pair)
+    dx, dy, dscale, dbias, _ = _torch_grad(*args, energy, pair)
     _add_diagonal(dx, x, y, hd, energy)
     _add_diagonal(dy, y, x, hd, energy)
     return dx.to(x.dtype) if need_dx else x.new_empty(0), dy.to(y.dtype), dscale, dbias
@@ -629,12 +650,13 @@ def _sigmoid_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_g
         g_pos = -g_sp * torch.sigmoid(-pos)  # of softplus(-L_ii)
         hd, g_ii = _diagonal(scale, pos, slope, None, None, g_pos, None, None, None, None, False)
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
-        stats = _torch_stats(*inputs, energy, False, False, False, True, PAIR_NONE, False)
         grads = (empty, empty, empty, empty, g_sp, empty)
-        dx, dy, dscale, dbias = _torch_grad(*inputs, *grads, energy, PAIR_NONE)
+        dx, dy, dscale, dbias, sp_off = _torch_grad(
+            *inputs, *grads, energy, PAIR_NONE, softplus_sum=True
+        )
         _add_diagonal(dx, x, y, hd, energy)
         _add_diagonal(dy, y, x, hd, energy)
-        value = stats[2].sum() + F.softplus(-pos).sum()
+        value = sp_off + F.softplus(-pos).sum()
         return value, dx.to(grad_dtype), dy.to(grad_dtype), dscale, dbias, g_ii, f
     from crl_fast.kernels import pair_stats as kernels
 
