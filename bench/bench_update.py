@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES)
     parser.add_argument("--graph-steps", type=int, default=16, help="updates per CUDA graph")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--name", default="update", help="results file bench/results/<name>-<device>.json"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +179,7 @@ def main() -> None:
     # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
     # (before any graph capture); such a run writes a file of its own, with the winners.
     autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"
-    name = "update-autotuned" if autotuned else "update"
+    name = "update-autotuned" if autotuned else args.name
     extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}
     rows = []
     for mode in modes:

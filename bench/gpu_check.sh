@@ -75,11 +75,12 @@ for stage in "${stages[@]}"; do
         envs) step envs 30 python3 -m bench.bench_envs ;;
         update) step update 100 python3 -m bench.bench_update ;;
         update-bf16) step "update bf16" 60 \
-            python3 -m bench.bench_update --modes compile-graph+bf16 graph+bf16 ;;
+            python3 -m bench.bench_update --modes compile-graph+bf16 graph+bf16 --name update-bf16 ;;
         update-autotune) CRL_FAST_AUTOTUNE=1 step "update autotune" 120 \
             python3 -m bench.bench_update --modes compile-graph ;;
         update-maxtune) step "update max-autotune" 240 \
-            python3 -m bench.bench_update --modes autotune-graph --batch-size 256 ;;
+            python3 -m bench.bench_update --modes autotune-graph --batch-size 256 \
+            --name update-maxtune ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \

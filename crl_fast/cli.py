@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help="goal seed (default: the run's evaluation goals)"
     )
     eval_parser.add_argument(
-        "--video", default=None, help="also write a GIF of the first --video-envs episodes here"
+        "--video",
+        default=None,
+        help="also write a GIF of the first --video-envs episodes here (built-in envs)",
     )
     eval_parser.add_argument(
         "--video-envs", type=int, default=4, help="episodes side by side in the GIF (default: 4)"
@@ -133,27 +135,43 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
-    from crl_fast.envs.render import save_gif, tile
+    from crl_fast.envs.render import save_gif
     from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
 
-    if args.video and not 1 <= args.video_envs <= args.episodes:
-        raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
     agent, config = load_agent(args.checkpoint, args.device)
-    if args.video:
-        render = {"render_mode": "rgb_array"}
-        config = dataclasses.replace(config, env_kwargs=config.env_kwargs | render)
     env = make_eval_env(config, agent.device, args.episodes)
+    film = _film(args, env) if args.video else None
     seed = config.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
-    frames: list = []
-    record = (lambda: frames.append(tile(env.render()[: args.video_envs]))) if args.video else None
-    result = evaluate(agent, env, seed, record=record)
+    result = evaluate(agent, env, seed, record=film)
     written = {}
-    if args.video:
-        fps = env.metadata.get("render_fps") or 10
-        written = {"video": str(save_gif(frames, args.video, fps))}
+    if film is not None:
+        written = {"video": str(save_gif(film.frames, args.video, env.metadata["render_fps"]))}
     summary = {"checkpoint": str(args.checkpoint), "episodes": args.episodes, **written}
     print(json.dumps(summary | result))
     return result
+
+
+def _film(args: argparse.Namespace, env: Any) -> Any:
+    """The recorder of ``--video``, after checking what it needs (before the evaluation runs)."""
+    from crl_fast.envs.base import TorchGoalVectorEnv
+    from crl_fast.envs.render import FirstEpisodes
+
+    if not isinstance(env, TorchGoalVectorEnv):
+        raise ValueError(
+            "--video draws the built-in envs (crl_fast.envs); for gymnasium:<id> envs use "
+            "Gymnasium's own video recording"
+        )
+    if not 1 <= args.video_envs <= args.episodes:
+        raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
+    if not Path(args.video).parent.is_dir():
+        raise ValueError(f"--video: the folder of {args.video} does not exist")
+    try:
+        import PIL  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            "--video writes a GIF with Pillow: pip install 'crl-fast[plot]'"
+        ) from error
+    return FirstEpisodes(env, args.video_envs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

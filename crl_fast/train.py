@@ -31,7 +31,7 @@ from crl_fast.checkpoint import set_rng_state as restore_rng_state
 from crl_fast.checks import resolve_device
 from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import GoalVectorEnv, make_env
-from crl_fast.envs.base import TorchGoalVectorEnv
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -92,10 +92,13 @@ def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) 
 
 @torch.no_grad()
 def evaluate(
-    agent: CRL, env: GoalVectorEnv, seed: int, record: Callable[[], None] | None = None
+    agent: CRL,
+    env: GoalVectorEnv,
+    seed: int,
+    record: Callable[[GoalObs, dict[str, Any] | None], None] | None = None,
 ) -> dict[str, float]:
     """One episode per env on the fixed goals of ``env.reset(seed)``, with deterministic actions.
-    ``record`` is called before each step, in the state the step acts from (e.g. to render it).
+    ``record(obs, info)`` sees the reset's observations (``info`` None) and every step's.
 
     ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
     distance at the last step; ``eval/final_distance``: mean distance to the goal at the last step.
@@ -108,11 +111,13 @@ def evaluate(
     success = torch.zeros_like(ended)
     success_final = torch.zeros_like(ended)
     final_distance = torch.zeros(n, device=env.device)
+    if record is not None:
+        record(obs, None)
     for _ in range(env.max_episode_steps):
-        if record is not None:
-            record()
         action = agent.act(obs["observation"], obs["desired_goal"], deterministic=True)
         obs, _, terminated, truncated, info = env.step(action)
+        if record is not None:
+            record(obs, info)
         success |= info["success"] & ~ended
         last = info["final_obs"]
         distance = torch.linalg.vector_norm(last["achieved_goal"] - last["desired_goal"], dim=-1)

@@ -420,7 +420,7 @@ def pixel(xy: torch.Tensor, lo: tuple[float, float], pixels_per_unit: float) -> 
     )
 
 
-@pytest.mark.parametrize("name", ["point_umaze", "point_medium"])
+@pytest.mark.parametrize("name", ["point_umaze", "point_open", "point_large"])
 def test_point_maze_frames_show_walls_goal_and_point(name):
     from crl_fast.envs.point_maze import FLOOR, GOAL, PIXELS_PER_CELL, POINT, WALL
 
@@ -478,6 +478,36 @@ def test_canvas_segment_stops_at_its_ends():
     for points, want in ((inside, True), (outside, False)):
         for x, y in points:  # pixel centres lie at odd multiples of 0.05
             assert mask[int((1 - y) * 10), int((x + 1) * 10)].item() is want, (x, y)
+
+
+def test_first_episodes_film_each_env_until_its_episode_ends():
+    """Env 0 reaches its goal in the first step (and resets), env 1 runs to its time limit:
+    env 0 stays as it ended, each env's last picture is its final observation, and the film
+    stops once both have ended; env 2 is not filmed."""
+    from crl_fast.envs.render import FirstEpisodes
+
+    env = make_env("point_open", num_envs=3, seed=0, max_episode_steps=5, terminate_on_success=True)
+    obs, _ = env.reset(seed=0)
+    env.goal[0] = env.pos[0]
+    obs = env._observe()
+    film = FirstEpisodes(env, 2)
+    film(obs, None)
+    still = torch.zeros(3, 2)
+    finals = {}  # env -> (the step its episode ended at, the picture of its final observation)
+    for step in range(1, 8):
+        obs, _, _, _, info = env.step(still)
+        for i in range(2):
+            if info["_final_obs"][i] and i not in finals:
+                final = {k: v[i : i + 1] for k, v in info["final_obs"].items()}
+                finals[i] = step, env.frames(final)[0].numpy()
+        film(obs, info)
+    assert finals[0][0] == 1 and finals[1][0] == 5
+    width = 7 * 32
+    assert len(film.frames) == 6  # the reset and steps 1..5: nothing after both ended
+    for frame in film.frames[1:]:
+        assert np.array_equal(frame[:, :width], finals[0][1])
+    assert np.array_equal(film.frames[-1][:, width + 2 :], finals[1][1])
+    assert film.frames[0].shape == (5 * 32, 2 * width + 2, 3)
 
 
 def test_render_needs_the_rgb_array_mode():

@@ -391,7 +391,15 @@ def test_cli_train_then_eval(tmp_path, capsys):
         for i in range(gif.n_frames):
             gif.seek(i)
             durations.append(gif.info["duration"])
-        assert sum(durations) == 16 * 100 and gif.size == (2 * 160 + 2, 160)  # 10 frames/s
+        # the reset, then the 16 steps up to the final observations, at 10 frames/s
+        assert sum(durations) == 17 * 100 and gif.size == (2 * 160 + 2, 160)
+    for flags, named in [
+        (["--video", str(tmp_path / "no" / "eval.gif")], "does not exist"),
+        (["--video", str(video), "--video-envs", "5"], "--video-envs"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*checkpoint, *flags])
+        assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -519,6 +527,10 @@ def test_gymnasium_env_trains_and_resumes(tmp_path):
     final = load_checkpoint(resumed["run_dir"] / "checkpoint.pt")
     assert final["loop"]["env_steps"] == 1024
     assert final["buffer"]["truncated"][last].all()  # every running episode was cut there
+    with pytest.raises(SystemExit):  # no film of a Gymnasium env (refused before evaluating)
+        main(
+            ["eval", "--checkpoint", str(resumed["run_dir"] / "checkpoint.pt"), "--video", "v.gif"]
+        )
 
 
 def test_evaluate_runs_the_overridden_episode_length():

@@ -98,11 +98,12 @@ class TorchGoalVectorEnv(VectorEnv):
     (valid rows where ``info["_final_obs"]``), and ``info["success"]`` says whether the step that
     just ran reached the goal.
 
-    With ``render_mode="rgb_array"``, :meth:`render` returns a frame of every env.
+    :meth:`frames` pictures envs from their observations (the final ones of ended episodes
+    too); with ``render_mode="rgb_array"``, :meth:`render` returns a frame of every env.
 
     Subclasses set ``obs_dim``, ``goal_dim``, ``action_dim``, ``_sim_keys`` (names of the tensor
     attributes holding the simulation state) and implement :meth:`_draw`, :meth:`_initial_state`,
-    :meth:`_advance` and :meth:`_observe`, and :meth:`_frames` to render.
+    :meth:`_advance` and :meth:`_observe`, and :meth:`frames` to render.
     """
 
     metadata: ClassVar[dict[str, Any]] = {
@@ -170,8 +171,9 @@ class TorchGoalVectorEnv(VectorEnv):
     def _observe(self) -> GoalObs:
         """The current observation dict (new tensors, not views of the state)."""
 
-    def _frames(self) -> torch.Tensor:
-        """A picture of every env's current state: uint8 ``(num_envs, height, width, 3)``."""
+    def frames(self, obs: GoalObs) -> torch.Tensor:
+        """Pictures of envs in the observations ``obs`` (any number of rows, e.g. the first few
+        envs' or ``info["final_obs"]``): uint8 ``(rows, height, width, 3)`` on the env's device."""
         raise NotImplementedError(f"{type(self).__name__} does not render")
 
     def render(self) -> tuple[np.ndarray, ...]:
@@ -182,7 +184,7 @@ class TorchGoalVectorEnv(VectorEnv):
                 f"{type(self).__name__} was made with render_mode={self.render_mode!r}; make it "
                 f"with render_mode={RGB_ARRAY!r} to render"
             )
-        return tuple(self._frames().cpu().numpy())
+        return tuple(self.frames(self._observe()).cpu().numpy())
 
     @property
     def _state_keys(self) -> tuple[str, ...]:

@@ -237,7 +237,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
             "desired_goal": self.goal.clone(),
         }
 
-    def _frames(self) -> torch.Tensor:
+    def frames(self, obs: GoalObs) -> torch.Tensor:
         """Top view: walls grey, the success disc around the goal red, the point green."""
         if self._canvas is None:
             half = (self._width / 2, self._height / 2)
@@ -247,7 +247,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
             self._background = self._canvas.paint(
                 self._canvas.fill(1, FLOOR), self._is_wall(u, v)[None], WALL
             )[0]
-        canvas = self._canvas
-        frames = canvas.fill(self.num_envs, self._background)
-        frames = canvas.paint(frames, canvas.disc(self.goal, self.success_distance), GOAL)
-        return canvas.paint(frames, canvas.square(self.pos, self.radius), POINT)
+        canvas, goal, pos = self._canvas, obs["desired_goal"], obs["achieved_goal"]
+        frames = canvas.fill(goal.shape[0], self._background)
+        frames = canvas.paint(frames, canvas.disc(goal, self.success_distance), GOAL)
+        return canvas.paint(frames, canvas.square(pos, self.radius), POINT)

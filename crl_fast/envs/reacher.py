@@ -67,7 +67,7 @@ class ReacherEnv(TorchGoalVectorEnv):
             render_fps=1 / dt,
         )
         reach = sum(link_lengths) * 1.1
-        self._canvas = Canvas((-reach, -reach), (reach, reach), round(PIXELS / (2 * reach)), device)
+        self._canvas = Canvas((-reach, -reach), (reach, reach), PIXELS / (2 * reach), device)
 
     def fingertip(self, angle: torch.Tensor) -> torch.Tensor:
         """Forward kinematics: fingertip ``(x, y)`` of joint angles ``(..., 2)``."""
@@ -111,16 +111,15 @@ class ReacherEnv(TorchGoalVectorEnv):
             "desired_goal": self.goal.clone(),
         }
 
-    def _frames(self) -> torch.Tensor:
+    def frames(self, obs: GoalObs) -> torch.Tensor:
         """Top view: the reachable disc, the goal's success disc red, the links blue."""
-        canvas, n = self._canvas, self.num_envs
-        base = torch.zeros(n, 2, device=self.device)
-        q1 = self.angle[:, 0]
-        elbow = self.link_lengths[0] * torch.stack([q1.cos(), q1.sin()], -1)
-        tip = self.fingertip(self.angle)
-        frames = canvas.fill(n, BACKGROUND)
+        canvas, goal, tip = self._canvas, obs["desired_goal"], obs["achieved_goal"]
+        cos_q1, sin_q1 = obs["observation"][:, 0], obs["observation"][:, 1]
+        elbow = self.link_lengths[0] * torch.stack([cos_q1, sin_q1], -1)
+        base = torch.zeros_like(elbow)
+        frames = canvas.fill(goal.shape[0], BACKGROUND)
         frames = canvas.paint(frames, canvas.disc(base, sum(self.link_lengths)), REACH)
-        frames = canvas.paint(frames, canvas.disc(self.goal, self.success_distance), GOAL)
+        frames = canvas.paint(frames, canvas.disc(goal, self.success_distance), GOAL)
         for start, end in ((base, elbow), (elbow, tip)):
             frames = canvas.paint(frames, canvas.segment(start, end, LINK_HALF_WIDTH), LINK)
         return frames

@@ -1,4 +1,4 @@
-"""Frames of the torch envs, drawn with torch ops for all envs at once, and GIFs of them.
+"""Frames of the torch envs, drawn with torch ops for all envs at once, and GIFs of episodes.
 
 A :class:`Canvas` maps a rectangle of the world onto a pixel grid (``y`` up, as in the envs);
 its shapes are boolean masks over ``(num_envs, height, width)`` painted with ``torch.where``, so a
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 
 Colour = tuple[int, int, int]
 
@@ -25,8 +28,8 @@ class Canvas:
         self,
         lo: tuple[float, float],
         hi: tuple[float, float],
-        pixels_per_unit: int,
-        device: torch.device,
+        pixels_per_unit: float,
+        device: torch.device | str,
     ) -> None:
         self.width = round((hi[0] - lo[0]) * pixels_per_unit)
         self.height = round((hi[1] - lo[1]) * pixels_per_unit)
@@ -89,3 +92,33 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float) -> Path
     duration_ms = round(1000 / fps)
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
     return path
+
+
+class FirstEpisodes:
+    """A film of the first episode of envs ``0..count-1`` of ``env``, side by side: call it with
+    the reset's observations (``info`` None), then with each step's. Each env is drawn from its
+    reset to its final observation, then held there while the others go on; frames stop once
+    all have ended. ``frames`` holds the tiles (host uint8 arrays)."""
+
+    def __init__(self, env: TorchGoalVectorEnv, count: int) -> None:
+        self.env, self.count = env, count
+        self.ended = torch.zeros(count, dtype=torch.bool, device=env.device)
+        self.frames: list[np.ndarray] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, obs: GoalObs, info: dict[str, Any] | None) -> None:
+        if self.ended.all():
+            return
+        k = self.count
+        shown = {key: value[:k] for key, value in obs.items()}
+        if info is not None:  # an env that ended in this step is shown in its final state
+            done = info["_final_obs"][:k, None]
+            for key, value in shown.items():
+                shown[key] = torch.where(done, info["final_obs"][key][:k], value)
+        pictures = self.env.frames(shown)
+        if self._last is not None:  # envs whose episode ended before stay as they ended
+            pictures = torch.where(self.ended[:, None, None, None], self._last, pictures)
+        if info is not None:
+            self.ended |= info["_final_obs"][:k]
+        self._last = pictures
+        self.frames.append(tile(list(pictures.cpu().numpy())))
