@@ -21,6 +21,7 @@ from crl_fast.pair_stats import (
     PAIR_DPO,
     PAIR_IPO,
     PAIR_NONE,
+    PairStats,
     loss_with_grads,
     pair_stats,
 )
@@ -241,11 +242,22 @@ def _contrastive_loss(
     pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
     # Losses whose gradient needs no statistic first: computed in forward (two passes).
     fused = name == "binary" or (pair != PAIR_NONE and use_triton and m > 1)
-    if fused and plain:
-        return loss_with_grads(
+    if fused and wants_grad and not config.logsumexp_penalty:
+        value = loss_with_grads(
             x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
             use_triton=use_triton,
         )  # fmt: skip
+        if not return_metrics:
+            return value
+        # The metrics in a pass of their own (as many passes in all as computing them with the
+        # loss): the loss and its gradients are the same with or without them.
+        with torch.no_grad():
+            stats = pair_stats(
+                x, y, scale, shift, energy=energy, row_lse=True, col_lse=False,
+                mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
+                metrics=True, online=False, use_triton=use_triton,
+            )  # fmt: skip
+        return value, _metrics(stats, stats.row_lse, m)
 
     flat = name in ("flatnce", "flatnce_backward")
     want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
@@ -291,19 +303,27 @@ def _contrastive_loss(
         value = value + config.logsumexp_penalty * reduce(row_lse.square())
     if not return_metrics:
         return value
-    with torch.no_grad():
-        rows = torch.arange(b, device=phi.device)
-        negatives = b * m - b
-        metrics = {
-            "categorical_accuracy": (stats.row_argmax == rows).float().mean(),
-            "binary_accuracy": stats.row_correct.sum() / (b * m),
-            "logits_pos": pos.mean(),
-            "logits_neg": (stats.row_sum.sum() - pos.sum()) / negatives
-            if negatives
-            else pos.new_full((), float("nan")),
-            "logsumexp_sq": row_lse.square().mean(),
-        }
-    return value, metrics
+    return value, _metrics(stats, row_lse, m)
+
+
+@torch.no_grad()
+def _metrics(stats: PairStats, row_lse: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
+    """The critic's metrics (0-d tensors) from statistics computed with ``metrics=True`` over
+    ``m`` columns; ``row_lse``: the logsumexp the loss uses (with or without the positive)."""
+    pos = stats.pos
+    b = pos.shape[0]
+    negatives = b * m - b
+    return {
+        "categorical_accuracy": (stats.row_argmax == torch.arange(b, device=pos.device))
+        .float()
+        .mean(),
+        "binary_accuracy": stats.row_correct.sum() / (b * m),
+        "logits_pos": pos.mean(),
+        "logits_neg": (stats.row_sum.sum() - pos.sum()) / negatives
+        if negatives
+        else pos.new_full((), float("nan")),
+        "logsumexp_sq": row_lse.square().mean(),
+    }
 
 
 class ContrastiveLoss(nn.Module):

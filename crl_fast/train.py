@@ -188,9 +188,10 @@ def make_agent(
 
 def make_train_step(
     config: TrainConfig, agent: CRL, buffer: TrajectoryBuffer, cuda_graph: bool
-) -> tuple[Callable[[], dict[str, torch.Tensor]], int, int]:
+) -> tuple[Callable[[bool], dict[str, torch.Tensor]], int, int]:
     """A callable doing updates on fresh batches (``graph_updates`` of them per CUDA graph
-    replay, else one), how many updates a call does, and how many building it did."""
+    replay, else one), how many updates a call does, and how many building it did. Its argument
+    says whether to compute the critic's metrics (a graph always does, in its last update)."""
     if cuda_graph:
         generator = torch.cuda.default_generators[buffer.device.index]
         graphed = GraphedUpdates(
@@ -198,8 +199,32 @@ def make_train_step(
             lambda: buffer.sample(config.batch_size, generator=generator),
             steps=config.graph_updates,
         )
-        return graphed, graphed.steps, graphed.warmup_updates
-    return lambda: agent.update(buffer.sample(config.batch_size)), 1, 0
+        return lambda _: graphed(), graphed.steps, graphed.warmup_updates
+
+    def step(critic_metrics: bool) -> dict[str, torch.Tensor]:
+        return agent.update(buffer.sample(config.batch_size), critic_metrics=critic_metrics)
+
+    return step, 1, 0
+
+
+def logged_next(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
+    """Whether the update about to run is the last before the next training-metrics log (at
+    the end of the first loop iteration that crosses a multiple of ``log_every``), so that its
+    metrics are the ones logged: no other update follows in this iteration (which began at
+    env step ``before``), and the credit the iterations up to the log earn stays short of
+    another. The credit is added as the loop adds it, so the answer is exact."""
+    credit = loop.update_credit - per_call  # after this update
+    if credit >= per_call:
+        return False
+    start, end = before, loop.env_steps
+    while not crossed(start, end, config.log_every):
+        if end >= config.total_env_steps:
+            return True  # training ends first
+        start, end = end, end + config.num_envs
+        credit += config.num_envs * config.updates_per_env_step
+        if credit >= per_call:
+            return False
+    return True
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -337,7 +362,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 loop.updates += warmup
                 loop.update_credit -= warmup
             while loop.update_credit >= per_call:
-                metrics = train_step()
+                # The critic's accuracies cost a pass over the logits: only for logged updates.
+                metrics = train_step(logged_next(loop, config, before, per_call))
                 loop.updates += per_call
                 loop.update_credit -= per_call
 

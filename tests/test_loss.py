@@ -642,6 +642,27 @@ def test_argmax_ties_take_the_first_column(backend):
     assert metrics["binary_accuracy"].item() == pytest.approx(1 - 100 / (100 * 130))
 
 
+@pytest.mark.parametrize(
+    ("loss", "backend"),
+    [("binary", "torch"), ("binary", "triton"), ("dpo", "triton"), ("infonce", "torch")],
+)
+def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend):
+    """Asking for metrics changes what comes back, not the numbers: the same loss and the
+    same gradients, bit for bit (a training loop asks only when it logs)."""
+    phi, psi = _inputs(37, 45, 16, seed=3, scale=3.0)
+    kw = {"loss": loss, "energy": "norm", "backend": backend}
+    plain = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    measured = _loss_and_grads(contrastive_loss, phi, psi, return_metrics=True, **kw)
+    assert set(measured[1]) == {
+        "categorical_accuracy", "binary_accuracy", "logits_pos", "logits_neg", "logsumexp_sq"
+    }  # fmt: skip
+    assert torch.equal(plain[0], measured[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], measured[2], strict=True))
+    truth = _truth(phi, psi, return_metrics=True, loss=loss, energy="norm")[1]
+    for key, value in measured[1].items():
+        torch.testing.assert_close(value.double(), truth[key].double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
 @pytest.mark.parametrize("shape", [(16, 70, 24), (32, 100, 24)], ids=str)
 def test_few_rows_many_columns(shape, loss):

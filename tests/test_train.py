@@ -234,6 +234,37 @@ def test_resuming_a_finished_run_adds_no_rows(tmp_path):
     assert again["eval/success_final"] == first["eval/success_final"]
 
 
+@pytest.mark.parametrize(
+    ("num_envs", "per_env_step"), [(8, 1 / 32), (8, 1 / 8), (16, 1 / 2)], ids=str
+)
+def test_only_logged_updates_compute_the_critic_metrics(
+    tmp_path, monkeypatch, num_envs, per_env_step
+):
+    """A quarter, one and eight updates a loop iteration: exactly the update whose metrics a
+    log row shows computes the critic's accuracies (they cost a pass over the logits), and
+    every row has them."""
+    from crl_fast.agent import CRL
+
+    calls = []
+    update = CRL.update
+
+    def spy(self, batch, critic_metrics=True):
+        metrics = update(self, batch, critic_metrics=critic_metrics)
+        calls.append((critic_metrics, metrics["critic/loss"].item()))
+        return metrics
+
+    monkeypatch.setattr(CRL, "update", spy)
+    config = tiny_config(
+        tmp_path, num_envs=num_envs, updates_per_env_step=per_env_step, log_every=200
+    )
+    train(config)
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "critic/loss" in r]
+    measured = [loss for flag, loss in calls if flag]
+    assert len(rows) >= 3 and all("critic/categorical_accuracy" in r for r in rows)
+    assert [r["critic/loss"] for r in rows] == pytest.approx(measured[: len(rows)], rel=1e-6)
+    assert len(measured) <= len(rows) + 1 < len(calls)  # + the last update, logged or not
+
+
 def test_no_updates_means_no_train_step(tmp_path, monkeypatch):
     """updates_per_env_step=0 collects only: not even the CUDA graph's warm-up updates run."""
 
