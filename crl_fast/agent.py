@@ -128,7 +128,8 @@ class CRL:
 
         Returns detached 0-d metric tensors; nothing is synchronised with the host. Without
         ``critic_metrics`` the critic's accuracies and mean logits are left out (the losses
-        stay): they cost the loss kernels extra work, and the sigmoid loss a third pass.
+        stay): they cost the loss kernels extra work, and the sigmoid loss a pass of its own.
+        The step is the same either way.
         """
         obs, action, goal = batch
         # psi(g) once: the critic trains through it, the actor reads it. The actor and alpha

@@ -643,13 +643,20 @@ def test_argmax_ties_take_the_first_column(backend):
 
 
 @pytest.mark.parametrize(
-    ("loss", "backend"),
-    [("binary", "torch"), ("binary", "triton"), ("dpo", "triton"), ("infonce", "torch")],
+    ("loss", "backend", "device"),
+    [
+        ("binary", "torch", "cpu"),
+        ("binary", "triton", "cpu"),
+        ("dpo", "triton", "cpu"),
+        ("infonce", "torch", "cpu"),
+        pytest.param("binary", "triton", "cuda", marks=pytest.mark.gpu),
+        pytest.param("ipo", "triton", "cuda", marks=pytest.mark.gpu),
+    ],
 )
-def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend):
+def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend, device):
     """Asking for metrics changes what comes back, not the numbers: the same loss and the
     same gradients, bit for bit (a training loop asks only when it logs)."""
-    phi, psi = _inputs(37, 45, 16, seed=3, scale=3.0)
+    phi, psi = _inputs(37, 45, 16, seed=3, scale=3.0, device=device)
     kw = {"loss": loss, "energy": "norm", "backend": backend}
     plain = _loss_and_grads(contrastive_loss, phi, psi, **kw)
     measured = _loss_and_grads(contrastive_loss, phi, psi, return_metrics=True, **kw)
@@ -658,9 +665,9 @@ def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend):
     }  # fmt: skip
     assert torch.equal(plain[0], measured[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[2], measured[2], strict=True))
-    truth = _truth(phi, psi, return_metrics=True, loss=loss, energy="norm")[1]
+    truth = _truth(phi.cpu(), psi.cpu(), return_metrics=True, loss=loss, energy="norm")[1]
     for key, value in measured[1].items():
-        torch.testing.assert_close(value.double(), truth[key].double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(value.cpu().double(), truth[key].double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
