@@ -220,13 +220,17 @@ def _contrastive_loss(
     backend: str,
 ) -> LossOutput:
     name = config.loss
-    if name in _ROW_TWIN and not (config.logsumexp_penalty or return_metrics):
-        psi = psi[: phi.shape[0]]  # extra negatives are columns that no column-loss term reads
-    b, m = phi.shape[0], psi.shape[0]
     use_triton = _use_triton(phi, backend)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
     )
+    if return_metrics and _metrics_apart(config, wants_grad, use_triton, psi.shape[0]):
+        # Computed as without metrics, so the loss and gradients are the same bit for bit.
+        value = _contrastive_loss(phi, psi, config, log_scale, bias, False, backend)
+        return value, _metrics_pass(phi, psi, config, log_scale, bias, use_triton)
+    if name in _ROW_TWIN and not (config.logsumexp_penalty or return_metrics):
+        psi = psi[: phi.shape[0]]  # extra negatives are columns that no column-loss term reads
+    b, m = phi.shape[0], psi.shape[0]
     plain = wants_grad and not (config.logsumexp_penalty or return_metrics)
     if name in _ROW_TWIN and b == m and use_triton and plain:
         # A square batch's column loss is the row loss of the transposed problem (every energy
@@ -234,30 +238,14 @@ def _contrastive_loss(
         twin = replace(config, loss=_ROW_TWIN[name])
         return _contrastive_loss(psi, phi, twin, log_scale, bias, False, backend)
 
-    x, y = kernel_inputs(phi, psi, config.energy)
-    one = x.new_ones((), dtype=torch.float32)
-    scale = one if log_scale is None else log_scale.reshape(()).exp()
-    shift = one * 0 if bias is None else bias.reshape(())
+    x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
     energy = ENERGY_CODES[config.energy]
-    pair = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}.get(name, PAIR_NONE)
-    # Losses whose gradient needs no statistic first: computed in forward (two passes).
-    fused = name == "binary" or (pair != PAIR_NONE and use_triton and m > 1)
-    if fused and wants_grad and not config.logsumexp_penalty:
-        value = loss_with_grads(
+    pair = _PAIRS.get(name, PAIR_NONE)
+    if _fused(name, use_triton, m) and plain:
+        return loss_with_grads(
             x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
             use_triton=use_triton,
         )  # fmt: skip
-        if not return_metrics:
-            return value
-        # The metrics in a pass of their own (as many passes in all as computing them with the
-        # loss): the loss and its gradients are the same with or without them.
-        with torch.no_grad():
-            stats = pair_stats(
-                x, y, scale, shift, energy=energy, row_lse=True, col_lse=False,
-                mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
-                metrics=True, online=False, use_triton=use_triton,
-            )  # fmt: skip
-        return value, _metrics(stats, stats.row_lse, m)
 
     flat = name in ("flatnce", "flatnce_backward")
     want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
@@ -304,6 +292,59 @@ def _contrastive_loss(
     if not return_metrics:
         return value
     return value, _metrics(stats, row_lse, m)
+
+
+_PAIRS = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}
+
+
+def _fused(name: str, use_triton: bool, m: int) -> bool:
+    """Whether the loss's gradient needs no statistic first, so that its forward computes it
+    (two passes in all): the sigmoid loss, and DPO / IPO on the Triton path."""
+    return name == "binary" or (name in _PAIRS and use_triton and m > 1)
+
+
+def _metrics_apart(config: LossConfig, wants_grad: bool, use_triton: bool, m: int) -> bool:
+    """Whether the metrics come from a pass of their own: for the losses whose own passes
+    compute no row logsumexp (the fused losses with gradients, the column losses), so that
+    their loss and gradients are those computed without metrics. With the penalty every loss
+    computes the row logsumexp, and the metrics come with it."""
+    if config.logsumexp_penalty:
+        return False
+    return config.loss in _ROW_TWIN or (wants_grad and _fused(config.loss, use_triton, m))
+
+
+def _kernel_args(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    config: LossConfig,
+    log_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows the kernels multiply, the logit scale and the bias (0-d)."""
+    x, y = kernel_inputs(phi, psi, config.energy)
+    one = x.new_ones((), dtype=torch.float32)
+    scale = one if log_scale is None else log_scale.reshape(()).exp()
+    shift = one * 0 if bias is None else bias.reshape(())
+    return x, y, scale, shift
+
+
+@torch.no_grad()
+def _metrics_pass(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    config: LossConfig,
+    log_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    use_triton: bool,
+) -> dict[str, torch.Tensor]:
+    """The metrics from a no-grad pass over the logits of their own."""
+    x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
+    stats = pair_stats(
+        x, y, scale, shift, energy=ENERGY_CODES[config.energy], row_lse=True, col_lse=False,
+        mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
+        metrics=True, online=False, use_triton=use_triton,
+    )  # fmt: skip
+    return _metrics(stats, stats.row_lse, psi.shape[0])
 
 
 @torch.no_grad()

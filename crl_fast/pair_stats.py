@@ -228,7 +228,7 @@ def _torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, m
         if metrics:
             out["row_argmax"][rows] = logits.argmax(1).to(torch.int32)
             out["row_sum"][rows] = logits.sum(1)
-            correct = logits <= 0  # the label: 1 on the diagonal, 0 off it
+            correct = ~(logits > 0)  # the label: 1 on the diagonal, 0 off it (NaN: not > 0)
             _diagonal_of(correct, start).logical_not_()
             out["row_correct"][rows] = correct.sum(1).to(acc)
     if col_lse:

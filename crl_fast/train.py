@@ -208,16 +208,19 @@ def make_train_step(
 
 
 def logged_next(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
-    """Whether the update about to run is the last before the next training-metrics log (at
-    the end of the first loop iteration that crosses a multiple of ``log_every``), so that its
-    metrics are the ones logged: no other update follows in this iteration (which began at
-    env step ``before``), and the credit the iterations up to the log earn stays short of
-    another. The credit is added as the loop adds it, so the answer is exact."""
+    """Whether the update about to run is the last before the next training-metrics log or
+    checkpoint (at the end of the first loop iteration that crosses a multiple of ``log_every``
+    or ``checkpoint_every``), so that its metrics are the ones logged or saved (a resumed run
+    logs the saved ones until it updates): no other update follows in this iteration (which
+    began at env step ``before``), and the credit the iterations up to then earn stays short
+    of another. The credit is added as the loop adds it, so the answer is exact."""
     credit = loop.update_credit - per_call  # after this update
     if credit >= per_call:
         return False
     start, end = before, loop.env_steps
-    while not crossed(start, end, config.log_every):
+    while not (
+        crossed(start, end, config.log_every) or crossed(start, end, config.checkpoint_every)
+    ):
         if end >= config.total_env_steps:
             return True  # training ends first
         start, end = end, end + config.num_envs

@@ -265,6 +265,33 @@ def test_only_logged_updates_compute_the_critic_metrics(
     assert len(measured) <= len(rows) + 1 < len(calls)  # + the last update, logged or not
 
 
+def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatch):
+    """The checkpoint holds the metrics of an update that computed the critic's accuracies,
+    though no log fell there: a run resumed with a shorter log_every logs them before its first
+    update."""
+
+    import crl_fast.train
+
+    class Killed(Exception):
+        pass
+
+    save = crl_fast.train.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        raise Killed
+
+    monkeypatch.setattr(crl_fast.train, "save_checkpoint", save_then_die)
+    settings = dict(updates_per_env_step=1 / 32, checkpoint_every=288, total_env_steps=1024)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path, log_every=256, **settings))
+    monkeypatch.setattr(crl_fast.train, "save_checkpoint", save)
+    train(tiny_config(tmp_path, log_every=8, resume=True, **settings))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "critic/loss" in r]
+    assert any(r["step"] == 296 for r in rows)  # before the resumed run's first update
+    assert all("critic/categorical_accuracy" in r for r in rows)
+
+
 def test_no_updates_means_no_train_step(tmp_path, monkeypatch):
     """updates_per_env_step=0 collects only: not even the CUDA graph's warm-up updates run."""
 
