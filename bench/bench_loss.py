@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import Callable
 
-import pytest
 import torch
 
 from bench.harness import graphed, measure, print_table, write_results
@@ -200,18 +199,25 @@ _B = 16384 if _DEVICE.type == "cuda" else 1024
 _DTYPE = torch.bfloat16 if _DEVICE.type == "cuda" else torch.float32
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])
-def test_loss_forward_backward(benchmark, impl, loss, energy, penalty):
-    step = make_step(impl, _B, 64, _DTYPE, _DEVICE, loss=loss, energy=energy, penalty=penalty)
-    step()  # Triton JIT / first-call work, outside pytest-benchmark's calibration and rounds
+try:  # the entry points need pytest (the test extra); the script does not
+    import pytest
+except ImportError:
+    pytest = None
 
-    def call():
-        step()
-        if _DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+if pytest is not None:
 
-    benchmark(call)
+    @pytest.mark.parametrize("impl", CPU_IMPLS)
+    @pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])
+    def test_loss_forward_backward(benchmark, impl, loss, energy, penalty):
+        step = make_step(impl, _B, 64, _DTYPE, _DEVICE, loss=loss, energy=energy, penalty=penalty)
+        step()  # Triton JIT / first-call work, outside pytest-benchmark's calibration and rounds
+
+        def call():
+            step()
+            if _DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+
+        benchmark(call)
 
 
 if __name__ == "__main__":

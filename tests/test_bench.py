@@ -68,3 +68,17 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
                 flat = [v for v in values for v in (v if isinstance(v, list) else [v])]
                 assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
     assert "CPU" in capsys.readouterr().out or module is probe_warp_specialize
+
+
+@pytest.mark.parametrize("name", ["loss", "buffer", "envs", "update", "train"])
+def test_scripts_run_without_pytest(name):
+    """The main set-up installs no test extra: each script imports and parses without pytest."""
+    import subprocess
+
+    code = (
+        "import sys, runpy; sys.modules['pytest'] = None; sys.argv = ['x', '--help']; "
+        f"runpy.run_module('bench.bench_{name}', run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout
