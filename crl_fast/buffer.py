@@ -266,8 +266,13 @@ class TrajectoryBuffer:
                 raise TypeError(f"extend(): {name} must have dtype {want_dtype}, got {x.dtype}")
             if x.device != self.device:
                 raise ValueError(f"extend(): {name} is on {x.device}, the buffer on {self.device}")
+            if x.dim() != (2 if dim is None else 3):
+                raise ValueError(
+                    f"extend(): {name} must be shaped [T, num_envs{'' if dim is None else ', dim'}]"
+                    f" (one step: x.unsqueeze(0)), got {list(x.shape)}"
+                )
             if steps is None:
-                steps = x.shape[0] if x.dim() > 0 else 0
+                steps = x.shape[0]
             want = (steps, self.num_envs) + (() if dim is None else (dim,))
             if tuple(x.shape) != want:
                 raise ValueError(

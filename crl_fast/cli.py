@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_parser = commands.add_parser("eval", help="evaluate a checkpoint")
     eval_parser.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt")
-    eval_parser.add_argument("--episodes", type=int, default=100, help="episodes (parallel envs)")
+    eval_parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="episodes, run as parallel envs (default: the run's --eval-episodes)",
+    )
     eval_parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     eval_parser.add_argument(
         "--seed", type=int, default=None, help="goal seed (default: the run's evaluation goals)"
@@ -139,6 +144,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
 
     agent, config = load_agent(args.checkpoint, args.device)
+    if args.episodes is None:
+        args.episodes = config.eval_episodes
     env = make_eval_env(config, agent.device, args.episodes)
     film = _film(args, env) if args.video else None
     seed = config.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed

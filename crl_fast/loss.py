@@ -417,4 +417,14 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"loss={c.loss!r}, energy={c.energy!r}, reduction={c.reduction!r}"
+        parts = [f"loss={c.loss!r}, energy={c.energy!r}, reduction={c.reduction!r}"]
+        if c.logsumexp_penalty:
+            parts.append(f"logsumexp_penalty={c.logsumexp_penalty}")
+        if c.exclude_positive_from_lse:
+            parts.append("exclude_positive_from_lse=True")
+        for name in ("log_scale", "bias"):
+            t = getattr(self, name)
+            if t is not None:  # a host read: printing a module is no hot path
+                learned = " (learned)" if isinstance(t, nn.Parameter) else ""
+                parts.append(f"{name}={t.item():.4g}{learned}")
+        return ", ".join(parts)

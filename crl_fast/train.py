@@ -288,6 +288,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"run directory: {run_dir}")
+    last_step = -(-config.total_env_steps // config.num_envs) * config.num_envs
+    if config.updates_per_env_step and last_step < config.learning_starts:
+        print(
+            f"no updates: the run ends at env step {last_step:,}, before --learning-starts "
+            f"{config.learning_starts:,} (random actions only)"
+        )
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
     logger = MetricsLogger(

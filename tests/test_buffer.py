@@ -532,6 +532,7 @@ def good_batch(steps: int = 2, n: int = 6) -> dict[str, torch.Tensor]:
     ("field", "value", "error", "match"),
     [
         ("observation", torch.zeros(2, 5, OBS), ValueError, "shaped"),
+        ("observation", torch.zeros(6, OBS), ValueError, r"one step: x\.unsqueeze\(0\)"),
         ("action", torch.zeros(2, 6, ACT + 1), ValueError, "shaped"),
         ("next_achieved_goal", torch.zeros(3, 6, GOAL), ValueError, "shaped"),
         ("terminated", torch.zeros(2, 6), TypeError, "dtype"),

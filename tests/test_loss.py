@@ -625,6 +625,17 @@ def test_module_fixed_scale_and_bias():
     assert not dict(ContrastiveLoss().named_buffers())  # zero: left out
 
 
+def test_module_repr_shows_its_settings():
+    module = ContrastiveLoss(
+        "infonce", "norm", logsumexp_penalty=0.1, learn_scale=True, init_log_scale=math.log(10)
+    )
+    assert repr(module) == (
+        "ContrastiveLoss(loss='infonce', energy='norm', reduction='mean', "
+        "logsumexp_penalty=0.1, log_scale=2.303 (learned))"
+    )
+    assert repr(ContrastiveLoss(init_bias=-10.0)).endswith("bias=-10)")
+
+
 def test_module_refuses_a_bad_backend_when_built():
     with pytest.raises(ValueError, match="backend"):
         ContrastiveLoss(backend="gpu")

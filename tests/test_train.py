@@ -292,6 +292,22 @@ def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatc
     assert all("critic/categorical_accuracy" in r for r in rows)
 
 
+def test_a_run_too_short_to_train_says_so(tmp_path, capsys):
+    train(tiny_config(tmp_path, total_env_steps=250, learning_starts=256, num_envs=8))
+    assert "no updates: the run ends at env step 256" not in capsys.readouterr().out
+    train(tiny_config(tmp_path, "short", total_env_steps=240, learning_starts=256, num_envs=8))
+    assert "no updates: the run ends at env step 240, before" in capsys.readouterr().out
+
+
+def test_python_m_crl_fast_is_the_command_line():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "crl_fast", "eval", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--video-envs" in done.stdout
+
+
 def test_no_updates_means_no_train_step(tmp_path, monkeypatch):
     """updates_per_env_step=0 collects only: not even the CUDA graph's warm-up updates run."""
 
@@ -425,7 +441,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     for name in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "curve.png"):
         assert (run_dir / name).exists(), name
     capsys.readouterr()
-    main(["eval", "--checkpoint", str(run_dir / "checkpoint.pt"), "--episodes", "4"])
+    main(["eval", "--checkpoint", str(run_dir / "checkpoint.pt")])  # the run's eval episodes
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # The run's own last evaluation: the same 4 goals (its seed), the same weights, CPU.
     last = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/success" in row][-1]
