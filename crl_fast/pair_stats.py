@@ -369,6 +369,11 @@ def _eager_fast_path(op, impl, backward=None, setup_context=None):
         eager = type(impl.__name__, (torch.autograd.Function,), methods).apply
 
     def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "crl-fast's fused losses do not support torch.func transforms (grad, vmap, "
+                "jacrev, ...): use torch.autograd, or crl_fast.reference_contrastive_loss"
+            )
         return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
     return call

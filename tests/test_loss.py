@@ -625,6 +625,15 @@ def test_module_fixed_scale_and_bias():
     assert not dict(ContrastiveLoss().named_buffers())  # zero: left out
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_get_a_clear_error(transform):
+    phi, psi = _inputs(8, 8, 4)
+    fn = getattr(torch.func, transform)
+    args = (phi,) if transform == "grad" else (phi[None],)
+    with pytest.raises(RuntimeError, match=r"do not support torch\.func"):
+        fn(lambda p: contrastive_loss(p, psi))(*args)
+
+
 def test_module_repr_shows_its_settings():
     module = ContrastiveLoss(
         "infonce", "norm", logsumexp_penalty=0.1, learn_scale=True, init_log_scale=math.log(10)
