@@ -192,6 +192,22 @@ def test_amp_runs_the_matmuls_and_the_loss_in_bfloat16(monkeypatch, amp):
             assert cosine > 0.99
 
 
+def test_amp_trains_residual_networks():
+    """Residual blocks (LayerNorm, skip additions) under autocast: a step moves every parameter,
+    which stay float32, and the critic loss is finite and close to float32's."""
+    torch.manual_seed(0)
+    agent = small_agent(amp="bfloat16", residual=True, depth=4, layer_norm=True)
+    reference = small_agent(residual=True, depth=4, layer_norm=True)
+    reference.load_state_dict(agent.state_dict())
+    before = parameters(agent)
+    batch = toy_batch()
+    metrics, expected = agent.update(batch), reference.update(batch)
+    after = parameters(agent)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    torch.testing.assert_close(metrics["critic/loss"], expected["critic/loss"], rtol=1e-2, atol=0)
+
+
 def test_amp_refuses_float16():
     with pytest.raises(ValueError, match="amp must be one of"):
         AgentConfig(amp="float16")
