@@ -393,8 +393,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             checkpoint_now()
-        status = f"eval success {loop.last_eval['eval/success']:.2f}" if loop.last_eval else ""
-        progress.update(loop.env_steps, loop.updates, status)
+        status = [f"eval success {loop.last_eval['eval/success']:.2f}"] if loop.last_eval else []
+        if loop.env_steps < config.learning_starts:  # why the first steps run faster
+            status.append(f"random actions until {config.learning_starts:,}")
+        progress.update(loop.env_steps, loop.updates, ", ".join(status))
     progress.close()
 
     if loop.last_eval_step != loop.env_steps:

@@ -299,6 +299,20 @@ def test_a_run_too_short_to_train_says_so(tmp_path, capsys):
     assert "no updates: the run ends at env step 240, before" in capsys.readouterr().out
 
 
+def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
+    from crl_fast.logger import Progress
+
+    seen = []
+    monkeypatch.setattr(
+        Progress, "update", lambda self, steps, updates, info="": seen.append((steps, info))
+    )
+    train(tiny_config(tmp_path, progress=True))
+    assert all(
+        ("random actions until 256" in info) == (steps < 256) and "eval success" in info
+        for steps, info in seen
+    )
+
+
 def test_python_m_crl_fast_is_the_command_line():
     import subprocess
 
