@@ -168,6 +168,8 @@ def _film(args: argparse.Namespace, env: Any) -> Any:
             "--video draws the built-in envs (crl_fast.envs); for gymnasium:<id> envs use "
             "Gymnasium's own video recording"
         )
+    if type(env).frames is TorchGoalVectorEnv.frames:
+        raise ValueError(f"--video: {type(env).__name__} does not draw frames (no frames method)")
     if not 1 <= args.video_envs <= args.episodes:
         raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
     if not Path(args.video).parent.is_dir():

@@ -409,6 +409,55 @@ def test_compiled_step_matches_eager(name, device):
         assert torch.equal(have[4]["_final_obs"], want[4]["_final_obs"])
 
 
+# --------------------------------------------------------------------------- your own env
+
+
+def test_readme_shows_the_example_env():
+    """The README's env of your own is tests/free_point_env.py, line for line."""
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    code = (root / "tests" / "free_point_env.py").read_text().split("\n\n", 1)[1]
+    assert f"```python\n{code.strip()}\n```" in (root / "README.md").read_text()
+
+
+def test_a_registered_env_steps_like_the_built_in_ones():
+    env = make_env("tests.free_point_env:free_point", num_envs=4, seed=0, max_episode_steps=3)
+    from tests.free_point_env import FreePoint  # imported by make_env: "<module>:<name>"
+
+    assert isinstance(env, FreePoint) and env.max_episode_steps == 3
+    assert make_env("free_point", num_envs=2).max_episode_steps == 50  # registered on import
+    start, _ = env.reset(seed=1)
+    state = env.state_dict()
+    obs = env.step(torch.ones(4, 2))[0]
+    torch.testing.assert_close(obs["observation"], (start["observation"] + 0.1).clamp(0, 1))
+    for _ in range(2):
+        _, reward, _, truncated, info = env.step(torch.ones(4, 2))
+    assert truncated.all() and info["_final_obs"].all()  # autoreset at the limit
+    assert set(reward.tolist()) <= {-1.0, 0.0}
+    env.load_state_dict(state)
+    again = env.step(torch.ones(4, 2))[0]
+    torch.testing.assert_close(again["observation"], (start["observation"] + 0.1).clamp(0, 1))
+
+
+def test_register_env_refuses_clashes_and_bad_names():
+    from crl_fast.envs import register_env
+    from tests.free_point_env import FreePoint
+
+    register_env("free_point", FreePoint)  # the same factory again: nothing changes
+    for name, error in [("reacher", "built-in"), ("a:b", "without ':'"), ("", "without ':'")]:
+        with pytest.raises(ValueError, match=error):
+            register_env(name, FreePoint)
+    with pytest.raises(ValueError, match="registered already"):
+        register_env("free_point", lambda *a, **k: None)
+    with pytest.raises(TypeError, match="callable"):
+        register_env("other", 3)
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        make_env("no_such_module:free_point", num_envs=2)
+    with pytest.raises(ValueError, match="unknown env 'nope'"):
+        make_env("tests.free_point_env:nope", num_envs=2)
+
+
 # --------------------------------------------------------------------------- rendering
 
 

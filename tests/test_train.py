@@ -313,6 +313,25 @@ def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
     )
 
 
+def test_an_env_of_your_own_trains_from_the_command_line(tmp_path, capsys):
+    run_dir = tmp_path / "own"
+    flags = "--num-envs 4 --total-env-steps 256 --learning-starts 64 --batch-size 16"
+    flags += " --width 16 --eval-episodes 4 --eval-every 128 --log-every 64"
+    env = ["--env", "tests.free_point_env:free_point"]
+    main(["train", *env, *flags.split(), "--run-dir", str(run_dir), "--no-tensorboard"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["env"] == "tests.free_point_env:free_point"
+    capsys.readouterr()
+    checkpoint = ["eval", "--checkpoint", str(run_dir / "checkpoint.pt")]
+    main(checkpoint)
+    last = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/success" in row][-1]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval/final_distance"] == pytest.approx(last["eval/final_distance"], abs=1e-6)
+    with pytest.raises(SystemExit):  # refused before evaluating: FreePoint draws no frames
+        main([*checkpoint, "--video", str(tmp_path / "v.gif")])
+    assert "FreePoint does not draw frames" in capsys.readouterr().err
+
+
 def test_python_m_crl_fast_is_the_command_line():
     import subprocess
 

@@ -7,6 +7,7 @@ with ``info["final_obs"]``, a vectorised ``compute_reward`` and ``info["success"
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,26 @@ _FACTORIES: dict[str, Callable[..., TorchGoalVectorEnv]] = {
     "reacher": ReacherEnv,
 }
 ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+"""The built-in envs (:func:`register_env` adds others)."""
+
+
+def register_env(
+    name: str, factory: Callable[..., TorchGoalVectorEnv], *, replace: bool = False
+) -> None:
+    """Let :func:`make_env` (and so ``crl-fast train --env``) build a torch env of your own:
+    ``factory(num_envs, device=..., seed=..., max_episode_steps=..., **env_kwargs)`` returns a
+    :class:`TorchGoalVectorEnv` (``max_episode_steps=None``: its default). ``--env
+    <module>:<name>`` imports ``<module>`` first, so a module that registers its envs when
+    imported needs no other hook. A name is registered once unless ``replace``."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"an env name is a non-empty string without ':', got {name!r}")
+    if name in ENV_NAMES:
+        raise ValueError(f"{name!r} is a built-in env")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
+    if name in _FACTORIES and _FACTORIES[name] is not factory and not replace:
+        raise ValueError(f"an env named {name!r} is registered already (replace=True replaces it)")
+    _FACTORIES[name] = factory
 
 
 GoalVectorEnv = TorchGoalVectorEnv | GymnasiumGoalVectorEnv
@@ -49,8 +70,9 @@ def make_env(
     max_episode_steps: int | None = None,
     **kwargs: Any,
 ) -> GoalVectorEnv:
-    """Create the torch env ``name`` (one of :data:`ENV_NAMES`) with ``num_envs`` copies on
-    ``device``; ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class.
+    """Create the torch env ``name`` (one of :data:`ENV_NAMES` or a :func:`register_env` name,
+    ``<module>:<name>`` importing ``<module>`` first) with ``num_envs`` copies on ``device``;
+    ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class.
 
     ``"gymnasium:<id>"`` (e.g. ``gymnasium:gymnasium_robotics:PointMaze_UMaze-v3``) builds a
     :class:`GymnasiumGoalVectorEnv` of that id instead; ``kwargs`` then go to it (for example
@@ -65,12 +87,18 @@ def make_env(
         if env.max_episode_steps is None:
             raise ValueError(f"{name} has no episode limit: pass max_episode_steps")
         return env
-    if name not in _FACTORIES:
+    module, _, short = name.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)  # registers its envs
+        except ImportError as error:
+            raise ValueError(f"env {name!r}: cannot import {module!r}: {error}") from error
+    if short not in _FACTORIES:
         raise ValueError(
-            f"unknown env {name!r}; valid names: {', '.join(ENV_NAMES)}, "
-            f"or {GYMNASIUM_PREFIX}<gymnasium id>"
+            f"unknown env {short!r}; valid names: {', '.join(_FACTORIES)}, "
+            f"<module>:<name> of a module that registers it, or {GYMNASIUM_PREFIX}<gymnasium id>"
         )
-    return _FACTORIES[name](
+    return _FACTORIES[short](
         num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs
     )
 
@@ -84,4 +112,5 @@ __all__ = [
     "ReacherEnv",
     "TorchGoalVectorEnv",
     "make_env",
+    "register_env",
 ]
