@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a GIF of the first --video-envs episodes here (built-in envs)",
     )
     eval_parser.add_argument(
-        "--video-envs", type=int, default=4, help="episodes side by side in the GIF (default: 4)"
+        "--video-envs",
+        type=int,
+        default=None,
+        help="episodes side by side in the GIF (default: 4, or --episodes if fewer)",
     )
     return parser
 
@@ -170,6 +173,8 @@ def _film(args: argparse.Namespace, env: Any) -> Any:
         )
     if type(env).frames is TorchGoalVectorEnv.frames:
         raise ValueError(f"--video: {type(env).__name__} does not draw frames (no frames method)")
+    if args.video_envs is None:
+        args.video_envs = min(4, args.episodes)
     if not 1 <= args.video_envs <= args.episodes:
         raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
     if not Path(args.video).parent.is_dir():

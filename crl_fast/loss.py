@@ -426,5 +426,6 @@ class ContrastiveLoss(nn.Module):
             t = getattr(self, name)
             if t is not None:  # a host read: printing a module is no hot path
                 learned = " (learned)" if isinstance(t, nn.Parameter) else ""
-                parts.append(f"{name}={t.item():.4g}{learned}")
+                value = "meta" if t.is_meta else f"{t.item():.4g}"
+                parts.append(f"{name}={value}{learned}")
         return ", ".join(parts)

@@ -207,6 +207,15 @@ def make_train_step(
     return step, 1, 0
 
 
+def update_credit(config: TrainConfig) -> float:
+    """The update credit a whole run earns: ``num_envs * updates_per_env_step`` in each loop
+    iteration that ends at or after ``learning_starts`` (an update costs 1; a CUDA graph's
+    warm-up updates run at the first credit)."""
+    iterations = -(-config.total_env_steps // config.num_envs)
+    first = max(1, -(-config.learning_starts // config.num_envs))  # first iteration that earns
+    return max(0, iterations - first + 1) * config.num_envs * config.updates_per_env_step
+
+
 def logged_next(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
     """Whether the update about to run is the last before the next training-metrics log or
     checkpoint (at the end of the first loop iteration that crosses a multiple of ``log_every``
@@ -288,10 +297,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"run directory: {run_dir}")
-    last_step = -(-config.total_env_steps // config.num_envs) * config.num_envs
-    if config.updates_per_env_step and last_step < config.learning_starts:
+    credit = update_credit(config)
+    if config.updates_per_env_step and (credit == 0 or (credit < 1 and not speed["cuda_graph"])):
         print(
-            f"no updates: the run ends at env step {last_step:,}, before --learning-starts "
+            f"no updates: the run earns {credit:.3g} updates' credit after --learning-starts "
             f"{config.learning_starts:,} (random actions only)"
         )
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "

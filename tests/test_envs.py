@@ -442,9 +442,20 @@ def test_a_registered_env_steps_like_the_built_in_ones():
 
 def test_register_env_refuses_clashes_and_bad_names():
     from crl_fast.envs import register_env
+    from tests import free_point_env
     from tests.free_point_env import FreePoint
 
     register_env("free_point", FreePoint)  # the same factory again: nothing changes
+    # The same file loaded under another name (a script also imported as a module): accepted.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("free_point_copy", free_point_env.__file__)
+    copy = sys.modules["free_point_copy"] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(copy)  # registers its own FreePoint class as "free_point"
+    finally:
+        del sys.modules["free_point_copy"]
+        register_env("free_point", FreePoint, replace=True)  # the copy's class replaced it
     for name, error in [("reacher", "built-in"), ("a:b", "without ':'"), ("", "without ':'")]:
         with pytest.raises(ValueError, match=error):
             register_env(name, FreePoint)

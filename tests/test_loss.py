@@ -643,6 +643,8 @@ def test_module_repr_shows_its_settings():
         "logsumexp_penalty=0.1, log_scale=2.303 (learned))"
     )
     assert repr(ContrastiveLoss(init_bias=-10.0)).endswith("bias=-10)")
+    with torch.device("meta"):  # deferred initialisation: no values to read
+        assert repr(ContrastiveLoss(learn_bias=True)).endswith("bias=meta (learned))")
 
 
 def test_module_refuses_a_bad_backend_when_built():

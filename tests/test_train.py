@@ -292,11 +292,28 @@ def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatc
     assert all("critic/categorical_accuracy" in r for r in rows)
 
 
-def test_a_run_too_short_to_train_says_so(tmp_path, capsys):
-    train(tiny_config(tmp_path, total_env_steps=250, learning_starts=256, num_envs=8))
-    assert "no updates: the run ends at env step 256" not in capsys.readouterr().out
-    train(tiny_config(tmp_path, "short", total_env_steps=240, learning_starts=256, num_envs=8))
-    assert "no updates: the run ends at env step 240, before" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("total", "learning_starts", "per_env_step", "updates"),
+    [
+        (250, 256, 1 / 8, 1),
+        (240, 256, 1 / 8, 0),
+        (256, 256, 1 / 16, 0),
+        (264, 256, 1 / 16, 1),
+        (256, 250, 1 / 16, 0),  # step 248 earns nothing: 250 is not a multiple of 8
+    ],
+)
+def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_starts, per_env_step,
+                                          updates):  # fmt: skip
+    """8 envs: a run of 250 steps ends at 256 and trains once; one of 256 steps with 1/16 of
+    an update per env step earns half an update's credit there, and does not."""
+    config = tiny_config(
+        tmp_path, total_env_steps=total, learning_starts=learning_starts, num_envs=8,
+        updates_per_env_step=per_env_step, batch_size=8,
+    )  # fmt: skip
+    train(config)
+    said = "no updates: the run earns" in capsys.readouterr().out
+    done = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["updates"]
+    assert done == updates and said == (updates == 0)
 
 
 def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
@@ -500,6 +517,9 @@ def test_cli_train_then_eval(tmp_path, capsys):
             durations.append(gif.info["duration"])
         # the reset, then the 16 steps up to the final observations, at 10 frames/s
         assert sum(durations) == 17 * 100 and gif.size == (2 * 160 + 2, 160)
+    main([*checkpoint[:3], "--episodes", "2", "--video", str(video)])  # 2 envs: 2 filmed
+    with Image.open(video) as gif:
+        assert gif.size == (2 * 160 + 2, 160)
     for flags, named in [
         (["--video", str(tmp_path / "no" / "eval.gif")], "does not exist"),
         (["--video", str(video), "--video-envs", "5"], "--video-envs"),

@@ -8,6 +8,8 @@ with ``info["final_obs"]``, a vectorised ``compute_reward`` and ``info["success"
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,19 @@ ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 """The built-in envs (:func:`register_env` adds others)."""
 
 
+def _definition(factory: Callable[..., Any]) -> tuple[str | None, str | None]:
+    """Where a factory is defined: its qualified name and its module's file (None for a
+    notebook's or the interpreter's), whatever name the module was loaded under."""
+    file = getattr(sys.modules.get(getattr(factory, "__module__", "")), "__file__", None)
+    return getattr(factory, "__qualname__", None), file and os.path.realpath(file)
+
+
+def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """Whether two factories are one definition loaded twice (a script run as ``__main__``
+    and imported by ``--env <module>:<name>``, a notebook cell run again)."""
+    return a is b or (_definition(a)[0] is not None and _definition(a) == _definition(b))
+
+
 def register_env(
     name: str, factory: Callable[..., TorchGoalVectorEnv], *, replace: bool = False
 ) -> None:
@@ -43,14 +58,17 @@ def register_env(
     ``factory(num_envs, device=..., seed=..., max_episode_steps=..., **env_kwargs)`` returns a
     :class:`TorchGoalVectorEnv` (``max_episode_steps=None``: its default). ``--env
     <module>:<name>`` imports ``<module>`` first, so a module that registers its envs when
-    imported needs no other hook. A name is registered once unless ``replace``."""
+    imported needs no other hook. A name is registered once unless ``replace`` (or the factory is
+    the same definition loaded again: a script that is also imported as a module, a notebook
+    cell run twice). A run whose ``--env`` is ``<module>:<name>`` can be resumed and evaluated
+    from the command line; a bare name registered by a script cannot (nothing registers it)."""
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"an env name is a non-empty string without ':', got {name!r}")
     if name in ENV_NAMES:
         raise ValueError(f"{name!r} is a built-in env")
     if not callable(factory):
         raise TypeError(f"factory must be callable, got {type(factory).__name__}")
-    if name in _FACTORIES and _FACTORIES[name] is not factory and not replace:
+    if name in _FACTORIES and not (replace or _same_definition(_FACTORIES[name], factory)):
         raise ValueError(f"an env named {name!r} is registered already (replace=True replaces it)")
     _FACTORIES[name] = factory
 
@@ -92,11 +110,15 @@ def make_env(
         try:
             importlib.import_module(module)  # registers its envs
         except ImportError as error:
-            raise ValueError(f"env {name!r}: cannot import {module!r}: {error}") from error
+            raise ValueError(
+                f"env {name!r}: cannot import {module!r}: {error} (from the folder that holds it,"
+                " `python -m crl_fast` finds it; else add its folder to PYTHONPATH)"
+            ) from error
     if short not in _FACTORIES:
         raise ValueError(
             f"unknown env {short!r}; valid names: {', '.join(_FACTORIES)}, "
-            f"<module>:<name> of a module that registers it, or {GYMNASIUM_PREFIX}<gymnasium id>"
+            f"<module>:<name> of a module that registers it (an env registered by a script: "
+            f"pass it as <module>:<name>), or {GYMNASIUM_PREFIX}<gymnasium id>"
         )
     return _FACTORIES[short](
         num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs
