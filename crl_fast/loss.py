@@ -227,7 +227,9 @@ def _contrastive_loss(
     if return_metrics and _metrics_apart(config, wants_grad, use_triton, psi.shape[0]):
         # Computed as without metrics, so the loss and gradients are the same bit for bit.
         value = _contrastive_loss(phi, psi, config, log_scale, bias, False, backend)
-        return value, _metrics_pass(phi, psi, config, log_scale, bias, use_triton)
+        with torch.no_grad():
+            x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
+            return value, _metrics_pass(x, y, scale, shift, config, use_triton)
     if name in _ROW_TWIN and not (config.logsumexp_penalty or return_metrics):
         psi = psi[: phi.shape[0]]  # extra negatives are columns that no column-loss term reads
     b, m = phi.shape[0], psi.shape[0]
@@ -330,21 +332,20 @@ def _kernel_args(
 
 @torch.no_grad()
 def _metrics_pass(
-    phi: torch.Tensor,
-    psi: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
     config: LossConfig,
-    log_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
     use_triton: bool,
 ) -> dict[str, torch.Tensor]:
-    """The metrics from a no-grad pass over the logits of their own."""
-    x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
+    """The metrics from a no-grad pass over the logits of their own (``_kernel_args``)."""
     stats = pair_stats(
         x, y, scale, shift, energy=ENERGY_CODES[config.energy], row_lse=True, col_lse=False,
         mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
         metrics=True, online=False, use_triton=use_triton,
     )  # fmt: skip
-    return _metrics(stats, stats.row_lse, psi.shape[0])
+    return _metrics(stats, stats.row_lse, y.shape[0])
 
 
 @torch.no_grad()
