@@ -461,6 +461,9 @@ def test_register_env_refuses_clashes_and_bad_names():
             register_env(name, FreePoint)
     with pytest.raises(ValueError, match="registered already"):
         register_env("free_point", lambda *a, **k: None)
+    register_env("two_lambdas", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="registered already"):  # the same file, another line
+        register_env("two_lambdas", lambda *a, **k: None)
     with pytest.raises(TypeError, match="callable"):
         register_env("other", 3)
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):

@@ -38,11 +38,13 @@ ENV_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 """The built-in envs (:func:`register_env` adds others)."""
 
 
-def _definition(factory: Callable[..., Any]) -> tuple[str | None, str | None]:
-    """Where a factory is defined: its qualified name and its module's file (None for a
-    notebook's or the interpreter's), whatever name the module was loaded under."""
+def _definition(factory: Callable[..., Any]) -> tuple[Any, ...]:
+    """Where a factory is defined: its qualified name, its module's file (None for a notebook's
+    or the interpreter's), whatever name the module was loaded under, and a function's first
+    line (two lambdas of one file differ there)."""
     file = getattr(sys.modules.get(getattr(factory, "__module__", "")), "__file__", None)
-    return getattr(factory, "__qualname__", None), file and os.path.realpath(file)
+    line = getattr(getattr(factory, "__code__", None), "co_firstlineno", None)
+    return getattr(factory, "__qualname__", None), file and os.path.realpath(file), line
 
 
 def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
