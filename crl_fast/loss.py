@@ -330,7 +330,6 @@ def _kernel_args(
     return x, y, scale, shift
 
 
-@torch.no_grad()
 def _metrics_pass(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -339,7 +338,8 @@ def _metrics_pass(
     config: LossConfig,
     use_triton: bool,
 ) -> dict[str, torch.Tensor]:
-    """The metrics from a no-grad pass over the logits of their own (``_kernel_args``)."""
+    """The metrics from a pass over the logits of their own (``_kernel_args``; the caller
+    runs it under ``torch.no_grad``)."""
     stats = pair_stats(
         x, y, scale, shift, energy=ENERGY_CODES[config.energy], row_lse=True, col_lse=False,
         mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
@@ -354,11 +354,10 @@ def _metrics(stats: PairStats, row_lse: torch.Tensor, m: int) -> dict[str, torch
     ``m`` columns; ``row_lse``: the logsumexp the loss uses (with or without the positive)."""
     pos = stats.pos
     b = pos.shape[0]
+    rows = torch.arange(b, device=pos.device)
     negatives = b * m - b
     return {
-        "categorical_accuracy": (stats.row_argmax == torch.arange(b, device=pos.device))
-        .float()
-        .mean(),
+        "categorical_accuracy": (stats.row_argmax == rows).float().mean(),
         "binary_accuracy": stats.row_correct.sum() / (b * m),
         "logits_pos": pos.mean(),
         "logits_neg": (stats.row_sum.sum() - pos.sum()) / negatives

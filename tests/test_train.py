@@ -269,11 +269,7 @@ def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatc
     """The checkpoint holds the metrics of an update that computed the critic's accuracies,
     though no log fell there: a run resumed with a shorter log_every logs them before its first
     update."""
-
     import crl_fast.train
-
-    class Killed(Exception):
-        pass
 
     save = crl_fast.train.save_checkpoint
 
