@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 565 s, inside the 600 s command
+# Device check in one call (the default stages' limits sum to 575 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
-# Stages: tests probe single loss update buffer envs (the default, in that order; single times
+# Stages: tests probe mlp single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
 # compile, tma, fp16, train, autotune, update-bf16, update-autotune and update-maxtune.
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
@@ -15,6 +15,7 @@
 #   can fuse bias and activation into the matmuls (inductor on CPU makes 33 matmul calls and 31
 #   fused pointwise kernels per update; the update stage counts the GPU's kernels).
 # - probe times the loss row pass with TMA loads and warp specialization (seconds).
+# - mlp times an encoder's forward as one fused Triton kernel against PyTorch's five (seconds).
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
@@ -35,7 +36,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
 # The default stages bring back 8 files (the log and 7 result JSONs): all that $OUT takes.
-[ ${#stages[@]} -gt 0 ] || stages=(tests probe single loss update buffer envs)
+[ ${#stages[@]} -gt 0 ] || stages=(tests probe mlp single loss update buffer envs)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -67,9 +68,9 @@ for stage in "${stages[@]}"; do
         tests)  # this session's new GPU tests first, so that a time limit cannot cut them
             step "tests (new)" 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "$NEW_TESTS"
-            step tests 130 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
+            step tests 120 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
                 -k "not ($NEW_TESTS)" ;;
-        loss) step loss 100 python3 -m bench.bench_loss ;;
+        loss) step loss 90 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 30 python3 -m bench.bench_envs ;;
@@ -83,6 +84,7 @@ for stage in "${stages[@]}"; do
             --name update-maxtune ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
+        mlp) step mlp 30 python3 -m bench.probe_fused_mlp ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
         single) for rows in 128 256; do  # 128 is the default; 256 halves its atomics

@@ -17,6 +17,7 @@ from bench import (
     bench_train,
     bench_update,
     harness,
+    probe_fused_mlp,
     probe_warp_specialize,
 )
 
@@ -43,7 +44,13 @@ CASES = {
         ["--batch", "100", "--dim", "16"],
         {"variant", "rel_error", "status"},
     ),
+    "probe-mlp": (
+        probe_fused_mlp,
+        ["--batch", "40", "--width", "32"],
+        {"impl", "rel_error", "status"},
+    ),
 }
+PROBES = (probe_warp_specialize, probe_fused_mlp)  # no --device: they take CUDA when there is one
 
 
 @pytest.mark.slow
@@ -52,7 +59,7 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     module, argv, keys = CASES[name]
     monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(sys, "argv", [module.__name__, "--device", "cpu", *argv])
-    if module is probe_warp_specialize:  # no --device: it takes CUDA when there is one
+    if module in PROBES:
         monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
     module.main()
     (path,) = tmp_path.glob(f"{name}-*.json")
@@ -67,7 +74,7 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
                 values = value if isinstance(value, list) else [value]  # wall_s: per repeat
                 flat = [v for v in values for v in (v if isinstance(v, list) else [v])]
                 assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
-    assert "CPU" in capsys.readouterr().out or module is probe_warp_specialize
+    assert "CPU" in capsys.readouterr().out or module in PROBES
 
 
 @pytest.mark.parametrize("name", ["loss", "buffer", "envs", "update", "train"])
