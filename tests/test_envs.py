@@ -367,6 +367,18 @@ def test_nan_actions_act_as_zero(name):
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_actions_that_require_grad_leave_no_autograd_history(name):
+    """A policy's output stepped outside torch.no_grad: the state holds values, not a graph."""
+    env = make_env(name, num_envs=3, seed=0, max_episode_steps=4)
+    policy = torch.nn.Linear(env.obs_dim, env.action_dim)
+    obs, _ = env.reset(seed=0)
+    for _ in range(6):  # past an autoreset
+        obs, reward, *_ = env.step(torch.tanh(policy(obs["observation"])))
+    assert not any(v.requires_grad for v in obs.values()) and not reward.requires_grad
+    assert not any(v.requires_grad for v in env.state_dict().values())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ENV_NAMES)
 def test_cuda_matches_semantics(name):
@@ -673,6 +685,16 @@ def test_adapter_reads_the_limit_of_a_ready_vector_env(vectorization_mode):
     ready = gym.make_vec(TINY_ID, 2, vectorization_mode, max_episode_steps=3)
     env = GymnasiumGoalVectorEnv(ready)
     assert env.max_episode_steps == 3
+    env.close()
+
+
+def test_adapter_takes_actions_that_require_grad():
+    env = GymnasiumGoalVectorEnv(TINY_ID, 2)
+    obs, _ = env.reset(seed=0)
+    policy = torch.nn.Linear(env.obs_dim, env.action_dim)
+    want = env.step(torch.tanh(policy(obs["observation"])).detach())
+    env.reset(seed=0)
+    assert_same(env.step(torch.tanh(policy(obs["observation"]))), want)
     env.close()
 
 

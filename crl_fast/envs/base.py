@@ -57,8 +57,10 @@ def goal_spaces(
 def check_action(action: Any, num_envs: int, action_dim: int, device: torch.device) -> torch.Tensor:
     """Return ``action`` as a float32 ``(num_envs, action_dim)`` tensor on ``device``, clipped to
     [-1, 1], NaN read as 0 (it would stay in the simulation state until the episode ends;
-    checking for it would cost a host sync); raise a ValueError on a wrong shape."""
-    action = torch.as_tensor(action, dtype=torch.float32, device=device)
+    checking for it would cost a host sync), detached (a policy's output stepped outside
+    ``torch.no_grad`` would otherwise chain every step's autograd graph into the state); raise a
+    ValueError on a wrong shape."""
+    action = torch.as_tensor(action, dtype=torch.float32, device=device).detach()
     if action.shape != (num_envs, action_dim):
         raise ValueError(
             f"action must have shape (num_envs, action_dim) = {(num_envs, action_dim)}, "
