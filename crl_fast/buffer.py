@@ -169,14 +169,16 @@ class TrajectoryBuffer:
         seed: int | None = None,
         backend: str = "auto",
     ) -> None:
-        for name, value in (
-            ("capacity", capacity),
-            ("num_envs", num_envs),
-            ("obs_dim", obs_dim),
-            ("action_dim", action_dim),
-            ("goal_dim", goal_dim),
-        ):
+        capacity, num_envs, obs_dim, action_dim, goal_dim = (
             positive_int(name, value)
+            for name, value in (
+                ("capacity", capacity),
+                ("num_envs", num_envs),
+                ("obs_dim", obs_dim),
+                ("action_dim", action_dim),
+                ("goal_dim", goal_dim),
+            )
+        )
         if capacity > _MAX_CAPACITY:
             raise ValueError(f"capacity must be at most 2**24 steps per env, got {capacity}")
         if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
@@ -368,7 +370,7 @@ class TrajectoryBuffer:
         ``goal_mode`` and the mixing fractions default to the buffer's (the actor may use
         different ones than the critic). ``generator`` defaults to ``self.generator``.
         """
-        positive_int("batch_size", batch_size)
+        batch_size = positive_int("batch_size", batch_size)
         mode = self._check_mode(self.goal_mode if goal_mode is None else goal_mode)
         f_rand, f_cur = self._check_mix(
             self.random_goal_fraction if random_goal_fraction is None else random_goal_fraction,

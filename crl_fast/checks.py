@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` if it is a positive int (bool is not), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """``value`` as an int if it is a positive integer (numpy's too; bool is not), else a
+    ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:

@@ -572,9 +572,10 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="empty"):
         buf.sample(8)
     buf.extend(good_batch())
-    for bad in (0, -3, 2.5, True):
+    for bad in (0, -3, 2.5, True, np.int64(0), np.float64(8)):
         with pytest.raises(ValueError, match="batch_size"):
             buf.sample(bad)
+    assert buf.sample(np.int64(8)).observation.shape == (8, OBS)  # e.g. from a numpy config
     with pytest.raises(ValueError, match="goal_mode"):
         buf.sample(8, goal_mode="her")
     assert buf.sample(8).observation.shape == (8, OBS)
