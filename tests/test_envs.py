@@ -355,6 +355,18 @@ def test_a_bad_generator_state_leaves_the_env_as_it_was(name):
 
 
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"dt": -0.1}, {"accel": 0.0}, {"damping": 1.5}, {"max_speed": float("nan")},
+     {"success_distance": 0.0}],
+)  # fmt: skip
+def test_bad_dynamics_are_refused(name, bad):
+    """A negative dt, say, would move the point backwards through the walls."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make_env(name, num_envs=2, **bad)
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
 def test_nan_actions_act_as_zero(name):
     """A NaN action moves like a zero action instead of staying in the state all episode."""
     nan_env, zero_env = (make_env(name, num_envs=3, seed=0) for _ in range(2))

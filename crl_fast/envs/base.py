@@ -13,6 +13,7 @@ function that :meth:`TorchGoalVectorEnv.compile` hands to ``torch.compile``.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Any, ClassVar
 
@@ -67,6 +68,16 @@ def check_action(action: Any, num_envs: int, action_dim: int, device: torch.devi
             f"got {tuple(action.shape)}"
         )
     return action.clamp(-1.0, 1.0).nan_to_num(0.0)
+
+
+def check_dynamics(dt: float, accel: float, damping: float, max_speed: float) -> None:
+    """A ValueError unless ``dt``, ``accel`` and ``max_speed`` are positive and ``damping`` lies
+    in [0, 1] (a negative ``dt`` would walk the point backwards through the walls)."""
+    for name, value in (("dt", dt), ("accel", accel), ("max_speed", max_speed)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value}")
+    if not 0.0 <= damping <= 1.0:
+        raise ValueError(f"damping must lie in [0, 1], got {damping}")
 
 
 def damped_velocity(
@@ -136,6 +147,8 @@ class TorchGoalVectorEnv(VectorEnv):
         self.num_envs = positive_int("num_envs", num_envs)
         self.device = torch.device(device)
         self.max_episode_steps = positive_int("max_episode_steps", max_episode_steps)
+        if not (math.isfinite(success_distance) and success_distance > 0):
+            raise ValueError(f"success_distance must be a positive number, got {success_distance}")
         self.success_distance = float(success_distance)
         self.terminate_on_success = bool(terminate_on_success)
         (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, check_dynamics, damped_velocity
 from crl_fast.envs.render import Canvas
 
 OPEN = (
@@ -109,6 +109,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
         render_mode: str | None = None,
     ) -> None:
         layout, default_steps = self._resolve_maze(maze, max_episode_steps)
+        check_dynamics(dt, accel, damping, max_speed)
         if not (0 < radius < 0.5 and max_speed * dt < 1.0 - 2 * radius):
             raise ValueError(
                 f"need 0 < radius < 0.5 and max_speed * dt < 1 - 2 * radius so a step never skips a"

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, damped_velocity
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, check_dynamics, damped_velocity
 from crl_fast.envs.render import Canvas
 
 DEFAULT_MAX_EPISODE_STEPS = 50  # about 3x the steps a swing of pi at full speed takes
@@ -50,6 +50,7 @@ class ReacherEnv(TorchGoalVectorEnv):
         max_speed: float = 3.0,
         render_mode: str | None = None,
     ) -> None:
+        check_dynamics(dt, accel, damping, max_speed)
         if min(link_lengths) <= 0:
             raise ValueError(f"link_lengths must be positive, got {link_lengths}")
         self.link_lengths = link_lengths
