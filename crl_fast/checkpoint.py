@@ -7,6 +7,7 @@ checkpoint intact. Files load with ``torch.load(weights_only=True)``: plain cont
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -41,7 +42,8 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # cleanup only: keep the error that got us here
+            tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -50,17 +52,23 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = None, keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; a ValueError naming ``path`` if
-    there is none or it cannot be read."""
+    there is none, it cannot be read, or it is not a dict holding ``keys``."""
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint file at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(
             f"cannot read checkpoint {path} (truncated or not one?): {error}"
         ) from error
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a crl-fast training checkpoint: no {missing}")
+    return state
 
 
 def seed_everything(seed: int) -> None:

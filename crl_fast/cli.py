@@ -146,6 +146,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     from crl_fast.envs.render import save_gif
     from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
 
+    if args.video_envs is not None and args.video is None:
+        raise ValueError("--video-envs sets the episodes of --video's GIF: give --video too")
     agent, config = load_agent(args.checkpoint, args.device)
     if args.episodes is None:
         args.episodes = config.eval_episodes
@@ -164,7 +166,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 def _film(args: argparse.Namespace, env: Any) -> Any:
     """The recorder of ``--video``, after checking what it needs (before the evaluation runs)."""
     from crl_fast.envs.base import TorchGoalVectorEnv
-    from crl_fast.envs.render import FirstEpisodes
+    from crl_fast.envs.render import FirstEpisodes, gif_path
 
     if not isinstance(env, TorchGoalVectorEnv):
         raise ValueError(
@@ -177,7 +179,7 @@ def _film(args: argparse.Namespace, env: Any) -> Any:
         args.video_envs = min(4, args.episodes)
     if not 1 <= args.video_envs <= args.episodes:
         raise ValueError(f"--video-envs must lie in [1, --episodes], got {args.video_envs}")
-    if not Path(args.video).parent.is_dir():
+    if not gif_path(args.video).parent.is_dir():
         raise ValueError(f"--video: the folder of {args.video} does not exist")
     try:
         import PIL  # noqa: F401
@@ -197,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from crl_fast.train import train
 
             train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
-    except ValueError as error:  # bad configuration or files: a message, not a traceback
+    except (ValueError, OSError) as error:  # bad configuration or files: a message, not a traceback
         print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

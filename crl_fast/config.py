@@ -7,12 +7,14 @@ The defaults are the README's main job: point U-maze, tuned to learn in minutes 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from crl_fast.buffer import GOAL_MODES
+from crl_fast.checks import resolve_device
 from crl_fast.energy import ENERGIES
 from crl_fast.loss import LOSSES, LossConfig
 from crl_fast.networks import ACTIVATIONS
@@ -41,6 +43,15 @@ RESUME_SAFE_FIELDS = (
 )
 """The :class:`TrainConfig` fields a resumed run may change; the others define the run (env, seed,
 networks, losses, buffer, device, precision) and must match its checkpoint."""
+
+
+def check_finite(config: Any) -> None:
+    """A ValueError naming the first float field of dataclass ``config`` that is NaN or infinite
+    (no option means anything there: a NaN rate would make no updates and say nothing)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -84,6 +95,7 @@ class AgentConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         self.loss_config()  # names any bad loss option
         if self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -128,7 +140,9 @@ class TrainConfig:
     learning_starts: int = option(10_000, "environment steps collected before the first update")
     batch_size: int = option(256, "transitions per gradient update")
     updates_per_env_step: float = option(1 / 16, "gradient updates per environment step")
-    buffer_capacity: int = option(1_000_000, "replay capacity in transitions (all envs)")
+    buffer_capacity: int = option(
+        1_000_000, "replay capacity in transitions, all envs (rounded down to a multiple of them)"
+    )
     gamma: float = option(0.99, "discount of the geometric future-goal distribution")
     goal_mode: str = option("geometric", "law of the future-goal offset", GOAL_MODES)
     random_goal_fraction: float = option(0.0, "fraction of goals drawn from random stored states")
@@ -157,10 +171,16 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity", "graph_updates")
         for name in (*positive, "eval_every", "eval_episodes", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.buffer_capacity < self.num_envs:
+            raise ValueError(
+                f"buffer_capacity must hold a step of every env: >= num_envs = {self.num_envs}, "
+                f"got {self.buffer_capacity}"
+            )
         if self.updates_per_env_step < 0:
             raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
         if not 0.0 < self.gamma < 1.0:
@@ -186,10 +206,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a ValueError naming fields this version does not know
+        (a config written by a newer one). Fields it lacks take their defaults."""
         d = dict(d)
-        agent = AgentConfig(**d.pop("agent"))
-        return cls(**d, agent=agent)
+        agent = d.pop("agent", {})
+        for known, given in ((cls, d), (AgentConfig, agent)):
+            unknown = set(given) - {f.name for f in dataclasses.fields(known)}
+            if unknown:
+                raise ValueError(
+                    f"unknown {known.__name__} fields {sorted(unknown)} (written by another "
+                    "version of crl-fast?)"
+                )
+        return cls(**d, agent=AgentConfig(**agent))
 
 
 def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
@@ -201,6 +229,8 @@ def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
 
     # A field newer than the checkpoint ran with its default value.
     old, new = flat(TrainConfig().to_dict()) | flat(saved), flat(config.to_dict())
+    if _device(old["device"]) == _device(new["device"]):  # "auto" is "cpu" on a CPU machine
+        new["device"] = old["device"]
     changed = [
         f"{name} {old[name]!r} -> {value!r}"
         for name, value in new.items()
@@ -211,3 +241,11 @@ def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
             f"cannot resume with settings that differ from the checkpoint: {', '.join(changed)}"
             f" (only {', '.join(RESUME_SAFE_FIELDS)} may change)"
         )
+
+
+def _device(name: str) -> str:
+    """The device ``name`` means on this machine, or ``name`` where it has none such."""
+    try:
+        return str(resolve_device(name))
+    except ValueError:
+        return name

@@ -9,14 +9,21 @@ and checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
 
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
@@ -35,6 +42,8 @@ from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
+LOCK_NAME = ".lock"  # held by the run writing in the directory
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
 
 
@@ -50,15 +59,46 @@ class LoopState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def default_run_dir(config: TrainConfig) -> Path:
-    """``runs/<env>__<seed>__<time>``, with a suffix when another run took that name."""
+def new_run_dir(config: TrainConfig) -> Path:
+    """Create ``runs/<env>__<seed>__<time>``, with a suffix when another run took that name
+    (``mkdir`` fails on a taken one, so runs started in the same second get different names)."""
     env = config.env.replace(":", "_").replace("/", "_")
     base = Path("runs") / f"{env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+
+
+@contextlib.contextmanager
+def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
+    """The run's directory (``--run-dir``, else a new default one), created if needed and locked
+    for the run: a second run given it meanwhile gets a ValueError instead of writing into the
+    same files. A directory created here is removed again if the run fails before writing in it."""
+    if config.run_dir:
+        run_dir = Path(config.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir, created = new_run_dir(config), True
+    try:
+        with open(run_dir / LOCK_NAME, "a") as lock:
+            if fcntl is not None:  # advisory, released when the process ends however it ends
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as error:
+                    raise ValueError(f"another run is using {run_dir} now") from error
+            yield run_dir
+    except BaseException:
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(run_dir)
+        raise
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -148,7 +188,7 @@ def env_state(env: GoalVectorEnv) -> dict[str, torch.Tensor] | None:
 def make_buffer(config: TrainConfig, env: GoalVectorEnv, device: torch.device) -> TrajectoryBuffer:
     """The run's buffer: ``buffer_capacity`` transitions split over the envs."""
     return TrajectoryBuffer(
-        capacity=max(1, config.buffer_capacity // config.num_envs),  # steps per env
+        capacity=config.buffer_capacity // config.num_envs,  # steps per env
         num_envs=config.num_envs,
         obs_dim=env.obs_dim,
         action_dim=env.action_dim,
@@ -248,21 +288,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.tf32 and device.type == "cuda":
         # Networks and the loss kernels read this setting; "highest" keeps float32 FMA.
         torch.set_float32_matmul_precision("high")
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    with claimed_run_dir(config) as run_dir:
+        return _train_in(run_dir, config, device, speed)
+
+
+def _train_in(
+    run_dir: Path, config: TrainConfig, device: torch.device, speed: dict[str, bool]
+) -> dict[str, Any]:
+    """The run itself, in the directory :func:`train` claimed for it."""
     if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
         raise ValueError(
             f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME} (a run stopped before its "
             "first checkpoint cannot continue: start again in another --run-dir, or delete it)"
         )
-    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not config.resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise ValueError(
             f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
             "there, or another --run-dir"
         )
     checkpoint = None
     if config.resume:
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, map_location=device)
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, device, CHECKPOINT_KEYS)
         check_resume(checkpoint["config"], config)
+        done, saved_total = checkpoint["loop"]["env_steps"], checkpoint["config"]["total_env_steps"]
+        if config.total_env_steps < done and config.total_env_steps != saved_total:
+            raise ValueError(
+                f"the run is at env step {done:,} already: --total-env-steps cannot go below that"
+            )
     seed_everything(config.seed)
 
     env = make_run_env(config, device, config.num_envs, config.seed)
@@ -293,7 +345,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
         if loop.env_steps >= config.total_env_steps:
             print(f"--total-env-steps {config.total_env_steps:,} is reached already: no training")
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"run directory: {run_dir}")
@@ -426,7 +477,7 @@ def load_agent(
 ) -> tuple[CRL, TrainConfig]:
     """The agent and config of a checkpoint written by :func:`train`."""
     device = resolve_device(device)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+    checkpoint = load_checkpoint(checkpoint_path, device, ("config", "dims", "agent"))
     config = TrainConfig.from_dict(checkpoint["config"])
     agent = CRL(**checkpoint["dims"], config=config.agent, device=device)
     agent.load_state_dict(checkpoint["agent"])

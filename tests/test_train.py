@@ -6,16 +6,27 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from crl_fast import train as train_module
 from crl_fast.checkpoint import load_checkpoint, save_checkpoint
+from crl_fast.checks import resolve_device
 from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
-from crl_fast.train import EVAL_SEED_OFFSET, default_run_dir, evaluate, load_agent, train
+from crl_fast.train import (
+    EVAL_SEED_OFFSET,
+    LOCK_NAME,
+    claimed_run_dir,
+    evaluate,
+    load_agent,
+    new_run_dir,
+    train,
+)
 
 
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
@@ -410,9 +421,62 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path, monkeypatch):
     # Default names taken in the same second do not collide.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "20261127-000000")
-    first = default_run_dir(config)
-    first.mkdir(parents=True)
-    assert default_run_dir(config) != first
+    first = new_run_dir(config)
+    assert first.is_dir() and new_run_dir(config) == first.with_name(f"{first.name}-2")
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    """Two runs started on the same --run-dir: the second is refused while the first runs."""
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    with claimed_run_dir(config) as run_dir:
+        with pytest.raises(ValueError, match="another run is using"):
+            train(config)
+        assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
+    train(config)  # free again
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for run_dir in ("fresh", None):  # a --run-dir it creates, a default one
+        config = tiny_config(tmp_path, run_dir=run_dir, env_kwargs={"dt": -1})
+        with pytest.raises(ValueError, match="dt"):
+            train(config)
+    assert not (tmp_path / "fresh").exists() and not list(tmp_path.glob("runs/*"))
+
+
+def test_cli_reports_os_errors_as_messages(monkeypatch, capsys):
+    def read_only(config):
+        raise OSError(30, "Read-only file system", "runs/x")
+
+    monkeypatch.setattr(train_module, "train", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("crl-fast train: error: [Errno 30]")
+
+
+def test_resume_reads_auto_as_the_device_it_chose_and_keeps_steps_done(tmp_path):
+    config = tiny_config(tmp_path, device="auto", total_env_steps=64, learning_starts=0)
+    if resolve_device("auto").type != "cpu":
+        pytest.skip("auto is CUDA here")
+    run_dir = str(train(config)["run_dir"])
+    resume = ["train", "--resume", "--run-dir", run_dir, "--device", "cpu"]
+    main([*resume, "--total-env-steps", "128"])  # auto ran on the CPU: the same device
+    with pytest.raises(SystemExit):
+        main([*resume, "--total-env-steps", "96"])  # below the 128 steps done
+    assert json.loads(Path(run_dir, "config.json").read_text())["total_env_steps"] == 128
+    main([*resume, "--total-env-steps", "128"])  # the same schedule: nothing to do
+
+
+def test_a_checkpoint_cut_anywhere_is_a_value_error(tmp_path):
+    """torch.load fails a truncated file with EOFError, RuntimeError or OSError by where it is
+    cut; each is the same ValueError naming the file."""
+    path = tmp_path / "checkpoint.pt"
+    data = save_checkpoint({"config": {}, "weights": torch.randn(20_000)}, path).read_bytes()
+    for cut in range(0, len(data), 997):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"checkpoint\.pt"):
+            load_checkpoint(path)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -477,7 +541,7 @@ def test_logger_says_when_tensorboard_is_missing(tmp_path, monkeypatch, capsys):
     assert "tensorboard is not installed" in capsys.readouterr().err
 
 
-def test_cli_train_then_eval(tmp_path, capsys):
+def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "cli"
     flags = "--num-envs 4 --max-episode-steps 16 --total-env-steps 256 --learning-starts 64"
     flags += " --batch-size 16 --width 16 --eval-episodes 4 --eval-every 128 --log-every 64"
@@ -519,7 +583,10 @@ def test_cli_train_then_eval(tmp_path, capsys):
     for flags, named in [
         (["--video", str(tmp_path / "no" / "eval.gif")], "does not exist"),
         (["--video", str(video), "--video-envs", "5"], "--video-envs"),
+        (["--video", str(tmp_path / "eval.mp4")], ".gif"),
+        (["--video-envs", "2"], "give --video too"),
     ]:
+        monkeypatch.setattr(train_module, "evaluate", None)  # refused before evaluating
         with pytest.raises(SystemExit):
             main([*checkpoint, *flags])
         assert named in capsys.readouterr().err
@@ -592,13 +659,20 @@ def test_env_kwargs_reach_the_env(tmp_path):
         ["train", "--residual", "--depth", "6"],
         ["train", "--loss", "flatnce", "--batch-size", "1"],
         ["train", "--alpha", "0"],
+        ["train", "--updates-per-env-step", "nan"],
+        ["train", "--alpha", "nan", "--no-autotune-alpha"],
+        ["train", "--buffer-capacity", "4", "--num-envs", "8"],
+        ["train", "--env-kwargs", '{"dt": -1}'],
+        ["train", "--env-kwargs", '{"success_distance": 0}'],
     ],
 )
-def test_cli_rejects_bad_configs_with_a_message(argv, capsys):
+def test_cli_rejects_bad_configs_with_a_message(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+    assert not list(tmp_path.glob("runs/*"))  # a run that failed to start leaves no folder
 
 
 def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
@@ -613,6 +687,11 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{oops")
+    newer = tmp_path / "newer"  # a config written by a version with more options
+    newer.mkdir()
+    (newer / "config.json").write_text(json.dumps(TrainConfig().to_dict() | {"warp": 9}))
+    save_checkpoint({"agent": {}}, tmp_path / "foreign.pt")
+    (tmp_path / "a_file").write_text("")
     for argv, named in [
         (["eval", "--checkpoint", str(tmp_path / "nope.pt")], "nope.pt"),
         (["eval", "--checkpoint", str(tmp_path)], str(tmp_path)),
@@ -622,6 +701,9 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
         (["train", "--resume", "--run-dir", str(run), "--device", "cpu"], "checkpoint.pt"),
         (["train", "--resume", "--run-dir", str(broken)], "config.json"),
         (["train", "--device", "tpu", "--run-dir", str(tmp_path / "new")], "tpu"),
+        (["train", "--resume", "--run-dir", str(newer)], "['warp']"),
+        (["eval", "--checkpoint", str(tmp_path / "foreign.pt")], "not a crl-fast training"),
+        (["train", "--run-dir", str(tmp_path / "a_file")], "is a file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

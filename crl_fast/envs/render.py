@@ -78,6 +78,15 @@ def tile(frames: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def gif_path(path: str | Path) -> Path:
+    """``path`` if it names a ``.gif`` file, else a ValueError (a GIF under another name would
+    mislead a viewer, and Pillow picks the format by the suffix)."""
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"the video is a GIF: give a path ending in .gif, got {str(path)!r}")
+    return path
+
+
 def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float) -> Path:
     """Write ``frames`` (``(height, width, 3)`` uint8) as a looping GIF; needs Pillow (the
     ``plot`` extra brings it with matplotlib)."""
@@ -85,9 +94,9 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float) -> Path
         from PIL import Image
     except ImportError as error:
         raise ImportError("writing a GIF needs Pillow: pip install 'crl-fast[plot]'") from error
+    path = gif_path(path)
     if not frames:
         raise ValueError("no frames to write")
-    path = Path(path)
     images = [Image.fromarray(frame) for frame in frames]
     duration_ms = round(1000 / fps)
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
