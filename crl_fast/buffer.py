@@ -128,6 +128,13 @@ def sample_reference(
     )
 
 
+def _triton_runs_on(device: torch.device) -> bool:
+    """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
+    from crl_fast.kernels import goal_sampling, runs_on_cpu
+
+    return device.type == "cuda" or runs_on_cpu(goal_sampling._sample_kernel)
+
+
 def _check_fraction(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -201,6 +208,11 @@ class TrajectoryBuffer:
         self.dtype = dtype
         # The kernels copy rows in bounded chunks of columns: any width takes the Triton path.
         self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        if self._use_triton and not _triton_runs_on(self.device):
+            raise ValueError(
+                f"backend='triton' needs a CUDA device (got {self.device}), or "
+                "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
+            )
         self._log_gamma = _f32(math.log(gamma))
         self._inv_log_gamma = _f32(1.0 / self._log_gamma)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,7 +82,8 @@ class LossConfig:
         """(rows of phi, rows of psi) below which a loss term is an empty sum: off-diagonal
         row terms need two goals, off-diagonal column terms two rows of phi."""
         exclude = self.exclude_positive_from_lse
-        rows_off = self.loss in ("flatnce", "dpo", "ipo") or exclude
+        row_lse = self.loss in ("infonce", "symmetric_infonce") or self.logsumexp_penalty > 0
+        rows_off = self.loss in ("flatnce", "dpo", "ipo") or (exclude and row_lse)
         cols_off = self.loss == "flatnce_backward" or (
             exclude and self.loss in ("infonce_backward", "symmetric_infonce")
         )
@@ -149,7 +149,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         if not _triton_runs_on(x):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
-                "before importing triton to run the kernels on the CPU"
+                "before crl-fast's kernels are imported to run them on the CPU"
             )
         return True
     return x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
@@ -157,7 +157,9 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
     """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    from crl_fast.kernels import pair_stats, runs_on_cpu
+
+    return x.is_cuda or runs_on_cpu(pair_stats.stats_kernel)
 
 
 _ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}

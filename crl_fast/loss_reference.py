@@ -31,10 +31,10 @@ def reference_logits(
         f = -torch.sqrt((phi[:, None, :] - psi[None, :, :]).square().sum(-1) + NORM_EPS)
     else:
         raise ValueError(f"unknown energy {energy!r}")
-    if log_scale is not None:
-        f = f * log_scale.exp()
+    if log_scale is not None:  # one element, of any shape (as contrastive_loss takes it)
+        f = f * log_scale.reshape(()).exp()
     if bias is not None:
-        f = f + bias
+        f = f + bias.reshape(())
     return f
 
 

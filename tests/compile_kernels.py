@@ -47,6 +47,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import native_specialize_impl
 
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
+from crl_fast import buffer as buffer_module
 from crl_fast import loss as loss_module
 from crl_fast.kernels import goal_sampling, pair_stats
 
@@ -220,6 +221,7 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
     forked compile workers, also on a GPU machine)."""
     for r in recorders:
         r.caller = "buffer"
+    buffer_module._triton_runs_on = lambda device: True  # CPU tensors: launches only recorded
     for dtype in (torch.float32, torch.bfloat16):
         buf = TrajectoryBuffer(
             capacity=8, num_envs=3, obs_dim=5, action_dim=2, goal_dim=2, dtype=dtype,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 
@@ -29,3 +33,15 @@ def assert_no_worse_than_eager(
         f"worst at {idx}: kernel {kernel.reshape(-1)[worst].item():.6g}, "
         f"truth {truth.reshape(-1)[worst].item():.6g}"
     )
+
+
+def stderr_with_late_interpret(code: str) -> str:
+    """The stderr of ``code`` (which must fail) run in a fresh Python after crl-fast's kernels
+    were imported without TRITON_INTERPRET and the variable was set only then."""
+    setup = "import os, torch; import crl_fast.kernels.pair_stats, crl_fast.kernels.goal_sampling\n"
+    setup += "os.environ['TRITON_INTERPRET'] = '1'\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", setup + code], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode != 0, run.stdout
+    return run.stderr

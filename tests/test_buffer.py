@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from crl_fast.buffer import GOAL_MODES, GoalBatch, TrajectoryBuffer
+from tests.helpers import stderr_with_late_interpret
 
 OBS, ACT, GOAL = 3, 2, 3
 FUTURE_MODES = ("geometric", "clamp", "uniform_future", "final")
@@ -552,6 +553,15 @@ def test_extend_rejects_bad_input(field: str, value: object, error: type, match:
     with pytest.raises(ValueError, match="missing"):
         buf.extend(batch)
     assert len(buf) == 0
+
+
+def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter() -> None:
+    err = stderr_with_late_interpret(
+        "from crl_fast import TrajectoryBuffer\n"
+        "TrajectoryBuffer(capacity=4, num_envs=2, obs_dim=3, action_dim=1, goal_dim=2, "
+        "device='cpu', backend='triton')"
+    )
+    assert "ValueError: backend='triton' needs a CUDA device" in err, err
 
 
 def test_constructor_and_sample_reject_bad_arguments() -> None:

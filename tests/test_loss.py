@@ -20,7 +20,7 @@ from crl_fast import (
 )
 from crl_fast.loss import LOSSES
 from crl_fast.loss_reference import reference_logits
-from tests.helpers import assert_no_worse_than_eager, max_error
+from tests.helpers import assert_no_worse_than_eager, max_error, stderr_with_late_interpret
 
 ENERGIES = ("dot", "l2", "norm", "cosine")
 BACKENDS = ("torch", "triton")
@@ -756,6 +756,13 @@ def test_compiles_without_graph_breaks():
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": True}, TypeError, "penalty"),
         (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
+        (
+            torch.randn(1, 3),
+            torch.randn(1, 3),
+            {"logsumexp_penalty": 0.1, "exclude_positive_from_lse": True},
+            ValueError,
+            ">= 2 goals",
+        ),
         (torch.randn(1, 3), torch.randn(4, 3), {"loss": "flatnce_backward"}, ValueError, "phi"),
         (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, "log_scale"),
         (torch.randn(4, 3), torch.randn(4, 3), {"backend": "cuda"}, ValueError, "backend"),
@@ -774,10 +781,32 @@ def test_bad_input_is_named(phi, psi, kwargs, error, match):
         contrastive_loss(phi, psi, **kwargs)
 
 
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="CUDA tensors"):
-        contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+def test_exclude_positive_changes_nothing_without_a_row_logsumexp():
+    """The sigmoid loss without a penalty has no logsumexp to leave the positive out of: one
+    goal is enough, and the value is the same."""
+    phi, psi = torch.randn(1, 3), torch.randn(1, 3)
+    excluded = contrastive_loss(phi, psi, exclude_positive_from_lse=True)
+    assert torch.equal(excluded, contrastive_loss(phi, psi))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
+def test_the_reference_takes_any_one_element_scale_and_bias(shape):
+    phi, psi = _inputs(5, 7, 3, seed=3)
+    scale, bias = torch.full(shape, 0.3), torch.full(shape, -1.0)
+    for loss in ("binary", "infonce"):
+        want = contrastive_loss(phi, psi, loss=loss, log_scale=scale, bias=bias)
+        got = reference_contrastive_loss(phi, psi, loss=loss, log_scale=scale, bias=bias)
+        assert max_error(got, want) < 1e-5
+
+
+def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter():
+    """TRITON_INTERPRET=1 set after the kernels were built changes nothing: a clear error, not
+    Triton's 'no active drivers' from deep inside a launch."""
+    err = stderr_with_late_interpret(
+        "from crl_fast import contrastive_loss\n"
+        "contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), backend='triton')"
+    )
+    assert "ValueError: backend='triton' needs CUDA tensors" in err, err
 
 
 @pytest.mark.parametrize(
