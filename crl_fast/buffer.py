@@ -130,9 +130,9 @@ def sample_reference(
 
 def _triton_runs_on(device: torch.device) -> bool:
     """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
-    from crl_fast.kernels import goal_sampling, runs_on_cpu
+    from crl_fast.kernels import goal_sampling
 
-    return device.type == "cuda" or runs_on_cpu(goal_sampling._sample_kernel)
+    return device.type == "cuda" or goal_sampling.TAKES_CPU_TENSORS
 
 
 def _check_fraction(name: str, value: float) -> float:

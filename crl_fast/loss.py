@@ -157,9 +157,9 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
     """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
-    from crl_fast.kernels import pair_stats, runs_on_cpu
+    from crl_fast.kernels import pair_stats
 
-    return x.is_cuda or runs_on_cpu(pair_stats.stats_kernel)
+    return x.is_cuda or pair_stats.TAKES_CPU_TENSORS
 
 
 _ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}

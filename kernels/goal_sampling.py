@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.kernels import runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 GEOMETRIC, CLAMP, UNIFORM, FINAL = 0, 1, 2, 3
@@ -342,3 +343,8 @@ def extend(
         BLOCK_B=_block_w(b_w),
         BLOCK_C=_block_w(c_w),
     )
+
+
+TAKES_CPU_TENSORS = runs_on_cpu(_sample_kernel)
+"""Whether Triton's interpreter built these kernels (TRITON_INTERPRET=1 at import), so that they
+take CPU tensors; read once, before anything can wrap a kernel (tests do)."""

@@ -64,6 +64,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from crl_fast.energy import NORM_EPS as _NORM_EPS
+from crl_fast.kernels import runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 ONLINE_MAX_D = 128
@@ -951,3 +952,8 @@ def paired_rows(
         BLOCK_D=min(max(16, next_power_of_2(d)), 64), num_warps=4, num_stages=2,
     )  # fmt: skip
     return (x_sq, y_sq, f, slope, pos, *diagonal) if binary else (x_sq, y_sq, f, slope, pos)
+
+
+TAKES_CPU_TENSORS = runs_on_cpu(stats_kernel)
+"""Whether Triton's interpreter built these kernels (TRITON_INTERPRET=1 at import), so that they
+take CPU tensors; read once, before anything can wrap a kernel (tests do)."""

@@ -36,7 +36,7 @@ CASES = {
     "update": (bench_update, ["--batch-size", "16"], {"mode", "updates_per_s"}),
     "train": (
         bench_train,
-        ["--num-envs", "8", "--env-steps", "10400", "11600"],
+        ["--num-envs", "8", "--env-steps", "10400", "20400"],  # a gap no load noise hides
         {"env_steps_per_s", "updates_per_s", "projected_10M_s"},
     ),
     "probe-ws": (
