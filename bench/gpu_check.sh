@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 575 s, inside the 600 s command
+# Device check in one call (the default stages' limits sum to 550 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
 # Stages: tests probe mlp single loss update buffer envs (the default, in that order; single times
-# the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1), and opt-in: jax,
+# the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1, on 128-row
+# programs), and opt-in: single256 (the same on 256-row programs: half the atomics), jax,
 # compile, tma, fp16, train, autotune, update-bf16, update-autotune and update-maxtune.
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
 # - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
@@ -87,11 +88,10 @@ for stage in "${stages[@]}"; do
         mlp) step mlp 30 python3 -m bench.probe_fused_mlp ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
-        single) for rows in 128 256; do  # 128 is the default; 256 halves its atomics
-                CRL_FAST_SINGLE_PASS=1 CRL_FAST_SINGLE_PASS_ROWS=$rows step "single $rows" 25 \
-                    python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
-                    --dtypes bfloat16 --impls crl_fast-graph --combos 0
-            done ;;
+        single|single256) rows=${stage#single}  # 128 rows by default; 256 halves the atomics
+            CRL_FAST_SINGLE_PASS=1 CRL_FAST_SINGLE_PASS_ROWS=${rows:-128} step "$stage" 25 \
+                python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
+                --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
         fp16) step fp16 40 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
             --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;

@@ -735,7 +735,7 @@ def _choose(
     never tuned: each timed launch would add its atomics into the caller's column sums."""
     base = _config(n_a, d, dtype, atomics)
     tune = os.environ.get("CRL_FAST_AUTOTUNE") == "1" and not atomics
-    if not tune or os.environ.get("TRITON_INTERPRET") == "1":
+    if not tune or TAKES_CPU_TENSORS:
         return base
     if key not in _TUNED:
         from triton.testing import do_bench
@@ -768,7 +768,7 @@ def _upcast(dtype: torch.dtype) -> bool:
     """Triton's interpreter multiplies the raw bits of bfloat16 in ``tl.dot`` (seen with triton
     3.8): under TRITON_INTERPRET=1 bfloat16 tiles are rounded as on the GPU, then multiplied in
     float32. Compiled kernels always use the tensor cores."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.bfloat16 and TAKES_CPU_TENSORS
 
 
 def _precision(dtype: torch.dtype) -> str:
