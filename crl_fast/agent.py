@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
+from crl_fast.checks import resolve_device
 from crl_fast.config import AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -54,7 +55,7 @@ class CRL:
         actor_stream: bool = False,
     ):
         self.config = config = config or AgentConfig()
-        self.device = device = torch.device(device)
+        self.device = device = resolve_device(device)
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net = dict(

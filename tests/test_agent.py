@@ -6,6 +6,7 @@ import torch
 from crl_fast import contrastive_loss, pairwise_energy
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
+from crl_fast.checks import resolve_device
 from crl_fast.config import AgentConfig
 
 OBS, ACT, GOAL = 4, 2, 2
@@ -84,6 +85,11 @@ def test_graphed_updates_refuse_too_few_warmups():
 def test_actor_stream_needs_cuda():
     with pytest.raises(ValueError, match="actor_stream needs a CUDA device"):
         CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cpu", actor_stream=True)
+
+
+def test_device_auto_means_what_the_buffer_takes_it_for():
+    """One device vocabulary across the API: "auto" is CUDA where there is one, else CPU."""
+    assert CRL(OBS, ACT, GOAL, AgentConfig(width=8), "auto").device == resolve_device("auto")
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.0])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from crl_fast.checks import resolve_device
 from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
 from crl_fast.envs.point_maze import MAZES
 from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID, TinyGoalEnv
@@ -364,6 +365,12 @@ def test_bad_dynamics_are_refused(name, bad):
     """A negative dt, say, would move the point backwards through the walls."""
     with pytest.raises(ValueError, match=next(iter(bad))):
         make_env(name, num_envs=2, **bad)
+
+
+def test_device_auto_means_what_the_buffer_takes_it_for():
+    envs = [make_env(name, num_envs=2, device="auto") for name in ENV_NAMES]
+    envs.append(GymnasiumGoalVectorEnv(TINY_ID, 2, device="auto"))
+    assert all(env.device == resolve_device("auto") for env in envs)
 
 
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])

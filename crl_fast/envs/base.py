@@ -23,7 +23,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from crl_fast.checks import positive_int
+from crl_fast.checks import positive_int, resolve_device
 
 GoalObs = dict[str, torch.Tensor]
 """A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
@@ -145,7 +145,7 @@ class TorchGoalVectorEnv(VectorEnv):
         self.render_mode = render_mode
         self.metadata = {**self.metadata, "render_fps": render_fps}
         self.num_envs = positive_int("num_envs", num_envs)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.max_episode_steps = positive_int("max_episode_steps", max_episode_steps)
         if not (math.isfinite(success_distance) and success_distance > 0):
             raise ValueError(f"success_distance must be a positive number, got {success_distance}")

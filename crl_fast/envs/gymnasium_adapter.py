@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from crl_fast.checks import positive_int
+from crl_fast.checks import positive_int, resolve_device
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
@@ -110,7 +110,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
             )
         self._action_low, self._action_range = act_space.low, act_space.high - act_space.low
         self.num_envs = self.env.num_envs
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.success_distance = success_distance
         self.max_episode_steps = _episode_limit(self.env)
         self.render_mode = self.env.render_mode

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from crl_fast.checks import resolve_device
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, check_dynamics, damped_velocity
 from crl_fast.envs.render import Canvas
 
@@ -109,6 +110,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
         render_mode: str | None = None,
     ) -> None:
         layout, default_steps = self._resolve_maze(maze, max_episode_steps)
+        device = resolve_device(device)  # the layout tensors are made before the base's init
         check_dynamics(dt, accel, damping, max_speed)
         if not (0 < radius < 0.5 and max_speed * dt < 1.0 - 2 * radius):
             raise ValueError(

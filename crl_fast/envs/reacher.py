@@ -68,7 +68,7 @@ class ReacherEnv(TorchGoalVectorEnv):
             render_fps=1 / dt,
         )
         reach = sum(link_lengths) * 1.1
-        self._canvas = Canvas((-reach, -reach), (reach, reach), PIXELS / (2 * reach), device)
+        self._canvas = Canvas((-reach, -reach), (reach, reach), PIXELS / (2 * reach), self.device)
 
     def fingertip(self, angle: torch.Tensor) -> torch.Tensor:
         """Forward kinematics: fingertip ``(x, y)`` of joint angles ``(..., 2)``."""
