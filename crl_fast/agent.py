@@ -53,7 +53,7 @@ class CRL:
         config: AgentConfig | None = None,
         device: torch.device | str = "cpu",
         actor_stream: bool = False,
-    ):
+    ) -> None:
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
         if actor_stream and device.type != "cuda":

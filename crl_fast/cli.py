@@ -144,7 +144,7 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
     from crl_fast.envs.render import save_gif
-    from crl_fast.train import EVAL_SEED_OFFSET, evaluate, load_agent, make_eval_env
+    from crl_fast.train import eval_seed, evaluate, load_agent, make_eval_env
 
     if args.video_envs is not None and args.video is None:
         raise ValueError("--video-envs sets the episodes of --video's GIF: give --video too")
@@ -153,7 +153,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
         args.episodes = config.eval_episodes
     env = make_eval_env(config, agent.device, args.episodes)
     film = _film(args, env) if args.video else None
-    seed = config.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    seed = eval_seed(config) if args.seed is None else args.seed
     result = evaluate(agent, env, seed, record=film)
     written = {}
     if film is not None:

@@ -38,7 +38,7 @@ class MetricsLogger:
         tensorboard: bool = True,
         resume_step: int | None = None,
         resume_rows: int | None = None,
-    ):
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self.csv_path = self.run_dir / "metrics.csv"
@@ -142,7 +142,7 @@ class Progress:
     On a terminal the line is redrawn in place; otherwise a new line is printed every 30 s.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO = sys.stdout):
+    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO = sys.stdout) -> None:
         self.total_steps = total_steps
         self.enabled = enabled
         self.stream = stream
@@ -150,7 +150,6 @@ class Progress:
         self.interval = 1.0 if self.tty else 30.0
         self._last_time = self._start_time = time.perf_counter()
         self._last_steps = self._last_updates = None
-        self.env_sps = self.ups = 0.0
 
     def update(self, steps: int, updates: int, info: str = "") -> None:
         """Report progress; rates are averaged since the previous redraw."""
@@ -161,13 +160,12 @@ class Progress:
         if now - self._last_time < self.interval:
             return
         dt = now - self._last_time
-        self.env_sps = (steps - self._last_steps) / dt
-        self.ups = (updates - self._last_updates) / dt
+        env_sps, ups = (steps - self._last_steps) / dt, (updates - self._last_updates) / dt
         self._last_steps, self._last_updates, self._last_time = steps, updates, now
         if self.enabled:
             line = (
-                f"{steps:>11,}/{self.total_steps:,} steps  {self.env_sps:8,.0f} env steps/s  "
-                f"{self.ups:7,.1f} updates/s  {now - self._start_time:6.0f}s  {info}"
+                f"{steps:>11,}/{self.total_steps:,} steps  {env_sps:8,.0f} env steps/s  "
+                f"{ups:7,.1f} updates/s  {now - self._start_time:6.0f}s  {info}"
             )
             self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
             self.stream.flush()

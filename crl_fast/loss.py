@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl_fast.energy import ENERGIES, ENERGY_CODES, check_scale_and_bias, kernel_inputs
+from crl_fast.energy import (
+    ENERGY_CODES,
+    check_energy,
+    check_scale_and_bias,
+    kernel_inputs,
+)
 from crl_fast.pair_stats import (
     PAIR_DPO,
     PAIR_IPO,
@@ -61,8 +66,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.energy not in ENERGIES:
-            raise ValueError(f"energy must be one of {ENERGIES}, got {self.energy!r}")
+        check_energy(self.energy)
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not isinstance(self.exclude_positive_from_lse, bool):
@@ -411,6 +415,8 @@ class ContrastiveLoss(nn.Module):
     def forward(
         self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False
     ) -> LossOutput:
+        """The loss of ``phi`` against ``psi`` as :func:`contrastive_loss` computes it, with
+        this module's options, scale and bias; with ``return_metrics`` also the metrics dict."""
         phi, psi = _autocast(phi, psi)
         _check_inputs(phi, psi, self.config, self.log_scale, self.bias)
         return _contrastive_loss(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from crl_fast.energy import NORM_EPS
+from crl_fast.loss import LossConfig
 
 
 def reference_logits(
@@ -59,7 +60,9 @@ def reference_contrastive_loss(
     reduction: str = "mean",
     return_metrics: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Every loss of ``crl_fast.contrastive_loss``, written directly on the logit matrix."""
+    """Every loss of ``crl_fast.contrastive_loss``, written directly on the logit matrix (its
+    options checked as the fused loss checks them)."""
+    LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
     logits = reference_logits(phi, psi, energy, log_scale, bias)
     b, m = logits.shape
     pos = logits.diagonal()

@@ -10,6 +10,7 @@ initialisation (variance 1 / fan_in, bound sqrt(3 / fan_in); JaxGCRL's variance_
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ def _hidden_layer(in_dim: int, width: int, activation: str, layer_norm: bool) ->
 class ResidualBlock(nn.Module):
     """``x + f(x)`` with ``f`` = 4 x [Linear, LayerNorm, activation] (always normalised)."""
 
-    def __init__(self, width: int, activation: str):
+    def __init__(self, width: int, activation: str) -> None:
         super().__init__()
         layers = []
         for _ in range(RESIDUAL_BLOCK_LAYERS):
@@ -68,7 +69,7 @@ class MLP(nn.Sequential):
         activation: str = "swish",
         layer_norm: bool = False,
         residual: bool = False,
-    ):
+    ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if depth < 1:
@@ -116,7 +117,7 @@ class TanhGaussianActor(nn.Module):
     JaxGCRL's CRL actor.
     """
 
-    def __init__(self, obs_dim: int, goal_dim: int, action_dim: int, **mlp_kwargs):
+    def __init__(self, obs_dim: int, goal_dim: int, action_dim: int, **mlp_kwargs: Any) -> None:
         super().__init__()
         self.net = MLP(obs_dim + goal_dim, 2 * action_dim, **mlp_kwargs)
 

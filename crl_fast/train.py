@@ -32,9 +32,9 @@ from crl_fast.checkpoint import (
     rng_state,
     save_checkpoint,
     seed_everything,
+    set_rng_state,
     write_atomically,
 )
-from crl_fast.checkpoint import set_rng_state as restore_rng_state
 from crl_fast.checks import resolve_device
 from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import GoalVectorEnv, make_env
@@ -125,9 +125,14 @@ def make_run_env(
         raise ValueError(f"cannot make {config.env} with env_kwargs: {error}") from error
 
 
+def eval_seed(config: TrainConfig) -> int:
+    """The seed of the run's fixed evaluation goals, apart from the training env's."""
+    return config.seed + EVAL_SEED_OFFSET
+
+
 def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) -> GoalVectorEnv:
     """``num_episodes`` copies of the run's env, seeded apart from the training env."""
-    return make_run_env(config, device, num_episodes, config.seed + EVAL_SEED_OFFSET)
+    return make_run_env(config, device, num_episodes, eval_seed(config))
 
 
 @torch.no_grad()
@@ -334,7 +339,7 @@ def _train_in(
         buffer.load_state_dict(checkpoint["buffer"])
         loop = LoopState(**checkpoint["loop"])
         metrics = checkpoint.get("metrics", {})
-        restore_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
         if checkpoint["env"] is None:  # the env could not save its state: restart episodes
             obs, _ = env.reset(seed=config.seed + loop.env_steps)
             buffer.end_episodes()
@@ -385,7 +390,7 @@ def _train_in(
         logger.flush()
 
     def evaluate_now() -> None:
-        loop.last_eval = evaluate(agent, eval_env, config.seed + EVAL_SEED_OFFSET)
+        loop.last_eval = evaluate(agent, eval_env, eval_seed(config))
         loop.last_eval_step = loop.env_steps
         logger.log(loop.env_steps, {**loop.last_eval, "charts/time_s": loop.elapsed_s})
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from crl_fast import (
+    ENERGIES,
     ContrastiveLoss,
     contrastive_loss,
     pairwise_energy,
@@ -22,7 +23,6 @@ from crl_fast.loss import LOSSES
 from crl_fast.loss_reference import reference_logits
 from tests.helpers import assert_no_worse_than_eager, max_error, stderr_with_late_interpret
 
-ENERGIES = ("dot", "l2", "norm", "cosine")
 BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -787,6 +787,11 @@ def test_exclude_positive_changes_nothing_without_a_row_logsumexp():
     phi, psi = torch.randn(1, 3), torch.randn(1, 3)
     excluded = contrastive_loss(phi, psi, exclude_positive_from_lse=True)
     assert torch.equal(excluded, contrastive_loss(phi, psi))
+
+
+def test_the_reference_checks_its_options_as_the_loss_does():
+    with pytest.raises(ValueError, match="reduction"):
+        reference_contrastive_loss(torch.randn(3, 2), torch.randn(3, 2), reduction="bogus")
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])

@@ -19,9 +19,9 @@ from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
 from crl_fast.train import (
-    EVAL_SEED_OFFSET,
     LOCK_NAME,
     claimed_run_dir,
+    eval_seed,
     evaluate,
     load_agent,
     new_run_dir,
@@ -90,7 +90,7 @@ def test_short_run_beats_a_random_policy(tmp_path):
     ]
     torch.manual_seed(0)
     env = make_env(config.env, num_envs=config.eval_episodes, seed=0)
-    random = evaluate(RandomPolicy(), env, config.seed + EVAL_SEED_OFFSET)
+    random = evaluate(RandomPolicy(), env, eval_seed(config))
     assert accuracy[-1] > 3 * max(accuracy[0], 1 / config.batch_size)  # chance: 1 / batch
     assert result["eval/success"] > random["eval/success"] + 0.1  # a random walk often passes
     assert result["eval/success_final"] > random["eval/success_final"] + 0.3  # but rarely stays
