@@ -94,6 +94,8 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as error:
                     raise ValueError(f"another run is using {run_dir} now") from error
+                except OSError as error:  # a file system without locks (some network ones)
+                    print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
             yield run_dir
     except BaseException:
         if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:

@@ -435,6 +435,15 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     train(config)  # free again
 
 
+def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(train_module.fcntl, "flock", no_locks)
+    train(tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2))
+    assert "a second run there is not refused" in capsys.readouterr().out
+
+
 def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for run_dir in ("fresh", None):  # a --run-dir it creates, a default one
