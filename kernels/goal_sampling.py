@@ -28,7 +28,6 @@ from triton.language.extra import libdevice
 from crl_fast.kernels import runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
-GEOMETRIC, CLAMP, UNIFORM, FINAL = 0, 1, 2, 3
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
 _MAX_BLOCK_W = 16
 """Columns a program copies per loop iteration: tiles of at most 128 x 16 (sample), 32 x 16
@@ -134,14 +133,14 @@ def _sample_kernel(
     # Offset k in 1..length by inverse CDF.
     u = (r2 & 0xFFFFFF).to(tl.float32) * _INV_2_24
     u_mix = ((r2 >> 24) & 0xFFFFFF).to(tl.float32) * _INV_2_24
-    if MODE == 0:
+    if MODE == 0:  # geometric (MODE: the index in crl_fast.buffer.GOAL_MODES)
         # log(1 - u (1 - gamma^L)) without cancellation for gamma near 1.
         j = _log1p(u * _expm1(len_f * log_gamma)) * inv_log_gamma
-    elif MODE == 1:
+    elif MODE == 1:  # clamp
         j = tl.log(1.0 - u) * inv_log_gamma
-    elif MODE == 2:
+    elif MODE == 2:  # uniform_future
         j = u * len_f
-    else:
+    else:  # final
         j = len_f
     j = tl.minimum(j, len_f - 1.0)
     target_t = t + j.to(tl.int64)

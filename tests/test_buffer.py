@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crl_fast.buffer import GOAL_MODES, GoalBatch, TrajectoryBuffer
+from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from tests.helpers import stderr_with_late_interpret
 
 OBS, ACT, GOAL = 3, 2, 3
@@ -251,18 +251,6 @@ def test_mixing_fractions() -> None:
 
 
 # ---------------------------------------------------------------- Triton kernels == torch
-
-
-def test_mode_ids_match_kernel() -> None:
-    pytest.importorskip("triton")
-    from crl_fast.kernels import goal_sampling as gs
-
-    assert [GOAL_MODES.index(m) for m in FUTURE_MODES] == [
-        gs.GEOMETRIC,
-        gs.CLAMP,
-        gs.UNIFORM,
-        gs.FINAL,
-    ]
 
 
 def assert_same_sample(a: GoalBatch, b: GoalBatch, max_moved: int) -> None:
