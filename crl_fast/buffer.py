@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from crl_fast.checks import positive_int, resolve_device
+from crl_fast.checks import positive_int, resolve_device, triton_available
 
 GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 """Future-goal offset laws; their index is the mode id the kernels use."""
@@ -151,10 +151,10 @@ class TrajectoryBuffer:
     anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
     where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in).
 
-    On CUDA (``backend="auto"``) ``sample`` is two launches (a ``torch.randint`` draw, then one
-    Triton kernel) and
-    ``extend`` one Triton launch; ``backend="torch"`` or ``"triton"`` forces a path (Triton on
-    CPU tensors needs TRITON_INTERPRET=1).
+    On CUDA (``backend="auto"``, Triton installed; else PyTorch) ``sample`` is two launches (a
+    ``torch.randint`` draw, then one Triton kernel) and ``extend`` one Triton launch;
+    ``backend="torch"`` or ``"triton"`` forces a path (Triton on CPU tensors needs
+    TRITON_INTERPRET=1).
     To capture ``sample`` in a CUDA graph with the buffer's own ``generator``, register it with
     the graph (``CUDAGraph.register_generator_state``) or pass the default generator.
     """
@@ -207,7 +207,10 @@ class TrajectoryBuffer:
         self.device = resolve_device(device)
         self.dtype = dtype
         # The kernels copy rows in bounded chunks of columns: any width takes the Triton path.
-        self._use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        self._use_triton = backend == "triton" or (
+            backend == "auto" and cuda and triton_available()
+        )
         if self._use_triton and not _triton_runs_on(self.device):
             raise ValueError(
                 f"backend='triton' needs a CUDA device (got {self.device}), or "

@@ -1,4 +1,4 @@
-"""Argument checks shared by the buffer, the envs and the training loop."""
+"""Argument checks shared by the loss, the buffer, the envs and the training loop."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def triton_available() -> bool:
+    """Whether Triton imports (Linux only): ``backend="auto"`` falls back to PyTorch without."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl_fast.checks import triton_available
 from crl_fast.energy import (
     ENERGY_CODES,
     check_energy,
@@ -156,7 +157,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
                 "before crl-fast's kernels are imported to run them on the CPU"
             )
         return True
-    return x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
+    return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()
 
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
@@ -176,14 +177,6 @@ def _online_applies(loss: str, d: int) -> bool:
     from crl_fast.kernels.pair_stats import ONLINE_MAX_D
 
     return loss in ("infonce", "flatnce") and d <= ONLINE_MAX_D
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def contrastive_loss(

@@ -583,6 +583,17 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
 
 
 @pytest.mark.gpu
+def test_auto_takes_pytorch_on_cuda_without_triton(monkeypatch) -> None:
+    """Triton is Linux-only: a CUDA buffer elsewhere samples through PyTorch, as the loss does."""
+    from crl_fast import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "triton_available", lambda: False)
+    buf = make(device="cuda")
+    buf.extend({k: v.cuda() for k, v in good_batch().items()})
+    assert not buf._use_triton and buf.sample(8).observation.is_cuda
+
+
+@pytest.mark.gpu
 def test_invariants_cuda_triton() -> None:
     run_invariants("cuda", "auto", rounds=60, batch=4096)
 
