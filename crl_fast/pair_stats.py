@@ -28,12 +28,14 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
+from crl_fast.custom_ops import eager_fast_path
 from crl_fast.energy import accumulate_dtype, energy_and_slope, paired_energy
 
 CHUNK_ELEMENTS = 1 << 20
 """Logits per chunk in the PyTorch path: bounds its extra memory to a few times 4 MiB."""
 
 PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
+_REFERENCE = "crl_fast.reference_contrastive_loss"
 
 Tensor = torch.Tensor
 F_ = TypeVar("F_", bound=Callable)
@@ -349,36 +351,6 @@ def _autocast_off(fn: F_) -> F_:
     return wrapper
 
 
-def _eager_fast_path(op, impl, backward=None, setup_context=None):
-    """A caller of the custom op ``op`` (``impl`` registered under a name, with ``backward`` and
-    ``setup_context`` as its autograd) that runs ``impl`` directly in eager mode, through a plain
-    autograd.Function with the same setup and backward when it has them, and ``op`` while
-    torch.compile traces. The op's dispatch costs ~40 us a call in eager PyTorch (torch 2.13,
-    this CPU: 43 us against 3 us for ``impl``'s own Python), as much as the rest of a small loss
-    call's host work."""
-    eager = impl
-    if backward is not None:
-        op.register_autograd(backward, setup_context=setup_context)
-
-        def forward(ctx, *args):  # not a separate setup_context: apply would bind a signature
-            output = impl(*args)
-            setup_context(ctx, args, output)
-            return output
-
-        methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
-        eager = type(impl.__name__, (torch.autograd.Function,), methods).apply
-
-    def call(*args):
-        if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                "crl-fast's fused losses do not support torch.func transforms (grad, vmap, "
-                "jacrev, ...): use torch.autograd, or crl_fast.reference_contrastive_loss"
-            )
-        return op(*args) if torch.compiler.is_compiling() else eager(*args)
-
-    return call
-
-
 @_autocast_off
 def _pair_stats_impl(
     x: Tensor,
@@ -479,7 +451,9 @@ def _pair_stats_backward_impl(
 _pair_stats_backward_op = torch.library.custom_op(
     "crl_fast::pair_stats_backward", _pair_stats_backward_impl, mutates_args=()
 )
-_pair_stats_backward = _eager_fast_path(_pair_stats_backward_op, _pair_stats_backward_impl)
+_pair_stats_backward = eager_fast_path(
+    _pair_stats_backward_op, _pair_stats_backward_impl, alternative=_REFERENCE
+)
 
 
 @_pair_stats_backward_op.register_fake
@@ -569,7 +543,9 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     ) + (None,) * 10
 
 
-_pair_stats = _eager_fast_path(_pair_stats_op, _pair_stats_impl, _backward, _setup_context)
+_pair_stats = eager_fast_path(
+    _pair_stats_op, _pair_stats_impl, _backward, _setup_context, alternative=_REFERENCE
+)
 
 
 def pair_stats(
@@ -794,9 +770,9 @@ def _forward_grads_backward(ctx, g_loss, *_unused):
     return (*grads, None, None, None, None, None)
 
 
-_loss_with_grads = _eager_fast_path(
+_loss_with_grads = eager_fast_path(
     _loss_with_grads_op, _loss_with_grads_impl, _forward_grads_backward,
-    _forward_grads_setup_context,
+    _forward_grads_setup_context, alternative=_REFERENCE,
 )  # fmt: skip
 
 

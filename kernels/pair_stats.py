@@ -64,7 +64,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from crl_fast.energy import NORM_EPS as _NORM_EPS
-from crl_fast.kernels import runs_on_cpu
+from crl_fast.kernels import dot, runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 ONLINE_MAX_D = 128
@@ -232,7 +232,7 @@ def _weighted_rows(
 def _tile_weights(w, rows, UPCAST: tl.constexpr):
     """The float32 weights ``w`` and the input rows ``rows`` they multiply, as the tensor cores
     take them: ``w`` rounded to the rows' dtype (bfloat16 under the interpreter: rounded, then
-    both in float32, see ``_upcast``), except for float16 rows. A float16 weight overflows past
+    both in float32, see ``dot.upcast``), except for float16 rows. A float16 weight overflows past
     65504 (IPO's slope has no bound) and flushes below 6e-8 (a small loss weight), so float16
     products run in tf32 (the precision float16 inputs get): float32's range, float16's 10-bit
     mantissa."""
@@ -661,7 +661,7 @@ def _config(n_a: int, d: int, dtype: torch.dtype, atomics: bool = False) -> dict
     ``CRL_FAST_SINGLE_PASS_ROWS`` (experimental) sets another count: 256 quarters the traffic
     at 22.1 instructions per logit, but with 255 registers (l2 and norm spill)."""
     width = max(16, next_power_of_2(d))
-    ieee = _precision(dtype) == "ieee"
+    ieee = dot.precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
     rows = int(os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", 128)) if atomics else 64
     return {
@@ -764,27 +764,6 @@ def _bucket(n: int) -> int:
     return next_power_of_2(max(n, 1))
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    """Triton's interpreter multiplies the raw bits of bfloat16 in ``tl.dot`` (seen with triton
-    3.8): under TRITON_INTERPRET=1 bfloat16 tiles are rounded as on the GPU, then multiplied in
-    float32. Compiled kernels always use the tensor cores."""
-    return dtype == torch.bfloat16 and TAKES_CPU_TENSORS
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only when torch's matmul precision setting allows it: the
-    ``fp32_precision`` setting where torch has it (reading the legacy one raises once the new
-    one is set), else ``get_float32_matmul_precision``."""
-    if dtype != torch.float32:
-        return "tf32"
-    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if setting is None:  # torch < 2.9
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    if setting == "none":  # inherits the global setting
-        setting = getattr(torch.backends, "fp32_precision", "none")
-    return "tf32" if setting == "tf32" else "ieee"
-
-
 def _vector(n: int, wanted: bool, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(n if wanted else 0, dtype=dtype, device=like.device)
 
@@ -816,7 +795,7 @@ def stats(
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
     online_w = online and online_w
-    precision = _precision(a.dtype)
+    precision = dot.precision(a.dtype)
 
     def outputs() -> tuple[torch.Tensor, ...]:
         return (
@@ -842,7 +821,7 @@ def stats(
             a, b, a_desc, b_desc, ra, rb, scale, bias, pos, *outs, n_a, b.shape[0], pos.shape[0],
             d, a.stride(0), b.stride(0), ENERGY=energy, LSE=lse, MASK_DIAG=mask_diag,
             SOFTPLUS=softplus, PAIR=pair, METRICS=metrics, ONLINE=online, ONLINE_W=online_w,
-            PRECISION=precision, UPCAST=_upcast(a.dtype), **cfg,
+            PRECISION=precision, UPCAST=dot.upcast(a.dtype, TAKES_CPU_TENSORS), **cfg,
         )  # fmt: skip
         return outs
 
@@ -901,7 +880,7 @@ def grad(
         "YLSE": g_ylse.numel() > 0,
         "SOFTPLUS": g_sp.numel() > 0,
     }
-    precision = _precision(a.dtype)
+    precision = dot.precision(a.dtype)
 
     def launch(cfg: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n_prog = cdiv(n_a, cfg["BLOCK_M"])
@@ -920,7 +899,7 @@ def grad(
             a.stride(0), b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a,
             MASK_DIAG=mask_diag, FWD=fwd, HAS_HD=hd.numel() > 0, DSCALE=dscale_partials,
             DB_ATOMIC=column_sums is not None, PAIR=pair,
-            PRECISION=precision, UPCAST=_upcast(a.dtype), **terms, **cfg,
+            PRECISION=precision, UPCAST=dot.upcast(a.dtype, TAKES_CPU_TENSORS), **terms, **cfg,
         )  # fmt: skip
         return da, dscale, dbias, sp, ps
 

@@ -304,9 +304,9 @@ def test_positives_close_to_their_goals(loss, energy, backend, monkeypatch):
     if loss == "binary+single-pass":  # d = 64 in one tile: TF32 (which the interpreter ignores)
         loss = "binary"
         monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
-        from crl_fast.kernels import pair_stats as kernels
+        from crl_fast.kernels import dot
 
-        monkeypatch.setattr(kernels, "_precision", lambda dtype: "tf32")
+        monkeypatch.setattr(dot, "precision", lambda dtype: "tf32")
     g = torch.Generator().manual_seed(12)
     phi = torch.randn(24, 64, generator=g)
     psi = torch.cat(

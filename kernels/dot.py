@@ -1,0 +1,27 @@
+"""How the kernels' ``tl.dot`` products treat their operands, chosen the same way everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only when torch's matmul precision setting allows it: the
+    ``fp32_precision`` setting where torch has it (reading the legacy one raises once the new
+    one is set), else ``get_float32_matmul_precision``."""
+    if dtype != torch.float32:
+        return "tf32"
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting is None:  # torch < 2.9
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if setting == "none":  # inherits the global setting
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if setting == "tf32" else "ieee"
+
+
+def upcast(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Whether ``tl.dot`` must take float32 copies of ``dtype`` operands: Triton's interpreter
+    multiplies the raw bits of bfloat16 in ``tl.dot`` (seen with triton 3.8), so under
+    TRITON_INTERPRET=1 (``interpreted``) bfloat16 tiles are rounded as on the GPU, then
+    multiplied in float32. Compiled kernels always use the tensor cores."""
+    return dtype == torch.bfloat16 and interpreted
