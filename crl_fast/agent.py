@@ -64,6 +64,7 @@ class CRL:
             activation=config.activation,
             layer_norm=config.layer_norm,
             residual=config.residual,
+            fused=config.fused_mlp,
         )
         self.sa_encoder = Encoder(obs_dim + action_dim, config.repr_dim, **net).to(device)
         self.goal_encoder = Encoder(goal_dim, config.repr_dim, **net).to(device)

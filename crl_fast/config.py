@@ -16,6 +16,7 @@ import torch
 from crl_fast.buffer import GOAL_MODES
 from crl_fast.checks import resolve_device
 from crl_fast.energy import ENERGIES
+from crl_fast.fused_mlp import check_supported
 from crl_fast.loss import LOSSES, LossConfig
 from crl_fast.networks import ACTIVATIONS
 
@@ -38,6 +39,7 @@ RESUME_SAFE_FIELDS = (
     "cuda_graph",
     "graph_updates",
     "actor_stream",
+    "fused_mlp",
     "run_dir",  # where the run lies
     "resume",
 )
@@ -73,6 +75,11 @@ class AgentConfig:
         "residual blocks of 4 x [Linear, LayerNorm, swish] + skip; with --layer-norm also after "
         "the first Linear, as in '1000 Layer Networks for Self-Supervised RL'",
     )
+    fused_mlp: bool = option(
+        False,
+        "run each network's forward in one Triton kernel and its backward in two (CUDA; "
+        "depth 2, no layer norm or residual; experimental: not yet timed on a GPU)",
+    )
     loss: str = option("binary", "critic loss (see crl_fast.contrastive_loss)", LOSSES)
     energy: str = option("dot", "critic energy f(phi, psi)", ENERGIES)
     logsumexp_penalty: float = option(0.0, "weight of the logsumexp^2 regulariser")
@@ -107,6 +114,8 @@ class AgentConfig:
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
             raise ValueError("width, depth and repr_dim must be positive")
+        if self.fused_mlp:
+            check_supported(self.depth, self.layer_norm, self.residual, self.width, self.repr_dim)
         if self.alpha < 0 or (self.alpha == 0 and self.autotune_alpha):
             raise ValueError(
                 f"alpha must be positive (or 0 with --no-autotune-alpha), got {self.alpha}"

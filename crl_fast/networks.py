@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl_fast import fused_mlp
+
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
 RESIDUAL_BLOCK_LAYERS = 4
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -52,11 +54,17 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """An MLP with ``depth`` hidden layers of size ``width`` and a linear output layer.
+    """An MLP with ``depth`` hidden layers of size ``width`` and a linear output layer, applied
+    to the concatenation of its inputs.
 
     With ``residual=True`` the hidden part is an input layer followed by ``depth // 4`` residual
     blocks (``depth`` must then be a positive multiple of 4), so it holds ``depth + 1`` hidden
     layers in all; ``layer_norm`` then applies to the input layer (the blocks always normalise).
+
+    ``fused=True`` (two hidden layers, no layer norm or residual blocks, width and output up to
+    :data:`crl_fast.fused_mlp.MAX_WIDTH`) runs forward and backward as :mod:`crl_fast.fused_mlp`'s
+    Triton kernels wherever they take the inputs (CUDA), and as these layers elsewhere. The
+    parameters, and so the state dict, are the same either way.
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class MLP(nn.Sequential):
         activation: str = "swish",
         layer_norm: bool = False,
         residual: bool = False,
+        fused: bool = False,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -83,12 +92,22 @@ class MLP(nn.Sequential):
         else:
             for _ in range(depth - 1):
                 layers += _hidden_layer(width, width, activation, layer_norm)
+        if fused:
+            fused_mlp.check_supported(depth, layer_norm, residual, width, out_dim)
         layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
         super().__init__(*layers)
+        self.activation, self.fused = activation, fused
+        self._linears = [layer for layer in self if isinstance(layer, nn.Linear)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output in ``x``'s dtype: under ``torch.autocast`` the matmuls run in the autocast
-        dtype, and what reads the output (the actor's distribution, the energies) stays float32."""
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The output in the inputs' dtype: under ``torch.autocast`` the matmuls run in the
+        autocast dtype, and what reads the output (the actor's distribution, the energies)
+        stays float32."""
+        if self.fused:
+            params = [p for layer in self._linears for p in (layer.weight, layer.bias)]
+            if fused_mlp.can_run(inputs, params):
+                return fused_mlp.fused_mlp(inputs, params, self.activation)
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=-1)
         return super().forward(x).to(x.dtype)
 
     def __getitem__(self, index: int | slice) -> nn.Module:
@@ -100,9 +119,6 @@ class MLP(nn.Sequential):
 
 class Encoder(MLP):
     """Maps the concatenation of its inputs to a representation: phi(s, a) or psi(g)."""
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.cat(inputs, dim=-1))
 
 
 def tanh_log_det_jacobian(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +141,7 @@ class TanhGaussianActor(nn.Module):
         self, obs: torch.Tensor, goal: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log standard deviation of the pre-tanh Gaussian."""
-        mean, log_std = self.net(torch.cat([obs, goal], dim=-1)).chunk(2, dim=-1)
+        mean, log_std = self.net(obs, goal).chunk(2, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1.0)
         return mean, log_std
 

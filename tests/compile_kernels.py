@@ -49,7 +49,7 @@ from triton.runtime.jit import native_specialize_impl
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
 from crl_fast import buffer as buffer_module
 from crl_fast import loss as loss_module
-from crl_fast.kernels import goal_sampling, pair_stats
+from crl_fast.kernels import goal_sampling, mlp, pair_stats
 
 H100_SHARED_BYTES = 232_448
 """Dynamic shared memory one block may use on sm_90 (227 KiB)."""
@@ -241,6 +241,26 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
             buf.sample(16, goal_mode=mode, random_goal_fraction=0.2, current_goal_fraction=0.1)
 
 
+def _record_mlp_launches(recorders: list[Recorder], quick: bool) -> None:
+    """The fused MLP's forward and backward (with and without input or weight gradients) in each
+    dtype (``quick``: TF32 and bfloat16, as training on CUDA), at the encoders' and the actor's
+    shapes of bench_update, an odd width and the widest."""
+    shapes = ((35, 256, 64), (2, 256, 64), (29, 256, 16), (7, 48, 5), (600, 256, 256))
+    dtypes = _DTYPES[1:3] if quick else _DTYPES
+    for (dtype, precision), (n_in, width, out) in itertools.product(dtypes, shapes):
+        torch.set_float32_matmul_precision(precision)
+        for r in recorders:
+            r.caller = f"mlp/{dtype}/{precision}/in={n_in}/width={width}/out={out}"
+        params = [torch.randn(o, i) for i, o in ((n_in, width), (width, width), (width, out))]
+        params = [t for w in params for t in (w, w[:, 0].contiguous())]
+        x1, x2 = torch.randn(100, n_in - n_in // 2), torch.randn(100, n_in // 2)
+        _, z1, z2 = mlp.forward(x1, x2, params, 0, dtype, save=True)
+        mlp.forward(x1, x2, params, 1, dtype, save=False)
+        dy = torch.randn(100, out)
+        for need_dx, need_weights in ((True, True), (False, True), (True, False)):
+            mlp.backward(dy, x1, x2, params[::2], z1, z2, 0, need_dx, need_weights)
+
+
 def _loop_cost(cubin: bytes, v: Variant) -> str:
     """Issued instructions and MUFU ops per logit in the kernel's first outer loop: the loop over
     interior column tiles (a K loop inside it is counted once, as for d <= BLOCK_K)."""
@@ -328,11 +348,15 @@ def main() -> int:
         (pair_stats, "grad_kernel"),
         (goal_sampling, "_sample_kernel"),
         (goal_sampling, "_extend_kernel"),
+        (mlp, "forward_kernel"),
+        (mlp, "backward_data_kernel"),
+        (mlp, "backward_weight_kernel"),
     ):
         recorders.append(Recorder(getattr(module, name), seen))
         setattr(module, name, recorders[-1])
     _record_loss_launches(recorders, args.autotune, args.quick)
     _record_buffer_launches(recorders)
+    _record_mlp_launches(recorders, args.quick)
     overrides = dict(item.split("=", 1) for item in args.set)
     for v in seen.values():
         if re.search(args.only, v.label()):

@@ -360,12 +360,13 @@ def test_cuda_graph_replay_matches_eager_updates():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused_mlp"])
 @pytest.mark.parametrize("amp", ["off", "bfloat16"])
-def test_compiled_update_replays_from_a_cuda_graph(amp):
-    """bench_update's compile-graph mode: the compiled update captures, and replays train."""
+def test_compiled_update_replays_from_a_cuda_graph(amp, fused):
+    """bench_update's compile-graph modes: the compiled update captures, and replays train."""
     buffer = random_cuda_buffer()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
-    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64, amp=amp), "cuda")
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64, amp=amp, fused_mlp=fused), "cuda")
     agent.compile()
     step = GraphedUpdates(agent, lambda: buffer.sample(64, generator=generator), steps=2)
     before = parameters(agent)
@@ -377,15 +378,18 @@ def test_compiled_update_replays_from_a_cuda_graph(amp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused_mlp"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compiled_update_matches_eager(device):
+def test_compiled_update_matches_eager(device, fused):
     """The update's four compiled parts (psi(g) shared by critic and actor across them) take
-    the eager steps."""
+    the eager steps, with the networks' layers or the fused MLP kernels (custom ops in the
+    compiled graphs)."""
     import torch._inductor.config as inductor_config
 
     torch.manual_seed(0)
-    eager = CRL(OBS, ACT, GOAL, AgentConfig(width=64), device)
-    compiled = CRL(OBS, ACT, GOAL, AgentConfig(width=64), device)
+    config = AgentConfig(width=64, fused_mlp=fused)
+    eager = CRL(OBS, ACT, GOAL, config, device)
+    compiled = CRL(OBS, ACT, GOAL, config, device)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
     batch = GoalBatch(*(t.to(device) for t in toy_batch()))

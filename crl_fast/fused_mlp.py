@@ -1,0 +1,182 @@
+"""An MLP with two hidden layers in three Triton kernels: forward in one, backward in two.
+
+At the batch sizes of RL updates (hundreds to a few thousand rows) each matmul of a 256-wide MLP
+is a handful of tiles, so PyTorch's kernels for it (five in forward, about eleven in backward)
+spend their time starting and draining rather than multiplying: the compiled, CUDA-graphed update
+of JaxGCRL's networks took ~5 us per kernel on an H200 (``bench/probe_fused_mlp.py``). The
+kernels (``kernels/mlp.py``) keep the hidden activations on chip and take both inputs of an
+encoder (no concatenation kernel). Whether that is faster on a GPU is not measured yet, so
+:class:`crl_fast.networks.MLP` takes this path only when built with ``fused=True``.
+
+:func:`mlp_reference` is the maths in plain PyTorch; the tests compare the kernels with it.
+The ops are ``torch.library`` custom ops: they run under autograd, ``torch.compile`` and CUDA
+graph capture, and under ``torch.autocast`` their products take the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from crl_fast.checks import triton_available
+from crl_fast.custom_ops import eager_fast_path
+
+ACTIVATIONS = {"swish": 0, "relu": 1}
+"""The activations the kernels take, with their codes (the kernels' ACT)."""
+MAX_WIDTH = 256
+"""Widest hidden layer (and output) the kernels take: a program holds a block of rows of a whole
+hidden layer, and a column block of each weight, on chip; at 512 they need more shared memory
+than an H100 has (``tests/compile_kernels.py``)."""
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+Tensor = torch.Tensor
+
+
+def mlp_reference(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: str) -> Tensor:
+    """y = W3 act(W2 act(W1 x + b1) + b2) + b3 with x = cat(inputs) and ``params`` = (W1, b1,
+    W2, b2, W3, b3) as ``nn.Linear`` stores them: the maths of :func:`fused_mlp`."""
+    act = {"swish": F.silu, "relu": F.relu}[activation]
+    w1, b1, w2, b2, w3, b3 = params
+    x = torch.cat(list(inputs), dim=-1)
+    return F.linear(act(F.linear(act(F.linear(x, w1, b1)), w2, b2)), w3, b3)
+
+
+def check_supported(depth: int, layer_norm: bool, residual: bool, width: int, out_dim: int) -> None:
+    """A ValueError unless the kernels cover this MLP: two hidden layers, no layer norm or
+    residual blocks, width and output up to :data:`MAX_WIDTH`."""
+    if depth != 2 or layer_norm or residual or max(width, out_dim) > MAX_WIDTH:
+        raise ValueError(
+            "the fused MLP kernels (fused=True, --fused-mlp) take MLPs of depth 2 without layer "
+            f"norm or residual blocks, width and output <= {MAX_WIDTH}; got depth={depth}, "
+            f"layer_norm={layer_norm}, residual={residual}, width={width}, out_dim={out_dim}"
+        )
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the products: autocast's on ``x``'s device where it is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def can_run(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    """Whether :func:`fused_mlp` takes these tensors: CUDA ones (or CPU ones where Triton's
+    interpreter built the kernels), a non-empty batch, one float dtype among the inputs, the
+    products and the (contiguous) parameters in float16/bfloat16/float32."""
+    x = inputs[0]
+    if not (x.is_cuda or x.device.type == "cpu") or x.numel() == 0 or not triton_available():
+        return False
+    from crl_fast.kernels import mlp as kernels
+
+    return (
+        (x.is_cuda or kernels.TAKES_CPU_TENSORS)
+        and all(t.dtype == x.dtype and t.device == x.device for t in inputs)
+        and x.dtype in _TRITON_DTYPES
+        and compute_dtype(x) in _TRITON_DTYPES
+        and all(p.dtype in _TRITON_DTYPES and p.is_contiguous() for p in params)
+    )
+
+
+def fused_mlp(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: str) -> Tensor:
+    """:func:`mlp_reference` in three kernels, for inputs that :func:`can_run` accepts.
+
+    The output has the inputs' dtype and leading dimensions; z1 and z2 are saved for backward
+    (in the compute dtype) only where a gradient will be asked for."""
+    lead = inputs[0].shape[:-1]
+    parts = [t.reshape(-1, t.shape[-1]) for t in inputs]
+    if len(parts) > 2:
+        parts = [parts[0], torch.cat(parts[1:], dim=-1)]
+    elif len(parts) == 1:
+        parts.append(parts[0].new_empty(parts[0].shape[0], 0))
+    x1, x2 = (p if p.stride(-1) == 1 else p.contiguous() for p in parts)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, *params))
+    act, cd = ACTIVATIONS[activation], compute_dtype(x1)
+    y, _, _ = _forward(x1, x2, *params, act, cd, save)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _forward_impl(
+    x1: Tensor,
+    x2: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    w3: Tensor,
+    b3: Tensor,
+    act: int,
+    dtype: torch.dtype,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from crl_fast.kernels import mlp as kernels
+
+    return kernels.forward(x1, x2, (w1, b1, w2, b2, w3, b3), act, dtype, save)
+
+
+_forward_op = torch.library.custom_op("crl_fast::mlp_forward", _forward_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x1, x2, w1, b1, w2, b2, w3, b3, act, dtype, save):
+    rows, width = (x1.shape[0] if save else 0), w2.shape[0]
+    z1, z2 = (x1.new_empty(rows, width, dtype=dtype) for _ in range(2))
+    return x1.new_empty(x1.shape[0], w3.shape[0]), z1, z2
+
+
+def _backward_impl(
+    dy: Tensor,
+    x1: Tensor,
+    x2: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor,
+    z1: Tensor,
+    z2: Tensor,
+    act: int,
+    need_dx: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from crl_fast.kernels import mlp as kernels
+
+    return kernels.backward(dy, x1, x2, (w1, w2, w3), z1, z2, act, need_dx, need_weights)
+
+
+_backward_op = torch.library.custom_op("crl_fast::mlp_backward", _backward_impl, mutates_args=())
+
+
+@_backward_op.register_fake
+def _(dy, x1, x2, w1, w2, w3, z1, z2, act, need_dx, need_weights):
+    dx = [torch.empty_like(x) if need_dx else x.new_empty(0, x.shape[1]) for x in (x1, x2)]
+    grads = [
+        t if need_weights else w.new_empty(0)
+        for w in (w1, w2, w3)
+        for t in (torch.empty_like(w), w.new_empty(w.shape[0]))
+    ]
+    return (*dx, *grads)
+
+
+_backward = eager_fast_path(_backward_op, _backward_impl, alternative="torch.nn layers")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x1, x2, w1, _, w2, _, w3, _, act, _, _ = inputs
+    _, z1, z2 = output
+    ctx.mark_non_differentiable(z1, z2)
+    ctx.save_for_backward(x1, x2, w1, w2, w3, z1, z2)
+    ctx.act = act
+
+
+def _backward_rule(ctx, dy, _dz1, _dz2):
+    need = ctx.needs_input_grad[:8]  # x1, x2, W1, b1, W2, b2, W3, b3
+    x1, x2, w1, w2, w3, z1, z2 = ctx.saved_tensors
+    grads = _backward(
+        dy.contiguous(), x1, x2, w1, w2, w3, z1, z2, ctx.act, any(need[:2]), any(need[2:])
+    )
+    grads = [g if wanted else None for g, wanted in zip(grads, need, strict=True)]
+    return (*grads, None, None, None)
+
+
+_forward = eager_fast_path(
+    _forward_op, _forward_impl, _backward_rule, _setup_context, alternative="torch.nn layers"
+)

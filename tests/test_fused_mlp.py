@@ -1,0 +1,253 @@
+"""The fused MLP kernels (Triton interpreter on CPU) against the float64 reference.
+
+Forward and every gradient must be no worse than eager PyTorch's ``nn.Linear`` layers in the same
+dtype, against float64 truth; the layers also stand in wherever the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from crl_fast import fused_mlp as fused_mlp_module
+from crl_fast.agent import CRL
+from crl_fast.buffer import GoalBatch
+from crl_fast.config import AgentConfig
+from crl_fast.fused_mlp import mlp_reference
+from crl_fast.networks import MLP
+from tests.helpers import assert_no_worse_than_eager
+
+SHAPES = [  # (input widths, hidden width, output, rows)
+    ((35,), 64, 32, 40),
+    ((27, 8), 32, 16, 130),  # several row blocks and weight-gradient row steps
+    ((3, 2), 48, 5, 17),  # odd: padded width and output, a partial row block
+    ((70,), 16, 16, 1),  # two input blocks, one row
+]
+ACTIVATIONS = ("swish", "relu")
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _net(in_dims: tuple[int, ...], width: int, out: int, activation: str) -> MLP:
+    torch.manual_seed(0)
+    net = MLP(sum(in_dims), out, width=width, activation=activation, fused=True)
+    for layer in net._linears:  # non-zero biases, so that the check covers them
+        torch.nn.init.normal_(layer.bias, std=0.3)
+    return net
+
+
+def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast: bool = False):
+    """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = net(*leaves)
+    y.backward(grad.to(y.dtype))
+    return y.detach(), [x.grad for x in leaves], [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
+    in_dims, width, out, rows = shape
+    net = _net(in_dims, width, out, activation)
+    inputs = [torch.randn(rows, d) for d in in_dims]
+    grad = torch.randn(rows, out)  # grad_output != 1
+    eager_net = copy.deepcopy(net)
+    eager_net.fused = False
+    truth_net = copy.deepcopy(eager_net).double()
+
+    kernel = _run(net, inputs, grad, autocast)
+    eager = _run(eager_net, inputs, grad, autocast)
+    truth = _run(truth_net, [x.double() for x in inputs], grad.double())
+    rtol = RTOL[torch.bfloat16 if autocast else torch.float32]
+    assert kernel[0].dtype == torch.float32  # the inputs' dtype, autocast or not
+    assert_no_worse_than_eager("y", kernel[0], eager[0], truth[0], rtol)
+    for name, k, e, t in zip(("dx", "dparams"), kernel[1:], eager[1:], truth[1:], strict=True):
+        for i, (kk, ee, tt) in enumerate(zip(k, e, t, strict=True)):
+            assert_no_worse_than_eager(f"{name}[{i}]", kk, ee, tt, rtol)
+
+
+def test_the_kernels_run_and_the_reference_is_the_layers(monkeypatch):
+    """The fused path is taken (not silently the layers), and mlp_reference equals the layers."""
+    net = _net((4, 3), 32, 8, "swish")
+    params = [p for layer in net._linears for p in (layer.weight, layer.bias)]
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 3)
+    calls = []
+    real = fused_mlp_module.fused_mlp
+    monkeypatch.setattr(fused_mlp_module, "fused_mlp", lambda *a: calls.append(1) or real(*a))
+    y = net(x1, x2)
+    assert calls == [1]
+    with torch.no_grad():
+        reference = mlp_reference((x1, x2), params, "swish")
+        layers = torch.nn.Sequential(*net)(torch.cat([x1, x2], -1))
+    torch.testing.assert_close(reference, layers, rtol=0, atol=0)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts launches, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_partial_requires_grad(monkeypatch):
+    """Frozen weights get no gradient and the weight-gradient kernel is not launched; inputs
+    without requires_grad get none either; the rest match the layers."""
+    from crl_fast.kernels import mlp as kernels
+
+    weight_kernel = _CountLaunches(kernels.backward_weight_kernel)
+    monkeypatch.setattr(kernels, "backward_weight_kernel", weight_kernel)
+    net = _net((6, 2), 32, 8, "swish")
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    x1, x2 = torch.randn(9, 6), torch.randn(9, 2, requires_grad=True)
+    for p in (*net.parameters(), *eager.parameters()):
+        p.requires_grad_(False)
+    net(x1, x2).square().sum().backward()
+    dx2 = x2.grad.clone()
+    x2.grad = None
+    eager(x1, x2).square().sum().backward()
+    torch.testing.assert_close(dx2, x2.grad, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in net.parameters())
+    assert weight_kernel.launches == 0
+
+    net.requires_grad_(True)
+    x = torch.randn(9, 8)
+    net(x).sum().backward()  # inputs without gradient: only the weights'
+    assert all(p.grad is not None for p in net.parameters())
+    assert weight_kernel.launches == 1
+
+
+def test_odd_layouts_leading_dims_and_many_inputs():
+    """Inputs with a row stride, with a column stride, with leading dimensions, and three of them,
+    all as the layers compute them."""
+    net = _net((4, 3), 32, 8, "relu")
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    big = torch.randn(2, 5, 16)
+    a, b = big[..., :4], big[..., 4:10:2]  # row-strided; column-strided
+    torch.testing.assert_close(net(a, b), eager(a, b), rtol=1e-5, atol=1e-5)
+    assert net(a, b).shape == (2, 5, 8)
+    three = (torch.randn(3, 4), torch.randn(3, 1), torch.randn(3, 2))
+    torch.testing.assert_close(net(*three), eager(*three), rtol=1e-5, atol=1e-5)
+
+
+def test_the_layers_take_what_the_kernels_cannot():
+    """float64 and an empty batch go through the layers: same results as fused=False."""
+    net = _net((5,), 16, 4, "swish").double()
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    x = torch.randn(7, 5, dtype=torch.float64)
+    assert not fused_mlp_module.can_run([x], list(net.parameters()))
+    torch.testing.assert_close(net(x), eager(x), rtol=0, atol=0)
+    empty = net.float()(torch.randn(0, 5))
+    assert empty.shape == (0, 4)
+    empty.sum().backward()  # zero gradients, no kernel launch
+    assert all((p.grad == 0).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"depth": 3}, {"layer_norm": True}, {"residual": True, "depth": 4}, {"width": 512}],
+    ids=str,
+)
+def test_fused_rejects_networks_the_kernels_do_not_cover(kwargs):
+    with pytest.raises(ValueError, match=r"fused MLP kernels \(fused=True, --fused-mlp\) take"):
+        MLP(5, 4, fused=True, **kwargs)
+
+
+def test_state_dict_is_the_same_with_and_without_fused():
+    fused = _net((5,), 16, 4, "swish")
+    plain = MLP(5, 4, width=16)
+    plain.load_state_dict(fused.state_dict())
+    assert list(plain.state_dict()) == list(fused.state_dict())
+
+
+def test_compiled_forward_and_backward():
+    """Under torch.compile (AOT autograd over the custom ops' fake kernels) the fused MLP gives
+    the eager results."""
+    net = _net((6, 2), 32, 8, "swish")
+    x1, x2 = torch.randn(9, 6), torch.randn(9, 2, requires_grad=True)
+    want = _run(net, [x1, x2], torch.ones(9, 8))
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    got = _run(compiled, [x1, x2], torch.ones(9, 8))
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1] + got[2], want[1] + want[2], strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_agent_update_with_fused_networks_matches_the_layers():
+    """One update of an agent built with fused_mlp moves every parameter as the layers' does."""
+    torch.manual_seed(1)
+    batch = GoalBatch(torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 3))
+    agents = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        agent = CRL(5, 2, 3, AgentConfig(width=32, repr_dim=16, fused_mlp=fused))
+        torch.manual_seed(2)  # the same actor noise
+        agent.update(batch)
+        agents.append(agent)
+    for (name, a), (_, b) in zip(
+        agents[0].state_dict().items(), agents[1].state_dict().items(), strict=True
+    ):
+        if isinstance(a, dict):
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for net in ("sa_encoder", "goal_encoder", "actor"):
+        for p, q in zip(
+            getattr(agents[0], net).parameters(), getattr(agents[1], net).parameters(), strict=True
+        ):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_mlp_matches_the_layers_and_replays_in_a_cuda_graph(dtype):
+    """On CUDA: JaxGCRL's encoder shape (35 -> 256 -> 256 -> 64), 256 and 1000 rows, against
+    float64 truth (bfloat16: under autocast); then forward + backward captured in a CUDA graph
+    and replayed on new inputs."""
+    autocast = dtype == torch.bfloat16
+    for rows in (256, 1000):
+        net = _net((27, 8), 256, 64, "swish").cuda()
+        eager = copy.deepcopy(net)
+        eager.fused = False
+        truth_net = copy.deepcopy(eager).double()
+        inputs = [torch.randn(rows, d, device="cuda") for d in (27, 8)]
+        grad = torch.randn(rows, 64, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            kernel = _run_cuda(net, inputs, grad)
+            want = _run_cuda(eager, inputs, grad)
+        truth = _run_cuda(truth_net, [x.double() for x in inputs], grad.double())
+        for i, (k, e, t) in enumerate(zip(kernel, want, truth, strict=True)):
+            assert_no_worse_than_eager(f"output/grad {i}", k, e, t, RTOL[dtype])
+
+    static = [torch.randn(256, d, device="cuda") for d in (27, 8)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        net(*static).sum().backward()  # warm-up: compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    net.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        out = net(*static)
+        out.sum().backward()
+    new = [torch.randn(256, d, device="cuda") for d in (27, 8)]
+    for s, n in zip(static, new, strict=True):
+        s.copy_(n)
+    net.zero_grad(set_to_none=False)
+    graph.replay()
+    torch.testing.assert_close(out, eager(*new), rtol=2e-2, atol=2e-2)
+
+
+def _run_cuda(net, inputs, grad):
+    y, _, dparams = _run(net, inputs, grad)
+    return [y, *dparams]
