@@ -17,6 +17,8 @@ A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the age
 ``actor_stream=True``: the actor and alpha steps on a second CUDA stream, beside the critic's.
 A ``+bf16`` suffix (opt-in: ``graph+bf16``, ``compile-graph+bf16``, ``eager+bf16``) builds it with
 ``amp="bfloat16"``: the networks' matmuls and the loss in bfloat16 under autocast.
+A ``+fused`` suffix (``graph+fused``, ``compile-graph+fused``, ``compile-graph+fused+bf16``) builds
+it with ``fused_mlp=True``: each network's forward one Triton kernel, its backward two.
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -40,8 +42,10 @@ JAXGCRL_AGENT = AgentConfig(width=256, depth=2, repr_dim=64, **JAXGCRL_CRITIC)
 TARGETS = {256: 13_000, 4096: 3_000}
 MODES = (
     "compile-graph",
-    "compile-graph+stream",
+    "compile-graph+fused",
     "graph",
+    "graph+fused",
+    "compile-graph+stream",
     "graph+stream",
     "eager",
     "compile",
@@ -49,9 +53,11 @@ MODES = (
     "compile-graph+bf16",
     "graph+bf16",
     "eager+bf16",
+    "compile-graph+fused+bf16",
 )
-DEFAULT_MODES = MODES[:4]
-"""On CUDA; the CPU runs ``eager``."""
+DEFAULT_MODES = MODES[:6]
+"""On CUDA, the fused networks' modes early (a time limit cuts the last); the CPU runs
+``eager``."""
 COMPILE_OPTIONS = {
     "compile": {},
     "compile-graph": {},
@@ -86,7 +92,8 @@ def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
 def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
     torch.manual_seed(0)
     kind, *suffixes = mode.split("+")
-    config = dataclasses.replace(JAXGCRL_AGENT, amp="bfloat16" if "bf16" in suffixes else "off")
+    amp = "bfloat16" if "bf16" in suffixes else "off"
+    config = dataclasses.replace(JAXGCRL_AGENT, amp=amp, fused_mlp="fused" in suffixes)
     agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, config, device, actor_stream="stream" in suffixes)
     buffer = filled_buffer(device)
     updates_per_call = 1

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Device check in one call (the default stages' limits sum to 550 s, inside the 600 s command
 # limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
-# Stages: tests probe mlp single loss update buffer envs (the default, in that order; single times
+# Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1, on 128-row
-# programs), and opt-in: single256 (the same on 256-row programs: half the atomics), jax,
-# compile, tma, fp16, train, autotune, update-bf16, update-autotune and update-maxtune.
+# programs; update includes the fused-network modes), and opt-in: mlp, single256 (the same on
+# 256-row programs: half the atomics), jax, compile, tma, fp16, train, autotune, update-bf16,
+# update-autotune and update-maxtune.
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
 # - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
 # - train runs three trainings per mode (2-4 minutes).
@@ -36,8 +37,8 @@ OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-# The default stages bring back 8 files (the log and 7 result JSONs): all that $OUT takes.
-[ ${#stages[@]} -gt 0 ] || stages=(tests probe mlp single loss update buffer envs)
+# The default stages bring back 7 files (the log and 6 result JSONs); $OUT takes 8.
+[ ${#stages[@]} -gt 0 ] || stages=(tests probe single loss update buffer envs)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
@@ -49,7 +50,7 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 NEW_TESTS="single_pass or actor_stream or compiled_step or default_run_on_cuda"
 NEW_TESTS+=" or gradients_in_forward or column_loss or compiled_update or confident_critic"
 NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast or amp or metrics_leave"
-NEW_TESTS+=" or auto_takes_pytorch"
+NEW_TESTS+=" or auto_takes_pytorch or fused"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
@@ -76,9 +77,9 @@ for stage in "${stages[@]}"; do
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
         envs) step envs 30 python3 -m bench.bench_envs ;;
-        update) step update 100 python3 -m bench.bench_update ;;
-        update-bf16) step "update bf16" 60 \
-            python3 -m bench.bench_update --modes compile-graph+bf16 graph+bf16 --name update-bf16 ;;
+        update) step update 130 python3 -m bench.bench_update ;;
+        update-bf16) step "update bf16" 80 python3 -m bench.bench_update \
+            --modes compile-graph+bf16 graph+bf16 compile-graph+fused+bf16 --name update-bf16 ;;
         update-autotune) CRL_FAST_AUTOTUNE=1 step "update autotune" 120 \
             python3 -m bench.bench_update --modes compile-graph ;;
         update-maxtune) step "update max-autotune" 240 \
