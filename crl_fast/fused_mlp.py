@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from crl_fast.checks import triton_available
-from crl_fast.custom_ops import eager_fast_path
+from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
 
-ACTIVATIONS = {"swish": 0, "relu": 1}
+ACT_CODES = {"swish": 0, "relu": 1}
 """The activations the kernels take, with their codes (the kernels' ACT)."""
 MAX_WIDTH = 256
 """Widest hidden layer (and output) the kernels take: a program holds a block of rows of a whole
@@ -31,6 +31,7 @@ hidden layer, and a column block of each weight, on chip; at 512 they need more 
 than an H100 has (``tests/compile_kernels.py``)."""
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+_LAYERS = "the PyTorch layers (fused=False)"
 Tensor = torch.Tensor
 
 
@@ -61,20 +62,27 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def can_run(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
-    """Whether :func:`fused_mlp` takes these tensors: CUDA ones (or CPU ones where Triton's
-    interpreter built the kernels), a non-empty batch, one float dtype among the inputs, the
-    products and the (contiguous) parameters in float16/bfloat16/float32."""
-    x = inputs[0]
+    """Whether :func:`fused_mlp` takes these tensors: on one device, CUDA (or the CPU where
+    Triton's interpreter built the kernels); inputs of one float dtype and one batch shape, not
+    empty, whose widths add up to W1's; contiguous parameters of one dtype, the inputs' unless
+    autocast sets the products' dtype; all dtypes float16/bfloat16/float32. Elsewhere the layers
+    run, and raise their own errors for what they cannot take."""
+    x, w1, w2, w3 = inputs[0], params[0], params[2], params[4]
     if not (x.is_cuda or x.device.type == "cpu") or x.numel() == 0 or not triton_available():
         return False
     from crl_fast.kernels import mlp as kernels
 
+    autocast = torch.is_autocast_enabled(x.device.type)
     return (
         (x.is_cuda or kernels.TAKES_CPU_TENSORS)
-        and all(t.dtype == x.dtype and t.device == x.device for t in inputs)
-        and x.dtype in _TRITON_DTYPES
-        and compute_dtype(x) in _TRITON_DTYPES
-        and all(p.dtype in _TRITON_DTYPES and p.is_contiguous() for p in params)
+        and all(t.device == x.device and t.dtype == x.dtype for t in inputs)
+        and all(t.shape[:-1] == x.shape[:-1] for t in inputs)
+        and sum(t.shape[-1] for t in inputs) == w1.shape[1]
+        and w2.shape == (w1.shape[0], w1.shape[0])
+        and w3.shape[1] == w1.shape[0]
+        and all(p.device == x.device and p.dtype == w1.dtype and p.is_contiguous() for p in params)
+        and (autocast or w1.dtype == x.dtype)
+        and {x.dtype, w1.dtype, compute_dtype(x)} <= set(_TRITON_DTYPES)
     )
 
 
@@ -91,7 +99,7 @@ def fused_mlp(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: st
         parts.append(parts[0].new_empty(parts[0].shape[0], 0))
     x1, x2 = (p if p.stride(-1) == 1 else p.contiguous() for p in parts)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, *params))
-    act, cd = ACTIVATIONS[activation], compute_dtype(x1)
+    act, cd = ACT_CODES[activation], compute_dtype(x1)
     y, _, _ = _forward(x1, x2, *params, act, cd, save)
     return y.reshape(*lead, y.shape[-1])
 
@@ -156,7 +164,7 @@ def _(dy, x1, x2, w1, w2, w3, z1, z2, act, need_dx, need_weights):
     return (*dx, *grads)
 
 
-_backward = eager_fast_path(_backward_op, _backward_impl, alternative="torch.nn layers")
+_backward = eager_fast_path(_backward_op, _backward_impl, alternative=_LAYERS)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -168,6 +176,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward_rule(ctx, dy, _dz1, _dz2):
+    refuse_double_backward("the fused MLP kernels", _LAYERS)
     need = ctx.needs_input_grad[:8]  # x1, x2, W1, b1, W2, b2, W3, b3
     x1, x2, w1, w2, w3, z1, z2 = ctx.saved_tensors
     grads = _backward(
@@ -178,5 +187,5 @@ def _backward_rule(ctx, dy, _dz1, _dz2):
 
 
 _forward = eager_fast_path(
-    _forward_op, _forward_impl, _backward_rule, _setup_context, alternative="torch.nn layers"
+    _forward_op, _forward_impl, _backward_rule, _setup_context, alternative=_LAYERS
 )

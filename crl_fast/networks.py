@@ -97,14 +97,14 @@ class MLP(nn.Sequential):
         layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
         super().__init__(*layers)
         self.activation, self.fused = activation, fused
-        self._linears = [layer for layer in self if isinstance(layer, nn.Linear)]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The output in the inputs' dtype: under ``torch.autocast`` the matmuls run in the
         autocast dtype, and what reads the output (the actor's distribution, the energies)
         stays float32."""
         if self.fused:
-            params = [p for layer in self._linears for p in (layer.weight, layer.bias)]
+            linears = [layer for layer in self if isinstance(layer, nn.Linear)]
+            params = [p for layer in linears for p in (layer.weight, layer.bias)]
             if fused_mlp.can_run(inputs, params):
                 return fused_mlp.fused_mlp(inputs, params, self.activation)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=-1)

@@ -28,7 +28,7 @@ from typing import NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from crl_fast.custom_ops import eager_fast_path
+from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
 from crl_fast.energy import accumulate_dtype, energy_and_slope, paired_energy
 
 CHUNK_ELEMENTS = 1 << 20
@@ -476,15 +476,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _refuse_double_backward() -> None:
-    """create_graph=True would silently treat the kernels' gradients as constants."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the fused contrastive losses have no second derivative (create_graph=True); "
-            "use crl_fast.reference_contrastive_loss for double backward"
-        )
-
-
 def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
     """dx (input dtype) and the off-diagonal (dscale, dbias) of the row-lse term from the
     forward's online sums: dx_i = scale g_rl_i (U_i - V_i x_i) (the x_i term for l2 and norm
@@ -504,7 +495,7 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
 
 
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
-    _refuse_double_backward()
+    refuse_double_backward("the fused contrastive losses", _REFERENCE)
     x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w, *rows = ctx.saved_tensors
     x_sq, y_sq, f, slope = rows
     energy, mask_diag, pair, online, use_triton = ctx.options
@@ -758,7 +749,7 @@ def _forward_grads_setup_context(ctx, inputs, output):
 
 
 def _forward_grads_backward(ctx, g_loss, *_unused):
-    _refuse_double_backward()
+    refuse_double_backward("the fused contrastive losses", _REFERENCE)
     if g_loss is None:
         return (None,) * 9
     grads = [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -22,6 +24,18 @@ def precision(dtype: torch.dtype) -> str:
 def upcast(dtype: torch.dtype, interpreted: bool) -> bool:
     """Whether ``tl.dot`` must take float32 copies of ``dtype`` operands: Triton's interpreter
     multiplies the raw bits of bfloat16 in ``tl.dot`` (seen with triton 3.8), so under
-    TRITON_INTERPRET=1 (``interpreted``) bfloat16 tiles are rounded as on the GPU, then
-    multiplied in float32. Compiled kernels always use the tensor cores."""
+    TRITON_INTERPRET=1 (``interpreted``) bfloat16 tiles are rounded as on the GPU (with
+    :func:`round_to_bfloat16`), then multiplied in float32. Compiled kernels always use the
+    tensor cores."""
     return dtype == torch.bfloat16 and interpreted
+
+
+@triton.jit
+def round_to_bfloat16(x):
+    """Float32 ``x`` rounded to the nearest bfloat16 (ties to even), still float32: what a GPU's
+    cast does. Triton's interpreter truncates float32 -> bfloat16 casts (Triton 3.8, with or
+    without ``fp_downcast_rounding="rtne"``: twice the error, and biased towards zero), so the
+    kernels round the bits themselves there; NaN stays NaN (its bits would wrap)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))

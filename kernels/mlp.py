@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from crl_fast.kernels import dot, runs_on_cpu
+from crl_fast.kernels.dot import round_to_bfloat16
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 _NO_ACT = tl.constexpr(-1)
@@ -39,7 +40,7 @@ def _act(z, ACT: tl.constexpr):
     if ACT == 0:
         out = z * tl.sigmoid(z)
     else:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as in torch.relu (tl.maximum drops it)
     return out
 
 
@@ -55,13 +56,11 @@ def _act_grad(z, ACT: tl.constexpr):
 
 @triton.jit
 def _round(x, REF, UPCAST: tl.constexpr):
-    """``x`` rounded (to nearest even) to the compute dtype, REF's element type. Triton's
-    interpreter truncates float32 -> bfloat16 casts (Triton 3.8: twice the error, and biased), so
-    where it runs bfloat16 (UPCAST) the bits are rounded first and the cast is then exact."""
-    if UPCAST:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+    """``x`` rounded (to nearest even) to REF's element type: the compute dtype, or that of an
+    output. Under the interpreter (UPCAST: bfloat16 products there), whose casts truncate, a
+    bfloat16 target is rounded by :func:`round_to_bfloat16` first."""
+    if UPCAST and REF.dtype.element_ty == tl.bfloat16:
+        x = round_to_bfloat16(x.to(tl.float32))
     return x.to(REF.dtype.element_ty)
 
 
@@ -86,14 +85,14 @@ def _load_cols(X1, X2, stride1, stride2, N1, N2, rows, row_ok, cols):
 
 
 @triton.jit
-def _store_cols(X1, X2, stride1, stride2, N1, N2, rows, row_ok, cols, value):
+def _store_cols(X1, X2, stride1, stride2, N1, N2, rows, row_ok, cols, value, UPCAST: tl.constexpr):
     """Store ``value`` into columns ``cols`` of [x1, x2] (the inverse of :func:`_load_cols`)."""
     r = rows.to(tl.int64)[:, None]
     ok1 = row_ok[:, None] & (cols < N1)[None, :]
-    tl.store(X1 + r * stride1 + cols[None, :], value.to(X1.dtype.element_ty), mask=ok1)
+    tl.store(X1 + r * stride1 + cols[None, :], _round(value, X1, UPCAST), mask=ok1)
     cols2 = cols - N1
     ok2 = row_ok[:, None] & ((cols2 >= 0) & (cols2 < N2))[None, :]
-    tl.store(X2 + r * stride2 + cols2[None, :], value.to(X2.dtype.element_ty), mask=ok2)
+    tl.store(X2 + r * stride2 + cols2[None, :], _round(value, X2, UPCAST), mask=ok2)
 
 
 @triton.jit
@@ -141,7 +140,7 @@ def forward_kernel(
         y = _mm(h2, _round(w3, Z1, UPCAST), y, PRECISION, UPCAST)
     y += tl.load(B3 + outs, mask=out_ok, other=0.0)[None, :]
     y_ok = row_ok[:, None] & out_ok[None, :]
-    tl.store(Y + r * OUT + outs[None, :], y.to(Y.dtype.element_ty), mask=y_ok)
+    tl.store(Y + r * OUT + outs[None, :], _round(y, Y, UPCAST), mask=y_ok)
 
 
 @triton.jit
@@ -195,7 +194,7 @@ def backward_data_kernel(
                 PRECISION,
                 UPCAST,
             )
-            _store_cols(DX1, DX2, stride_dx1, stride_dx2, IN1, IN2, rows, row_ok, ks, dx)
+            _store_cols(DX1, DX2, stride_dx1, stride_dx2, IN1, IN2, rows, row_ok, ks, dx, UPCAST)
 
 
 @triton.jit
@@ -227,9 +226,9 @@ def _weight_grad_tile(
         dw = _mm(tl.trans(dz), _round(h, CD_REF, UPCAST), dw, PRECISION, UPCAST)
         db += tl.sum(dz.to(tl.float32), axis=0)
     dw_ok = p_ok[:, None] & (qs < n_q)[None, :]
-    tl.store(DW + ps[:, None] * n_q + qs[None, :], dw.to(DW.dtype.element_ty), mask=dw_ok)
+    tl.store(DW + ps[:, None] * n_q + qs[None, :], _round(dw, DW, UPCAST), mask=dw_ok)
     if q0 == 0:
-        tl.store(DB + ps, db.to(DB.dtype.element_ty), mask=p_ok)
+        tl.store(DB + ps, _round(db, DB, UPCAST), mask=p_ok)
 
 
 @triton.jit
@@ -337,7 +336,7 @@ def backward(
         ACT=act, STORE_DZ=need_weights, NEED_DX=need_dx, **shapes, **FORWARD_TILE, **options,
     )  # fmt: skip
     if not need_weights:
-        return dx1, dx2, *(w1.new_empty(0) for _ in range(6))
+        return dx1, dx2, *(w.new_empty(0) for w in weights for _ in range(2))
     grads = [t for w in weights for t in (torch.empty_like(w), w.new_empty(w.shape[0]))]
     dw1, db1, dw2, db2, dw3, db3 = grads
     tile = WEIGHT_TILE | ({"BLOCK_K": 16, "num_warps": 8} if options["PRECISION"] == "ieee" else {})

@@ -65,6 +65,7 @@ from triton.language.extra import libdevice
 
 from crl_fast.energy import NORM_EPS as _NORM_EPS
 from crl_fast.kernels import dot, runs_on_cpu
+from crl_fast.kernels.dot import round_to_bfloat16
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 ONLINE_MAX_D = 128
@@ -240,9 +241,7 @@ def _tile_weights(w, rows, UPCAST: tl.constexpr):
         w_in = w
         rows_in = rows.to(tl.float32)
     else:
-        w_in = w.to(rows.dtype)
-        if UPCAST:
-            w_in = w_in.to(tl.bfloat16).to(tl.float32)
+        w_in = round_to_bfloat16(w) if UPCAST else w.to(rows.dtype)
         rows_in = rows
     return w_in, rows_in
 
@@ -567,6 +566,8 @@ def grad_kernel(
         else:
             acc += hd[:, None] * o
     da_ptrs = DA_ptr + rows64 * stride_da + ds[None, :]
+    if UPCAST:  # bfloat16 under the interpreter, whose casts truncate
+        acc = round_to_bfloat16(acc)
     tl.store(da_ptrs, acc.to(DA_ptr.dtype.element_ty), mask=out_mask)
     if DSCALE and pid_d == 0:
         tl.store(DSCALE_ptr + pid, tl.sum(dscale, 0))

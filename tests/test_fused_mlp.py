@@ -26,22 +26,23 @@ SHAPES = [  # (input widths, hidden width, output, rows)
     ((70,), 16, 16, 1),  # two input blocks, one row
 ]
 ACTIVATIONS = ("swish", "relu")
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def _net(in_dims: tuple[int, ...], width: int, out: int, activation: str) -> MLP:
     torch.manual_seed(0)
     net = MLP(sum(in_dims), out, width=width, activation=activation, fused=True)
-    for layer in net._linears:  # non-zero biases, so that the check covers them
+    for layer in net[::2]:  # the Linears: non-zero biases, so that the check covers them
         torch.nn.init.normal_(layer.bias, std=0.3)
     return net
 
 
-def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast: bool = False):
-    """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies."""
+def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast=None):
+    """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies, under CPU
+    autocast in that dtype if one is given."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     net.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         y = net(*leaves)
     y.backward(grad.to(y.dtype))
     return y.detach(), [x.grad for x in leaves], [p.grad for p in net.parameters()]
@@ -49,7 +50,11 @@ def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast: boo
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize(
+    "autocast",
+    [None, torch.bfloat16, torch.float16],
+    ids=["float32", "bf16-autocast", "fp16-autocast"],
+)
 def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
     in_dims, width, out, rows = shape
     net = _net(in_dims, width, out, activation)
@@ -62,7 +67,7 @@ def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
     kernel = _run(net, inputs, grad, autocast)
     eager = _run(eager_net, inputs, grad, autocast)
     truth = _run(truth_net, [x.double() for x in inputs], grad.double())
-    rtol = RTOL[torch.bfloat16 if autocast else torch.float32]
+    rtol = RTOL[autocast or torch.float32]
     assert kernel[0].dtype == torch.float32  # the inputs' dtype, autocast or not
     assert_no_worse_than_eager("y", kernel[0], eager[0], truth[0], rtol)
     for name, k, e, t in zip(("dx", "dparams"), kernel[1:], eager[1:], truth[1:], strict=True):
@@ -73,7 +78,7 @@ def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
 def test_the_kernels_run_and_the_reference_is_the_layers(monkeypatch):
     """The fused path is taken (not silently the layers), and mlp_reference equals the layers."""
     net = _net((4, 3), 32, 8, "swish")
-    params = [p for layer in net._linears for p in (layer.weight, layer.bias)]
+    params = [p for layer in net[::2] for p in (layer.weight, layer.bias)]
     x1, x2 = torch.randn(5, 4), torch.randn(5, 3)
     calls = []
     real = fused_mlp_module.fused_mlp
@@ -251,3 +256,56 @@ def test_gpu_fused_mlp_matches_the_layers_and_replays_in_a_cuda_graph(dtype):
 def _run_cuda(net, inputs, grad):
     y, _, dparams = _run(net, inputs, grad)
     return [y, *dparams]
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [torch.randn(8, 10)],  # too narrow
+        [torch.randn(8, 40)],  # too wide
+        [torch.randn(64, 6), torch.randn(1, 6)],  # different batches
+        [torch.randn(2, 3, 6), torch.randn(3, 2, 6)],
+        [torch.randn(8, 12, dtype=torch.bfloat16)],  # float32 weights, no autocast
+    ],
+    ids=["narrow", "wide", "rows", "leading", "dtype"],
+)
+def test_inputs_the_layers_reject_get_their_error(inputs):
+    """What the layers cannot take never reaches the kernels (which would read past a weight or
+    an input): the layers raise their own error."""
+    net = _net((12,), 32, 5, "swish")
+    assert not fused_mlp_module.can_run(inputs, list(net.parameters()))
+    with pytest.raises(RuntimeError):
+        net(*inputs)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's matmul
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_propagate_as_in_the_layers(activation):
+    net = _net((6,), 16, 4, activation)
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    x = torch.randn(5, 6)
+    x[1, 2], x[3, 0], x[4, 4] = float("nan"), float("inf"), -float("inf")
+    torch.testing.assert_close(net(x), eager(x), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_is_refused():
+    """create_graph=True would make the kernels' gradients constants: refused, not wrong."""
+    net = _net((6,), 16, 4, "swish")
+    x = torch.randn(5, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(net(x).sum(), x, create_graph=True)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library's checks of both ops: schema, fake kernels, autograd registration."""
+    from crl_fast.fused_mlp import _backward_op, _forward_op
+
+    net = _net((6, 2), 32, 8, "swish")
+    params = [p for layer in net[::2] for p in (layer.weight, layer.bias)]
+    x1, x2 = torch.randn(9, 6, requires_grad=True), torch.randn(9, 2)
+    torch.library.opcheck(_forward_op, (x1, x2, *params, 0, torch.float32, True))
+    y, z1, z2 = _forward_op(x1.detach(), x2, *(p.detach() for p in params), 0, torch.float32, True)
+    dy = torch.randn_like(y)
+    args = (dy, x1.detach(), x2, *(p.detach() for p in params[::2]), z1, z2, 0, True, True)
+    torch.library.opcheck(_backward_op, args)
