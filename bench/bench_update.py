@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from bench.harness import measure, print_table, write_results
+from bench.harness import cuda_kernels, measure, print_table, write_results
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig
@@ -133,33 +133,6 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
         "target_per_s": None if cpu else TARGETS.get(batch_size),
         **({} if cpu else cuda_kernels(one_update)),
-    }
-
-
-def cuda_kernels(fn) -> dict:
-    """The CUDA kernels (and memsets / copies) one call of ``fn`` launches, from the profiler:
-    what a CUDA graph of it replays. Their count, their summed GPU time (next to a graph's time
-    per update it shows how much is launch gaps and waiting) and the heaviest by name. Empty
-    where the profiler fails."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    except RuntimeError:
-        return {}
-    total: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            entry = total.setdefault(e.name[:80], [0, 0.0])
-            entry[0] += 1
-            entry[1] += e.time_range.elapsed_us()
-    heaviest = sorted(total.items(), key=lambda kv: -kv[1][1])[:10]
-    return {
-        "kernels_per_update": sum(n for n, _ in total.values()),
-        "kernel_us_per_update": sum(us for _, us in total.values()),
-        "heaviest_kernels": [[name, n, round(us, 1)] for name, (n, us) in heaviest],
     }
 
 

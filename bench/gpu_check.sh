@@ -17,7 +17,8 @@
 #   can fuse bias and activation into the matmuls (inductor on CPU makes 33 matmul calls and 31
 #   fused pointwise kernels per update; the update stage counts the GPU's kernels).
 # - probe times the loss row pass with TMA loads and warp specialization (seconds).
-# - mlp times an encoder's forward as one fused Triton kernel against PyTorch's five (seconds).
+# - mlp times one encoder pass (forward; forward + weight gradients), the fused MLP kernels
+#   against PyTorch's layers, float32 and bf16 autocast, and counts their kernels.
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
@@ -87,7 +88,7 @@ for stage in "${stages[@]}"; do
             --name update-maxtune ;;
         train) step train 240 python3 -m bench.bench_train ;;
         probe) step probe 35 python3 -m bench.probe_warp_specialize ;;
-        mlp) step mlp 30 python3 -m bench.probe_fused_mlp ;;
+        mlp) step mlp 60 python3 -m bench.bench_mlp ;;
         tma) CRL_FAST_TMA=1 step tma 60 python3 -m bench.bench_loss --sizes 16384 65536 \
             --dims 64 --dtypes bfloat16 --impls crl_fast-graph --combos 2 ;;
         single|single256) rows=${stage#single}  # 128 rows by default; 256 halves the atomics

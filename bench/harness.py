@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -104,6 +105,31 @@ def graphed(step: Callable[[], Any]) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay
+
+
+def cuda_kernels(fn: Callable[[], Any], per: str = "update") -> dict:
+    """The CUDA kernels (and memsets / copies) one call of ``fn`` (one ``per``) launches, from
+    the profiler: what a CUDA graph of it replays. Their count, their summed GPU time (next to a
+    graph's time per call it shows how much is launch gaps and waiting) and the heaviest by
+    name. Empty where the profiler fails."""
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError:
+        return {}
+    total: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = total.setdefault(e.name[:80], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    heaviest = sorted(total.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        f"kernels_per_{per}": sum(n for n, _ in total.values()),
+        f"kernel_us_per_{per}": sum(us for _, us in total.values()),
+        "heaviest_kernels": [[name, n, round(us, 1)] for name, (n, us) in heaviest],
+    }
 
 
 def _git_sha() -> str:

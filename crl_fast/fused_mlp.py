@@ -3,7 +3,7 @@
 At the batch sizes of RL updates (hundreds to a few thousand rows) each matmul of a 256-wide MLP
 is a handful of tiles, so PyTorch's kernels for it (five in forward, about eleven in backward)
 spend their time starting and draining rather than multiplying: the compiled, CUDA-graphed update
-of JaxGCRL's networks took ~5 us per kernel on an H200 (``bench/probe_fused_mlp.py``). The
+of JaxGCRL's networks took ~5 us per kernel on an H200 (``bench/bench_update.py``). The
 kernels (``kernels/mlp.py``) keep the hidden activations on chip and take both inputs of an
 encoder (no concatenation kernel). Whether that is faster on a GPU is not measured yet, so
 :class:`crl_fast.networks.MLP` takes this path only when built with ``fused=True``.

@@ -14,10 +14,10 @@ from bench import (
     bench_buffer,
     bench_envs,
     bench_loss,
+    bench_mlp,
     bench_train,
     bench_update,
     harness,
-    probe_fused_mlp,
     probe_warp_specialize,
 )
 
@@ -44,13 +44,9 @@ CASES = {
         ["--batch", "100", "--dim", "16"],
         {"variant", "rel_error", "status"},
     ),
-    "probe-mlp": (
-        probe_fused_mlp,
-        ["--batch", "40", "--width", "32"],
-        {"impl", "rel_error", "status"},
-    ),
+    "mlp": (bench_mlp, ["--batch", "40", "--width", "32"], {"impl", "path", "rel_error", "status"}),
 }
-PROBES = (probe_warp_specialize, probe_fused_mlp)  # no --device: they take CUDA when there is one
+PROBES = (probe_warp_specialize,)  # no --device: it takes CUDA when there is one
 
 
 @pytest.mark.slow
@@ -77,7 +73,7 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     assert "CPU" in capsys.readouterr().out or module in PROBES
 
 
-@pytest.mark.parametrize("name", ["loss", "buffer", "envs", "update", "train"])
+@pytest.mark.parametrize("name", ["loss", "buffer", "envs", "update", "train", "mlp"])
 def test_scripts_run_without_pytest(name):
     """The main set-up installs no test extra: each script imports and parses without pytest."""
     import subprocess

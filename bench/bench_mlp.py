@@ -1,0 +1,107 @@
+"""One network pass, the fused MLP kernels (``crl_fast.fused_mlp``) against PyTorch's layers.
+
+    python -m bench.bench_mlp                                     # GPU: batch 256 and 4096
+    python -m bench.bench_mlp --device cpu --batch 40 --width 32  # CPU (TRITON_INTERPRET=1: fused)
+
+JaxGCRL's state-action encoder: 27 + 8 inputs -> 256 -> 256 -> 64, swish. Passes: ``forward``
+(no gradient, as acting) and ``train`` (forward, then backward to the weights, as the critic's
+step). Precisions: float32 (TF32 on CUDA, as training) and bfloat16 autocast. Before timing, the
+output and the weight gradients of each implementation are checked against float64: the fused
+ones must be no worse than twice the layers' error plus 1e-6 (status WRONG otherwise, untimed).
+On CUDA each timing replays a CUDA graph of ``--graph-reps`` passes (the GPU work alone; the
+graph's own launch spread over them), and the kernels of one pass are counted. The update
+benchmark (``bench_update``'s ``+fused`` modes) says what this is worth in a whole update. Writes
+bench/results/mlp-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import torch
+
+from bench.harness import cuda_kernels, graphed, measure, print_table, write_results
+from crl_fast import fused_mlp
+from crl_fast.networks import MLP
+
+INPUTS, OUT_DIM = (27, 8), 64  # bench_update's state and action -> repr 64
+
+
+def _pass(net: MLP, inputs: list[torch.Tensor], kind: str, amp: bool):
+    """A callable running one pass; it returns the output and, for ``train``, the weights'
+    gradients (``torch.autograd.grad``: nothing accumulates, so a graph can replay it)."""
+    params = list(net.parameters())
+    device = inputs[0].device.type
+
+    def run() -> list[torch.Tensor]:
+        autocast = torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with torch.set_grad_enabled(kind == "train"), autocast:
+            y = net(*inputs)
+        if kind == "forward":
+            return [y]
+        return [y.detach(), *torch.autograd.grad(y.square().mean(), params)]
+
+    return run
+
+
+def _error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest relative (Frobenius) error over the output and the gradients."""
+    return max(((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--graph-reps", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32, as training on CUDA
+    torch.manual_seed(0)
+    fused = MLP(sum(INPUTS), OUT_DIM, width=args.width, fused=True).to(device)
+    for layer in fused[::2]:  # the Linears: non-zero biases, so that the check covers them
+        torch.nn.init.normal_(layer.bias, std=0.1)
+    layers = copy.deepcopy(fused)
+    layers.fused = False
+    exact = copy.deepcopy(layers).double()
+    rows = []
+    for batch in args.batch:
+        inputs = [torch.randn(batch, d, device=device) for d in INPUTS]
+        params = list(fused.parameters())
+        path = "triton" if fused_mlp.can_run(inputs, params) else "layers (no Triton here)"
+        for amp in (False, True):
+            for kind in ("forward", "train"):
+                want = _pass(exact, [x.double() for x in inputs], kind, amp=False)()
+                impls = {"layers": _pass(layers, inputs, kind, amp)}
+                impls["fused"] = _pass(fused, inputs, kind, amp)
+                errors = {name: _error(fn(), want) for name, fn in impls.items()}
+                ok = errors["fused"] <= 2 * errors["layers"] + 1e-6
+                for name, fn in impls.items():
+                    row = {"impl": name, "path": path if name == "fused" else "layers"}
+                    row |= {"pass": kind, "B": batch, "width": args.width}
+                    row |= {"precision": "bf16 autocast" if amp else "float32"}
+                    row |= {"rel_error": errors[name], "status": "ok" if ok else "WRONG"}
+                    if ok:
+                        reps = args.graph_reps if cuda else 1
+                        step = (
+                            graphed(lambda fn=fn, n=reps: [fn() for _ in range(n)]) if cuda else fn
+                        )
+                        timing = measure(step, device=device, warmup=3, rep=20, memory=False)
+                        row["us_per_pass"] = timing["median_ms"] * 1e3 / reps
+                        if cuda:
+                            row |= cuda_kernels(fn, per="pass")
+                    rows.append(row)
+                    print(row, flush=True)
+    path = write_results("mlp", device, rows)
+    label = "GPU" if cuda else f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+    cols = ["impl", "path", "pass", "B", "precision", "rel_error", "us_per_pass", "status"]
+    print_table(rows, [*cols, "kernels_per_pass"], title=f"MLP pass, {label} ({path.name})")
+
+
+if __name__ == "__main__":
+    main()
