@@ -96,6 +96,22 @@ def _store_cols(X1, X2, stride1, stride2, N1, N2, rows, row_ok, cols, value, UPC
 
 
 @triton.jit
+def _indices(M, WIDTH, OUT, BLOCK_M: tl.constexpr, WIDTH_PAD: tl.constexpr, OUT_PAD: tl.constexpr):
+    """A row-block program's rows (and int64 column vector r of them), hidden units and outputs,
+    each with its in-range mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hidden = tl.arange(0, WIDTH_PAD)
+    outs = tl.arange(0, OUT_PAD)
+    return rows, rows < M, rows.to(tl.int64)[:, None], hidden, hidden < WIDTH, outs, outs < OUT
+
+
+@triton.jit
+def _load_weights(ptrs, mask, REF, UPCAST: tl.constexpr):
+    """A block of weights (0 outside ``mask``) in the compute dtype, REF's."""
+    return _round(tl.load(ptrs, mask=mask, other=0.0), REF, UPCAST)
+
+
+@triton.jit
 def forward_kernel(
     X1, X2, W1, B1, W2, B2, W3, B3, Y, Z1, Z2,
     M, IN1, IN2, stride_x1, stride_x2, WIDTH, OUT,
@@ -103,13 +119,9 @@ def forward_kernel(
     OUT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    r = rows.to(tl.int64)[:, None]
-    hidden = tl.arange(0, WIDTH_PAD)
-    hid_ok = hidden < WIDTH
-    outs = tl.arange(0, OUT_PAD)
-    out_ok = outs < OUT
+    rows, row_ok, r, hidden, hid_ok, outs, out_ok = _indices(
+        M, WIDTH, OUT, BLOCK_M, WIDTH_PAD, OUT_PAD
+    )
     n_in = IN1 + IN2
 
     z1 = tl.zeros((BLOCK_M, WIDTH_PAD), tl.float32)
@@ -117,8 +129,8 @@ def forward_kernel(
         ks = k0 + tl.arange(0, IN_BLOCK)
         x = _round(_load_cols(X1, X2, stride_x1, stride_x2, IN1, IN2, rows, row_ok, ks), Z1, UPCAST)
         w1_ok = (ks < n_in)[:, None] & hid_ok[None, :]
-        w1 = tl.load(W1 + hidden[None, :] * n_in + ks[:, None], mask=w1_ok, other=0.0)
-        z1 = _mm(x, _round(w1, Z1, UPCAST), z1, PRECISION, UPCAST)
+        w1 = _load_weights(W1 + hidden[None, :] * n_in + ks[:, None], w1_ok, Z1, UPCAST)
+        z1 = _mm(x, w1, z1, PRECISION, UPCAST)
     z1 = _round(z1 + tl.load(B1 + hidden, mask=hid_ok, other=0.0)[None, :], Z1, UPCAST)
     if SAVE:
         tl.store(Z1 + r * WIDTH + hidden[None, :], z1, mask=row_ok[:, None] & hid_ok[None, :])
@@ -129,15 +141,15 @@ def forward_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < WIDTH
         w2_ok = hid_ok[:, None] & col_ok[None, :]
-        w2 = tl.load(W2 + cols[None, :] * WIDTH + hidden[:, None], mask=w2_ok, other=0.0)
-        z2 = _mm(h1, _round(w2, Z1, UPCAST), None, PRECISION, UPCAST)
+        w2 = _load_weights(W2 + cols[None, :] * WIDTH + hidden[:, None], w2_ok, Z1, UPCAST)
+        z2 = _mm(h1, w2, None, PRECISION, UPCAST)
         z2 = _round(z2 + tl.load(B2 + cols, mask=col_ok, other=0.0)[None, :], Z1, UPCAST)
         if SAVE:
             tl.store(Z2 + r * WIDTH + cols[None, :], z2, mask=row_ok[:, None] & col_ok[None, :])
         h2 = _round(_act(z2.to(tl.float32), ACT), Z1, UPCAST)
         w3_ok = col_ok[:, None] & out_ok[None, :]
-        w3 = tl.load(W3 + outs[None, :] * WIDTH + cols[:, None], mask=w3_ok, other=0.0)
-        y = _mm(h2, _round(w3, Z1, UPCAST), y, PRECISION, UPCAST)
+        w3 = _load_weights(W3 + outs[None, :] * WIDTH + cols[:, None], w3_ok, Z1, UPCAST)
+        y = _mm(h2, w3, y, PRECISION, UPCAST)
     y += tl.load(B3 + outs, mask=out_ok, other=0.0)[None, :]
     y_ok = row_ok[:, None] & out_ok[None, :]
     tl.store(Y + r * OUT + outs[None, :], _round(y, Y, UPCAST), mask=y_ok)
@@ -151,13 +163,9 @@ def backward_data_kernel(
     WIDTH_PAD: tl.constexpr, OUT_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    r = rows.to(tl.int64)[:, None]
-    hidden = tl.arange(0, WIDTH_PAD)
-    hid_ok = hidden < WIDTH
-    outs = tl.arange(0, OUT_PAD)
-    out_ok = outs < OUT
+    rows, row_ok, r, hidden, hid_ok, outs, out_ok = _indices(
+        M, WIDTH, OUT, BLOCK_M, WIDTH_PAD, OUT_PAD
+    )
 
     dy_ok = row_ok[:, None] & out_ok[None, :]
     dy = _round(tl.load(DY + r * OUT + outs[None, :], mask=dy_ok, other=0.0), Z1, UPCAST)
@@ -167,15 +175,15 @@ def backward_data_kernel(
         col_ok = cols < WIDTH
         tile_ok = row_ok[:, None] & col_ok[None, :]
         w3_ok = out_ok[:, None] & col_ok[None, :]
-        w3 = tl.load(W3 + outs[:, None] * WIDTH + cols[None, :], mask=w3_ok, other=0.0)
-        dh2 = _mm(dy, _round(w3, Z1, UPCAST), None, PRECISION, UPCAST)
+        w3 = _load_weights(W3 + outs[:, None] * WIDTH + cols[None, :], w3_ok, Z1, UPCAST)
+        dh2 = _mm(dy, w3, None, PRECISION, UPCAST)
         z2 = tl.load(Z2 + r * WIDTH + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         dz2 = _round(dh2 * _act_grad(z2, ACT), Z1, UPCAST)
         if STORE_DZ:
             tl.store(DZ2 + r * WIDTH + cols[None, :], dz2, mask=tile_ok)
         w2_ok = col_ok[:, None] & hid_ok[None, :]
-        w2 = tl.load(W2 + cols[:, None] * WIDTH + hidden[None, :], mask=w2_ok, other=0.0)
-        dh1 = _mm(dz2, _round(w2, Z1, UPCAST), dh1, PRECISION, UPCAST)
+        w2 = _load_weights(W2 + cols[:, None] * WIDTH + hidden[None, :], w2_ok, Z1, UPCAST)
+        dh1 = _mm(dz2, w2, dh1, PRECISION, UPCAST)
     z1_ok = row_ok[:, None] & hid_ok[None, :]
     z1 = tl.load(Z1 + r * WIDTH + hidden[None, :], mask=z1_ok, other=0.0).to(tl.float32)
     dz1 = _round(dh1 * _act_grad(z1, ACT), Z1, UPCAST)
@@ -186,10 +194,10 @@ def backward_data_kernel(
         for k0 in tl.range(0, n_in, IN_BLOCK):
             ks = k0 + tl.arange(0, IN_BLOCK)
             w1_ok = hid_ok[:, None] & (ks < n_in)[None, :]
-            w1 = tl.load(W1 + hidden[:, None] * n_in + ks[None, :], mask=w1_ok, other=0.0)
+            w1 = _load_weights(W1 + hidden[:, None] * n_in + ks[None, :], w1_ok, Z1, UPCAST)
             dx = _mm(
                 dz1,
-                _round(w1, Z1, UPCAST),
+                w1,
                 tl.zeros((BLOCK_M, IN_BLOCK), tl.float32),
                 PRECISION,
                 UPCAST,
