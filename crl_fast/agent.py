@@ -168,7 +168,11 @@ class CRL:
         alpha = self.log_alpha.detach().exp()
         with self._autocast():
             new_action, log_prob = self.actor.sample(obs, goal)
-            q = pairwise_energy(self.sa_encoder(obs, new_action), psi, energy=cfg.energy)
+            # Read, not trained: backward(inputs=...) below prunes the layers' weight gradients,
+            # but the fused kernels cannot see it; frozen=True tells them (it would cost the
+            # layers ~0.3 ms an update on a 2-core CPU: torch.func.functional_call).
+            phi = self.sa_encoder(obs, new_action, frozen=cfg.fused_mlp)
+            q = pairwise_energy(phi, psi, energy=cfg.energy)
             actor_loss = (alpha * log_prob - q).mean()
         self.actor_optimizer.zero_grad()
         actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders

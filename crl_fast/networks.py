@@ -98,10 +98,15 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.activation, self.fused = activation, fused
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """The output in the inputs' dtype: under ``torch.autocast`` the matmuls run in the
         autocast dtype, and what reads the output (the actor's distribution, the energies)
-        stays float32."""
+        stays float32. ``frozen``: the parameters enter as constants, so gradients reach the
+        inputs only (the actor's step reads the critic so; the fused kernels then skip the
+        weight gradients, which ``backward(inputs=...)`` alone cannot tell them)."""
+        if frozen:
+            params = {name: p.detach() for name, p in self.named_parameters()}
+            return torch.func.functional_call(self, params, inputs)
         if self.fused:
             linears = [layer for layer in self if isinstance(layer, nn.Linear)]
             params = [p for layer in linears for p in (layer.weight, layer.bias)]

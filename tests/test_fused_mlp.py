@@ -309,3 +309,37 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn_like(y)
     args = (dy, x1.detach(), x2, *(p.detach() for p in params[::2]), z1, z2, 0, True, True)
     torch.library.opcheck(_backward_op, args)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused_mlp"])
+def test_frozen_forward_gives_input_gradients_only(fused, monkeypatch):
+    """frozen=True: the same output and input gradient, no parameter gradient, and with the
+    fused kernels no weight-gradient launch."""
+    from crl_fast.kernels import mlp as kernels
+
+    weight_kernel = _CountLaunches(kernels.backward_weight_kernel)
+    monkeypatch.setattr(kernels, "backward_weight_kernel", weight_kernel)
+    net = _net((6, 2), 32, 8, "swish")
+    net.fused = fused
+    x1, x2 = torch.randn(9, 6), torch.randn(9, 2, requires_grad=True)
+    y = net(x1, x2, frozen=True)
+    (dx2,) = torch.autograd.grad(y.square().sum(), x2, retain_graph=True)
+    y.sum().backward()  # the graph holds no parameter
+    assert all(p.grad is None for p in net.parameters())
+    assert weight_kernel.launches == 0
+    want = net(x1, x2)
+    (want_dx2,) = torch.autograd.grad(want.square().sum(), x2)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(dx2, want_dx2, rtol=0, atol=0)
+
+
+def test_agent_update_launches_no_weight_gradients_for_the_actors_critic(monkeypatch):
+    """The actor's step reads phi(s, pi(s, g)) frozen: one update launches the weight-gradient
+    kernel for the critic's two encoders and the actor only."""
+    from crl_fast.kernels import mlp as kernels
+
+    weight_kernel = _CountLaunches(kernels.backward_weight_kernel)
+    monkeypatch.setattr(kernels, "backward_weight_kernel", weight_kernel)
+    agent = CRL(5, 2, 3, AgentConfig(width=32, repr_dim=16, fused_mlp=True))
+    agent.update(GoalBatch(torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 3)))
+    assert weight_kernel.launches == 3
