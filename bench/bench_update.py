@@ -17,8 +17,9 @@ A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the age
 ``actor_stream=True``: the actor and alpha steps on a second CUDA stream, beside the critic's.
 A ``+bf16`` suffix (opt-in: ``graph+bf16``, ``compile-graph+bf16``, ``eager+bf16``) builds it with
 ``amp="bfloat16"``: the networks' matmuls and the loss in bfloat16 under autocast.
-A ``+fused`` suffix (``graph+fused``, ``compile-graph+fused``, ``compile-graph+fused+bf16``) builds
-it with ``fused_mlp=True``: each network's forward one Triton kernel, its backward two.
+A ``+fused`` suffix (``graph+fused``, ``compile-graph+fused``; opt-in: ``eager+fused``,
+``compile-graph+fused+bf16``) builds it with ``fused_mlp=True``: each network's forward one Triton
+kernel, its backward two (on the CPU only under TRITON_INTERPRET=1; the layers otherwise).
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -53,6 +54,7 @@ MODES = (
     "compile-graph+bf16",
     "graph+bf16",
     "eager+bf16",
+    "eager+fused",
     "compile-graph+fused+bf16",
 )
 DEFAULT_MODES = MODES[:6]
