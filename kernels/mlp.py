@@ -195,13 +195,7 @@ def backward_data_kernel(
             ks = k0 + tl.arange(0, IN_BLOCK)
             w1_ok = hid_ok[:, None] & (ks < n_in)[None, :]
             w1 = _load_weights(W1 + hidden[:, None] * n_in + ks[None, :], w1_ok, Z1, UPCAST)
-            dx = _mm(
-                dz1,
-                w1,
-                tl.zeros((BLOCK_M, IN_BLOCK), tl.float32),
-                PRECISION,
-                UPCAST,
-            )
+            dx = _mm(dz1, w1, None, PRECISION, UPCAST)
             _store_cols(DX1, DX2, stride_dx1, stride_dx2, IN1, IN2, rows, row_ok, ks, dx, UPCAST)
 
 
