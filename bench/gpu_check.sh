@@ -17,8 +17,8 @@
 #   can fuse bias and activation into the matmuls (inductor on CPU makes 33 matmul calls and 31
 #   fused pointwise kernels per update; the update stage counts the GPU's kernels).
 # - probe times the loss row pass with TMA loads and warp specialization (seconds).
-# - mlp times one encoder pass (forward; forward + weight gradients), the fused MLP kernels
-#   against PyTorch's layers, float32 and bf16 autocast, and counts their kernels.
+# - mlp times one encoder pass (forward; forward + weight gradients), the fused MLP kernels (16-
+#   and 32-row programs) against PyTorch's layers, float32 and bf16 autocast; counts kernels.
 # `jax` times JaxGCRL-style JAX/XLA baselines on the same GPU (bench/jax_baselines.py); the GPU
 # image already has JAX with CUDA (no flax / optax, which the baselines do not need).
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
