@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from crl_fast.checks import positive_int, resolve_device, triton_available
+from crl_fast.checks import positive_int, resolve_device, triton_available, triton_runs_on
 
 GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 """Future-goal offset laws; their index is the mode id the kernels use."""
@@ -128,13 +128,6 @@ def sample_reference(
     )
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
-    from crl_fast.kernels import goal_sampling
-
-    return device.type == "cuda" or goal_sampling.TAKES_CPU_TENSORS
-
-
 def _check_fraction(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -211,11 +204,14 @@ class TrajectoryBuffer:
         self._use_triton = backend == "triton" or (
             backend == "auto" and cuda and triton_available()
         )
-        if self._use_triton and not _triton_runs_on(self.device):
-            raise ValueError(
-                f"backend='triton' needs a CUDA device (got {self.device}), or "
-                "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
-            )
+        if self._use_triton:
+            from crl_fast.kernels import goal_sampling
+
+            if not triton_runs_on(self.device, goal_sampling):
+                raise ValueError(
+                    f"backend='triton' needs a CUDA device (got {self.device}), or "
+                    "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
+                )
         self._log_gamma = _f32(math.log(gamma))
         self._inv_log_gamma = _f32(1.0 / self._log_gamma)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from types import ModuleType
 
 import torch
 
@@ -39,3 +40,10 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_runs_on(device: torch.device, kernels: ModuleType) -> bool:
+    """Whether the Triton kernels of ``kernels`` (a ``crl_fast.kernels`` module) take tensors on
+    ``device``: compiled ones CUDA tensors, the interpreter's CPU tensors (TRITON_INTERPRET=1
+    set when the module was imported)."""
+    return device.type == "cuda" or (device.type == "cpu" and kernels.TAKES_CPU_TENSORS)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from crl_fast.checks import triton_available
+from crl_fast.checks import triton_available, triton_runs_on
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
 
 ACT_CODES = {"swish": 0, "relu": 1}
@@ -61,6 +61,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels take tensors on ``device``: CUDA, or the CPU where Triton's
+    interpreter built them."""
+    if not triton_available():
+        return False
+    from crl_fast.kernels import mlp as kernels
+
+    return triton_runs_on(device, kernels)
+
+
 def can_run(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     """Whether :func:`fused_mlp` takes these tensors: on one device, CUDA (or the CPU where
     Triton's interpreter built the kernels); inputs of one float dtype and one batch shape, not
@@ -68,14 +78,11 @@ def can_run(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     autocast sets the products' dtype; all dtypes float16/bfloat16/float32. Elsewhere the layers
     run, and raise their own errors for what they cannot take."""
     x, w1, w2, w3 = inputs[0], params[0], params[2], params[4]
-    if not (x.is_cuda or x.device.type == "cpu") or x.numel() == 0 or not triton_available():
+    if x.numel() == 0 or not runs_on(x.device):
         return False
-    from crl_fast.kernels import mlp as kernels
-
     autocast = torch.is_autocast_enabled(x.device.type)
     return (
-        (x.is_cuda or kernels.TAKES_CPU_TENSORS)
-        and all(t.device == x.device and t.dtype == x.dtype for t in inputs)
+        all(t.device == x.device and t.dtype == x.dtype for t in inputs)
         and all(t.shape[:-1] == x.shape[:-1] for t in inputs)
         and sum(t.shape[-1] for t in inputs) == w1.shape[1]
         and w2.shape == (w1.shape[0], w1.shape[0])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl_fast.checks import triton_available
+from crl_fast.checks import triton_available, triton_runs_on
 from crl_fast.energy import (
     ENERGY_CODES,
     check_energy,
@@ -151,20 +151,15 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the Triton backend takes float16/bfloat16/float32, got {x.dtype}")
-        if not _triton_runs_on(x):
+        from crl_fast.kernels import pair_stats
+
+        if not triton_runs_on(x.device, pair_stats):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
                 "before crl-fast's kernels are imported to run them on the CPU"
             )
         return True
     return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()
-
-
-def _triton_runs_on(x: torch.Tensor) -> bool:
-    """Compiled kernels take CUDA tensors; Triton's interpreter runs them on CPU tensors."""
-    from crl_fast.kernels import pair_stats
-
-    return x.is_cuda or pair_stats.TAKES_CPU_TENSORS
 
 
 _ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}

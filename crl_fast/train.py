@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: run directories are not locked
     fcntl = None
 
+from crl_fast import fused_mlp
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.checkpoint import (
@@ -254,13 +255,17 @@ def make_train_step(
     return step, 1, 0
 
 
+def iterations(config: TrainConfig) -> int:
+    """Loop iterations of a whole run: each steps every env once, until ``total_env_steps``."""
+    return -(-config.total_env_steps // config.num_envs)
+
+
 def update_credit(config: TrainConfig) -> float:
     """The update credit a whole run earns: ``num_envs * updates_per_env_step`` in each loop
     iteration that ends at or after ``learning_starts`` (an update costs 1; a CUDA graph's
     warm-up updates run at the first credit)."""
-    iterations = -(-config.total_env_steps // config.num_envs)
     first = max(1, -(-config.learning_starts // config.num_envs))  # first iteration that earns
-    return max(0, iterations - first + 1) * config.num_envs * config.updates_per_env_step
+    return max(0, iterations(config) - first + 1) * config.num_envs * config.updates_per_env_step
 
 
 def logged_next(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
@@ -363,6 +368,13 @@ def _train_in(
         )
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
+    if config.agent.fused_mlp and not fused_mlp.runs_on(device):
+        print(f"--fused-mlp: its kernels need CUDA (and Triton); the layers run on {device}")
+    if config.total_env_steps % config.num_envs:
+        print(
+            f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
+            f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
+        )
     logger = MetricsLogger(
         run_dir,
         config.tensorboard,

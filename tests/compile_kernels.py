@@ -161,7 +161,7 @@ def _loss_cases(quick: bool):
 def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool) -> None:
     """Forward and backward of the losses, energies, dtypes and options the kernels specialise
     on."""
-    loss_module._triton_runs_on = lambda x: True  # CPU tensors: the launches are only recorded
+    loss_module.triton_runs_on = lambda device, kernels: True  # CPU tensors: launches only recorded
     if autotune:  # record every candidate config instead of timing it
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
         pair_stats._time_or_inf = _record_candidate
@@ -221,7 +221,7 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
     forked compile workers, also on a GPU machine)."""
     for r in recorders:
         r.caller = "buffer"
-    buffer_module._triton_runs_on = lambda device: True  # CPU tensors: launches only recorded
+    buffer_module.triton_runs_on = lambda device, kernels: True  # CPU tensors: launches recorded
     for dtype in (torch.float32, torch.bfloat16):
         buf = TrajectoryBuffer(
             capacity=8, num_envs=3, obs_dim=5, action_dim=2, goal_dim=2, dtype=dtype,

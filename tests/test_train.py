@@ -318,9 +318,23 @@ def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_star
         updates_per_env_step=per_env_step, batch_size=8,
     )  # fmt: skip
     train(config)
-    said = "no updates: the run earns" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    said = "no updates: the run earns" in out
     done = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["updates"]
     assert done == updates and said == (updates == 0)
+    assert ("is not a multiple of --num-envs 8" in out) == (total % 8 != 0)
+
+
+def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch):
+    """Steps rounded up to a multiple of the envs; --fused-mlp where its kernels cannot run
+    (here a CPU without Triton's interpreter)."""
+    monkeypatch.setattr("crl_fast.fused_mlp.runs_on", lambda device: False)
+    agent = AgentConfig(width=32, fused_mlp=True)
+    train(tiny_config(tmp_path, total_env_steps=250, learning_starts=248, agent=agent))
+    out = capsys.readouterr().out
+    assert "--fused-mlp: its kernels need CUDA (and Triton); the layers run on cpu" in out
+    assert "--total-env-steps 250 is not a multiple of --num-envs 8: the run takes 256 steps" in out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["env_steps"] == 256
 
 
 def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
