@@ -37,6 +37,25 @@ _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 device or by an older version) would override the ones :func:`make_adam` picked."""
 
 
+def actor_goals(
+    obs: torch.Tensor, goal: torch.Tensor, psi: torch.Tensor, random_goals: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The actor's (observation, goal, psi(goal)) rows, as the original contrastive_rl's
+    ``random_goals`` picks them: each row's own future goal (0), another row's goal (1; the rows
+    are independent draws, so it is a random goal from rho(g)), or each observation twice, with
+    both (0.5: twice the rows). The other row's psi is reused: no extra encoder pass."""
+    if random_goals == 0:
+        return obs, goal, psi
+    other_goal, other_psi = goal.roll(1, 0), psi.roll(1, 0)
+    if random_goals == 1:
+        return obs, other_goal, other_psi
+    return (
+        torch.cat([obs, obs]),
+        torch.cat([goal, other_goal]),
+        torch.cat([psi, other_psi]),
+    )
+
+
 class CRL:
     """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022).
 
@@ -163,6 +182,7 @@ class CRL:
     ) -> dict[str, torch.Tensor]:
         """The actor and alpha steps; the encoders are read, not trained (``psi``: detached)."""
         cfg = self.config
+        obs, goal, psi = actor_goals(obs, goal, psi, cfg.actor_random_goals)
         # Each loss has its own autograd graph (no tensor with a graph is shared between two
         # backward calls), as torch.compile needs: it fuses each region into one node.
         alpha = self.log_alpha.detach().exp()

@@ -23,6 +23,9 @@ from crl_fast.networks import ACTIVATIONS
 JAXGCRL_CRITIC = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
 """JaxGCRL's default critic as :class:`AgentConfig` fields (`crl-fast train --jaxgcrl-critic`)."""
 
+ACTOR_RANDOM_GOALS = (0.0, 0.5, 1.0)
+"""``--actor-random-goals`` choices (see :func:`crl_fast.agent.actor_goals`)."""
+
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bfloat16": torch.bfloat16}
 """``--amp`` choices: the ``torch.autocast`` dtype of the agent's forward passes (None: none).
 float16 is left out: it would need loss scaling (a GradScaler) to keep small gradients."""
@@ -56,7 +59,7 @@ def check_finite(config: Any) -> None:
             raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
     """A dataclass field with a default, a help string and optional choices for the command line."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -86,6 +89,13 @@ class AgentConfig:
     exclude_positive_from_lse: bool = option(
         False, "leave the positive out of the logsumexp of the InfoNCE losses and the penalty"
     )
+    actor_random_goals: float = option(
+        0.0,
+        "share of the actor's goals taken from other rows of the batch, i.e. random goals (the "
+        "original contrastive_rl's random_goals; its default is 0.5: each state twice, with its "
+        "future goal and a random one)",
+        ACTOR_RANDOM_GOALS,
+    )
     critic_lr: float = option(3e-4, "Adam learning rate of the encoders")
     actor_lr: float = option(3e-4, "Adam learning rate of the actor")
     alpha_lr: float = option(3e-4, "Adam learning rate of the entropy temperature")
@@ -107,6 +117,11 @@ class AgentConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.actor_random_goals not in ACTOR_RANDOM_GOALS:
+            raise ValueError(
+                f"actor_random_goals must be one of {ACTOR_RANDOM_GOALS}, got "
+                f"{self.actor_random_goals!r}"
             )
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")

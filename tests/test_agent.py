@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crl_fast import contrastive_loss, pairwise_energy
-from crl_fast.agent import CRL, GraphedUpdates
+from crl_fast.agent import CRL, GraphedUpdates, actor_goals
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checks import resolve_device
 from crl_fast.config import AgentConfig
@@ -234,6 +234,45 @@ def test_actor_climbs_a_frozen_critic():
     for _ in range(100):
         agent.update(batch)
     assert critic_value() > before + 0.25
+
+
+def test_actor_goals_take_other_rows_goals_as_random_goals():
+    obs, goal, psi = torch.randn(5, OBS), torch.randn(5, GOAL), torch.randn(5, 3)
+    assert actor_goals(obs, goal, psi, 0.0) == (obs, goal, psi)  # the same tensors
+    o, g, p = actor_goals(obs, goal, psi, 1.0)
+    assert torch.equal(o, obs)
+    for i in range(5):  # row i takes row i - 1's goal, and that goal's psi
+        assert torch.equal(g[i], goal[i - 1]) and torch.equal(p[i], psi[i - 1])
+    o, g, p = actor_goals(obs, goal, psi, 0.5)  # each state twice: its own goal, then another's
+    assert torch.equal(o, torch.cat([obs, obs]))
+    assert torch.equal(g, torch.cat([goal, goal.roll(1, 0)]))
+    assert torch.equal(p, torch.cat([psi, psi.roll(1, 0)]))
+
+
+@pytest.mark.parametrize("random_goals", [0.5, 1.0])
+def test_actor_steps_on_random_goals(random_goals):
+    """``actor_random_goals`` changes the actor's step only: it is the step an agent without it
+    takes on the rows :func:`actor_goals` picks, and the critic's step stays the same."""
+    torch.manual_seed(0)
+    mixed = small_agent(actor_random_goals=random_goals)
+    plain = small_agent()
+    plain.load_state_dict(mixed.state_dict())
+    obs, action, goal = toy_batch()
+    psi = plain.goal_encoder(goal).detach()
+    torch.manual_seed(1)
+    got = mixed.update(GoalBatch(obs, action, goal))
+    torch.manual_seed(1)
+    want = plain._actor_step(*actor_goals(obs, goal, psi, random_goals))
+    plain._critic_backward(obs, action, plain._encode_goals(goal), True)
+    plain._critic_step()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert same_parameters(mixed, plain)
+
+
+def test_actor_random_goals_are_a_choice():
+    with pytest.raises(ValueError, match="actor_random_goals must be one of"):
+        AgentConfig(actor_random_goals=0.3)
 
 
 @pytest.mark.parametrize("target", [50.0, -50.0])

@@ -639,6 +639,7 @@ def test_cli_jaxgcrl_critic_shorthand():
         args = vars(build_parser().parse_args(["train", *flags]))
         return train_config({k: v for k, v in args.items() if k != "command"}).agent
 
+    assert config("--actor-random-goals", "0.5").actor_random_goals == 0.5
     agent = config("--jaxgcrl-critic", "--energy", "norm", "--exclude-positive-from-lse")
     assert (agent.loss, agent.energy, agent.logsumexp_penalty) == ("infonce", "norm", 0.1)
     assert agent.exclude_positive_from_lse
@@ -682,6 +683,7 @@ def test_env_kwargs_reach_the_env(tmp_path):
         ["train", "--residual", "--depth", "6"],
         ["train", "--loss", "flatnce", "--batch-size", "1"],
         ["train", "--alpha", "0"],
+        ["train", "--actor-random-goals", "0.3"],
         ["train", "--updates-per-env-step", "nan"],
         ["train", "--alpha", "nan", "--no-autotune-alpha"],
         ["train", "--buffer-capacity", "4", "--num-envs", "8"],
