@@ -373,7 +373,8 @@ def test_update_does_not_synchronise_on_cuda(compile_update):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager_updates():
+@pytest.mark.parametrize("random_goals", [0.0, 0.5])
+def test_cuda_graph_replay_matches_eager_updates(random_goals):
     buffer = random_cuda_buffer()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
 
@@ -382,7 +383,8 @@ def test_cuda_graph_replay_matches_eager_updates():
 
     def train(graphed: bool) -> CRL:
         torch.manual_seed(0)
-        agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+        config = AgentConfig(width=64, actor_random_goals=random_goals)
+        agent = CRL(OBS, ACT, GOAL, config, "cuda")
         if graphed:
             step = GraphedUpdates(agent, sample, steps=2, warmup=2)
             for _ in range(3):
