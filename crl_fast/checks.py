@@ -16,6 +16,15 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_bool(name: str, value: object) -> None:
+    """A TypeError naming ``name`` unless ``value`` is True or False (numpy's bools, 0 and 1
+    are not: a flag given a wrong value is more likely a mistake than a choice)."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        raise TypeError(f"{name} must be True or False, got {value!r} ({where}{kind.__qualname__})")
+
+
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when available, else CPU. A bare ``"cuda"`` gets the current
     index, so that it compares equal to the device of the tensors made on it."""

@@ -102,6 +102,10 @@ def pairwise_energy(
     the same way, from ``phi_i - psi_i``, inside its own passes).
     """
     check_energy(energy)
+    for name, t in (("phi", phi), ("psi", psi)):
+        if not isinstance(t, torch.Tensor):
+            kind = type(t).__name__
+            raise TypeError(f"pairwise_energy: {name} must be a torch.Tensor, got {kind}")
     check_scale_and_bias(log_scale, bias, phi.device)
     if (
         phi.ndim != 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl_fast.checks import triton_available, triton_runs_on
+from crl_fast.checks import check_bool, triton_available, triton_runs_on
 from crl_fast.energy import (
     ENERGY_CODES,
     check_energy,
@@ -70,11 +70,7 @@ class LossConfig:
         check_energy(self.energy)
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if not isinstance(self.exclude_positive_from_lse, bool):
-            raise TypeError(
-                f"exclude_positive_from_lse must be a bool, got "
-                f"{type(self.exclude_positive_from_lse).__name__}"
-            )
+        check_bool("exclude_positive_from_lse", self.exclude_positive_from_lse)
         penalty = self.logsumexp_penalty
         if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real):
             raise TypeError(
@@ -82,6 +78,7 @@ class LossConfig:
             )
         if not (math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"logsumexp_penalty must be a finite number >= 0, got {penalty!r}")
+        object.__setattr__(self, "logsumexp_penalty", float(penalty))  # a Fraction, numpy's
 
     def minimum_batch(self) -> tuple[int, int]:
         """(rows of phi, rows of psi) below which a loss term is an empty sum: off-diagonal
@@ -98,7 +95,9 @@ class LossConfig:
 def _autocast(phi, psi):
     """Under ``torch.autocast``, phi and psi in the autocast dtype, as a matmul would take them
     (float64 and non-tensors are left for ``_check_inputs``)."""
-    if not isinstance(phi, torch.Tensor) or not torch.is_autocast_enabled(phi.device.type):
+    if not isinstance(phi, torch.Tensor) or phi.is_meta:  # left for _check_inputs
+        return phi, psi
+    if not torch.is_autocast_enabled(phi.device.type):
         return phi, psi
     dtype = torch.get_autocast_dtype(phi.device.type)
 
@@ -117,6 +116,8 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
             raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.is_meta:
+            raise ValueError(f"{name} is a meta tensor: it has no values to compute a loss of")
     if phi.dtype != psi.dtype:
         raise TypeError(f"phi and psi must share a dtype, got {phi.dtype} and {psi.dtype}")
     if phi.device != psi.device:
@@ -213,6 +214,7 @@ def _contrastive_loss(
     return_metrics: bool,
     backend: str,
 ) -> LossOutput:
+    check_bool("return_metrics", return_metrics)
     name = config.loss
     use_triton = _use_triton(phi, backend)
     wants_grad = torch.is_grad_enabled() and any(

@@ -89,8 +89,9 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
         dfdp = tl.full(p.shape, 2.0, tl.float32)
     else:
         # max(|x - y|^2, 0) + eps, eps added to the tile's row norms, not to each logit (float32
-        # loses it in norms >= 16, where the expanded form's own rounding is larger anyway)
-        q = tl.maximum((ra + NORM_EPS) + rb - 2.0 * p, NORM_EPS)
+        # loses it in norms >= 16, where the expanded form's own rounding is larger anyway);
+        # a NaN stays NaN (tl.maximum's default returns the other operand)
+        q = tl.maximum((ra + NORM_EPS) + rb - 2.0 * p, NORM_EPS, propagate_nan=tl.PropagateNan.ALL)
         inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
         f = -q * inv
         dfdp = tl.where(q > NORM_EPS, inv, 0.0)
@@ -664,7 +665,7 @@ def _config(n_a: int, d: int, dtype: torch.dtype, atomics: bool = False) -> dict
     width = max(16, next_power_of_2(d))
     ieee = dot.precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
-    rows = int(os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", 128)) if atomics else 64
+    rows = single_pass_rows() if atomics else 64
     return {
         "BLOCK_M": rows if n_a >= rows else max(16, next_power_of_2(n_a)),
         "BLOCK_N": 32 if single and dtype == torch.float32 else 64,
@@ -675,6 +676,16 @@ def _config(n_a: int, d: int, dtype: torch.dtype, atomics: bool = False) -> dict
         "num_warps": 4 if single and not atomics else 8,
         "num_stages": 3,
     }
+
+
+def single_pass_rows() -> int:
+    """The single pass's rows a program: ``CRL_FAST_SINGLE_PASS_ROWS``, a power of two >= 16
+    (a tensor-core tile's rows), 128 where unset."""
+    text = os.environ.get("CRL_FAST_SINGLE_PASS_ROWS", "128")
+    rows = int(text) if text.isdecimal() else 0
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"CRL_FAST_SINGLE_PASS_ROWS must be a power of two >= 16, got {text!r}")
+    return rows
 
 
 def single_pass(dtype: torch.dtype, d: int) -> bool:

@@ -3,6 +3,7 @@ the chunked PyTorch path; every loss and energy; gradients, metrics, errors, mem
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 import subprocess
@@ -262,6 +263,15 @@ def test_single_pass(loss, energy, dtype, device, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     assert launches == [(True, False), (False, False)]
+
+
+@pytest.mark.parametrize("rows", ["-16", "0", "8", "100", "abc", "1e3"])
+def test_single_pass_rows_must_be_a_tile(rows, monkeypatch):
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    monkeypatch.setenv("CRL_FAST_SINGLE_PASS_ROWS", rows)
+    phi, psi = _inputs(130, 150, 16)
+    with pytest.raises(ValueError, match=f"CRL_FAST_SINGLE_PASS_ROWS .* got '{rows}'"):
+        contrastive_loss(phi.requires_grad_(), psi, backend="triton")
 
 
 def test_autotune_leaves_the_single_pass_alone(monkeypatch):
@@ -679,6 +689,25 @@ def test_binary_accuracy_counts_a_nan_negative_as_right():
     assert accuracy[0] == accuracy[1] == pytest.approx(accuracy[2])
 
 
+@pytest.mark.parametrize("side", ["phi", "psi"])
+@pytest.mark.parametrize("energy", ENERGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_input_gives_a_nan_loss(backend, energy, side):
+    """NaN in one element of phi or psi reaches the loss, the mean positive logit and the
+    gradients, as in the reference; it is never clamped into a number (the norm energy's
+    max(|x - y|^2, 0) once turned it into -sqrt(eps) on the Triton path)."""
+    phi, psi = _inputs(4, 6, 3)
+    (phi if side == "phi" else psi)[1, 0] = float("nan")
+    phi.requires_grad_(True)
+    psi.requires_grad_(True)
+    loss, metrics = contrastive_loss(
+        phi, psi, loss="infonce", energy=energy, return_metrics=True, backend=backend
+    )
+    loss.backward()
+    assert loss.isnan() and metrics["logits_pos"].isnan()
+    assert phi.grad.isnan().any() and psi.grad.isnan().any()
+
+
 @pytest.mark.parametrize("shape", [(32, 32), (24, 40)], ids=str)
 @pytest.mark.parametrize(
     ("backend", "device"),
@@ -774,11 +803,33 @@ def test_compiles_without_graph_breaks():
             "exclude_positive_from_lse",
         ),
         ([[1.0]], torch.randn(1, 1), {}, TypeError, "torch.Tensor"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"return_metrics": None}, TypeError, "metrics"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"return_metrics": "no"}, TypeError, "metrics"),
+        (
+            torch.randn(4, 3, device="meta"),
+            torch.randn(5, 3, device="meta"),
+            {},
+            ValueError,
+            "meta tensor",
+        ),
     ],
 )
 def test_bad_input_is_named(phi, psi, kwargs, error, match):
     with pytest.raises(error, match=match):
         contrastive_loss(phi, psi, **kwargs)
+
+
+def test_a_numpy_bool_flag_is_named_as_such():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"True or False, got .*True.* \(numpy\.bool"):
+        contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), exclude_positive_from_lse=np.True_)
+
+
+def test_any_real_penalty_weight_is_taken_as_a_float():
+    phi, psi = _inputs(5, 7, 3)
+    want = contrastive_loss(phi, psi, loss="infonce", logsumexp_penalty=0.1)
+    got = contrastive_loss(phi, psi, loss="infonce", logsumexp_penalty=fractions.Fraction(1, 10))
+    assert torch.equal(got, want)
 
 
 def test_exclude_positive_changes_nothing_without_a_row_logsumexp():
@@ -817,6 +868,7 @@ def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter():
 @pytest.mark.parametrize(
     ("phi", "psi", "error"),
     [
+        ([[1.0]], torch.randn(1, 1), TypeError),
         (torch.ones(3, 1), torch.randn(3, 5), ValueError),
         (torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 2, dtype=torch.int64), TypeError),
         (torch.ones(3, 2), torch.ones(3, 2).double(), TypeError),
