@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
-from crl_fast.checks import resolve_device
-from crl_fast.config import AMP_DTYPES, AgentConfig
+from crl_fast.checks import positive_int, resolve_device
+from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
 from crl_fast.networks import Encoder, TanhGaussianActor
@@ -44,6 +44,8 @@ def actor_goals(
     ``random_goals`` picks them: each row's own future goal (0), another row's goal (1; the rows
     are independent draws, so it is a random goal from rho(g)), or each observation twice, with
     both (0.5: twice the rows). The other row's psi is reused: no extra encoder pass."""
+    if random_goals not in ACTOR_RANDOM_GOALS:
+        raise ValueError(f"random_goals must be one of {ACTOR_RANDOM_GOALS}, got {random_goals!r}")
     if random_goals == 0:
         return obs, goal, psi
     other_goal, other_psi = goal.roll(1, 0), psi.roll(1, 0)
@@ -73,6 +75,8 @@ class CRL:
         device: torch.device | str = "cpu",
         actor_stream: bool = False,
     ) -> None:
+        dims = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
+        obs_dim, action_dim, goal_dim = (positive_int(k, v) for k, v in dims.items())
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
         if actor_stream and device.type != "cuda":

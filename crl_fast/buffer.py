@@ -229,8 +229,10 @@ class TrajectoryBuffer:
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
         else:
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(int(seed))
 
     @property
     def capacity(self) -> int:
@@ -390,6 +392,8 @@ class TrajectoryBuffer:
         if self._step == 0:
             raise ValueError("cannot sample from an empty buffer: call extend() first")
         gen = self.generator if generator is None else generator
+        if not isinstance(gen, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {gen!r}")
         if gen.device.type != self.device.type:
             raise ValueError(f"generator is on {gen.device}, the buffer on {self.device}")
         bits = torch.randint(
@@ -459,6 +463,8 @@ class TrajectoryBuffer:
         config or sampling law, wrong shapes, a generator state from another device type)
         raises ``ValueError`` and leaves the buffer as it was.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         config = state_dict.get("config")
         if not isinstance(config, Mapping):
             raise ValueError("state_dict has no 'config': not a TrajectoryBuffer state")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -61,9 +60,10 @@ def load_checkpoint(
         raise ValueError(f"no checkpoint file at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+    except Exception as error:  # a damaged file fails anywhere in the unpickler
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"cannot read checkpoint {path} (truncated or not one?): {error}"
+            f"cannot read checkpoint {path} (damaged, truncated or not one?): {first}"
         ) from error
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:

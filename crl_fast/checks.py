@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from types import ModuleType
 
@@ -16,6 +17,16 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def positive_real(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number > 0, else an error naming ``name``:
+    a TypeError for what is not a number (bool and strings included), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value}")
+    return float(value)
+
+
 def check_bool(name: str, value: object) -> None:
     """A TypeError naming ``name`` unless ``value`` is True or False (numpy's bools, 0 and 1
     are not: a flag given a wrong value is more likely a mistake than a choice)."""
@@ -27,18 +38,22 @@ def check_bool(name: str, value: object) -> None:
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when available, else CPU. A bare ``"cuda"`` gets the current
-    index, so that it compares equal to the device of the tensors made on it."""
+    index, so that it compares equal to the device of the tensors made on it. Other device
+    types (meta, mps, ...) are refused: the buffer, envs and agent are tested on these two."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"not a torch device: {device!r}") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")  # "cpu:1" too: tensors made there say "cpu"
+    if device.type != "cuda":
+        raise ValueError(f"crl-fast runs on CPU and CUDA devices, got {device}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -74,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def config_from_args(given: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
     """``base`` (a :meth:`TrainConfig.to_dict`; default: the defaults) updated by ``given``."""
-    config = base or TrainConfig().to_dict()
+    config = TrainConfig().to_dict() if base is None else base
     agent_fields = {f.name for f in dataclasses.fields(AgentConfig)}
     for key, value in given.items():
         (config["agent"] if key in agent_fields else config)[key] = value
@@ -139,6 +139,8 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
         base = json.loads(saved.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"cannot resume: {saved} is not valid JSON: {error}") from error
+    if not (isinstance(base, dict) and isinstance(base.get("agent"), dict)):
+        raise ValueError(f"cannot resume: {saved} is not a crl-fast run's config")
     return config_from_args(given, base=base)
 
 
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from crl_fast.train import train
 
             train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
-    except (ValueError, OSError) as error:  # bad configuration or files: a message, not a traceback
+    except (ValueError, TypeError, OSError) as error:  # bad settings or files: a message
         print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

@@ -7,7 +7,12 @@ The defaults are the README's main job: point U-maze, tuned to learn in minutes 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +53,31 @@ RESUME_SAFE_FIELDS = (
 )
 """The :class:`TrainConfig` fields a resumed run may change; the others define the run (env, seed,
 networks, losses, buffer, device, precision) and must match its checkpoint."""
+
+
+def check_types(config: Any) -> None:
+    """A TypeError naming the first field of dataclass ``config`` whose value is not of its
+    annotated type: int fields take integers (not bools), float fields any real number (kept as
+    a float), ``X | None`` fields None too. A path or torch.device given for a str field is
+    taken as its string. The config is saved as JSON with the run, so a wrong type must stop
+    the run before it starts, not when it first saves."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if (value is None and type(None) in kinds) or dataclasses.is_dataclass(kinds[0]):
+            continue
+        kind = typing.get_origin(kinds[0]) or kinds[0]
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if kind is float and number:
+            setattr(config, f.name, float(value))
+        elif kind is int and number and isinstance(value, numbers.Integral):
+            setattr(config, f.name, int(value))
+        elif kind is str and isinstance(value, os.PathLike | torch.device):
+            setattr(config, f.name, str(value))
+        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            name = hint.__name__ if isinstance(hint, type) else hint  # int, or int | None
+            raise TypeError(f"{f.name} must be {name}, got {value!r}")
 
 
 def check_finite(config: Any) -> None:
@@ -112,6 +142,7 @@ class AgentConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_finite(self)
         self.loss_config()  # names any bad loss option
         if self.activation not in ACTIVATIONS:
@@ -195,6 +226,7 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_finite(self)
         positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity", "graph_updates")
         for name in (*positive, "eval_every", "eval_episodes", "log_every"):
@@ -209,19 +241,25 @@ class TrainConfig:
             raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
         if not 0.0 < self.gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
-        if not isinstance(self.env_kwargs, dict):
-            raise ValueError(f"env_kwargs must be a dict, got {self.env_kwargs!r}")
+        try:
+            json.dumps(self.env_kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"env_kwargs must hold JSON values (saved with the run): {error}"
+            ) from error
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive (or None), got {self.threads}")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and not 1 <= self.threads <= cores:
+            raise ValueError(f"threads must lie in [1, {cores}] (this CPU's), got {self.threads}")
         if self.checkpoint_every < 0 or self.learning_starts < 0:
             raise ValueError("checkpoint_every and learning_starts must be >= 0")
-        smallest = max(self.agent.loss_config().minimum_batch())
+        rows = 1 + bool(self.agent.actor_random_goals)  # another row's goal needs 2
+        smallest = max(*self.agent.loss_config().minimum_batch(), rows)
         if self.batch_size < smallest:
             raise ValueError(
-                f"loss {self.agent.loss!r} compares off-diagonal pairs: batch_size must be >= "
-                f"{smallest}, got {self.batch_size}"
+                f"loss {self.agent.loss!r} (or --actor-random-goals, other rows' goals) compares "
+                f"off-diagonal pairs: batch_size must be >= {smallest}, got {self.batch_size}"
             )
 
     def to_dict(self) -> dict[str, Any]:

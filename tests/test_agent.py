@@ -273,6 +273,13 @@ def test_actor_steps_on_random_goals(random_goals):
 def test_actor_random_goals_are_a_choice():
     with pytest.raises(ValueError, match="actor_random_goals must be one of"):
         AgentConfig(actor_random_goals=0.3)
+    with pytest.raises(ValueError, match="random_goals must be one of"):
+        actor_goals(torch.zeros(2, OBS), torch.zeros(2, GOAL), torch.zeros(2, 3), 0.3)
+
+
+def test_agent_sizes_must_be_positive():
+    with pytest.raises(ValueError, match="obs_dim"):
+        CRL(0, ACT, GOAL)
 
 
 @pytest.mark.parametrize("target", [50.0, -50.0])

@@ -566,6 +566,12 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
         make(capacity=0)
     with pytest.raises(ValueError, match="random_goal_fraction"):
         make(random_goal_fraction=1.5)
+    for seed in (1.5, "a", True):
+        with pytest.raises(TypeError, match="seed"):
+            make(seed=seed)
+    with pytest.raises(ValueError, match="CPU and CUDA"):
+        make(device="meta")
+    assert make(device="cpu:1").device == torch.device("cpu")  # as its tensors say
     buf = make()
     with pytest.raises(ValueError, match="empty"):
         buf.sample(8)
@@ -576,6 +582,11 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
     assert buf.sample(np.int64(8)).observation.shape == (8, OBS)  # e.g. from a numpy config
     with pytest.raises(ValueError, match="goal_mode"):
         buf.sample(8, goal_mode="her")
+    with pytest.raises(TypeError, match="generator"):
+        buf.sample(8, generator=5)
+    for state in (None, [1]):
+        with pytest.raises(TypeError, match="mapping"):
+            buf.load_state_dict(state)
     assert buf.sample(8).observation.shape == (8, OBS)
 
 

@@ -322,6 +322,9 @@ def test_compute_reward_batched():
     reward = env.compute_reward(achieved, goal, {})
     assert reward.shape == (3, 5) and reward.dtype == torch.float32
     assert reward[0].tolist() == [0.0, 0.0, -1.0, -1.0, -1.0]
+    for other in (torch.zeros(3, 5, 1), torch.zeros(5, 2)):  # no silent broadcasting
+        with pytest.raises(ValueError, match="share a shape"):
+            env.compute_reward(achieved, other)
 
 
 # --------------------------------------------------------------------------- state_dict
@@ -365,6 +368,23 @@ def test_bad_dynamics_are_refused(name, bad):
     """A negative dt, say, would move the point backwards through the walls."""
     with pytest.raises(ValueError, match=next(iter(bad))):
         make_env(name, num_envs=2, **bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"terminate_on_success": "false"}, TypeError),  # bool("false") is True
+        ({"success_distance": True}, TypeError),
+        ({"dt": "0.1"}, TypeError),
+        ({"damping": None}, TypeError),
+        ({"link_lengths": (0.5, float("nan"))}, ValueError),
+        ({"link_lengths": (0.5, 0.5, 0.5)}, ValueError),
+        ({"link_lengths": 0.5}, ValueError),
+    ],
+)
+def test_env_arguments_of_the_wrong_type_are_refused(bad, error):
+    with pytest.raises(error, match=next(iter(bad))):
+        make_env("reacher", num_envs=2, **bad)
 
 
 def test_device_auto_means_what_the_buffer_takes_it_for():
@@ -682,6 +702,11 @@ def test_adapter_actions_rescaled_and_errors():
         GymnasiumGoalVectorEnv(gym.make_vec("CartPole-v1", 2, vectorization_mode="sync"))
     with pytest.raises(ValueError, match="num_envs"):
         GymnasiumGoalVectorEnv(TINY_ID, 0)
+    with pytest.raises(ValueError, match="success_distance"):
+        GymnasiumGoalVectorEnv(TINY_ID, 2, success_distance=-1.0)
+    for name in ("gymnasium:Nope-v0", "gymnasium:", "gymnasium:no_such_module:Foo-v0"):
+        with pytest.raises(ValueError, match="cannot make the Gymnasium env"):
+            make_env(name, 2)
     env.close()
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -500,6 +501,26 @@ def test_a_checkpoint_cut_anywhere_is_a_value_error(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=r"checkpoint\.pt"):
             load_checkpoint(path)
+    for damaged in (b"hello\n", b"a"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"checkpoint\.pt"):
+            load_checkpoint(path)
+
+
+def test_a_damaged_checkpoint_loads_or_is_a_value_error(tmp_path):
+    """A flipped byte may leave a readable file (a changed weight); otherwise the unpickler
+    fails anywhere (KeyError, IndexError, TypeError...): always the same ValueError."""
+    path = tmp_path / "checkpoint.pt"
+    data = save_checkpoint({"config": {"a": 1}, "weights": torch.randn(64)}, path).read_bytes()
+    refused = 0
+    for at in range(len(data)):
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
+        try:
+            load_checkpoint(path)
+        except ValueError as error:
+            assert "checkpoint.pt" in str(error)
+            refused += 1
+    assert refused > 100  # most flips land in padding and names that the zip reader skips
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -647,6 +668,24 @@ def test_cli_jaxgcrl_critic_shorthand():
         config("--jaxgcrl-critic", "--loss", "binary")
 
 
+def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
+    """A config is saved as JSON with its run: a wrong type stops it before it starts."""
+    config = TrainConfig(run_dir=tmp_path / "run", device=torch.device("cpu"), gamma=1 - 1 / 2**4)
+    assert (config.run_dir, config.device) == (str(tmp_path / "run"), "cpu")
+    assert AgentConfig(critic_lr=1).critic_lr == 1.0 and type(AgentConfig(alpha=1).alpha) is float
+    for make, kwargs, match in [
+        (TrainConfig, {"batch_size": 32.0}, "batch_size must be int"),
+        (TrainConfig, {"num_envs": True}, "num_envs must be int"),
+        (TrainConfig, {"max_episode_steps": "10"}, "max_episode_steps must be int | None"),
+        (TrainConfig, {"compile": 1}, "compile must be bool | None"),
+        (TrainConfig, {"env_kwargs": {"dt": np.float32(0.1)}}, "env_kwargs must hold JSON"),
+        (AgentConfig, {"actor_random_goals": True}, "actor_random_goals must be float"),
+        (AgentConfig, {"layer_norm": "yes"}, "layer_norm must be bool"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            make(**kwargs)
+
+
 def test_resume_treats_fields_newer_than_the_checkpoint_as_defaults():
     from crl_fast.config import check_resume
 
@@ -684,6 +723,11 @@ def test_env_kwargs_reach_the_env(tmp_path):
         ["train", "--loss", "flatnce", "--batch-size", "1"],
         ["train", "--alpha", "0"],
         ["train", "--actor-random-goals", "0.3"],
+        ["train", "--actor-random-goals", "1", "--batch-size", "1"],
+        ["train", "--threads", "100000"],
+        ["train", "--device", "meta"],
+        ["train", "--env", "gymnasium:Nope-v0"],
+        ["train", "--env-kwargs", '{"terminate_on_success": "false"}'],
         ["train", "--updates-per-env-step", "nan"],
         ["train", "--alpha", "nan", "--no-autotune-alpha"],
         ["train", "--buffer-capacity", "4", "--num-envs", "8"],
@@ -712,6 +756,16 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{oops")
+    wrong = {}  # valid JSON, but not a run's config, or of the wrong types
+    for name, text in (("list", "[]"), ("empty", "{}"), ("no_agent", '{"agent": null}')):
+        wrong[name] = tmp_path / name
+        wrong[name].mkdir()
+        (wrong[name] / "config.json").write_text(text)
+    wrong["typed"] = tmp_path / "typed"
+    wrong["typed"].mkdir()
+    (wrong["typed"] / "config.json").write_text(
+        json.dumps(TrainConfig().to_dict() | {"num_envs": "8"})
+    )
     newer = tmp_path / "newer"  # a config written by a version with more options
     newer.mkdir()
     (newer / "config.json").write_text(json.dumps(TrainConfig().to_dict() | {"warp": 9}))
@@ -729,6 +783,8 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
         (["train", "--resume", "--run-dir", str(newer)], "['warp']"),
         (["eval", "--checkpoint", str(tmp_path / "foreign.pt")], "not a crl-fast training"),
         (["train", "--run-dir", str(tmp_path / "a_file")], "is a file"),
+        *[(["train", "--resume", "--run-dir", str(wrong[k])], "config.json") for k in wrong][:3],
+        (["train", "--resume", "--run-dir", str(wrong["typed"])], "num_envs must be int"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -13,7 +13,7 @@ function that :meth:`TorchGoalVectorEnv.compile` hands to ``torch.compile``.
 
 from __future__ import annotations
 
-import math
+import numbers
 from abc import abstractmethod
 from typing import Any, ClassVar
 
@@ -23,7 +23,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from crl_fast.checks import positive_int, resolve_device
+from crl_fast.checks import check_bool, positive_int, positive_real, resolve_device
 
 GoalObs = dict[str, torch.Tensor]
 """A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
@@ -74,8 +74,9 @@ def check_dynamics(dt: float, accel: float, damping: float, max_speed: float) ->
     """A ValueError unless ``dt``, ``accel`` and ``max_speed`` are positive and ``damping`` lies
     in [0, 1] (a negative ``dt`` would walk the point backwards through the walls)."""
     for name, value in (("dt", dt), ("accel", accel), ("max_speed", max_speed)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value}")
+        positive_real(name, value)
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"damping must be a number in [0, 1], got {damping!r}")
     if not 0.0 <= damping <= 1.0:
         raise ValueError(f"damping must lie in [0, 1], got {damping}")
 
@@ -147,10 +148,9 @@ class TorchGoalVectorEnv(VectorEnv):
         self.num_envs = positive_int("num_envs", num_envs)
         self.device = resolve_device(device)
         self.max_episode_steps = positive_int("max_episode_steps", max_episode_steps)
-        if not (math.isfinite(success_distance) and success_distance > 0):
-            raise ValueError(f"success_distance must be a positive number, got {success_distance}")
-        self.success_distance = float(success_distance)
-        self.terminate_on_success = bool(terminate_on_success)
+        self.success_distance = positive_real("success_distance", success_distance)
+        check_bool("terminate_on_success", terminate_on_success)
+        self.terminate_on_success = terminate_on_success
         (
             self.single_observation_space,
             self.single_action_space,
@@ -283,6 +283,12 @@ class TorchGoalVectorEnv(VectorEnv):
     ) -> torch.Tensor:
         """Sparse float32 reward, batched over leading dims: 0 within ``success_distance`` else -1
         (the sparse convention of gymnasium-robotics' Fetch tasks; PointMaze uses 1/0)."""
+        shapes = tuple(achieved_goal.shape), tuple(desired_goal.shape)
+        if shapes[0] != shapes[1] or shapes[0][-1:] != (self.goal_dim,):
+            raise ValueError(
+                f"achieved_goal and desired_goal must share a shape (..., {self.goal_dim}), got "
+                f"{shapes[0]} and {shapes[1]}"
+            )
         return is_success(achieved_goal, desired_goal, self.success_distance).float() - 1.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from crl_fast.checks import positive_int, resolve_device
+from crl_fast.checks import positive_int, positive_real, resolve_device
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
@@ -86,13 +86,17 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 )
             self.env = env
         else:
-            self.env = gym.make_vec(
-                env,
-                num_envs=positive_int("num_envs", num_envs),
-                vectorization_mode="sync",
-                vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-                **make_kwargs,
-            )
+            num_envs = positive_int("num_envs", num_envs)
+            try:
+                self.env = gym.make_vec(
+                    env,
+                    num_envs=num_envs,
+                    vectorization_mode="sync",
+                    vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+                    **make_kwargs,
+                )
+            except (gym.error.Error, ImportError) as error:  # unknown id, module or version
+                raise ValueError(f"cannot make the Gymnasium env {env!r}: {error}") from error
         self.autoreset_mode = AutoresetMode(
             self.env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         )
@@ -111,6 +115,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self._action_low, self._action_range = act_space.low, act_space.high - act_space.low
         self.num_envs = self.env.num_envs
         self.device = resolve_device(device)
+        if success_distance is not None:
+            success_distance = positive_real("success_distance", success_distance)
         self.success_distance = success_distance
         self.max_episode_steps = _episode_limit(self.env)
         self.render_mode = self.env.render_mode

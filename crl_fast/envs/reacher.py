@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from crl_fast.checks import positive_real
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, check_dynamics, damped_velocity
 from crl_fast.envs.render import Canvas
 
@@ -51,9 +53,10 @@ class ReacherEnv(TorchGoalVectorEnv):
         render_mode: str | None = None,
     ) -> None:
         check_dynamics(dt, accel, damping, max_speed)
-        if min(link_lengths) <= 0:
-            raise ValueError(f"link_lengths must be positive, got {link_lengths}")
-        self.link_lengths = link_lengths
+        pair = () if isinstance(link_lengths, str) else tuple(np.atleast_1d(link_lengths))
+        if len(pair) != 2:
+            raise ValueError(f"link_lengths must be two positive numbers, got {link_lengths!r}")
+        self.link_lengths = tuple(positive_real("link_lengths", x) for x in pair)
         self.dt, self.accel, self.damping, self.max_speed = dt, accel, damping, max_speed
         super().__init__(
             num_envs,
