@@ -220,6 +220,10 @@ def _contrastive_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (phi, psi, log_scale, bias)
     )
+    if wants_grad and not torch.compiler.is_compiling():
+        # Made under inference_mode, phi and psi cannot be saved for backward, which a learned
+        # scale or bias needs; eager PyTorch takes them, so take copies.
+        phi, psi = (t.clone() if t.is_inference() else t for t in (phi, psi))
     if return_metrics and _metrics_apart(config, wants_grad, use_triton, psi.shape[0]):
         # Computed as without metrics, so the loss and gradients are the same bit for bit.
         value = _contrastive_loss(phi, psi, config, log_scale, bias, False, backend)

@@ -819,6 +819,19 @@ def test_bad_input_is_named(phi, psi, kwargs, error, match):
         contrastive_loss(phi, psi, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_inputs_made_in_inference_mode_still_train_a_learned_scale(loss, backend):
+    with torch.inference_mode():
+        phi, psi = _inputs(4, 5, 3)
+    grads = []
+    for x, y in ((phi, psi), (phi.clone(), psi.clone())):  # inference tensors, then plain
+        scale = torch.zeros((), requires_grad=True)
+        contrastive_loss(x, y, loss=loss, log_scale=scale, backend=backend).backward()
+        grads.append(scale.grad)
+    assert torch.equal(*grads)
+
+
 def test_a_numpy_bool_flag_is_named_as_such():
     np = pytest.importorskip("numpy")
     with pytest.raises(TypeError, match=r"True or False, got .*True.* \(numpy\.bool"):
