@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -295,7 +296,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
     device = resolve_device(config.device)
     speed = speed_flags(config, device)
-    if config.threads:
+    if config.threads:  # checked here, not in the config: a run may be evaluated elsewhere
+        cores = os.cpu_count() or 1
+        if config.threads > cores:
+            raise ValueError(f"--threads must be at most this CPU's {cores}, got {config.threads}")
         torch.set_num_threads(config.threads)
     if config.tf32 and device.type == "cuda":
         # Networks and the loss kernels read this setting; "highest" keeps float32 FMA.

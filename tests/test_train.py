@@ -4,6 +4,7 @@ import builtins
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -684,6 +685,15 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
     ]:
         with pytest.raises(TypeError, match=match):
             make(**kwargs)
+
+
+def test_threads_beyond_this_cpu_refuse_a_run_not_a_saved_config(tmp_path):
+    """A run made on a larger machine still loads (e.g. for `crl-fast eval`) on this one."""
+    many = (os.cpu_count() or 1) + 1
+    config = TrainConfig.from_dict(tiny_config(tmp_path, threads=many).to_dict())
+    with pytest.raises(ValueError, match="--threads must be at most"):
+        train(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_treats_fields_newer_than_the_checkpoint_as_defaults():
