@@ -671,7 +671,7 @@ def test_cli_jaxgcrl_critic_shorthand():
 
 def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
     """A config is saved as JSON with its run: a wrong type stops it before it starts."""
-    config = TrainConfig(run_dir=tmp_path / "run", device=torch.device("cpu"), gamma=1 - 1 / 2**4)
+    config = TrainConfig(run_dir=tmp_path / "run", device=torch.device("cpu"))
     assert (config.run_dir, config.device) == (str(tmp_path / "run"), "cpu")
     assert AgentConfig(critic_lr=1).critic_lr == 1.0 and type(AgentConfig(alpha=1).alpha) is float
     for make, kwargs, match in [
