@@ -14,7 +14,14 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import graphed, measure, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    graphed,
+    measure,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast.buffer import GOAL_MODES, TrajectoryBuffer
 
 OBS, ACT, GOAL = 29, 8, 2
@@ -56,18 +63,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def txt_sampler(episodes: torch.Tensor, gamma: float = 0.99) -> Callable[[], torch.Tensor]:
-    """JaxGCRL's goal sampler: per env a [T, T] matrix of gamma^(j-i) over same-episode j > i."""
-    steps = episodes.shape[1]
+def txt_sampler(
+    episodes: torch.Tensor, gamma: float = 0.99
+) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """JaxGCRL's goal sampler: per env a [T, T] matrix of gamma^(j-i) over same-episode j > i,
+    a future step drawn from each row, and (as ``sample`` returns them) every step's
+    observation and action with its future step's goal, gathered from [envs, T, width] rows."""
+    envs, steps = episodes.shape
+    rows = torch.randn(envs, steps, OBS + ACT + GOAL, device=episodes.device)
     idx = torch.arange(steps, device=episodes.device)
     future = idx[None, :] > idx[:, None]
     disc = gamma ** (idx[None, :] - idx[:, None]).clamp(min=0).float()
 
-    def draw() -> torch.Tensor:
+    def draw() -> tuple[torch.Tensor, ...]:
         same = episodes[:, :, None] == episodes[:, None, :]  # [envs, T, T]
         probs = torch.where(same & future, disc, 0.0)
         probs[:, :, -1] += probs.sum(-1) == 0  # rows without a future: any valid stand-in
-        return torch.multinomial(probs.view(-1, steps), 1)
+        drawn = torch.multinomial(probs.view(-1, steps), 1).view(envs, steps, 1)
+        goal = rows[:, :, OBS + ACT :].gather(1, drawn.expand(-1, -1, GOAL))
+        return rows[:, :, :OBS].contiguous(), rows[:, :, OBS : OBS + ACT].contiguous(), goal
 
     return draw
 
@@ -108,10 +122,10 @@ def bench_rows(device: str, sizes: dict[str, int]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     for key in ("capacity", "num_envs", "batch", "txt_envs"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        parser.add_argument(f"--{key.replace('_', '-')}", type=positive_int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +133,7 @@ def main() -> None:
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     rows = bench_rows(args.device, sizes)
     path = write_results("buffer", args.device, rows)
-    label = "CPU" if torch.device(args.device).type == "cpu" else args.device
+    label = "CPU [CPU figures, not GPU]" if args.device == "cpu" else args.device
     columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "host_ms", "p80_ms"]
     print_table(rows, [*columns, "samples_per_s"], title=f"buffer on {label} ({path.name})")
 

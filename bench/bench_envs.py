@@ -13,7 +13,14 @@ import argparse
 
 import torch
 
-from bench.harness import graphed, measure, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    graphed,
+    measure,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast.envs import ENV_NAMES, make_env
 
 
@@ -58,10 +65,10 @@ def bench_graphed(name: str, num_envs: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num-envs", type=int, nargs="+", default=[1024, 16384])
+    add_device_argument(parser)
+    parser.add_argument("--num-envs", type=positive_int, nargs="+", default=[1024, 16384])
     parser.add_argument("--envs", nargs="+", default=list(ENV_NAMES), choices=ENV_NAMES)
-    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     parser.add_argument(
         "--compiled",
         nargs="*",
@@ -79,7 +86,8 @@ def main() -> None:
     if cuda:
         rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
     path = write_results("envs", args.device, rows)
-    label = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else args.device
+    label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+    label = label if args.device == "cpu" else args.device
     columns = ["env", "num_envs", "median_ms", "host_ms", "p80_ms", "env_steps_per_s", "status"]
     print_table(rows, columns, title=f"env steps/s on {label} ({path.name})")
 

@@ -23,7 +23,14 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import graphed, measure, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    graphed,
+    measure,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast import contrastive_loss, reference_contrastive_loss
 
 GPU_SIZES = (4096, 16384, 65536, 262144, 1048576)
@@ -113,7 +120,7 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--quick", action="store_true", help="one size per table")
     parser.add_argument(
         "--fp32-precision",
@@ -126,11 +133,18 @@ def main() -> None:
         action="store_true",
         help="CRL_FAST_AUTOTUNE=1: time tile candidates per shape; the winners go in the JSON",
     )
-    parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (default per device)")
-    parser.add_argument("--dims", type=int, nargs="+", help="d (default 64 and 256 on GPUs)")
+    parser.add_argument(
+        "--sizes", type=positive_int, nargs="+", help="batch sizes B (default per device)"
+    )
+    parser.add_argument("--dims", type=positive_int, nargs="+", help="d (default 64, 256 on GPUs)")
     parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all the device has")
-    parser.add_argument("--combos", type=int, help=f"first N of the {len(COMBOS)} loss combos")
+    parser.add_argument(
+        "--combos",
+        type=positive_int,
+        help=f"first N of the {len(COMBOS)} loss combos, at B = 16384 (CPU: 1024; with --sizes, "
+        "the largest)",
+    )
     args = parser.parse_args()
     if args.autotune:
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
@@ -144,6 +158,8 @@ def main() -> None:
     dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
     dtypes = [getattr(torch, name) for name in args.dtypes] if args.dtypes else dtypes
     impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
+    if not cuda and "crl_fast-graph" in impls:
+        parser.error("--impls crl_fast-graph replays a CUDA graph: it needs a CUDA device")
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = "" if cuda else " [CPU figures, not GPU]"
     # The experimental kernel paths (see kernels/pair_stats.py) each write a file of their own.
@@ -172,7 +188,7 @@ def main() -> None:
 
     # The issues' targets first (bf16, d = 64, then every loss), so a time limit keeps them.
     tables = [(dtype, d) for dtype in dtypes for d in dims]
-    combo_b = 16384 if cuda else 1024
+    combo_b = max(args.sizes) if args.sizes else 16384 if cuda else 1024
     cols = ["impl", "loss", "energy", "penalty", "B", "d", "dtype", "median_ms", "host_ms"]
     cols.append("peak_mem_mb")
     cols.append("status")

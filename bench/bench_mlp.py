@@ -24,7 +24,15 @@ import copy
 
 import torch
 
-from bench.harness import cuda_kernels, graphed, measure, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    cuda_kernels,
+    graphed,
+    measure,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast import fused_mlp
 from crl_fast.networks import MLP
 
@@ -72,11 +80,14 @@ def _error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=[256, 4096])
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--graph-reps", type=int, default=20)
+    add_device_argument(parser)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[256, 4096])
+    most = fused_mlp.MAX_WIDTH
+    parser.add_argument("--width", type=positive_int, default=256, help=f"at most {most}")
+    parser.add_argument("--graph-reps", type=positive_int, default=20, help="passes per graph")
     args = parser.parse_args()
+    if args.width > most:
+        parser.error(f"--width: the fused kernels take at most {most}, got {args.width}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.harness import print_table, write_results
+from bench.harness import add_device_argument, positive_int, print_table, write_results
 from crl_fast.config import TrainConfig
 
 MODES = {
@@ -94,11 +94,13 @@ def bench(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=None)
-    parser.add_argument("--num-envs", type=int, default=None, help="GPU 1024, CPU 64")
-    parser.add_argument("--env-steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"))
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per budget (median)")
+    parser.add_argument("--num-envs", type=positive_int, default=None, help="GPU 1024, CPU 64")
+    parser.add_argument(
+        "--env-steps", type=positive_int, nargs=2, default=None, metavar=("SHORT", "LONG")
+    )
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per budget")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     modes = args.modes or (GPU_MODES if cuda else ["eager"])
@@ -106,6 +108,11 @@ def main() -> None:
     budgets = tuple(args.env_steps or ((100_000, 600_000) if cuda else (12_800, 25_600)))
     if budgets[1] <= budgets[0]:
         parser.error("--env-steps: the second budget must be larger")
+    if budgets[0] < TrainConfig.learning_starts:  # the difference must be all training steps
+        parser.error(
+            f"--env-steps: SHORT must be >= learning_starts ({TrainConfig.learning_starts:,}): "
+            "before it no updates run, and the rates assume every step in LONG - SHORT trains"
+        )
     rows = []
     for mode in modes:
         rows.append(bench(mode, budgets, num_envs, args.device, args.repeats))

@@ -33,7 +33,14 @@ import os
 
 import torch
 
-from bench.harness import cuda_kernels, measure, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    cuda_kernels,
+    measure,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig
@@ -140,11 +147,13 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[256, 4096])
+    add_device_argument(parser)
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[256, 4096])
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES)
-    parser.add_argument("--graph-steps", type=int, default=16, help="updates per CUDA graph")
-    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--graph-steps", type=positive_int, default=16, help="updates per CUDA graph"
+    )
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     parser.add_argument(
         "--name", default="update", help="results file bench/results/<name>-<device>.json"
     )
@@ -156,8 +165,10 @@ def main() -> None:
     if cuda:
         torch.set_float32_matmul_precision("high")
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
-    if not cuda and any("+stream" in mode for mode in modes):
-        parser.error("the +stream modes need a CUDA device")
+    if not cuda and any("graph" in mode or "+stream" in mode for mode in modes):
+        parser.error("the graph and +stream modes need a CUDA device")
+    if not args.name or set(args.name) & set("/\\") or args.name.startswith("."):
+        parser.error(f"--name is a file name under bench/results/, got {args.name!r}")
     # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
     # (before any graph capture); such a run writes a file of its own, with the winners.
     autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"

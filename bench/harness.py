@@ -6,6 +6,7 @@ Each bench script defines only its setup and calls :func:`measure`; results go t
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -22,6 +23,34 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of sizes, counts and threads: an integer >= 1 (0 is no size)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """argparse type of ``--device``: cpu or a CUDA device this machine has (else a one-line
+    error, not a traceback from the first tensor made there)."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"the benchmarks run on cpu or cuda, got {text!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    return "cpu" if parsed.type == "cpu" else text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, CUDA by default where there is one."""
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", type=device, default=default, help=f"default: {default}")
 
 
 def measure(

@@ -64,7 +64,14 @@ from typing import Any
 
 from bench.bench_buffer import ACT, EPISODE, GOAL, OBS
 from bench.bench_update import ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, OBS_DIM
-from bench.harness import device_name, measure, print_table, run_facts, save_results
+from bench.harness import (
+    device_name,
+    measure,
+    positive_int,
+    print_table,
+    run_facts,
+    save_results,
+)
 from crl_fast.config import AgentConfig
 from crl_fast.energy import NORM_EPS
 from crl_fast.networks import LOG_STD_MAX, LOG_STD_MIN
@@ -441,9 +448,13 @@ def main() -> None:
         choices=("default", "high", "highest"),
         help="jax_default_matmul_precision (default: TF32 for float32 matmuls on GPUs)",
     )
-    parser.add_argument("--scan-updates", type=int, help="updates per call (GPU 100, CPU 10)")
+    parser.add_argument(
+        "--scan-updates", type=positive_int, help="updates per call (GPU 100, CPU 10)"
+    )
     for table, what in (("loss", "loss B"), ("update", "update batch sizes"), ("sampler", "envs")):
-        parser.add_argument(f"--{table}-sizes", type=int, nargs="*", help=f"{what}; none: skip")
+        parser.add_argument(
+            f"--{table}-sizes", type=positive_int, nargs="*", help=f"{what}; none: skip"
+        )
     parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"))
     args = parser.parse_args()
     if jax is None:

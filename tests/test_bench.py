@@ -73,6 +73,37 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     assert "CPU" in capsys.readouterr().out or module in PROBES
 
 
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        (bench_loss, ["--sizes", "-5"]),
+        (bench_loss, ["--combos", "0"]),
+        (bench_loss, ["--impls", "crl_fast-graph"]),  # a CUDA graph on the CPU
+        (bench_loss, ["--device", "tpu"]),
+        (bench_mlp, ["--width", "0"]),
+        (bench_mlp, ["--width", "512"]),  # wider than the fused kernels take
+        (bench_buffer, ["--txt-envs", "0"]),
+        (bench_envs, ["--threads", "-1"]),
+        (bench_update, ["--modes", "graph"]),
+        (bench_update, ["--name", "../elsewhere"]),
+        (bench_train, ["--env-steps", "1000", "11000"]),  # SHORT before learning starts
+        (bench_train, ["--repeats", "0"]),
+        (probe_warp_specialize, ["--dim", "24"]),
+    ],
+    ids=lambda x: x.__name__.split(".")[-1] if hasattr(x, "__name__") else " ".join(x),
+)
+def test_bad_arguments_are_one_line_errors(module, argv, tmp_path, monkeypatch, capsys):
+    """Nonsense sizes and CUDA-only settings on the CPU: argparse's one-line error, exit code 2,
+    and no results file (not a traceback, nor a run that writes rows of nothing)."""
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    device = [] if module in PROBES or "--device" in argv else ["--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", [module.__name__, *device, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", ["loss", "buffer", "envs", "update", "train", "mlp"])
 def test_scripts_run_without_pytest(name):
     """The main set-up installs no test extra: each script imports and parses without pytest."""
