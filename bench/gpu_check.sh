@@ -34,8 +34,9 @@
 #     --implementation cp --platform manylinux2014_x86_64 --platform any \
 #     -d .whl gymnasium farama-notifications
 # then call the device tool's run with carry [".whl"]:
-#   CRL_FAST_GIT_SHA=<sha> bash bench/gpu_check.sh [stages...]
-# (the copied tree has no .git; the SHA goes into the result JSONs).
+#   CRL_FAST_GIT_SHA=<git describe --always --dirty, run here> bash bench/gpu_check.sh [stages...]
+# (the copied tree has no .git; the SHA goes into the result JSONs, "-dirty" where the tree held
+# uncommitted changes).
 set -uo pipefail
 OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
