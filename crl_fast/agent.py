@@ -79,6 +79,7 @@ class CRL:
         obs_dim, action_dim, goal_dim = (positive_int(k, v) for k, v in dims.items())
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
+        self.dims = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net = dict(
@@ -136,7 +137,29 @@ class CRL:
         self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool = False
     ) -> torch.Tensor:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
+        self._check_rows(observation=obs, goal=goal)
         return self._act(obs, goal, deterministic=deterministic)
+
+    def _check_rows(self, **tensors: torch.Tensor) -> None:
+        """A TypeError or ValueError naming the problem unless each tensor is a float32 (B, width)
+        batch of this agent's width, all with the same B >= 1, on its device. Checked before any
+        step: a shape error halfway through :meth:`update` would leave the actor stepped and the
+        critic not. Metadata only: nothing is read from the device."""
+        first = None  # the first tensor's name and rows
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.ndim != 2 or t.shape[1] != self.dims[name]:
+                raise ValueError(f"{name} must be (B, {self.dims[name]}), got {tuple(t.shape)}")
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name} must be float32 (the networks' dtype), got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the agent on {self.device}")
+            first = first or (name, t.shape[0])
+            if t.shape[0] != first[1]:
+                raise ValueError(f"{name} has {t.shape[0]} rows, {first[0]} {first[1]}")
+        if first[1] == 0:
+            raise ValueError("empty batch: 0 rows")
 
     def _act_eager(
         self, obs: torch.Tensor, goal: torch.Tensor, deterministic: bool
@@ -157,6 +180,9 @@ class CRL:
         The step is the same either way.
         """
         obs, action, goal = batch
+        self._check_rows(observation=obs, action=action, goal=goal)
+        if self.config.actor_random_goals and obs.shape[0] < 2:
+            raise ValueError("actor_random_goals takes other rows' goals: batches need >= 2 rows")
         # psi(g) once: the critic trains through it, the actor reads it. The actor and alpha
         # steps read the critic as it stands before this update (as JaxGCRL does) and write
         # nothing the critic reads, so with ``actor_stream`` they run beside the critic's

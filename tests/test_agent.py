@@ -282,6 +282,46 @@ def test_agent_sizes_must_be_positive():
         CRL(0, ACT, GOAL)
 
 
+def _bad_batches() -> dict[str, tuple[GoalBatch, type, str]]:
+    obs, action, goal = toy_batch(8)
+    return {
+        "obs width": (
+            GoalBatch(obs[:, :3], action, goal),
+            ValueError,
+            r"observation must be \(B, 4",
+        ),
+        "goal 1-D": (
+            GoalBatch(obs, action, goal[0]),
+            ValueError,
+            r"goal must be \(B, 2\), got \(2,",
+        ),
+        "rows": (GoalBatch(obs, action, goal[:7]), ValueError, "goal has 7 rows, observation 8"),
+        "dtype": (GoalBatch(obs, action.double(), goal), TypeError, "action must be float32"),
+        "not a tensor": (GoalBatch(obs, action.tolist(), goal), TypeError, "must be a tensor"),
+        "empty": (GoalBatch(obs[:0], action[:0], goal[:0]), ValueError, "empty batch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_batches()))
+def test_a_bad_batch_is_refused_before_any_step(case):
+    """Named errors, and no network stepped: the actor steps before the critic reads the batch."""
+    batch, error, message = _bad_batches()[case]
+    agent = small_agent()
+    before = parameters(agent)
+    with pytest.raises(error, match=message):
+        agent.update(batch)
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+    if case in ("obs width", "goal 1-D", "rows", "empty"):  # what act() reads
+        with pytest.raises(error, match=message):
+            agent.act(batch.observation, batch.goal)
+
+
+def test_random_goals_need_two_rows():
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        small_agent(actor_random_goals=1.0).update(toy_batch(1))
+    small_agent().update(toy_batch(1))  # a batch of one is a (trivial) contrastive batch
+
+
 @pytest.mark.parametrize("target", [50.0, -50.0])
 def test_alpha_moves_towards_the_target_entropy(target):
     """Entropy below the target raises alpha, above it lowers alpha (the policy is frozen)."""
