@@ -181,7 +181,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         if args.autotune:
-            from crl_fast.kernels.pair_stats import _TUNED
+            from crl_fast.kernels.pair_stats_tiling import _TUNED
 
             extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
         write_results(name, device, rows, extra=extra)

@@ -180,7 +180,7 @@ def main() -> None:
             rows.append(bench(mode, batch_size, device, args.graph_steps))
             print(rows[-1], flush=True)
             if autotuned:
-                from crl_fast.kernels.pair_stats import _TUNED
+                from crl_fast.kernels.pair_stats_tiling import _TUNED
 
                 extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
             path = write_results(name, device, rows, extra=extra)  # each row: survives a timeout

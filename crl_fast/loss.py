@@ -2,7 +2,8 @@
 
 Each loss is a few lines of PyTorch over O(B) statistics from ``crl_fast.pair_stats`` plus the
 positive logits ``L_ii``; autograd carries gradients through those vectors into the fused
-backward. ``crl_fast.loss_reference`` writes the same losses on the full matrix.
+backward (the sigmoid loss and DPO / IPO take theirs in forward: ``crl_fast.loss_with_grads``).
+``crl_fast.loss_reference`` writes the same losses on the full matrix.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from crl_fast.energy import (
     check_scale_and_bias,
     kernel_inputs,
 )
+from crl_fast.loss_with_grads import loss_with_grads
 from crl_fast.pair_stats import (
     PAIR_DPO,
     PAIR_IPO,
     PAIR_NONE,
     PairStats,
-    loss_with_grads,
     pair_stats,
 )
 
@@ -166,6 +167,9 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 _ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}
 """Column losses and the row losses they equal on the transposed logits."""
 
+_PAIRS = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}
+"""The pair losses' codes for the statistics (every other loss: PAIR_NONE)."""
+
 
 def _online_applies(loss: str, d: int) -> bool:
     """Row-softmax losses whose only other gradient is on L_ii: the forward keeps online sums
@@ -294,9 +298,6 @@ def _contrastive_loss(
     if not return_metrics:
         return value
     return value, _metrics(stats, row_lse, m)
-
-
-_PAIRS = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}
 
 
 def _fused(name: str, use_triton: bool, m: int) -> bool:

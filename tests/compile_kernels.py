@@ -49,7 +49,7 @@ from triton.runtime.jit import native_specialize_impl
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
 from crl_fast import buffer as buffer_module
 from crl_fast import loss as loss_module
-from crl_fast.kernels import goal_sampling, mlp, pair_stats
+from crl_fast.kernels import goal_sampling, mlp, pair_stats, pair_stats_tiling
 
 H100_SHARED_BYTES = 232_448
 """Dynamic shared memory one block may use on sm_90 (227 KiB)."""
@@ -164,7 +164,7 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
     loss_module.triton_runs_on = lambda device, kernels: True  # CPU tensors: launches only recorded
     if autotune:  # record every candidate config instead of timing it
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
-        pair_stats._time_or_inf = _record_candidate
+        pair_stats_tiling._time_or_inf = _record_candidate
     for (dtype, precision), (b, d), loss, energy, extra in _loss_cases(quick):
         torch.set_float32_matmul_precision(precision)
         for r in recorders:

@@ -100,9 +100,9 @@ SCALED = pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scale-b
 def test_torch_path_in_many_chunks(loss, energy, scaled, exclude, monkeypatch):
     """The chunked PyTorch path with chunks of a few rows (every other test fits in one): the
     diagonal, online column sums and row-chunked terms must line up across chunk boundaries."""
-    from crl_fast import pair_stats
+    from crl_fast import pair_stats, pair_stats_torch
 
-    monkeypatch.setattr(pair_stats, "CHUNK_ELEMENTS", 100)  # 37 columns: 2 rows a chunk
+    monkeypatch.setattr(pair_stats_torch, "CHUNK_ELEMENTS", 100)  # 37 columns: 2 rows a chunk
     monkeypatch.setattr(pair_stats, "ROW_CHUNK_ELEMENTS", 20)
     monkeypatch.setattr(pair_stats, "_DIAGONAL_CHUNK", 3)
     kw = {"exclude_positive_from_lse": exclude, "backend": "torch"}
@@ -125,14 +125,14 @@ def test_rows_kernel_matches_torch(shape, energy, dtype):
     """The prologue kernel (squared norms, paired energy, slope, positives) against its PyTorch
     twin, rows past B included and d in two chunks."""
     from crl_fast.energy import ENERGY_CODES
-    from crl_fast.pair_stats import _rows
+    from crl_fast.pair_stats import paired_rows
 
     phi, psi = _inputs(*shape, dtype=dtype, seed=7)
     psi[0] = phi[0]  # a zero distance: the norm energy's slope is 0 there
     scale, bias = torch.tensor(1.7), torch.tensor(-0.4)
     code = ENERGY_CODES[energy]
-    got = _rows(phi, psi, scale, bias, code, use_triton=True)
-    want = _rows(phi, psi, scale, bias, code, use_triton=False)
+    got = paired_rows(phi, psi, scale, bias, code, use_triton=True)
+    want = paired_rows(phi, psi, scale, bias, code, use_triton=False)
     for name, k, t in zip(got._fields, got, want, strict=True):
         assert k.shape == t.shape and k.dtype == t.dtype, name
         if t.numel():  # the squared norms are empty for dot
@@ -192,20 +192,20 @@ def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
 def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
     """CRL_FAST_TMA=1 takes the tiles through tensor descriptors (zero-filled past the rows and
     past d): the same numbers as the masked pointer loads, ragged tiles included."""
-    from crl_fast.kernels import pair_stats as kernels
+    from crl_fast.kernels import pair_stats_tiling as tiling
 
     phi, psi = _inputs(70, 90, 24, dtype=torch.bfloat16, seed=3, device=device)
     kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "backend": "triton"}
     want_value, _, want_grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
     engaged = []
-    descriptors = kernels._descriptors
+    descriptors = tiling.tma_descriptors
 
     def recording(a, b, cfg):
         out = descriptors(a, b, cfg)
         engaged.append(out[2]["TMA"])
         return out
 
-    monkeypatch.setattr(kernels, "_descriptors", recording)
+    monkeypatch.setattr(tiling, "tma_descriptors", recording)
     monkeypatch.setenv("CRL_FAST_TMA", "1")
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
     assert engaged and all(engaged)
@@ -277,13 +277,14 @@ def test_single_pass_rows_must_be_a_tile(rows, monkeypatch):
 def test_autotune_leaves_the_single_pass_alone(monkeypatch):
     """CRL_FAST_AUTOTUNE=1 times candidate configs by launching them; a single-pass launch adds
     into the caller's column sums, so it must take the fixed config without a timed launch."""
-    from crl_fast.kernels import pair_stats as kernels
+    from crl_fast.kernels import pair_stats_tiling as tiling
 
     monkeypatch.setenv("CRL_FAST_AUTOTUNE", "1")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     launched = []
-    config = kernels._choose(("test",), 1024, 64, torch.bfloat16, launched.append, True)
-    assert launched == [] and config == kernels._config(1024, 64, torch.bfloat16, True)
+    config = tiling.choose_config(
+        ("test",), 1024, 64, torch.bfloat16, launched.append, True, interpreted=False
+    )
+    assert launched == [] and config == tiling._config(1024, 64, torch.bfloat16, True)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -1,0 +1,212 @@
+"""The losses that compute their gradients in forward: the sigmoid loss (labels = identity) and,
+on the Triton path, DPO / IPO.
+
+Their gradient needs no statistic of the logits first, so forward takes the loss and every
+gradient in two passes over the logits (one with ``CRL_FAST_SINGLE_PASS=1``) instead of the
+three of a forward pass plus ``crl_fast.pair_stats``'s backward, and backward only scales the
+saved gradients by grad_output. The ``crl_fast::loss_with_grads`` custom op wraps it as
+``crl_fast.pair_stats`` wraps the statistics, on the same row prologue, diagonal and Triton glue.
+"""
+
+# No ``from __future__ import annotations``: torch.library infers the op's schema from the
+# implementation's annotations, and evaluates string ones in the globals of the function it is
+# given, autocast_off's wrapper, i.e. in crl_fast.pair_stats, where this module's names are not.
+import torch
+import torch.nn.functional as F
+
+from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
+from crl_fast.energy import accumulate_dtype
+from crl_fast.pair_stats import (
+    PAIR_NONE,
+    REFERENCE_LOSS,
+    add_diagonal,
+    autocast_off,
+    column_buffers,
+    diagonal_grad,
+    diagonal_scale_grads,
+    paired_rows,
+    torch_grad_with_diagonal,
+    triton_dy,
+)
+
+Tensor = torch.Tensor
+Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _forward_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+@autocast_off
+def _loss_with_grads_impl(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int, mean: bool,
+    scale_grad: bool, use_triton: bool,
+) -> Tensors5:  # fmt: skip
+    """Loss, (dx, dy) and float32 (dscale, dbias) of a loss whose gradient needs no statistic of
+    the logits first: the sigmoid loss with labels = identity (``pair`` PAIR_NONE), dloss/dL_ij
+    = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean; DPO / IPO (PAIR_DPO / PAIR_IPO,
+    Triton path), dloss/dL_ij = w pair'(L_ij - L_ii) off the diagonal, w = 1 / (B (M - 1)), and
+    on it minus the row's sum. Without ``scale_grad`` the kernels skip (dscale, dbias): their
+    off-diagonal part is then zero.
+
+    (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
+    them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
+    carry the gradient without w, applied to the float32 sums (w H would underflow)."""
+    b, m = x.shape[0], y.shape[0]
+    w = 1.0 / (b * (m - 1) if pair else b * m) if mean else 1.0
+    wide = x.dtype == torch.float16
+    g_label = 1.0 if wide else w  # the kernels' weight of every logit's term
+    grad_dtype = _forward_grad_dtype(x.dtype)
+    if pair:
+        grads = _pair_grads(
+            x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton
+        )
+    else:
+        grads = _sigmoid_grads(
+            x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, use_triton
+        )
+    loss, dx, dy, dscale, dbias, g_ii, f = grads
+    loss = loss * w
+    if wide:
+        dx, dy = dx * w, dy * w
+    if not scale_grad:  # backward returns no gradient for them
+        return loss, dx, dy, loss.new_zeros(()), loss.new_zeros(())
+    dscale_ii, dbias_ii = diagonal_scale_grads(g_ii, f)
+    dscale, dbias = dscale.sum() + dscale_ii, dbias.sum() + dbias_ii
+    if pair:  # the bias cancels in L_ij - L_ii: its gradient is zero, not rounding noise
+        dbias = torch.zeros_like(dbias)
+    if wide:
+        dscale, dbias = dscale * w, dbias * w
+    return loss, dx, dy, dscale, dbias
+
+
+def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, use_triton):
+    """The sigmoid loss's unweighted sum, (dx, dy), the off-diagonal (dscale, dbias) partials,
+    the diagonal's G_ii and exact energies: two passes over the logits (Triton: one with
+    ``CRL_FAST_SINGLE_PASS=1``), or the chunked PyTorch path."""
+    empty = x.new_empty(0, dtype=torch.float32)
+    if not use_triton:
+        x_sq, y_sq, f, slope, pos = paired_rows(x, y, scale, bias, energy, use_triton)
+        g_sp = torch.full_like(pos, g_label)
+        g_pos = -g_sp * torch.sigmoid(-pos)  # of softplus(-L_ii)
+        hd, g_ii = diagonal_grad(
+            scale, pos, slope, None, None, g_pos, None, None, None, None, False
+        )
+        inputs = (x, y, x_sq, y_sq, scale, bias, pos)
+        grads = (empty, empty, empty, empty, g_sp, empty)
+        dx, dy, dscale, dbias, sp_off = torch_grad_with_diagonal(
+            *inputs, *grads, hd, energy, PAIR_NONE, softplus_sum=True
+        )
+        value = sp_off + F.softplus(-pos).sum()
+        return value, dx.to(grad_dtype), dy.to(grad_dtype), dscale, dbias, g_ii, f
+    from crl_fast.kernels import pair_stats as kernels
+
+    s32, b32 = scale.float(), bias.float()
+    # One launch: the rows' norms and the diagonal's gradient and loss terms.
+    x_sq, y_sq, f, slope, pos, g_ii, hd, sp_diag = kernels.paired_rows(
+        x, y, s32, b32, energy=energy, binary_weight=g_label
+    )
+    g_sp = torch.full_like(pos, g_label)
+    grads = (empty, empty, empty, empty, g_sp, empty, hd)
+    (dx, dscale, dbias, sp_off, _), col, common = _row_pass(
+        x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, scale_grad, grad_dtype
+    )
+    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common)
+    # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
+    return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
+
+
+def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton):
+    """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one with
+    ``CRL_FAST_SINGLE_PASS=1``). The row pass sums the loss terms and their slopes (the
+    diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays float32 until
+    the diagonal's share is added."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    if not use_triton:
+        raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
+    s32, b32 = scale.float(), bias.float()
+    x_sq, y_sq, f, slope, pos = kernels.paired_rows(x, y, s32, b32, energy=energy)
+    empty = x.new_empty(0, dtype=torch.float32)
+    g_pair = torch.full_like(pos, g_label)
+    grads = (empty, empty, empty, empty, empty, g_pair)
+    (dx, dscale, dbias, terms, slopes), col, common = _row_pass(
+        x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, scale_grad, torch.float32
+    )
+    g_ii = -g_label * slopes
+    hd = g_ii * s32 * slope
+    add_diagonal(dx, x, y, hd, energy)
+    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common)
+    return terms.sum(), dx.to(grad_dtype), dy, dscale, dbias, g_ii, f
+
+
+def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, scale_grad,
+              out_dtype):  # fmt: skip
+    """The Triton row pass of both losses: the x-launch of :func:`kernels.grad` with ``fwd``,
+    whose five outputs come first (dx in ``out_dtype``), then for :func:`triton_dy` the column
+    sums it also fills in the single pass (``CRL_FAST_SINGLE_PASS=1``; else None) and the
+    launch's keywords. ``stats_and_grads`` are the seven tensors after ``pos``."""
+    from crl_fast.kernels import pair_stats as kernels
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
+    common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
+    col = column_buffers(y, energy) if tiling.single_pass(x.dtype, x.shape[1]) else None
+    outputs = kernels.grad(
+        x, y, x_sq, y_sq, scale, bias, pos, *stats_and_grads, x_is_a=True, fwd=True,
+        column_sums=col, out_dtype=out_dtype, **common,
+    )  # fmt: skip
+    return outputs, col, common
+
+
+_loss_with_grads_op = torch.library.custom_op(
+    "crl_fast::loss_with_grads", _loss_with_grads_impl, mutates_args=()
+)
+
+
+@_loss_with_grads_op.register_fake
+def _(x, y, scale, bias, energy, pair, mean, scale_grad, use_triton):
+    scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
+    grad_dtype = _forward_grad_dtype(x.dtype)
+    dx, dy = torch.empty_like(x, dtype=grad_dtype), torch.empty_like(y, dtype=grad_dtype)
+    return scalar, dx, dy, scalar.clone(), scalar.clone()
+
+
+def _forward_grads_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+    # The gradients travel as outputs, which nothing downstream uses: no zero tensors for them.
+    ctx.set_materialize_grads(False)
+
+
+def _forward_grads_backward(ctx, g_loss, *_unused):
+    refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
+    if g_loss is None:
+        return (None,) * 9
+    grads = [
+        (g_loss * g).to(dtype) if needed else None
+        for g, dtype, needed in zip(
+            ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4], strict=True
+        )
+    ]
+    return (*grads, None, None, None, None, None)
+
+
+_loss_with_grads = eager_fast_path(
+    _loss_with_grads_op, _loss_with_grads_impl, _forward_grads_backward,
+    _forward_grads_setup_context, alternative=REFERENCE_LOSS,
+)  # fmt: skip
+
+
+def loss_with_grads(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, energy: int, pair: int, mean: bool,
+    use_triton: bool,
+) -> Tensor:  # fmt: skip
+    """The sigmoid loss (labels = identity; ``pair`` PAIR_NONE) or DPO / IPO (PAIR_DPO /
+    PAIR_IPO, Triton path) whose forward also computes every gradient (two passes over the
+    logits instead of three); backward only scales them by grad_output."""
+    acc = accumulate_dtype(x.dtype)
+    scale_grad = torch.is_grad_enabled() and (scale.requires_grad or bias.requires_grad)
+    return _loss_with_grads(
+        x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, pair, mean,
+        scale_grad, use_triton,
+    )[0]  # fmt: skip

@@ -1,0 +1,156 @@
+"""The chunked PyTorch path of ``crl_fast.pair_stats``: the same statistics and gradients as the
+Triton kernels, written in PyTorch for CPU, float64 and machines without Triton.
+
+It holds about ``CHUNK_ELEMENTS`` logits at a time (one row at least) and recomputes them in
+backward, so its memory stays O(B d) plus a few chunks. The caller (``crl_fast.pair_stats``)
+supplies the row prologue (squared norms, exact positives) and adds the diagonal's gradient: the
+diagonal ``L_ii`` is read from ``pos`` here, never from the B x M products, and left out of every
+gradient product. ``pair`` is the pair-loss code of ``crl_fast.pair_stats``: 0 none, 1 DPO,
+2 IPO (as in the kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crl_fast.energy import accumulate_dtype, energy_and_slope
+
+CHUNK_ELEMENTS = 1 << 20
+"""Logits per chunk: bounds this path's extra memory to a few times 4 MiB."""
+
+Tensor = torch.Tensor
+
+
+def _chunk_logits(x, y, x_sq, y_sq, scale, bias, energy: int):
+    """Logits, energy and dL/dP slope (before scale) for a block of rows, float32 or wider."""
+    if energy:
+        x_sq, y_sq = x_sq[:, None], y_sq[None, :]
+    f, slope = energy_and_slope(x @ y.T, x_sq, y_sq, energy)
+    return scale * f + bias, f, slope
+
+
+def _chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _diagonal_of(block: Tensor, start: int) -> Tensor:
+    """The entries ``(i, i)`` of a block holding rows ``start..`` of a B x M matrix: a view, so
+    the diagonal is read and written in place with O(rows) work, no B x M mask."""
+    return block[:, start : start + block.shape[0]].diagonal()
+
+
+def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
+    """DPO (pair 1): softplus(u) and sigmoid(u); IPO (pair 2): (u + 1)^2 and 2 (u + 1)."""
+    if pair == 1:
+        return F.softplus(u), torch.sigmoid(u)
+    return (u + 1.0).square(), 2.0 * (u + 1.0)
+
+
+def torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, mask_diag,
+                softplus, pair, metrics, fields):  # fmt: skip
+    """The statistics named ``fields`` (those of ``crl_fast.pair_stats.PairStats`` from
+    ``row_lse`` to ``online_w``), in that order."""
+    b, m = x.shape[0], y.shape[0]
+    acc = accumulate_dtype(x.dtype)
+    x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
+    new = {"dtype": acc, "device": x.device}
+    wanted = {
+        "row_lse": row_lse,
+        "row_softplus": softplus,
+        "row_pair": pair != 0,
+        "row_pair_slope": pair != 0,
+        "row_sum": metrics,
+        "row_correct": metrics,
+    }
+    out = {k: torch.empty(b if wanted.get(k) else 0, **new) for k in fields}
+    out["row_argmax"] = torch.empty(b if metrics else 0, dtype=torch.int32, device=x.device)
+    out["online_u"] = torch.empty((0, x.shape[1]), **new)  # a Triton-path optimisation only
+    col_max = torch.full((m,), float("-inf"), **new)
+    col_sum = torch.zeros(m, **new)
+    for start, stop in _chunks(b, m):
+        rows = slice(start, stop)
+        logits, _, _ = _chunk_logits(
+            x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
+        )
+        _diagonal_of(logits, start).copy_(pos[rows])
+        lse_in = logits
+        if mask_diag:
+            lse_in = logits.clone()
+            _diagonal_of(lse_in, start).fill_(float("-inf"))
+        if row_lse:
+            out["row_lse"][rows] = lse_in.logsumexp(1)
+        if col_lse:
+            new_max = torch.maximum(col_max, lse_in.amax(0))
+            safe = torch.where(new_max == float("-inf"), 0.0, new_max)
+            col_sum = col_sum * torch.exp(col_max - safe) + torch.exp(lse_in - safe).sum(0)
+            col_max = new_max
+        if softplus:
+            out["row_softplus"][rows] = _off_diagonal_softplus(logits, start).sum(1)
+        if pair:
+            term, slope = _pair_term(logits - pos[rows, None], pair)
+            for t in (term, slope):
+                _diagonal_of(t, start).zero_()
+            out["row_pair"][rows], out["row_pair_slope"][rows] = term.sum(1), slope.sum(1)
+        if metrics:
+            out["row_argmax"][rows] = logits.argmax(1).to(torch.int32)
+            out["row_sum"][rows] = logits.sum(1)
+            correct = ~(logits > 0)  # the label: 1 on the diagonal, 0 off it (NaN: not > 0)
+            _diagonal_of(correct, start).logical_not_()
+            out["row_correct"][rows] = correct.sum(1).to(acc)
+    if col_lse:
+        out["col_lse"] = torch.where(col_max == float("-inf"), 0.0, col_max) + col_sum.log()
+    return tuple(out[k] for k in fields)
+
+
+def _off_diagonal_softplus(logits: Tensor, start: int) -> Tensor:
+    """softplus(L_ij) of a block of rows ``start..``, 0 on the diagonal."""
+    sp = F.softplus(logits)
+    _diagonal_of(sp, start).zero_()
+    return sp
+
+
+def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
+               g_softplus, g_pair, energy, pair, softplus_sum=False):  # fmt: skip
+    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider, and the sum of softplus(L_ij)
+    over j != i when ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits,
+    so that loss takes one pass."""
+    b, m = x.shape[0], y.shape[0]
+    acc = accumulate_dtype(x.dtype)
+    x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
+    dx = torch.empty_like(x)
+    dy = torch.zeros_like(y)
+    dscale = torch.zeros((), dtype=acc, device=x.device)
+    dbias = torch.zeros((), dtype=acc, device=x.device)
+    value = torch.zeros((), dtype=acc, device=x.device)
+    for start, stop in _chunks(b, m):
+        rows = slice(start, stop)
+        logits, f, slope = _chunk_logits(
+            x[rows], y, x_sq[rows] if energy else x_sq, y_sq, scale, bias, energy
+        )
+        if softplus_sum:
+            value += _off_diagonal_softplus(logits, start).sum()
+        terms = []  # dloss/dL of each statistic's term, summed below without a zero tensor
+        if g_row_lse.numel():
+            terms.append(g_row_lse[rows, None] * torch.exp(logits - row_lse[rows, None]))
+        if g_col_lse.numel():
+            terms.append(g_col_lse[None, :] * torch.exp(logits - col_lse[None, :]))
+        if g_softplus.numel():
+            terms.append(g_softplus[rows, None] * torch.sigmoid(logits))
+        if g_pair.numel():
+            terms.append(g_pair[rows, None] * _pair_term(logits - pos[rows, None], pair)[1])
+        g = terms[0] if terms else torch.zeros_like(logits)
+        for term in terms[1:]:
+            g += term
+        _diagonal_of(g, start).zero_()
+        h = g * (scale * slope)  # dot: slope is 1.0, so one B x M product
+        dx[rows] = h @ y
+        dy += h.T @ x[rows]
+        if energy:  # the squared norms' share: -A_i sum_j H_ij
+            dx[rows] -= h.sum(1, keepdim=True) * x[rows]
+            dy -= h.sum(0)[:, None] * y
+        dscale += (g * f).sum()
+        dbias += g.sum()
+    return dx, dy, dscale, dbias, value
