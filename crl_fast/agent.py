@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
-from crl_fast.checks import positive_int, resolve_device
+from crl_fast.checks import on_device, positive_int, resolve_device
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -319,19 +319,22 @@ class GraphedUpdates:
                 f"steps must be >= 1 and warmup >= 1 (>= 2 with steps > 1: both kinds of "
                 f"update run before capture), got {steps} and {warmup}"
             )
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(warmup):
-                agent.update(sample(), critic_metrics=steps == 1 or i == warmup - 1)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            for i in range(steps):
-                self.metrics = agent.update(sample(), critic_metrics=i == steps - 1)
+        self.device = agent.device
+        with on_device(self.device):  # capture and replay on the agent's device
+            side = torch.cuda.Stream(agent.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for i in range(warmup):
+                    agent.update(sample(), critic_metrics=steps == 1 or i == warmup - 1)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for i in range(steps):
+                    self.metrics = agent.update(sample(), critic_metrics=i == steps - 1)
         self.steps, self.warmup_updates = steps, warmup
 
     def __call__(self) -> dict[str, torch.Tensor]:
         """Run the ``steps`` updates; the metrics of the last one (overwritten by the next call)."""
-        self.graph.replay()
+        with on_device(self.device):
+            self.graph.replay()
         return self.metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from types import ModuleType
@@ -54,7 +55,38 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
         raise ValueError(f"device {device} asked for, but CUDA is not available")
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
     return device
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device for the block; a no-op for the CPU and where it is
+    current already. Triton launches its kernels, and ``torch.cuda.graph`` captures, on the
+    current device, whatever device the tensors are on."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def generator_state(state: object, device: torch.device, what: str) -> torch.Tensor:
+    """``state`` (on the CPU) if a generator on ``device`` takes it, else a ValueError naming
+    ``what``. Tried on a probe generator, so that a caller can check a whole state before it
+    changes anything. CPU and CUDA generator states differ: a state saved on one device type
+    does not load on the other."""
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(f"{what} must be a generator state tensor, got {type(state).__name__}")
+    state, probe = state.cpu(), torch.Generator(device=device)
+    try:
+        probe.set_state(state)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"{what} ({state.numel()} bytes) is not a state of a {device.type} generator "
+            f"({probe.get_state().numel()} bytes): was it saved on another device type? "
+            "(a run resumes on the device type it trained on)"
+        ) from error
+    return state
 
 
 def triton_available() -> bool:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.checks import on_device
 from crl_fast.kernels import runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
@@ -198,31 +199,32 @@ def sample(
     out_b = out[na : na + nb].view(n_draws, b_w)
     out_t = out[na + nb :].view(n_draws, t_w)
     cap, n = segment.shape
-    _sample_kernel[(cdiv(n_draws, block),)](
-        bits,
-        step,
-        segment,
-        segment_end,
-        rows,
-        out_a,
-        out_b,
-        out_t,
-        n_draws,
-        n,
-        cap,
-        a_w,
-        b_w,
-        t_w,
-        log_gamma,
-        inv_log_gamma,
-        th_rand,
-        th_cur,
-        MODE=mode,
-        BLOCK=block,
-        BLOCK_A=_block_w(a_w),
-        BLOCK_B=_block_w(b_w),
-        BLOCK_T=_block_w(t_w),
-    )
+    with on_device(rows.device):
+        _sample_kernel[(cdiv(n_draws, block),)](
+            bits,
+            step,
+            segment,
+            segment_end,
+            rows,
+            out_a,
+            out_b,
+            out_t,
+            n_draws,
+            n,
+            cap,
+            a_w,
+            b_w,
+            t_w,
+            log_gamma,
+            inv_log_gamma,
+            th_rand,
+            th_cur,
+            MODE=mode,
+            BLOCK=block,
+            BLOCK_A=_block_w(a_w),
+            BLOCK_B=_block_w(b_w),
+            BLOCK_T=_block_w(t_w),
+        )
     return out_a, out_b, out_t
 
 
@@ -316,32 +318,33 @@ def extend(
     steps, n = flag0.shape
     cap = segment.shape[0]
     a_w, b_w, c_w = a.shape[-1], b.shape[-1], c.shape[-1]
-    _extend_kernel[(cdiv(n, block_n),)](
-        a.contiguous(),
-        b.contiguous(),
-        c.contiguous(),
-        flag0.contiguous().view(torch.uint8),
-        flag1.contiguous().view(torch.uint8),
-        rows,
-        flag0_out.view(torch.uint8),
-        flag1_out.view(torch.uint8),
-        segment,
-        segment_end,
-        open_segment,
-        step,
-        steps,
-        max(steps - cap, 0),
-        n,
-        cap,
-        a_w,
-        b_w,
-        c_w,
-        step0,
-        BLOCK_N=block_n,
-        BLOCK_A=_block_w(a_w),
-        BLOCK_B=_block_w(b_w),
-        BLOCK_C=_block_w(c_w),
-    )
+    with on_device(rows.device):
+        _extend_kernel[(cdiv(n, block_n),)](
+            a.contiguous(),
+            b.contiguous(),
+            c.contiguous(),
+            flag0.contiguous().view(torch.uint8),
+            flag1.contiguous().view(torch.uint8),
+            rows,
+            flag0_out.view(torch.uint8),
+            flag1_out.view(torch.uint8),
+            segment,
+            segment_end,
+            open_segment,
+            step,
+            steps,
+            max(steps - cap, 0),
+            n,
+            cap,
+            a_w,
+            b_w,
+            c_w,
+            step0,
+            BLOCK_N=block_n,
+            BLOCK_A=_block_w(a_w),
+            BLOCK_B=_block_w(b_w),
+            BLOCK_C=_block_w(c_w),
+        )
 
 
 TAKES_CPU_TENSORS = runs_on_cpu(_sample_kernel)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from crl_fast.checks import on_device
 from crl_fast.kernels import dot, runs_on_cpu
 from crl_fast.kernels.dot import round_to_bfloat16
 from crl_fast.kernels.grid import cdiv, next_power_of_2
@@ -301,13 +302,14 @@ def forward(
     rows = m if save else 0
     z1, z2 = (x1.new_empty(rows, width, dtype=compute_dtype) for _ in range(2))
     grid = (cdiv(m, FORWARD_TILE["BLOCK_M"]),)
-    forward_kernel[grid](
-        x1, x2, w1, b1, w2, b2, w3, b3, y, z1, z2,
-        m, x1.shape[1], x2.shape[1], x1.stride(0), x2.stride(0), width, out,
-        ACT=act, SAVE=save, **_shapes(width, out, w1.shape[1]), **FORWARD_TILE,
-        PRECISION=dot.precision(compute_dtype),
-        UPCAST=dot.upcast(compute_dtype, TAKES_CPU_TENSORS),
-    )  # fmt: skip
+    with on_device(x1.device):
+        forward_kernel[grid](
+            x1, x2, w1, b1, w2, b2, w3, b3, y, z1, z2,
+            m, x1.shape[1], x2.shape[1], x1.stride(0), x2.stride(0), width, out,
+            ACT=act, SAVE=save, **_shapes(width, out, w1.shape[1]), **FORWARD_TILE,
+            PRECISION=dot.precision(compute_dtype),
+            UPCAST=dot.upcast(compute_dtype, TAKES_CPU_TENSORS),
+        )  # fmt: skip
     return y, z1, z2
 
 
@@ -332,11 +334,13 @@ def backward(
     options = {"PRECISION": dot.precision(cd), "UPCAST": dot.upcast(cd, TAKES_CPU_TENSORS)}
     dz1, dz2 = (torch.empty_like(z) if need_weights else z[:0] for z in (z1, z2))
     dx1, dx2 = (torch.empty_like(x) if need_dx else x.new_empty(0, x.shape[1]) for x in (x1, x2))
-    backward_data_kernel[(cdiv(m, FORWARD_TILE["BLOCK_M"]),)](
-        dy, w1, w2, w3, z1, z2, dz1, dz2, dx1, dx2,
-        m, x1.shape[1], x2.shape[1], dx1.stride(0), dx2.stride(0), width, out,
-        ACT=act, STORE_DZ=need_weights, NEED_DX=need_dx, **shapes, **FORWARD_TILE, **options,
-    )  # fmt: skip
+    with on_device(dy.device):
+        backward_data_kernel[(cdiv(m, FORWARD_TILE["BLOCK_M"]),)](
+            dy, w1, w2, w3, z1, z2, dz1, dz2, dx1, dx2,
+            m, x1.shape[1], x2.shape[1], dx1.stride(0), dx2.stride(0), width, out,
+            ACT=act, STORE_DZ=need_weights, NEED_DX=need_dx, **shapes, **FORWARD_TILE,
+            **options,
+        )  # fmt: skip
     if not need_weights:
         return dx1, dx2, *(w.new_empty(0) for w in weights for _ in range(2))
     grads = [t for w in weights for t in (torch.empty_like(w), w.new_empty(w.shape[0]))]
@@ -344,10 +348,11 @@ def backward(
     tile = WEIGHT_TILE | ({"BLOCK_K": 16, "num_warps": 8} if options["PRECISION"] == "ieee" else {})
     p, q = tile["BLOCK_P"], tile["BLOCK_Q"]
     tiles = cdiv(width, p) * (cdiv(width, q) + cdiv(w1.shape[1], q)) + cdiv(out, p) * cdiv(width, q)
-    backward_weight_kernel[(tiles,)](
-        x1, x2, x1.stride(0), x2.stride(0), x1.shape[1], x2.shape[1], dy, z1, z2, dz1, dz2,
-        dw1, db1, dw2, db2, dw3, db3, m, width, out, ACT=act, **tile, **options,
-    )  # fmt: skip
+    with on_device(dy.device):
+        backward_weight_kernel[(tiles,)](
+            x1, x2, x1.stride(0), x2.stride(0), x1.shape[1], x2.shape[1], dy, z1, z2, dz1, dz2,
+            dw1, db1, dw2, db2, dw3, db3, m, width, out, ACT=act, **tile, **options,
+        )  # fmt: skip
     return dx1, dx2, *grads
 
 

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from crl_fast.checks import on_device
 from crl_fast.energy import NORM_EPS as _NORM_EPS
 from crl_fast.kernels import dot, runs_on_cpu
 from crl_fast.kernels import pair_stats_tiling as tiling
@@ -699,7 +700,10 @@ def stats(
 
     flags = (energy, lse, mask_diag, softplus, pair, metrics, online, online_w)
     key = ("stats", a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d, *flags)
-    return launch(tiling.choose_config(key, n_a, d, a.dtype, launch, interpreted=TAKES_CPU_TENSORS))
+    with on_device(a.device):  # the autotuner's trial launches too
+        return launch(
+            tiling.choose_config(key, n_a, d, a.dtype, launch, interpreted=TAKES_CPU_TENSORS)
+        )
 
 
 def grad(
@@ -778,11 +782,12 @@ def grad(
     flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
     flags += (column_sums is not None,)
     key = ("grad", a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d, *flags)
-    return launch(
-        tiling.choose_config(
-            key, n_a, d, a.dtype, launch, column_sums is not None, interpreted=TAKES_CPU_TENSORS
+    with on_device(a.device):
+        return launch(
+            tiling.choose_config(
+                key, n_a, d, a.dtype, launch, column_sums is not None, interpreted=TAKES_CPU_TENSORS
+            )
         )
-    )
 
 
 def paired_rows(
@@ -801,11 +806,12 @@ def paired_rows(
     f, slope, pos = _vector(n_x, True, x), _vector(n_x, True, x), _vector(n_x, True, x)
     diagonal = tuple(_vector(n_x, binary, x) for _ in range(3))
     block_r = 32  # 64-wide chunks on 4 warps, loads two deep: no spills (128 spilled 400 B)
-    rows_kernel[(cdiv(max(n_x, n_y), block_r),)](
-        x, y, scale, bias, x_sq, y_sq, f, slope, pos, *diagonal, binary_weight or 0.0, n_x, n_y,
-        d, x.stride(0), y.stride(0), ENERGY=energy, BINARY=binary, BLOCK_R=block_r,
-        BLOCK_D=min(max(16, next_power_of_2(d)), 64), num_warps=4, num_stages=2,
-    )  # fmt: skip
+    with on_device(x.device):
+        rows_kernel[(cdiv(max(n_x, n_y), block_r),)](
+            x, y, scale, bias, x_sq, y_sq, f, slope, pos, *diagonal, binary_weight or 0.0, n_x,
+            n_y, d, x.stride(0), y.stride(0), ENERGY=energy, BINARY=binary, BLOCK_R=block_r,
+            BLOCK_D=min(max(16, next_power_of_2(d)), 64), num_warps=4, num_stages=2,
+        )  # fmt: skip
     return (x_sq, y_sq, f, slope, pos, *diagonal) if binary else (x_sq, y_sq, f, slope, pos)
 
 
