@@ -29,7 +29,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from crl_fast.checks import positive_int, resolve_device, triton_available, triton_runs_on
+from crl_fast.checks import (
+    generator_state,
+    positive_int,
+    resolve_device,
+    triton_available,
+    triton_runs_on,
+)
 
 GOAL_MODES = ("geometric", "clamp", "uniform_future", "final")
 """Future-goal offset laws; their index is the mode id the kernels use."""
@@ -134,6 +140,18 @@ def _check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
+def check_goal_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
+    """The fractions of random and of current-state goals, if each lies in [0, 1] and they sum
+    to at most 1; else a ValueError naming them."""
+    r = _check_fraction("random_goal_fraction", random_fraction)
+    c = _check_fraction("current_goal_fraction", current_fraction)
+    if r + c > 1.0:
+        raise ValueError(
+            f"random_goal_fraction + current_goal_fraction must be at most 1, got {r + c}"
+        )
+    return r, c
+
+
 class TrajectoryBuffer:
     """Ring buffer of lockstep trajectories that samples ``(obs, action, goal)`` on device.
 
@@ -194,7 +212,7 @@ class TrajectoryBuffer:
         self.obs_dim, self.action_dim, self.goal_dim = obs_dim, action_dim, goal_dim
         self._gamma = float(gamma)
         self.goal_mode = self._check_mode(goal_mode)
-        self.random_goal_fraction, self.current_goal_fraction = self._check_mix(
+        self.random_goal_fraction, self.current_goal_fraction = check_goal_mix(
             random_goal_fraction, current_goal_fraction
         )
         self.device = resolve_device(device)
@@ -252,16 +270,6 @@ class TrajectoryBuffer:
         if mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {mode!r}")
         return mode
-
-    @staticmethod
-    def _check_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
-        r = _check_fraction("random_goal_fraction", random_fraction)
-        c = _check_fraction("current_goal_fraction", current_fraction)
-        if r + c > 1.0:
-            raise ValueError(
-                f"random_goal_fraction + current_goal_fraction must be at most 1, got {r + c}"
-            )
-        return r, c
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if not isinstance(batch, Mapping):
@@ -380,12 +388,13 @@ class TrajectoryBuffer:
     ) -> GoalBatch:
         """Draw ``batch_size`` ``(observation, action, goal)`` triples; O(batch), no host sync.
 
-        ``goal_mode`` and the mixing fractions default to the buffer's (the actor may use
-        different ones than the critic). ``generator`` defaults to ``self.generator``.
+        ``goal_mode`` and the mixing fractions default to the buffer's; a call may override them
+        (to draw the actor's batch another way than the critic's, say; the training loop does
+        not). ``generator`` defaults to ``self.generator``.
         """
         batch_size = positive_int("batch_size", batch_size)
         mode = self._check_mode(self.goal_mode if goal_mode is None else goal_mode)
-        f_rand, f_cur = self._check_mix(
+        f_rand, f_cur = check_goal_mix(
             self.random_goal_fraction if random_goal_fraction is None else random_goal_fraction,
             self.current_goal_fraction if current_goal_fraction is None else current_goal_fraction,
         )
@@ -500,19 +509,9 @@ class TrajectoryBuffer:
                 f"state_dict['step'] must be an int in [0, 2**62), got {state_dict.get('step')!r}"
             )
         self._check_bookkeeping(state_dict, step)
-        gen_state = state_dict.get("generator")
-        if not isinstance(gen_state, torch.Tensor):
-            raise ValueError("state_dict['generator'] must be a generator state tensor")
-        gen_state = gen_state.cpu()
-        probe = torch.Generator(device=self.device)
-        try:  # a CUDA generator's state does not fit a CPU generator, and vice versa
-            probe.set_state(gen_state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"state_dict['generator'] ({gen_state.numel()} bytes) is not a state of this "
-                f"buffer's {self.device.type} generator ({self.generator.get_state().numel()} "
-                f"bytes): {err}"
-            ) from err
+        gen_state = generator_state(
+            state_dict.get("generator"), self.device, "state_dict['generator']"
+        )
         for name, dst in tensors.items():
             dst.copy_(state_dict[name])
         self._step = step

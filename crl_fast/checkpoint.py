@@ -43,11 +43,12 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
     finally:
         with contextlib.suppress(OSError):  # cleanup only: keep the error that got us here
             tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    if os.name == "posix":  # make the rename itself durable (Windows cannot open a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return path
 
 

@@ -33,6 +33,13 @@ def _parse_optional(inner: type):
     return parse
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _json_object(text: str) -> dict[str, Any]:
     value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse reports it
     if not isinstance(value, dict):
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt")
     eval_parser.add_argument(
         "--episodes",
-        type=int,
+        type=_positive,
         default=None,
         help="episodes, run as parallel envs (default: the run's --eval-episodes)",
     )
@@ -201,9 +208,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             from crl_fast.train import train
 
             train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
-    except (ValueError, TypeError, OSError) as error:  # bad settings or files: a message
-        print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        if not isinstance(error, OSError) and not raised_by_crl_fast(error):
+            raise  # a bug (in an env of your own, say): its traceback
+        print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)  # settings, files
         raise SystemExit(2) from error
+
+
+def raised_by_crl_fast(error: BaseException) -> bool:
+    """Whether crl-fast's own code raised ``error`` (one of its checks, with a message that says
+    what to change), rather than code it called."""
+    import crl_fast
+    import crl_fast.kernels
+
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).resolve() if tb is not None else None
+    packages = {Path(p).resolve() for m in (crl_fast, crl_fast.kernels) for p in m.__path__}
+    return where is not None and any(where.is_relative_to(p) for p in packages)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from crl_fast.buffer import GOAL_MODES
+from crl_fast.buffer import GOAL_MODES, check_goal_mix
 from crl_fast.checks import resolve_device
 from crl_fast.energy import ENERGIES
 from crl_fast.fused_mlp import check_supported
@@ -42,7 +42,7 @@ RESUME_SAFE_FIELDS = (
     "checkpoint_every",
     "tensorboard",  # what is reported
     "progress",
-    "threads",  # how fast the same updates run
+    "threads",  # how fast the updates run (CUDA graphs draw other batches: see the README)
     "compile",
     "cuda_graph",
     "graph_updates",
@@ -80,6 +80,15 @@ def check_types(config: Any) -> None:
             raise TypeError(f"{f.name} must be {name}, got {value!r}")
 
 
+def check_choices(config: Any) -> None:
+    """A ValueError naming the first field of dataclass ``config`` whose value is not one of its
+    :func:`option` choices."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+
+
 def check_finite(config: Any) -> None:
     """A ValueError naming the first float field of dataclass ``config`` that is NaN or infinite
     (no option means anything there: a NaN rate would make no updates and say nothing)."""
@@ -99,14 +108,14 @@ class AgentConfig:
     """Networks, losses and optimisers of the CRL agent."""
 
     width: int = option(256, "hidden width of the encoders and the actor")
-    depth: int = option(2, "hidden layers (a multiple of 4 with --residual)")
+    depth: int = option(2, "hidden layers (with --residual: a multiple of 4, plus the input layer)")
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
     activation: str = option("swish", "hidden activation", tuple(ACTIVATIONS))
     layer_norm: bool = option(False, "LayerNorm after each hidden Linear (residual blocks: always)")
     residual: bool = option(
         False,
-        "residual blocks of 4 x [Linear, LayerNorm, swish] + skip; with --layer-norm also after "
-        "the first Linear, as in '1000 Layer Networks for Self-Supervised RL'",
+        "residual blocks of 4 x [Linear, LayerNorm, --activation] + skip; with --layer-norm also "
+        "after the first Linear, as in '1000 Layer Networks for Self-Supervised RL'",
     )
     fused_mlp: bool = option(
         False,
@@ -144,18 +153,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_finite(self)
-        self.loss_config()  # names any bad loss option
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.actor_random_goals not in ACTOR_RANDOM_GOALS:
-            raise ValueError(
-                f"actor_random_goals must be one of {ACTOR_RANDOM_GOALS}, got "
-                f"{self.actor_random_goals!r}"
-            )
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        check_choices(self)
+        self.loss_config()  # names any other bad loss option
         if self.residual and (self.depth < 4 or self.depth % 4):
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
@@ -226,8 +225,15 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.agent, AgentConfig):
+            raise TypeError(
+                f"agent must be an AgentConfig, got {type(self.agent).__name__} "
+                "(TrainConfig.from_dict takes a dict)"
+            )
         check_types(self)
+        check_choices(self)
         check_finite(self)
+        check_goal_mix(self.random_goal_fraction, self.current_goal_fraction)
         positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity", "graph_updates")
         for name in (*positive, "eval_every", "eval_episodes", "log_every"):
             if getattr(self, name) < 1:
@@ -249,8 +255,9 @@ class TrainConfig:
             ) from error
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive (or None), got {self.threads}")
+        for name in ("threads", "max_episode_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive (or None), got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.learning_starts < 0:
             raise ValueError("checkpoint_every and learning_starts must be >= 0")
         rows = 1 + bool(self.agent.actor_random_goals)  # another row's goal needs 2

@@ -23,6 +23,8 @@ CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accur
 
 class MetricsLogger:
     """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/metrics.jsonl`` (and TensorBoard).
+    Without ``resume_step`` it refuses a non-empty ``metrics.jsonl``: those rows are another
+    run's, not its to drop.
 
     With ``resume_step`` set, the rows a run killed after its last checkpoint logged are
     dropped, so a resumed run's metrics hold each row once: the first ``resume_rows`` rows (the
@@ -42,6 +44,11 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self.csv_path = self.run_dir / "metrics.csv"
+        if resume_step is None and self.jsonl_path.exists() and self.jsonl_path.stat().st_size:
+            raise ValueError(
+                f"{self.jsonl_path} holds another run's metrics: give resume_step to continue "
+                "that run, or log to another directory"
+            )
         self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
         self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)][:resume_rows]
         write_atomically(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rows))

@@ -1,10 +1,10 @@
 """Networks for contrastive RL: MLPs (plain or residual), two encoders and a tanh-Gaussian actor.
 
 Residual MLPs follow "1000 Layer Networks for Self-Supervised RL" (Wang et al., 2025): an input
-layer, then blocks of 4 x [Linear, LayerNorm, swish] with a skip connection around each block, then
-an output layer, so the depth can reach hundreds of layers. Weights use LeCun-uniform
-initialisation (variance 1 / fan_in, bound sqrt(3 / fan_in); JaxGCRL's variance_scaling(1/3,
-"fan_in", "uniform") has bound sqrt(1 / fan_in)) and biases start at zero.
+layer, then blocks of 4 x [Linear, LayerNorm, activation (swish there)] with a skip connection
+around each block, then an output layer, so the depth can reach hundreds of layers. Weights use
+LeCun-uniform initialisation (variance 1 / fan_in, bound sqrt(3 / fan_in); JaxGCRL's
+variance_scaling(1/3, "fan_in", "uniform") has bound sqrt(1 / fan_in)) and biases start at zero.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from crl_fast.checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from crl_fast.checks import resolve_device
+from crl_fast.checks import on_device, resolve_device
 from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import GoalVectorEnv, make_env
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
@@ -105,6 +105,13 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
         raise
 
 
+def seconds(fn: Callable[[], None]) -> float:
+    """How long ``fn()`` took."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of ``every`` lies in ``(before, after]``."""
     return every > 0 and after // every > before // every
@@ -123,8 +130,8 @@ def make_run_env(
             max_episode_steps=config.max_episode_steps,
             **config.env_kwargs,
         )
-    except TypeError as error:  # an env_kwargs key the env does not take
-        if not config.env_kwargs:
+    except TypeError as error:  # an env_kwargs key the env does not take; else a bug: raise
+        if not config.env_kwargs or "keyword argument" not in str(error):
             raise
         raise ValueError(f"cannot make {config.env} with env_kwargs: {error}") from error
 
@@ -261,7 +268,7 @@ def iterations(config: TrainConfig) -> int:
     return -(-config.total_env_steps // config.num_envs)
 
 
-def update_credit(config: TrainConfig) -> float:
+def run_update_credit(config: TrainConfig) -> float:
     """The update credit a whole run earns: ``num_envs * updates_per_env_step`` in each loop
     iteration that ends at or after ``learning_starts`` (an update costs 1; a CUDA graph's
     warm-up updates run at the first credit)."""
@@ -269,7 +276,7 @@ def update_credit(config: TrainConfig) -> float:
     return max(0, iterations(config) - first + 1) * config.num_envs * config.updates_per_env_step
 
 
-def logged_next(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
+def reports_metrics(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
     """Whether the update about to run is the last before the next training-metrics log or
     checkpoint (at the end of the first loop iteration that crosses a multiple of ``log_every``
     or ``checkpoint_every``), so that its metrics are the ones logged or saved (a resumed run
@@ -300,12 +307,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cores = os.cpu_count() or 1
         if config.threads > cores:
             raise ValueError(f"--threads must be at most this CPU's {cores}, got {config.threads}")
-        torch.set_num_threads(config.threads)
-    if config.tf32 and device.type == "cuda":
-        # Networks and the loss kernels read this setting; "highest" keeps float32 FMA.
-        torch.set_float32_matmul_precision("high")
-    with claimed_run_dir(config) as run_dir:
+    with torch_settings(config, device), claimed_run_dir(config) as run_dir:
         return _train_in(run_dir, config, device, speed)
+
+
+@contextlib.contextmanager
+def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
+    """The run's process-wide torch settings, restored afterwards (a notebook or a sweep runs
+    more than one): ``threads``; TF32 matmuls on CUDA as ``tf32`` says (the networks and the loss
+    kernels read it; "highest" keeps float32 FMA); ``device`` as the current CUDA device."""
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+        with on_device(device):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
 
 
 def _train_in(
@@ -364,7 +385,7 @@ def _train_in(
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"run directory: {run_dir}")
-    credit = update_credit(config)
+    credit = run_update_credit(config)
     if config.updates_per_env_step and (credit == 0 or (credit < 1 and not speed["cuda_graph"])):
         print(
             f"no updates: the run earns {credit:.3g} updates' credit after --learning-starts "
@@ -455,14 +476,14 @@ def _train_in(
                 loop.update_credit -= warmup
             while loop.update_credit >= per_call:
                 # The critic's accuracies cost a pass over the logits: only for logged updates.
-                metrics = train_step(logged_next(loop, config, before, per_call))
+                metrics = train_step(reports_metrics(loop, config, before, per_call))
                 loop.updates += per_call
                 loop.update_credit -= per_call
 
-        # Evaluate, log, checkpoint.
+        # Evaluate, log, checkpoint (the logged rates leave their time out).
         loop.elapsed_s = time.perf_counter() - start
         if crossed(before, loop.env_steps, config.eval_every):
-            evaluate_now()
+            log_time += seconds(evaluate_now)
         if crossed(before, loop.env_steps, config.log_every) and metrics:
             dt = time.perf_counter() - log_time
             charts = {
@@ -475,7 +496,7 @@ def _train_in(
             logger.log(loop.env_steps, dict(zip(metrics, values, strict=True)) | charts)
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
-            checkpoint_now()
+            log_time += seconds(checkpoint_now)
         status = [f"eval success {loop.last_eval['eval/success']:.2f}"] if loop.last_eval else []
         if loop.env_steps < config.learning_starts:  # why the first steps run faster
             status.append(f"random actions until {config.learning_starts:,}")

@@ -480,6 +480,53 @@ def test_cli_reports_os_errors_as_messages(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("crl-fast train: error: [Errno 30]")
 
 
+def test_cli_shows_the_traceback_of_a_bug_outside_crl_fast(tmp_path, monkeypatch, capsys):
+    """crl-fast's own checks are one-line messages; an error in code it calls (an env factory
+    with a bug) keeps its traceback, rather than looking like a bad setting."""
+
+    def buggy_factory(num_envs, **kwargs):
+        return num_envs + "envs"
+
+    from crl_fast.envs import register_env
+
+    register_env("buggy_factory", buggy_factory, replace=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["train", "--env", "buggy_factory", "--env-kwargs", '{"x": 1}'])
+    assert capsys.readouterr().err == ""
+
+
+def test_logged_rates_leave_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
+    """A slow evaluation (at 512) and a slow checkpoint (at 256, after that step's log) would
+    each stretch the interval they fall in past the pause, and lower its env steps/s."""
+    pause, calls = 1.5, {"evaluate": 0, "save": 0}
+
+    def slow(name, fn, at_call):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            if calls[name] == at_call:
+                time.sleep(pause)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(train_module, "evaluate", slow("evaluate", train_module.evaluate, 2))
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", slow("save", train_module.save_checkpoint, 1)
+    )
+    train(tiny_config(tmp_path, checkpoint_every=256))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "charts/sps" in r]
+    assert [r["step"] for r in rows] == [256, 512, 768, 1024]
+    assert all(256 / r["charts/sps"] < pause for r in rows)
+
+
+def test_train_restores_the_torch_settings_it_changes(tmp_path):
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    train(tiny_config(tmp_path, threads=1 if threads > 1 else min(2, os.cpu_count() or 1)))
+    assert torch.get_num_threads() == threads
+    assert torch.get_float32_matmul_precision() == precision
+
+
 def test_resume_reads_auto_as_the_device_it_chose_and_keeps_steps_done(tmp_path):
     config = tiny_config(tmp_path, device="auto", total_env_steps=64, learning_starts=0)
     if resolve_device("auto").type != "cpu":
@@ -554,6 +601,16 @@ def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 20]
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert header == "step,critic/loss,eval/success"
+
+
+def test_a_new_logger_keeps_the_metrics_it_finds(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(10, {"critic/loss": 1.0})
+    logger.close()
+    old = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="another run's metrics"):
+        MetricsLogger(tmp_path, tensorboard=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == old
 
 
 def test_logger_crash_while_rewriting_keeps_the_old_metrics(tmp_path, monkeypatch):
@@ -875,3 +932,21 @@ def test_default_run_on_cuda_compiles_and_replays_graphs(tmp_path, capsys):
     result = train(tiny_config(tmp_path, device="cuda", total_env_steps=512))
     assert "update: torch.compile on, CUDA graph on" in capsys.readouterr().out
     assert 0.0 <= result["eval/success"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_run_on_the_second_gpu_runs_there(tmp_path):
+    """Triton launches, and CUDA graphs capture, on the current device: a run on cuda:1 makes it
+    current for the run (with CUDA graphs and compile on, the defaults) and cuda:0 again after."""
+    torch.cuda.set_device(0)
+    result = train(tiny_config(tmp_path, device="cuda:1", total_env_steps=512))
+    assert torch.cuda.current_device() == 0
+    agent, _ = load_agent(tmp_path / "run" / "checkpoint.pt", "cuda:1")
+    assert agent.log_alpha.device == torch.device("cuda", 1)
+    assert 0.0 <= result["eval/success"] <= 1.0
+
+
+def test_devices_this_machine_lacks_are_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_device(f"cuda:{max(torch.cuda.device_count(), 1)}")

@@ -23,7 +23,13 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from crl_fast.checks import check_bool, positive_int, positive_real, resolve_device
+from crl_fast.checks import (
+    check_bool,
+    generator_state,
+    positive_int,
+    positive_real,
+    resolve_device,
+)
 
 GoalObs = dict[str, torch.Tensor]
 """A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
@@ -282,7 +288,7 @@ class TorchGoalVectorEnv(VectorEnv):
         self, achieved_goal: torch.Tensor, desired_goal: torch.Tensor, info: Any = None
     ) -> torch.Tensor:
         """Sparse float32 reward, batched over leading dims: 0 within ``success_distance`` else -1
-        (the sparse convention of gymnasium-robotics' Fetch tasks; PointMaze uses 1/0)."""
+        (the sparse convention of gymnasium-robotics' Fetch tasks; its PointMaze uses 1/0)."""
         shapes = tuple(achieved_goal.shape), tuple(desired_goal.shape)
         if shapes[0] != shapes[1] or shapes[0][-1:] != (self.goal_dim,):
             raise ValueError(
@@ -310,13 +316,7 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, "
                     f"expected {tuple(current.shape)}"
                 )
-        generator = state["generator"].cpu()
-        try:  # checked on a probe first: nothing changes unless all of the state fits
-            torch.Generator(device=self.device).set_state(generator)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"state_dict['generator'] is not a state of a {self.device.type} generator: {error}"
-            ) from error
+        generator = generator_state(state["generator"], self.device, "state_dict['generator']")
         for key in self._state_keys:
             current = getattr(self, key)
             setattr(self, key, state[key].to(device=self.device, dtype=current.dtype).clone())

@@ -70,7 +70,7 @@ class ReacherEnv(TorchGoalVectorEnv):
             render_mode=render_mode,
             render_fps=1 / dt,
         )
-        reach = sum(link_lengths) * 1.1
+        reach = sum(self.link_lengths) * 1.1
         self._canvas = Canvas((-reach, -reach), (reach, reach), PIXELS / (2 * reach), self.device)
 
     def fingertip(self, angle: torch.Tensor) -> torch.Tensor:
