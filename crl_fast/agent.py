@@ -79,7 +79,7 @@ class CRL:
         obs_dim, action_dim, goal_dim = (positive_int(k, v) for k, v in dims.items())
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
-        self.dims = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}
+        self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net = dict(
@@ -149,8 +149,8 @@ class CRL:
         for name, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            if t.ndim != 2 or t.shape[1] != self.dims[name]:
-                raise ValueError(f"{name} must be (B, {self.dims[name]}), got {tuple(t.shape)}")
+            if t.ndim != 2 or t.shape[1] != self._widths[name]:
+                raise ValueError(f"{name} must be (B, {self._widths[name]}), got {tuple(t.shape)}")
             if t.dtype != torch.float32:
                 raise TypeError(f"{name} must be float32 (the networks' dtype), got {t.dtype}")
             if t.device != self.device:
