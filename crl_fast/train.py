@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,11 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-try:
-    import fcntl
-except ImportError:  # Windows: run directories are not locked
-    fcntl = None
 
 from crl_fast import fused_mlp
 from crl_fast.agent import CRL, GraphedUpdates
@@ -42,10 +36,11 @@ from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import GoalVectorEnv, make_env
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
+from crl_fast.run_dir import LOCK_NAME, claimed_run_dir
+from crl_fast.schedule import crossed, iterations, reports_metrics, run_update_credit
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
-LOCK_NAME = ".lock"  # held by the run writing in the directory
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
 
 
@@ -61,60 +56,11 @@ class LoopState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def new_run_dir(config: TrainConfig) -> Path:
-    """Create ``runs/<env>__<seed>__<time>``, with a suffix when another run took that name
-    (``mkdir`` fails on a taken one, so runs started in the same second get different names)."""
-    env = config.env.replace(":", "_").replace("/", "_")
-    base = Path("runs") / f"{env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, n = base, 1
-    while True:
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
-
-
-@contextlib.contextmanager
-def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
-    """The run's directory (``--run-dir``, else a new default one), created if needed and locked
-    for the run: a second run given it meanwhile gets a ValueError instead of writing into the
-    same files. A directory created here is removed again if the run fails before writing in it."""
-    if config.run_dir:
-        run_dir = Path(config.run_dir)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir, created = new_run_dir(config), True
-    try:
-        with open(run_dir / LOCK_NAME, "a") as lock:
-            if fcntl is not None:  # advisory, released when the process ends however it ends
-                try:
-                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as error:
-                    raise ValueError(f"another run is using {run_dir} now") from error
-                except OSError as error:  # a file system without locks (some network ones)
-                    print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
-            yield run_dir
-    except BaseException:
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(run_dir)
-        raise
-
-
 def seconds(fn: Callable[[], None]) -> float:
     """How long ``fn()`` took."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def crossed(before: int, after: int, every: int) -> bool:
-    """Whether a multiple of ``every`` lies in ``(before, after]``."""
-    return every > 0 and after // every > before // every
 
 
 def make_run_env(
@@ -261,42 +207,6 @@ def make_train_step(
         return agent.update(buffer.sample(config.batch_size), critic_metrics=critic_metrics)
 
     return step, 1, 0
-
-
-def iterations(config: TrainConfig) -> int:
-    """Loop iterations of a whole run: each steps every env once, until ``total_env_steps``."""
-    return -(-config.total_env_steps // config.num_envs)
-
-
-def run_update_credit(config: TrainConfig) -> float:
-    """The update credit a whole run earns: ``num_envs * updates_per_env_step`` in each loop
-    iteration that ends at or after ``learning_starts`` (an update costs 1; a CUDA graph's
-    warm-up updates run at the first credit)."""
-    first = max(1, -(-config.learning_starts // config.num_envs))  # first iteration that earns
-    return max(0, iterations(config) - first + 1) * config.num_envs * config.updates_per_env_step
-
-
-def reports_metrics(loop: LoopState, config: TrainConfig, before: int, per_call: int) -> bool:
-    """Whether the update about to run is the last before the next training-metrics log or
-    checkpoint (at the end of the first loop iteration that crosses a multiple of ``log_every``
-    or ``checkpoint_every``), so that its metrics are the ones logged or saved (a resumed run
-    logs the saved ones until it updates): no other update follows in this iteration (which
-    began at env step ``before``), and the credit the iterations up to then earn stays short
-    of another. The credit is added as the loop adds it, so the answer is exact."""
-    credit = loop.update_credit - per_call  # after this update
-    if credit >= per_call:
-        return False
-    start, end = before, loop.env_steps
-    while not (
-        crossed(start, end, config.log_every) or crossed(start, end, config.checkpoint_every)
-    ):
-        if end >= config.total_env_steps:
-            return True  # training ends first
-        start, end = end, end + config.num_envs
-        credit += config.num_envs * config.updates_per_env_step
-        if credit >= per_call:
-            return False
-    return True
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -476,7 +386,10 @@ def _train_in(
                 loop.update_credit -= warmup
             while loop.update_credit >= per_call:
                 # The critic's accuracies cost a pass over the logits: only for logged updates.
-                metrics = train_step(reports_metrics(loop, config, before, per_call))
+                logged = reports_metrics(
+                    loop.update_credit, loop.env_steps, config, before, per_call
+                )
+                metrics = train_step(logged)
                 loop.updates += per_call
                 loop.update_credit -= per_call
 

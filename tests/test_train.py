@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
 from crl_fast.checkpoint import load_checkpoint, save_checkpoint
 from crl_fast.checks import resolve_device
@@ -20,15 +21,8 @@ from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
-from crl_fast.train import (
-    LOCK_NAME,
-    claimed_run_dir,
-    eval_seed,
-    evaluate,
-    load_agent,
-    new_run_dir,
-    train,
-)
+from crl_fast.run_dir import LOCK_NAME, claimed_run_dir, new_run_dir
+from crl_fast.train import eval_seed, evaluate, load_agent, train
 
 
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
@@ -455,7 +449,7 @@ def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys)
     def no_locks(fd, operation):
         raise OSError(37, "No locks available")
 
-    monkeypatch.setattr(train_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(run_dir_module.fcntl, "flock", no_locks)
     train(tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2))
     assert "a second run there is not refused" in capsys.readouterr().out
 

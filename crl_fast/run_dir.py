@@ -1,0 +1,62 @@
+"""Run directories: a new one per run, locked while a run writes in it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
+
+from crl_fast.config import TrainConfig
+
+LOCK_NAME = ".lock"  # held by the run writing in the directory
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """Create ``runs/<env>__<seed>__<time>``, with a suffix when another run took that name
+    (``mkdir`` fails on a taken one, so runs started in the same second get different names)."""
+    env = config.env.replace(":", "_").replace("/", "_")
+    base = Path("runs") / f"{env}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+
+
+@contextlib.contextmanager
+def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
+    """The run's directory (``--run-dir``, else a new default one), created if needed and locked
+    for the run: a second run given it meanwhile gets a ValueError instead of writing into the
+    same files. A directory created here is removed again if the run fails before writing in it."""
+    if config.run_dir:
+        run_dir = Path(config.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir, created = new_run_dir(config), True
+    try:
+        with open(run_dir / LOCK_NAME, "a") as lock:
+            if fcntl is not None:  # advisory, released when the process ends however it ends
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as error:
+                    raise ValueError(f"another run is using {run_dir} now") from error
+                except OSError as error:  # a file system without locks (some network ones)
+                    print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
+            yield run_dir
+    except BaseException:
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(run_dir)
+        raise
