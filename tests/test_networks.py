@@ -16,12 +16,16 @@ def linears(module: nn.Module) -> list[nn.Linear]:
 
 @pytest.mark.parametrize("depth", [1, 2, 5])
 def test_plain_mlp_has_depth_hidden_layers_and_lecun_init(depth):
+    torch.manual_seed(0)
     net = MLP(7, 3, width=32, depth=depth)
     layers = linears(net)
     assert len(layers) == depth + 1
     assert net(torch.randn(5, 7)).shape == (5, 3)
-    for layer in layers:
-        assert layer.weight.abs().max() <= math.sqrt(3.0 / layer.in_features)
+    for layer in layers:  # U(-b, b), b = sqrt(3 / fan_in): variance 1 / fan_in (not JaxGCRL's 1/3)
+        bound = math.sqrt(3.0 / layer.in_features)
+        assert 0.9 * bound < layer.weight.abs().max() <= bound  # >= 96 weights a layer
+        std = layer.weight.detach().std().item()
+        assert std == pytest.approx(math.sqrt(1.0 / layer.in_features), rel=0.2)
         assert torch.all(layer.bias == 0)
 
 

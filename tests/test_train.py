@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -521,6 +522,22 @@ def test_train_restores_the_torch_settings_it_changes(tmp_path):
     assert torch.get_float32_matmul_precision() == precision
 
 
+@pytest.mark.gpu
+def test_train_sets_and_restores_tf32_on_cuda(tmp_path, monkeypatch):
+    """tf32=False means float32 matmuls on CUDA ("highest"), whatever the process had set; the
+    process's setting comes back afterwards."""
+    real = torch.set_float32_matmul_precision
+    seen = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: seen.append(p) or real(p))
+    real("medium")
+    try:
+        train(tiny_config(tmp_path, device="cuda", tf32=False, total_env_steps=256))
+        assert (seen[0], seen[-1]) == ("highest", "medium")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        real("highest")
+
+
 def test_resume_reads_auto_as_the_device_it_chose_and_keeps_steps_done(tmp_path):
     config = tiny_config(tmp_path, device="auto", total_env_steps=64, learning_starts=0)
     if resolve_device("auto").type != "cpu":
@@ -775,33 +792,35 @@ def test_env_kwargs_reach_the_env(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "reason"),
     [
-        ["train", "--env-kwargs", "[1, 2]"],
-        ["train", "--resume"],
-        ["train", "--gamma", "1.5"],
-        ["train", "--residual", "--depth", "6"],
-        ["train", "--loss", "flatnce", "--batch-size", "1"],
-        ["train", "--alpha", "0"],
-        ["train", "--actor-random-goals", "0.3"],
-        ["train", "--actor-random-goals", "1", "--batch-size", "1"],
-        ["train", "--threads", "100000"],
-        ["train", "--device", "meta"],
-        ["train", "--env", "gymnasium:Nope-v0"],
-        ["train", "--env-kwargs", '{"terminate_on_success": "false"}'],
-        ["train", "--updates-per-env-step", "nan"],
-        ["train", "--alpha", "nan", "--no-autotune-alpha"],
-        ["train", "--buffer-capacity", "4", "--num-envs", "8"],
-        ["train", "--env-kwargs", '{"dt": -1}'],
-        ["train", "--env-kwargs", '{"success_distance": 0}'],
+        (["train", "--env-kwargs", "[1, 2]"], "invalid JSON object value"),
+        (["train", "--resume"], "--resume needs --run-dir"),
+        (["train", "--gamma", "1.5"], r"gamma must lie in \(0, 1\)"),
+        (["train", "--residual", "--depth", "6"], "positive multiple of 4"),
+        (["train", "--loss", "flatnce", "--batch-size", "1"], "batch_size must be >= 2"),
+        (["train", "--alpha", "0"], "alpha must be positive"),
+        (["train", "--actor-random-goals", "0.3"], "invalid choice: 0.3"),
+        (["train", "--actor-random-goals", "1", "--batch-size", "1"], "batch_size must be >= 2"),
+        (["train", "--threads", "100000"], "--threads must be at most"),
+        (["train", "--device", "meta"], "runs on CPU and CUDA devices"),
+        (["train", "--env", "gymnasium:Nope-v0"], "cannot make the Gymnasium env 'Nope-v0'"),
+        (["train", "--env-kwargs", '{"terminate_on_success": "false"}'], "must be True or False"),
+        (["train", "--updates-per-env-step", "nan"], "updates_per_env_step must be a finite"),
+        (["train", "--alpha", "nan", "--no-autotune-alpha"], "alpha must be a finite number"),
+        (["train", "--buffer-capacity", "4", "--num-envs", "8"], "buffer_capacity must hold"),
+        (["train", "--env-kwargs", '{"dt": -1}'], "dt must be a positive number"),
+        (["train", "--env-kwargs", '{"success_distance": 0}'], "success_distance must be a"),
+        (["train", "--goal-mode", "future"], "invalid choice: 'future'"),
+        (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "--episodes: must be a positive"),
     ],
 )
-def test_cli_rejects_bad_configs_with_a_message(argv, capsys, tmp_path, monkeypatch):
+def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert "error" in capsys.readouterr().err
+    assert re.search(f"error: .*{reason}", capsys.readouterr().err)
     assert not list(tmp_path.glob("runs/*"))  # a run that failed to start leaves no folder
 
 
