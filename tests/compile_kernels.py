@@ -357,6 +357,12 @@ def main() -> int:
     _record_loss_launches(recorders, args.autotune, args.quick)
     _record_buffer_launches(recorders)
     _record_mlp_launches(recorders, args.quick)
+    unseen = [
+        r.kernel.__name__ for r in recorders if not any(v.kernel is r.kernel for v in seen.values())
+    ]
+    if unseen:  # a launcher that bypasses the recorders would drop its kernel from the check
+        print(f"FAIL no launch recorded for {', '.join(unseen)}")
+        return 1
     overrides = dict(item.split("=", 1) for item in args.set)
     for v in seen.values():
         if re.search(args.only, v.label()):

@@ -125,8 +125,9 @@ def test_critic_loss_options_reach_the_loss(monkeypatch):
         return contrastive_loss(*args, **kwargs)
 
     monkeypatch.setattr(crl_fast.agent, "contrastive_loss", spy)
-    small_agent(loss="infonce", exclude_positive_from_lse=True).update(toy_batch())
-    assert seen["loss"] == "infonce" and seen["exclude_positive_from_lse"] is True
+    options = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
+    small_agent(**options, exclude_positive_from_lse=True).update(toy_batch())
+    assert {k: seen[k] for k in options} == options and seen["exclude_positive_from_lse"] is True
 
 
 @pytest.mark.parametrize(

@@ -342,6 +342,7 @@ def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
         Progress, "update", lambda self, steps, updates, info="": seen.append((steps, info))
     )
     train(tiny_config(tmp_path, progress=True))
+    assert {steps < 256 for steps, _ in seen} == {True, False}  # both phases reported
     assert all(
         ("random actions until 256" in info) == (steps < 256) and "eval success" in info
         for steps, info in seen
