@@ -1094,3 +1094,37 @@ def test_cuda_inductor_compile(loss):
     truth.backward()
     assert max_error(value.detach(), truth.detach()) < 1e-3
     assert max_error(phi.grad, t_phi.grad) < 1e-2 * t_phi.grad.abs().max().item()
+
+
+_STATS_FLAGS = {  # energy, row_lse, col_lse, mask_diag, softplus, pair, metrics, online, online_w
+    "infonce": (2, True, False, False, False, 0, True, False, False),
+    "columns+dpo": (0, False, True, True, True, 1, False, False, False),
+    "both+ipo": (1, True, True, False, False, 2, True, False, False),
+    "online": (2, True, False, False, False, 0, False, True, True),
+}
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("flags", list(_STATS_FLAGS))
+def test_loss_custom_ops_pass_opcheck(flags, use_triton):
+    """torch.library.opcheck on the loss's custom ops: schemas, autograd registration, and fake
+    kernels whose shapes and dtypes match the real outputs (what torch.compile traces with)."""
+    from crl_fast.loss_with_grads import _loss_with_grads_op
+    from crl_fast.pair_stats import PairStats, _pair_stats_backward_op, _pair_stats_op
+
+    energy, *options = _STATS_FLAGS[flags]
+    if options[-2] and not use_triton:
+        pytest.skip("the online sums are a Triton-path optimisation")
+    phi, psi = _inputs(12, 16, 8, seed=21)
+    scale, bias = torch.tensor(1.3), torch.tensor(-0.2)
+    leaves = [t.clone().requires_grad_() for t in (phi, psi, scale, bias)]
+    torch.library.opcheck(_pair_stats_op, (*leaves, energy, *options, use_triton))
+    pair = _STATS_FLAGS[flags][5]
+    if pair == 0 or use_triton:  # DPO / IPO take their gradients in forward on Triton only
+        torch.library.opcheck(_loss_with_grads_op, (*leaves, energy, pair, True, True, use_triton))
+    stats = PairStats(*_pair_stats_op(phi, psi, scale, bias, energy, True, True, *options[2:-2],
+                                      False, False, use_triton))  # fmt: skip
+    empty, g_row, g_col = torch.empty(0), torch.rand(12), torch.rand(16)
+    args = (phi, psi, stats.x_sq, stats.y_sq, scale, bias, stats.pos, stats.row_lse, stats.col_lse)
+    args += (g_row, g_col, empty, empty, torch.zeros(12), energy, options[2], 0, True, True)
+    torch.library.opcheck(_pair_stats_backward_op, (*args, use_triton))
