@@ -25,10 +25,12 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    count,
     graphed,
     measure,
     positive_int,
     print_table,
+    results_name,
     write_results,
 )
 from crl_fast import contrastive_loss, reference_contrastive_loss
@@ -141,13 +143,20 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all the device has")
     parser.add_argument(
         "--combos",
-        type=positive_int,
+        type=count,
         help=f"first N of the {len(COMBOS)} loss combos, at B = 16384 (CPU: 1024; with --sizes, "
         "the largest)",
+    )
+    parser.add_argument(
+        "--name",
+        type=results_name,
+        help="results file bench/results/<name>-<device>.json (default: loss, plus the "
+        "experimental switches on; give one to a partial run, or it replaces the full table)",
     )
     args = parser.parse_args()
     if args.autotune:
         os.environ["CRL_FAST_AUTOTUNE"] = "1"
+    args.autotune = os.environ.get("CRL_FAST_AUTOTUNE") == "1"  # the switch, however set
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.fp32_precision)
     cuda = device.type == "cuda"
@@ -162,7 +171,7 @@ def main() -> None:
         parser.error("--impls crl_fast-graph replays a CUDA graph: it needs a CUDA device")
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = "" if cuda else " [CPU figures, not GPU]"
-    # The experimental kernel paths (see kernels/pair_stats.py) each write a file of their own.
+    # The experimental kernel paths (kernels/pair_stats_tiling.py) each write a file of their own.
     variants = {
         "autotuned": args.autotune,
         "tma": os.environ.get("CRL_FAST_TMA") == "1",
@@ -173,7 +182,7 @@ def main() -> None:
     extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
     extra |= {"tma": variants["tma"], "single_pass": variants["single-pass"]}
     extra["single_pass_rows"] = os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")
-    name = "-".join(["loss", *(k for k, on in variants.items() if on)])
+    name = args.name or "-".join(["loss", *(k for k, on in variants.items() if on)])
     rows: list[dict] = []
 
     def record(row: dict) -> None:
@@ -198,7 +207,7 @@ def main() -> None:
             for impl in impls:
                 record(run_one(impl, b, d, dtype, device))
         print_table(rows[first:], cols, title=f"binary + dot, forward + backward{label}")
-        if index == 0:
+        if index == 0 and combos:
             first = len(rows)
             for n, (loss, energy, penalty) in enumerate(combos):
                 # torch.compile costs ~20 s per graph: the two default critics only

@@ -133,7 +133,8 @@ def main() -> None:
                                 row |= cuda_kernels(fn, per="pass")
                     rows.append(row)
                     print(row, flush=True)
-    path = write_results("mlp", device, rows)
+    extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}  # high: TF32
+    path = write_results("mlp", device, rows, extra=extra)
     label = "GPU" if cuda else f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
     cols = ["impl", "path", "pass", "B", "precision", "rel_error", "us_per_pass", "status"]
     print_table(rows, [*cols, "kernels_per_pass"], title=f"MLP pass, {label} ({path.name})")

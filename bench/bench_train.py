@@ -43,9 +43,12 @@ TARGET_STEPS = 10_000_000
 
 
 def train_seconds(env_steps: int, mode: str, num_envs: int, device: str) -> float:
-    """Wall time of one ``train`` run of ``env_steps``, its console output swallowed."""
+    """Wall time of one ``train`` run of ``env_steps``, its console output swallowed; each run
+    compiles afresh, as a new process would (dynamo's recompile limit would otherwise send a
+    later run's compiled update back to eager)."""
     from crl_fast.train import train
 
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
             env="point_umaze", num_envs=num_envs, device=device, total_env_steps=env_steps,

@@ -39,6 +39,7 @@ from bench.harness import (
     measure,
     positive_int,
     print_table,
+    results_name,
     write_results,
 )
 from crl_fast.agent import CRL, GraphedUpdates
@@ -155,7 +156,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     parser.add_argument(
-        "--name", default="update", help="results file bench/results/<name>-<device>.json"
+        "--name",
+        type=results_name,
+        help="results file bench/results/<name>-<device>.json (default: update, or "
+        "update-autotuned with CRL_FAST_AUTOTUNE=1)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -167,12 +171,10 @@ def main() -> None:
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
     if not cuda and any("graph" in mode or "+stream" in mode for mode in modes):
         parser.error("the graph and +stream modes need a CUDA device")
-    if not args.name or set(args.name) & set("/\\") or args.name.startswith("."):
-        parser.error(f"--name is a file name under bench/results/, got {args.name!r}")
     # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
     # (before any graph capture); such a run writes a file of its own, with the winners.
     autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"
-    name = "update-autotuned" if autotuned else args.name
+    name = args.name or ("update-autotuned" if autotuned else "update")
     extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}
     rows = []
     for mode in modes:

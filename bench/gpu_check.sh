@@ -61,14 +61,18 @@ LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    [ -n "${CRL_FAST_GIT_SHA:-}" ] || echo "WARNING: CRL_FAST_GIT_SHA unset: results say unknown"
 } 2>&1 | tee -a "$LOG"
+FAILED=$(mktemp)  # the stages that failed or ran out of time (stages run in a pipe: a file)
 step() {
-    local name=$1 limit=$2
+    local name=$1 limit=$2 status
     shift 2
     echo "=== $name (limit ${limit}s)"
     SECONDS=0
-    timeout "$limit" "$@"
-    echo "=== $name: exit $?, ${SECONDS}s"
+    timeout -k 5 "$limit" "$@"
+    status=$?
+    echo "=== $name: exit $status, ${SECONDS}s"
+    [ "$status" -eq 0 ] || echo "$name (exit $status)" >>"$FAILED"
 }
 for stage in "${stages[@]}"; do
     case $stage in
@@ -100,7 +104,7 @@ for stage in "${stages[@]}"; do
                 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
                 --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
         fp16) step fp16 40 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
-            --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 ;;
+            --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 --name loss-fp16 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
         *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
@@ -108,3 +112,7 @@ for stage in "${stages[@]}"; do
     find bench/results -name '*.json' -newer "$START" -exec cp {} "$OUT/" \;
 done
 ls "$OUT"
+if [ -s "$FAILED" ]; then  # the exit status says so too, not only the log
+    echo "failed stages: $(paste -sd ';' "$FAILED")" | tee -a "$LOG"
+    exit 1
+fi

@@ -33,6 +33,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type of a count that may be 0 (e.g. no loss combos): an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def results_name(text: str) -> str:
+    """argparse type of ``--name``: a file name under bench/results/ (no folders)."""
+    if not text or set(text) & set("/\\") or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"must be a file name under bench/results/, got {text!r}")
+    return text
+
+
 def device(text: str) -> str:
     """argparse type of ``--device``: cpu or a CUDA device this machine has (else a one-line
     error, not a traceback from the first tensor made there)."""
@@ -93,7 +108,8 @@ def measure(
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    # inclusive: the deciles lie within what was measured (3 runs at the largest sizes)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     out = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
     if cuda:
         out["host_ms"] = statistics.median(host)

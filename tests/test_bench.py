@@ -23,6 +23,11 @@ from bench import (
 
 CASES = {
     "loss": (bench_loss, ["--sizes", "64", "--combos", "2"], {"impl", "median_ms", "status"}),
+    "loss-partial": (  # gpu_check's single-pass stages: no combo table, a file of its own
+        bench_loss,
+        ["--sizes", "64", "--combos", "0", "--name", "loss-partial"],
+        {"impl", "median_ms"},
+    ),
     "buffer": (
         bench_buffer,
         ["--capacity", "20", "--num-envs", "4", "--batch", "64", "--txt-envs", "2"],
@@ -77,7 +82,7 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     ("module", "argv"),
     [
         (bench_loss, ["--sizes", "-5"]),
-        (bench_loss, ["--combos", "0"]),
+        (bench_loss, ["--combos", "-1"]),
         (bench_loss, ["--impls", "crl_fast-graph"]),  # a CUDA graph on the CPU
         (bench_loss, ["--device", "tpu"]),
         (bench_mlp, ["--width", "0"]),
