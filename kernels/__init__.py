@@ -1,6 +1,14 @@
 """Triton kernels, packaged as ``crl_fast.kernels``. They know nothing of RL."""
 
 
+def check_unit_column_stride(**tensors: object) -> None:
+    """A ValueError naming the first tensor whose last dimension is strided: the launchers pass
+    the kernels a row stride only (the library's callers make their inputs contiguous first)."""
+    for name, t in tensors.items():
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs unit column stride, got strides {tuple(t.stride())}")
+
+
 def runs_on_cpu(kernel: object) -> bool:
     """Whether ``kernel`` takes CPU tensors: Triton's interpreter built it, which it does when
     TRITON_INTERPRET=1 is set as the kernel's module is imported (set later, it changes nothing)."""

@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from crl_fast.checks import on_device
-from crl_fast.kernels import runs_on_cpu
+from crl_fast.kernels import check_unit_column_stride, runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
@@ -191,6 +191,7 @@ def sample(
     bits for the offset and mixing uniforms. A draw goes to a random row if its mixing uniform
     is below ``th_rand``, to the current step if below ``th_cur``, else to the offset target.
     """
+    check_unit_column_stride(rows=rows)
     a_w, b_w, t_w = widths
     n_draws = bits.shape[0]
     out = torch.empty(n_draws * (a_w + b_w + t_w), device=rows.device, dtype=rows.dtype)

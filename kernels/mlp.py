@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from crl_fast.checks import on_device
-from crl_fast.kernels import dot, runs_on_cpu
+from crl_fast.kernels import check_unit_column_stride, dot, runs_on_cpu
 from crl_fast.kernels.dot import round_to_bfloat16
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
@@ -296,6 +296,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y in x1's dtype, z1, z2 in ``compute_dtype``; empty unless ``save``) for rows of [x1, x2]
     (2-D, unit column stride) and ``params`` = (W1, b1, W2, b2, W3, b3), contiguous."""
+    check_unit_column_stride(x1=x1, x2=x2)
     w1, b1, w2, b2, w3, b3 = params
     m, width, out = x1.shape[0], w2.shape[0], w3.shape[0]
     y = torch.empty(m, out, device=x1.device, dtype=x1.dtype)
@@ -327,6 +328,7 @@ def backward(
     """(dx1, dx2, dW1, db1, dW2, db2, dW3, db3) from dy (contiguous), the forward's inputs and its
     saved z1, z2: dx in the inputs' dtypes (empty unless ``need_dx``), the rest in the weights'
     (empty unless ``need_weights``)."""
+    check_unit_column_stride(dy=dy, x1=x1, x2=x2)
     w1, w2, w3 = weights
     m, width, out = dy.shape[0], w2.shape[0], w3.shape[0]
     cd = z1.dtype

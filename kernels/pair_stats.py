@@ -40,8 +40,9 @@ to the input dtype when stored. The tile H is rounded to the input dtype before 
 product, as flash attention does.
 
 Each program walks its column tiles in two phases: first the interior tiles, full and off the
-diagonal band, whose masks are constants the compiler folds away; then the checked ones (the
-band, the partial last tile, every tile when the program's rows run past NA). Statistics do not
+diagonal band, whose validity and diagonal masks are constants the compiler folds away (their
+loads keep their bounds checks); then the checked ones (the band, the partial last tile, every
+tile when the program's rows run past NA). Statistics do not
 depend on the order (argmax takes the first index among ties, as torch.argmax does).
 
 The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
@@ -68,7 +69,7 @@ from triton.language.extra import libdevice
 
 from crl_fast.checks import on_device
 from crl_fast.energy import NORM_EPS as _NORM_EPS
-from crl_fast.kernels import dot, runs_on_cpu
+from crl_fast.kernels import check_unit_column_stride, dot, runs_on_cpu
 from crl_fast.kernels import pair_stats_tiling as tiling
 from crl_fast.kernels.dot import round_to_bfloat16
 from crl_fast.kernels.grid import cdiv, next_power_of_2
@@ -664,6 +665,7 @@ def stats(
     for come back empty; U, V (``online``: needs ``lse`` and d <= ONLINE_MAX_D) and W (only with
     ``online_w`` too: it serves dscale alone) are float32 (n_a, d), (n_a,), (n_a,) and leave the
     diagonal out. Asked for nothing, it launches nothing."""
+    check_unit_column_stride(a=a, b=b)
     n_a, d = a.shape
     if online and not (lse and d <= ONLINE_MAX_D):
         raise ValueError(f"online sums need the row logsumexp and d <= {ONLINE_MAX_D}")
@@ -747,6 +749,7 @@ def grad(
     the same tiles also add ``sum_i H_ij a_i`` and ``sum_i H_ij`` to them with atomics, the
     column pass's sums, in an order that varies from run to run. Needs d in one tile.
     """
+    check_unit_column_stride(a=a, b=b)
     n_a, d = a.shape
     dscale_partials = x_is_a and scale_grad
     pair = pair if g_pair.numel() > 0 else 0
@@ -799,6 +802,7 @@ def paired_rows(
     f(x_i, y_i), its slope df/dP and the positive logit ``scale * f + bias``. With
     ``binary_weight`` (the sigmoid loss's weight per logit) also (G_ii, H_ii, softplus(-L_ii)),
     the loss's diagonal (see :func:`rows_kernel`)."""
+    check_unit_column_stride(x=x, y=y)
     n_x, d = x.shape
     n_y = y.shape[0]
     binary = binary_weight is not None

@@ -367,3 +367,15 @@ def test_agent_update_launches_no_weight_gradients_for_the_actors_critic(monkeyp
     agent = CRL(5, 2, 3, AgentConfig(width=32, repr_dim=16, fused_mlp=True))
     agent.update(GoalBatch(torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32, 3)))
     assert weight_kernel.launches == 3
+
+
+def test_kernel_launcher_refuses_strided_columns():
+    """The fused MLP's launcher passes a row stride only: column-strided inputs are refused (the
+    MLP module makes such inputs contiguous before it calls the kernels)."""
+    from crl_fast.kernels import mlp as kernels
+
+    net = _net((6,), 16, 4, "swish")
+    params = tuple(p.detach() for layer in net[::2] for p in (layer.weight, layer.bias))
+    x = torch.randn(6, 5).t()  # (5, 6), strides (1, 5)
+    with pytest.raises(ValueError, match="x1 needs unit column stride"):
+        kernels.forward(x, x[:, :0], params, 0, torch.float32, False)

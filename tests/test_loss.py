@@ -1128,3 +1128,19 @@ def test_loss_custom_ops_pass_opcheck(flags, use_triton):
     args = (phi, psi, stats.x_sq, stats.y_sq, scale, bias, stats.pos, stats.row_lse, stats.col_lse)
     args += (g_row, g_col, empty, empty, torch.zeros(12), energy, options[2], 0, True, True)
     torch.library.opcheck(_pair_stats_backward_op, (*args, use_triton))
+
+
+def test_kernel_launchers_refuse_strided_columns():
+    """The launchers pass the kernels a row stride only: a column-strided input (here a
+    transposed copy, whose values are right) is an error, not a wrong result."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    phi, psi = _inputs(8, 8, 16, seed=22)
+    strided = phi.t().contiguous().t()
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match=r"x needs unit column stride, got strides \(1, 8\)"):
+        kernels.paired_rows(strided, psi, one, zero, energy=0)
+    x_sq, y_sq, _, _, pos = kernels.paired_rows(phi, psi, one, zero, energy=0)
+    with pytest.raises(ValueError, match="a needs unit column stride"):
+        kernels.stats(strided, psi, x_sq, y_sq, one, zero, pos, energy=0, lse=True,
+                      mask_diag=False, softplus=False, pair=0, metrics=False)  # fmt: skip
