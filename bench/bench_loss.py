@@ -95,6 +95,10 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
     row = {"impl": impl, "B": b, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row |= {"loss": combo.get("loss", "binary"), "energy": combo.get("energy", "dot")}
     row["penalty"] = combo.get("penalty", 0.0)
+    if impl.startswith("crl_fast") and device.type == "cuda":  # what ran, not what was asked
+        from crl_fast.kernels import pair_stats_tiling
+
+        row["single_pass"] = pair_stats_tiling.single_pass(dtype, d)
     if not _fits(impl, b, device):
         return row | {"status": "skipped: B x B logits do not fit"}
     try:
