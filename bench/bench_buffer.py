@@ -16,6 +16,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    device_label,
     graphed,
     measure,
     positive_int,
@@ -136,7 +137,7 @@ def main() -> None:
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     rows = bench_rows(args.device, sizes)
     path = write_results("buffer", args.device, rows)
-    label = "CPU [CPU figures, not GPU]" if args.device == "cpu" else args.device
+    label = device_label(args.device)
     columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "host_us", "p80_us"]
     print_table(rows, [*columns, "samples_per_s"], title=f"buffer on {label} ({path.name})")
 

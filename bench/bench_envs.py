@@ -15,6 +15,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    device_label,
     graphed,
     measure,
     positive_int,
@@ -86,8 +87,7 @@ def main() -> None:
     if cuda:
         rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
     path = write_results("envs", args.device, rows)
-    label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
-    label = label if args.device == "cpu" else args.device
+    label = device_label(args.device)
     columns = ["env", "num_envs", "median_ms", "host_ms", "p80_ms", "env_steps_per_s", "status"]
     print_table(rows, columns, title=f"env steps/s on {label} ({path.name})")
 

@@ -27,6 +27,7 @@ import torch
 from bench.harness import (
     add_device_argument,
     cuda_kernels,
+    device_label,
     graphed,
     measure,
     positive_int,
@@ -135,7 +136,7 @@ def main() -> None:
                     print(row, flush=True)
     extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}  # high: TF32
     path = write_results("mlp", device, rows, extra=extra)
-    label = "GPU" if cuda else f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+    label = device_label(device)
     cols = ["impl", "path", "pass", "B", "precision", "rel_error", "us_per_pass", "status"]
     print_table(rows, [*cols, "kernels_per_pass"], title=f"MLP pass, {label} ({path.name})")
 

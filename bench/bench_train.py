@@ -28,7 +28,13 @@ import time
 
 import torch
 
-from bench.harness import add_device_argument, positive_int, print_table, write_results
+from bench.harness import (
+    add_device_argument,
+    device_label,
+    positive_int,
+    print_table,
+    write_results,
+)
 from crl_fast.config import TrainConfig
 
 MODES = {
@@ -121,7 +127,7 @@ def main() -> None:
         rows.append(bench(mode, budgets, num_envs, args.device, args.repeats))
         print(rows[-1], flush=True)
         path = write_results("train", args.device, rows)  # after each row: survives a timeout
-    label = "GPU" if cuda else f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+    label = device_label(args.device)
     columns = ["mode", "num_envs", "env_steps_per_s", "updates_per_s", "fixed_s", "projected_10M_s"]
     print_table(rows, [*columns, "target_s"], title=f"training, point_umaze, {label} ({path.name})")
 

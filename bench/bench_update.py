@@ -36,6 +36,7 @@ import torch
 from bench.harness import (
     add_device_argument,
     cuda_kernels,
+    device_label,
     measure,
     positive_int,
     print_table,
@@ -186,7 +187,7 @@ def main() -> None:
 
                 extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
             path = write_results(name, device, rows, extra=extra)  # each row: survives a timeout
-    label = f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]" if not cuda else "GPU"
+    label = device_label(device)
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
     columns += ["kernels_per_update", "kernel_us_per_update"]
     print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")

@@ -251,6 +251,15 @@ def save_results(name: str, env: dict[str, Any], rows: Sequence[dict]) -> Path:
     return path
 
 
+def device_label(device: torch.device | str) -> str:
+    """How a table's title names its device: a CUDA device by name, the CPU with its threads and
+    a warning that its figures are not GPU figures."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> None:
     """Print ``rows`` as an aligned text table of ``columns``."""
 
