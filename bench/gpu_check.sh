@@ -7,7 +7,9 @@
 # 256-row programs: half the atomics), jax, compile, tma, fp16, train, autotune, update-bf16,
 # update-autotune and update-maxtune. A stage's limit may cut its benchmark short on purpose:
 # every script writes its JSON after each row and runs the issues' targets first (the loss
-# stage's 90 s end in the d = 256 and float32 tables; `bench_loss` alone runs them all).
+# stage: crl-fast's bf16 d = 64 rows and every loss, then eager and torch.compile, whose graphs
+# take ~20 s each, then the d = 256 and float32 tables, where 90 s end; `bench_loss` alone runs
+# them all).
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
 # - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
 # - train runs three trainings per mode (2-4 minutes).
