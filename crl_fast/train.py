@@ -234,9 +234,11 @@ def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
             torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
         with on_device(device):
             yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_float32_matmul_precision(precision)
+    finally:  # only what the run set: the rest stays as the process has it
+        if config.threads:
+            torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision(precision)
 
 
 def _train_in(
