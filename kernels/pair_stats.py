@@ -701,7 +701,8 @@ def stats(
         return outs
 
     flags = (energy, lse, mask_diag, softplus, pair, metrics, online, online_w)
-    key = ("stats", a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d, *flags)
+    key = ("stats", a.device, a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d)
+    key += flags
     with on_device(a.device):  # the autotuner's trial launches too
         return launch(
             tiling.choose_config(key, n_a, d, a.dtype, launch, interpreted=TAKES_CPU_TENSORS)
@@ -784,7 +785,8 @@ def grad(
 
     flags = (energy, x_is_a, mask_diag, fwd, dscale_partials, pair, *terms.values())
     flags += (column_sums is not None,)
-    key = ("grad", a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d, *flags)
+    key = ("grad", a.device, a.dtype, precision, tiling.bucket(n_a), tiling.bucket(b.shape[0]), d)
+    key += flags
     with on_device(a.device):
         return launch(
             tiling.choose_config(
