@@ -76,6 +76,9 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
                 flat = [v for v in values for v in (v if isinstance(v, list) else [v])]
                 assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
     assert "CPU" in capsys.readouterr().out or module in PROBES
+    if module is bench_mlp:  # the fused rows ran the kernels (the interpreter's), not the layers
+        fused = [row for row in result["rows"] if row["impl"].startswith("fused")]
+        assert fused and all(row["path"] == "triton" for row in fused)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ def test_loss_value_grads_and_metrics_match_reference(combo, dtype: str, seed: i
     np.testing.assert_allclose(float(value), ref.item(), rtol=tol, atol=tol)
     for got, want in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=tol, atol=tol)
+    assert set(metrics) == set(ref_metrics)
     for name, want in ref_metrics.items():
         np.testing.assert_allclose(float(metrics[name]), want.item(), rtol=tol, atol=tol)
 

@@ -19,13 +19,14 @@ def test_wheel_layout_and_import(tmp_path):
     )
     (wheel,) = tmp_path.glob("crl_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "crl_fast/kernels/pair_stats.py" in names
-    assert "crl_fast/kernels/goal_sampling.py" in names
+    kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
+    assert {f"crl_fast/kernels/{name}" for name in kernels} <= set(names), kernels
     assert not any(name.startswith("kernels/") for name in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
-        "import crl_fast, crl_fast.kernels.pair_stats, crl_fast.kernels.goal_sampling; "
+        "import crl_fast, crl_fast.kernels.pair_stats, crl_fast.kernels.goal_sampling, "
+        "crl_fast.kernels.mlp; "
         "import crl_fast.envs, crl_fast.train, crl_fast.cli; print(crl_fast.__file__)"
     )
     out = subprocess.run(
