@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from torch._dynamo.utils import counters
 
 from crl_fast.checks import resolve_device
 from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
@@ -449,7 +450,9 @@ def test_compiled_step_matches_eager(name, device):
     to the compiler's rounding, in one graph (fullgraph: no break)."""
     eager = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
     compiled = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
+    torch._dynamo.reset()  # a graph cached by an earlier test would not be counted
     compiled.compile()
+    graphs = counters["stats"]["unique_graphs"]
     gen = torch.Generator(device=device).manual_seed(0)
     for _ in range(45):  # two autoresets
         action = torch.rand(64, eager.action_dim, generator=gen, device=device) * 2 - 1
@@ -459,6 +462,7 @@ def test_compiled_step_matches_eager(name, device):
         for k in (1, 2, 3):  # reward, terminated, truncated
             assert torch.equal(have[k], want[k])
         assert torch.equal(have[4]["_final_obs"], want[4]["_final_obs"])
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps went through the compiler
 
 
 # --------------------------------------------------------------------------- your own env
