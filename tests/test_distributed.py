@@ -16,6 +16,8 @@ CASES = {
     "binary": {"loss": "binary"},
     "infonce-penalty": {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1},
     "dpo": {"loss": "dpo", "energy": "cosine"},
+    "flatnce": {"loss": "flatnce", "energy": "l2"},
+    "ipo": {"loss": "ipo"},
 }
 
 
