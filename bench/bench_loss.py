@@ -31,6 +31,7 @@ from bench.harness import (
     positive_int,
     print_table,
     results_name,
+    tuned_configs,
     write_results,
 )
 from crl_fast import contrastive_loss, reference_contrastive_loss
@@ -194,9 +195,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         if args.autotune:
-            from crl_fast.kernels.pair_stats_tiling import _TUNED
-
-            extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
+            extra["tuned_configs"] = tuned_configs()
         write_results(name, device, rows, extra=extra)
         return row
 

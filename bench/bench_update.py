@@ -41,6 +41,7 @@ from bench.harness import (
     positive_int,
     print_table,
     results_name,
+    tuned_configs,
     write_results,
 )
 from crl_fast.agent import CRL, GraphedUpdates
@@ -183,9 +184,7 @@ def main() -> None:
             rows.append(bench(mode, batch_size, device, args.graph_steps))
             print(rows[-1], flush=True)
             if autotuned:
-                from crl_fast.kernels.pair_stats_tiling import _TUNED
-
-                extra["tuned_configs"] = {repr(k): v for k, v in _TUNED.items()}
+                extra["tuned_configs"] = tuned_configs()
             path = write_results(name, device, rows, extra=extra)  # each row: survives a timeout
     label = device_label(device)
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]

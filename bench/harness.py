@@ -251,6 +251,14 @@ def save_results(name: str, env: dict[str, Any], rows: Sequence[dict]) -> Path:
     return path
 
 
+def tuned_configs() -> dict[str, dict[str, int]]:
+    """The loss kernels' tiles autotuned so far (``CRL_FAST_AUTOTUNE=1``), keyed by the problem
+    they were tuned for: what a result file records of such a run."""
+    from crl_fast.kernels.pair_stats_tiling import _TUNED
+
+    return {repr(key): config for key, config in _TUNED.items()}
+
+
 def device_label(device: torch.device | str) -> str:
     """How a table's title names its device: a CUDA device by name, the CPU with its threads and
     a warning that its figures are not GPU figures."""
