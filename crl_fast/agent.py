@@ -171,17 +171,29 @@ class CRL:
         with self._autocast():
             return self.goal_encoder(goal)
 
-    def update(self, batch: GoalBatch, critic_metrics: bool = True) -> dict[str, torch.Tensor]:
+    def update(
+        self,
+        batch: GoalBatch,
+        critic_metrics: bool = True,
+        actor_batch: GoalBatch | None = None,
+    ) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
 
         Returns detached 0-d metric tensors; nothing is synchronised with the host. Without
         ``critic_metrics`` the critic's accuracies and mean logits are left out (the losses
         stay): they cost the loss kernels extra work, and the sigmoid loss a pass of its own.
-        The step is the same either way.
+        The step is the same either way. ``actor_batch`` (its observations and goals; any
+        number of rows) trains the actor instead of ``batch``: goals drawn another way than the
+        critic's, as OGBench's CRL draws them. It costs a second ``psi`` forward pass.
         """
         obs, action, goal = batch
         self._check_rows(observation=obs, action=action, goal=goal)
-        if self.config.actor_random_goals and obs.shape[0] < 2:
+        if actor_batch is None:
+            actor_obs, actor_goal = obs, goal
+        else:
+            actor_obs, actor_goal = actor_batch.observation, actor_batch.goal
+            self._check_rows(observation=actor_obs, goal=actor_goal)
+        if self.config.actor_random_goals and actor_obs.shape[0] < 2:
             raise ValueError("actor_random_goals takes other rows' goals: batches need >= 2 rows")
         # psi(g) once: the critic trains through it, the actor reads it. The actor and alpha
         # steps read the critic as it stands before this update (as JaxGCRL does) and write
@@ -190,7 +202,12 @@ class CRL:
         psi = self._encode_goals(goal)
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         with self._on_side_stream(main):
-            actor = self._actor_step(obs, goal, psi.detach())
+            if actor_batch is None:
+                actor_psi = psi.detach()
+            else:
+                with torch.no_grad():
+                    actor_psi = self._encode_goals(actor_goal)
+            actor = self._actor_step(actor_obs, actor_goal, actor_psi)
         critic = self._critic_backward(obs, action, psi, critic_metrics)
         if main is not None:
             main.wait_stream(self._side)
@@ -303,16 +320,22 @@ class GraphedUpdates:
     """``steps`` x (sample a batch, :meth:`CRL.update`) captured in one CUDA graph, then replayed.
 
     ``sample`` must be capturable: e.g. ``lambda: buffer.sample(B, generator=cuda_default)`` (the
-    buffer reads its size from the device, so the graph keeps up as the buffer grows). Capture
-    needs ``warmup`` ordinary updates first (they initialise the optimiser state and cuBLAS, and
-    compile both kinds of update of a compiled agent); they are real updates, counted in
-    ``warmup_updates``. Only the last update of each replay computes the critic's metrics, the
-    ones it returns. Build this after loading a checkpoint: the graph holds the addresses of the
-    parameters and optimiser state.
+    buffer reads its size from the device, so the graph keeps up as the buffer grows), and so
+    must ``sample_actor``, which draws the actor's batch (default: the actor trains on
+    ``sample``'s batch). Capture needs ``warmup`` ordinary updates first (they initialise the
+    optimiser state and cuBLAS, and compile both kinds of update of a compiled agent); they are
+    real updates, counted in ``warmup_updates``. Only the last update of each replay computes
+    the critic's metrics, the ones it returns. Build this after loading a checkpoint: the graph
+    holds the addresses of the parameters and optimiser state.
     """
 
     def __init__(
-        self, agent: CRL, sample: Callable[[], GoalBatch], steps: int = 1, warmup: int = 3
+        self,
+        agent: CRL,
+        sample: Callable[[], GoalBatch],
+        steps: int = 1,
+        warmup: int = 3,
+        sample_actor: Callable[[], GoalBatch] | None = None,
     ) -> None:
         if steps < 1 or warmup < (2 if steps > 1 else 1):
             raise ValueError(
@@ -320,17 +343,23 @@ class GraphedUpdates:
                 f"update run before capture), got {steps} and {warmup}"
             )
         self.device = agent.device
+
+        def update(critic_metrics: bool) -> dict[str, torch.Tensor]:
+            batch = sample()
+            actor_batch = None if sample_actor is None else sample_actor()
+            return agent.update(batch, critic_metrics, actor_batch)
+
         with on_device(self.device):  # capture and replay on the agent's device
             side = torch.cuda.Stream(agent.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for i in range(warmup):
-                    agent.update(sample(), critic_metrics=steps == 1 or i == warmup - 1)
+                    update(critic_metrics=steps == 1 or i == warmup - 1)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 for i in range(steps):
-                    self.metrics = agent.update(sample(), critic_metrics=i == steps - 1)
+                    self.metrics = update(critic_metrics=i == steps - 1)
         self.steps, self.warmup_updates = steps, warmup
 
     def __call__(self) -> dict[str, torch.Tensor]:

@@ -389,8 +389,8 @@ class TrajectoryBuffer:
         """Draw ``batch_size`` ``(observation, action, goal)`` triples; O(batch), no host sync.
 
         ``goal_mode`` and the mixing fractions default to the buffer's; a call may override them
-        (to draw the actor's batch another way than the critic's, say; the training loop does
-        not). ``generator`` defaults to ``self.generator``.
+        (to draw the actor's batch another way than the critic's, as ``--actor-goal-mode``
+        does). ``generator`` defaults to ``self.generator``.
         """
         batch_size = positive_int("batch_size", batch_size)
         mode = self._check_mode(self.goal_mode if goal_mode is None else goal_mode)

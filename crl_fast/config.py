@@ -201,6 +201,12 @@ class TrainConfig:
     goal_mode: str = option("geometric", "law of the future-goal offset", GOAL_MODES)
     random_goal_fraction: float = option(0.0, "fraction of goals drawn from random stored states")
     current_goal_fraction: float = option(0.0, "fraction of goals that are the anchor's own state")
+    actor_goal_mode: str = option(
+        "critic",
+        "the actor's goals: 'critic' (the critic's batch) or a goal mode, drawn in a batch of its "
+        "own without random or current-state goals (OGBench's CRL: uniform_future)",
+        ("critic", *GOAL_MODES),
+    )
     eval_every: int = option(25_000, "environment steps between evaluations")
     eval_episodes: int = option(64, "episodes per evaluation, on fixed goals")
     log_every: int = option(5_000, "environment steps between training-metric logs")

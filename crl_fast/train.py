@@ -22,7 +22,7 @@ import torch
 
 from crl_fast import fused_mlp
 from crl_fast.agent import CRL, GraphedUpdates
-from crl_fast.buffer import TrajectoryBuffer
+from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -194,17 +194,29 @@ def make_train_step(
     """A callable doing updates on fresh batches (``graph_updates`` of them per CUDA graph
     replay, else one), how many updates a call does, and how many building it did. Its argument
     says whether to compute the critic's metrics (a graph always does, in its last update)."""
-    if cuda_graph:
-        generator = torch.cuda.default_generators[buffer.device.index]
-        graphed = GraphedUpdates(
-            agent,
-            lambda: buffer.sample(config.batch_size, generator=generator),
-            steps=config.graph_updates,
+    # CUDA graphs capture only draws from a registered generator: the default one.
+    generator = torch.cuda.default_generators[buffer.device.index] if cuda_graph else None
+
+    def sample() -> GoalBatch:
+        return buffer.sample(config.batch_size, generator=generator)
+
+    def sample_actor() -> GoalBatch:  # the actor's own batch: future goals only
+        return buffer.sample(
+            config.batch_size,
+            goal_mode=config.actor_goal_mode,
+            random_goal_fraction=0.0,
+            current_goal_fraction=0.0,
+            generator=generator,
         )
+
+    actor = None if config.actor_goal_mode == "critic" else sample_actor
+    if cuda_graph:
+        graphed = GraphedUpdates(agent, sample, config.graph_updates, sample_actor=actor)
         return lambda _: graphed(), graphed.steps, graphed.warmup_updates
 
     def step(critic_metrics: bool) -> dict[str, torch.Tensor]:
-        return agent.update(buffer.sample(config.batch_size), critic_metrics=critic_metrics)
+        batch = sample()
+        return agent.update(batch, critic_metrics, None if actor is None else actor())
 
     return step, 1, 0
 

@@ -323,6 +323,45 @@ def test_random_goals_need_two_rows():
     small_agent().update(toy_batch(1))  # a batch of one is a (trivial) contrastive batch
 
 
+def _split(agent: CRL) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The agent's critic parameters and its actor's (with log alpha)."""
+    params = parameters(agent)
+    critic = {k: v for k, v in params.items() if k.startswith(("sa.", "g."))}
+    return critic, {k: v for k, v in params.items() if k not in critic}
+
+
+@pytest.mark.parametrize("random_goals", [0.0, 0.5])
+def test_an_actor_batch_trains_the_actor_and_not_the_critic(random_goals):
+    """With ``actor_batch`` the critic steps as on ``batch`` alone and the actor as on the actor
+    batch alone (it reads the critic as it stands before the update); the two batches differ
+    in rows too."""
+    batch, actor_batch = toy_batch(16), toy_batch(9)
+
+    def step(*args: GoalBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        agent = small_agent(actor_random_goals=random_goals)
+        agent.update(*args[:1], actor_batch=args[1] if len(args) > 1 else None)
+        return _split(agent)
+
+    critic, actor = step(batch, actor_batch)
+    critic_alone, actor_on_batch = step(batch)
+    _, actor_alone = step(actor_batch)
+    assert all(torch.equal(critic[k], critic_alone[k]) for k in critic)
+    assert all(torch.equal(actor[k], actor_alone[k]) for k in actor)
+    assert not all(torch.equal(actor[k], actor_on_batch[k]) for k in actor)
+
+
+def test_a_bad_actor_batch_is_refused_before_any_step():
+    obs, action, _ = toy_batch(8)
+    agent = small_agent(actor_random_goals=1.0)
+    before = parameters(agent)
+    with pytest.raises(ValueError, match=r"goal must be \(B, 2\), got \(8, 3\)"):
+        agent.update(toy_batch(8), actor_batch=GoalBatch(obs, action, torch.randn(8, 3)))
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        agent.update(toy_batch(8), actor_batch=toy_batch(1))
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("target", [50.0, -50.0])
 def test_alpha_moves_towards_the_target_entropy(target):
     """Entropy below the target raises alpha, above it lowers alpha (the policy is frozen)."""
@@ -421,25 +460,32 @@ def test_update_does_not_synchronise_on_cuda(compile_update):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("actor_batch", [False, True])
 @pytest.mark.parametrize("random_goals", [0.0, 0.5])
-def test_cuda_graph_replay_matches_eager_updates(random_goals):
+def test_cuda_graph_replay_matches_eager_updates(random_goals, actor_batch):
     buffer = random_cuda_buffer()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
 
     def sample() -> GoalBatch:
         return buffer.sample(64, generator=generator)
 
+    def sample_actor() -> GoalBatch:
+        return buffer.sample(48, goal_mode="uniform_future", generator=generator)
+
+    actor = sample_actor if actor_batch else None
+
     def train(graphed: bool) -> CRL:
         torch.manual_seed(0)
         config = AgentConfig(width=64, actor_random_goals=random_goals)
         agent = CRL(OBS, ACT, GOAL, config, "cuda")
         if graphed:
-            step = GraphedUpdates(agent, sample, steps=2, warmup=2)
+            step = GraphedUpdates(agent, sample, steps=2, warmup=2, sample_actor=actor)
             for _ in range(3):
                 metrics = step()
         else:
             for _ in range(8):
-                metrics = agent.update(sample())
+                batch = sample()
+                metrics = agent.update(batch, actor_batch=None if actor is None else actor())
         assert torch.isfinite(metrics["critic/loss"]).item()
         return agent
 
@@ -472,7 +518,7 @@ def test_compiled_update_replays_from_a_cuda_graph(amp, fused):
 def test_compiled_update_matches_eager(device, fused):
     """The update's four compiled parts (psi(g) shared by critic and actor across them) take
     the eager steps, with the networks' layers or the fused MLP kernels (custom ops in the
-    compiled graphs)."""
+    compiled graphs), with and without an actor batch of its own."""
     import torch._inductor.config as inductor_config
 
     torch.manual_seed(0)
@@ -482,13 +528,15 @@ def test_compiled_update_matches_eager(device, fused):
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
     batch = GoalBatch(*(t.to(device) for t in toy_batch()))
+    actor_batch = GoalBatch(*(t.to(device) for t in toy_batch(48)))
     try:
         with inductor_config.patch(fallback_random=True):  # eager's random numbers
             for seed in range(4):
+                actors = actor_batch if seed % 2 else None  # its psi(g): a no-grad graph
                 torch.manual_seed(seed)
-                expected = eager.update(batch)
+                expected = eager.update(batch, actor_batch=actors)
                 torch.manual_seed(seed)
-                got = compiled.update(batch)
+                got = compiled.update(batch, actor_batch=actors)
                 for key in expected:
                     torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
     finally:

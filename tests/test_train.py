@@ -256,8 +256,8 @@ def test_only_logged_updates_compute_the_critic_metrics(
     calls = []
     update = CRL.update
 
-    def spy(self, batch, critic_metrics=True):
-        metrics = update(self, batch, critic_metrics=critic_metrics)
+    def spy(self, batch, critic_metrics=True, actor_batch=None):
+        metrics = update(self, batch, critic_metrics, actor_batch)
         calls.append((critic_metrics, metrics["critic/loss"].item()))
         return metrics
 
@@ -271,6 +271,38 @@ def test_only_logged_updates_compute_the_critic_metrics(
     assert len(rows) >= 3 and all("critic/categorical_accuracy" in r for r in rows)
     assert [r["critic/loss"] for r in rows] == pytest.approx(measured[: len(rows)], rel=1e-6)
     assert len(measured) <= len(rows) + 1 < len(calls)  # + the last update, logged or not
+
+
+@pytest.mark.parametrize("mode", ["critic", "uniform_future"])
+def test_the_actor_draws_its_own_batch_when_asked(tmp_path, monkeypatch, mode):
+    """``actor_goal_mode``: every update gets an actor batch drawn in that mode without random
+    or current-state goals, after the critic's batch (drawn as the buffer says); with
+    ``"critic"`` none."""
+    from crl_fast.agent import CRL
+    from crl_fast.buffer import TrajectoryBuffer
+
+    draws, actor_rows = [], []
+    sample, update = TrajectoryBuffer.sample, CRL.update
+
+    def sample_spy(self, batch_size, **kwargs):
+        draws.append(kwargs)
+        return sample(self, batch_size, **kwargs)
+
+    def update_spy(self, batch, critic_metrics=True, actor_batch=None):
+        actor_rows.append(None if actor_batch is None else actor_batch.observation.shape[0])
+        return update(self, batch, critic_metrics, actor_batch)
+
+    monkeypatch.setattr(TrajectoryBuffer, "sample", sample_spy)
+    monkeypatch.setattr(CRL, "update", update_spy)
+    train(tiny_config(tmp_path, actor_goal_mode=mode, random_goal_fraction=0.3))
+    critic_draw = {"generator": None}
+    assert len(actor_rows) > 10
+    if mode == "critic":
+        assert actor_rows == [None] * len(actor_rows) and draws == [critic_draw] * len(draws)
+        return
+    actor_draw = {"goal_mode": mode, "random_goal_fraction": 0.0, "current_goal_fraction": 0.0}
+    assert actor_rows == [32] * len(actor_rows)
+    assert draws == [critic_draw, actor_draw | critic_draw] * len(actor_rows)
 
 
 def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatch):
@@ -813,6 +845,7 @@ def test_env_kwargs_reach_the_env(tmp_path):
         (["train", "--env-kwargs", '{"dt": -1}'], "dt must be a positive number"),
         (["train", "--env-kwargs", '{"success_distance": 0}'], "success_distance must be a"),
         (["train", "--goal-mode", "future"], "invalid choice: 'future'"),
+        (["train", "--actor-goal-mode", "random"], "invalid choice: 'random'"),
         (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "--episodes: must be a positive"),
     ],
 )
