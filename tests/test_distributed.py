@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,19 +21,32 @@ CASES = {
     "flatnce": {"loss": "flatnce", "energy": "l2"},
     "ipo": {"loss": "ipo"},
     "binary-sum": {"loss": "binary", "reduction": "sum"},
+    "infonce-penalty-sum": {
+        "loss": "infonce",
+        "energy": "norm",
+        "logsumexp_penalty": 0.1,
+        "reduction": "sum",
+    },
 }
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(rows: int = WORLD * ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(WORLD * ROWS, DIM, generator=g), torch.randn(WORLD * ROWS, DIM, generator=g)
+    return torch.randn(rows, DIM, generator=g), torch.randn(rows, DIM, generator=g)
 
 
-def _rank(rank: int, init_file: str, out_dir: str, case: str, backend: str) -> None:
+def _rank(
+    rank: int, init_file: str, out_dir: str, case: str, backend: str, split: tuple[int, ...]
+) -> None:
+    """One rank's loss on its rows of the global batch (``split``: each rank's row count;
+    equal counts are passed as ``rows_per_rank``, unequal ones exchanged)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        phi, psi = (t[rank * ROWS : (rank + 1) * ROWS].requires_grad_() for t in global_batch())
-        loss = contrastive_loss(phi, gather_negatives(psi), backend=backend, **CASES[case])
+        start, end = sum(split[:rank]), sum(split[: rank + 1])
+        phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
+        equal = len(set(split)) == 1
+        negatives = gather_negatives(psi, rows_per_rank=split[rank] if equal else None)
+        loss = contrastive_loss(phi, negatives, backend=backend, **CASES[case])
         loss.backward()
         torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{rank}.pt")
         dist.barrier()
@@ -39,20 +54,86 @@ def _rank(rank: int, init_file: str, out_dir: str, case: str, backend: str) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", CASES)
-def test_ranks_add_up_to_the_global_batch(case, backend, tmp_path):
-    """Summed over ranks, the mean losses are world_size times the global batch's mean loss (the
-    summed losses are its summed loss), and each rank's gradients are those of that sum."""
-    mp.spawn(_rank, (str(tmp_path / "init"), str(tmp_path), case, backend), nprocs=WORLD)
+def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...]) -> None:
     losses, dphi, dpsi = zip(*(torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)), strict=True)
-    phi, psi = (t.double().requires_grad_() for t in global_batch())
+    phi, psi = (t.double().requires_grad_() for t in global_batch(sum(split)))
     factor = 1 if CASES[case].get("reduction") == "sum" else WORLD
     truth = factor * reference_contrastive_loss(phi, psi, **CASES[case])
     truth.backward()
     assert max_error(sum(losses), truth) < 1e-5 * max(1.0, truth.abs().item())
     for got, want in ((torch.cat(dphi), phi.grad), (torch.cat(dpsi), psi.grad)):
         assert max_error(got, want) < 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES)
+def test_ranks_add_up_to_the_global_batch(case, backend, tmp_path):
+    """Summed over ranks, the mean losses are world_size times the global batch's mean loss (the
+    summed losses are its summed loss), and each rank's gradients are those of that sum."""
+    split = (ROWS,) * WORLD
+    mp.spawn(_rank, (str(tmp_path / "init"), str(tmp_path), case, backend, split), nprocs=WORLD)
+    _check_against_the_global_batch(tmp_path, case, split)
+
+
+@pytest.mark.parametrize("case", ["binary-sum", "infonce-penalty-sum"])
+def test_ranks_with_unequal_rows_add_up_to_the_global_batch(case, tmp_path):
+    """The last batch of an epoch: 5 rows on one rank, 2 on the other. The summed losses still
+    add up to the global batch's, gradients included (before, gloo aborted one process and the
+    other went on with rows it never received)."""
+    split = (ROWS, 2)
+    mp.spawn(_rank, (str(tmp_path / "init"), str(tmp_path), case, "torch", split), nprocs=WORLD)
+    _check_against_the_global_batch(tmp_path, case, split)
+
+
+def _mismatched_rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        psi = torch.randn(3, DIM + rank, dtype=(torch.float32, torch.float64)[rank])
+        try:
+            gather_negatives(psi)
+        except ValueError as error:
+            Path(out_dir, f"{rank}.txt").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_other_widths_all_raise_the_same_error(tmp_path):
+    mp.spawn(_mismatched_rank, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    errors = {(tmp_path / f"{r}.txt").read_text() for r in range(WORLD)}
+    want = (
+        "psi must have the same width and dtype on every rank, got rank 0: 4 columns, "
+        "torch.float32, rank 1: 5 columns, torch.float64"
+    )
+    assert errors == {want}
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_rows_per_rank_is_checked_here_and_skips_the_exchange(monkeypatch):
+    psi = torch.randn(4, DIM)
+    with pytest.raises(ValueError, match="rows_per_rank is 3, but psi has 4 rows here"):
+        gather_negatives(psi, rows_per_rank=3)
+    with pytest.raises(ValueError, match="rows_per_rank must be a positive int"):
+        gather_negatives(psi, rows_per_rank=4.0)
+    exchanged = []
+    gather = dist.all_gather
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **k: exchanged.append(a) or gather(*a, **k))
+    torch.testing.assert_close(gather_negatives(psi, rows_per_rank=4), psi)
+    assert len(exchanged) == 1  # the rows only
+    torch.testing.assert_close(gather_negatives(psi), psi)
+    assert len(exchanged) == 3  # the shapes, then the rows
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_psi_must_be_floating_point():
+    with pytest.raises(TypeError, match="psi must be a floating-point tensor"):
+        gather_negatives(torch.ones(4, DIM, dtype=torch.int64))
 
 
 def test_needs_a_process_group():
