@@ -182,23 +182,26 @@ class CRL:
         Returns detached 0-d metric tensors; nothing is synchronised with the host. Without
         ``critic_metrics`` the critic's accuracies and mean logits are left out (the losses
         stay): they cost the loss kernels extra work, and the sigmoid loss a pass of its own.
-        The step is the same either way. ``actor_batch`` (its observations and goals; any
-        number of rows) trains the actor instead of ``batch``: goals drawn another way than the
-        critic's, as OGBench's CRL draws them. It costs a second ``psi`` forward pass.
+        The step is the same either way. ``actor_batch`` (a batch like ``batch``, of any number
+        of rows; its actions are not read) trains the actor instead of ``batch``: goals drawn
+        another way than the critic's, as OGBench's CRL draws them (it draws them for the
+        critic's anchors; here the actor's batch has anchors of its own). It costs a second
+        ``psi`` forward pass, without gradients.
         """
         obs, action, goal = batch
         self._check_rows(observation=obs, action=action, goal=goal)
         if actor_batch is None:
             actor_obs, actor_goal = obs, goal
         else:
-            actor_obs, actor_goal = actor_batch.observation, actor_batch.goal
+            actor_obs, _, actor_goal = actor_batch
             self._check_rows(observation=actor_obs, goal=actor_goal)
         if self.config.actor_random_goals and actor_obs.shape[0] < 2:
             raise ValueError("actor_random_goals takes other rows' goals: batches need >= 2 rows")
-        # psi(g) once: the critic trains through it, the actor reads it. The actor and alpha
-        # steps read the critic as it stands before this update (as JaxGCRL does) and write
-        # nothing the critic reads, so with ``actor_stream`` they run beside the critic's
-        # forward and backward; only the critic's optimiser step waits for them.
+        # psi(g) once: the critic trains through it, the actor reads it (an actor batch needs
+        # psi of its own goals). The actor and alpha steps read the critic as it stands before
+        # this update (as JaxGCRL does) and write nothing the critic reads, so with
+        # ``actor_stream`` they run beside the critic's forward and backward; only the critic's
+        # optimiser step waits for them.
         psi = self._encode_goals(goal)
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         with self._on_side_stream(main):

@@ -25,10 +25,13 @@ def gather_negatives(
 
     Ranks may hold different numbers of rows (the last, partial batch of an epoch): first they
     exchange their row counts, widths and dtypes (a small ``all_gather`` read on the host, so the
-    call waits for the device), and every rank raises the same ValueError if widths or dtypes
-    differ. ``rows_per_rank=N`` says that every rank holds N rows: each checks its own count and
-    the exchange is skipped, so the call can be captured in a CUDA graph. A rank whose count is
-    wrong raises; the others then wait for it in the gather, as for any collective a rank skips.
+    call waits for the device), and every rank raises a ValueError if a rank's ``psi`` is not a
+    2-D floating-point tensor or widths or dtypes differ. ``rows_per_rank=N``, the same N on
+    every rank, says that every rank holds N rows: each checks only its own ``psi`` and the
+    exchange is skipped, so the call does not synchronise and can be compiled with
+    ``fullgraph=True`` or captured in a CUDA graph (capture untested: it needs several GPUs).
+    A rank whose ``psi`` is wrong there raises; the others then wait for it in the gather, as
+    for any collective a rank skips.
 
     Gradients flow back to the rank that owns each row: ``all_gather``'s backward sums them over
     ranks. So each rank's gradients are those of the sum over ranks of the per-rank losses.
@@ -44,39 +47,63 @@ def gather_negatives(
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("gather_negatives needs an initialised torch.distributed process group")
-    if not isinstance(psi, torch.Tensor) or psi.ndim != 2:
-        shape = tuple(psi.shape) if isinstance(psi, torch.Tensor) else type(psi).__name__
-        raise ValueError(f"psi must be a 2-D tensor (rows, features), got {shape}")
-    if psi.dtype not in _DTYPES:
-        raise TypeError(f"psi must be a floating-point tensor {_DTYPES}, got {psi.dtype}")
-    world = dist.get_world_size(group)
+    if not isinstance(psi, torch.Tensor):
+        raise TypeError(f"psi must be a tensor, got {type(psi).__name__}")
     if rows_per_rank is None:
+        if torch.compiler.is_compiling() or _capturing(psi):
+            raise RuntimeError(
+                "gather_negatives exchanges the ranks' row counts on the host, which compiled "
+                "graphs and CUDA graph capture cannot do: pass rows_per_rank"
+            )
         rows = _rows_of_every_rank(psi, group)
-    elif psi.shape[0] != positive_int("rows_per_rank", rows_per_rank):
-        raise ValueError(f"rows_per_rank is {rows_per_rank}, but psi has {psi.shape[0]} rows here")
     else:
-        rows = (rows_per_rank,) * world
+        _check(psi)
+        if psi.shape[0] != positive_int("rows_per_rank", rows_per_rank):
+            raise ValueError(
+                f"rows_per_rank is {rows_per_rank}, but psi has {psi.shape[0]} rows here"
+            )
+        rows = (rows_per_rank,) * dist.get_world_size(group)
     rank = dist.get_rank(group)
     start, end = sum(rows[:rank]), sum(rows[: rank + 1])
     everyone = _AllGatherRows.apply(psi, group, rows)  # every rank's rows, in rank order
     return torch.cat([psi, everyone[:start], everyone[end:]])
 
 
+def _check(psi: torch.Tensor) -> None:
+    """A ValueError or TypeError unless ``psi`` is a 2-D floating-point tensor."""
+    if psi.ndim != 2:
+        raise ValueError(f"psi must be a 2-D tensor (rows, features), got {tuple(psi.shape)}")
+    if psi.dtype not in _DTYPES:
+        raise TypeError(f"psi must be a floating-point tensor {_DTYPES}, got {psi.dtype}")
+
+
+def _capturing(psi: torch.Tensor) -> bool:
+    return psi.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _rows_of_every_rank(psi: torch.Tensor, group: object | None) -> tuple[int, ...]:
-    """Every rank's row count, after checking that all ranks' psi have this one's width and
-    dtype (each rank sees every rank's, so all raise alike instead of crashing the gather)."""
+    """Every rank's row count, after checking every rank's ``psi`` (each rank sees every
+    rank's shape and dtype, so all raise, instead of the gather crashing or waiting forever)."""
     import torch.distributed as dist
 
-    mine = torch.tensor([psi.shape[0], psi.shape[1], _DTYPES.index(psi.dtype)], device=psi.device)
+    valid = psi.ndim == 2 and psi.dtype in _DTYPES
+    mine = [*psi.shape, _DTYPES.index(psi.dtype)] if valid else [-1, -1, -1]
+    mine = torch.tensor(mine, device=psi.device)
     shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, mine, group=group)
-    gathered = [s.tolist() for s in shapes]  # [rows, width, dtype] of each rank
+    gathered = [s.tolist() for s in shapes]  # [rows, width, dtype] of each rank, -1s: invalid
+    if not valid:
+        _check(psi)  # this rank's own reason
+    ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(len(shapes))]
+    bad = [rank for rank, (n, _, _) in zip(ranks, gathered, strict=True) if n < 0]
+    if bad:
+        raise ValueError(f"psi is not a 2-D floating-point tensor on rank(s) {bad}")
     if len({(width, dtype) for _, width, dtype in gathered}) > 1:
-        ranks = ", ".join(
-            f"rank {r}: {width} columns, {_DTYPES[dtype]}"
-            for r, (_, width, dtype) in enumerate(gathered)
+        each = ", ".join(
+            f"rank {rank}: {width} columns, {_DTYPES[dtype]}"
+            for rank, (_, width, dtype) in zip(ranks, gathered, strict=True)
         )
-        raise ValueError(f"psi must have the same width and dtype on every rank, got {ranks}")
+        raise ValueError(f"psi must have the same width and dtype on every rank, got {each}")
     return tuple(rows for rows, _, _ in gathered)
 
 

@@ -343,7 +343,7 @@ def test_an_actor_batch_trains_the_actor_and_not_the_critic(random_goals):
         agent.update(*args[:1], actor_batch=args[1] if len(args) > 1 else None)
         return _split(agent)
 
-    critic, actor = step(batch, actor_batch)
+    critic, actor = step(batch, tuple(actor_batch))  # any (obs, action, goal) sequence
     critic_alone, actor_on_batch = step(batch)
     _, actor_alone = step(actor_batch)
     assert all(torch.equal(critic[k], critic_alone[k]) for k in critic)

@@ -36,16 +36,21 @@ def global_batch(rows: int = WORLD * ROWS) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rank(
-    rank: int, init_file: str, out_dir: str, case: str, backend: str, split: tuple[int, ...]
+    rank: int,
+    init_file: str,
+    out_dir: str,
+    case: str,
+    backend: str,
+    split: tuple[int, ...],
+    exchange: bool,
 ) -> None:
-    """One rank's loss on its rows of the global batch (``split``: each rank's row count;
-    equal counts are passed as ``rows_per_rank``, unequal ones exchanged)."""
+    """One rank's loss on its rows of the global batch (``split``: each rank's row count; they
+    are exchanged, or else passed as ``rows_per_rank``)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         start, end = sum(split[:rank]), sum(split[: rank + 1])
         phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
-        equal = len(set(split)) == 1
-        negatives = gather_negatives(psi, rows_per_rank=split[rank] if equal else None)
+        negatives = gather_negatives(psi, rows_per_rank=None if exchange else split[rank])
         loss = contrastive_loss(phi, negatives, backend=backend, **CASES[case])
         loss.backward()
         torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{rank}.pt")
@@ -55,8 +60,17 @@ def _rank(
 
 
 def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...]) -> None:
+    """Each rank's loss is its rows' loss against its goals then the other ranks' (in rank
+    order); summed over ranks, the losses and gradients are the global batch's."""
     losses, dphi, dpsi = zip(*(torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)), strict=True)
     phi, psi = (t.double().requires_grad_() for t in global_batch(sum(split)))
+    for rank, loss in enumerate(losses):
+        start, end = sum(split[:rank]), sum(split[: rank + 1])
+        goals = torch.cat([psi[start:end], psi[:start], psi[end:]]).detach()
+        want = reference_contrastive_loss(phi[start:end].detach(), goals, **CASES[case])
+        assert max_error(loss, want) < 1e-5 * max(1.0, want.abs().item())
+    if len(set(split)) > 1 and CASES[case].get("reduction") != "sum":
+        return  # the ranks' means weigh rows unequally: no global loss to compare with
     factor = 1 if CASES[case].get("reduction") == "sum" else WORLD
     truth = factor * reference_contrastive_loss(phi, psi, **CASES[case])
     truth.backward()
@@ -71,40 +85,67 @@ def test_ranks_add_up_to_the_global_batch(case, backend, tmp_path):
     """Summed over ranks, the mean losses are world_size times the global batch's mean loss (the
     summed losses are its summed loss), and each rank's gradients are those of that sum."""
     split = (ROWS,) * WORLD
-    mp.spawn(_rank, (str(tmp_path / "init"), str(tmp_path), case, backend, split), nprocs=WORLD)
+    args = (str(tmp_path / "init"), str(tmp_path), case, backend, split, False)
+    mp.spawn(_rank, args, nprocs=WORLD)
     _check_against_the_global_batch(tmp_path, case, split)
 
 
-@pytest.mark.parametrize("case", ["binary-sum", "infonce-penalty-sum"])
-def test_ranks_with_unequal_rows_add_up_to_the_global_batch(case, tmp_path):
-    """The last batch of an epoch: 5 rows on one rank, 2 on the other. The summed losses still
-    add up to the global batch's, gradients included (before, gloo aborted one process and the
-    other went on with rows it never received)."""
-    split = (ROWS, 2)
-    mp.spawn(_rank, (str(tmp_path / "init"), str(tmp_path), case, "torch", split), nprocs=WORLD)
+@pytest.mark.parametrize("split", [(ROWS, 2), (ROWS, ROWS)], ids=["unequal", "equal"])
+@pytest.mark.parametrize("case", ["binary-sum", "infonce-penalty-sum", "binary"])
+def test_ranks_exchanging_their_rows_add_up_to_the_global_batch(case, split, tmp_path):
+    """Without rows_per_rank, e.g. the last batch of an epoch, 5 rows on one rank and 2 on the
+    other: each rank's loss is its rows' and the summed losses still add up to the global
+    batch's, gradients included (before, gloo aborted one process and the other went on with
+    rows it never received)."""
+    args = (str(tmp_path / "init"), str(tmp_path), case, "torch", split, True)
+    mp.spawn(_rank, args, nprocs=WORLD)
     _check_against_the_global_batch(tmp_path, case, split)
 
 
-def _mismatched_rank(rank: int, init_file: str, out_dir: str) -> None:
+MISMATCHES = {  # rank 1's psi, then each rank's error
+    "width and dtype": (
+        torch.randn(3, DIM + 1, dtype=torch.float64),
+        [
+            "psi must have the same width and dtype on every rank, got rank 0: 4 columns, "
+            "torch.float32, rank 1: 5 columns, torch.float64"
+        ]
+        * WORLD,
+    ),
+    "integer": (
+        torch.ones(3, DIM, dtype=torch.int64),
+        [
+            "psi is not a 2-D floating-point tensor on rank(s) [1]",
+            "psi must be a floating-point tensor",
+        ],
+    ),
+    "1-D": (
+        torch.randn(3),
+        [
+            "psi is not a 2-D floating-point tensor on rank(s) [1]",
+            "psi must be a 2-D tensor (rows, features), got (3,)",
+        ],
+    ),
+}
+
+
+def _mismatched_rank(rank: int, init_file: str, out_dir: str, case: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        psi = torch.randn(3, DIM + rank, dtype=(torch.float32, torch.float64)[rank])
+        psi = MISMATCHES[case][0] if rank else torch.randn(3, DIM)
         try:
             gather_negatives(psi)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             Path(out_dir, f"{rank}.txt").write_text(str(error))
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_with_other_widths_all_raise_the_same_error(tmp_path):
-    mp.spawn(_mismatched_rank, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
-    errors = {(tmp_path / f"{r}.txt").read_text() for r in range(WORLD)}
-    want = (
-        "psi must have the same width and dtype on every rank, got rank 0: 4 columns, "
-        "torch.float32, rank 1: 5 columns, torch.float64"
-    )
-    assert errors == {want}
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_a_rank_with_other_goals_makes_every_rank_raise(case, tmp_path):
+    """Every rank raises, naming the problem, where the gather would crash or wait forever."""
+    mp.spawn(_mismatched_rank, (str(tmp_path / "init"), str(tmp_path), case), nprocs=WORLD)
+    for rank, want in enumerate(MISMATCHES[case][1]):
+        assert (tmp_path / f"{rank}.txt").read_text().startswith(want)
 
 
 @pytest.fixture
@@ -133,7 +174,24 @@ def test_rows_per_rank_is_checked_here_and_skips_the_exchange(monkeypatch):
 @pytest.mark.usefixtures("one_process_group")
 def test_psi_must_be_floating_point():
     with pytest.raises(TypeError, match="psi must be a floating-point tensor"):
-        gather_negatives(torch.ones(4, DIM, dtype=torch.int64))
+        gather_negatives(torch.ones(4, DIM, dtype=torch.int64), rows_per_rank=4)
+    with pytest.raises(TypeError, match="psi must be a tensor, got list"):
+        gather_negatives([[1.0]])
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_compiled_whole_only_with_rows_per_rank():
+    """rows_per_rank keeps the call free of host reads, so it compiles into one graph; the
+    exchange cannot, and says what to pass."""
+    psi = torch.randn(4, DIM)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda p: gather_negatives(p, rows_per_rank=4), fullgraph=True)
+        torch.testing.assert_close(compiled(psi), psi)
+        with pytest.raises(Exception, match="pass rows_per_rank"):
+            torch.compile(gather_negatives, fullgraph=True)(psi)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_needs_a_process_group():
