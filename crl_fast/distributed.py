@@ -87,8 +87,8 @@ def _rows_of_every_rank(psi: torch.Tensor, group: object | None) -> tuple[int, .
     import torch.distributed as dist
 
     valid = psi.ndim == 2 and psi.dtype in _DTYPES
-    mine = [*psi.shape, _DTYPES.index(psi.dtype)] if valid else [-1, -1, -1]
-    mine = torch.tensor(mine, device=psi.device)
+    shape = [*psi.shape, _DTYPES.index(psi.dtype)] if valid else [-1, -1, -1]
+    mine = torch.tensor(shape, device=psi.device)
     shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, mine, group=group)
     gathered = [s.tolist() for s in shapes]  # [rows, width, dtype] of each rank, -1s: invalid
