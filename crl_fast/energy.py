@@ -83,7 +83,10 @@ def check_scale_and_bias(
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            if isinstance(t, torch.Tensor):
+                got = f"shape {tuple(t.shape)}, {t.dtype}"
+            else:
+                got = f"{type(t).__name__} {t!r} (pass torch.tensor({t!r}))"
             raise TypeError(f"{name} must be a floating-point tensor with one element, got {got}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but phi is on {device}")

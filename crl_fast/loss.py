@@ -77,9 +77,11 @@ class LossConfig:
             raise TypeError(
                 f"logsumexp_penalty must be a real number, got {type(penalty).__name__}"
             )
-        if not (math.isfinite(penalty) and penalty >= 0):
+        # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic.
+        if not 0 <= penalty < math.inf:  # NaN fails both
             raise ValueError(f"logsumexp_penalty must be a finite number >= 0, got {penalty!r}")
-        object.__setattr__(self, "logsumexp_penalty", float(penalty))  # a Fraction, numpy's
+        if not isinstance(penalty, torch.SymFloat):  # a Fraction, numpy's: a float
+            object.__setattr__(self, "logsumexp_penalty", float(penalty))
 
     def minimum_batch(self) -> tuple[int, int]:
         """(rows of phi, rows of psi) below which a loss term is an empty sum: off-diagonal
