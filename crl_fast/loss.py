@@ -204,6 +204,8 @@ def contrastive_loss(
     under ``TRITON_INTERPRET=1``). With ``return_metrics`` also returns a dict of 0-d tensors:
     categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq. Under
     ``torch.autocast`` float16/bfloat16/float32 inputs are cast to the autocast dtype first.
+    The loss is float32 (float64 for float64 inputs); ``symmetric_infonce`` is the sum of both
+    directions (CLIP's loss is half of it), and the column losses read the first B rows of psi.
     """
     config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
     phi, psi = _autocast(phi, psi)
