@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,17 @@ def actor_goals(
     )
 
 
+def _unpack(batch: GoalBatch, name: str) -> GoalBatch:
+    """``batch`` as a GoalBatch if it is a sequence of 3 (observation, action, goal); else a
+    TypeError naming ``name`` (a dict would unpack into its keys)."""
+    if isinstance(batch, dict) or not isinstance(batch, Sequence) or len(batch) != 3:
+        raise TypeError(
+            f"{name} must be a GoalBatch or a sequence (observation, action, goal), got "
+            f"{type(batch).__name__}"
+        )
+    return GoalBatch(*batch)
+
+
 class CRL:
     """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022).
 
@@ -77,6 +88,11 @@ class CRL:
     ) -> None:
         dims = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
         obs_dim, action_dim, goal_dim = (positive_int(k, v) for k, v in dims.items())
+        if config is not None and not isinstance(config, AgentConfig):
+            raise TypeError(
+                f"config must be an AgentConfig (AgentConfig(**d) for a dict), got "
+                f"{type(config).__name__}"
+            )
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
         self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
@@ -188,12 +204,12 @@ class CRL:
         critic's anchors; here the actor's batch has anchors of its own). It costs a second
         ``psi`` forward pass, without gradients.
         """
-        obs, action, goal = batch
+        obs, action, goal = _unpack(batch, "batch")
         self._check_rows(observation=obs, action=action, goal=goal)
         if actor_batch is None:
             actor_obs, actor_goal = obs, goal
         else:
-            actor_obs, _, actor_goal = actor_batch
+            actor_obs, _, actor_goal = _unpack(actor_batch, "actor_batch")
             self._check_rows(observation=actor_obs, goal=actor_goal)
         if self.config.actor_random_goals and actor_obs.shape[0] < 2:
             raise ValueError("actor_random_goals takes other rows' goals: batches need >= 2 rows")
@@ -300,11 +316,25 @@ class CRL:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned, into the existing parameters.
+        """Restore what :meth:`state_dict` returned, into the existing parameters; a ValueError,
+        with the agent unchanged, if ``state`` does not fit it (another agent's sizes, say).
 
         Optimiser states are copied first: ``Optimizer.load_state_dict`` would otherwise share
         their tensors with ``state`` (and with the agent that produced it).
         """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (CRL.state_dict()), got {type(state).__name__}")
+        backup = copy.deepcopy(self.state_dict())
+        missing = sorted(set(backup) - set(state))
+        if missing:
+            raise ValueError(f"not a CRL agent state: it lacks {missing} (it has {sorted(state)})")
+        try:
+            self._load(state)
+        except (KeyError, RuntimeError, TypeError, ValueError) as error:
+            self._load(backup)  # nothing half-loaded
+            raise ValueError(f"this state does not fit the agent: {error}") from error
+
+    def _load(self, state: dict[str, Any]) -> None:
         state = copy.deepcopy(state)
         self.sa_encoder.load_state_dict(state["sa_encoder"])
         self.goal_encoder.load_state_dict(state["goal_encoder"])

@@ -403,6 +403,34 @@ def test_state_dict_round_trip_continues_identically():
     assert same_parameters(agent, clone)
 
 
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
+    """Another agent's sizes: the encoders would load and the actor fail; nothing may stay
+    half-loaded. Not an agent state at all: named."""
+    torch.manual_seed(0)
+    other = CRL(OBS + 1, ACT - 1, GOAL, AgentConfig(width=64)).state_dict()  # pi's sizes differ
+    agent = small_agent()
+    before = parameters(agent)
+    with pytest.raises(ValueError, match=r"(?s)does not fit the agent.*size mismatch"):
+        agent.load_state_dict(other)
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+    agent.update(toy_batch())  # the optimisers too are whole
+    with pytest.raises(ValueError, match=r"not a CRL agent state: it lacks \['actor'"):
+        agent.load_state_dict({"rows": torch.zeros(1)})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        agent.load_state_dict([other])
+
+
+def test_config_and_batches_of_the_wrong_kind_are_named():
+    with pytest.raises(TypeError, match=r"config must be an AgentConfig \(AgentConfig\(\*\*d\)"):
+        CRL(OBS, ACT, GOAL, config={"loss": "infonce"})
+    obs, action, goal = toy_batch(8)
+    as_dict = {"observation": obs, "action": action, "goal": goal}
+    with pytest.raises(TypeError, match="batch must be a GoalBatch or a sequence"):
+        small_agent().update(as_dict)
+    with pytest.raises(TypeError, match="actor_batch must be a GoalBatch"):
+        small_agent().update(toy_batch(8), actor_batch=(obs, goal))
+
+
 def test_compiled_act_matches_eager():
     """``compile()`` compiles :meth:`CRL.act` too: the same deterministic actions, samples in the
     box."""
