@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 from crl_fast.checks import resolve_device
 from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
 from crl_fast.envs.point_maze import MAZES
+from tests.free_point_env import FreePoint
 from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID, TinyGoalEnv
 
 
@@ -786,3 +787,39 @@ def test_adapter_renders_through_the_wrapped_env():
     env = GymnasiumGoalVectorEnv(SyncVectorEnv(fns))
     env.reset(seed=0)
     assert env.render_mode == "rgb_array" and len(env.render()) == 2
+
+
+class _ViewPoint(FreePoint):
+    """Moves its state in place and observes it without copies: an observation returned before
+    a step would change with it."""
+
+    def _advance(self, action):
+        self.pos += 0.1 * action
+
+    def _observe(self):
+        return {"observation": self.pos, "achieved_goal": self.pos, "desired_goal": self.goal}
+
+
+class _WideGoal(FreePoint):
+    def _observe(self):
+        return super()._observe() | {"achieved_goal": torch.zeros(self.num_envs, 3)}
+
+
+class _DoubleObservation(FreePoint):
+    def _observe(self):
+        return super()._observe() | {"observation": self.pos.double()}
+
+
+@pytest.mark.parametrize(
+    ("env", "error", "match"),
+    [
+        (_ViewPoint, ValueError, r"\['observation'\] shares memory with the env's state"),
+        (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
+        (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
+    ],
+)
+def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):
+    """Named at the first reset (the constructor's), not later as a buffer's shape error or,
+    for views, never: the buffer would have stored s_{t+1} as s_t."""
+    with pytest.raises(error, match=match):
+        env(4, seed=0)

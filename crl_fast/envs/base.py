@@ -76,6 +76,13 @@ def check_action(action: Any, num_envs: int, action_dim: int, device: torch.devi
     return action.clamp(-1.0, 1.0).nan_to_num(0.0)
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of one storage (metadata only: no device sync)."""
+    return isinstance(b, torch.Tensor) and a.untyped_storage().data_ptr() == (
+        b.untyped_storage().data_ptr()
+    )
+
+
 def check_dynamics(dt: float, accel: float, damping: float, max_speed: float) -> None:
     """A ValueError unless ``dt``, ``accel`` and ``max_speed`` are positive and ``damping`` lies
     in [0, 1] (a negative ``dt`` would walk the point backwards through the walls)."""
@@ -232,7 +239,36 @@ class TorchGoalVectorEnv(VectorEnv):
             self.elapsed_steps.zero_()
         else:
             self._reset_where(mask, initial)
-        return self._observe(), {}
+        return self._checked(self._observe()), {}
+
+    def _checked(self, obs: GoalObs) -> GoalObs:
+        """``obs`` if it holds float32 ``(num_envs, width)`` tensors of the declared widths on
+        the env's device, none sharing memory with the state (a view would change under the
+        caller at the next step: the buffer would store s_{t+1} as s_t); else a TypeError or
+        ValueError naming the env. Checked at reset, not in the (compiled) step: an env whose
+        observations are wrong is wrong from its first one."""
+        name = f"{type(self).__name__}._observe()"
+        widths = dict(zip(GOAL_KEYS, (self.obs_dim, self.goal_dim, self.goal_dim), strict=True))
+        if not isinstance(obs, dict) or set(obs) != set(GOAL_KEYS):
+            got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
+            raise TypeError(f"{name} must return a dict with keys {GOAL_KEYS}, got {got}")
+        state = [getattr(self, key) for key in self._state_keys]
+        for key, width in widths.items():
+            t = obs[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name}[{key!r}] must be a float32 tensor, got {got}")
+            if tuple(t.shape) != (self.num_envs, width) or t.device != self.device:
+                raise ValueError(
+                    f"{name}[{key!r}] must be ({self.num_envs}, {width}) on {self.device} (the "
+                    f"env's num_envs and declared width), got {tuple(t.shape)} on {t.device}"
+                )
+            if any(_shares_memory(t, s) for s in state):
+                raise ValueError(
+                    f"{name}[{key!r}] shares memory with the env's state: return new tensors "
+                    "(e.g. .clone()), or the next step changes the observation already returned"
+                )
+        return obs
 
     def _reset_mask(self, options: dict[str, Any] | None) -> torch.Tensor | None:
         """The ``reset_mask`` option as a bool tensor on the env's device (None: every env)."""
