@@ -35,6 +35,14 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bfloat16": torch.bflo
 """``--amp`` choices: the ``torch.autocast`` dtype of the agent's forward passes (None: none).
 float16 is left out: it would need loss scaling (a GradScaler) to keep small gradients."""
 
+_RUN_OWNED_ENV_KWARGS = {
+    "num_envs": "--num-envs (and --eval-episodes)",
+    "device": "--device",
+    "seed": "--seed",
+    "max_episode_steps": "--max-episode-steps",
+}
+"""make_env keyword arguments that the run passes itself, with the flags that set them."""
+
 RESUME_SAFE_FIELDS = (
     "total_env_steps",  # the schedule
     "eval_every",
@@ -253,6 +261,9 @@ class TrainConfig:
             raise ValueError(f"updates_per_env_step must be >= 0, got {self.updates_per_env_step}")
         if not 0.0 < self.gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
+        for key in set(self.env_kwargs) & set(_RUN_OWNED_ENV_KWARGS):
+            flag = _RUN_OWNED_ENV_KWARGS[key]
+            raise ValueError(f"env_kwargs cannot set {key!r}: the run sets it from {flag}")
         try:
             json.dumps(self.env_kwargs)
         except TypeError as error:

@@ -164,6 +164,29 @@ def make_buffer(config: TrainConfig, env: GoalVectorEnv, device: torch.device) -
     )
 
 
+def buffer_notices(config: TrainConfig, buffer: TrajectoryBuffer) -> list[str]:
+    """What the buffer does other than the flags say: a capacity rounded down to whole steps
+    of every env, and batches larger than what is stored when updates start (sampling draws
+    with replacement, so such batches repeat transitions)."""
+    notices = []
+    kept = buffer.capacity * config.num_envs
+    if kept != config.buffer_capacity:
+        notices.append(
+            f"--buffer-capacity {config.buffer_capacity:,} is not a multiple of --num-envs "
+            f"{config.num_envs}: the buffer keeps {buffer.capacity:,} steps of each env "
+            f"({kept:,} transitions)"
+        )
+    steps = -(-max(config.learning_starts, 1) // config.num_envs)  # collected before updating
+    stored = min(steps, buffer.capacity) * config.num_envs
+    if config.updates_per_env_step and stored < config.batch_size:
+        notices.append(
+            f"updates start with {stored:,} transitions stored, fewer than --batch-size "
+            f"{config.batch_size:,}: batches repeat transitions (drawn with replacement) until "
+            "the buffer holds more"
+        )
+    return notices
+
+
 def speed_flags(config: TrainConfig, device: torch.device) -> dict[str, bool]:
     """``compile`` and ``cuda_graph`` as the run uses them: None means on for CUDA, off for CPU.
     Asking for a CUDA-only one (``cuda_graph``, ``actor_stream``) on another device is an error."""
@@ -324,6 +347,8 @@ def _train_in(
             f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
             f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
         )
+    for notice in buffer_notices(config, buffer):
+        print(notice)
     logger = MetricsLogger(
         run_dir,
         config.tensorboard,

@@ -356,14 +356,40 @@ def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_star
 
 def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch):
     """Steps rounded up to a multiple of the envs; --fused-mlp where its kernels cannot run
-    (here a CPU without Triton's interpreter)."""
+    (here a CPU without Triton's interpreter); a buffer rounded down to whole steps of every
+    env, and batches larger than the buffer holds when updates start."""
     monkeypatch.setattr("crl_fast.fused_mlp.runs_on", lambda device: False)
     agent = AgentConfig(width=32, fused_mlp=True)
-    train(tiny_config(tmp_path, total_env_steps=250, learning_starts=248, agent=agent))
+    config = tiny_config(
+        tmp_path, total_env_steps=250, learning_starts=12, buffer_capacity=4092, agent=agent
+    )
+    train(config)
     out = capsys.readouterr().out
     assert "--fused-mlp: its kernels need CUDA (and Triton); the layers run on cpu" in out
     assert "--total-env-steps 250 is not a multiple of --num-envs 8: the run takes 256 steps" in out
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["env_steps"] == 256
+    assert (
+        "--buffer-capacity 4,092 is not a multiple of --num-envs 8: the buffer keeps 511 steps "
+        "of each env (4,088 transitions)" in out
+    )
+    assert "updates start with 16 transitions stored, fewer than --batch-size 32" in out
+    train(tiny_config(tmp_path, "default"))
+    assert "--buffer-capacity" not in capsys.readouterr().out
+
+
+def test_updates_start_with_the_transitions_the_notice_counts(tmp_path, monkeypatch):
+    """The notice's count of stored transitions at the first update is the buffer's."""
+    from crl_fast.buffer import TrajectoryBuffer
+
+    stored, sample = [], TrajectoryBuffer.sample
+
+    def sample_spy(self, batch_size, **kwargs):
+        stored.append(len(self))
+        return sample(self, batch_size, **kwargs)
+
+    monkeypatch.setattr(TrajectoryBuffer, "sample", sample_spy)
+    train(tiny_config(tmp_path, total_env_steps=64, learning_starts=12))
+    assert stored[0] == 16
 
 
 def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
@@ -846,6 +872,7 @@ def test_env_kwargs_reach_the_env(tmp_path):
         (["train", "--env-kwargs", '{"success_distance": 0}'], "success_distance must be a"),
         (["train", "--goal-mode", "future"], "invalid choice: 'future'"),
         (["train", "--actor-goal-mode", "random"], "invalid choice: 'random'"),
+        (["train", "--env-kwargs", '{"seed": 3}'], "env_kwargs cannot set 'seed': the run sets"),
         (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "--episodes: must be a positive"),
     ],
 )
