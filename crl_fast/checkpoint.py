@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -59,10 +60,17 @@ def load_checkpoint(
     there is none, it cannot be read, or it is not a dict holding ``keys``."""
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint file at {path}")
+    if not _is_zip(path):  # torch.save writes zip archives
+        raise ValueError(
+            f"cannot read checkpoint {path}: not a torch.save file (damaged, truncated, or "
+            "another file: a run's is <run>/checkpoint.pt)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged file fails anywhere in the unpickler
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights only" in first.lower():  # not torch's advice to unpickle arbitrary code
+            first = "it holds objects other than tensors and plain values"
         raise ValueError(
             f"cannot read checkpoint {path} (damaged, truncated or not one?): {first}"
         ) from error
@@ -70,6 +78,13 @@ def load_checkpoint(
     if missing:
         raise ValueError(f"{path} is not a crl-fast training checkpoint: no {missing}")
     return state
+
+
+def _is_zip(path: str | os.PathLike) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # a damaged header can raise instead of saying no
+        return False
 
 
 def seed_everything(seed: int) -> None:

@@ -625,6 +625,22 @@ def test_a_checkpoint_cut_anywhere_is_a_value_error(tmp_path):
             load_checkpoint(path)
 
 
+class _Pickled:
+    """An object weights-only loading refuses (a checkpoint crl-fast did not write)."""
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    """A config.json given as the checkpoint, or a pickle of arbitrary objects: named, and
+    without torch's advice to load with weights_only=False (it would run the pickle's code)."""
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    with pytest.raises(ValueError, match=r"config\.json: not a torch\.save file"):
+        load_checkpoint(tmp_path / "config.json")
+    torch.save({"agent": _Pickled()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="holds objects other than tensors") as error:
+        load_checkpoint(tmp_path / "other.pt")
+    assert "weights_only" not in str(error.value)
+
+
 def test_a_damaged_checkpoint_loads_or_is_a_value_error(tmp_path):
     """A flipped byte may leave a readable file (a changed weight); otherwise the unpickler
     fails anywhere (KeyError, IndexError, TypeError...): always the same ValueError."""
