@@ -258,8 +258,11 @@ def _contrastive_loss(
         )  # fmt: skip
 
     flat = name in ("flatnce", "flatnce_backward")
-    want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce")
-    want_row_lse |= config.logsumexp_penalty > 0 or return_metrics
+    # An ``if``, not ``|=``: under torch.compile the penalty may be symbolic, and torch 2.11's
+    # dynamo wrote ``True |= (penalty > 0)`` into its graph (a SyntaxError).
+    want_row_lse = name in ("infonce", "symmetric_infonce", "flatnce") or return_metrics
+    if config.logsumexp_penalty > 0:
+        want_row_lse = True
     want_col_lse = name in ("infonce_backward", "symmetric_infonce", "flatnce_backward")
     # Off-diagonal sums are computed directly; the full logsumexp is logaddexp(off, L_ii).
     mask_diag = config.exclude_positive_from_lse or flat
