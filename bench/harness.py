@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from crl_fast.checkpoint import versions
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -218,17 +220,12 @@ def run_facts() -> dict[str, Any]:
 
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Facts that make a number reproducible: device, versions, git SHA, date."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    found = versions()
     return {
         "device": device_name(device),
-        "torch": torch.__version__,
+        "torch": found["torch"],
         "cuda": torch.version.cuda,
-        "triton": triton_version,
+        "triton": found["triton"],
         **run_facts(),
     }
 

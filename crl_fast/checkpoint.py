@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 import zipfile
 from collections.abc import Callable
@@ -85,6 +86,25 @@ def _is_zip(path: str | os.PathLike) -> bool:
         return zipfile.is_zipfile(path)
     except zipfile.BadZipFile:  # a damaged header can raise instead of saying no
         return False
+
+
+def versions() -> dict[str, str | None]:
+    """The versions that produced a run or a number: crl-fast, torch, Triton (None if absent),
+    Python."""
+    from crl_fast import __version__
+
+    try:
+        import triton
+
+        triton_version = str(triton.__version__)
+    except ImportError:
+        triton_version = None
+    return {  # plain str: torch's version is a TorchVersion, which weights-only loads refuse
+        "crl_fast": __version__,
+        "torch": str(torch.__version__),
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
 
 
 def seed_everything(seed: int) -> None:

@@ -29,6 +29,7 @@ from crl_fast.checkpoint import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    versions,
     write_atomically,
 )
 from crl_fast.checks import on_device, resolve_device
@@ -338,6 +339,7 @@ def _train_in(
             f"no updates: the run earns {credit:.3g} updates' credit after --learning-starts "
             f"{config.learning_starts:,} (random actions only)"
         )
+    print(", ".join(f"{k} {v}" for k, v in versions().items() if v) + f"; device {device}")
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
     if config.agent.fused_mlp and not fused_mlp.runs_on(device):
@@ -373,6 +375,7 @@ def _train_in(
             "metrics": metrics,
             "log_rows": len(logger.rows),  # what a resumed run keeps of metrics.jsonl
             "rng": rng_state(),
+            "versions": versions(),
         }
         save_checkpoint(state, run_dir / CHECKPOINT_NAME)
         logger.flush()

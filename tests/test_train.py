@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import crl_fast
 from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
 from crl_fast.checkpoint import load_checkpoint, save_checkpoint
@@ -357,7 +358,8 @@ def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_star
 def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch):
     """Steps rounded up to a multiple of the envs; --fused-mlp where its kernels cannot run
     (here a CPU without Triton's interpreter); a buffer rounded down to whole steps of every
-    env, and batches larger than the buffer holds when updates start."""
+    env, and batches larger than the buffer holds when updates start. It also says, and its
+    checkpoints keep, the versions it ran with."""
     monkeypatch.setattr("crl_fast.fused_mlp.runs_on", lambda device: False)
     agent = AgentConfig(width=32, fused_mlp=True)
     config = tiny_config(
@@ -373,6 +375,9 @@ def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch)
         "of each env (4,088 transitions)" in out
     )
     assert "updates start with 16 transitions stored, fewer than --batch-size 32" in out
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["versions"]  # and printed:
+    assert saved["torch"] == torch.__version__ and f"torch {torch.__version__}" in out
+    assert saved["crl_fast"] == crl_fast.__version__ and f"crl_fast {saved['crl_fast']}" in out
     train(tiny_config(tmp_path, "default"))
     assert "--buffer-capacity" not in capsys.readouterr().out
 
