@@ -205,17 +205,30 @@ def device_name(device: torch.device | str) -> str:
 
 
 def run_facts() -> dict[str, Any]:
-    """Python version, git SHA, date, command line and the settings read from the environment
-    (``CRL_FAST_*``, ``TORCHINDUCTOR_*``, ``TRITON_*``) of this run; any framework's results
-    carry them."""
-    prefixes = ("CRL_FAST_", "TORCHINDUCTOR_", "TRITON_")
+    """Python version, host CPU and threads, git SHA, date, command line and the settings read
+    from the environment (``CRL_FAST_*``, ``TORCHINDUCTOR_*``, ``TRITON_*``, ``OMP_*``,
+    ``MKL_*``) of this run; any framework's results carry them."""
+    prefixes = ("CRL_FAST_", "TORCHINDUCTOR_", "TRITON_", "OMP_", "MKL_")
     return {
         "python": platform.python_version(),
+        "cpu": _cpu_model(),  # the host: it launches the kernels, and times the CPU rows
+        "cpu_count": os.cpu_count(),
         "git_sha": _git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "env_vars": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -226,6 +239,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "torch": found["torch"],
         "cuda": torch.version.cuda,
         "triton": found["triton"],
+        "torch_threads": torch.get_num_threads(),
         **run_facts(),
     }
 

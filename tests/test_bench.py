@@ -65,7 +65,8 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     module.main()
     (path,) = tmp_path.glob(f"{name}-*.json")
     result = json.loads(path.read_text())
-    assert {"device", "torch", "git_sha", "date"} <= result["env"].keys()
+    facts = {"device", "torch", "torch_threads", "cpu", "cpu_count", "git_sha", "date"}
+    assert facts <= result["env"].keys()
     assert result["rows"] and all(keys <= row.keys() for row in result["rows"])
     assert all(row.get("status", "ok") == "ok" for row in result["rows"]), result["rows"]
     for row in result["rows"]:  # every time and rate measured is a positive number (fixed_s,
