@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
-from crl_fast.checks import on_device, positive_int, resolve_device
+from crl_fast.checks import check_bool, on_device, positive_int, resolve_device
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -154,6 +154,7 @@ class CRL:
     ) -> torch.Tensor:
         """Actions in [-1, 1]: samples for collection, tanh(mean) for evaluation."""
         self._check_rows(observation=obs, goal=goal)
+        check_bool("deterministic", deterministic)  # "yes" would be truthy, "no" too
         return self._act(obs, goal, deterministic=deterministic)
 
     def _check_rows(self, **tensors: torch.Tensor) -> None:

@@ -429,6 +429,8 @@ def test_config_and_batches_of_the_wrong_kind_are_named():
         small_agent().update(as_dict)
     with pytest.raises(TypeError, match="actor_batch must be a GoalBatch"):
         small_agent().update(toy_batch(8), actor_batch=(obs, goal))
+    with pytest.raises(TypeError, match="deterministic must be"):
+        small_agent().act(obs, goal, deterministic="no")
 
 
 def test_compiled_act_matches_eager():
