@@ -16,6 +16,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     device_label,
     graphed,
     measure,
@@ -130,13 +131,14 @@ def main() -> None:
     for key in ("capacity", "num_envs", "batch", "txt_envs"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=positive_int, default=None)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_name_argument(parser, "buffer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = default_sizes(args.device)
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     rows = bench_rows(args.device, sizes)
-    path = write_results("buffer", args.device, rows)
+    path = write_results(args.name or "buffer", args.device, rows)
     label = device_label(args.device)
     columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "host_us", "p80_us"]
     print_table(rows, [*columns, "samples_per_s"], title=f"buffer on {label} ({path.name})")

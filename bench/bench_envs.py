@@ -15,6 +15,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     device_label,
     graphed,
     measure,
@@ -77,6 +78,7 @@ def main() -> None:
         help="envs also timed after env.compile(), at the largest N (default on CUDA: "
         "point_umaze reacher; on CPU: none)",
     )
+    add_name_argument(parser, "envs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +88,7 @@ def main() -> None:
     rows += [bench(name, max(args.num_envs), args.device, compiled=True) for name in compiled]
     if cuda:
         rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
-    path = write_results("envs", args.device, rows)
+    path = write_results(args.name or "envs", args.device, rows)
     label = device_label(args.device)
     columns = ["env", "num_envs", "median_ms", "host_ms", "p80_ms", "env_steps_per_s", "status"]
     print_table(rows, columns, title=f"env steps/s on {label} ({path.name})")

@@ -25,12 +25,12 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     count,
     graphed,
     measure,
     positive_int,
     print_table,
-    results_name,
     tuned_configs,
     write_results,
 )
@@ -152,12 +152,7 @@ def main() -> None:
         help=f"first N of the {len(COMBOS)} loss combos, at B = 16384 (CPU: 1024; with --sizes, "
         "the largest)",
     )
-    parser.add_argument(
-        "--name",
-        type=results_name,
-        help="results file bench/results/<name>-<device>.json (default: loss, plus the "
-        "experimental switches on; give one to a partial run, or it replaces the full table)",
-    )
+    add_name_argument(parser, "loss, plus the experimental switches on")
     args = parser.parse_args()
     if args.autotune:
         os.environ["CRL_FAST_AUTOTUNE"] = "1"

@@ -26,6 +26,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     cuda_kernels,
     device_label,
     graphed,
@@ -86,6 +87,7 @@ def main() -> None:
     most = fused_mlp.MAX_WIDTH
     parser.add_argument("--width", type=positive_int, default=256, help=f"at most {most}")
     parser.add_argument("--graph-reps", type=positive_int, default=20, help="passes per graph")
+    add_name_argument(parser, "mlp")
     args = parser.parse_args()
     if args.width > most:
         parser.error(f"--width: the fused kernels take at most {most}, got {args.width}")
@@ -135,7 +137,7 @@ def main() -> None:
                     rows.append(row)
                     print(row, flush=True)
     extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}  # high: TF32
-    path = write_results("mlp", device, rows, extra=extra)
+    path = write_results(args.name or "mlp", device, rows, extra=extra)
     label = device_label(device)
     cols = ["impl", "path", "pass", "B", "precision", "rel_error", "us_per_pass", "status"]
     print_table(rows, [*cols, "kernels_per_pass"], title=f"MLP pass, {label} ({path.name})")

@@ -30,6 +30,7 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     device_label,
     positive_int,
     print_table,
@@ -110,6 +111,7 @@ def main() -> None:
         "--env-steps", type=positive_int, nargs=2, default=None, metavar=("SHORT", "LONG")
     )
     parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per budget")
+    add_name_argument(parser, "train")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     modes = args.modes or (GPU_MODES if cuda else ["eager"])
@@ -126,7 +128,8 @@ def main() -> None:
     for mode in modes:
         rows.append(bench(mode, budgets, num_envs, args.device, args.repeats))
         print(rows[-1], flush=True)
-        path = write_results("train", args.device, rows)  # after each row: survives a timeout
+        # After each row: a run stopped by a time limit keeps its rows.
+        path = write_results(args.name or "train", args.device, rows)
     label = device_label(args.device)
     columns = ["mode", "num_envs", "env_steps_per_s", "updates_per_s", "fixed_s", "projected_10M_s"]
     print_table(rows, [*columns, "target_s"], title=f"training, point_umaze, {label} ({path.name})")

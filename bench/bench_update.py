@@ -35,12 +35,12 @@ import torch
 
 from bench.harness import (
     add_device_argument,
+    add_name_argument,
     cuda_kernels,
     device_label,
     measure,
     positive_int,
     print_table,
-    results_name,
     tuned_configs,
     write_results,
 )
@@ -157,12 +157,7 @@ def main() -> None:
         "--graph-steps", type=positive_int, default=16, help="updates per CUDA graph"
     )
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
-    parser.add_argument(
-        "--name",
-        type=results_name,
-        help="results file bench/results/<name>-<device>.json (default: update, or "
-        "update-autotuned with CRL_FAST_AUTOTUNE=1)",
-    )
+    add_name_argument(parser, "update, or update-autotuned with CRL_FAST_AUTOTUNE=1")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,6 +50,16 @@ def results_name(text: str) -> str:
     return text
 
 
+def add_name_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--name``: the results file's name, ``default`` (described) unless given."""
+    parser.add_argument(
+        "--name",
+        type=results_name,
+        help=f"results file bench/results/<name>-<device>.json (default: {default}); give a "
+        "partial run a name of its own, or it replaces the full table",
+    )
+
+
 def device(text: str) -> str:
     """argparse type of ``--device``: cpu or a CUDA device this machine has (else a one-line
     error, not a traceback from the first tensor made there)."""

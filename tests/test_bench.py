@@ -38,6 +38,11 @@ CASES = {
         ["--num-envs", "8", "--envs", "point_umaze", "--compiled", "point_umaze"],
         {"env_steps_per_s"},
     ),
+    "envs-partial": (  # any benchmark's partial run: a file of its own
+        bench_envs,
+        ["--num-envs", "8", "--envs", "reacher", "--name", "envs-partial"],
+        {"env_steps_per_s"},
+    ),
     "update": (bench_update, ["--batch-size", "16"], {"mode", "updates_per_s"}),
     "train": (
         bench_train,
