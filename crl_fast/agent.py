@@ -331,7 +331,7 @@ class CRL:
             raise ValueError(f"not a CRL agent state: it lacks {missing} (it has {sorted(state)})")
         try:
             self._load(state)
-        except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        except Exception as error:  # a malformed state fails anywhere
             self._load(backup)  # nothing half-loaded
             raise ValueError(f"this state does not fit the agent: {error}") from error
 

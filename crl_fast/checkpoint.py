@@ -63,15 +63,17 @@ def load_checkpoint(
         raise ValueError(f"no checkpoint file at {path}")
     if not _is_zip(path):  # torch.save writes zip archives
         raise ValueError(
-            f"cannot read checkpoint {path}: not a torch.save file (damaged, truncated, or "
-            "another file: a run's is <run>/checkpoint.pt)"
+            f"cannot read checkpoint {path}: not a zip-format torch.save file (damaged, "
+            "truncated, or another file: a run's is <run>/checkpoint.pt)"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged file fails anywhere in the unpickler
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "weights only" in first.lower():  # not torch's advice to unpickle arbitrary code
-            first = "it holds objects other than tensors and plain values"
+            detail = [line.strip() for line in str(error).splitlines() if "Unsupported" in line]
+            first = "it holds objects other than tensors and plain values, or is damaged"
+            first += f" ({detail[0]})" if detail else ""
         raise ValueError(
             f"cannot read checkpoint {path} (damaged, truncated or not one?): {first}"
         ) from error

@@ -25,6 +25,21 @@ def run_update_credit(config: TrainConfig) -> float:
     return max(0, iterations(config) - first + 1) * config.num_envs * config.updates_per_env_step
 
 
+def first_update_step(config: TrainConfig, cuda_graph: bool) -> int | None:
+    """The env step after which the loop makes its first update (None: it makes none): the end
+    of the first iteration whose credit, added as the loop adds it, reaches one update; with
+    CUDA graphs the first iteration that earns any (its warm-up updates run at once)."""
+    if config.updates_per_env_step <= 0:
+        return None
+    first = max(1, -(-config.learning_starts // config.num_envs))  # first iteration that earns
+    credit = 0.0
+    for i in range(first, iterations(config) + 1):
+        credit += config.num_envs * config.updates_per_env_step
+        if cuda_graph or credit >= 1:
+            return i * config.num_envs
+    return None
+
+
 def reports_metrics(
     update_credit: float, env_steps: int, config: TrainConfig, before: int, per_call: int
 ) -> bool:

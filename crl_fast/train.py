@@ -38,7 +38,13 @@ from crl_fast.envs import GoalVectorEnv, make_env
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir
-from crl_fast.schedule import crossed, iterations, reports_metrics, run_update_credit
+from crl_fast.schedule import (
+    crossed,
+    first_update_step,
+    iterations,
+    reports_metrics,
+    run_update_credit,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
@@ -165,10 +171,13 @@ def make_buffer(config: TrainConfig, env: GoalVectorEnv, device: torch.device) -
     )
 
 
-def buffer_notices(config: TrainConfig, buffer: TrajectoryBuffer) -> list[str]:
+def buffer_notices(
+    config: TrainConfig, buffer: TrajectoryBuffer, cuda_graph: bool, env_steps: int
+) -> list[str]:
     """What the buffer does other than the flags say: a capacity rounded down to whole steps
-    of every env, and batches larger than what is stored when updates start (sampling draws
-    with replacement, so such batches repeat transitions)."""
+    of every env, and batches larger than what it holds (sampling draws with replacement, so
+    such batches repeat transitions): always, or when updates start (unless the run, at
+    ``env_steps``, is past that)."""
     notices = []
     kept = buffer.capacity * config.num_envs
     if kept != config.buffer_capacity:
@@ -177,9 +186,15 @@ def buffer_notices(config: TrainConfig, buffer: TrajectoryBuffer) -> list[str]:
             f"{config.num_envs}: the buffer keeps {buffer.capacity:,} steps of each env "
             f"({kept:,} transitions)"
         )
-    steps = -(-max(config.learning_starts, 1) // config.num_envs)  # collected before updating
-    stored = min(steps, buffer.capacity) * config.num_envs
-    if config.updates_per_env_step and stored < config.batch_size:
+    first = first_update_step(config, cuda_graph)
+    if first is None:
+        return notices
+    if kept < config.batch_size:
+        notices.append(
+            f"the buffer holds at most {kept:,} transitions, fewer than --batch-size "
+            f"{config.batch_size:,}: every batch repeats transitions (drawn with replacement)"
+        )
+    elif env_steps < first and (stored := min(first, kept)) < config.batch_size:
         notices.append(
             f"updates start with {stored:,} transitions stored, fewer than --batch-size "
             f"{config.batch_size:,}: batches repeat transitions (drawn with replacement) until "
@@ -349,7 +364,7 @@ def _train_in(
             f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
             f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
         )
-    for notice in buffer_notices(config, buffer):
+    for notice in buffer_notices(config, buffer, speed["cuda_graph"], loop.env_steps):
         print(notice)
     logger = MetricsLogger(
         run_dir,

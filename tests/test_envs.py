@@ -813,7 +813,7 @@ class _DoubleObservation(FreePoint):
 @pytest.mark.parametrize(
     ("env", "error", "match"),
     [
-        (_ViewPoint, ValueError, r"\['observation'\] shares memory with the env's state"),
+        (_ViewPoint, ValueError, r"\['observation'\] shares memory with the state 'pos'"),
         (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
     ],
@@ -823,3 +823,19 @@ def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):
     for views, never: the buffer would have stored s_{t+1} as s_t."""
     with pytest.raises(error, match=match):
         env(4, seed=0)
+
+
+class _RandomisedMass(FreePoint):
+    """State drawn once after construction (domain randomisation), not at each reset."""
+
+    _sim_keys = ("pos", "goal", "mass")
+
+    def __init__(self, num_envs, **kwargs):
+        super().__init__(num_envs, **kwargs)
+        self.mass = torch.rand(num_envs, generator=self.generator, device=self.device) + 0.5
+
+
+def test_state_set_after_the_first_reset_is_not_an_error():
+    env = _RandomisedMass(4, seed=0)
+    obs, _ = env.reset(seed=1)
+    assert obs["observation"].shape == (4, 2) and "mass" in env.state_dict()

@@ -378,13 +378,27 @@ def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch)
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["versions"]  # and printed:
     assert saved["torch"] == torch.__version__ and f"torch {torch.__version__}" in out
     assert saved["crl_fast"] == crl_fast.__version__ and f"crl_fast {saved['crl_fast']}" in out
+    train(dataclasses.replace(config, resume=True, total_env_steps=512))
+    assert "updates start" not in capsys.readouterr().out  # a resumed run is past them
     train(tiny_config(tmp_path, "default"))
     assert "--buffer-capacity" not in capsys.readouterr().out
+    train(tiny_config(tmp_path, "small", buffer_capacity=16))
+    assert "the buffer holds at most 16 transitions, fewer than --batch-size 32" in (
+        capsys.readouterr().out
+    )
 
 
-def test_updates_start_with_the_transitions_the_notice_counts(tmp_path, monkeypatch):
-    """The notice's count of stored transitions at the first update is the buffer's."""
+@pytest.mark.parametrize(
+    ("learning_starts", "per_env_step"), [(12, 1 / 8), (20, 1 / 16), (0, 1 / 8), (5, 1 / 64)]
+)
+def test_updates_start_with_the_transitions_the_notice_counts(
+    tmp_path, monkeypatch, learning_starts, per_env_step
+):
+    """The notice's first update (schedule.first_update_step) is the loop's: the buffer holds
+    that many transitions at the first sample, also where an iteration earns less than one
+    update."""
     from crl_fast.buffer import TrajectoryBuffer
+    from crl_fast.schedule import first_update_step
 
     stored, sample = [], TrajectoryBuffer.sample
 
@@ -393,8 +407,14 @@ def test_updates_start_with_the_transitions_the_notice_counts(tmp_path, monkeypa
         return sample(self, batch_size, **kwargs)
 
     monkeypatch.setattr(TrajectoryBuffer, "sample", sample_spy)
-    train(tiny_config(tmp_path, total_env_steps=64, learning_starts=12))
-    assert stored[0] == 16
+    config = tiny_config(
+        tmp_path,
+        total_env_steps=128,
+        learning_starts=learning_starts,
+        updates_per_env_step=per_env_step,
+    )
+    train(config)
+    assert stored[0] == first_update_step(config, cuda_graph=False)
 
 
 def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
@@ -638,12 +658,12 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     """A config.json given as the checkpoint, or a pickle of arbitrary objects: named, and
     without torch's advice to load with weights_only=False (it would run the pickle's code)."""
     (tmp_path / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
-    with pytest.raises(ValueError, match=r"config\.json: not a torch\.save file"):
+    with pytest.raises(ValueError, match=r"config\.json: not a zip-format torch\.save file"):
         load_checkpoint(tmp_path / "config.json")
     torch.save({"agent": _Pickled()}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="holds objects other than tensors") as error:
         load_checkpoint(tmp_path / "other.pt")
-    assert "weights_only" not in str(error.value)
+    assert "weights_only" not in str(error.value) and "_Pickled" in str(error.value)
 
 
 def test_a_damaged_checkpoint_loads_or_is_a_value_error(tmp_path):

@@ -245,14 +245,14 @@ class TorchGoalVectorEnv(VectorEnv):
         """``obs`` if it holds float32 ``(num_envs, width)`` tensors of the declared widths on
         the env's device, none sharing memory with the state (a view would change under the
         caller at the next step: the buffer would store s_{t+1} as s_t); else a TypeError or
-        ValueError naming the env. Checked at reset, not in the (compiled) step: an env whose
-        observations are wrong is wrong from its first one."""
+        ValueError naming the env. Checked at each reset, not in the (compiled) step: an env
+        whose observations are wrong is wrong from its first one."""
         name = f"{type(self).__name__}._observe()"
         widths = dict(zip(GOAL_KEYS, (self.obs_dim, self.goal_dim, self.goal_dim), strict=True))
         if not isinstance(obs, dict) or set(obs) != set(GOAL_KEYS):
             got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
             raise TypeError(f"{name} must return a dict with keys {GOAL_KEYS}, got {got}")
-        state = [getattr(self, key) for key in self._state_keys]
+        state = {key: getattr(self, key, None) for key in self._state_keys}  # some set later
         for key, width in widths.items():
             t = obs[key]
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
@@ -263,10 +263,12 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"{name}[{key!r}] must be ({self.num_envs}, {width}) on {self.device} (the "
                     f"env's num_envs and declared width), got {tuple(t.shape)} on {t.device}"
                 )
-            if any(_shares_memory(t, s) for s in state):
+            shared = [k for k, s in state.items() if _shares_memory(t, s)]
+            if shared:
                 raise ValueError(
-                    f"{name}[{key!r}] shares memory with the env's state: return new tensors "
-                    "(e.g. .clone()), or the next step changes the observation already returned"
+                    f"{name}[{key!r}] shares memory with the state {shared[0]!r}: _observe must "
+                    "return new tensors (e.g. .clone()), since a step that updates the state in "
+                    "place would change an observation already returned"
                 )
         return obs
 
