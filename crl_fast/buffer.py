@@ -33,6 +33,7 @@ from crl_fast.checks import (
     generator_state,
     positive_int,
     resolve_device,
+    seed_int,
     triton_available,
     triton_runs_on,
 )
@@ -135,6 +136,8 @@ def sample_reference(
 
 
 def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
@@ -247,10 +250,8 @@ class TrajectoryBuffer:
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         else:
-            self.generator.manual_seed(int(seed))
+            self.generator.manual_seed(seed_int(seed))
 
     @property
     def capacity(self) -> int:

@@ -28,6 +28,16 @@ def positive_real(name: str, value: object) -> float:
     return float(value)
 
 
+def seed_int(value: object) -> int:
+    """``value`` as an int if it is an integer in [0, 2**64) (what a torch generator takes; numpy's
+    ints too, bool not), else a TypeError or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {value!r}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {value}")
+    return int(value)
+
+
 def check_bool(name: str, value: object) -> None:
     """A TypeError naming ``name`` unless ``value`` is True or False (numpy's bools, 0 and 1
     are not: a flag given a wrong value is more likely a mistake than a choice)."""

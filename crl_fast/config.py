@@ -167,6 +167,9 @@ class AgentConfig:
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
             raise ValueError("width, depth and repr_dim must be positive")
+        for name in ("critic_lr", "actor_lr", "alpha_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.fused_mlp:
             check_supported(self.depth, self.layer_norm, self.residual, self.width, self.repr_dim)
         if self.alpha < 0 or (self.alpha == 0 and self.autotune_alpha):
@@ -248,6 +251,8 @@ class TrainConfig:
         check_choices(self)
         check_finite(self)
         check_goal_mix(self.random_goal_fraction, self.current_goal_fraction)
+        if not 0 <= self.seed < 2**32:  # NumPy's global seed takes 32 bits
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
         positive = ("num_envs", "total_env_steps", "batch_size", "buffer_capacity", "graph_updates")
         for name in (*positive, "eval_every", "eval_episodes", "log_every"):
             if getattr(self, name) < 1:

@@ -34,7 +34,7 @@ from crl_fast.checkpoint import (
 )
 from crl_fast.checks import on_device, resolve_device
 from crl_fast.config import TrainConfig, check_resume
-from crl_fast.envs import GoalVectorEnv, make_env
+from crl_fast.envs import GoalVectorEnv, make_env, registered_at_run_time
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir
@@ -345,9 +345,12 @@ def _train_in(
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
         if loop.env_steps >= config.total_env_steps:
             print(f"--total-env-steps {config.total_env_steps:,} is reached already: no training")
-    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(json.dumps(config.to_dict(), indent=2))
     print(f"run directory: {run_dir}")
+    # A new run's first evaluation comes before its first file: an env that fails in it (wrong
+    # observations after a step, say) leaves no half-made run directory behind.
+    first_eval = evaluate(agent, eval_env, eval_seed(config)) if loop.env_steps == 0 else None
+    write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     credit = run_update_credit(config)
     if config.updates_per_env_step and (credit == 0 or (credit < 1 and not speed["cuda_graph"])):
         print(
@@ -366,6 +369,11 @@ def _train_in(
         )
     for notice in buffer_notices(config, buffer, speed["cuda_graph"], loop.env_steps):
         print(notice)
+    if registered_at_run_time(config.env):
+        print(
+            f"--env {config.env} is registered by this process: `crl-fast eval` and `--resume` "
+            "cannot build it (register it again in Python first; --env <module>:<name> can)"
+        )
     logger = MetricsLogger(
         run_dir,
         config.tensorboard,
@@ -395,13 +403,15 @@ def _train_in(
         save_checkpoint(state, run_dir / CHECKPOINT_NAME)
         logger.flush()
 
-    def evaluate_now() -> None:
-        loop.last_eval = evaluate(agent, eval_env, eval_seed(config))
-        loop.last_eval_step = loop.env_steps
-        logger.log(loop.env_steps, {**loop.last_eval, "charts/time_s": loop.elapsed_s})
+    def log_eval(result: dict[str, float]) -> None:
+        loop.last_eval, loop.last_eval_step = result, loop.env_steps
+        logger.log(loop.env_steps, {**result, "charts/time_s": loop.elapsed_s})
 
-    if loop.env_steps == 0:
-        evaluate_now()
+    def evaluate_now() -> None:
+        log_eval(evaluate(agent, eval_env, eval_seed(config)))
+
+    if first_eval is not None:
+        log_eval(first_eval)
     train_step = None  # built at the first update (a CUDA graph needs a non-empty buffer)
     start = time.perf_counter() - loop.elapsed_s
     log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates

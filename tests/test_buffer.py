@@ -567,8 +567,14 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
         make(capacity=0)
     with pytest.raises(ValueError, match="random_goal_fraction"):
         make(random_goal_fraction=1.5)
+    for fraction in (True, "0.1", None):  # True would make every goal random
+        with pytest.raises(TypeError, match="current_goal_fraction must be a number"):
+            make(current_goal_fraction=fraction)
     for seed in (1.5, "a", True):
         with pytest.raises(TypeError, match="seed"):
+            make(seed=seed)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*64\)"):
             make(seed=seed)
     with pytest.raises(ValueError, match="CPU and CUDA"):
         make(device="meta")

@@ -250,6 +250,7 @@ def test_reset_mask_resets_only_those_envs(name):
     [
         ({"seed": [1, 2]}, "one int seed"),
         ({"seed": 1.5}, "one int seed"),
+        ({"seed": 2**64}, r"seed must lie in \[0, 2\*\*64\)"),
         ({"options": {"reset_mask": [True, False]}}, "shape"),
         ({"options": {"reset_mask": [1, 0, 1]}}, "bool"),
         ({"options": {"goal": 3}}, "only the reset_mask"),
@@ -789,6 +790,37 @@ def test_adapter_renders_through_the_wrapped_env():
     assert env.render_mode == "rgb_array" and len(env.render()) == 2
 
 
+class _NumpyBoolSuccess(TinyGoalEnv):
+    """Reports success as ``np.bool_``, as most hand-written envs do: Gymnasium's vector env
+    collects such values into an object array."""
+
+    def step(self, action):
+        *out, info = super().step(action)
+        return *out, {"is_success": np.bool_(info["is_success"])}
+
+
+class _WideDesiredGoal(TinyGoalEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        box = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+        self.observation_space = gym.spaces.Dict(
+            dict(self.observation_space) | {"desired_goal": box}
+        )
+
+
+def test_adapter_reads_numpy_bool_success_and_refuses_unequal_goal_widths():
+    def rollout(env_class):
+        env = GymnasiumGoalVectorEnv(SyncVectorEnv([env_class] * 16))
+        return [info["success"] for *_, info in adapter_rollout(env, 60)[1:]]
+
+    plain, numpy_bool = rollout(TinyGoalEnv), rollout(_NumpyBoolSuccess)
+    assert sum(int(s.sum()) for s in plain) > 0
+    for a, b in zip(plain, numpy_bool, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"desired_goal must be as wide as achieved_goal \(2\)"):
+        GymnasiumGoalVectorEnv(SyncVectorEnv([_WideDesiredGoal] * 2))
+
+
 class _ViewPoint(FreePoint):
     """Moves its state in place and observes it without copies: an observation returned before
     a step would change with it."""
@@ -810,12 +842,20 @@ class _DoubleObservation(FreePoint):
         return super()._observe() | {"observation": self.pos.double()}
 
 
+class _UnsavedState(FreePoint):
+    """Its velocity is state a checkpoint would not save: resuming would change the run."""
+
+    def _initial_state(self, draws):
+        return super()._initial_state(draws) | {"vel": torch.zeros(self.num_envs, 2)}
+
+
 @pytest.mark.parametrize(
     ("env", "error", "match"),
     [
         (_ViewPoint, ValueError, r"\['observation'\] shares memory with the state 'pos'"),
         (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
+        (_UnsavedState, ValueError, r"_initial_state must return a dict keyed by _sim_keys"),
     ],
 )
 def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):
@@ -833,6 +873,28 @@ class _RandomisedMass(FreePoint):
     def __init__(self, num_envs, **kwargs):
         super().__init__(num_envs, **kwargs)
         self.mass = torch.rand(num_envs, generator=self.generator, device=self.device) + 0.5
+
+
+class _MisnamedState(FreePoint):
+    _sim_keys = ("pos", "goal", "position")  # never set: the first checkpoint would fail
+
+
+class _DoubleAfterAStep(FreePoint):
+    def _advance(self, action):
+        self.pos = (self.pos + 0.1 * action).double()
+
+
+@pytest.mark.parametrize(
+    ("env", "error", "match"),
+    [
+        (_MisnamedState, ValueError, r"_sim_keys names \['position'\], which are not tensor"),
+        (_DoubleAfterAStep, TypeError, r"\['observation'\] must be a float32 tensor"),
+    ],
+)
+def test_an_env_whose_state_or_steps_go_wrong_is_refused_at_its_first_step(env, error, match):
+    env = env(4, seed=0)
+    with pytest.raises(error, match=match):
+        env.step(torch.zeros(4, 2))
 
 
 def test_state_set_after_the_first_reset_is_not_an_error():

@@ -25,6 +25,7 @@ from crl_fast.envs import make_env
 from crl_fast.logger import MetricsLogger, read_jsonl
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir, new_run_dir
 from crl_fast.train import eval_seed, evaluate, load_agent, train
+from tests.free_point_env import FreePoint
 
 
 def tiny_config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
@@ -440,7 +441,7 @@ def test_an_env_of_your_own_trains_from_the_command_line(tmp_path, capsys):
     main(["train", *env, *flags.split(), "--run-dir", str(run_dir), "--no-tensorboard"])
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["env"] == "tests.free_point_env:free_point"
-    capsys.readouterr()
+    assert "registered by this process" not in capsys.readouterr().out  # eval can rebuild it
     checkpoint = ["eval", "--checkpoint", str(run_dir / "checkpoint.pt")]
     main(checkpoint)
     last = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/success" in row][-1]
@@ -449,6 +450,14 @@ def test_an_env_of_your_own_trains_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused before evaluating: FreePoint draws no frames
         main([*checkpoint, "--video", str(tmp_path / "v.gif")])
     assert "FreePoint does not draw frames" in capsys.readouterr().err
+
+
+def test_a_run_of_an_env_registered_by_a_script_says_what_cannot_rebuild_it(tmp_path, capsys):
+    from crl_fast.envs import register_env
+
+    register_env("script_point", FreePoint, replace=True)
+    train(tiny_config(tmp_path, env="script_point", total_env_steps=64, learning_starts=64))
+    assert "--env script_point is registered by this process" in capsys.readouterr().out
 
 
 def test_python_m_crl_fast_is_the_command_line():
@@ -573,6 +582,35 @@ def test_cli_shows_the_traceback_of_a_bug_outside_crl_fast(tmp_path, monkeypatch
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["train", "--env", "buggy_factory", "--env-kwargs", '{"x": 1}'])
     assert capsys.readouterr().err == ""
+
+
+class _DoubleAfterAStep(FreePoint):
+    def _advance(self, action):
+        self.pos = (self.pos + 0.1 * action).double()
+
+
+class _CrashesAtTheFifthStep(FreePoint):
+    def _advance(self, action):
+        if int(self.elapsed_steps.max()) == 4:
+            raise RuntimeError("a bug in the env")
+        super()._advance(action)
+
+
+@pytest.mark.parametrize(
+    ("env", "error"), [(_DoubleAfterAStep, SystemExit), (_CrashesAtTheFifthStep, RuntimeError)]
+)
+def test_an_env_that_fails_in_its_first_steps_leaves_no_run_directory(
+    env, error, tmp_path, monkeypatch
+):
+    """The first evaluation runs before the run writes a file: a one-line error (float64
+    observations after a step) or the env's own traceback, and nothing left in runs/."""
+    from crl_fast.envs import register_env
+
+    register_env("failing_env", env, replace=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error):
+        main(["train", "--env", "failing_env", "--num-envs", "4", "--no-progress"])
+    assert not list(tmp_path.glob("runs/*"))
 
 
 def test_logged_rates_leave_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
@@ -900,6 +938,10 @@ def test_env_kwargs_reach_the_env(tmp_path):
         (["train", "--residual", "--depth", "6"], "positive multiple of 4"),
         (["train", "--loss", "flatnce", "--batch-size", "1"], "batch_size must be >= 2"),
         (["train", "--alpha", "0"], "alpha must be positive"),
+        (["train", "--actor-lr", "-1"], "actor_lr must be positive"),
+        (["train", "--alpha-lr", "0"], "alpha_lr must be positive"),
+        (["train", "--seed", "-1"], r"seed must lie in \[0, 2\*\*32\)"),
+        (["train", "--seed", str(2**32)], r"seed must lie in \[0, 2\*\*32\)"),
         (["train", "--actor-random-goals", "0.3"], "invalid choice: 0.3"),
         (["train", "--actor-random-goals", "1", "--batch-size", "1"], "batch_size must be >= 2"),
         (["train", "--threads", "100000"], "--threads must be at most"),

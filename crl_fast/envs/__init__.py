@@ -75,6 +75,12 @@ def register_env(
     _FACTORIES[name] = factory
 
 
+def registered_at_run_time(name: str) -> bool:
+    """Whether ``name`` is an env only a script's :func:`register_env` call makes known: a new
+    process (``crl-fast eval``, ``--resume``) cannot build it."""
+    return ":" not in name and name not in ENV_NAMES
+
+
 GoalVectorEnv = TorchGoalVectorEnv | GymnasiumGoalVectorEnv
 """What :func:`make_env` returns: either kind has the same torch API."""
 
@@ -119,8 +125,9 @@ def make_env(
     if short not in _FACTORIES:
         raise ValueError(
             f"unknown env {short!r}; valid names: {', '.join(_FACTORIES)}, "
-            f"<module>:<name> of a module that registers it (an env registered by a script: "
-            f"pass it as <module>:<name>), or {GYMNASIUM_PREFIX}<gymnasium id>"
+            f"<module>:<name> of a module that registers it, or {GYMNASIUM_PREFIX}<gymnasium id> "
+            "(a name a script registers exists while the script runs: register it again from "
+            "Python to resume or evaluate such a run, or train it as <module>:<name>)"
         )
     return _FACTORIES[short](
         num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs

@@ -231,8 +231,16 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"{type(self).__name__} takes one int seed (its envs share one generator), "
                     f"got {seed!r}"
                 )
+            if not 0 <= seed < 2**64:
+                raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
             self.generator.manual_seed(int(seed))
         initial = self._initial_state(self._draw())
+        if not isinstance(initial, dict) or not set(initial) <= set(self._sim_keys):
+            got = sorted(initial) if isinstance(initial, dict) else type(initial).__name__
+            raise ValueError(
+                f"{type(self).__name__}._initial_state must return a dict keyed by _sim_keys "
+                f"{sorted(self._sim_keys)} (the state a checkpoint saves), got {got}"
+            )
         if mask is None:
             for key, value in initial.items():
                 setattr(self, key, value)
@@ -241,18 +249,19 @@ class TorchGoalVectorEnv(VectorEnv):
             self._reset_where(mask, initial)
         return self._checked(self._observe()), {}
 
-    def _checked(self, obs: GoalObs) -> GoalObs:
+    def _checked(self, obs: GoalObs, with_state: bool = True) -> GoalObs:
         """``obs`` if it holds float32 ``(num_envs, width)`` tensors of the declared widths on
-        the env's device, none sharing memory with the state (a view would change under the
-        caller at the next step: the buffer would store s_{t+1} as s_t); else a TypeError or
-        ValueError naming the env. Checked at each reset, not in the (compiled) step: an env
-        whose observations are wrong is wrong from its first one."""
+        the env's device, none sharing memory with the state (a view would change
+        under the caller at the next step: the buffer would store s_{t+1} as s_t); else a
+        TypeError or ValueError naming the env. Checked at each reset, and after each (compiled)
+        step (``with_state=False``: not that check, its outputs are new tensors there)."""
         name = f"{type(self).__name__}._observe()"
         widths = dict(zip(GOAL_KEYS, (self.obs_dim, self.goal_dim, self.goal_dim), strict=True))
         if not isinstance(obs, dict) or set(obs) != set(GOAL_KEYS):
             got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
             raise TypeError(f"{name} must return a dict with keys {GOAL_KEYS}, got {got}")
-        state = {key: getattr(self, key, None) for key in self._state_keys}  # some set later
+        keys = self._state_keys if with_state else ()
+        state = {key: getattr(self, key, None) for key in keys}  # some set later
         for key, width in widths.items():
             t = obs[key]
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
@@ -295,7 +304,16 @@ class TorchGoalVectorEnv(VectorEnv):
     ) -> tuple[GoalObs, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Advance all envs one step, autoresetting ended ones in the same step (see class doc)."""
         action = check_action(action, self.num_envs, self.action_dim, self.device)
-        return self._transition(action, self._draw())
+        unset = [k for k in self._sim_keys if not isinstance(getattr(self, k, None), torch.Tensor)]
+        if unset:
+            raise ValueError(
+                f"{type(self).__name__}._sim_keys names {unset}, which are not tensor attributes "
+                "of the env (set them in _initial_state or __init__): a checkpoint saves them"
+            )
+        obs, reward, terminated, truncated, info = self._transition(action, self._draw())
+        self._checked(obs, with_state=False)
+        self._checked(info["final_obs"], with_state=False)
+        return obs, reward, terminated, truncated, info
 
     def _transition_eager(
         self, action: torch.Tensor, draws: dict[str, torch.Tensor]

@@ -53,6 +53,15 @@ def _episode_limit(env: VectorEnv) -> int | None:
     return env.spec.kwargs.get("max_episode_steps", env.spec.max_episode_steps)
 
 
+def _as_bool(values: Any, key: str) -> np.ndarray:
+    """An info entry as a bool array: Gymnasium collects ``np.bool_`` values (and those of envs
+    that left the key out: None) into an object array."""
+    try:
+        return np.asarray(values).astype(bool)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"info[{key!r}] must hold booleans or numbers, got {values!r}") from error
+
+
 class GymnasiumGoalVectorEnv(VectorEnv):
     """Torch view of a Gymnasium goal vector env, with SAME_STEP autoreset.
 
@@ -107,6 +116,10 @@ class GymnasiumGoalVectorEnv(VectorEnv):
             )
         self.obs_dim = _space_dim(obs_space["observation"], "observation")
         self.goal_dim = _space_dim(obs_space["achieved_goal"], "achieved_goal")
+        if (desired := _space_dim(obs_space["desired_goal"], "desired_goal")) != self.goal_dim:
+            raise ValueError(
+                f"desired_goal must be as wide as achieved_goal ({self.goal_dim}), got {desired}"
+            )
         self.action_dim = _space_dim(act_space, "the action space")
         if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
             raise ValueError(
@@ -188,7 +201,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 success = np.zeros(self.num_envs, dtype=bool)
                 for source, valid in ((info, True), (final_info, info.get("_final_info", False))):
                     if key in source:
-                        success = np.where(source[f"_{key}"] & valid, source[key], success)
+                        reported = _as_bool(source[key], key)
+                        success = np.where(source[f"_{key}"] & valid, reported, success)
                 return self._tensor(success, torch.bool)
         if self.success_distance is None:
             raise ValueError(
