@@ -167,9 +167,9 @@ class AgentConfig:
             raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
         if min(self.width, self.depth, self.repr_dim) < 1:
             raise ValueError("width, depth and repr_dim must be positive")
-        for name in ("critic_lr", "actor_lr", "alpha_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("critic_lr", "actor_lr", "alpha_lr"):  # 0 freezes, as in torch.optim
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fused_mlp:
             check_supported(self.depth, self.layer_norm, self.residual, self.width, self.repr_dim)
         if self.alpha < 0 or (self.alpha == 0 and self.autotune_alpha):
