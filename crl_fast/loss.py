@@ -95,20 +95,25 @@ class LossConfig:
         return (2 if cols_off else 1), (2 if rows_off else 1)
 
 
-def _autocast(phi, psi):
+def _autocast(phi, psi, config: LossConfig):
     """Under ``torch.autocast``, phi and psi in the autocast dtype, as a matmul would take them
-    (float64 and non-tensors are left for ``_check_inputs``)."""
+    (float64 and non-tensors are left for ``_check_inputs``), and the config to use. With the
+    cosine energy they are normalised first, in their own dtype, and the energy becomes the
+    dot product of the unit rows, as ``F.normalize`` then an autocast matmul would do it: a zero
+    row's gradient (1 / eps) fits float32, not float16."""
     if not isinstance(phi, torch.Tensor) or phi.is_meta:  # left for _check_inputs
-        return phi, psi
+        return phi, psi, config
     if not torch.is_autocast_enabled(phi.device.type):
-        return phi, psi
+        return phi, psi, config
     dtype = torch.get_autocast_dtype(phi.device.type)
 
-    def cast(t):
-        eligible = isinstance(t, torch.Tensor) and t.dtype in _TRITON_DTYPES
-        return t.to(dtype) if eligible and t.device == phi.device else t
+    def eligible(t):
+        return isinstance(t, torch.Tensor) and t.dtype in _TRITON_DTYPES and t.device == phi.device
 
-    return cast(phi), cast(psi)
+    if config.energy == "cosine" and eligible(phi) and eligible(psi):
+        phi, psi = kernel_inputs(phi, psi, "cosine")
+        config = replace(config, energy="dot")
+    return *(t.to(dtype) if eligible(t) else t for t in (phi, psi)), config
 
 
 def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
@@ -121,6 +126,8 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
             raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
         if t.is_meta:
             raise ValueError(f"{name} is a meta tensor: it has no values to compute a loss of")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be dense (.to_dense()), got layout {t.layout}")
     if phi.dtype != psi.dtype:
         raise TypeError(f"phi and psi must share a dtype, got {phi.dtype} and {psi.dtype}")
     if phi.device != psi.device:
@@ -203,12 +210,13 @@ def contrastive_loss(
     on CUDA and a chunked PyTorch path elsewhere; ``"triton"`` forces the kernels (on CPU only
     under ``TRITON_INTERPRET=1``). With ``return_metrics`` also returns a dict of 0-d tensors:
     categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq. Under
-    ``torch.autocast`` float16/bfloat16/float32 inputs are cast to the autocast dtype first.
+    ``torch.autocast`` float16/bfloat16/float32 inputs are cast to the autocast dtype first
+    (cosine: normalised in their own dtype before).
     The loss is float32 (float64 for float64 inputs); ``symmetric_infonce`` is the sum of both
     directions (CLIP's loss is half of it), and the column losses read the first B rows of psi.
     """
     config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
-    phi, psi = _autocast(phi, psi)
+    phi, psi, config = _autocast(phi, psi, config)
     _check_inputs(phi, psi, config, log_scale, bias)
     return _contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend)
 
@@ -419,10 +427,10 @@ class ContrastiveLoss(nn.Module):
     ) -> LossOutput:
         """The loss of ``phi`` against ``psi`` as :func:`contrastive_loss` computes it, with
         this module's options, scale and bias; with ``return_metrics`` also the metrics dict."""
-        phi, psi = _autocast(phi, psi)
-        _check_inputs(phi, psi, self.config, self.log_scale, self.bias)
+        phi, psi, config = _autocast(phi, psi, self.config)
+        _check_inputs(phi, psi, config, self.log_scale, self.bias)
         return _contrastive_loss(
-            phi, psi, self.config, self.log_scale, self.bias, return_metrics, self.backend
+            phi, psi, config, self.log_scale, self.bias, return_metrics, self.backend
         )
 
     def extra_repr(self) -> str:

@@ -31,11 +31,25 @@ def upcast(dtype: torch.dtype, interpreted: bool) -> bool:
 
 
 @triton.jit
+def _round_mantissa(x, DROP: tl.constexpr):
+    """Float32 ``x`` rounded to nearest (ties to even) with its low DROP mantissa bits cleared,
+    still float32; NaN stays NaN (its bits would wrap), past the largest value goes to inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def round_to_bfloat16(x):
     """Float32 ``x`` rounded to the nearest bfloat16 (ties to even), still float32: what a GPU's
     cast does. Triton's interpreter truncates float32 -> bfloat16 casts (Triton 3.8, with or
     without ``fp_downcast_rounding="rtne"``: twice the error, and biased towards zero), so the
-    kernels round the bits themselves there; NaN stays NaN (its bits would wrap)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    kernels round the bits themselves there."""
+    return _round_mantissa(x, 16)
+
+
+@triton.jit
+def round_to_tf32(x):
+    """Float32 ``x`` rounded to the nearest tf32 (10 mantissa bits), still float32: a tf32
+    product then multiplies exactly these values, whatever the tensor cores' own rounding."""
+    return _round_mantissa(x, 13)

@@ -71,7 +71,7 @@ from crl_fast.checks import on_device
 from crl_fast.energy import NORM_EPS as _NORM_EPS
 from crl_fast.kernels import check_unit_column_stride, dot, runs_on_cpu
 from crl_fast.kernels import pair_stats_tiling as tiling
-from crl_fast.kernels.dot import round_to_bfloat16
+from crl_fast.kernels.dot import round_to_bfloat16, round_to_tf32
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 ONLINE_MAX_D = 128
@@ -225,15 +225,18 @@ def _weighted_rows(
     w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """``acc + w @ B[cols, ds]``: the tile's weights rounded to B's dtype for the tensor cores
-    (as flash attention rounds P), B's rows reused from the logits' product when SINGLE_K.
-    float16 is the exception (see ``_tile_weights``)."""
+    """(``acc + w @ B[cols, ds]``, the weights as the product took them): the tile's weights
+    rounded to B's dtype for the tensor cores (as flash attention rounds P), B's rows reused
+    from the logits' product when SINGLE_K. float16 is the exception (see ``_tile_weights``).
+    A sum of the weights that must cancel against the product (l2 and norm:
+    sum_j w_ij (B_j - A_i)) sums the rounded ones: the unrounded sum leaves an error of 2**-9
+    |B_j| per weight in bfloat16, large next to a small |B_j - A_i| (two goals close by)."""
     if SINGLE_K:
         b = b_rows
     else:
         b = _load_rows(B_ptr, cols, col_mask, ds, D, stride_b, UPCAST)
     w_in, b = _tile_weights(w, b, UPCAST)
-    return tl.dot(w_in, b, acc, input_precision=PRECISION)
+    return tl.dot(w_in, b, acc, input_precision=PRECISION), w_in.to(tl.float32)
 
 
 @triton.jit
@@ -243,9 +246,9 @@ def _tile_weights(w, rows, UPCAST: tl.constexpr):
     both in float32, see ``dot.upcast``), except for float16 rows. A float16 weight overflows past
     65504 (IPO's slope has no bound) and flushes below 6e-8 (a small loss weight), so float16
     products run in tf32 (the precision float16 inputs get): float32's range, float16's 10-bit
-    mantissa."""
+    mantissa; ``w`` is rounded to it here, so that its sums match the product."""
     if rows.dtype == tl.float16:  # (one return: Triton compiles code after a returning branch)
-        w_in = w
+        w_in = round_to_tf32(w)
         rows_in = rows.to(tl.float32)
     else:
         w_in = round_to_bfloat16(w) if UPCAST else w.to(rows.dtype)
@@ -377,11 +380,11 @@ def stats_kernel(
                 if ONLINE:  # softmax-weighted sums for dA, rescaled as the running max moves
                     e = tl.where(diag, 0.0, e)  # the diagonal's share is added exactly outside
                     w = e * dfdp
-                    u_acc = _weighted_rows(
+                    u_acc, w_used = _weighted_rows(
                         w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, u_acc * alpha[:, None],
                         SINGLE_K, PRECISION, UPCAST,
                     )  # fmt: skip
-                    v_acc = v_acc * alpha + tl.sum(w, 1)
+                    v_acc = v_acc * alpha + tl.sum(w_used, 1)
                     if ONLINE_W:  # for dscale only
                         w_acc = w_acc * alpha + tl.sum(e * f, 1)
                 m_i = m_new
@@ -439,8 +442,9 @@ def _add_column_grads(
     db = tl.dot(tl.trans(h_in), a_in, input_precision=PRECISION, out_dtype=tl.float32)
     db_ptrs = DB_ptr + cols.to(tl.int64)[:, None] * D + ds[None, :]
     tl.atomic_add(db_ptrs, db, mask=col_mask[:, None] & (ds < D)[None, :], sem="relaxed")
-    if ENERGY != 0:
-        tl.atomic_add(HCOL_ptr + cols, tl.sum(h, 0), mask=col_mask, sem="relaxed")
+    if ENERGY != 0:  # the weights as the product took them (see _weighted_rows)
+        hcol = tl.sum(h_in.to(tl.float32), 0)
+        tl.atomic_add(HCOL_ptr + cols, hcol, mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -544,11 +548,11 @@ def grad_kernel(
                     ps_i += tl.sum(tl.where(valid & ~diag, slope, 0.0), 1)
             g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
             h = g * dfdp
-            acc = _weighted_rows(
+            acc, h_used = _weighted_rows(
                 h, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, acc, SINGLE_K, PRECISION, UPCAST
             )
             if ENERGY != 0:
-                h_sum += tl.sum(h, 1)
+                h_sum += tl.sum(h_used, 1)
             if DB_ATOMIC:  # the column pass's product from the same tile, added to dB in float32
                 _add_column_grads(h, a_rows, A_ptr, DB_ptr, HCOL_ptr, cols, col_mask, ds, D,
                                   ENERGY, PRECISION, UPCAST)  # fmt: skip

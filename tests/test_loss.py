@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crl_fast import (
     ENERGIES,
@@ -355,6 +356,34 @@ def test_positives_close_to_their_goals(loss, energy, backend, monkeypatch):
         assert launches == ([(True, True)] if backend == "triton" else [])
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("energy", ["l2", "norm"])
+@pytest.mark.parametrize(
+    "loss", ["binary", "binary+single-pass", "infonce", "symmetric_infonce", "dpo"]
+)
+def test_low_precision_goals_close_to_each_other(loss, energy, dtype, device, monkeypatch):
+    """Two goals close together (and phi near its goal), rows of norm 8: the l2 / norm gradient
+    sum_j H_ij (B_j - A_i) is a product minus A_i sum_j H_ij, which cancel only if the sum adds
+    the weights the product rounded (bfloat16: off by 2**-9 |B_j| per weight otherwise, 15-130x
+    eager's error). float16's tf32 products round the weights only on a GPU."""
+    if loss == "binary+single-pass":
+        loss = "binary"
+        monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    g = torch.Generator().manual_seed(0)
+    psi = torch.randn(16, 64, generator=g)
+    psi = 8 * psi / psi.norm(dim=1, keepdim=True)
+    psi[1] = psi[0] + 0.1 * torch.randn(64, generator=g) / 8
+    phi = psi + 0.1 * torch.randn(16, 64, generator=g) / 8
+    phi, psi = phi.to(device, dtype), psi.to(device, dtype)
+    kw = {"loss": loss, "energy": energy}
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend="triton", **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    _, _, t_grads = _truth(phi, psi, **kw)
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
+
+
 @pytest.mark.parametrize("energy", ENERGIES)
 def test_pairwise_energy_close_pairs(energy):
     """The actor's critic value and its gradient, for phi(s, a) close to psi(g)."""
@@ -503,14 +532,15 @@ def test_grad_output_partial_grad_and_non_contiguous(backend):
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call", ["function", "module", "compiled"])
-@pytest.mark.parametrize("loss", ["binary", "infonce"])
-def test_autocast_casts_inputs_like_a_matmul(loss, call, backend, device):
+@pytest.mark.parametrize(("loss", "energy"), [("binary", "cosine"), ("infonce", "norm")])
+def test_autocast_casts_inputs_like_a_matmul(loss, energy, call, backend, device):
     """Under autocast, float32 phi and a bfloat16 psi (a LayerNorm keeps float32, a Linear
-    does not) give the loss of both in bfloat16, computed as without autocast; gradients
+    does not) give the loss of both in bfloat16, computed as without autocast (cosine: of the
+    rows normalised in their own dtype first, as F.normalize before the matmul); gradients
     return in each input's dtype."""
     phi, psi = _inputs(12, 12, 8, seed=11, device=device)
     phi, psi = phi.requires_grad_(), psi.bfloat16().requires_grad_()
-    kw = {"loss": loss, "energy": "cosine", "backend": backend}
+    kw = {"loss": loss, "energy": energy, "backend": backend}
     fn = ContrastiveLoss(**kw) if call == "module" else functools.partial(contrastive_loss, **kw)
     if call == "compiled":
         torch._dynamo.reset()
@@ -518,14 +548,35 @@ def test_autocast_casts_inputs_like_a_matmul(loss, call, backend, device):
     with torch.autocast(device, dtype=torch.bfloat16):
         value = fn(phi, psi)
         value.backward()  # inside the region too: backward must not be recast either
-    leaves = phi.detach().bfloat16().requires_grad_(), psi.detach().requires_grad_()
-    expected = contrastive_loss(*leaves, **kw)
+    leaves = phi.detach().requires_grad_(), psi.detach().requires_grad_()
+    x, y = leaves
+    if energy == "cosine":
+        x, y = (F.normalize(t.float(), dim=-1).to(t.dtype) for t in leaves)
+    expected = contrastive_loss(
+        x.bfloat16(), y, **kw | {"energy": "dot" if energy == "cosine" else energy}
+    )
     expected.backward()
     assert torch.equal(value.detach(), expected.detach())
-    assert torch.equal(phi.grad, leaves[0].grad.float()) and torch.equal(psi.grad, leaves[1].grad)
+    assert torch.equal(phi.grad, leaves[0].grad) and torch.equal(psi.grad, leaves[1].grad)
     assert phi.grad.dtype == torch.float32 and psi.grad.dtype == torch.bfloat16
     with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
         contrastive_loss(phi.detach().double(), psi.detach(), **kw)  # as torch: float64 stays
+
+
+def test_autocast_cosine_gradient_of_a_zero_row_stays_finite():
+    """A zero row (a ReLU encoder's output) under float16 autocast: normalised in float32 first,
+    its gradient (F.normalize's g / eps, ~1e11) fits, as eager's does; it overflowed float16."""
+    phi, psi = _inputs(4, 6, 8, seed=3)
+    phi[1] = 0.0
+    grads = []
+    for fn in (contrastive_loss, reference_contrastive_loss):
+        leaf = phi.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            value = fn(leaf, psi, loss="infonce", energy="cosine")
+        value.backward()
+        grads.append(leaf.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-3)
 
 
 FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
@@ -858,6 +909,8 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
             ValueError,
             "meta tensor",
         ),
+        (torch.randn(4, 3).to_sparse(), torch.randn(4, 3), {}, TypeError, "phi must be dense"),
+        (torch.randn(4, 3), torch.randn(4, 3).to_sparse_csr(), {}, TypeError, "psi must be dense"),
     ],
 )
 def test_bad_input_is_named(phi, psi, kwargs, error, match):
