@@ -58,7 +58,7 @@ NEW_TESTS="single_pass or actor_stream or compiled_step or default_run_on_cuda"
 NEW_TESTS+=" or gradients_in_forward or column_loss or compiled_update or confident_critic"
 NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast or metrics_leave"
 NEW_TESTS+=" or auto_takes_pytorch or fused or nan_input or cuda_graph_replay or tf32_on_cuda"
-NEW_TESTS+=" or example"
+NEW_TESTS+=" or example or goals_close or exact_law or matches_torch_cuda"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {

@@ -45,7 +45,9 @@ _SAMPLING_LAW = ("gamma", "goal_mode", "random_goal_fraction", "current_goal_fra
 """Config fields that states saved before 2026-11-28 lack; such states load unchecked on them."""
 _FLOAT_FIELDS = ("observation", "action", "next_achieved_goal")
 _FLAG_FIELDS = ("terminated", "truncated")
-_MAX_CAPACITY = 2**24  # offsets are computed in float32, exact up to 2**24
+_MAX_CAPACITY = 2**24
+"""Steps per env: a uniform_future offset over that many steps still gets 2**14 of the 2**38
+offset uniforms (each offset's probability exact to 6e-5 of itself)."""
 _BITS_HIGH = 2**62  # random int64 draws lie in [0, 2**62)
 
 
@@ -72,14 +74,17 @@ def sample_reference(
     widths: tuple[int, int, int],
     mode: int,
     log_gamma: float,
-    inv_log_gamma: float,
     th_rand: float,
     th_cur: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference for :func:`crl_fast.kernels.goal_sampling.sample` (same arguments).
 
     Defines the maths: anchor uniform over stored (row, env) pairs; offset by inverse CDF of
-    the chosen law on ``1..L`` from 24 random bits, in float32; then the mixing overrides.
+    the chosen law on ``1..L`` (gamma = exp(log_gamma)) from a 38-bit uniform, in float64; then
+    the mixing overrides, from a 24-bit one. Float64 keeps every offset's probability to about
+    2**-37 absolute, at any episode length and gamma: in float32 (as before 2026-12-06, with 24
+    bits) a long episode's far offsets were never drawn and its near ones off by up to 5%
+    (gamma = 0.9999, L = 1e5: 1e-3 of the law misplaced; uniform_future, L = 1e6: 1e-2).
     """
     cap, n = segment.shape
     step = step[0]
@@ -95,20 +100,20 @@ def sample_reference(
     seg = torch.take(segment, anchor)
     end = torch.take(segment_end, (seg % cap) * n + env)
     end = torch.where(end < 0, step - 1, end)
-    len_f = (end - t + 1).float()
+    len_d = (end - t + 1).double()
 
-    u = (r2 & 0xFFFFFF).float() * 2.0**-24
-    u_mix = ((r2 >> 24) & 0xFFFFFF).float() * 2.0**-24
+    u = (r2 & (2**38 - 1)).double() * 2.0**-38
+    u_mix = ((r2 >> 38) & 0xFFFFFF).float() * 2.0**-24
     if mode == 0:  # geometric, truncated at L and renormalised
         # log(1 - u (1 - gamma^L)), as log1p/expm1: no cancellation for gamma near 1.
-        j = torch.log1p(u * torch.expm1(len_f * log_gamma)) * inv_log_gamma
+        j = torch.log1p(u * torch.expm1(len_d * log_gamma)) / log_gamma
     elif mode == 1:  # untruncated geometric, clamped to L
-        j = torch.log(1.0 - u) * inv_log_gamma
+        j = torch.log1p(-u) / log_gamma
     elif mode == 2:  # uniform on 1..L
-        j = u * len_f
+        j = u * len_d
     else:  # final
-        j = len_f
-    j = torch.minimum(j, len_f - 1.0)
+        j = len_d
+    j = torch.minimum(j, len_d - 1.0)
     target_t = t + j.long()
 
     target_env = env
@@ -233,8 +238,7 @@ class TrajectoryBuffer:
                     f"backend='triton' needs a CUDA device (got {self.device}), or "
                     "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
                 )
-        self._log_gamma = _f32(math.log(gamma))
-        self._inv_log_gamma = _f32(1.0 / self._log_gamma)
+        self._log_gamma = _f32(math.log(gamma))  # a Triton float argument is float32
 
         width = obs_dim + action_dim + goal_dim
         kw: dict[str, Any] = {"device": self.device}
@@ -414,7 +418,6 @@ class TrajectoryBuffer:
             "widths": (self.obs_dim, self.action_dim, self.goal_dim),
             "mode": GOAL_MODES.index(mode),
             "log_gamma": self._log_gamma,
-            "inv_log_gamma": self._inv_log_gamma,
             "th_rand": _f32(f_rand),
             "th_cur": _f32(f_rand + f_cur),
         }

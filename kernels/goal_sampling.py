@@ -5,10 +5,10 @@ inverse CDF), and gathers both, in one launch (the random bits it reads are draw
 ``torch.randint``). ``extend`` appends steps for all streams and updates the segment bookkeeping
 in one launch. Both copy rows in chunks of at most ``_MAX_BLOCK_W`` columns, so the tile a program
 holds is bounded whatever the row width. The maths is defined by the torch reference in
-``crl_fast.buffer``; the kernels compute it in float32 with the same operations, but their
-exp/log/log1p/expm1 (libdevice on a GPU, numpy under TRITON_INTERPRET=1) may round differently
-from torch's by an ulp, which moves a rare offset that sits on a boundary by one step (within the
-same segment). Anchors, mixing decisions and the bookkeeping are exact.
+``crl_fast.buffer``; the kernels compute it with the same float64 operations, but their
+log1p/expm1 (libdevice on a GPU, numpy under TRITON_INTERPRET=1) may round differently from
+torch's by an ulp (2**-52), which would move an offset lying that close to a boundary by one step
+(within the same segment). Anchors, mixing decisions and the bookkeeping are exact.
 
 Layout: ``rows[capacity, streams, width]`` hold ``[anchor_a | anchor_b | target]`` columns;
 ``segment[capacity, streams]`` the absolute segment index of each row; ``segment_end[capacity,
@@ -30,6 +30,8 @@ from crl_fast.kernels import check_unit_column_stride, runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
+_U_MASK = tl.constexpr(2**38 - 1)
+_INV_2_38 = tl.constexpr(2.0**-38)
 _MAX_BLOCK_W = 16
 """Columns a program copies per loop iteration: tiles of at most 128 x 16 (sample), 32 x 16
 (extend) elements, so wide rows (pixels) neither spill nor slow the compile. Compiled for sm_90,
@@ -99,7 +101,6 @@ def _sample_kernel(
     B_W,
     T_W,
     log_gamma,
-    inv_log_gamma,
     th_rand,
     th_cur,
     MODE: tl.constexpr,
@@ -129,21 +130,22 @@ def _sample_kernel(
     end = tl.load(segment_end_ptr + (seg % CAP) * N + env, mask=m, other=0)
     end = tl.where(end < 0, step - 1, end)
     length = end - t + 1
-    len_f = length.to(tl.float32)
 
-    # Offset k in 1..length by inverse CDF.
-    u = (r2 & 0xFFFFFF).to(tl.float32) * _INV_2_24
-    u_mix = ((r2 >> 24) & 0xFFFFFF).to(tl.float32) * _INV_2_24
+    # Offset k in 1..length by inverse CDF, in float64 (see crl_fast.buffer.sample_reference).
+    u = (r2 & _U_MASK).to(tl.float64) * _INV_2_38
+    u_mix = ((r2 >> 38) & 0xFFFFFF).to(tl.float32) * _INV_2_24
+    len_d = length.to(tl.float64)
+    lg = tl.cast(log_gamma, tl.float64)
     if MODE == 0:  # geometric (MODE: the index in crl_fast.buffer.GOAL_MODES)
         # log(1 - u (1 - gamma^L)) without cancellation for gamma near 1.
-        j = _log1p(u * _expm1(len_f * log_gamma)) * inv_log_gamma
+        j = _log1p(u * _expm1(len_d * lg)) / lg
     elif MODE == 1:  # clamp
-        j = tl.log(1.0 - u) * inv_log_gamma
+        j = _log1p(-u) / lg
     elif MODE == 2:  # uniform_future
-        j = u * len_f
+        j = u * len_d
     else:  # final
-        j = len_f
-    j = tl.minimum(j, len_f - 1.0)
+        j = len_d
+    j = tl.minimum(j, len_d - 1.0)
     target_t = t + j.to(tl.int64)
 
     # Mixing: the current step (previous row of the same segment, else the anchor row) and
@@ -180,14 +182,13 @@ def sample(
     widths: tuple[int, int, int],
     mode: int,
     log_gamma: float,
-    inv_log_gamma: float,
     th_rand: float,
     th_cur: float,
     block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather ``(anchor_a, anchor_b, target)`` for ``bits.shape[0]`` draws; one launch.
 
-    ``bits`` is ``[B, 3]`` int64 in ``[0, 2**62)``: anchor draw, random-target draw, and 2 x 24
+    ``bits`` is ``[B, 3]`` int64 in ``[0, 2**62)``: anchor draw, random-target draw, and 38 + 24
     bits for the offset and mixing uniforms. A draw goes to a random row if its mixing uniform
     is below ``th_rand``, to the current step if below ``th_cur``, else to the offset target.
     """
@@ -217,7 +218,6 @@ def sample(
             b_w,
             t_w,
             log_gamma,
-            inv_log_gamma,
             th_rand,
             th_cur,
             MODE=mode,
