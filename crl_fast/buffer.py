@@ -64,6 +64,13 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def _f32_pair(x: float) -> tuple[float, float]:
+    """``x`` as float32 ``(hi, lo)`` with ``hi + lo`` = ``x`` to about 2**-48 of it: a float64
+    for a Triton kernel, whose float arguments are float32."""
+    hi = _f32(x)
+    return hi, _f32(x - hi)
+
+
 def sample_reference(
     bits: torch.Tensor,
     step: torch.Tensor,
@@ -73,14 +80,15 @@ def sample_reference(
     *,
     widths: tuple[int, int, int],
     mode: int,
-    log_gamma: float,
+    log_gamma: tuple[float, float],
     th_rand: float,
     th_cur: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference for :func:`crl_fast.kernels.goal_sampling.sample` (same arguments).
 
     Defines the maths: anchor uniform over stored (row, env) pairs; offset by inverse CDF of
-    the chosen law on ``1..L`` (gamma = exp(log_gamma)) from a 38-bit uniform, in float64; then
+    the chosen law on ``1..L`` (log gamma = the float32 pair ``log_gamma``'s sum, the float64
+    log of gamma to about 2**-48) from a 38-bit uniform, in float64; then
     the mixing overrides, from a 24-bit one. Float64 keeps every offset's probability to about
     2**-37 absolute, at any episode length and gamma: in float32 (as before 2026-12-06, with 24
     bits) a long episode's far offsets were never drawn and its near ones off by up to 5%
@@ -104,11 +112,12 @@ def sample_reference(
 
     u = (r2 & (2**38 - 1)).double() * 2.0**-38
     u_mix = ((r2 >> 38) & 0xFFFFFF).float() * 2.0**-24
+    lg = log_gamma[0] + log_gamma[1]  # exact in float64
     if mode == 0:  # geometric, truncated at L and renormalised
         # log(1 - u (1 - gamma^L)), as log1p/expm1: no cancellation for gamma near 1.
-        j = torch.log1p(u * torch.expm1(len_d * log_gamma)) / log_gamma
+        j = torch.log1p(u * torch.expm1(len_d * lg)) / lg
     elif mode == 1:  # untruncated geometric, clamped to L
-        j = torch.log1p(-u) / log_gamma
+        j = torch.log1p(-u) / lg
     elif mode == 2:  # uniform on 1..L
         j = u * len_d
     else:  # final
@@ -238,7 +247,7 @@ class TrajectoryBuffer:
                     f"backend='triton' needs a CUDA device (got {self.device}), or "
                     "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
                 )
-        self._log_gamma = _f32(math.log(gamma))  # a Triton float argument is float32
+        self._log_gamma = _f32_pair(math.log(gamma))
 
         width = obs_dim + action_dim + goal_dim
         kw: dict[str, Any] = {"device": self.device}

@@ -98,17 +98,22 @@ class LossConfig:
 def _autocast(phi, psi, config: LossConfig):
     """Under ``torch.autocast``, phi and psi in the autocast dtype, as a matmul would take them
     (float64 and non-tensors are left for ``_check_inputs``), and the config to use. With the
-    cosine energy they are normalised first, in their own dtype, and the energy becomes the
-    dot product of the unit rows, as ``F.normalize`` then an autocast matmul would do it: a zero
-    row's gradient (1 / eps) fits float32, not float16."""
+    cosine energy they are normalised first (in float32, rounded to their own dtype) and the
+    energy becomes the dot product of the unit rows, as ``F.normalize`` then an autocast matmul
+    would do it: a float32 zero row's gradient (1 / eps) fits float32, not float16."""
     if not isinstance(phi, torch.Tensor) or phi.is_meta:  # left for _check_inputs
         return phi, psi, config
     if not torch.is_autocast_enabled(phi.device.type):
         return phi, psi, config
     dtype = torch.get_autocast_dtype(phi.device.type)
 
-    def eligible(t):
-        return isinstance(t, torch.Tensor) and t.dtype in _TRITON_DTYPES and t.device == phi.device
+    def eligible(t):  # else left as it is, for _check_inputs to name
+        return (
+            isinstance(t, torch.Tensor)
+            and t.dtype in _TRITON_DTYPES
+            and t.device == phi.device
+            and t.layout == torch.strided
+        )
 
     if config.energy == "cosine" and eligible(phi) and eligible(psi):
         phi, psi = kernel_inputs(phi, psi, "cosine")

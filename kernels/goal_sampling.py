@@ -49,7 +49,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevic
     @triton.jit
     def _log1p(x):
         """Goldberg: log(1 + x) = log(u) * x / (u - 1) with u = 1 + x rounded (x where u == 1);
-        a few ulp, like libdevice's log1pf."""
+        a few ulp, like libdevice's log1p."""
         u = 1.0 + x
         d = tl.where(u == 1.0, 1.0, u - 1.0)
         return tl.where(u == 1.0, x, tl.log(u) * (x / d))
@@ -100,7 +100,8 @@ def _sample_kernel(
     A_W,
     B_W,
     T_W,
-    log_gamma,
+    log_gamma_hi,
+    log_gamma_lo,
     th_rand,
     th_cur,
     MODE: tl.constexpr,
@@ -135,7 +136,7 @@ def _sample_kernel(
     u = (r2 & _U_MASK).to(tl.float64) * _INV_2_38
     u_mix = ((r2 >> 38) & 0xFFFFFF).to(tl.float32) * _INV_2_24
     len_d = length.to(tl.float64)
-    lg = tl.cast(log_gamma, tl.float64)
+    lg = tl.cast(log_gamma_hi, tl.float64) + tl.cast(log_gamma_lo, tl.float64)
     if MODE == 0:  # geometric (MODE: the index in crl_fast.buffer.GOAL_MODES)
         # log(1 - u (1 - gamma^L)) without cancellation for gamma near 1.
         j = _log1p(u * _expm1(len_d * lg)) / lg
@@ -181,7 +182,7 @@ def sample(
     *,
     widths: tuple[int, int, int],
     mode: int,
-    log_gamma: float,
+    log_gamma: tuple[float, float],
     th_rand: float,
     th_cur: float,
     block: int = 128,
@@ -217,7 +218,7 @@ def sample(
             a_w,
             b_w,
             t_w,
-            log_gamma,
+            *log_gamma,
             th_rand,
             th_cur,
             MODE=mode,

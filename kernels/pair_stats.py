@@ -384,7 +384,8 @@ def stats_kernel(
                         w, b_rows, B_ptr, cols, col_mask, ds, D, stride_b, u_acc * alpha[:, None],
                         SINGLE_K, PRECISION, UPCAST,
                     )  # fmt: skip
-                    v_acc = v_acc * alpha + tl.sum(w_used, 1)
+                    if ENERGY != 0:  # V serves l2 and norm only (see _online_dx)
+                        v_acc = v_acc * alpha + tl.sum(w_used, 1)
                     if ONLINE_W:  # for dscale only
                         w_acc = w_acc * alpha + tl.sum(e * f, 1)
                 m_i = m_new

@@ -357,12 +357,12 @@ def test_geometric_offset_exact_for_gamma_near_one(
     assert abs(p1 - 1 / (1 + gamma)) < 1e-4, p1
 
 
-def _first_uniforms(mode: str, log_gamma: float, length: int, ks: list[int]) -> list[int]:
+def _first_uniforms(mode: str, gamma: float, length: int, ks: list[int]) -> list[int]:
     """For each offset k of ``mode``'s law on 1..length, the least 38-bit uniform (times 2**38)
     that draws it: ceil(F(k - 1) 2**38), with F the law's CDF in 50-digit decimals."""
     with decimal.localcontext() as ctx:
         ctx.prec = 50
-        gamma = decimal.Decimal(log_gamma).exp()
+        gamma = decimal.Decimal(gamma)
         cdf = {
             "geometric": lambda k: (1 - gamma**k) / (1 - gamma**length),
             "clamp": lambda k: 1 - gamma**k,
@@ -408,7 +408,7 @@ def test_offsets_switch_where_the_exact_law_says(
     buf = make(capacity=length, num_envs=1, gamma=gamma, device=device, backend=backend)
     buf.load_state_dict(ref.state_dict())
     ks = [2, 3, 50, length // 2, length - 1, length]
-    edges = _first_uniforms(mode, buf._log_gamma, length, ks)
+    edges = _first_uniforms(mode, gamma, length, ks)  # gamma as given, not as stored
     u = torch.tensor([q + d for q in edges for d in (-2, 1)], dtype=torch.int64)
     bits = torch.zeros(u.numel(), 3, dtype=torch.int64, device=device)  # anchor 0, no mixing
     bits[:, 2] = u.to(device) | (0xFFFFFF << 38)
@@ -703,7 +703,7 @@ def test_triton_matches_torch_cuda() -> None:
         )
         assert torch.equal(a.observation, b.observation) and torch.equal(a.action, b.action)
         diff = (a.goal[:, 0] - b.goal[:, 0]).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+        assert diff.max() <= 1 and (diff > 0).sum() <= 1  # float64: was < 1e-3 in float32
 
 
 @pytest.mark.gpu

@@ -855,7 +855,7 @@ class _UnsavedState(FreePoint):
         (_ViewPoint, ValueError, r"\['observation'\] shares memory with the state 'pos'"),
         (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
-        (_UnsavedState, ValueError, r"_initial_state must return a dict keyed by _sim_keys"),
+        (_UnsavedState, ValueError, r"_initial_state must return a dict whose keys are among"),
     ],
 )
 def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):

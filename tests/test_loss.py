@@ -366,7 +366,8 @@ def test_low_precision_goals_close_to_each_other(loss, energy, dtype, device, mo
     """Two goals close together (and phi near its goal), rows of norm 8: the l2 / norm gradient
     sum_j H_ij (B_j - A_i) is a product minus A_i sum_j H_ij, which cancel only if the sum adds
     the weights the product rounded (bfloat16: off by 2**-9 |B_j| per weight otherwise, 15-130x
-    eager's error). float16's tf32 products round the weights only on a GPU."""
+    eager's error). float16's weights go to the product in tf32, rounded by the kernel: the
+    interpreter's products do not round, so only the CUDA run can miss that rounding."""
     if loss == "binary+single-pass":
         loss = "binary"
         monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
@@ -916,6 +917,8 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
 def test_bad_input_is_named(phi, psi, kwargs, error, match):
     with pytest.raises(error, match=match):
         contrastive_loss(phi, psi, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(error, match=match):
+        contrastive_loss(phi, psi, **kwargs | {"energy": kwargs.get("energy", "cosine")})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -29,6 +29,7 @@ from crl_fast.checks import (
     positive_int,
     positive_real,
     resolve_device,
+    seed_int,
 )
 
 GoalObs = dict[str, torch.Tensor]
@@ -231,15 +232,13 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"{type(self).__name__} takes one int seed (its envs share one generator), "
                     f"got {seed!r}"
                 )
-            if not 0 <= seed < 2**64:
-                raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
-            self.generator.manual_seed(int(seed))
+            self.generator.manual_seed(seed_int(seed))
         initial = self._initial_state(self._draw())
         if not isinstance(initial, dict) or not set(initial) <= set(self._sim_keys):
             got = sorted(initial) if isinstance(initial, dict) else type(initial).__name__
             raise ValueError(
-                f"{type(self).__name__}._initial_state must return a dict keyed by _sim_keys "
-                f"{sorted(self._sim_keys)} (the state a checkpoint saves), got {got}"
+                f"{type(self).__name__}._initial_state must return a dict whose keys are among "
+                f"_sim_keys {sorted(self._sim_keys)} (the state a checkpoint saves), got {got}"
             )
         if mask is None:
             for key, value in initial.items():
@@ -253,8 +252,9 @@ class TorchGoalVectorEnv(VectorEnv):
         """``obs`` if it holds float32 ``(num_envs, width)`` tensors of the declared widths on
         the env's device, none sharing memory with the state (a view would change
         under the caller at the next step: the buffer would store s_{t+1} as s_t); else a
-        TypeError or ValueError naming the env. Checked at each reset, and after each (compiled)
-        step (``with_state=False``: not that check, its outputs are new tensors there)."""
+        TypeError or ValueError naming the env. Checked at each reset, and after each step
+        ``with_state=False``: a step's observations come from the same ``_observe`` that the
+        reset checked for views (a compiled step's are new tensors anyway)."""
         name = f"{type(self).__name__}._observe()"
         widths = dict(zip(GOAL_KEYS, (self.obs_dim, self.goal_dim, self.goal_dim), strict=True))
         if not isinstance(obs, dict) or set(obs) != set(GOAL_KEYS):
