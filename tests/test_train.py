@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -615,26 +616,30 @@ def test_an_env_that_fails_in_its_first_steps_leaves_no_run_directory(
 
 def test_logged_rates_leave_out_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
     """A slow evaluation (at 512) and a slow checkpoint (at 256, after that step's log) would
-    each stretch the interval they fall in past the pause, and lower its env steps/s."""
-    pause, calls = 1.5, {"evaluate": 0, "save": 0}
+    each stretch the interval they fall in past the pause, and lower its env steps/s. The loop's
+    clock jumps by the pause inside them (no sleep: a loaded machine cannot blur the test)."""
+    pause, calls, clock = 1000.0, {"evaluate": 0, "save": 0}, [0.0]
 
     def slow(name, fn, at_call):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             if calls[name] == at_call:
-                time.sleep(pause)
+                clock[0] += pause
             return fn(*args, **kwargs)
 
         return wrapper
 
+    loop_time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock[0])
+    monkeypatch.setattr(train_module, "time", loop_time)
     monkeypatch.setattr(train_module, "evaluate", slow("evaluate", train_module.evaluate, 2))
     monkeypatch.setattr(
         train_module, "save_checkpoint", slow("save", train_module.save_checkpoint, 1)
     )
     train(tiny_config(tmp_path, checkpoint_every=256))
+    assert calls == {"evaluate": 3, "save": 5}  # at 0, 512, 1024; every 256 and at the end
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "charts/sps" in r]
     assert [r["step"] for r in rows] == [256, 512, 768, 1024]
-    assert all(256 / r["charts/sps"] < pause for r in rows)
+    assert all(256 / r["charts/sps"] < pause / 10 for r in rows)
 
 
 def test_train_restores_the_torch_settings_it_changes(tmp_path):
