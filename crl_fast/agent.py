@@ -105,10 +105,13 @@ class CRL:
             layer_norm=config.layer_norm,
             residual=config.residual,
             fused=config.fused_mlp,
+            init=config.init,
         )
         self.sa_encoder = Encoder(obs_dim + action_dim, config.repr_dim, **net).to(device)
         self.goal_encoder = Encoder(goal_dim, config.repr_dim, **net).to(device)
-        self.actor = TanhGaussianActor(obs_dim, goal_dim, action_dim, **net).to(device)
+        self.actor = TanhGaussianActor(
+            obs_dim, goal_dim, action_dim, **(net | config.actor_size())
+        ).to(device)
         log_alpha = math.log(config.alpha) if config.alpha > 0 else -math.inf  # 0: no entropy
         self.log_alpha = torch.tensor(log_alpha, device=device, requires_grad=True)
         self.target_entropy = -config.target_entropy_scale * action_dim

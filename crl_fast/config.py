@@ -23,7 +23,7 @@ from crl_fast.checks import resolve_device
 from crl_fast.energy import ENERGIES
 from crl_fast.fused_mlp import check_supported
 from crl_fast.loss import LOSSES, LossConfig
-from crl_fast.networks import ACTIVATIONS
+from crl_fast.networks import ACTIVATIONS, INITS
 
 JAXGCRL_CRITIC = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
 """JaxGCRL's default critic as :class:`AgentConfig` fields (`crl-fast train --jaxgcrl-critic`)."""
@@ -125,6 +125,16 @@ class AgentConfig:
         "residual blocks of 4 x [Linear, LayerNorm, --activation] + skip; with --layer-norm also "
         "after the first Linear, as in '1000 Layer Networks for Self-Supervised RL'",
     )
+    init: str = option(
+        "lecun",
+        "weight init, zero biases: lecun (U(+-sqrt(3/fan_in)), variance 1/fan_in) or jaxgcrl "
+        "(U(+-sqrt(1/fan_in)): JaxGCRL's and the 1000-layer paper's variance_scaling(1/3))",
+        tuple(INITS),
+    )
+    actor_width: int | None = option(None, "hidden width of the actor; unset, --width")
+    actor_depth: int | None = option(
+        None, "hidden layers of the actor, counted as --depth; unset, --depth"
+    )
     fused_mlp: bool = option(
         False,
         "run each network's forward in one Triton kernel and its backward in two (CUDA; "
@@ -158,20 +168,32 @@ class AgentConfig:
         tuple(AMP_DTYPES),
     )
 
+    def actor_size(self) -> dict[str, int]:
+        """The actor's hidden ``width`` and ``depth``: ``actor_*`` where set, else the encoders'."""
+        return {"width": self.actor_width or self.width, "depth": self.actor_depth or self.depth}
+
     def __post_init__(self) -> None:
         check_types(self)
         check_finite(self)
         check_choices(self)
         self.loss_config()  # names any other bad loss option
-        if self.residual and (self.depth < 4 or self.depth % 4):
-            raise ValueError(f"--residual needs --depth a positive multiple of 4, got {self.depth}")
-        if min(self.width, self.depth, self.repr_dim) < 1:
-            raise ValueError("width, depth and repr_dim must be positive")
+        for name in ("width", "depth", "repr_dim", "actor_width", "actor_depth"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.residual:
+            for flag, depth in (("--depth", self.depth), ("--actor-depth", self.actor_depth)):
+                if depth is not None and depth % 4:
+                    raise ValueError(
+                        f"--residual needs {flag} a positive multiple of 4, got {depth}"
+                    )
         for name in ("critic_lr", "actor_lr", "alpha_lr"):  # 0 freezes, as in torch.optim
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fused_mlp:
             check_supported(self.depth, self.layer_norm, self.residual, self.width, self.repr_dim)
+            actor = self.actor_size()  # its output, 2 x the action size, is checked when built
+            check_supported(actor["depth"], self.layer_norm, self.residual, actor["width"], 1)
         if self.alpha < 0 or (self.alpha == 0 and self.autotune_alpha):
             raise ValueError(
                 f"alpha must be positive (or 0 with --no-autotune-alpha), got {self.alpha}"

@@ -2,9 +2,9 @@
 
 Residual MLPs follow "1000 Layer Networks for Self-Supervised RL" (Wang et al., 2025): an input
 layer, then blocks of 4 x [Linear, LayerNorm, activation (swish there)] with a skip connection
-around each block, then an output layer, so the depth can reach hundreds of layers. Weights use
-LeCun-uniform initialisation (variance 1 / fan_in, bound sqrt(3 / fan_in); JaxGCRL's
-variance_scaling(1/3, "fan_in", "uniform") has bound sqrt(1 / fan_in)) and biases start at zero.
+around each block, then an output layer, so the depth can reach hundreds of layers. Weights are
+uniform (see :data:`INITS`: LeCun's by default, or JaxGCRL's and the paper's) and biases start at
+zero.
 """
 
 from __future__ import annotations
@@ -19,20 +19,26 @@ from torch import nn
 from crl_fast import fused_mlp
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
+INITS = {"lecun": 3.0, "jaxgcrl": 1.0}
+"""Weight initialisations: U(-b, b) with b = sqrt(value / fan_in). ``lecun``: variance 1 / fan_in;
+``jaxgcrl``: JaxGCRL's and the 1000-layer paper's ``variance_scaling(1/3, "fan_in", "uniform")``,
+variance 1 / (3 fan_in)."""
 RESIDUAL_BLOCK_LAYERS = 4
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
-def lecun_uniform_(linear: nn.Linear) -> nn.Linear:
-    """LeCun-uniform weights (variance 1 / fan_in) and zero bias, in place."""
-    bound = math.sqrt(3.0 / linear.in_features)
+def uniform_init_(linear: nn.Linear, init: str = "lecun") -> nn.Linear:
+    """Uniform weights (``init``, one of :data:`INITS`) and zero bias, in place."""
+    bound = math.sqrt(INITS[init] / linear.in_features)
     nn.init.uniform_(linear.weight, -bound, bound)
     nn.init.zeros_(linear.bias)
     return linear
 
 
-def _hidden_layer(in_dim: int, width: int, activation: str, layer_norm: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [lecun_uniform_(nn.Linear(in_dim, width))]
+def _hidden_layer(
+    in_dim: int, width: int, activation: str, layer_norm: bool, init: str = "lecun"
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [uniform_init_(nn.Linear(in_dim, width), init)]
     if layer_norm:
         layers.append(nn.LayerNorm(width))
     layers.append(ACTIVATIONS[activation]())
@@ -42,11 +48,11 @@ def _hidden_layer(in_dim: int, width: int, activation: str, layer_norm: bool) ->
 class ResidualBlock(nn.Module):
     """``x + f(x)`` with ``f`` = 4 x [Linear, LayerNorm, activation] (always normalised)."""
 
-    def __init__(self, width: int, activation: str) -> None:
+    def __init__(self, width: int, activation: str, init: str = "lecun") -> None:
         super().__init__()
         layers = []
         for _ in range(RESIDUAL_BLOCK_LAYERS):
-            layers += _hidden_layer(width, width, activation, layer_norm=True)
+            layers += _hidden_layer(width, width, activation, layer_norm=True, init=init)
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,23 +84,29 @@ class MLP(nn.Sequential):
         layer_norm: bool = False,
         residual: bool = False,
         fused: bool = False,
+        init: str = "lecun",
     ) -> None:
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if residual and depth % RESIDUAL_BLOCK_LAYERS:
             raise ValueError(f"residual networks need depth a multiple of 4, got {depth}")
-        layers = _hidden_layer(in_dim, width, activation, layer_norm)
+        layers = _hidden_layer(in_dim, width, activation, layer_norm, init)
         if residual:
             for _ in range(depth // RESIDUAL_BLOCK_LAYERS):
-                layers.append(ResidualBlock(width, activation))
+                layers.append(ResidualBlock(width, activation, init))
         else:
             for _ in range(depth - 1):
-                layers += _hidden_layer(width, width, activation, layer_norm)
+                layers += _hidden_layer(width, width, activation, layer_norm, init)
         if fused:
             fused_mlp.check_supported(depth, layer_norm, residual, width, out_dim)
-        layers.append(lecun_uniform_(nn.Linear(width, out_dim)))
+        layers.append(uniform_init_(nn.Linear(width, out_dim), init))
         super().__init__(*layers)
         self.activation, self.fused = activation, fused
 

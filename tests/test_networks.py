@@ -99,3 +99,24 @@ def test_actor_is_reparameterised_and_deterministic_mode_is_tanh_mean():
     mean, log_std = actor.distribution_params(obs, goal)
     assert torch.equal(actor(obs, goal, deterministic=True), torch.tanh(mean))
     assert log_std.min() >= -5.0 and log_std.max() <= 2.0
+
+
+def test_jaxgcrl_init_and_separate_actor_size():
+    from crl_fast import AgentConfig
+    from crl_fast.agent import CRL
+
+    net = MLP(5, 3, width=64, depth=8, residual=True, layer_norm=True, init="jaxgcrl")
+    for layer in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        bound = math.sqrt(1.0 / layer.in_features)  # variance_scaling(1/3, "fan_in", "uniform")
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    config = AgentConfig(
+        residual=True, layer_norm=True, depth=8, width=32, actor_depth=4, actor_width=16
+    )
+    agent = CRL(3, 2, 2, config)
+    linears = [m for m in agent.actor.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6 and linears[0].out_features == 16
+    assert len([m for m in agent.sa_encoder.modules() if isinstance(m, torch.nn.Linear)]) == 10
+    with pytest.raises(ValueError, match="actor-depth"):
+        AgentConfig(residual=True, depth=8, actor_depth=6)
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        MLP(3, 4, width=0)
