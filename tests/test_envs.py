@@ -901,3 +901,28 @@ def test_state_set_after_the_first_reset_is_not_an_error():
     env = _RandomisedMass(4, seed=0)
     obs, _ = env.reset(seed=1)
     assert obs["observation"].shape == (4, 2) and "mass" in env.state_dict()
+
+
+def test_adapter_appends_the_achieved_goal_and_overrides_success():
+    plain = GymnasiumGoalVectorEnv(TINY_ID, 2)
+    env = GymnasiumGoalVectorEnv(TINY_ID, 2, append_achieved_goal=True, success_distance=10.0)
+    assert env.obs_dim == plain.obs_dim + env.goal_dim == 4
+    assert env.single_observation_space["observation"].shape == (4,)
+    obs, _ = env.reset(seed=0)
+    assert torch.equal(obs["observation"][:, 2:], obs["achieved_goal"])
+    for _ in range(6):  # through an episode end
+        obs, _, _, truncated, info = env.step(torch.zeros(2, 2))
+        final = info["final_obs"]
+        assert torch.equal(obs["observation"][:, 2:], obs["achieved_goal"])
+        assert torch.equal(final["observation"][:, 2:], final["achieved_goal"])
+        assert info["success"].all()  # 10.0 overrides the env's is_success (0.3)
+    assert truncated.all()
+    env.close()
+    plain.close()
+
+
+def test_adapter_hints_at_the_module_of_an_unknown_id():
+    with pytest.raises(ValueError, match="'gymnasium_robotics:NoSuchGoalEnv-v0'"):
+        GymnasiumGoalVectorEnv("NoSuchGoalEnv-v0", 2)
+    with pytest.raises(ValueError, match="not a goal env"):
+        GymnasiumGoalVectorEnv("CartPole-v1", 2)

@@ -9,8 +9,10 @@ env uses, the adapter returns SAME_STEP results: with ``NEXT_STEP`` or ``DISABLE
 ended envs right away through ``reset(options={"reset_mask": done})`` (supported by Gymnasium's
 sync and async vector envs).
 
-``info["success"]`` comes from the env's ``is_success`` or ``success`` info (of the step that ran,
-also for envs reset in the same step) or, if ``success_distance`` is given, from the goal distance.
+``info["success"]`` comes from the goal distance if ``success_distance`` is given, else from the
+env's ``is_success`` or ``success`` info (of the step that ran, also for envs reset in the same
+step). ``append_achieved_goal=True`` appends ``achieved_goal`` to ``observation`` (the agent reads
+only ``observation``: AntMaze's leaves out the ant's x-y position, which is its achieved goal).
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class GymnasiumGoalVectorEnv(VectorEnv):
             vector_kwargs={"autoreset_mode": SAME_STEP}, **make_kwargs)``, or a ready VectorEnv.
         num_envs: number of copies when ``env`` is an id.
         device: where the returned tensors live.
-        success_distance: goal distance counted as success when the env reports no success info.
+        success_distance: goal distance counted as success; None: the env's success info.
+        append_achieved_goal: append ``achieved_goal`` to ``observation`` (for envs whose
+            observation leaves out the achieved goal, such as AntMaze).
         make_kwargs: go to ``gymnasium.make`` (e.g. ``max_episode_steps``, ``render_mode``).
 
     :attr:`max_episode_steps` is the episode limit the wrapped envs run with (their specs'), else
@@ -86,6 +90,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         *,
         device: torch.device | str = "cpu",
         success_distance: float | None = None,
+        append_achieved_goal: bool = False,
         **make_kwargs: Any,
     ) -> None:
         if isinstance(env, VectorEnv):
@@ -105,21 +110,31 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                     **make_kwargs,
                 )
             except (gym.error.Error, ImportError) as error:  # unknown id, module or version
-                raise ValueError(f"cannot make the Gymnasium env {env!r}: {error}") from error
+                hint = ""
+                if isinstance(error, gym.error.NameNotFound) and ":" not in str(env):
+                    hint = (
+                        " (an env of another package needs its module first, e.g."
+                        f" 'gymnasium_robotics:{env}' for gymnasium-robotics' envs)"
+                    )
+                raise ValueError(f"cannot make the Gymnasium env {env!r}: {error}{hint}") from error
         self.autoreset_mode = AutoresetMode(
             self.env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         )
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
         if not isinstance(obs_space, gym.spaces.Dict) or set(obs_space.keys()) != set(GOAL_KEYS):
             raise ValueError(
-                f"observation space must be a Dict with keys {GOAL_KEYS}, got {obs_space}"
+                "not a goal env: its observation space must be a Dict with exactly the keys "
+                f"{GOAL_KEYS} (gymnasium-robotics' interface), got {obs_space}"
             )
+        self.append_achieved_goal = bool(append_achieved_goal)
         self.obs_dim = _space_dim(obs_space["observation"], "observation")
         self.goal_dim = _space_dim(obs_space["achieved_goal"], "achieved_goal")
         if (desired := _space_dim(obs_space["desired_goal"], "desired_goal")) != self.goal_dim:
             raise ValueError(
                 f"desired_goal must be as wide as achieved_goal ({self.goal_dim}), got {desired}"
             )
+        if self.append_achieved_goal:
+            self.obs_dim += self.goal_dim
         self.action_dim = _space_dim(act_space, "the action space")
         if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
             raise ValueError(
@@ -146,7 +161,10 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         return torch.tensor(np.asarray(array), dtype=dtype, device=self.device)
 
     def _obs(self, obs: dict[str, np.ndarray]) -> GoalObs:
-        return {key: self._tensor(obs[key]) for key in GOAL_KEYS}
+        out = {key: self._tensor(obs[key]) for key in GOAL_KEYS}
+        if self.append_achieved_goal:
+            out["observation"] = torch.cat([out["observation"], out["achieved_goal"]], dim=-1)
+        return out
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -194,7 +212,12 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         return final_obs
 
     def _success(self, info: dict[str, Any], final_obs: GoalObs) -> torch.Tensor:
-        """Success of the step that ran: the env's own report, else the goal distance."""
+        """Success of the step that ran: the goal distance if ``success_distance`` is given, else
+        the env's own report."""
+        if self.success_distance is not None:
+            return is_success(
+                final_obs["achieved_goal"], final_obs["desired_goal"], self.success_distance
+            )
         final_info = info.get("final_info", {})
         for key in SUCCESS_KEYS:
             if key in info or key in final_info:
@@ -204,12 +227,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                         reported = _as_bool(source[key], key)
                         success = np.where(source[f"_{key}"] & valid, reported, success)
                 return self._tensor(success, torch.bool)
-        if self.success_distance is None:
-            raise ValueError(
-                f"the env reports none of {SUCCESS_KEYS} in its info: pass success_distance"
-            )
-        return is_success(
-            final_obs["achieved_goal"], final_obs["desired_goal"], self.success_distance
+        raise ValueError(
+            f"the env reports none of {SUCCESS_KEYS} in its info: pass success_distance"
         )
 
     def compute_reward(
