@@ -38,7 +38,18 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except Exception as error:  # torch.save wraps a full disk's OSError in a RuntimeError
+                cause = error if isinstance(error, OSError) else error.__context__
+                if not isinstance(cause, OSError):
+                    raise
+                message = (
+                    f"cannot write {path} ({cause.strerror or cause}); a previous {path.name} "
+                    "there is left as it was"
+                )
+                args = (message,) if cause.errno is None else (cause.errno, message)
+                raise OSError(*args) from error
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,11 +72,8 @@ def load_checkpoint(
     there is none, it cannot be read, or it is not a dict holding ``keys``."""
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint file at {path}")
-    if not _is_zip(path):  # torch.save writes zip archives
-        raise ValueError(
-            f"cannot read checkpoint {path}: not a zip-format torch.save file (damaged, "
-            "truncated, or another file: a run's is <run>/checkpoint.pt)"
-        )
+    if problem := _zip_problem(path):  # torch.save writes zip archives, a CRC-32 per record
+        raise ValueError(f"cannot read checkpoint {path}: {problem}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged file fails anywhere in the unpickler
@@ -83,11 +91,23 @@ def load_checkpoint(
     return state
 
 
-def _is_zip(path: str | os.PathLike) -> bool:
-    try:
-        return zipfile.is_zipfile(path)
-    except zipfile.BadZipFile:  # a damaged header can raise instead of saying no
-        return False
+def _zip_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a whole zip archive, or None. torch.load checks no CRC, so without
+    this a checkpoint damaged on disk would load its damaged bytes."""
+    with open(path, "rb") as file:  # a file we may not read stays an OSError
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+                # torch's reader takes a record marked as a folder (MS-DOS attribute) as empty
+                # and loads uninitialised memory for it: torch.save marks none
+                folders = (r.filename for r in archive.infolist() if r.external_attr & 0x10)
+                damaged = damaged or next(folders, None)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+            return (
+                "not a zip-format torch.save file (damaged, truncated, or another file: a run's "
+                "is <run>/checkpoint.pt)"
+            )
+    return None if damaged is None else f"its record {damaged} is damaged (fails its check)"
 
 
 def versions() -> dict[str, str | None]:

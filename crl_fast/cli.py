@@ -205,9 +205,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "eval":
             run_eval(args)
         else:
-            from crl_fast.train import train
+            from crl_fast.train import TrainingInterrupted, train
 
-            train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
+            try:
+                train(train_config({k: v for k, v in vars(args).items() if k != "command"}))
+            except TrainingInterrupted as stopped:
+                print(f"crl-fast train: {stopped}", file=sys.stderr)
+                raise SystemExit(128 + stopped.signum) from None
     except (ValueError, TypeError, OSError) as error:
         if not isinstance(error, OSError) and not raised_by_crl_fast(error):
             raise  # a bug (in an env of your own, say): its traceback

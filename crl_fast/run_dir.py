@@ -42,10 +42,14 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
         run_dir = Path(config.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # atomic: of two runs started together, only one creates it
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
     else:
         run_dir, created = new_run_dir(config), True
+    locked = False  # only the run holding the lock may remove the directory
     try:
         with open(run_dir / LOCK_NAME, "a") as lock:
             if fcntl is not None:  # advisory, released when the process ends however it ends
@@ -55,8 +59,9 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
                     raise ValueError(f"another run is using {run_dir} now") from error
                 except OSError as error:  # a file system without locks (some network ones)
                     print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
+            locked = True
             yield run_dir
     except BaseException:
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+        if created and locked and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(run_dir)
         raise

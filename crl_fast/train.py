@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +52,42 @@ from crl_fast.schedule import (
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after it wrote a checkpoint; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, int | None]]:
+    """Catch SIGINT and SIGTERM (main thread only): the first sets ``["signal"]``, which the loop
+    reads to checkpoint and stop; a second SIGINT stops at once (KeyboardInterrupt)."""
+    request: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request["signal"] is not None:
+            raise KeyboardInterrupt
+        request["signal"] = signum
+        print(
+            f"\n{signal.Signals(signum).name}: writing a checkpoint at the end of this step, then "
+            "stopping (Ctrl-C again: stop now, without it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -268,8 +307,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cores = os.cpu_count() or 1
         if config.threads > cores:
             raise ValueError(f"--threads must be at most this CPU's {cores}, got {config.threads}")
-    with torch_settings(config, device), claimed_run_dir(config) as run_dir:
-        return _train_in(run_dir, config, device, speed)
+    with (
+        torch_settings(config, device),
+        claimed_run_dir(config) as run_dir,
+        stop_requests() as stop,
+    ):
+        return _train_in(run_dir, config, device, speed, stop)
 
 
 @contextlib.contextmanager
@@ -293,7 +336,11 @@ def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
 
 
 def _train_in(
-    run_dir: Path, config: TrainConfig, device: torch.device, speed: dict[str, bool]
+    run_dir: Path,
+    config: TrainConfig,
+    device: torch.device,
+    speed: dict[str, bool],
+    stop: dict[str, int | None],
 ) -> dict[str, Any]:
     """The run itself, in the directory :func:`train` claimed for it."""
     if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
@@ -481,6 +528,17 @@ def _train_in(
         if loop.env_steps < config.learning_starts:  # why the first steps run faster
             status.append(f"random actions until {config.learning_starts:,}")
         progress.update(loop.env_steps, loop.updates, ", ".join(status))
+        if stop["signal"] is not None and loop.env_steps < config.total_env_steps:
+            if not crossed(before, loop.env_steps, config.checkpoint_every):
+                checkpoint_now()
+            logger.close()
+            progress.close()
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop['signal']).name} at env step "
+                f"{loop.env_steps:,}, checkpoint written: continue with "
+                f"crl-fast train --resume --run-dir {run_dir}",
+                stop["signal"],
+            )
     progress.close()
 
     if loop.last_eval_step != loop.env_steps:

@@ -709,20 +709,25 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     assert "weights_only" not in str(error.value) and "_Pickled" in str(error.value)
 
 
-def test_a_damaged_checkpoint_loads_or_is_a_value_error(tmp_path):
-    """A flipped byte may leave a readable file (a changed weight); otherwise the unpickler
-    fails anywhere (KeyError, IndexError, TypeError...): always the same ValueError."""
+def test_a_damaged_checkpoint_is_a_value_error_or_loads_unchanged(tmp_path):
+    """A flipped byte anywhere: the same ValueError naming the file, or (a flip in padding the
+    zip reader skips) the saved values. Never a changed weight: torch.load does not check the
+    records' CRCs, load_checkpoint does."""
     path = tmp_path / "checkpoint.pt"
-    data = save_checkpoint({"config": {"a": 1}, "weights": torch.randn(64)}, path).read_bytes()
+    saved = {"config": {"a": 1}, "weights": torch.randn(64)}
+    data = save_checkpoint(saved, path).read_bytes()
     refused = 0
     for at in range(len(data)):
         path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
         try:
-            load_checkpoint(path)
+            state = load_checkpoint(path)
         except ValueError as error:
             assert "checkpoint.pt" in str(error)
             refused += 1
-    assert refused > 100  # most flips land in padding and names that the zip reader skips
+        else:
+            assert state["config"] == saved["config"], at
+            assert torch.equal(state["weights"], saved["weights"]), at
+    assert refused > 100
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1112,3 +1117,77 @@ def test_a_run_on_the_second_gpu_runs_there(tmp_path):
 def test_devices_this_machine_lacks_are_refused():
     with pytest.raises(ValueError, match="CUDA"):
         resolve_device(f"cuda:{max(torch.cuda.device_count(), 1)}")
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """SIGTERM (a preemption) or Ctrl-C mid-run: the loop writes a checkpoint at the end of that
+    step (608 here, off the checkpoint schedule) and stops; resumed, the run logs the rows and
+    reaches the weights of an uninterrupted one."""
+    import signal
+
+    settings = dict(updates_per_env_step=0.005, log_every=32, checkpoint_every=512)
+    straight = train(tiny_config(tmp_path, "straight", **settings))
+    log = MetricsLogger.log
+
+    def log_then_term(self, step, metrics):
+        log(self, step, metrics)
+        if step == 608:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_term)
+    with pytest.raises(train_module.TrainingInterrupted, match="SIGTERM at env step 608"):
+        train(tiny_config(tmp_path, "killed", **settings))
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["loop"]["env_steps"] == 608
+    resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
+    a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
+    b = agent_tensors(load_checkpoint(resumed["run_dir"] / "checkpoint.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
+    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+
+
+def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ('unexpected pos ...'): the caller gets
+    an OSError naming the checkpoint, and the previous checkpoint stays whole."""
+    import crl_fast.checkpoint as checkpoint_module
+
+    path = save_checkpoint({"a": torch.ones(3)}, tmp_path / "checkpoint.pt")
+
+    def full_disk(state, f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos"
+            ) from None
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint.pt \(No space left on device\)"):
+        save_checkpoint({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_refused_run_never_removes_the_directory_another_run_locked(tmp_path, monkeypatch):
+    """Two runs started together on a new --run-dir: the one that created it but lost the lock
+    to the other is refused and leaves the directory (and the other's lock) alone."""
+    import fcntl
+    from pathlib import Path as P
+
+    config = tiny_config(tmp_path, "new")
+    mkdir, other = P.mkdir, []
+
+    def mkdir_then_other_run_locks(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)
+        if self == tmp_path / "new":  # the other run claims it before this one opens the lock
+            other.append(open(self / LOCK_NAME, "a"))  # noqa: SIM115
+            fcntl.flock(other[0].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    monkeypatch.setattr(P, "mkdir", mkdir_then_other_run_locks)
+    with pytest.raises(ValueError, match="another run is using"), claimed_run_dir(config):
+        pass
+    assert (tmp_path / "new" / LOCK_NAME).exists()
+    other[0].close()
