@@ -173,7 +173,8 @@ class TrajectoryBuffer:
     """Ring buffer of lockstep trajectories that samples ``(obs, action, goal)`` on device.
 
     Goal modes: ``"geometric"`` (k ~ Geometric(1 - gamma) truncated at the episode end and
-    renormalised, as CRL/JaxGCRL), ``"clamp"`` (OGBench: min(t + k, last)), ``"uniform_future"``
+    renormalised: CRL's law; README, "Differences from JaxGCRL", for how JaxGCRL's sampler
+    departs from it), ``"clamp"`` (OGBench: min(t + k, last)), ``"uniform_future"``
     (HER 'future'), ``"final"``. A fraction ``random_goal_fraction`` of goals is instead the
     achieved goal of a random stored row (rho(g)), and ``current_goal_fraction`` that of the
     anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
