@@ -762,6 +762,24 @@ def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
     assert header == "step,critic/loss,eval/success"
 
 
+def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp_path):
+    """Where TensorBoard is installed (not in CI): the resumed writer's purge step hides what
+    the killed run logged after its checkpoint, as the JSONL rewrite drops those rows."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logger = MetricsLogger(tmp_path)
+    for step in (10, 20, 30):
+        logger.log(step, {"critic/loss": float(step)})
+    logger.close()
+    resumed = MetricsLogger(tmp_path, resume_step=20)
+    for step in (30, 40):
+        resumed.log(step, {"critic/loss": step + 0.5})
+    resumed.close()
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("critic/loss")]
+    assert shown == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+
+
 def test_a_new_logger_keeps_the_metrics_it_finds(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     logger.log(10, {"critic/loss": 1.0})
