@@ -28,17 +28,31 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
         eager = type(impl.__name__, (torch.autograd.Function,), methods).apply
 
     def call(*args):
-        if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                "crl-fast's fused kernels do not support torch.func transforms (grad, vmap, "
-                f"jacrev, ...): use torch.autograd, or {alternative}"
-            )
+        refuse_transforms(alternative)
         # Traced (torch.compile, make_fx, FakeTensorMode, opcheck): the op, whose fake kernel
         # the tracer needs; eager, including CUDA graph capture: the implementation.
         traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
         return op(*args) if traced else eager(*args)
 
     return call
+
+
+def refuse_transforms(alternative: str, *grads) -> None:
+    """Raise a RuntimeError naming ``alternative`` under a torch.func transform, which the ops
+    do not support; in a backward rule this also catches a vmapped backward
+    (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``), whose in-place float32
+    accumulations would otherwise fail inside PyTorch with an unrelated vmap message."""
+    legacy_vmap = any(  # is_grads_batched=True batches the incoming gradients (legacy vmap)
+        isinstance(g, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(g)
+        for g in grads
+    )
+    if legacy_vmap or torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "crl-fast's fused kernels do not support torch.func transforms (grad, vmap, "
+            "jacrev, ...) nor a vmapped backward (is_grads_batched=True, "
+            f"jacobian(vectorize=True)): use torch.autograd, or {alternative}"
+        )
 
 
 def refuse_double_backward(what: str, alternative: str) -> None:

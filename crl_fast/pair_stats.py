@@ -32,7 +32,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
-from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
+from crl_fast.custom_ops import eager_fast_path, refuse_double_backward, refuse_transforms
 from crl_fast.energy import accumulate_dtype, paired_energy
 from crl_fast.pair_stats_torch import torch_grad, torch_stats
 
@@ -421,13 +421,24 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
     forward's online sums: dx_i = scale g_rl_i (U_i - V_i x_i) (the x_i term for l2 and norm
     only) plus the diagonal's row; dbias takes the off-diagonal softmax mass 1 - p_ii.
     O(B d) instead of a pass over the logits."""
-    dx = torch.empty_like(x)
-    step = max(1, ROW_CHUNK_ELEMENTS // x.shape[1])
-    for start in range(0, x.shape[0], step):  # row chunks: float32 temporaries stay small
-        r = slice(start, min(start + step, x.shape[0]))
-        x32 = x[r].to(u.dtype)
+    b = x.shape[0]
+
+    def rows_dx(r: slice, x_r: Tensor, y_r: Tensor) -> Tensor:
+        x32 = x_r.to(u.dtype)
         part = scale * g_rl[r, None] * (u[r] - v[r, None] * x32 if energy else u[r])
-        dx[r] = part + _diagonal_term(x[r], y[r], hd[r], energy)
+        return part + _diagonal_term(x_r, y_r, hd[r], energy)
+
+    if isinstance(b, torch.SymInt) or torch.compiler.is_compiling():
+        # Traced (torch.compile's backward): a Python loop over row chunks would specialise
+        # the batch size (one recompile per new size under dynamic=True); the compiler fuses
+        # the whole thing anyway.
+        dx = rows_dx(slice(None), x, y[:b]).to(x.dtype)
+    else:
+        dx = torch.empty_like(x)
+        step = max(1, ROW_CHUNK_ELEMENTS // x.shape[1])
+        for start in range(0, b, step):  # row chunks: float32 temporaries stay small
+            r = slice(start, min(start + step, b))
+            dx[r] = rows_dx(r, x[r], y[r])
     mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
     # W is kept only when the scale needs a gradient (a learnable bias alone needs no W)
     dscale = (g_rl * w).sum() if w.numel() else g_rl.new_zeros(())
@@ -436,6 +447,7 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
 
 def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
+    refuse_transforms(REFERENCE_LOSS, g_pos, g_rl, g_cl, g_sp, g_pair)
     x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w, *rows = ctx.saved_tensors
     x_sq, y_sq, f, slope = rows
     energy, mask_diag, pair, online, use_triton = ctx.options

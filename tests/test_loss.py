@@ -1220,3 +1220,41 @@ def test_kernel_launchers_refuse_strided_columns():
     with pytest.raises(ValueError, match="a needs unit column stride"):
         kernels.stats(strided, psi, x_sq, y_sq, one, zero, pos, energy=0, lse=True,
                       mask_diag=False, softplus=False, pair=0, metrics=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["infonce", "flatnce"])
+def test_compiled_online_backward_does_not_specialise_the_batch(loss):
+    """The online losses' backward (Triton path) ran a Python loop over row chunks outside the
+    ops: traced by torch.compile it specialised the batch size, so dynamic=True recompiled for
+    every new batch size."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        step = torch.compile(
+            lambda p, q: contrastive_loss(p, q, loss=loss, backend="triton"),
+            backend="aot_eager", fullgraph=True, dynamic=True,
+        )  # fmt: skip
+        for b, m in ((16, 24), (13, 20), (32, 40)):
+            phi, psi = _inputs(b, m, 5, seed=b)
+            phi.requires_grad_()
+            step(phi, psi).backward()
+            truth = phi.grad.clone()
+            phi.grad = None
+            contrastive_loss(phi, psi, loss=loss, backend="triton").backward()
+            torch.testing.assert_close(truth, phi.grad)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "dpo"])
+def test_batched_gradients_raise_a_clear_error(loss):
+    """is_grads_batched=True (and jacobian(vectorize=True)) vmaps the backward: the ops' error,
+    not an unrelated one from inside PyTorch's vmap."""
+    phi, psi = _inputs(6, 8, 4, seed=3)
+    phi.requires_grad_()
+    value = contrastive_loss(phi, psi, loss=loss)
+    with pytest.raises(RuntimeError, match="vmapped backward"):
+        torch.autograd.grad(value, phi, torch.ones(2), is_grads_batched=True)
