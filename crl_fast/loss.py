@@ -134,7 +134,8 @@ def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be dense (.to_dense()), got layout {t.layout}")
     if phi.dtype != psi.dtype:
-        raise TypeError(f"phi and psi must share a dtype, got {phi.dtype} and {psi.dtype}")
+        cast = " (after autocast's cast)" if torch.is_autocast_enabled(phi.device.type) else ""
+        raise TypeError(f"phi and psi must share a dtype, got {phi.dtype} and {psi.dtype}{cast}")
     if phi.device != psi.device:
         raise ValueError(f"phi and psi must be on one device, got {phi.device} and {psi.device}")
     (b, d), (m, d_psi) = phi.shape, psi.shape

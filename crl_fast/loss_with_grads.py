@@ -40,14 +40,16 @@ def _forward_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 @autocast_off
 def _loss_with_grads_impl(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int, mean: bool,
-    scale_grad: bool, use_triton: bool,
+    x_grad: bool, y_grad: bool, scale_grad: bool, use_triton: bool,
 ) -> Tensors5:  # fmt: skip
     """Loss, (dx, dy) and float32 (dscale, dbias) of a loss whose gradient needs no statistic of
     the logits first: the sigmoid loss with labels = identity (``pair`` PAIR_NONE), dloss/dL_ij
     = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean; DPO / IPO (PAIR_DPO / PAIR_IPO,
     Triton path), dloss/dL_ij = w pair'(L_ij - L_ii) off the diagonal, w = 1 / (B (M - 1)), and
     on it minus the row's sum. Without ``scale_grad`` the kernels skip (dscale, dbias): their
-    off-diagonal part is then zero.
+    off-diagonal part is then zero. Without ``y_grad`` no column pass runs (a frozen goal
+    encoder's psi), and dy comes back empty; so does dx without ``x_grad`` (the row pass, which
+    sums the loss, runs anyway).
 
     (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
     them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
@@ -57,14 +59,11 @@ def _loss_with_grads_impl(
     wide = x.dtype == torch.float16
     g_label = 1.0 if wide else w  # the kernels' weight of every logit's term
     grad_dtype = _forward_grad_dtype(x.dtype)
+    needs = (x_grad, y_grad, scale_grad)
     if pair:
-        grads = _pair_grads(
-            x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton
-        )
+        grads = _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use_triton)
     else:
-        grads = _sigmoid_grads(
-            x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, use_triton
-        )
+        grads = _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_triton)
     loss, dx, dy, dscale, dbias, g_ii, f = grads
     loss = loss * w
     if wide:
@@ -80,10 +79,12 @@ def _loss_with_grads_impl(
     return loss, dx, dy, dscale, dbias
 
 
-def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, use_triton):
-    """The sigmoid loss's unweighted sum, (dx, dy), the off-diagonal (dscale, dbias) partials,
-    the diagonal's G_ii and exact energies: two passes over the logits (Triton: one with
-    ``CRL_FAST_SINGLE_PASS=1``), or the chunked PyTorch path."""
+def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_triton):
+    """The sigmoid loss's unweighted sum, (dx, dy) (each empty where ``needs`` = (x_grad,
+    y_grad, scale_grad) says so), the off-diagonal (dscale, dbias) partials, the diagonal's
+    G_ii and exact energies: two passes over the logits (Triton: one with
+    ``CRL_FAST_SINGLE_PASS=1``, or without y_grad), or the chunked PyTorch path."""
+    x_grad, y_grad, scale_grad = needs
     empty = x.new_empty(0, dtype=torch.float32)
     if not use_triton:
         x_sq, y_sq, f, slope, pos = paired_rows(x, y, scale, bias, energy, use_triton)
@@ -95,7 +96,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, u
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         grads = (empty, empty, empty, empty, g_sp, empty)
         dx, dy, dscale, dbias, sp_off = torch_grad_with_diagonal(
-            *inputs, *grads, hd, energy, PAIR_NONE, softplus_sum=True
+            *inputs, *grads, hd, energy, PAIR_NONE, True, x_grad, y_grad
         )
         value = sp_off + F.softplus(-pos).sum()
         return value, dx.to(grad_dtype), dy.to(grad_dtype), dscale, dbias, g_ii, f
@@ -109,20 +110,22 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, scale_grad, u
     g_sp = torch.full_like(pos, g_label)
     grads = (empty, empty, empty, empty, g_sp, empty, hd)
     (dx, dscale, dbias, sp_off, _), col, common = _row_pass(
-        x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, scale_grad, grad_dtype
+        x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, y_grad, scale_grad, grad_dtype
     )
-    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common)
+    dy = _dy_if(y_grad, y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common)
+    dx = dx if x_grad else dx.new_empty(0)
     # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
     return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
 
 
-def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad, use_triton):
+def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use_triton):
     """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one with
-    ``CRL_FAST_SINGLE_PASS=1``). The row pass sums the loss terms and their slopes (the
-    diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays float32 until
-    the diagonal's share is added."""
+    ``CRL_FAST_SINGLE_PASS=1``, or without y_grad). The row pass sums the loss terms and their
+    slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays
+    float32 until the diagonal's share is added."""
     from crl_fast.kernels import pair_stats as kernels
 
+    x_grad, y_grad, scale_grad = needs
     if not use_triton:
         raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
     s32, b32 = scale.float(), bias.float()
@@ -131,26 +134,36 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, scale_grad
     g_pair = torch.full_like(pos, g_label)
     grads = (empty, empty, empty, empty, empty, g_pair)
     (dx, dscale, dbias, terms, slopes), col, common = _row_pass(
-        x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, scale_grad, torch.float32
-    )
+        x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, y_grad, scale_grad,
+        torch.float32,
+    )  # fmt: skip
     g_ii = -g_label * slopes
     hd = g_ii * s32 * slope
-    add_diagonal(dx, x, y, hd, energy)
-    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common)
-    return terms.sum(), dx.to(grad_dtype), dy, dscale, dbias, g_ii, f
+    if x_grad:
+        add_diagonal(dx, x, y, hd, energy)
+    dx = dx.to(grad_dtype) if x_grad else dx.new_empty(0, dtype=grad_dtype)
+    dy = _dy_if(y_grad, y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common)
+    return terms.sum(), dx, dy, dscale, dbias, g_ii, f
 
 
-def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, scale_grad,
-              out_dtype):  # fmt: skip
+def _dy_if(y_grad, y, *args) -> Tensor:
+    """:func:`triton_dy` where y needs a gradient, else an empty tensor of its output dtype."""
+    out_dtype = args[-2]
+    return triton_dy(y, *args) if y_grad else y.new_empty(0, dtype=out_dtype)
+
+
+def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, y_grad,
+              scale_grad, out_dtype):  # fmt: skip
     """The Triton row pass of both losses: the x-launch of :func:`kernels.grad` with ``fwd``,
     whose five outputs come first (dx in ``out_dtype``), then for :func:`triton_dy` the column
-    sums it also fills in the single pass (``CRL_FAST_SINGLE_PASS=1``; else None) and the
-    launch's keywords. ``stats_and_grads`` are the seven tensors after ``pos``."""
+    sums it also fills in the single pass (``CRL_FAST_SINGLE_PASS=1`` and ``y_grad``; else
+    None) and the launch's keywords. ``stats_and_grads`` are the seven tensors after ``pos``."""
     from crl_fast.kernels import pair_stats as kernels
     from crl_fast.kernels import pair_stats_tiling as tiling
 
     common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
-    col = column_buffers(y, energy) if tiling.single_pass(x.dtype, x.shape[1]) else None
+    single = tiling.single_pass(x.dtype, x.shape[1]) and y_grad
+    col = column_buffers(y, energy) if single else None
     outputs = kernels.grad(
         x, y, x_sq, y_sq, scale, bias, pos, *stats_and_grads, x_is_a=True, fwd=True,
         column_sums=col, out_dtype=out_dtype, **common,
@@ -164,10 +177,13 @@ _loss_with_grads_op = torch.library.custom_op(
 
 
 @_loss_with_grads_op.register_fake
-def _(x, y, scale, bias, energy, pair, mean, scale_grad, use_triton):
+def _(x, y, scale, bias, energy, pair, mean, x_grad, y_grad, scale_grad, use_triton):
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     grad_dtype = _forward_grad_dtype(x.dtype)
-    dx, dy = torch.empty_like(x, dtype=grad_dtype), torch.empty_like(y, dtype=grad_dtype)
+    dx, dy = (
+        torch.empty_like(t, dtype=grad_dtype) if wanted else t.new_empty(0, dtype=grad_dtype)
+        for t, wanted in ((x, x_grad), (y, y_grad))
+    )
     return scalar, dx, dy, scalar.clone(), scalar.clone()
 
 
@@ -181,14 +197,14 @@ def _forward_grads_setup_context(ctx, inputs, output):
 def _forward_grads_backward(ctx, g_loss, *_unused):
     refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
     if g_loss is None:
-        return (None,) * 9
+        return (None,) * 11
     grads = [
         (g_loss * g).to(dtype) if needed else None
         for g, dtype, needed in zip(
             ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4], strict=True
         )
     ]
-    return (*grads, None, None, None, None, None)
+    return (*grads, *(None,) * 7)
 
 
 _loss_with_grads = eager_fast_path(
@@ -205,8 +221,9 @@ def loss_with_grads(
     PAIR_IPO, Triton path) whose forward also computes every gradient (two passes over the
     logits instead of three); backward only scales them by grad_output."""
     acc = accumulate_dtype(x.dtype)
-    scale_grad = torch.is_grad_enabled() and (scale.requires_grad or bias.requires_grad)
+    grad = torch.is_grad_enabled()
+    scale_grad = grad and (scale.requires_grad or bias.requires_grad)
     return _loss_with_grads(
         x.contiguous(), y.contiguous(), scale.to(acc), bias.to(acc), energy, pair, mean,
-        scale_grad, use_triton,
+        grad and x.requires_grad, grad and y.requires_grad, scale_grad, use_triton,
     )[0]  # fmt: skip

@@ -178,16 +178,19 @@ def add_diagonal(grad: Tensor, a: Tensor, other: Tensor, hd: Tensor, energy: int
 
 
 def torch_grad_with_diagonal(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse,
-                             g_col_lse, g_softplus, g_pair, hd, energy, pair,
-                             softplus_sum=False):  # fmt: skip
-    """:func:`torch_grad` (the chunked PyTorch path: float32 or wider (dx, dy, dscale, dbias)
-    and the softplus sum) with the diagonal's share ``hd`` added to dx and dy."""
+                             g_col_lse, g_softplus, g_pair, hd, energy, pair, softplus_sum=False,
+                             need_dx=True, need_dy=True):  # fmt: skip
+    """:func:`torch_grad` (the chunked PyTorch path: float32 or wider (dx, dy, dscale, dbias),
+    dx or dy empty unless needed, and the softplus sum) with the diagonal's share ``hd`` added
+    to dx and dy."""
     dx, dy, dscale, dbias, value = torch_grad(
         x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-        g_pair, energy, pair, softplus_sum,
+        g_pair, energy, pair, softplus_sum, need_dx, need_dy,
     )  # fmt: skip
-    add_diagonal(dx, x, y, hd, energy)
-    add_diagonal(dy, y, x, hd, energy)
+    if need_dx:
+        add_diagonal(dx, x, y, hd, energy)
+    if need_dy:
+        add_diagonal(dy, y, x, hd, energy)
     return dx, dy, dscale, dbias, value
 
 
@@ -213,10 +216,12 @@ def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, 
 
 
 def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-                 g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_scale):  # fmt: skip
-    """(dx or empty, dy) in the input dtype with the diagonal's ``hd`` added, and the
-    off-diagonal (dscale, dbias), float32 (zero unless ``need_dx`` and ``need_scale``). A row
-    pass and a column pass; with ``CRL_FAST_SINGLE_PASS=1`` and dx needed, the row pass alone."""
+                 g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_dy,
+                 need_scale):  # fmt: skip
+    """(dx, dy) in the input dtype with the diagonal's ``hd`` added (each empty unless
+    ``need_dx`` / ``need_dy``), and the off-diagonal (dscale, dbias), float32 (zero unless
+    ``need_dx`` and ``need_scale``). A row pass for dx and a column pass for dy; with
+    ``CRL_FAST_SINGLE_PASS=1`` and both needed, the row pass alone."""
     from crl_fast.kernels import pair_stats as kernels
     from crl_fast.kernels import pair_stats_tiling as tiling
 
@@ -225,16 +230,18 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
     dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
     # CRL_FAST_SINGLE_PASS=1: the row pass's tiles also give dy's sums, through atomics.
-    single = need_dx and tiling.single_pass(x.dtype, x.shape[1])
+    single = tiling.single_pass(x.dtype, x.shape[1]) and need_dx and need_dy
     col = column_buffers(y, energy) if single else None
     if need_dx:
         dx, dscale, dbias, *_ = kernels.grad(  # empty partials (sum 0) unless need_scale
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True,
             column_sums=col, **common,
         )  # fmt: skip
-    dy = triton_dy(
-        y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common
-    )
+    dy = y.new_empty(0)
+    if need_dy:
+        dy = triton_dy(
+            y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common
+        )
     return dx, dy, dscale.sum(), dbias.sum()
 
 
@@ -375,17 +382,21 @@ def _pair_stats_backward_impl(
     mask_diag: bool,
     pair: int,
     need_dx: bool,
+    need_dy: bool,
     need_scale: bool,
     use_triton: bool,
 ) -> Tensors4:
-    """(dx or empty unless ``need_dx``, dy) in the input dtypes, the diagonal's ``hd`` included,
-    and the off-diagonal (dscale, dbias) (zero on the Triton path unless ``need_scale``)."""
+    """(dx, dy) in the input dtypes (each empty unless ``need_dx`` / ``need_dy``), the
+    diagonal's ``hd`` included, and the off-diagonal (dscale, dbias) (zero on the Triton path
+    unless ``need_dx`` and ``need_scale``)."""
     args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse)
     args += (g_row_lse, g_col_lse, g_softplus, g_pair)
     if use_triton:
-        return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_scale)
-    dx, dy, dscale, dbias, _ = torch_grad_with_diagonal(*args, hd, energy, pair)
-    return dx.to(x.dtype) if need_dx else x.new_empty(0), dy.to(y.dtype), dscale, dbias
+        return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale)
+    dx, dy, dscale, dbias, _ = torch_grad_with_diagonal(
+        *args, hd, energy, pair, need_dx=need_dx, need_dy=need_dy
+    )
+    return dx.to(x.dtype), dy.to(y.dtype), dscale, dbias
 
 
 _pair_stats_backward_op = torch.library.custom_op(
@@ -398,10 +409,12 @@ _pair_stats_backward = eager_fast_path(
 
 @_pair_stats_backward_op.register_fake
 def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-      g_pair, hd, energy, mask_diag, pair, need_dx, need_scale, use_triton):  # fmt: skip
+      g_pair, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale,
+      use_triton):  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(y), scalar, scalar.clone()
+    dy = torch.empty_like(y) if need_dy else y.new_empty(0)
+    return dx, dy, scalar, scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
@@ -464,15 +477,22 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
     empty = pos.new_empty(0)
     grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
+    need_x, need_y = ctx.needs_input_grad[:2]
     need_scale = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    dx, dy, dscale, dbias = _pair_stats_backward(
-        x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, hd, energy, mask_diag,
-        pair, not online, need_scale, use_triton,
-    )  # fmt: skip
-    if online:
+    # The row pass gives dx and the off-diagonal (dscale, dbias); the column pass, dy. A side
+    # that needs no gradient (a frozen encoder's) costs no pass.
+    need_rows = (need_x or need_scale) and not online
+    dx = dy = dscale = dbias = None
+    if need_rows or need_y:
+        dx, dy, dscale, dbias = _pair_stats_backward(
+            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, hd, energy,
+            mask_diag, pair, need_rows, need_y, need_scale, use_triton,
+        )  # fmt: skip
+    if online and (need_x or need_scale):
         dx, dscale, dbias = _online_dx(
             x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w
         )
+    dx, dy = (dx if need_x else None), (dy if need_y else None)
     if not need_scale:
         return dx, dy, None, None, *(None,) * 10
     dscale_ii, dbias_ii = diagonal_scale_grads(g_ii, f)

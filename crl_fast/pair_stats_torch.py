@@ -113,15 +113,17 @@ def _off_diagonal_softplus(logits: Tensor, start: int) -> Tensor:
 
 
 def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-               g_softplus, g_pair, energy, pair, softplus_sum=False):  # fmt: skip
-    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider, and the sum of softplus(L_ij)
-    over j != i when ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits,
-    so that loss takes one pass."""
+               g_softplus, g_pair, energy, pair, softplus_sum=False, need_dx=True,
+               need_dy=True):  # fmt: skip
+    """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider (dx or dy empty, its product
+    skipped, unless ``need_dx`` / ``need_dy``), and the sum of softplus(L_ij) over j != i when
+    ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits, so that loss takes
+    one pass."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
-    dx = torch.empty_like(x)
-    dy = torch.zeros_like(y)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dy = torch.zeros_like(y) if need_dy else y.new_empty(0)
     dscale = torch.zeros((), dtype=acc, device=x.device)
     dbias = torch.zeros((), dtype=acc, device=x.device)
     value = torch.zeros((), dtype=acc, device=x.device)
@@ -146,11 +148,14 @@ def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, 
             g += term
         _diagonal_of(g, start).zero_()
         h = g * (scale * slope)  # dot: slope is 1.0, so one B x M product
-        dx[rows] = h @ y
-        dy += h.T @ x[rows]
-        if energy:  # the squared norms' share: -A_i sum_j H_ij
-            dx[rows] -= h.sum(1, keepdim=True) * x[rows]
-            dy -= h.sum(0)[:, None] * y
+        if need_dx:
+            dx[rows] = h @ y
+            if energy:  # the squared norms' share: -A_i sum_j H_ij
+                dx[rows] -= h.sum(1, keepdim=True) * x[rows]
+        if need_dy:
+            dy += h.T @ x[rows]
+            if energy:
+                dy -= h.sum(0)[:, None] * y
         dscale += (g * f).sum()
         dbias += g.sum()
     return dx, dy, dscale, dbias, value

@@ -266,13 +266,49 @@ def test_single_pass(loss, energy, dtype, device, monkeypatch):
     assert launches == [(True, False), (False, False)]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_side_without_gradient_costs_no_pass(loss, backend, device, monkeypatch):
+    """phi or psi that needs no gradient (a frozen encoder's, as in LiT) gets none, the other
+    side gets the two-sided call's, and the frozen side's work is skipped: on the Triton path
+    the pass that gives only its gradient (the row pass also sums binary's, DPO's and IPO's
+    loss, so only a frozen psi saves one there), on the chunked path its B x M x d product."""
+    from torch.profiler import profile
+
+    phi, psi = _inputs(40, 56, 8, seed=9, device=device)
+    kw = {"loss": loss, "energy": "norm", "backend": backend}
+    launches = _record_grad_launches(monkeypatch)
+
+    def run(grad_phi: bool, grad_psi: bool) -> tuple[list, int]:
+        """Gradients, and the Triton path's passes or the chunked path's matrix products."""
+        leaves = [phi.clone().requires_grad_(grad_phi), psi.clone().requires_grad_(grad_psi)]
+        launches.clear()
+        with profile() as prof:
+            contrastive_loss(*leaves, **kw).backward()
+        products = sum(e.name == "aten::mm" for e in prof.events())
+        return [t.grad for t in leaves], len(launches) if backend == "triton" else products
+
+    (dphi, dpsi), both = run(True, True)
+    (phi_only, none), phi_work = run(True, False)
+    assert none is None
+    torch.testing.assert_close(phi_only, dphi)
+    (none, psi_only), psi_work = run(False, True)
+    assert none is None
+    torch.testing.assert_close(psi_only, dpsi)
+    if backend == "triton":
+        assert max(phi_work, psi_work) <= both and min(phi_work, psi_work) == both - 1
+    else:
+        assert phi_work == psi_work == both - 1
+
+
 @pytest.mark.parametrize("rows", ["-16", "0", "8", "100", "abc", "1e3"])
 def test_single_pass_rows_must_be_a_tile(rows, monkeypatch):
     monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
     monkeypatch.setenv("CRL_FAST_SINGLE_PASS_ROWS", rows)
     phi, psi = _inputs(130, 150, 16)
     with pytest.raises(ValueError, match=f"CRL_FAST_SINGLE_PASS_ROWS .* got '{rows}'"):
-        contrastive_loss(phi.requires_grad_(), psi, backend="triton")
+        contrastive_loss(phi.requires_grad_(), psi.requires_grad_(), backend="triton")
 
 
 def test_autotune_leaves_the_single_pass_alone(monkeypatch):
@@ -560,7 +596,8 @@ def test_autocast_casts_inputs_like_a_matmul(loss, energy, call, backend, device
     assert torch.equal(value.detach(), expected.detach())
     assert torch.equal(phi.grad, leaves[0].grad) and torch.equal(psi.grad, leaves[1].grad)
     assert phi.grad.dtype == torch.float32 and psi.grad.dtype == torch.bfloat16
-    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
+    autocast = torch.autocast(device, dtype=torch.bfloat16)
+    with autocast, pytest.raises(TypeError, match=r"float64 and torch.bfloat16 \(after autocast"):
         contrastive_loss(phi.detach().double(), psi.detach(), **kw)  # as torch: float64 stays
 
 
@@ -1197,13 +1234,17 @@ def test_loss_custom_ops_pass_opcheck(flags, use_triton):
     torch.library.opcheck(_pair_stats_op, (*leaves, energy, *options, use_triton))
     pair = _STATS_FLAGS[flags][5]
     if pair == 0 or use_triton:  # DPO / IPO take their gradients in forward on Triton only
-        torch.library.opcheck(_loss_with_grads_op, (*leaves, energy, pair, True, True, use_triton))
+        for x_grad, y_grad in ((True, True), (False, True), (True, False)):  # empty when frozen
+            sides = [t.clone().requires_grad_(g) for t, g in ((phi, x_grad), (psi, y_grad))]
+            flags = (energy, pair, True, x_grad, y_grad, True, use_triton)
+            torch.library.opcheck(_loss_with_grads_op, (*sides, *leaves[2:], *flags))
     stats = PairStats(*_pair_stats_op(phi, psi, scale, bias, energy, True, True, *options[2:-2],
                                       False, False, use_triton))  # fmt: skip
     empty, g_row, g_col = torch.empty(0), torch.rand(12), torch.rand(16)
     args = (phi, psi, stats.x_sq, stats.y_sq, scale, bias, stats.pos, stats.row_lse, stats.col_lse)
-    args += (g_row, g_col, empty, empty, torch.zeros(12), energy, options[2], 0, True, True)
-    torch.library.opcheck(_pair_stats_backward_op, (*args, use_triton))
+    args += (g_row, g_col, empty, empty, torch.zeros(12), energy, options[2], 0)
+    for need_dx, need_dy in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(_pair_stats_backward_op, (*args, need_dx, need_dy, True, use_triton))
 
 
 def test_kernel_launchers_refuse_strided_columns():
