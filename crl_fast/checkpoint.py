@@ -37,21 +37,21 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            try:
+        try:  # a full disk fails the write, the flush or the close
+            with open(tmp, "wb") as f:
                 write(f)
-            except Exception as error:  # torch.save wraps a full disk's OSError in a RuntimeError
-                cause = error if isinstance(error, OSError) else error.__context__
-                if not isinstance(cause, OSError):
-                    raise
-                message = (
-                    f"cannot write {path} ({cause.strerror or cause}); a previous {path.name} "
-                    "there is left as it was"
-                )
-                args = (message,) if cause.errno is None else (cause.errno, message)
-                raise OSError(*args) from error
-            f.flush()
-            os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as error:  # torch.save wraps a full disk's OSError in a RuntimeError
+            cause = error if isinstance(error, OSError) else error.__context__
+            if not isinstance(cause, OSError):
+                raise
+            message = (
+                f"cannot write {path} ({cause.strerror or cause}); a previous {path.name} "
+                "there is left as it was"
+            )
+            args = (message,) if cause.errno is None else (cause.errno, message)
+            raise OSError(*args) from error
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):  # cleanup only: keep the error that got us here
@@ -97,17 +97,36 @@ def _zip_problem(path: str | os.PathLike) -> str | None:
     with open(path, "rb") as file:  # a file we may not read stays an OSError
         try:
             with zipfile.ZipFile(file) as archive:
-                damaged = archive.testzip()
-                # torch's reader takes a record marked as a folder (MS-DOS attribute) as empty
-                # and loads uninitialised memory for it: torch.save marks none
-                folders = (r.filename for r in archive.infolist() if r.external_attr & 0x10)
-                damaged = damaged or next(folders, None)
+                damaged = next(
+                    filter(None, map(_damaged_record(archive), archive.infolist())), None
+                )
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
             return (
                 "not a zip-format torch.save file (damaged, truncated, or another file: a run's "
                 "is <run>/checkpoint.pt)"
             )
     return None if damaged is None else f"its record {damaged} is damaged (fails its check)"
+
+
+def _damaged_record(archive: zipfile.ZipFile) -> Callable[[zipfile.ZipInfo], str | None]:
+    """A record's name if it fails its check, else None. torch's reader takes a record marked
+    as a folder (MS-DOS attribute) as empty and loads uninitialised memory for it (torch.save
+    marks none); a CRC of 0 is torch's "not computed" (``set_crc32_options(False)``)."""
+
+    def check(record: zipfile.ZipInfo) -> str | None:
+        if record.external_attr & 0x10:
+            return record.filename
+        if record.CRC == 0:
+            return None
+        try:
+            with archive.open(record) as data:  # zipfile checks the CRC-32 at the end
+                while data.read(1 << 24):
+                    pass
+        except zipfile.BadZipFile:
+            return record.filename
+        return None
+
+    return check
 
 
 def versions() -> dict[str, str | None]:

@@ -284,7 +284,9 @@ def _contrastive_loss(
         x, y, scale, shift, energy=energy,
         row_lse=want_row_lse, col_lse=want_col_lse, mask_diag=mask_diag,
         softplus=name == "binary", pair=pair, metrics=return_metrics,
-        online=wants_grad and use_triton and _online_applies(name, x.shape[1]),
+        # the online sums serve dx and (dscale, dbias) only: not for a frozen phi's loss
+        online=use_triton and _online_applies(name, x.shape[1]) and wants_grad
+        and any(t.requires_grad for t in (x, scale, shift)),
         use_triton=use_triton,
     )  # fmt: skip
     pos = stats.pos

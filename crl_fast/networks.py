@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crl_fast import fused_mlp
+from crl_fast.checks import positive_int
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
 INITS = {"lecun": 3.0, "jaxgcrl": 1.0}
@@ -86,15 +87,16 @@ class MLP(nn.Sequential):
         fused: bool = False,
         init: str = "lecun",
     ) -> None:
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_dim, out_dim, width, depth = (
+            positive_int(name, value)
+            for name, value in (
+                ("in_dim", in_dim), ("out_dim", out_dim), ("width", width), ("depth", depth)
+            )
+        )  # fmt: skip
         if init not in INITS:
             raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
         if residual and depth % RESIDUAL_BLOCK_LAYERS:
             raise ValueError(f"residual networks need depth a multiple of 4, got {depth}")
         layers = _hidden_layer(in_dim, width, activation, layer_norm, init)

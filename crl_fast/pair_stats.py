@@ -479,11 +479,12 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
     need_x, need_y = ctx.needs_input_grad[:2]
     need_scale = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    # The row pass gives dx and the off-diagonal (dscale, dbias); the column pass, dy. A side
-    # that needs no gradient (a frozen encoder's) costs no pass.
-    need_rows = (need_x or need_scale) and not online
+    # On the Triton path the row pass gives dx and the off-diagonal (dscale, dbias), the column
+    # pass dy; the chunked path gives (dscale, dbias) with either product, or without both. A
+    # side that needs no gradient (a frozen encoder's) costs no pass, no product.
+    need_rows = (need_x or (need_scale and use_triton)) and not online
     dx = dy = dscale = dbias = None
-    if need_rows or need_y:
+    if need_rows or need_y or (need_scale and not online):
         dx, dy, dscale, dbias = _pair_stats_backward(
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, hd, energy,
             mask_diag, pair, need_rows, need_y, need_scale, use_triton,

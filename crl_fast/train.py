@@ -64,8 +64,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[dict[str, int | None]]:
-    """Catch SIGINT and SIGTERM (main thread only): the first sets ``["signal"]``, which the loop
-    reads to checkpoint and stop; a second SIGINT stops at once (KeyboardInterrupt)."""
+    """Catch SIGINT and SIGTERM (main thread only; not where they are ignored, as a background
+    job's SIGINT is): the first sets ``["signal"]``, which the loop reads to checkpoint and stop;
+    a SIGINT after it stops at once (KeyboardInterrupt), another SIGTERM changes nothing."""
     request: dict[str, int | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -73,7 +74,9 @@ def stop_requests() -> Iterator[dict[str, int | None]]:
 
     def handler(signum: int, frame: Any) -> None:
         if request["signal"] is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         request["signal"] = signum
         print(
             f"\n{signal.Signals(signum).name}: writing a checkpoint at the end of this step, then "
@@ -82,12 +85,13 @@ def stop_requests() -> Iterator[dict[str, int | None]]:
             flush=True,
         )
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield request
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # None: set outside Python, which cannot restore it
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
 
 
 @dataclass

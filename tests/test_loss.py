@@ -267,13 +267,15 @@ def test_single_pass(loss, energy, dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("scaled", [False, True], ids=["fixed", "learnable"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_a_side_without_gradient_costs_no_pass(loss, backend, device, monkeypatch):
+def test_a_side_without_gradient_costs_no_pass(loss, backend, scaled, device, monkeypatch):
     """phi or psi that needs no gradient (a frozen encoder's, as in LiT) gets none, the other
     side gets the two-sided call's, and the frozen side's work is skipped: on the Triton path
     the pass that gives only its gradient (the row pass also sums binary's, DPO's and IPO's
-    loss, so only a frozen psi saves one there), on the chunked path its B x M x d product."""
+    loss, so only a frozen psi saves one there, and gives a learnable scale's gradient), on the
+    chunked path its B x M x d product."""
     from torch.profiler import profile
 
     phi, psi = _inputs(40, 56, 8, seed=9, device=device)
@@ -283,9 +285,10 @@ def test_a_side_without_gradient_costs_no_pass(loss, backend, device, monkeypatc
     def run(grad_phi: bool, grad_psi: bool) -> tuple[list, int]:
         """Gradients, and the Triton path's passes or the chunked path's matrix products."""
         leaves = [phi.clone().requires_grad_(grad_phi), psi.clone().requires_grad_(grad_psi)]
+        scale = torch.tensor(0.2, device=device, requires_grad=scaled)
         launches.clear()
         with profile() as prof:
-            contrastive_loss(*leaves, **kw).backward()
+            contrastive_loss(*leaves, log_scale=scale, **kw).backward()
         products = sum(e.name == "aten::mm" for e in prof.events())
         return [t.grad for t in leaves], len(launches) if backend == "triton" else products
 
@@ -1290,12 +1293,19 @@ def test_compiled_online_backward_does_not_specialise_the_batch(loss):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "dpo"])
+@pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "dpo", "binary"])
 def test_batched_gradients_raise_a_clear_error(loss):
     """is_grads_batched=True (and jacobian(vectorize=True)) vmaps the backward: the ops' error,
-    not an unrelated one from inside PyTorch's vmap."""
+    not an unrelated one from inside PyTorch's vmap; the sigmoid loss, whose backward only
+    scales the gradients forward computed, gives the batched gradients."""
     phi, psi = _inputs(6, 8, 4, seed=3)
     phi.requires_grad_()
     value = contrastive_loss(phi, psi, loss=loss)
-    with pytest.raises(RuntimeError, match="vmapped backward"):
-        torch.autograd.grad(value, phi, torch.ones(2), is_grads_batched=True)
+    outputs = torch.tensor([1.0, -2.0])
+    if loss != "binary":
+        with pytest.raises(RuntimeError, match="vmapped backward"):
+            torch.autograd.grad(value, phi, outputs, is_grads_batched=True)
+        return
+    (batched,) = torch.autograd.grad(value, phi, outputs, is_grads_batched=True, retain_graph=True)
+    (one,) = torch.autograd.grad(value, phi)
+    torch.testing.assert_close(batched, outputs[:, None, None] * one)

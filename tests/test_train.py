@@ -1189,6 +1189,61 @@ def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("numel", [3, 4_000_000])
+def test_a_checkpoint_written_to_a_full_disk_is_an_oserror_naming_it(tmp_path, numel, monkeypatch):
+    """A real full disk (/dev/full) fails torch.save's writes or, for a small file, only the
+    close: either way one OSError naming the checkpoint, and the previous one is left whole."""
+    import crl_fast.checkpoint as checkpoint_module
+
+    path = save_checkpoint({"a": torch.ones(3)}, tmp_path / "checkpoint.pt")
+
+    def full_disk_for_the_temp_file(file, *args, **kwargs):
+        return builtins.open("/dev/full" if str(file).endswith(".tmp") else file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "open", full_disk_for_the_temp_file, raising=False)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint.pt \(No space left on device\)"):
+        save_checkpoint({"a": torch.zeros(numel)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(3))
+
+
+def test_a_checkpoint_saved_without_crcs_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes a CRC of 0 in every record: nothing
+    to check, not a damaged file."""
+    set_crc32 = torch.serialization.set_crc32_options
+    set_crc32(False)
+    try:
+        path = save_checkpoint({"weights": torch.arange(5.0)}, tmp_path / "checkpoint.pt")
+    finally:
+        set_crc32(True)
+    assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
+
+
+def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_nothing():
+    """A background job's ignored SIGINT stays ignored (a Ctrl-C for its shell must not stop
+    it); after the first SIGTERM another is ignored and a SIGINT stops at once; the handlers
+    are restored after."""
+    import signal
+
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train_module.stop_requests() as request:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request["signal"] == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    with pytest.raises(KeyboardInterrupt), train_module.stop_requests() as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request["signal"] == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler raises at the next bytecode; it never gets this far
+    assert signal.getsignal(signal.SIGINT) is ignored
+
+
 def test_a_refused_run_never_removes_the_directory_another_run_locked(tmp_path, monkeypatch):
     """Two runs started together on a new --run-dir: the one that created it but lost the lock
     to the other is refused and leaves the directory (and the other's lock) alone."""
