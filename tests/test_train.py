@@ -1153,10 +1153,14 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, m
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLogger, "log", log_then_term)
-    with pytest.raises(train_module.TrainingInterrupted, match="SIGTERM at env step 608"):
-        train(tiny_config(tmp_path, "killed", **settings))
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever pytest inherited
+    try:
+        with pytest.raises(train_module.TrainingInterrupted, match="SIGTERM at env step 608"):
+            train(tiny_config(tmp_path, "killed", **settings))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["loop"]["env_steps"] == 608
     resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
     a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
