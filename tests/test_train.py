@@ -130,6 +130,15 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("charts/")} for row in rows]
 
 
+def assert_same_weights_and_rows(straight: dict, resumed: dict) -> None:
+    """The two runs' final weights and metrics rows (timing columns aside) are equal."""
+    a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
+    b = agent_tensors(load_checkpoint(resumed["run_dir"] / "checkpoint.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
+    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+
+
 def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     """Killed at step 608, between its checkpoint at 512 and the end, then resumed: the same weights
     and metrics rows as an uninterrupted run, also at the log steps 544-640 where no update ran
@@ -150,11 +159,7 @@ def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     assert max(r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 608
     resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
 
-    a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
-    b = agent_tensors(load_checkpoint(resumed["run_dir"] / "checkpoint.pt"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
-    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+    assert_same_weights_and_rows(straight, resumed)
 
 
 def test_kill_between_final_eval_and_final_checkpoint_logs_each_row_once(tmp_path, monkeypatch):
@@ -1163,11 +1168,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, m
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["loop"]["env_steps"] == 608
     resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
-    a = agent_tensors(load_checkpoint(straight["run_dir"] / "checkpoint.pt"))
-    b = agent_tensors(load_checkpoint(resumed["run_dir"] / "checkpoint.pt"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = without_timings(read_jsonl(resumed["run_dir"] / "metrics.jsonl"))
-    assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
+    assert_same_weights_and_rows(straight, resumed)
 
 
 def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
