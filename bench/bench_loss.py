@@ -68,16 +68,21 @@ def _loss_fn(impl: str) -> Callable:
     return torch.compile(reference_contrastive_loss, dynamic=False)
 
 
-def make_step(impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.0):
-    """A closure computing the loss and the gradients of phi and psi once."""
+def make_step(
+    impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.0, frozen_psi=False
+):
+    """A closure computing the loss and the gradients of phi and psi once (of phi alone with
+    ``frozen_psi``: a locked goal or text tower, as in LiT)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     phi = (torch.randn(b, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
-    psi = (torch.randn(b, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+    psi = (torch.randn(b, d, generator=g) / d**0.5).to(device, dtype)
+    psi.requires_grad_(not frozen_psi)
     fn = _loss_fn(impl)
+    wrt = (phi,) if frozen_psi else (phi, psi)
 
     def step():
         value = fn(phi, psi, loss=loss, energy=energy, logsumexp_penalty=penalty)
-        return torch.autograd.grad(value, (phi, psi))
+        return torch.autograd.grad(value, wrt)
 
     return step
 
@@ -96,6 +101,7 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
     row = {"impl": impl, "B": b, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row |= {"loss": combo.get("loss", "binary"), "energy": combo.get("energy", "dot")}
     row["penalty"] = combo.get("penalty", 0.0)
+    row["frozen_psi"] = combo.get("frozen_psi", False)
     if impl.startswith("crl_fast") and device.type == "cuda":  # what ran, not what was asked
         from crl_fast.kernels import pair_stats_tiling
 
@@ -152,6 +158,11 @@ def main() -> None:
         help=f"first N of the {len(COMBOS)} loss combos, at B = 16384 (CPU: 1024; with --sizes, "
         "the largest)",
     )
+    parser.add_argument(
+        "--frozen-psi",
+        action="store_true",
+        help="psi needs no gradient (a locked goal or text tower, as in LiT): phi's alone",
+    )
     add_name_argument(parser, "loss, plus the experimental switches on")
     args = parser.parse_args()
     if args.autotune:
@@ -176,6 +187,7 @@ def main() -> None:
         "autotuned": args.autotune,
         "tma": os.environ.get("CRL_FAST_TMA") == "1",
         "single-pass": os.environ.get("CRL_FAST_SINGLE_PASS") == "1",
+        "frozen-psi": args.frozen_psi,
     }
     if variants["single-pass"] and (rows := os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")):
         variants[f"rows{rows}"] = True
@@ -208,12 +220,17 @@ def main() -> None:
     for index, (dtype, d) in enumerate(tables):
         table, every_loss = [], []
         for group in groups:
-            table += [record(run_one(impl, b, d, dtype, device)) for impl in group for b in sizes]
+            frozen = {"frozen_psi": args.frozen_psi}
+            table += [
+                record(run_one(impl, b, d, dtype, device, **frozen))
+                for impl in group
+                for b in sizes
+            ]
             for impl in group if index == 0 else ():
                 for n, (loss, energy, penalty) in enumerate(combos):
                     if impl == "compile" and n >= 2:  # ~20 s a graph: the two default critics
                         continue
-                    combo = {"loss": loss, "energy": energy, "penalty": penalty}
+                    combo = {"loss": loss, "energy": energy, "penalty": penalty, **frozen}
                     row = record(run_one(impl, combo_b, 64, dtype, device, **combo))
                     every_loss.append((n, row))
         table.sort(key=lambda row: row["B"])  # stable: impls in their order within a size

@@ -4,13 +4,15 @@
 # Stages: tests probe single loss update buffer envs (the default, in that order; single times
 # the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1, on 128-row
 # programs; update includes the fused-network modes), and opt-in: mlp, single256 (the same on
-# 256-row programs: half the atomics), jax, compile, tma, fp16, train, autotune, update-bf16,
-# update-autotune and update-maxtune. A stage's limit may cut its benchmark short on purpose:
+# 256-row programs: half the atomics), jax, compile, tma, fp16, frozen, train, autotune,
+# update-bf16, update-autotune and update-maxtune. A stage's limit may cut its benchmark short on purpose:
 # every script writes its JSON after each row and runs the issues' targets first (the loss
 # stage: crl-fast's bf16 d = 64 rows and every loss, then eager and torch.compile, whose graphs
 # take ~20 s each, then the d = 256 and float32 tables, where 90 s end; `bench_loss` alone runs
 # them all).
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
+# - frozen times the loss with psi needing no gradient (LiT's locked tower), every loss: the pass
+#   that only dpsi needs is skipped (compare with the loss stage's rows).
 # - tma times the loss with CRL_FAST_TMA=1, the copy-engine tile loads (about a minute).
 # - train runs three trainings per mode (2-4 minutes).
 # - autotune compiles many tile variants (a call of its own).
@@ -107,6 +109,8 @@ for stage in "${stages[@]}"; do
             CRL_FAST_SINGLE_PASS=1 CRL_FAST_SINGLE_PASS_ROWS=${rows:-128} step "$stage" 25 \
                 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
                 --dtypes bfloat16 --impls crl_fast-graph --combos 0 ;;
+        frozen) step frozen 60 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
+            --dtypes bfloat16 --impls crl_fast-graph --frozen-psi ;;
         fp16) step fp16 40 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
             --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 --name loss-fp16 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;

@@ -28,6 +28,11 @@ CASES = {
         ["--sizes", "64", "--combos", "0", "--name", "loss-partial"],
         {"impl", "median_ms"},
     ),
+    "loss-frozen-psi": (  # a file of its own, phi's gradient alone
+        bench_loss,
+        ["--sizes", "64", "--combos", "2", "--frozen-psi"],
+        {"impl", "median_ms", "status", "frozen_psi"},
+    ),
     "buffer": (
         bench_buffer,
         ["--capacity", "20", "--num-envs", "4", "--batch", "64", "--txt-envs", "2"],
