@@ -112,7 +112,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
     (dx, dscale, dbias, sp_off, _), col, common = _row_pass(
         x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, y_grad, scale_grad, grad_dtype
     )
-    dy = _dy_if(y_grad, y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common)
+    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common, y_grad)
     dx = dx if x_grad else dx.new_empty(0)
     # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
     return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
@@ -142,14 +142,8 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
     if x_grad:
         add_diagonal(dx, x, y, hd, energy)
     dx = dx.to(grad_dtype) if x_grad else dx.new_empty(0, dtype=grad_dtype)
-    dy = _dy_if(y_grad, y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common)
+    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common, y_grad)
     return terms.sum(), dx, dy, dscale, dbias, g_ii, f
-
-
-def _dy_if(y_grad, y, *args) -> Tensor:
-    """:func:`triton_dy` where y needs a gradient, else an empty tensor of its output dtype."""
-    out_dtype = args[-2]
-    return triton_dy(y, *args) if y_grad else y.new_empty(0, dtype=out_dtype)
 
 
 def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, y_grad,

@@ -237,20 +237,22 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
             x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True,
             column_sums=col, **common,
         )  # fmt: skip
-    dy = y.new_empty(0)
-    if need_dy:
-        dy = triton_dy(
-            y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common
-        )
+    dy = triton_dy(
+        y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common,
+        need_dy,
+    )  # fmt: skip
     return dx, dy, dscale.sum(), dbias.sum()
 
 
 def triton_dy(
-    y, x, y_sq, x_sq, scale, bias, pos, stats_and_grads, col, out_dtype, common
+    y, x, y_sq, x_sq, scale, bias, pos, stats_and_grads, col, out_dtype, common, needed=True
 ) -> Tensor:
     """dy in ``out_dtype``: finished from the column sums ``col`` where the row pass took them
-    (single pass), else by the column pass. ``stats_and_grads`` are the seven tensors after
-    ``pos`` that :func:`kernels.grad` takes (row_lse ... hd); ``common`` its keywords."""
+    (single pass), else by the column pass; empty, and no pass, unless ``needed``.
+    ``stats_and_grads`` are the seven tensors after ``pos`` that :func:`kernels.grad` takes
+    (row_lse ... hd); ``common`` its keywords."""
+    if not needed:
+        return y.new_empty(0, dtype=out_dtype)
     if col is not None:
         hd = stats_and_grads[-1]
         return _column_grads(y, x, *col, scale, hd, common["energy"]).to(out_dtype)
