@@ -98,7 +98,7 @@ class CRL:
         self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
-        net = dict(
+        net: dict[str, Any] = dict(
             width=config.width,
             depth=config.depth,
             activation=config.activation,
@@ -165,7 +165,7 @@ class CRL:
         batch of this agent's width, all with the same B >= 1, on its device. Checked before any
         step: a shape error halfway through :meth:`update` would leave the actor stepped and the
         critic not. Metadata only: nothing is read from the device."""
-        first = None  # the first tensor's name and rows
+        first: tuple[str, int] | None = None  # the first tensor's name and rows
         for name, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -178,7 +178,7 @@ class CRL:
             first = first or (name, t.shape[0])
             if t.shape[0] != first[1]:
                 raise ValueError(f"{name} has {t.shape[0]} rows, {first[0]} {first[1]}")
-        if first[1] == 0:
+        if first is not None and first[1] == 0:
             raise ValueError("empty batch: 0 rows")
 
     def _act_eager(
@@ -223,8 +223,7 @@ class CRL:
         # ``actor_stream`` they run beside the critic's forward and backward; only the critic's
         # optimiser step waits for them.
         psi = self._encode_goals(goal)
-        main = torch.cuda.current_stream(self.device) if self._side is not None else None
-        with self._on_side_stream(main):
+        with self._on_side_stream():
             if actor_batch is None:
                 actor_psi = psi.detach()
             else:
@@ -232,18 +231,19 @@ class CRL:
                     actor_psi = self._encode_goals(actor_goal)
             actor = self._actor_step(actor_obs, actor_goal, actor_psi)
         critic = self._critic_backward(obs, action, psi, critic_metrics)
-        if main is not None:
-            main.wait_stream(self._side)
+        if self._side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
         self._critic_step()
         return critic | actor
 
     @contextlib.contextmanager
-    def _on_side_stream(self, main: torch.cuda.Stream | None) -> Iterator[None]:
-        """Run the block on the side stream, after the work ``main`` has queued (no-op without)."""
-        if main is None:
+    def _on_side_stream(self) -> Iterator[None]:
+        """Run the block on the side stream, after the work queued so far on the current stream
+        (no-op without ``actor_stream``)."""
+        if self._side is None:
             yield
             return
-        self._side.wait_stream(main)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             yield
 
@@ -298,7 +298,9 @@ class CRL:
                 exclude_positive_from_lse=cfg.exclude_positive_from_lse,
                 return_metrics=critic_metrics,
             )
-        critic_loss, loss_metrics = critic_out if critic_metrics else (critic_out, {})
+        critic_loss, loss_metrics = (
+            critic_out if isinstance(critic_out, tuple) else (critic_out, {})
+        )
         self.critic_optimizer.zero_grad()
         critic_loss.backward()
         metrics = {f"critic/{k}": v.detach() for k, v in loss_metrics.items()}

@@ -21,7 +21,6 @@ future stored.
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import struct
 from collections.abc import Mapping
@@ -30,7 +29,9 @@ from typing import Any, NamedTuple
 import torch
 
 from crl_fast.checks import (
+    fraction,
     generator_state,
+    is_real,
     positive_int,
     resolve_device,
     seed_int,
@@ -149,19 +150,11 @@ def sample_reference(
     )
 
 
-def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
-
-
 def check_goal_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
     """The fractions of random and of current-state goals, if each lies in [0, 1] and they sum
     to at most 1; else a ValueError naming them."""
-    r = _check_fraction("random_goal_fraction", random_fraction)
-    c = _check_fraction("current_goal_fraction", current_fraction)
+    r = fraction("random_goal_fraction", random_fraction)
+    c = fraction("current_goal_fraction", current_fraction)
     if r + c > 1.0:
         raise ValueError(
             f"random_goal_fraction + current_goal_fraction must be at most 1, got {r + c}"
@@ -205,19 +198,14 @@ class TrajectoryBuffer:
         seed: int | None = None,
         backend: str = "auto",
     ) -> None:
-        capacity, num_envs, obs_dim, action_dim, goal_dim = (
-            positive_int(name, value)
-            for name, value in (
-                ("capacity", capacity),
-                ("num_envs", num_envs),
-                ("obs_dim", obs_dim),
-                ("action_dim", action_dim),
-                ("goal_dim", goal_dim),
-            )
-        )
+        capacity = positive_int("capacity", capacity)
+        num_envs = positive_int("num_envs", num_envs)
+        obs_dim = positive_int("obs_dim", obs_dim)
+        action_dim = positive_int("action_dim", action_dim)
+        goal_dim = positive_int("goal_dim", goal_dim)
         if capacity > _MAX_CAPACITY:
             raise ValueError(f"capacity must be at most 2**24 steps per env, got {capacity}")
-        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        if not is_real(gamma):
             raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
@@ -513,9 +501,9 @@ class TrajectoryBuffer:
                     f"state_dict[{name!r}] is {src.dtype} {list(src.shape)}, "
                     f"the buffer's is {dst.dtype} {list(dst.shape)}"
                 )
-        step = state_dict.get("step")
+        saved = state_dict.get("step")
         try:
-            step = -1 if isinstance(step, bool) else operator.index(step)
+            step = -1 if saved is None or isinstance(saved, bool) else operator.index(saved)
         except TypeError:
             step = -1
         if not 0 <= step < 2**62:

@@ -6,14 +6,26 @@ import contextlib
 import math
 import numbers
 from types import ModuleType
+from typing import TypeGuard
 
 import torch
+
+
+def is_real(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a real number (numpy's too) other than a bool: a flag given where a
+    number belongs is more likely a mistake than a choice."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an integer (numpy's too) other than a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def positive_int(name: str, value: object) -> int:
     """``value`` as an int if it is a positive integer (numpy's too; bool is not), else a
     ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    if not is_integer(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -21,17 +33,27 @@ def positive_int(name: str, value: object) -> int:
 def positive_real(name: str, value: object) -> float:
     """``value`` as a float if it is a finite real number > 0, else an error naming ``name``:
     a TypeError for what is not a number (bool and strings included), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a positive number, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value}")
     return float(value)
 
 
+def fraction(name: str, value: object) -> float:
+    """``value`` as a float if it is a number in [0, 1], else a TypeError or ValueError naming
+    ``name``."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
 def seed_int(value: object) -> int:
     """``value`` as an int if it is an integer in [0, 2**64) (what a torch generator takes; numpy's
     ints too, bool not), else a TypeError or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"seed must be an int, got {value!r}")
     if not 0 <= value < 2**64:
         raise ValueError(f"seed must lie in [0, 2**64), got {value}")

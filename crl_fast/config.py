@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import types
 import typing
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GOAL_MODES, check_goal_mix
-from crl_fast.checks import resolve_device
+from crl_fast.checks import is_integer, is_real, resolve_device
 from crl_fast.energy import ENERGIES
 from crl_fast.fused_mlp import check_supported
 from crl_fast.loss import LOSSES, LossConfig
@@ -76,10 +75,9 @@ def check_types(config: Any) -> None:
         if (value is None and type(None) in kinds) or dataclasses.is_dataclass(kinds[0]):
             continue
         kind = typing.get_origin(kinds[0]) or kinds[0]
-        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if kind is float and number:
+        if kind is float and is_real(value):
             setattr(config, f.name, float(value))
-        elif kind is int and number and isinstance(value, numbers.Integral):
+        elif kind is int and is_integer(value):
             setattr(config, f.name, int(value))
         elif kind is str and isinstance(value, os.PathLike | torch.device):
             setattr(config, f.name, str(value))

@@ -25,7 +25,10 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
             return output
 
         methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
-        eager = type(impl.__name__, (torch.autograd.Function,), methods).apply
+        function: type[torch.autograd.Function] = type(
+            impl.__name__, (torch.autograd.Function,), methods
+        )
+        eager = function.apply
 
     def call(*args):
         refuse_transforms(alternative)

@@ -7,17 +7,21 @@ Each process scores its own rows of phi against the goals of every process:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from crl_fast.checks import positive_int
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 """The dtypes ranks compare by index when they exchange shapes (others are refused first)."""
 
 
 def gather_negatives(
-    psi: torch.Tensor, group: object | None = None, *, rows_per_rank: int | None = None
+    psi: torch.Tensor, group: ProcessGroup | None = None, *, rows_per_rank: int | None = None
 ) -> torch.Tensor:
     """This process's ``psi`` followed by the ``psi`` of every other rank of ``group``, in rank
     order. Row i is still the positive of this process's row i of phi, and the goals of the
@@ -81,7 +85,7 @@ def _capturing(psi: torch.Tensor) -> bool:
     return psi.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _rows_of_every_rank(psi: torch.Tensor, group: object | None) -> tuple[int, ...]:
+def _rows_of_every_rank(psi: torch.Tensor, group: ProcessGroup | None) -> tuple[int, ...]:
     """Every rank's row count, after checking every rank's ``psi`` (each rank sees every
     rank's shape and dtype, so all raise, instead of the gather crashing or waiting forever)."""
     import torch.distributed as dist
@@ -113,7 +117,9 @@ class _AllGatherRows(torch.autograd.Function):
     every backend has it, and psi is small) and returns this rank's block."""
 
     @staticmethod
-    def forward(ctx, psi: torch.Tensor, group: object | None, rows: Sequence[int]) -> torch.Tensor:
+    def forward(
+        ctx, psi: torch.Tensor, group: ProcessGroup | None, rows: Sequence[int]
+    ) -> torch.Tensor:
         import torch.distributed as dist
 
         ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), rows

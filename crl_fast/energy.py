@@ -45,20 +45,19 @@ def kernel_inputs(
 
 
 def energy_and_slope(
-    p: torch.Tensor | None,
-    x_sq: torch.Tensor | None,
-    y_sq: torch.Tensor | None,
-    code: int,
-    sq: torch.Tensor | None = None,
+    p: torch.Tensor, x_sq: torch.Tensor | None, y_sq: torch.Tensor | None, code: int
 ) -> tuple[torch.Tensor, torch.Tensor | float]:
     """Energy ``f`` and its slope ``df/dP`` from inner products ``p`` and squared norms
-    (broadcastable; ``None`` for dot), or from the squared distance ``sq`` when given (exact:
-    the expanded ``x_sq + y_sq - 2p`` cancels when x is close to y). The slope of ``f`` w.r.t.
-    each squared norm is ``-slope / 2`` for l2 and norm. Inputs in float32 or wider."""
+    (broadcastable; ``None`` for dot). The slope of ``f`` w.r.t. each squared norm is
+    ``-slope / 2`` for l2 and norm. Inputs in float32 or wider."""
     if code == 0:
         return p, 1.0
-    if sq is None:
-        sq = x_sq + y_sq - 2.0 * p
+    assert x_sq is not None and y_sq is not None, "l2 and norm need the squared norms"
+    return _energy_of_distance(x_sq + y_sq - 2.0 * p, code)
+
+
+def _energy_of_distance(sq: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """l2's or norm's energy and slope from the squared distance ``sq``."""
     if code == 1:
         return -sq, 2.0
     root = torch.sqrt(sq.clamp_min(0.0) + NORM_EPS)
@@ -68,11 +67,12 @@ def energy_and_slope(
 def paired_energy(
     x: torch.Tensor, y: torch.Tensor, code: int
 ) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """``f(x_i, y_i)`` and its slope for paired rows, exactly (from ``x_i - y_i``); the rows
-    are kernel inputs (cosine already normalised) in float32 or wider."""
+    """``f(x_i, y_i)`` and its slope for paired rows, exactly (from ``x_i - y_i``: the expanded
+    ``|x|^2 + |y|^2 - 2 x.y`` cancels when x is close to y); the rows are kernel inputs (cosine
+    already normalised) in float32 or wider."""
     if code == 0:
         return (x * y).sum(-1), 1.0
-    return energy_and_slope(None, None, None, code, sq=(x - y).square().sum(-1))
+    return _energy_of_distance((x - y).square().sum(-1), code)
 
 
 def check_scale_and_bias(

@@ -155,20 +155,20 @@ class Progress:
         self.stream = stream
         self.tty = stream.isatty()
         self.interval = 1.0 if self.tty else 30.0
-        self._last_time = self._start_time = time.perf_counter()
-        self._last_steps = self._last_updates = None
+        self._start_time = time.perf_counter()
+        self._last: tuple[float, int, int] | None = None  # time, steps, updates of the last redraw
 
     def update(self, steps: int, updates: int, info: str = "") -> None:
         """Report progress; rates are averaged since the previous redraw."""
         now = time.perf_counter()
-        if self._last_steps is None:
-            self._last_steps, self._last_updates, self._last_time = steps, updates, now
+        last, self._last = self._last, (now, steps, updates)
+        if last is None:
             return
-        if now - self._last_time < self.interval:
+        if now - last[0] < self.interval:
+            self._last = last
             return
-        dt = now - self._last_time
-        env_sps, ups = (steps - self._last_steps) / dt, (updates - self._last_updates) / dt
-        self._last_steps, self._last_updates, self._last_time = steps, updates, now
+        dt = now - last[0]
+        env_sps, ups = (steps - last[1]) / dt, (updates - last[2]) / dt
         if self.enabled:
             line = (
                 f"{steps:>11,}/{self.total_steps:,} steps  {env_sps:8,.0f} env steps/s  "

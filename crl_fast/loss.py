@@ -9,14 +9,14 @@ backward (the sigmoid loss and DPO / IPO take theirs in forward: ``crl_fast.loss
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, replace
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl_fast.checks import check_bool, triton_available, triton_runs_on
+from crl_fast.checks import check_bool, is_real, triton_available, triton_runs_on
 from crl_fast.energy import (
     ENERGY_CODES,
     check_energy,
@@ -43,7 +43,9 @@ LOSSES = (
     "ipo",
 )
 REDUCTIONS = ("mean", "sum")
-LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+Metrics = dict[str, torch.Tensor]
+"""The critic's metrics: 0-d tensors by name (``return_metrics``)."""
+LossOutput = torch.Tensor | tuple[torch.Tensor, Metrics]
 """The loss, or (loss, metrics) with ``return_metrics``."""
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,7 +75,7 @@ class LossConfig:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         check_bool("exclude_positive_from_lse", self.exclude_positive_from_lse)
         penalty = self.logsumexp_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real):
+        if not is_real(penalty):
             raise TypeError(
                 f"logsumexp_penalty must be a real number, got {type(penalty).__name__}"
             )
@@ -194,6 +196,51 @@ def _online_applies(loss: str, d: int) -> bool:
     return loss in ("infonce", "flatnce") and d <= ONLINE_MAX_D
 
 
+@overload
+def contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    loss: str = ...,
+    energy: str = ...,
+    log_scale: torch.Tensor | None = ...,
+    bias: torch.Tensor | None = ...,
+    logsumexp_penalty: float = ...,
+    exclude_positive_from_lse: bool = ...,
+    reduction: str = ...,
+    return_metrics: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+@overload
+def contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    loss: str = ...,
+    energy: str = ...,
+    log_scale: torch.Tensor | None = ...,
+    bias: torch.Tensor | None = ...,
+    logsumexp_penalty: float = ...,
+    exclude_positive_from_lse: bool = ...,
+    reduction: str = ...,
+    return_metrics: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, Metrics]: ...
+@overload
+def contrastive_loss(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    loss: str = ...,
+    energy: str = ...,
+    log_scale: torch.Tensor | None = ...,
+    bias: torch.Tensor | None = ...,
+    logsumexp_penalty: float = ...,
+    exclude_positive_from_lse: bool = ...,
+    reduction: str = ...,
+    return_metrics: bool,
+    backend: str = ...,
+) -> LossOutput: ...
 def contrastive_loss(
     phi: torch.Tensor,
     psi: torch.Tensor,
@@ -224,7 +271,11 @@ def contrastive_loss(
     config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
     phi, psi, config = _autocast(phi, psi, config)
     _check_inputs(phi, psi, config, log_scale, bias)
-    return _contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend)
+    return _output(*_contrastive_loss(phi, psi, config, log_scale, bias, return_metrics, backend))
+
+
+def _output(value: torch.Tensor, metrics: Metrics | None) -> LossOutput:
+    return value if metrics is None else (value, metrics)
 
 
 def _contrastive_loss(
@@ -235,7 +286,8 @@ def _contrastive_loss(
     bias: torch.Tensor | None,
     return_metrics: bool,
     backend: str,
-) -> LossOutput:
+) -> tuple[torch.Tensor, Metrics | None]:
+    """The loss, and the metrics if ``return_metrics`` (else None), of checked inputs."""
     check_bool("return_metrics", return_metrics)
     name = config.loss
     use_triton = _use_triton(phi, backend)
@@ -248,7 +300,7 @@ def _contrastive_loss(
         phi, psi = (t.clone() if t.is_inference() else t for t in (phi, psi))
     if return_metrics and _metrics_apart(config, wants_grad, use_triton, psi.shape[0]):
         # Computed as without metrics, so the loss and gradients are the same bit for bit.
-        value = _contrastive_loss(phi, psi, config, log_scale, bias, False, backend)
+        value, _ = _contrastive_loss(phi, psi, config, log_scale, bias, False, backend)
         with torch.no_grad():
             x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
             return value, _metrics_pass(x, y, scale, shift, config, use_triton)
@@ -269,7 +321,7 @@ def _contrastive_loss(
         return loss_with_grads(
             x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
             use_triton=use_triton,
-        )  # fmt: skip
+        ), None  # fmt: skip
 
     flat = name in ("flatnce", "flatnce_backward")
     # An ``if``, not ``|=``: under torch.compile the penalty may be symbolic, and torch 2.11's
@@ -298,7 +350,7 @@ def _contrastive_loss(
         return off_or_full
 
     reduce = torch.mean if config.reduction == "mean" else torch.sum
-    row_lse = lse(stats.row_lse, pos) if want_row_lse else None
+    row_lse = lse(stats.row_lse, pos) if want_row_lse else stats.row_lse  # empty: not computed
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
         value = stats.row_softplus.sum() + F.softplus(-pos).sum()
@@ -318,9 +370,7 @@ def _contrastive_loss(
         value = value / (b * (m - 1)) if config.reduction == "mean" else value
     if config.logsumexp_penalty:
         value = value + config.logsumexp_penalty * reduce(row_lse.square())
-    if not return_metrics:
-        return value
-    return value, _metrics(stats, row_lse, m)
+    return value, (_metrics(stats, row_lse, m) if return_metrics else None)
 
 
 def _fused(name: str, use_triton: bool, m: int) -> bool:
@@ -399,6 +449,9 @@ class ContrastiveLoss(nn.Module):
     both from ``log_scale = log(10)`` and ``bias = -10``.
     """
 
+    log_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         loss: str = "binary",
@@ -437,8 +490,10 @@ class ContrastiveLoss(nn.Module):
         this module's options, scale and bias; with ``return_metrics`` also the metrics dict."""
         phi, psi, config = _autocast(phi, psi, self.config)
         _check_inputs(phi, psi, config, self.log_scale, self.bias)
-        return _contrastive_loss(
-            phi, psi, config, self.log_scale, self.bias, return_metrics, self.backend
+        return _output(
+            *_contrastive_loss(
+                phi, psi, config, self.log_scale, self.bias, return_metrics, self.backend
+            )
         )
 
     def extra_repr(self) -> str:

@@ -119,8 +119,8 @@ class MLP(nn.Sequential):
         inputs only (the actor's step reads the critic so; the fused kernels then skip the
         weight gradients, which ``backward(inputs=...)`` alone cannot tell them)."""
         if frozen:
-            params = {name: p.detach() for name, p in self.named_parameters()}
-            return torch.func.functional_call(self, params, inputs)
+            constants = {name: p.detach() for name, p in self.named_parameters()}
+            return torch.func.functional_call(self, constants, inputs)
         if self.fused:
             linears = [layer for layer in self if isinstance(layer, nn.Linear)]
             params = [p for layer in linears for p in (layer.weight, layer.bias)]

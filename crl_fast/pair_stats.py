@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
 
@@ -41,7 +41,8 @@ REFERENCE_LOSS = "crl_fast.reference_contrastive_loss"
 """What the ops' errors (torch.func transforms, double backward) tell the caller to use."""
 
 Tensor = torch.Tensor
-F_ = TypeVar("F_", bound=Callable)
+P_ = ParamSpec("P_")
+R_ = TypeVar("R_")
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
 Tensors16 = tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -245,7 +246,18 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
 
 
 def triton_dy(
-    y, x, y_sq, x_sq, scale, bias, pos, stats_and_grads, col, out_dtype, common, needed=True
+    y: Tensor,
+    x: Tensor,
+    y_sq: Tensor,
+    x_sq: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    pos: Tensor,
+    stats_and_grads: tuple[Tensor, ...],
+    col: tuple[Tensor, Tensor] | None,
+    out_dtype: torch.dtype,
+    common: dict[str, Any],
+    needed: bool = True,
 ) -> Tensor:
     """dy in ``out_dtype``: finished from the column sums ``col`` where the row pass took them
     (single pass), else by the column pass; empty, and no pass, unless ``needed``.
@@ -266,7 +278,7 @@ def triton_dy(
 
 def column_buffers(y: Tensor, energy: int) -> tuple[Tensor, Tensor]:
     """The single pass's zeroed float32 column sums: (M, d), and (M,) for l2 / norm."""
-    f32 = {"dtype": torch.float32, "device": y.device}
+    f32: dict[str, Any] = {"dtype": torch.float32, "device": y.device}
     return torch.zeros(y.shape, **f32), torch.zeros(y.shape[0] if energy else 0, **f32)
 
 
@@ -287,17 +299,17 @@ def _column_grads(
 # ----------------------------------------------------------------------------------- the ops
 
 
-def autocast_off(fn: F_) -> F_:
+def autocast_off(fn: Callable[P_, R_]) -> Callable[P_, R_]:
     """``fn`` run with autocast off: under ``torch.autocast`` its float32 sums and chunked
     matmuls would otherwise be recast to the autocast dtype. For the ops' implementations: eager
     calls, compiled graphs and backward (inside an autocast region too) all run them."""
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def wrapper(*args: P_.args, **kwargs: P_.kwargs) -> R_:
         if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
-            return fn(*args)
+            return fn(*args, **kwargs)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -391,8 +403,8 @@ def _pair_stats_backward_impl(
     """(dx, dy) in the input dtypes (each empty unless ``need_dx`` / ``need_dy``), the
     diagonal's ``hd`` included, and the off-diagonal (dscale, dbias) (zero on the Triton path
     unless ``need_dx`` and ``need_scale``)."""
-    args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse)
-    args += (g_row_lse, g_col_lse, g_softplus, g_pair)
+    args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
+            g_softplus, g_pair)  # fmt: skip
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale)
     dx, dy, dscale, dbias, _ = torch_grad_with_diagonal(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
+if sys.platform != "win32":  # Windows has no fcntl: run directories are not locked there
     import fcntl
-except ImportError:  # Windows: run directories are not locked
-    fcntl = None
 
 from crl_fast.config import TrainConfig
 
@@ -52,7 +51,7 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
     locked = False  # only the run holding the lock may remove the directory
     try:
         with open(run_dir / LOCK_NAME, "a") as lock:
-            if fcntl is not None:  # advisory, released when the process ends however it ends
+            if sys.platform != "win32":  # advisory, released when the process ends, however
                 try:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as error:

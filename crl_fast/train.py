@@ -157,6 +157,8 @@ def evaluate(
     Runs ``env.max_episode_steps`` steps; raises ValueError if an episode has not ended by then
     (the env's limit is longer than it says), rather than report a distance it never measured.
     """
+    if env.max_episode_steps is None:
+        raise ValueError("evaluate() needs an env with an episode limit (max_episode_steps)")
     obs, _ = env.reset(seed=seed)
     n = env.num_envs
     ended = torch.zeros(n, dtype=torch.bool, device=env.device)

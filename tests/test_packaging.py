@@ -22,6 +22,7 @@ def test_wheel_layout_and_import(tmp_path):
     kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert {f"crl_fast/kernels/{name}" for name in kernels} <= set(names), kernels
     assert not any(name.startswith("kernels/") for name in names)
+    assert "crl_fast/py.typed" in names  # users' type checkers read the hints (PEP 561)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = (

@@ -1086,6 +1086,9 @@ def test_evaluate_runs_the_overridden_episode_length():
     env.max_episode_steps = 4  # shorter than its episodes really are
     with pytest.raises(ValueError, match="did not end"):
         evaluate(RandomPolicy(), env, seed=0)
+    env.max_episode_steps = None  # an adapter's env registered without a limit
+    with pytest.raises(ValueError, match="episode limit"):
+        evaluate(RandomPolicy(), env, seed=0)
 
 
 class SeekThenFlee:

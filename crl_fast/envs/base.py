@@ -13,9 +13,8 @@ function that :meth:`TorchGoalVectorEnv.compile` hands to ``torch.compile``.
 
 from __future__ import annotations
 
-import numbers
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -25,6 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from crl_fast.checks import (
     check_bool,
+    fraction,
     generator_state,
     positive_int,
     positive_real,
@@ -43,7 +43,7 @@ RGB_ARRAY = "rgb_array"
 
 def goal_spaces(
     obs_dim: int, goal_dim: int, action_dim: int, num_envs: int
-) -> tuple[gym.spaces.Dict, gym.spaces.Box, gym.spaces.Dict, gym.spaces.Box]:
+) -> tuple[gym.spaces.Dict, gym.spaces.Box, gym.spaces.Space, gym.spaces.Space]:
     """Single and batched observation and action spaces of a goal env: unbounded float32 boxes
     for the Dict observation, [-1, 1] for actions."""
 
@@ -77,8 +77,8 @@ def check_action(action: Any, num_envs: int, action_dim: int, device: torch.devi
     return action.clamp(-1.0, 1.0).nan_to_num(0.0)
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are views of one storage (metadata only: no device sync)."""
+def _shares_memory(a: torch.Tensor, b: object) -> bool:
+    """Whether ``b`` is a tensor viewing ``a``'s storage (metadata only: no device sync)."""
     return isinstance(b, torch.Tensor) and a.untyped_storage().data_ptr() == (
         b.untyped_storage().data_ptr()
     )
@@ -89,10 +89,7 @@ def check_dynamics(dt: float, accel: float, damping: float, max_speed: float) ->
     in [0, 1] (a negative ``dt`` would walk the point backwards through the walls)."""
     for name, value in (("dt", dt), ("accel", accel), ("max_speed", max_speed)):
         positive_real(name, value)
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise TypeError(f"damping must be a number in [0, 1], got {damping!r}")
-    if not 0.0 <= damping <= 1.0:
-        raise ValueError(f"damping must lie in [0, 1], got {damping}")
+    fraction("damping", damping)
 
 
 def damped_velocity(
@@ -134,7 +131,8 @@ class TorchGoalVectorEnv(VectorEnv):
     :meth:`_advance` and :meth:`_observe`, and :meth:`frames` to render.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {
+    # Gymnasium's VectorEnv declares metadata an instance attribute with a class default.
+    metadata: dict[str, Any] = {  # noqa: RUF012
         "autoreset_mode": AutoresetMode.SAME_STEP,
         "render_modes": [RGB_ARRAY],
     }
@@ -265,8 +263,8 @@ class TorchGoalVectorEnv(VectorEnv):
         for key, width in widths.items():
             t = obs[key]
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                raise TypeError(f"{name}[{key!r}] must be a float32 tensor, got {got}")
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name}[{key!r}] must be a float32 tensor, got {kind}")
             if tuple(t.shape) != (self.num_envs, width) or t.device != self.device:
                 raise ValueError(
                     f"{name}[{key!r}] must be ({self.num_envs}, {width}) on {self.device} (the "

@@ -17,7 +17,7 @@ only ``observation``: AntMaze's leaves out the ant's x-y position, which is its 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -36,10 +36,11 @@ from crl_fast.envs.base import (
 SUCCESS_KEYS = ("is_success", "success")
 
 
-def _space_dim(space: gym.Space, name: str) -> int:
+def _vector_box(space: gym.Space, name: str) -> gym.spaces.Box:
+    """``space`` if it is a 1-D Box, else a ValueError naming it."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise ValueError(f"{name} must be a 1-D Box space, got {space}")
-    return space.shape[0]
+    return space
 
 
 def _episode_limit(env: VectorEnv) -> int | None:
@@ -81,7 +82,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
     the registered one, or None. Returned tensors are copies: Gymnasium may reuse its arrays.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    # Gymnasium's VectorEnv declares metadata an instance attribute with a class default.
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}  # noqa: RUF012
 
     def __init__(
         self,
@@ -127,15 +129,17 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 f"{GOAL_KEYS} (gymnasium-robotics' interface), got {obs_space}"
             )
         self.append_achieved_goal = bool(append_achieved_goal)
-        self.obs_dim = _space_dim(obs_space["observation"], "observation")
-        self.goal_dim = _space_dim(obs_space["achieved_goal"], "achieved_goal")
-        if (desired := _space_dim(obs_space["desired_goal"], "desired_goal")) != self.goal_dim:
+        self.obs_dim = _vector_box(obs_space["observation"], "observation").shape[0]
+        self.goal_dim = _vector_box(obs_space["achieved_goal"], "achieved_goal").shape[0]
+        desired = _vector_box(obs_space["desired_goal"], "desired_goal").shape[0]
+        if desired != self.goal_dim:
             raise ValueError(
                 f"desired_goal must be as wide as achieved_goal ({self.goal_dim}), got {desired}"
             )
         if self.append_achieved_goal:
             self.obs_dim += self.goal_dim
-        self.action_dim = _space_dim(act_space, "the action space")
+        act_space = _vector_box(act_space, "the action space")
+        self.action_dim = act_space.shape[0]
         if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
             raise ValueError(
                 f"the action space must be bounded to rescale [-1, 1], got {act_space}"

@@ -90,6 +90,9 @@ class PointMazeEnv(TorchGoalVectorEnv):
     goal_dim = 2
     action_dim = 2
     _sim_keys = ("pos", "vel", "goal")
+    pos: torch.Tensor
+    vel: torch.Tensor
+    goal: torch.Tensor
 
     def __init__(
         self,
@@ -109,7 +112,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
         position_noise: float = 0.25,
         render_mode: str | None = None,
     ) -> None:
-        layout, default_steps = self._resolve_maze(maze, max_episode_steps)
+        layout, episode_steps = self._resolve_maze(maze, max_episode_steps)
         device = resolve_device(device)  # the layout tensors are made before the base's init
         check_dynamics(dt, accel, damping, max_speed)
         if not (0 < radius < 0.5 and max_speed * dt < 1.0 - 2 * radius):
@@ -136,7 +139,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
             num_envs,
             device=device,
             seed=seed,
-            max_episode_steps=default_steps if max_episode_steps is None else max_episode_steps,
+            max_episode_steps=episode_steps,
             success_distance=success_distance,
             terminate_on_success=terminate_on_success,
             render_mode=render_mode,
@@ -148,12 +151,14 @@ class PointMazeEnv(TorchGoalVectorEnv):
     @staticmethod
     def _resolve_maze(
         maze: str | tuple[str, ...], max_episode_steps: int | None
-    ) -> tuple[tuple[str, ...], int | None]:
-        """The layout and default episode length of ``maze``, validated."""
+    ) -> tuple[tuple[str, ...], int]:
+        """The layout of ``maze`` and the episode length (``max_episode_steps``, else the maze's
+        default), validated."""
         if isinstance(maze, str):
             if maze not in MAZES:
                 raise ValueError(f"unknown maze {maze!r}; valid: {sorted(MAZES)}")
-            return MAZES[maze]
+            layout, default_steps = MAZES[maze]
+            return layout, default_steps if max_episode_steps is None else max_episode_steps
         layout = tuple(maze)
         if not layout or any(not isinstance(row, str) or not row for row in layout):
             raise ValueError("a maze layout must be a non-empty sequence of non-empty strings")
@@ -164,7 +169,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
             raise ValueError("a maze layout needs walls all around and at least 2 free cells")
         if max_episode_steps is None:
             raise ValueError("a custom maze layout needs max_episode_steps")
-        return layout, None
+        return layout, max_episode_steps
 
     def _to_grid(self, xy: torch.Tensor) -> torch.Tensor:
         """World ``(x, y)`` to grid ``(u, v)``: cell ``(row, col) = (floor(v), floor(u))``."""
@@ -251,6 +256,7 @@ class PointMazeEnv(TorchGoalVectorEnv):
                 self._canvas.fill(1, FLOOR), self._is_wall(u, v)[None], WALL
             )[0]
         canvas, goal, pos = self._canvas, obs["desired_goal"], obs["achieved_goal"]
+        assert self._background is not None  # painted with the canvas
         frames = canvas.fill(goal.shape[0], self._background)
         frames = canvas.paint(frames, canvas.disc(goal, self.success_distance), GOAL)
         return canvas.paint(frames, canvas.square(pos, self.radius), POINT)

@@ -35,6 +35,9 @@ class ReacherEnv(TorchGoalVectorEnv):
     goal_dim = 2
     action_dim = 2
     _sim_keys = ("angle", "ang_vel", "goal")
+    angle: torch.Tensor
+    ang_vel: torch.Tensor
+    goal: torch.Tensor
 
     def __init__(
         self,
