@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import crl_fast.envs
-from crl_fast import contrastive_loss
+from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
 from crl_fast.cli import build_parser, train_config
 
 README = Path(__file__).parent.parent / "README.md"
@@ -30,12 +31,13 @@ README = Path(__file__).parent.parent / "README.md"
 LOSS = "loss = contrastive_loss(phi, psi)"
 ENCODERS = "sa_encoder("
 DISTRIBUTED = "gather_negatives(psi)"
+DISTRIBUTED_CLIP = "gather_negatives(img)"
 CUDA_GRAPH = "torch.cuda.CUDAGraph()"
 BUFFER = "TrajectoryBuffer("
 ENVS = "make_env("
 OWN_ENV = "class FreePoint("
 TRAIN = "train("
-MARKERS = (LOSS, ENCODERS, DISTRIBUTED, CUDA_GRAPH, BUFFER, ENVS, OWN_ENV, TRAIN)
+MARKERS = (LOSS, ENCODERS, DISTRIBUTED, DISTRIBUTED_CLIP, CUDA_GRAPH, BUFFER, ENVS, OWN_ENV, TRAIN)
 
 # CPU-sized versions of the examples: {README text: what runs instead}. The loss keeps bfloat16:
 # the CPU's chunked path takes it.
@@ -159,6 +161,60 @@ def test_gather_negatives_example(tmp_path):
         dist.destroy_process_group()
     torch.testing.assert_close(ns["loss"], contrastive_loss(phi, psi))
     assert phi.grad is not None and psi.grad is not None
+
+
+CLIP_RANKS, CLIP_ROWS = 2, 6
+
+
+def _clip_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of the distributed CLIP example, on its rows of ``embeddings``' global batch."""
+    from crl_fast.distributed import gather_negatives
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=CLIP_RANKS
+    )
+    try:
+        rows = slice(rank * CLIP_ROWS, (rank + 1) * CLIP_ROWS)
+        img, txt = (
+            t[rows].detach().requires_grad_() for t in embeddings(CLIP_RANKS * CLIP_ROWS, 8)
+        )
+        ns = run_block(
+            DISTRIBUTED_CLIP, ContrastiveLoss=ContrastiveLoss, gather_negatives=gather_negatives,
+            img=img, txt=txt,
+        )  # fmt: skip
+        ns["loss"].backward()
+        grads = (img.grad, txt.grad, ns["clip"].log_scale.grad)
+        torch.save((ns["loss"].detach(), *grads), f"{out_dir}/{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_clip_example(tmp_path):
+    """The CLIP example on 2 gloo processes: summed over ranks, its losses and gradients are
+    world size times those of CLIP's loss (half of symmetric_infonce) on the global batch."""
+    mp.spawn(_clip_rank, (str(tmp_path / "init"), str(tmp_path)), nprocs=CLIP_RANKS)
+    losses, d_img, d_txt, d_scale = zip(
+        *(torch.load(tmp_path / f"{r}.pt") for r in range(CLIP_RANKS)), strict=True
+    )
+    img, txt = (t.detach().double().requires_grad_() for t in embeddings(CLIP_RANKS * CLIP_ROWS, 8))
+    log_scale = torch.tensor(2.6593, dtype=torch.float64, requires_grad=True)
+    truth = (
+        CLIP_RANKS
+        * reference_contrastive_loss(
+            img, txt, loss="symmetric_infonce", energy="cosine", log_scale=log_scale
+        )
+        / 2
+    )
+    truth.backward()
+    got = (sum(losses), torch.cat(d_img), torch.cat(d_txt), sum(d_scale))
+    for name, a, want in zip(
+        ("loss", "img", "txt", "log_scale"),
+        got,
+        (truth, img.grad, txt.grad, log_scale.grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a.double(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.gpu
