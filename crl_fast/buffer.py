@@ -523,23 +523,37 @@ class TrajectoryBuffer:
     def _check_bookkeeping(self, state_dict: Mapping[str, Any], step: int) -> None:
         """The episode bookkeeping must fit ``step`` (a host sync; loading is rare): each
         stored row's episode is the running one exactly when it has no end, and an ended one
-        ends at or after that row's step and before ``step``."""
-        ends, segment = state_dict["segment_end"], state_dict["segment"]
-        stored = min(step, self._capacity)
-        rows = torch.arange(stored, device=segment.device)
-        row_step = rows + self._capacity * torch.div(
-            step - 1 - rows, self._capacity, rounding_mode="floor"
-        )
+        ends at or after that row's step and before ``step``, at a row of that episode whose
+        done flag is set; in step order, a row's episode is the previous row's plus its done
+        flag, and the running episode the newest row's plus its own. So an edited end (say,
+        one inside the next episode) cannot send goals across episodes."""
+        cap, dev = self._capacity, state_dict["segment"].device
+        segment, ends = state_dict["segment"], state_dict["segment_end"].to(dev)
+        done = state_dict["terminated"].to(dev) | state_dict["truncated"].to(dev)
+        open_segment = state_dict["open_segment"].to(dev)
+        stored = min(step, cap)
+        rows = torch.arange(stored, device=dev)
+        row_step = rows + cap * torch.div(step - 1 - rows, cap, rounding_mode="floor")
         episode = segment[:stored]
-        end = ends.to(segment.device).gather(0, episode % self._capacity)
-        running = episode == state_dict["open_segment"].to(segment.device)
+        end = ends.gather(0, episode % cap)
+        running = episode == open_segment
+        end_row = end % cap  # stored where the end is valid: row_step <= end < step
+        ends_here = (segment.gather(0, end_row) == episode) & done.gather(0, end_row)
         consistent = (episode >= 0) & torch.where(
-            running, end == -1, (end >= row_step[:, None]) & (end < step)
+            running, end == -1, (end >= row_step[:, None]) & (end < step) & ends_here
         )
-        if not bool(consistent.all()):
+        ok = bool(consistent.all())
+        if ok and stored:
+            in_order = torch.arange(step - stored, step, device=dev) % cap  # oldest row first
+            seg, flag = segment[in_order], done[in_order].long()
+            ok = bool((seg[1:] == seg[:-1] + flag[:-1]).all()) and bool(
+                (open_segment == seg[-1] + flag[-1]).all()
+            )
+        if not ok:
             raise ValueError(
                 f"state_dict['segment'] / ['segment_end'] do not fit state_dict['step'] = "
-                f"{step}: the episode bookkeeping belongs to another step count or was edited"
+                f"{step} and the done flags: the episode bookkeeping belongs to another step "
+                "count or was edited"
             )
 
     def __repr__(self) -> str:

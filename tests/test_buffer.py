@@ -540,6 +540,38 @@ def test_load_state_dict_rejects_mismatch_unchanged(field: str, value: object) -
             assert torch.equal(after[key], v), key
 
 
+@pytest.mark.parametrize("edit", ["end_in_next_episode", "flag_cleared", "flag_added"])
+def test_load_state_dict_rejects_bookkeeping_that_disagrees_with_the_flags(edit: str) -> None:
+    """An ended episode's end must be a done row of that episode, and the done flags must
+    delimit the episodes: an end moved into the next episode (which fits the step count) would
+    send its 'final' goals across the episode boundary."""
+    src = make(capacity=8, num_envs=1)
+    term = torch.zeros(6, 1, dtype=torch.bool)
+    term[1, 0] = True  # episode 0: steps 0-1; episode 1: steps 2-5, running
+    t = torch.arange(6, dtype=torch.float32)[:, None, None]
+    src.extend(
+        {
+            "observation": t.expand(6, 1, OBS).contiguous(),
+            "action": t.expand(6, 1, ACT).contiguous(),
+            "next_achieved_goal": t.expand(6, 1, GOAL).contiguous(),
+            "terminated": term,
+            "truncated": torch.zeros(6, 1, dtype=torch.bool),
+        }
+    )
+    state = src.state_dict()
+    make(capacity=8, num_envs=1).load_state_dict(state)  # the unedited state loads
+    if edit == "end_in_next_episode":
+        state["segment_end"][0, 0] = 4
+    elif edit == "flag_cleared":
+        state["terminated"][1, 0] = False
+    else:
+        state["truncated"][3, 0] = True
+    buf = make(capacity=8, num_envs=1)
+    with pytest.raises(ValueError, match="segment"):
+        buf.load_state_dict(state)
+    assert len(buf) == 0
+
+
 def test_state_saved_before_the_sampling_law_was_recorded_loads() -> None:
     """Checkpoints written before the config named gamma and the goal modes must still resume."""
     src = make(seed=1)
