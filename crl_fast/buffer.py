@@ -521,40 +521,68 @@ class TrajectoryBuffer:
         self.generator.set_state(gen_state)
 
     def _check_bookkeeping(self, state_dict: Mapping[str, Any], step: int) -> None:
-        """The episode bookkeeping must fit ``step`` (a host sync; loading is rare): each
-        stored row's episode is the running one exactly when it has no end, and an ended one
-        ends at or after that row's step and before ``step``, at a row of that episode whose
-        done flag is set; in step order, a row's episode is the previous row's plus its done
-        flag, and the running episode the newest row's plus its own. So an edited end (say,
-        one inside the next episode) cannot send goals across episodes."""
-        cap, dev = self._capacity, state_dict["segment"].device
-        segment, ends = state_dict["segment"], state_dict["segment_end"].to(dev)
+        """The episode bookkeeping must fit ``step`` and the done flags (a host sync; loading is
+        rare), so that an edited end (say, one inside the next episode) cannot send goals across
+        episodes. Two checks, each freeing its temporaries before the next."""
+        segment = state_dict["segment"]
+        dev = segment.device
+        ends = state_dict["segment_end"].to(dev)
         done = state_dict["terminated"].to(dev) | state_dict["truncated"].to(dev)
         open_segment = state_dict["open_segment"].to(dev)
-        stored = min(step, cap)
-        rows = torch.arange(stored, device=dev)
-        row_step = rows + cap * torch.div(step - 1 - rows, cap, rounding_mode="floor")
-        episode = segment[:stored]
-        end = ends.gather(0, episode % cap)
-        running = episode == open_segment
-        end_row = end % cap  # stored where the end is valid: row_step <= end < step
-        ends_here = (segment.gather(0, end_row) == episode) & done.gather(0, end_row)
-        consistent = (episode >= 0) & torch.where(
-            running, end == -1, (end >= row_step[:, None]) & (end < step) & ends_here
-        )
-        ok = bool(consistent.all())
-        if ok and stored:
-            in_order = torch.arange(step - stored, step, device=dev) % cap  # oldest row first
-            seg, flag = segment[in_order], done[in_order].long()
-            ok = bool((seg[1:] == seg[:-1] + flag[:-1]).all()) and bool(
-                (open_segment == seg[-1] + flag[-1]).all()
-            )
-        if not ok:
+        stored = min(step, self._capacity)
+        if not (
+            self._ends_fit(segment, ends, done, open_segment, step, stored)
+            and self._episodes_follow_flags(segment, done, open_segment, step, stored)
+        ):
             raise ValueError(
                 f"state_dict['segment'] / ['segment_end'] do not fit state_dict['step'] = "
                 f"{step} and the done flags: the episode bookkeeping belongs to another step "
                 "count or was edited"
             )
+
+    def _ends_fit(
+        self,
+        segment: torch.Tensor,
+        ends: torch.Tensor,
+        done: torch.Tensor,
+        open_segment: torch.Tensor,
+        step: int,
+        stored: int,
+    ) -> bool:
+        """Each stored row's episode is the running one exactly when it has no end, and an
+        ended one ends at or after that row's step and before ``step``, at a row of that
+        episode whose done flag is set."""
+        cap = self._capacity
+        rows = torch.arange(stored, device=segment.device)
+        row_step = rows + cap * torch.div(step - 1 - rows, cap, rounding_mode="floor")
+        episode = segment[:stored]
+        end = ends.gather(0, episode % cap)
+        end_row = end % cap  # stored where the end is valid: row_step <= end < step
+        ends_here = (segment.gather(0, end_row) == episode) & done.gather(0, end_row)
+        consistent = (episode >= 0) & torch.where(
+            episode == open_segment,
+            end == -1,
+            (end >= row_step[:, None]) & (end < step) & ends_here,
+        )
+        return bool(consistent.all())
+
+    def _episodes_follow_flags(
+        self,
+        segment: torch.Tensor,
+        done: torch.Tensor,
+        open_segment: torch.Tensor,
+        step: int,
+        stored: int,
+    ) -> bool:
+        """In step order, each row's episode is the previous row's plus its done flag, and the
+        running episode the newest row's plus its own."""
+        if not stored:
+            return True
+        in_order = torch.arange(step - stored, step, device=segment.device) % self._capacity
+        seg, flag = segment[in_order], done[in_order].long()  # oldest row first
+        return bool((seg[1:] == seg[:-1] + flag[:-1]).all()) and bool(
+            (open_segment == seg[-1] + flag[-1]).all()
+        )
 
     def __repr__(self) -> str:
         return (

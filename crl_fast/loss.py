@@ -350,7 +350,8 @@ def _contrastive_loss(
         return off_or_full
 
     reduce = torch.mean if config.reduction == "mean" else torch.sum
-    row_lse = lse(stats.row_lse, pos) if want_row_lse else stats.row_lse  # empty: not computed
+    # Read only where want_row_lse holds (the InfoNCE rows, the penalty, the metrics); else empty.
+    row_lse = lse(stats.row_lse, pos) if want_row_lse else stats.row_lse
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
         value = stats.row_softplus.sum() + F.softplus(-pos).sum()
@@ -483,6 +484,16 @@ class ContrastiveLoss(nn.Module):
             else:
                 self.register_buffer(name, t if value != 0 else None)
 
+    @overload
+    def forward(
+        self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: Literal[False] = ...
+    ) -> torch.Tensor: ...
+    @overload
+    def forward(
+        self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: Literal[True]
+    ) -> tuple[torch.Tensor, Metrics]: ...
+    @overload
+    def forward(self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool) -> LossOutput: ...
     def forward(
         self, phi: torch.Tensor, psi: torch.Tensor, return_metrics: bool = False
     ) -> LossOutput:

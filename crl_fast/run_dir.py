@@ -51,7 +51,7 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
     locked = False  # only the run holding the lock may remove the directory
     try:
         with open(run_dir / LOCK_NAME, "a") as lock:
-            if sys.platform != "win32":  # advisory, released when the process ends, however
+            if sys.platform != "win32":  # advisory: released when the process ends, as it may
                 try:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as error:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 
 def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -46,3 +49,16 @@ def stderr_with_late_interpret(code: str) -> str:
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode != 0, run.stdout
     return run.stderr
+
+
+@contextlib.contextmanager
+def gloo_group(init_file: object, rank: int = 0, world_size: int = 1) -> Iterator[None]:
+    """This process as ``rank`` of a CPU (gloo) process group over a file store, torn down on
+    exit, an exception included."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from crl_fast import contrastive_loss, reference_contrastive_loss
 from crl_fast.distributed import gather_negatives
-from tests.helpers import max_error
+from tests.helpers import gloo_group, max_error
 
 WORLD, ROWS, DIM = 2, 5, 4
 CASES = {
@@ -46,8 +46,7 @@ def _rank(
 ) -> None:
     """One rank's loss on its rows of the global batch (``split``: each rank's row count; they
     are exchanged, or else passed as ``rows_per_rank``)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(init_file, rank, WORLD):
         start, end = sum(split[:rank]), sum(split[: rank + 1])
         phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
         negatives = gather_negatives(psi, rows_per_rank=None if exchange else split[rank])
@@ -55,8 +54,6 @@ def _rank(
         loss.backward()
         torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...]) -> None:
@@ -129,15 +126,12 @@ MISMATCHES = {  # rank 1's psi, then each rank's error
 
 
 def _mismatched_rank(rank: int, init_file: str, out_dir: str, case: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(init_file, rank, WORLD):
         psi = MISMATCHES[case][0] if rank else torch.randn(3, DIM)
         try:
             gather_negatives(psi)
         except (TypeError, ValueError) as error:
             Path(out_dir, f"{rank}.txt").write_text(str(error))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", MISMATCHES)
@@ -150,9 +144,8 @@ def test_a_rank_with_other_goals_makes_every_rank_raise(case, tmp_path):
 
 @pytest.fixture
 def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with gloo_group(tmp_path / "init"):
+        yield
 
 
 @pytest.mark.usefixtures("one_process_group")

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import crl_fast.envs
 from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
 from crl_fast.cli import build_parser, train_config
+from tests.helpers import gloo_group
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -151,14 +152,10 @@ def test_own_encoders_example():
 def test_gather_negatives_example(tmp_path):
     """The multi-process fragment in a one-process gloo group, where psi gathers to itself."""
     assert not dist.is_initialized(), "a process group is left over from another test"
-    store = tmp_path / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
+    with gloo_group(tmp_path / "store"):
         phi, psi = embeddings(8, 4)
         ns = run_block(DISTRIBUTED, contrastive_loss=contrastive_loss, phi=phi, psi=psi)
         ns["loss"].backward()
-    finally:
-        dist.destroy_process_group()
     torch.testing.assert_close(ns["loss"], contrastive_loss(phi, psi))
     assert phi.grad is not None and psi.grad is not None
 
@@ -170,10 +167,7 @@ def _clip_rank(rank: int, init_file: str, out_dir: str) -> None:
     """One rank of the distributed CLIP example, on its rows of ``embeddings``' global batch."""
     from crl_fast.distributed import gather_negatives
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=CLIP_RANKS
-    )
-    try:
+    with gloo_group(init_file, rank, CLIP_RANKS):
         rows = slice(rank * CLIP_ROWS, (rank + 1) * CLIP_ROWS)
         img, txt = (
             t[rows].detach().requires_grad_() for t in embeddings(CLIP_RANKS * CLIP_ROWS, 8)
@@ -186,8 +180,6 @@ def _clip_rank(rank: int, init_file: str, out_dir: str) -> None:
         grads = (img.grad, txt.grad, ns["clip"].log_scale.grad)
         torch.save((ns["loss"].detach(), *grads), f"{out_dir}/{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_clip_example(tmp_path):
