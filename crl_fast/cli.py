@@ -40,6 +40,9 @@ def _positive(text: str) -> int:
     return value
 
 
+_positive.__name__ = "positive integer"  # argparse names the type: "invalid positive integer value"
+
+
 def _json_object(text: str) -> dict[str, Any]:
     value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse reports it
     if not isinstance(value, dict):
@@ -112,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     eval_parser.add_argument(
-        "--seed", type=int, default=None, help="goal seed (default: the run's evaluation goals)"
+        "--seed",
+        type=int,
+        default=None,
+        help="goal seed (default: the run's evaluation goals, whose seed is not the run's --seed)",
     )
     eval_parser.add_argument(
         "--video",
@@ -143,8 +149,8 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
     if not saved.exists():
         raise ValueError(f"cannot resume: {saved} does not exist")
     try:
-        base = json.loads(saved.read_text())
-    except json.JSONDecodeError as error:
+        base = json.loads(saved.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # damaged: not text, or not JSON
         raise ValueError(f"cannot resume: {saved} is not valid JSON: {error}") from error
     if not (isinstance(base, dict) and isinstance(base.get("agent"), dict)):
         raise ValueError(f"cannot resume: {saved} is not a crl-fast run's config")
@@ -155,6 +161,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     from crl_fast.envs.render import save_gif
     from crl_fast.train import eval_seed, evaluate, load_agent, make_eval_env
 
+    if args.video == "":  # an unset shell variable, say: not "no video"
+        raise ValueError("--video needs a path ending in .gif, got ''")
     if args.video_envs is not None and args.video is None:
         raise ValueError("--video-envs sets the episodes of --video's GIF: give --video too")
     agent, config = load_agent(args.checkpoint, args.device)

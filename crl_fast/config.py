@@ -295,13 +295,16 @@ class TrainConfig:
             raise TypeError(
                 f"env_kwargs must hold JSON values (saved with the run): {error}"
             ) from error
+        if self.run_dir == "":  # an unset shell variable, say: not "a new runs/... directory"
+            raise ValueError("run_dir must name a directory (None: a new one under runs/), got ''")
         if self.resume and self.run_dir is None:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         for name in ("threads", "max_episode_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive (or None), got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.learning_starts < 0:
-            raise ValueError("checkpoint_every and learning_starts must be >= 0")
+        for name in ("checkpoint_every", "learning_starts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         rows = 1 + bool(self.agent.actor_random_goals)  # another row's goal needs 2
         smallest = max(*self.agent.loss_config().minimum_batch(), rows)
         if self.batch_size < smallest:

@@ -921,6 +921,13 @@ def test_adapter_appends_the_achieved_goal_and_overrides_success():
     plain.close()
 
 
+@pytest.mark.parametrize("value", ["false", "yes", 1, None])
+def test_adapter_refuses_an_append_achieved_goal_that_is_not_a_bool(value):
+    # --env-kwargs '{"append_achieved_goal": "false"}' turned it on (any truthy value did)
+    with pytest.raises(TypeError, match="append_achieved_goal must be True or False"):
+        GymnasiumGoalVectorEnv(TINY_ID, 2, append_achieved_goal=value)
+
+
 def test_adapter_hints_at_the_module_of_an_unknown_id():
     with pytest.raises(ValueError, match="'gymnasium_robotics:NoSuchGoalEnv-v0'"):
         GymnasiumGoalVectorEnv("NoSuchGoalEnv-v0", 2)

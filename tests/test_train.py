@@ -869,6 +869,7 @@ def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
         (["--video", str(video), "--video-envs", "5"], "--video-envs"),
         (["--video", str(tmp_path / "eval.mp4")], ".gif"),
         (["--video-envs", "2"], "give --video too"),
+        (["--video", ""], "--video needs a path"),  # wrote no video, silently
     ]:
         monkeypatch.setattr(train_module, "evaluate", None)  # refused before evaluating
         with pytest.raises(SystemExit):
@@ -924,6 +925,8 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
     ]:
         with pytest.raises(TypeError, match=match):
             make(**kwargs)
+    with pytest.raises(ValueError, match="run_dir must name a directory"):
+        TrainConfig(run_dir="")  # `--run-dir ""` ran in a new runs/... directory instead
 
 
 def test_threads_beyond_this_cpu_refuse_a_run_not_a_saved_config(tmp_path):
@@ -990,6 +993,7 @@ def test_env_kwargs_reach_the_env(tmp_path):
         (["train", "--actor-goal-mode", "random"], "invalid choice: 'random'"),
         (["train", "--env-kwargs", '{"seed": 3}'], "env_kwargs cannot set 'seed': the run sets"),
         (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "--episodes: must be a positive"),
+        (["eval", "--checkpoint", "x.pt", "--episodes", "1.5"], "--episodes: invalid positive int"),
     ],
 )
 def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, monkeypatch):
@@ -1013,6 +1017,9 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{oops")
+    damaged = tmp_path / "damaged"  # bytes that are not text (a damaged disk block)
+    damaged.mkdir()
+    (damaged / "config.json").write_bytes(b"\xd5\xff{")
     wrong = {}  # valid JSON, but not a run's config, or of the wrong types
     for name, text in (("list", "[]"), ("empty", "{}"), ("no_agent", '{"agent": null}')):
         wrong[name] = tmp_path / name
@@ -1036,6 +1043,7 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
         (["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--device", "tpu"], "tpu"),
         (["train", "--resume", "--run-dir", str(run), "--device", "cpu"], "checkpoint.pt"),
         (["train", "--resume", "--run-dir", str(broken)], "config.json"),
+        (["train", "--resume", "--run-dir", str(damaged)], "config.json"),
         (["train", "--device", "tpu", "--run-dir", str(tmp_path / "new")], "tpu"),
         (["train", "--resume", "--run-dir", str(newer)], "['warp']"),
         (["eval", "--checkpoint", str(tmp_path / "foreign.pt")], "not a crl-fast training"),

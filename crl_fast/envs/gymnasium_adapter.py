@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from crl_fast.checks import positive_int, positive_real, resolve_device
+from crl_fast.checks import check_bool, positive_int, positive_real, resolve_device
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
@@ -95,6 +95,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         append_achieved_goal: bool = False,
         **make_kwargs: Any,
     ) -> None:
+        check_bool("append_achieved_goal", append_achieved_goal)  # a JSON "false" is truthy
         if isinstance(env, VectorEnv):
             if make_kwargs:
                 raise ValueError(
@@ -128,7 +129,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 "not a goal env: its observation space must be a Dict with exactly the keys "
                 f"{GOAL_KEYS} (gymnasium-robotics' interface), got {obs_space}"
             )
-        self.append_achieved_goal = bool(append_achieved_goal)
+        self.append_achieved_goal = append_achieved_goal
         self.obs_dim = _vector_box(obs_space["observation"], "observation").shape[0]
         self.goal_dim = _vector_box(obs_space["achieved_goal"], "achieved_goal").shape[0]
         desired = _vector_box(obs_space["desired_goal"], "desired_goal").shape[0]
