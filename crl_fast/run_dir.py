@@ -36,7 +36,8 @@ def new_run_dir(config: TrainConfig) -> Path:
 def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
     """The run's directory (``--run-dir``, else a new default one), created if needed and locked
     for the run: a second run given it meanwhile gets a ValueError instead of writing into the
-    same files. A directory created here is removed again if the run fails before writing in it."""
+    same files. If the run fails before writing in it, the directory is left as it was: removed
+    if created here, else without the lock file if that was new."""
     if config.run_dir:
         run_dir = Path(config.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
@@ -48,7 +49,8 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
             created = False
     else:
         run_dir, created = new_run_dir(config), True
-    locked = False  # only the run holding the lock may remove the directory
+    before = {p.name for p in run_dir.iterdir()}
+    locked = False  # only the run holding the lock may remove the directory or the lock
     try:
         with open(run_dir / LOCK_NAME, "a") as lock:
             if sys.platform != "win32":  # advisory: released when the process ends, as it may
@@ -61,6 +63,10 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
             locked = True
             yield run_dir
     except BaseException:
-        if created and locked and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(run_dir)
+        untouched = {p.name for p in run_dir.iterdir()} - {LOCK_NAME} == before - {LOCK_NAME}
+        if locked and untouched and LOCK_NAME not in before:
+            if created:
+                shutil.rmtree(run_dir)
+            else:  # a folder of the user's (refused as not empty, say): no lock file left in it
+                (run_dir / LOCK_NAME).unlink()
         raise

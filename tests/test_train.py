@@ -528,6 +528,7 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not empty"):
         train(tiny_config(tmp_path, name="young"))
     assert (young / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert [p.name for p in young.iterdir()] == ["metrics.jsonl"]  # no lock file left behind
     # Default names taken in the same second do not collide.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "20261127-000000")
