@@ -58,7 +58,11 @@ def actor_goals(
     )
 
 
-def _unpack(batch: GoalBatch, name: str) -> GoalBatch:
+Batch = GoalBatch | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""What :meth:`CRL.update` takes: a :class:`GoalBatch` or any (observation, action, goal)."""
+
+
+def _unpack(batch: Batch, name: str) -> GoalBatch:
     """``batch`` as a GoalBatch if it is a sequence of 3 (observation, action, goal); else a
     TypeError naming ``name`` (a dict would unpack into its keys)."""
     if isinstance(batch, dict) or not isinstance(batch, Sequence) or len(batch) != 3:
@@ -193,9 +197,9 @@ class CRL:
 
     def update(
         self,
-        batch: GoalBatch,
+        batch: Batch,
         critic_metrics: bool = True,
-        actor_batch: GoalBatch | None = None,
+        actor_batch: Batch | None = None,
     ) -> dict[str, torch.Tensor]:
         """One actor, alpha and critic step on ``batch`` (observation, action, goal tensors).
 
@@ -371,10 +375,10 @@ class GraphedUpdates:
     def __init__(
         self,
         agent: CRL,
-        sample: Callable[[], GoalBatch],
+        sample: Callable[[], Batch],
         steps: int = 1,
         warmup: int = 3,
-        sample_actor: Callable[[], GoalBatch] | None = None,
+        sample_actor: Callable[[], Batch] | None = None,
     ) -> None:
         if steps < 1 or warmup < (2 if steps > 1 else 1):
             raise ValueError(

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
     return _write_atomically(path, lambda f: torch.save(state, f))
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> Path:
+def write_atomically(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` as :func:`save_checkpoint` writes: whole or not at all."""
     return _write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+def _write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
@@ -66,7 +66,7 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: Any = None, keys: tuple[str, ...] = ()
+    path: str | os.PathLike[str], map_location: Any = None, keys: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; a ValueError naming ``path`` if
     there is none, it cannot be read, or it is not a dict holding ``keys``."""
@@ -91,7 +91,7 @@ def load_checkpoint(
     return state
 
 
-def _zip_problem(path: str | os.PathLike) -> str | None:
+def _zip_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` is not a whole zip archive, or None. torch.load checks no CRC, so without
     this a checkpoint damaged on disk would load its damaged bytes."""
     with open(path, "rb") as file:  # a file we may not read stays an OSError

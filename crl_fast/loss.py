@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -506,6 +506,9 @@ class ContrastiveLoss(nn.Module):
                 phi, psi, config, self.log_scale, self.bias, return_metrics, self.backend
             )
         )
+
+    if TYPE_CHECKING:  # torch types nn.Module.__call__ (which runs forward) as returning Any
+        __call__ = forward
 
     def extra_repr(self) -> str:
         c = self.config

@@ -12,14 +12,21 @@ from pathlib import Path
 import pytest
 
 from crl_fast import ContrastiveLoss, contrastive_loss
+from crl_fast.envs import ENV_NAMES, PointMazeName, make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 USER_CODE = """
-import torch
+from pathlib import Path
 from typing import assert_type
-from crl_fast import ContrastiveLoss, TrajectoryBuffer, contrastive_loss
 
+import torch
+
+from crl_fast import CRL, ContrastiveLoss, TrajectoryBuffer, contrastive_loss
+from crl_fast.checkpoint import load_checkpoint, save_checkpoint
+from crl_fast.envs import GoalObs, GoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
+
+Pair = tuple[torch.Tensor, dict[str, torch.Tensor]]
 phi = torch.randn(8, 4, requires_grad=True)
 psi = torch.randn(8, 4)
 assert_type(contrastive_loss(phi, psi), torch.Tensor)
@@ -28,16 +35,34 @@ loss, metrics = contrastive_loss(phi, psi, return_metrics=True)
 assert_type(loss, torch.Tensor)
 assert_type(metrics, dict[str, torch.Tensor])
 flag: bool = bool(len(psi))
-assert_type(
-    contrastive_loss(phi, psi, return_metrics=flag),
-    torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]],
-)
+assert_type(contrastive_loss(phi, psi, return_metrics=flag), torch.Tensor | Pair)
+
+# A module is called (nn.Module.__call__ alone would return Any), or its forward.
 module = ContrastiveLoss("binary", "cosine", learn_scale=True)
-assert_type(module.forward(phi, psi), torch.Tensor)
-assert_type(module.forward(phi, psi, True), tuple[torch.Tensor, dict[str, torch.Tensor]])
+assert_type(module(phi, psi), torch.Tensor)
+assert_type(module(phi, psi, return_metrics=True), Pair)
+assert_type(module(phi, psi, flag), torch.Tensor | Pair)
+assert_type(module.forward(phi, psi, True), Pair)
+
 buffer = TrajectoryBuffer(capacity=4, num_envs=2, obs_dim=3, action_dim=2, goal_dim=1)
 assert_type(buffer.sample(4).goal, torch.Tensor)
 assert_type(len(buffer), int)
+
+assert_type(make_env("point_umaze", 2), PointMazeEnv)
+assert_type(make_env("reacher", 2, seed=None), ReacherEnv)
+name: str = "point_umaze"
+assert_type(make_env(name, 2), GoalVectorEnv)
+make_env("point_large", 2).compile()  # a torch env's: no narrowing needed
+assert_type(make_env("point_open", 2).max_episode_steps, int)
+obs: GoalObs = make_env("reacher", 2).reset()[0]
+
+agent = CRL(3, 2, 1)
+assert_type(agent.act(obs["observation"], obs["desired_goal"]), torch.Tensor)
+batch = buffer.sample(4)
+agent.update(batch)
+agent.update((batch.observation, batch.action, batch.goal))  # any (obs, action, goal) triple
+assert_type(save_checkpoint({}, Path("checkpoint.pt")), Path)
+load_checkpoint(Path("checkpoint.pt"))
 """
 
 
@@ -67,7 +92,10 @@ def test_a_wrong_use_is_reported(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(typing, "get_overloads"), reason="Python >= 3.11")
-@pytest.mark.parametrize("function", [contrastive_loss, ContrastiveLoss.forward])
+@pytest.mark.parametrize(
+    "function",
+    [contrastive_loss, ContrastiveLoss.forward, make_env],
+)
 def test_overloads_take_the_implementations_parameters(function):
     """A parameter added to the implementation but not to its overloads would be refused by
     users' checkers."""
@@ -79,3 +107,8 @@ def test_overloads_take_the_implementations_parameters(function):
 
     for overload in overloads:
         assert parameters(overload) == parameters(function)
+
+
+def test_make_env_literal_names_are_the_built_in_envs():
+    """make_env's overloads type the built-in names as their classes: the same names."""
+    assert {*typing.get_args(PointMazeName), "reacher"} == set(ENV_NAMES)

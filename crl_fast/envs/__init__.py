@@ -11,11 +11,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
-from crl_fast.envs.base import TorchGoalVectorEnv
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
 from crl_fast.envs.reacher import ReacherEnv
@@ -84,10 +84,40 @@ def registered_at_run_time(name: str) -> bool:
 GoalVectorEnv = TorchGoalVectorEnv | GymnasiumGoalVectorEnv
 """What :func:`make_env` returns: either kind has the same torch API."""
 
+PointMazeName = Literal["point_open", "point_umaze", "point_medium", "point_large"]
+"""The built-in point mazes' names: :func:`make_env` returns a :class:`PointMazeEnv` for them."""
+
 GYMNASIUM_PREFIX = "gymnasium:"
 """``make_env("gymnasium:<id>")`` wraps a registered Gymnasium goal env with the adapter."""
 
 
+@overload
+def make_env(
+    name: PointMazeName,
+    num_envs: int,
+    device: torch.device | str = ...,
+    seed: int | None = ...,
+    max_episode_steps: int | None = ...,
+    **kwargs: Any,
+) -> PointMazeEnv: ...
+@overload
+def make_env(
+    name: Literal["reacher"],
+    num_envs: int,
+    device: torch.device | str = ...,
+    seed: int | None = ...,
+    max_episode_steps: int | None = ...,
+    **kwargs: Any,
+) -> ReacherEnv: ...
+@overload
+def make_env(
+    name: str,
+    num_envs: int,
+    device: torch.device | str = ...,
+    seed: int | None = ...,
+    max_episode_steps: int | None = ...,
+    **kwargs: Any,
+) -> GoalVectorEnv: ...
 def make_env(
     name: str,
     num_envs: int,
@@ -98,7 +128,8 @@ def make_env(
 ) -> GoalVectorEnv:
     """Create the torch env ``name`` (one of :data:`ENV_NAMES` or a :func:`register_env` name,
     ``<module>:<name>`` importing ``<module>`` first) with ``num_envs`` copies on ``device``;
-    ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class.
+    ``max_episode_steps=None`` takes the env's default, ``kwargs`` go to its class. A built-in
+    name written out (``make_env("reacher", ...)``) is typed as its class for type checkers.
 
     ``"gymnasium:<id>"`` (e.g. ``gymnasium:gymnasium_robotics:PointMaze_UMaze-v3``) builds a
     :class:`GymnasiumGoalVectorEnv` of that id instead; ``kwargs`` then go to it (for example
@@ -137,9 +168,11 @@ def make_env(
 __all__ = [
     "ENV_NAMES",
     "GYMNASIUM_PREFIX",
+    "GoalObs",
     "GoalVectorEnv",
     "GymnasiumGoalVectorEnv",
     "PointMazeEnv",
+    "PointMazeName",
     "ReacherEnv",
     "TorchGoalVectorEnv",
     "make_env",
