@@ -381,6 +381,9 @@ def _train_in(
     # The latest update's metrics, logged at each log step; checkpointed so that a resumed run
     # logs the same rows as an uninterrupted one.
     metrics: dict[str, torch.Tensor] = {}
+    # The versions of the run's earlier parts where they differ from this one's (a run resumed
+    # with another torch, on another machine, say): each checkpoint keeps them, not only ours.
+    earlier_versions: list[dict[str, Any]] = []
 
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
@@ -388,6 +391,15 @@ def _train_in(
         loop = LoopState(**checkpoint["loop"])
         metrics = checkpoint.get("metrics", {})
         set_rng_state(checkpoint["rng"])
+        earlier_versions = list(checkpoint.get("earlier_versions", []))
+        saved_versions = checkpoint.get("versions")
+        if isinstance(saved_versions, dict) and saved_versions != versions():
+            earlier_versions.append(saved_versions | {"until_env_step": loop.env_steps})
+            print(
+                "the checkpoint was written with "
+                + ", ".join(f"{k} {v}" for k, v in saved_versions.items() if v)
+                + ": the run continues with the versions below"
+            )
         if checkpoint["env"] is None:  # the env could not save its state: restart episodes
             obs, _ = env.reset(seed=config.seed + loop.env_steps)
             buffer.end_episodes()
@@ -452,6 +464,7 @@ def _train_in(
             "log_rows": len(logger.rows),  # what a resumed run keeps of metrics.jsonl
             "rng": rng_state(),
             "versions": versions(),
+            "earlier_versions": earlier_versions,
         }
         save_checkpoint(state, run_dir / CHECKPOINT_NAME)
         logger.flush()

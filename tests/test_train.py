@@ -395,6 +395,37 @@ def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch)
     )
 
 
+def test_a_run_resumed_by_other_versions_keeps_the_versions_it_ran_with(
+    tmp_path, monkeypatch, capsys
+):
+    """A run trained with one torch and resumed with another (another machine's) keeps in its
+    checkpoint the versions each earlier part ran with and up to which step, not only the last
+    part's; a part resumed with the same versions adds nothing."""
+    real = train_module.versions()
+    older = real | {"torch": "2.10.0+other", "triton": "3.5.0"}
+    monkeypatch.setattr(train_module, "versions", lambda: older)
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    train(config)
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert load_checkpoint(path)["earlier_versions"] == []
+    monkeypatch.setattr(train_module, "versions", lambda: real)
+    train(dataclasses.replace(config, resume=True, total_env_steps=128))
+    out = capsys.readouterr().out
+    assert "the checkpoint was written with crl_fast" in out and "torch 2.10.0+other" in out
+    saved = load_checkpoint(path)
+    assert saved["versions"] == real
+    assert saved["earlier_versions"] == [older | {"until_env_step": 64}]
+    train(dataclasses.replace(config, resume=True, total_env_steps=192))  # the same versions
+    assert "was written with" not in capsys.readouterr().out
+    assert load_checkpoint(path)["earlier_versions"] == [older | {"until_env_step": 64}]
+    monkeypatch.setattr(train_module, "versions", lambda: older)  # and back to the first
+    train(dataclasses.replace(config, resume=True, total_env_steps=256))
+    assert load_checkpoint(path)["earlier_versions"] == [
+        older | {"until_env_step": 64},
+        real | {"until_env_step": 192},
+    ]
+
+
 @pytest.mark.parametrize(
     ("learning_starts", "per_env_step"), [(12, 1 / 8), (20, 1 / 16), (0, 1 / 8), (5, 1 / 64)]
 )
