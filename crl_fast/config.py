@@ -322,6 +322,8 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; a ValueError naming fields this version does not know
         (a config written by a newer one). Fields it lacks take their defaults."""
         d = dict(d)
+        if d.get("run_dir") == "":  # saved before "" was refused, where it meant a new default
+            d["run_dir"] = None
         agent = d.pop("agent", {})
         for known, given in ((cls, d), (AgentConfig, agent)):
             unknown = set(given) - {f.name for f in dataclasses.fields(known)}

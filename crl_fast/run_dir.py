@@ -49,24 +49,34 @@ def claimed_run_dir(config: TrainConfig) -> Iterator[Path]:
             created = False
     else:
         run_dir, created = new_run_dir(config), True
-    before = {p.name for p in run_dir.iterdir()}
-    locked = False  # only the run holding the lock may remove the directory or the lock
-    try:
-        with open(run_dir / LOCK_NAME, "a") as lock:
-            if sys.platform != "win32":  # advisory: released when the process ends, as it may
-                try:
-                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as error:
-                    raise ValueError(f"another run is using {run_dir} now") from error
-                except OSError as error:  # a file system without locks (some network ones)
-                    print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
-            locked = True
+    before = _names(run_dir)
+    with open(run_dir / LOCK_NAME, "a") as lock:
+        if sys.platform != "win32":  # advisory: released when the process ends, as it may
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise ValueError(f"another run is using {run_dir} now") from error
+            except OSError as error:  # a file system without locks (some network ones)
+                print(f"cannot lock {run_dir} ({error}): a second run there is not refused")
+        try:
             yield run_dir
-    except BaseException:
-        untouched = {p.name for p in run_dir.iterdir()} - {LOCK_NAME} == before - {LOCK_NAME}
-        if locked and untouched and LOCK_NAME not in before:
-            if created:
-                shutil.rmtree(run_dir)
-            else:  # a folder of the user's (refused as not empty, say): no lock file left in it
-                (run_dir / LOCK_NAME).unlink()
-        raise
+        except BaseException:
+            # Still holding the lock, so a run trying the directory meanwhile is refused.
+            if LOCK_NAME not in before and _names(run_dir) - {LOCK_NAME} == before:
+                _leave_as_it_was(run_dir, created)
+            raise
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def _leave_as_it_was(run_dir: Path, created: bool) -> None:
+    """Undo the claim of a run that wrote nothing: remove the directory if the run created it,
+    else the lock file (a folder of the user's, refused as not empty, say). Best effort: Windows
+    refuses to delete open files, and the run's own error is the one to report."""
+    with contextlib.suppress(OSError):
+        if created:
+            shutil.rmtree(run_dir)
+        else:
+            (run_dir / LOCK_NAME).unlink()

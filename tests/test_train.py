@@ -577,6 +577,29 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     train(config)  # free again
 
 
+def test_a_failed_run_cleans_up_while_still_holding_the_lock(tmp_path, monkeypatch):
+    """A run that wrote nothing removes its claim before it lets the lock go: a run trying the
+    folder meanwhile is refused, instead of locking a lock file about to be deleted (which let
+    two later runs in at once)."""
+    config = tiny_config(tmp_path)
+    folder = Path(config.run_dir)
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    undo = run_dir_module._leave_as_it_was
+    tried = []
+
+    def meanwhile(run_dir, created):
+        with pytest.raises(ValueError, match="another run is using"), claimed_run_dir(config):
+            pass
+        tried.append(run_dir)
+        undo(run_dir, created)
+
+    monkeypatch.setattr(run_dir_module, "_leave_as_it_was", meanwhile)
+    with pytest.raises(ValueError, match="not empty"):
+        train(config)
+    assert tried == [folder] and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
 def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
     def no_locks(fd, operation):
         raise OSError(37, "No locks available")
@@ -959,6 +982,8 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
             make(**kwargs)
     with pytest.raises(ValueError, match="run_dir must name a directory"):
         TrainConfig(run_dir="")  # `--run-dir ""` ran in a new runs/... directory instead
+    # Saved before "" was refused, where it meant the default: such a run still evaluates.
+    assert TrainConfig.from_dict(TrainConfig().to_dict() | {"run_dir": ""}).run_dir is None
 
 
 def test_threads_beyond_this_cpu_refuse_a_run_not_a_saved_config(tmp_path):
