@@ -546,18 +546,11 @@ def test_load_state_dict_rejects_bookkeeping_that_disagrees_with_the_flags(edit:
     delimit the episodes: an end moved into the next episode (which fits the step count) would
     send its 'final' goals across the episode boundary."""
     src = make(capacity=8, num_envs=1)
-    term = torch.zeros(6, 1, dtype=torch.bool)
-    term[1, 0] = True  # episode 0: steps 0-1; episode 1: steps 2-5, running
-    t = torch.arange(6, dtype=torch.float32)[:, None, None]
-    src.extend(
-        {
-            "observation": t.expand(6, 1, OBS).contiguous(),
-            "action": t.expand(6, 1, ACT).contiguous(),
-            "next_achieved_goal": t.expand(6, 1, GOAL).contiguous(),
-            "terminated": term,
-            "truncated": torch.zeros(6, 1, dtype=torch.bool),
-        }
-    )
+    batch = random_batch(6, 1, seed=0)
+    batch["terminated"] = torch.zeros(6, 1, dtype=torch.bool)
+    batch["terminated"][1, 0] = True  # episode 0: steps 0-1; episode 1: steps 2-5, running
+    batch["truncated"] = torch.zeros(6, 1, dtype=torch.bool)
+    src.extend(batch)
     state = src.state_dict()
     make(capacity=8, num_envs=1).load_state_dict(state)  # the unedited state loads
     if edit == "end_in_next_episode":

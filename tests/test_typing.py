@@ -1,6 +1,7 @@
-"""A user's type checker sees the public API's types: ``contrastive_loss`` (and
-``ContrastiveLoss.forward``) return a tensor, or a (tensor, metrics) pair with
-``return_metrics=True``. Runs mypy (the ``dev`` extra) on user code beside the source tree."""
+"""A user's type checker sees the public API's types: ``contrastive_loss`` and a
+``ContrastiveLoss`` return a tensor, or a (tensor, metrics) pair with ``return_metrics=True``;
+``make_env`` of a built-in name its env class. Runs mypy (the ``dev`` extra) on user code
+beside the source tree."""
 
 from __future__ import annotations
 

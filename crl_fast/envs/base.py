@@ -26,6 +26,7 @@ from crl_fast.checks import (
     check_bool,
     fraction,
     generator_state,
+    is_integer,
     positive_int,
     positive_real,
     resolve_device,
@@ -225,7 +226,7 @@ class TorchGoalVectorEnv(VectorEnv):
         ``seed`` (one int: all envs share one generator) reseeds the env's torch generator."""
         mask = self._reset_mask(options)
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            if not is_integer(seed):
                 raise ValueError(
                     f"{type(self).__name__} takes one int seed (its envs share one generator), "
                     f"got {seed!r}"
