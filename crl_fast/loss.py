@@ -42,7 +42,7 @@ LOSSES = (
     "dpo",
     "ipo",
 )
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 Metrics = dict[str, torch.Tensor]
 """The critic's metrics: 0-d tensors by name (``return_metrics``)."""
 LossOutput = torch.Tensor | tuple[torch.Tensor, Metrics]
@@ -65,7 +65,8 @@ class LossConfig:
     exclude_positive_from_lse: bool = False
     """Leave ``L_ii`` out of the logsumexp of the InfoNCE losses and the penalty."""
     reduction: str = "mean"
-    """``mean`` over terms, or their ``sum`` (SigLIP divides the binary ``sum`` by B)."""
+    """``mean`` over terms, their ``sum`` (SigLIP divides the binary ``sum`` by B), or ``none``:
+    the B row losses, each the sum of its row's terms (and column i's), which ``sum`` adds up."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -265,8 +266,9 @@ def contrastive_loss(
     categorical_accuracy, binary_accuracy, logits_pos, logits_neg, logsumexp_sq. Under
     ``torch.autocast`` float16/bfloat16/float32 inputs are cast to the autocast dtype first
     (cosine: normalised in their own dtype before).
-    The loss is float32 (float64 for float64 inputs); ``symmetric_infonce`` is the sum of both
-    directions (CLIP's loss is half of it), and the column losses read the first B rows of psi.
+    The loss is float32 (float64 for float64 inputs), 0-d, or (B,) row losses with
+    ``reduction="none"``; ``symmetric_infonce`` is the sum of both directions (CLIP's loss is
+    half of it), and the column losses read the first B rows of psi.
     """
     config = LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
     phi, psi, config = _autocast(phi, psi, config)
@@ -317,7 +319,7 @@ def _contrastive_loss(
     x, y, scale, shift = _kernel_args(phi, psi, config, log_scale, bias)
     energy = ENERGY_CODES[config.energy]
     pair = _PAIRS.get(name, PAIR_NONE)
-    if _fused(name, use_triton, m) and plain:
+    if _fused(config, use_triton, m) and plain:
         return loss_with_grads(
             x, y, scale, shift, energy=energy, pair=pair, mean=config.reduction == "mean",
             use_triton=use_triton,
@@ -349,35 +351,41 @@ def _contrastive_loss(
             return torch.logaddexp(off_or_full, positives)
         return off_or_full
 
-    reduce = torch.mean if config.reduction == "mean" else torch.sum
     # Read only where want_row_lse holds (the InfoNCE rows, the penalty, the metrics); else empty.
     row_lse = lse(stats.row_lse, pos) if want_row_lse else stats.row_lse
+    # Row i's terms (its pairs', its row's, column i's) and how many terms "mean" divides by.
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
-        value = stats.row_softplus.sum() + F.softplus(-pos).sum()
-        value = value / (b * m) if config.reduction == "mean" else value
+        rows, terms = stats.row_softplus + F.softplus(-pos), b * m
     elif name == "infonce":
-        value = reduce(row_lse - pos)
+        rows, terms = row_lse - pos, b
     elif name == "infonce_backward":
-        value = reduce(lse(stats.col_lse[:b], pos) - pos)
+        rows, terms = lse(stats.col_lse[:b], pos) - pos, b
     elif name == "symmetric_infonce":
-        value = reduce(row_lse - pos) + reduce(lse(stats.col_lse[:b], pos) - pos)
+        rows, terms = (row_lse - pos) + (lse(stats.col_lse[:b], pos) - pos), b
     elif flat:
         off = stats.row_lse if name == "flatnce" else stats.col_lse[:b]
         c = off - pos
-        value = reduce(torch.exp(c - c.detach()))
-    else:  # dpo, ipo: mean over the B * (M - 1) off-diagonal pairs
-        value = stats.row_pair.sum()
-        value = value / (b * (m - 1)) if config.reduction == "mean" else value
-    if config.logsumexp_penalty:
-        value = value + config.logsumexp_penalty * reduce(row_lse.square())
+        rows, terms = torch.exp(c - c.detach()), b
+    else:  # dpo, ipo: over the M - 1 off-diagonal pairs of each row
+        rows, terms = stats.row_pair, b * (m - 1)
+    # The penalty's B terms, reduced on their own.
+    penalty = config.logsumexp_penalty * row_lse.square() if config.logsumexp_penalty else None
+    if config.reduction == "none":
+        value = rows if penalty is None else rows + penalty
+    elif config.reduction == "sum":
+        value = rows.sum() if penalty is None else rows.sum() + penalty.sum()
+    else:
+        value = rows.sum() / terms if penalty is None else rows.sum() / terms + penalty.mean()
     return value, (_metrics(stats, row_lse, m) if return_metrics else None)
 
 
-def _fused(name: str, use_triton: bool, m: int) -> bool:
-    """Whether the loss's gradient needs no statistic first, so that its forward computes it
-    (two passes in all): the sigmoid loss, and DPO / IPO on the Triton path."""
-    return name == "binary" or (name in _PAIRS and use_triton and m > 1)
+def _fused(config: LossConfig, use_triton: bool, m: int) -> bool:
+    """Whether the loss is a scalar whose gradient needs no statistic first, so that its forward
+    computes it (two passes in all): the sigmoid loss, and DPO / IPO on the Triton path."""
+    if config.reduction == "none":  # per-row weights come only with the backward's gradient
+        return False
+    return config.loss == "binary" or (config.loss in _PAIRS and use_triton and m > 1)
 
 
 def _metrics_apart(config: LossConfig, wants_grad: bool, use_triton: bool, m: int) -> bool:
@@ -387,7 +395,7 @@ def _metrics_apart(config: LossConfig, wants_grad: bool, use_triton: bool, m: in
     computes the row logsumexp, and the metrics come with it."""
     if config.logsumexp_penalty:
         return False
-    return config.loss in _ROW_TWIN or (wants_grad and _fused(config.loss, use_triton, m))
+    return config.loss in _ROW_TWIN or (wants_grad and _fused(config, use_triton, m))
 
 
 def _kernel_args(

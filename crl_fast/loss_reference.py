@@ -61,12 +61,11 @@ def reference_contrastive_loss(
     return_metrics: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every loss of ``crl_fast.contrastive_loss``, written directly on the logit matrix (its
-    options checked as the fused loss checks them)."""
+    options checked as the fused loss checks them): the B row losses, reduced."""
     LossConfig(loss, energy, logsumexp_penalty, exclude_positive_from_lse, reduction)
     logits = reference_logits(phi, psi, energy, log_scale, bias)
     b, m = logits.shape
     pos = logits.diagonal()
-    reduce = torch.mean if reduction == "mean" else torch.sum
 
     def row_lse(lg):
         return _offdiag_lse(lg, 1) if exclude_positive_from_lse else lg.logsumexp(1)
@@ -75,30 +74,41 @@ def reference_contrastive_loss(
         sq = lg[:, :b]
         return _offdiag_lse(sq, 0) if exclude_positive_from_lse else sq.logsumexp(0)
 
+    # Row i's terms: its pairs' (binary, dpo, ipo), its row's, column i's; and their count.
     offdiag = ~torch.eye(b, m, dtype=torch.bool, device=logits.device)
     if loss == "binary":
         labels = torch.eye(b, m, dtype=logits.dtype, device=logits.device)
-        value = F.binary_cross_entropy_with_logits(logits, labels, reduction=reduction)
+        rows = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
+        terms = b * m
     elif loss == "infonce":
-        value = reduce(row_lse(logits) - pos)
+        rows, terms = row_lse(logits) - pos, b
     elif loss == "infonce_backward":
-        value = reduce(col_lse(logits) - pos)
+        rows, terms = col_lse(logits) - pos, b
     elif loss == "symmetric_infonce":
-        value = reduce(row_lse(logits) - pos) + reduce(col_lse(logits) - pos)
+        rows, terms = (row_lse(logits) - pos) + (col_lse(logits) - pos), b
     elif loss in ("flatnce", "flatnce_backward"):
         if loss == "flatnce":
             c = _offdiag_lse(logits - pos[:, None], 1)
         else:
             c = _offdiag_lse(logits[:, :b] - pos[None, :], 0)
-        value = reduce(torch.exp(c - c.detach()))
+        rows, terms = torch.exp(c - c.detach()), b
     elif loss == "dpo":
-        value = reduce(-F.logsigmoid(pos[:, None] - logits)[offdiag])
+        rows = (-F.logsigmoid(pos[:, None] - logits)).where(offdiag, 0.0).sum(1)
+        terms = b * (m - 1)
     elif loss == "ipo":
-        value = reduce((pos[:, None] - logits - 1.0).square()[offdiag])
+        rows = (pos[:, None] - logits - 1.0).square().where(offdiag, 0.0).sum(1)
+        terms = b * (m - 1)
     else:
         raise ValueError(f"unknown loss {loss!r}")
+    penalty = pos.new_zeros(())  # the penalty's B terms, reduced on their own
     if logsumexp_penalty:
-        value = value + logsumexp_penalty * reduce(row_lse(logits).square())
+        penalty = logsumexp_penalty * row_lse(logits).square()
+    if reduction == "none":
+        value = rows + penalty
+    elif reduction == "sum":
+        value = rows.sum() + penalty.sum()
+    else:
+        value = rows.sum() / terms + penalty.mean()
     if not return_metrics:
         return value
     with torch.no_grad():

@@ -471,6 +471,68 @@ def test_reduction_sum(loss, backend, penalty):
         assert max_error(k, t) < 1e-4
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("energy", ["dot", "norm"])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(7, 7, 5), (5, 12, 3)], ids=str)
+def test_reduction_none_gives_row_losses(shape, penalty, loss, energy, backend, device):
+    """The B row losses against float64 truth, their gradients under unequal row weights (each
+    row's pairs weighed by its own weight: the fused losses must not take uniform weights in
+    forward), and their sum against ``reduction="sum"``."""
+    phi, psi = _inputs(*shape, seed=13, device=device)
+    weights = torch.rand(shape[0], generator=torch.Generator().manual_seed(2)).to(device) * 2
+    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": penalty}
+
+    def weighted(fn, p, q, **kw):
+        rows = fn(p, q, reduction="none", **kw)
+        assert rows.shape == (shape[0],)
+        return (weights.to(rows.dtype) * rows).sum()
+
+    value, _, grads = _loss_and_grads(
+        functools.partial(weighted, contrastive_loss), phi, psi, backend=backend, **kw
+    )
+    truth = functools.partial(weighted, reference_contrastive_loss)
+    t_value, _, t_grads = _loss_and_grads(truth, phi.double(), psi.double(), **kw)
+    assert max_error(value, t_value) < 1e-5 * max(1.0, t_value.abs().item())
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 1e-5 * max(1.0, t.abs().max().item())
+    rows = contrastive_loss(phi, psi, reduction="none", backend=backend, **kw)
+    total = contrastive_loss(phi, psi, reduction="sum", backend=backend, **kw)
+    assert max_error(rows.sum(), total) < 1e-5 * max(1.0, total.abs().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_with_metrics_module_and_compile(backend):
+    """Per-row losses come with the metrics, from the module, and under torch.compile."""
+    phi, psi = _inputs(9, 9, 4, seed=14)
+    kw = {"loss": "binary", "energy": "cosine", "backend": backend}
+    rows = contrastive_loss(phi, psi, reduction="none", **kw)
+    with_metrics, metrics = contrastive_loss(phi, psi, reduction="none", return_metrics=True, **kw)
+    _, t_metrics = contrastive_loss(phi, psi, return_metrics=True, **kw)
+    assert max_error(with_metrics, rows) < 1e-6
+    for key in t_metrics:
+        assert max_error(metrics[key], t_metrics[key]) < 1e-6, key
+    module = ContrastiveLoss(reduction="none", learn_bias=True, init_bias=-2.0, **kw)
+    expected = contrastive_loss(phi, psi, bias=module.bias, reduction="none", **kw)
+    assert max_error(module(phi, psi), expected) < 1e-6
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        phi.requires_grad_()
+        compiled(phi, psi)[::2].sum().backward()  # the even rows' losses only
+    finally:
+        torch._dynamo.reset()
+    t_phi = phi.detach().double().requires_grad_()
+    truth = reference_contrastive_loss(
+        t_phi, psi.double(), loss="binary", energy="cosine", bias=module.bias.double(),
+        reduction="none",
+    )  # fmt: skip
+    truth[::2].sum().backward()
+    assert max_error(phi.grad, t_phi.grad) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["binary", "infonce", "dpo"])
 def test_huge_logits_stay_finite(loss, backend):
@@ -919,7 +981,7 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
         (torch.randn(4, 3), torch.randn(4, 3).double(), {}, TypeError, "share a dtype"),
         (torch.randn(4, 3), torch.randn(4, 3), {"loss": "nce"}, ValueError, "loss must be"),
         (torch.randn(4, 3), torch.randn(4, 3), {"energy": "cos"}, ValueError, "energy must be"),
-        (torch.randn(4, 3), torch.randn(4, 3), {"reduction": "none"}, ValueError, "reduction"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"reduction": "max"}, ValueError, "reduction"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": True}, TypeError, "penalty"),
         (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
