@@ -149,11 +149,15 @@ class Progress:
     On a terminal the line is redrawn in place; otherwise a new line is printed every 30 s.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO = sys.stdout) -> None:
+    def __init__(
+        self, total_steps: int, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
         self.total_steps = total_steps
         self.enabled = enabled
-        self.stream = stream
-        self.tty = stream.isatty()
+        # sys.stdout when called, not when imported: it may have been replaced since
+        # (contextlib.redirect_stdout, a notebook, pytest's capture).
+        self.stream = sys.stdout if stream is None else stream
+        self.tty = self.stream.isatty()
         self.interval = 1.0 if self.tty else 30.0
         self._start_time = time.perf_counter()
         self._last: tuple[float, int, int] | None = None  # time, steps, updates of the last redraw

@@ -470,6 +470,23 @@ def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
     )
 
 
+def test_progress_writes_to_the_stdout_of_its_time(monkeypatch):
+    """sys.stdout as it is when the run starts, not as it was when crl-fast was imported (a
+    closed stream there made a later run fail)."""
+    import contextlib
+    import io
+
+    from crl_fast.logger import Progress
+
+    monkeypatch.setattr("time.perf_counter", iter(range(0, 100, 40)).__next__)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        progress = Progress(1000)
+        progress.update(0, 0)
+        progress.update(500, 20, "eval success 0.5")
+    assert "500/1,000 steps" in out.getvalue() and "eval success 0.5" in out.getvalue()
+
+
 def test_an_env_of_your_own_trains_from_the_command_line(tmp_path, capsys):
     run_dir = tmp_path / "own"
     flags = "--num-envs 4 --total-env-steps 256 --learning-starts 64 --batch-size 16"
