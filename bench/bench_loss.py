@@ -27,6 +27,7 @@ from bench.harness import (
     add_device_argument,
     add_name_argument,
     count,
+    device_label,
     graphed,
     measure,
     positive_int,
@@ -181,7 +182,7 @@ def main() -> None:
     if not cuda and "crl_fast-graph" in impls:
         parser.error("--impls crl_fast-graph replays a CUDA graph: it needs a CUDA device")
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
-    label = "" if cuda else " [CPU figures, not GPU]"
+    label = f" on {device_label(device)}"
     # The experimental kernel paths (kernels/pair_stats_tiling.py) each write a file of their own.
     variants = {
         "autotuned": args.autotune,

@@ -8,9 +8,10 @@ of batch 256 per 16 env steps (625,000 updates). Each mode first trains once unt
 short budget (torch.compile, Triton JIT and CUDA start-up land there, not in one timed run),
 then ``--repeats`` times for each of the two ``--env-steps`` budgets; the rates come from the
 difference of the median wall times, so set-up, graph capture and the evaluations at start and
-end (the same in both runs) drop out, and ``fixed_s`` is that set-up (short run minus its steps
-at the rate). ``projected_10M_s`` is 10 M env steps at that rate plus ``fixed_s``: a projection,
-not a 10 M run; a cold process adds its compile time on top. Modes:
+end (the same in both runs) drop out, and ``fixed_s`` is that set-up plus the first
+``learning_starts`` env steps, which collect without updates (short run minus its training steps
+at the rate). ``projected_10M_s`` is the other 10 M - ``learning_starts`` env steps at that rate
+plus ``fixed_s``: a projection, not a 10 M run; a cold process adds its compile time on top. Modes:
 ``eager`` (host-bound on GPUs: not run there unless asked), ``cuda-graph`` (sample + update
 replayed from a graph), ``compile+cuda-graph``, ``compile+cuda-graph+stream`` (the actor step on
 a second stream).
@@ -84,7 +85,10 @@ def bench(
         )
     steps = budgets[1] - budgets[0]
     env_steps_per_s = steps / (long - short)
-    fixed_s = short - budgets[0] / env_steps_per_s
+    # The first learning_starts steps only collect (no updates): they are not at the training
+    # rate, so they stay in the intercept (subtracting them at the rate made it negative on CPU).
+    warm = TrainConfig.learning_starts
+    fixed_s = short - (budgets[0] - warm) / env_steps_per_s
     updates = steps * TrainConfig.updates_per_env_step
     return {
         "mode": mode,
@@ -97,7 +101,7 @@ def bench(
         "env_steps_per_s": env_steps_per_s,
         "updates_per_s": updates / (long - short),
         "fixed_s": fixed_s,
-        "projected_10M_s": TARGET_STEPS / env_steps_per_s + fixed_s,
+        "projected_10M_s": (TARGET_STEPS - warm) / env_steps_per_s + fixed_s,
         "target_s": TARGET_S,
     }
 
@@ -115,6 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     modes = args.modes or (GPU_MODES if cuda else ["eager"])
+    if not cuda and any(MODES[mode]["cuda_graph"] for mode in modes):
+        parser.error("the cuda-graph modes need a CUDA device")
     num_envs = args.num_envs or (1024 if cuda else 64)
     budgets = tuple(args.env_steps or ((100_000, 600_000) if cuda else (12_800, 25_600)))
     if budgets[1] <= budgets[0]:

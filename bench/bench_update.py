@@ -1,6 +1,6 @@
 """Gradient updates per second of the CRL agent with JaxGCRL's default networks.
 
-    python -m bench.bench_update                    # batch 256 and 4096, the four graph modes
+    python -m bench.bench_update       # batch 256 and 4096, DEFAULT_MODES' six (CPU: eager)
     python -m bench.bench_update --batch-size 256 --modes eager
 
 JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a

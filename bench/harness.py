@@ -71,6 +71,10 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"the benchmarks run on cpu or cuda, got {text!r}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return "cpu" if parsed.type == "cpu" else text
 
 
@@ -217,8 +221,8 @@ def device_name(device: torch.device | str) -> str:
 def run_facts() -> dict[str, Any]:
     """Python version, host CPU and threads, git SHA, date, command line and the settings read
     from the environment (``CRL_FAST_*``, ``TORCHINDUCTOR_*``, ``TRITON_*``, ``OMP_*``,
-    ``MKL_*``) of this run; any framework's results carry them."""
-    prefixes = ("CRL_FAST_", "TORCHINDUCTOR_", "TRITON_", "OMP_", "MKL_")
+    ``MKL_*``, ``XLA_*``: JAX's CPU threads) of this run; any framework's results carry them."""
+    prefixes = ("CRL_FAST_", "TORCHINDUCTOR_", "TRITON_", "OMP_", "MKL_", "XLA_")
     return {
         "python": platform.python_version(),
         "cpu": _cpu_model(),  # the host: it launches the kernels, and times the CPU rows

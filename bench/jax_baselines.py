@@ -65,6 +65,7 @@ from typing import Any
 from bench.bench_buffer import ACT, EPISODE, GOAL, OBS
 from bench.bench_update import ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, OBS_DIM
 from bench.harness import (
+    add_name_argument,
     device_name,
     measure,
     positive_int,
@@ -456,6 +457,7 @@ def main() -> None:
             f"--{table}-sizes", type=positive_int, nargs="*", help=f"{what}; none: skip"
         )
     parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"))
+    add_name_argument(parser, "jax")
     args = parser.parse_args()
     if jax is None:
         print(
@@ -499,7 +501,7 @@ def main() -> None:
         """Print and save after every row, so a run stopped by a time limit keeps its rows."""
         rows.append(row | {"platform": kind, "matmul_precision": args.precision})
         print(rows[-1], flush=True)
-        save_results("jax", env, rows)
+        save_results(args.name or "jax", env, rows)
         return rows[-1]
 
     # Updates first: JaxGCRL's norm energy at B = 16384 compiles for over a minute on an H200.

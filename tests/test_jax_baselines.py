@@ -135,3 +135,24 @@ def test_scanned_updates_follow_our_agent(monkeypatch: pytest.MonkeyPatch) -> No
         np.testing.assert_allclose(np.asarray(values), want, rtol=1e-4, atol=1e-5, err_msg=name)
     assert float(new_state["critic_opt"]["t"]) == steps
     np.testing.assert_allclose(float(new_state["log_alpha"]), agent.log_alpha.item(), atol=1e-7)
+
+
+def test_script_runs_and_writes_a_partial_run_of_its_own(tmp_path, monkeypatch, capsys) -> None:
+    """The command line at tiny sizes: a partial run named with --name leaves jax-<device>.json
+    (the full table) alone, and its JSON carries the run's facts."""
+    import json
+    import sys
+
+    from bench import harness
+
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    argv = ["jax_baselines", "--device", "cpu", "--loss-sizes", "32", "--update-sizes"]
+    argv += ["--sampler-sizes", "--name", "jax-partial"]
+    monkeypatch.setattr(sys, "argv", argv)
+    jb.main()
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.startswith("jax-partial-cpu-")
+    result = json.loads(path.read_text())
+    assert {"device", "jax", "git_sha", "date", "env_vars"} <= result["env"].keys()
+    assert [row["status"] for row in result["rows"]] == ["ok", "ok"]
+    assert "CPU figures" in capsys.readouterr().out
