@@ -344,6 +344,9 @@ def check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
 
     # A field newer than the checkpoint ran with its default value.
     old, new = flat(TrainConfig().to_dict()) | flat(saved), flat(config.to_dict())
+    for fields in (old, new):  # an unset actor size is the encoders': the same networks
+        for size in ("width", "depth"):
+            fields[f"actor_{size}"] = fields.get(f"actor_{size}") or fields.get(size)
     if _device(old["device"]) == _device(new["device"]):  # "auto" is "cpu" on a CPU machine
         new["device"] = old["device"]
     changed = [

@@ -1024,6 +1024,20 @@ def test_resume_treats_fields_newer_than_the_checkpoint_as_defaults():
         check_resume(saved, TrainConfig(agent=AgentConfig(exclude_positive_from_lse=True)))
 
 
+def test_resume_takes_an_actor_size_given_as_the_one_it_inherited():
+    """--actor-depth / --actor-width equal to the encoders' build the same actor as leaving them
+    unset, so a resume may give them; another actor size is still refused."""
+    from crl_fast.config import check_resume
+
+    deep = {"residual": True, "layer_norm": True, "depth": 8, "width": 32}
+    saved = TrainConfig(agent=AgentConfig(**deep)).to_dict()
+    check_resume(saved, TrainConfig(agent=AgentConfig(**deep, actor_depth=8, actor_width=32)))
+    explicit = TrainConfig(agent=AgentConfig(**deep, actor_depth=8)).to_dict()
+    check_resume(explicit, TrainConfig(agent=AgentConfig(**deep)))
+    with pytest.raises(ValueError, match="actor_depth 8 -> 4"):
+        check_resume(saved, TrainConfig(agent=AgentConfig(**deep, actor_depth=4)))
+
+
 def test_env_kwargs_reach_the_env(tmp_path):
     from crl_fast.cli import build_parser, train_config
     from crl_fast.train import make_eval_env
