@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -478,6 +479,7 @@ def _train_in(
 
     if first_eval is not None:
         log_eval(first_eval)
+    warned_non_finite = False
     train_step = None  # built at the first update (a CUDA graph needs a non-empty buffer)
     start = time.perf_counter() - loop.elapsed_s
     log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
@@ -540,6 +542,15 @@ def _train_in(
             }
             values = torch.stack(list(metrics.values())).tolist()  # one host sync
             logger.log(loop.env_steps, dict(zip(metrics, values, strict=True)) | charts)
+            bad = [k for k, v in zip(metrics, values, strict=True) if not math.isfinite(v)]
+            if bad and not warned_non_finite:  # once: the run goes on, as asked
+                warned_non_finite = True
+                print(
+                    f"warning: {', '.join(bad)} not finite at env step {loop.env_steps:,} (an "
+                    "update with a NaN gradient leaves the weights NaN): check the env's "
+                    "observations and goals, whose values no env check reads",
+                    file=sys.stderr,
+                )
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             log_time += seconds(checkpoint_now)

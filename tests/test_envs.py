@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from typing import ClassVar
 
 import gymnasium as gym
@@ -528,6 +529,40 @@ def test_register_env_refuses_clashes_and_bad_names():
         make_env("no_such_module:free_point", num_envs=2)
     with pytest.raises(ValueError, match="unknown env 'nope'"):
         make_env("tests.free_point_env:nope", num_envs=2)
+
+
+def test_make_env_refuses_a_factory_that_drops_its_arguments():
+    """A factory that ignored max_episode_steps ran a run with another episode length than its
+    config says, silently; one that ignored num_envs failed later on an action's shape."""
+    from crl_fast.envs import register_env
+
+    def drops(num_envs, *, device="cpu", seed=None, max_episode_steps=None):
+        return FreePoint(num_envs + 1, device=device, seed=seed)  # 50 steps whatever is asked
+
+    register_env("drops_arguments", drops, replace=True)
+    register_env("not_an_env", lambda num_envs, **kwargs: object(), replace=True)
+    with pytest.raises(ValueError, match=r"num_envs=4 \(got 5\)"):
+        make_env("drops_arguments", num_envs=4)
+    with pytest.raises(ValueError, match=r"max_episode_steps=20 \(got 50\)"):
+        make_env("drops_arguments", num_envs=4, max_episode_steps=20)
+    with pytest.raises(TypeError, match="must return a TorchGoalVectorEnv, got object"):
+        make_env("not_an_env", num_envs=4)
+    env = make_env("tests.free_point_env:free_point", 4, max_episode_steps=20)
+    assert env.max_episode_steps == 20
+
+
+def test_an_env_drawing_outside_its_generator_is_warned_about():
+    """Draws from torch's global generator make reset(seed=...) and resuming irreproducible."""
+
+    class GlobalDraws(FreePoint):
+        def _draw(self):
+            return {"xy": torch.rand((2, self.num_envs, 2), device=self.device)}
+
+    with pytest.warns(UserWarning, match="drew none from self.generator"):
+        GlobalDraws(4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FreePoint(4, seed=0).reset(seed=1)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -22,7 +22,7 @@ from crl_fast.checkpoint import load_checkpoint, save_checkpoint
 from crl_fast.checks import resolve_device
 from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
-from crl_fast.envs import make_env
+from crl_fast.envs import make_env, register_env
 from crl_fast.logger import MetricsLogger, read_jsonl
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir, new_run_dir
 from crl_fast.train import eval_seed, evaluate, load_agent, train
@@ -1371,3 +1371,19 @@ def test_a_refused_run_never_removes_the_directory_another_run_locked(tmp_path, 
         pass
     assert (tmp_path / "new" / LOCK_NAME).exists()
     other[0].close()
+
+
+def test_a_run_whose_losses_turn_nan_says_so(tmp_path, capsys):
+    """An env whose observations hold NaN trained to the end with NaN losses, silently."""
+
+    class NanPoint(FreePoint):
+        def _observe(self):
+            obs = super()._observe()
+            obs["observation"] = obs["observation"] * float("nan")
+            return obs
+
+    register_env("nan_point", NanPoint, replace=True)
+    train(tiny_config(tmp_path, env="nan_point", max_episode_steps=None, total_env_steps=512,
+                      eval_every=512))  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("not finite") == 1 and "critic/loss" in err

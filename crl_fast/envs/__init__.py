@@ -15,6 +15,7 @@ from typing import Any, Literal, overload
 
 import torch
 
+from crl_fast.checks import resolve_device
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
@@ -160,9 +161,38 @@ def make_env(
             "(a name a script registers exists while the script runs: register it again from "
             "Python to resume or evaluate such a run, or train it as <module>:<name>)"
         )
-    return _FACTORIES[short](
+    made = _FACTORIES[short](
         num_envs, device=device, seed=seed, max_episode_steps=max_episode_steps, **kwargs
     )
+    return _factory_result(short, made, num_envs, device, max_episode_steps)
+
+
+def _factory_result(
+    name: str,
+    env: Any,
+    num_envs: int,
+    device: torch.device | str,
+    max_episode_steps: int | None,
+) -> GoalVectorEnv:
+    """``env`` if a factory built what it was asked for, else an error naming the factory: one
+    that drops ``num_envs``, ``device`` or ``max_episode_steps`` would otherwise fail far away
+    (an action of the wrong shape) or run with settings other than the run's config says."""
+    what = f"the factory registered as {name!r}"
+    if not isinstance(env, (TorchGoalVectorEnv, GymnasiumGoalVectorEnv)):
+        raise TypeError(f"{what} must return a TorchGoalVectorEnv, got {type(env).__name__}")
+    wrong = []
+    if env.num_envs != num_envs:
+        wrong.append(f"num_envs={num_envs} (got {env.num_envs})")
+    if env.device != resolve_device(device):
+        wrong.append(f"device={resolve_device(device)} (got {env.device})")
+    if max_episode_steps is not None and env.max_episode_steps != max_episode_steps:
+        wrong.append(f"max_episode_steps={max_episode_steps} (got {env.max_episode_steps})")
+    if wrong:
+        raise ValueError(
+            f"{what} was asked for {', '.join(wrong)}: pass its num_envs, device and "
+            "max_episode_steps arguments on to the env"
+        )
+    return env
 
 
 __all__ = [

@@ -13,6 +13,7 @@ function that :meth:`TorchGoalVectorEnv.compile` hands to ``torch.compile``.
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from typing import Any
 
@@ -189,7 +190,8 @@ class TorchGoalVectorEnv(VectorEnv):
     @abstractmethod
     def _initial_state(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The initial state of every env made from :meth:`_draw`'s numbers, keyed by
-        ``_sim_keys``; no random calls of its own."""
+        ``_sim_keys``; no random calls of its own. Called at every step too (for the envs that
+        end there), so it must not change the env: return the state, do not set it."""
 
     @abstractmethod
     def _advance(self, action: torch.Tensor) -> None:
@@ -232,7 +234,16 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"got {seed!r}"
                 )
             self.generator.manual_seed(seed_int(seed))
-        initial = self._initial_state(self._draw())
+        before = self.generator.get_state()  # seed and offset on CUDA: no device sync
+        draws = self._draw()
+        if draws and torch.equal(before, self.generator.get_state()):
+            warnings.warn(
+                f"{type(self).__name__}._draw() returned values but drew none from "
+                "self.generator: if they are random, reset(seed=...) and checkpoints cannot "
+                "reproduce its episodes (pass generator=self.generator to its torch.rand calls)",
+                stacklevel=2,
+            )
+        initial = self._initial_state(draws)
         if not isinstance(initial, dict) or not set(initial) <= set(self._sim_keys):
             got = sorted(initial) if isinstance(initial, dict) else type(initial).__name__
             raise ValueError(
