@@ -132,6 +132,15 @@ class CRL:
         self._critic_step = self._critic_step_eager
         self._act = self._act_eager
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of each network by name: the axis depth and width scaling are read on."""
+        nets = {
+            "sa_encoder": self.sa_encoder,
+            "goal_encoder": self.goal_encoder,
+            "actor": self.actor,
+        }
+        return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+
     def compile(self, **kwargs: Any) -> None:
         """Run :meth:`act` and the four parts of :meth:`update` through
         ``torch.compile(**kwargs)`` from now on.

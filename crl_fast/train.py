@@ -424,6 +424,7 @@ def _train_in(
             f"{config.learning_starts:,} (random actions only)"
         )
     print(", ".join(f"{k} {v}" for k, v in versions().items() if v) + f"; device {device}")
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in agent.parameter_counts().items()))
     print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
           f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
     if config.agent.fused_mlp and not fused_mlp.runs_on(device):

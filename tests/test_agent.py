@@ -76,6 +76,13 @@ def test_update_without_critic_metrics_takes_the_same_step(loss):
     assert all(torch.equal(have[key], want[key]) for key in want)  # bit for bit
 
 
+def test_parameter_counts_per_network():
+    """Counted by hand for 2 hidden layers of 16 and repr 4: (in + 1) 16 + 17 * 16 + 17 * out,
+    with in = 6 (s, a), 2 (g), 6 (s, g) and out = 4 (repr), 4 (repr), 4 (mean, log std)."""
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=16, depth=2, repr_dim=4))
+    assert agent.parameter_counts() == {"sa_encoder": 452, "goal_encoder": 388, "actor": 452}
+
+
 def test_graphed_updates_refuse_too_few_warmups():
     """With several updates per graph, warm-up must run both kinds of update before capture."""
     with pytest.raises(ValueError, match="warmup"):

@@ -511,7 +511,9 @@ def test_a_run_of_an_env_registered_by_a_script_says_what_cannot_rebuild_it(tmp_
 
     register_env("script_point", FreePoint, replace=True)
     train(tiny_config(tmp_path, env="script_point", total_env_steps=64, learning_starts=64))
-    assert "--env script_point is registered by this process" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--env script_point is registered by this process" in out
+    assert "parameters: sa_encoder " in out  # and the networks' sizes
 
 
 def test_python_m_crl_fast_is_the_command_line():
