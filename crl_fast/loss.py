@@ -366,7 +366,9 @@ def _contrastive_loss(
     elif flat:
         off = stats.row_lse if name == "flatnce" else stats.col_lse[:b]
         c = off - pos
-        rows, terms = torch.exp(c - c.detach()), b
+        # exp(c - stopgrad(c)) without exp: the same value (1) and gradient (dc), and nothing
+        # saved for backward, so per-row losses can be masked in place (rows[pad] = 0)
+        rows, terms = 1 + (c - c.detach()), b
     else:  # dpo, ipo: over the M - 1 off-diagonal pairs of each row
         rows, terms = stats.row_pair, b * (m - 1)
     # The penalty's B terms, reduced on their own.

@@ -504,6 +504,28 @@ def test_reduction_none_gives_row_losses(shape, penalty, loss, energy, backend, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_reduction_none_rows_can_be_masked_in_place(loss, backend):
+    """``rows[pad] = 0`` on the per-row losses (a common way to drop padded rows) backpropagates
+    like weights of 0 and 1: no loss returns a tensor that its backward reads (FlatNCE's
+    ``exp(c - stopgrad(c))`` saved its output, and the in-place write made backward raise)."""
+    phi, psi = _inputs(6, 8, 4, seed=15)
+    keep = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    grads = []
+    for masked_in_place in (True, False):
+        p, q = phi.clone().requires_grad_(), psi.clone().requires_grad_()
+        rows = contrastive_loss(p, q, loss=loss, reduction="none", backend=backend)
+        if masked_in_place:
+            rows[keep == 0] = 0
+            rows.sum().backward()
+        else:
+            (keep * rows).sum().backward()
+        grads.append((p.grad, q.grad))
+    for k, t in zip(*grads, strict=True):
+        assert max_error(k, t) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reduction_none_with_metrics_module_and_compile(backend):
     """Per-row losses come with the metrics, from the module, and under torch.compile."""
     phi, psi = _inputs(9, 9, 4, seed=14)
