@@ -323,16 +323,22 @@ class CRL:
         self.critic_optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
-        """Networks, entropy weight and optimiser states."""
-        return {
-            "sa_encoder": self.sa_encoder.state_dict(),
-            "goal_encoder": self.goal_encoder.state_dict(),
-            "actor": self.actor.state_dict(),
-            "log_alpha": self.log_alpha.detach().clone(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "alpha_optimizer": self.alpha_optimizer.state_dict(),
-        }
+        """A snapshot (copied tensors, as the buffer's and the envs' ``state_dict`` are) of the
+        networks, entropy weight and optimiser states: later updates do not change it.
+        (``nn.Module.state_dict`` and ``Optimizer.state_dict`` return the live tensors, so a
+        snapshot kept in memory would have moved on with the weights, and the entropy weight not.)
+        """
+        return copy.deepcopy(
+            {
+                "sa_encoder": self.sa_encoder.state_dict(),
+                "goal_encoder": self.goal_encoder.state_dict(),
+                "actor": self.actor.state_dict(),
+                "log_alpha": self.log_alpha.detach(),
+                "critic_optimizer": self.critic_optimizer.state_dict(),
+                "actor_optimizer": self.actor_optimizer.state_dict(),
+                "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, into the existing parameters; a ValueError,
@@ -343,7 +349,7 @@ class CRL:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict (CRL.state_dict()), got {type(state).__name__}")
-        backup = copy.deepcopy(self.state_dict())
+        backup = self.state_dict()  # a copy
         missing = sorted(set(backup) - set(state))
         if missing:
             raise ValueError(f"not a CRL agent state: it lacks {missing} (it has {sorted(state)})")

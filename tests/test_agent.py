@@ -410,6 +410,21 @@ def test_state_dict_round_trip_continues_identically():
     assert same_parameters(agent, clone)
 
 
+def test_state_dict_is_a_snapshot_that_later_updates_leave_alone():
+    """Kept in memory (a rollback, a population), the state is the agent's when it was taken:
+    weights and Adam moments too, not only log alpha (the buffer and env states are copies too)."""
+    torch.manual_seed(0)
+    agent = small_agent()
+    agent.update(toy_batch())
+    snapshot, before = agent.state_dict(), parameters(agent)
+    moments = snapshot["critic_optimizer"]["state"][0]["exp_avg"].clone()
+    agent.update(toy_batch())
+    assert torch.equal(snapshot["sa_encoder"]["0.weight"], before["sa.0.weight"])
+    assert torch.equal(snapshot["critic_optimizer"]["state"][0]["exp_avg"], moments)
+    agent.load_state_dict(snapshot)  # rolls the update back
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+
+
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
     """Another agent's sizes: the encoders would load and the actor fail; nothing may stay
     half-loaded. Not an agent state at all: named."""
