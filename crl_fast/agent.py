@@ -76,6 +76,11 @@ def _unpack(batch: Batch, name: str) -> GoalBatch:
 class CRL:
     """Networks, optimisers and the update of contrastive RL (Eysenbach et al., 2022).
 
+    Its parts, for a loop's own losses: ``sa_encoder(obs, action)`` (phi) and
+    ``goal_encoder(goal)`` (psi), ``actor`` (``actor.sample(obs, goal)``: a reparameterised
+    action and its log-probability, drawn from torch's global generator), ``log_alpha`` and
+    ``target_entropy``, and ``critic_optimizer``, ``actor_optimizer``, ``alpha_optimizer``.
+
     ``actor_stream`` (CUDA only) runs the actor and alpha steps on a second stream, beside the
     critic's forward and backward: a CUDA graph of the update then holds two parallel branches.
     The numbers are the same either way.

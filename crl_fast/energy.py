@@ -99,7 +99,8 @@ def pairwise_energy(
     log_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits ``L_ii`` of paired rows ``(phi_i, psi_i)``: shape (B,), float32 (float64 stays).
+    """Logits ``L_ii`` of paired rows ``(phi_i, psi_i)``: shape (B,), float32 (float64 stays);
+    rows of ``psi`` past B are not read (as ``contrastive_loss`` reads its positives).
 
     This is the critic value the actor maximises (``contrastive_loss`` computes its positives
     the same way, from ``phi_i - psi_i``, inside its own passes).
