@@ -350,7 +350,9 @@ class CRL:
         with the agent unchanged, if ``state`` does not fit it (another agent's sizes, say).
 
         Optimiser states are copied first: ``Optimizer.load_state_dict`` would otherwise share
-        their tensors with ``state`` (and with the agent that produced it).
+        their tensors with ``state`` (and with the agent that produced it). Like the parameters,
+        the Adam moments already there are written in place, so a :class:`GraphedUpdates`
+        captured before (a rollback to a snapshot) keeps updating the agent's own tensors.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict (CRL.state_dict()), got {type(state).__name__}")
@@ -376,7 +378,21 @@ class CRL:
             flags = {k: optimizer.defaults[k] for k in _IMPLEMENTATION_FLAGS}
             for group in state[name]["param_groups"]:  # before loading: they place its steps
                 group.update(flags)
+            # Optimizer.load_state_dict puts new tensors in the state: a CUDA graph captured
+            # before holds the old ones' addresses, and would go on writing to freed memory.
+            kept = {param: dict(values) for param, values in optimizer.state.items()}
             optimizer.load_state_dict(state[name])
+            for param, values in optimizer.state.items():
+                for key, new in values.items():
+                    old = kept.get(param, {}).get(key)
+                    if isinstance(old, torch.Tensor) and _fits(old, new):
+                        values[key] = old.copy_(new)
+
+
+def _fits(old: torch.Tensor, new: Any) -> bool:
+    """Whether ``new`` can be copied into ``old`` in place."""
+    same = isinstance(new, torch.Tensor) and new.shape == old.shape
+    return same and (new.dtype, new.device) == (old.dtype, old.device)
 
 
 class GraphedUpdates:

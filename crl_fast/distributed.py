@@ -41,9 +41,10 @@ def gather_negatives(
     ranks. So each rank's gradients are those of the sum over ranks of the per-rank losses.
     Summed over ranks, the row losses are the loss of the global batch: binary, infonce, flatnce,
     dpo and ipo, with or without the logsumexp penalty. With ``reduction="sum"`` the sum is that
-    loss. With ``reduction="mean"`` and equal rows it is world_size times that loss, so under
-    DDP, which averages gradients over ranks, the parameters get exactly the global batch's
-    gradient (with unequal rows each rank's mean weighs its rows by 1 / its count). The column
+    loss; with ``"none"`` each rank's rows are the global batch's row losses of its rows. With
+    ``reduction="mean"`` and equal rows it is world_size times that loss, so under DDP, which
+    averages gradients over ranks, the parameters get exactly the global batch's gradient (with
+    unequal rows each rank's mean weighs its rows by 1 / its count). The column
     losses (``*_backward``, ``symmetric_infonce``) do not decompose this way: their columns span
     every rank's phi.
     """

@@ -543,7 +543,13 @@ def _train_in(
             }
             values = torch.stack(list(metrics.values())).tolist()  # one host sync
             logger.log(loop.env_steps, dict(zip(metrics, values, strict=True)) | charts)
-            bad = [k for k, v in zip(metrics, values, strict=True) if not math.isfinite(v)]
+            # The losses only: critic/logits_neg is NaN by definition at batch size 1 (no
+            # negatives), and a NaN weight makes every loss NaN.
+            bad = [
+                k
+                for k, v in zip(metrics, values, strict=True)
+                if k.endswith("loss") and not math.isfinite(v)
+            ]
             if bad and not warned_non_finite:  # once: the run goes on, as asked
                 warned_non_finite = True
                 print(

@@ -421,8 +421,17 @@ def test_state_dict_is_a_snapshot_that_later_updates_leave_alone():
     agent.update(toy_batch())
     assert torch.equal(snapshot["sa_encoder"]["0.weight"], before["sa.0.weight"])
     assert torch.equal(snapshot["critic_optimizer"]["state"][0]["exp_avg"], moments)
+    addresses = [
+        t.data_ptr() for values in agent.critic_optimizer.state.values() for t in values.values()
+    ]
     agent.load_state_dict(snapshot)  # rolls the update back
     assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+    # in place, as the parameters are: a CUDA graph captured before still reads and writes them
+    moments = agent.critic_optimizer.state[agent.critic_optimizer.param_groups[0]["params"][0]]
+    assert torch.equal(moments["exp_avg"], snapshot["critic_optimizer"]["state"][0]["exp_avg"])
+    assert addresses == [
+        t.data_ptr() for values in agent.critic_optimizer.state.values() for t in values.values()
+    ]
 
 
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():

@@ -4,6 +4,7 @@ import builtins
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -1389,3 +1390,13 @@ def test_a_run_whose_losses_turn_nan_says_so(tmp_path, capsys):
                       eval_every=512))  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("not finite") == 1 and "critic/loss" in err
+
+
+def test_a_batch_of_one_is_not_warned_about(tmp_path, capsys):
+    """With one row there are no negatives: critic/logits_neg is NaN by definition, the losses
+    are finite, and nothing is wrong with the run."""
+    train(tiny_config(tmp_path, batch_size=1, total_env_steps=512, eval_every=512))
+    captured = capsys.readouterr()
+    assert "not finite" not in captured.err
+    row = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "critic/loss" in r][-1]
+    assert math.isfinite(row["critic/loss"]) and math.isnan(row["critic/logits_neg"])

@@ -179,12 +179,15 @@ def _factory_result(
     (an action of the wrong shape) or run with settings other than the run's config says."""
     what = f"the factory registered as {name!r}"
     if not isinstance(env, (TorchGoalVectorEnv, GymnasiumGoalVectorEnv)):
-        raise TypeError(f"{what} must return a TorchGoalVectorEnv, got {type(env).__name__}")
+        raise TypeError(
+            f"{what} must return a TorchGoalVectorEnv (or GymnasiumGoalVectorEnv), got "
+            f"{type(env).__name__}"
+        )
     wrong = []
     if env.num_envs != num_envs:
         wrong.append(f"num_envs={num_envs} (got {env.num_envs})")
-    if env.device != resolve_device(device):
-        wrong.append(f"device={resolve_device(device)} (got {env.device})")
+    if env.device != (asked := resolve_device(device)):
+        wrong.append(f"device={asked} (got {env.device})")
     if max_episode_steps is not None and env.max_episode_steps != max_episode_steps:
         wrong.append(f"max_episode_steps={max_episode_steps} (got {env.max_episode_steps})")
     if wrong:

@@ -185,7 +185,8 @@ class TorchGoalVectorEnv(VectorEnv):
 
     @abstractmethod
     def _draw(self) -> dict[str, torch.Tensor]:
-        """The random numbers one fresh initial state of every env needs (``self.generator``)."""
+        """The random numbers one fresh initial state of every env needs (``self.generator``);
+        ``{}`` for an env without any (values that draw nothing from it are warned about)."""
 
     @abstractmethod
     def _initial_state(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
