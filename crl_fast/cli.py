@@ -1,6 +1,7 @@
 """``crl-fast`` command line: ``train`` (every config field is a flag) and ``eval``.
 
-``crl-fast train`` with no arguments runs the default point U-maze job. ``crl-fast train --resume
+``crl-fast train`` with no arguments runs the default point U-maze job; ``--config FILE`` starts a
+new run from a saved config instead of the defaults. ``crl-fast train --resume
 --run-dir DIR`` continues DIR from its last checkpoint with its saved config, changed only by the
 flags given, which may only be schedule, reporting and speed flags (for example a larger
 ``--total-env-steps``; see ``crl_fast.config.RESUME_SAFE_FIELDS``): others are refused.
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(train_parser, TrainConfig)
     train_parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="start from this JSON config (a run's config.json, or any of its fields), then "
+        "apply the flags given; a new run: the file's run_dir and resume are not taken",
+    )
+    train_parser.add_argument(
         "--jaxgcrl-critic",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -135,26 +142,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_config(given: dict[str, Any]) -> TrainConfig:
-    """The config of ``crl-fast train``: defaults, or the resumed run's saved config, plus flags."""
+    """The config of ``crl-fast train``: defaults, a ``--config`` file or the resumed run's saved
+    config, plus flags."""
     if given.pop("jaxgcrl_critic", False):
         clash = [_flag(k) for k, v in JAXGCRL_CRITIC.items() if given.get(k, v) != v]
         if clash:
             raise ValueError(f"--jaxgcrl-critic sets {', '.join(clash)}: give one or the other")
         given = given | JAXGCRL_CRITIC
-    if not given.get("resume"):
+    config_file = given.pop("config", None)
+    if given.get("resume"):
+        if config_file is not None:
+            raise ValueError("--resume continues with the run's own config.json: drop --config")
+        if "run_dir" not in given:
+            raise ValueError("--resume needs --run-dir pointing at the run to continue")
+        saved = Path(given["run_dir"]) / "config.json"
+        base = _read_config(saved, "cannot resume")
+        if not isinstance(base.get("agent"), dict):
+            raise ValueError(f"cannot resume: {saved} is not a crl-fast run's config")
+        return config_from_args(given, base=base)
+    if config_file is None:
         return config_from_args(given)
-    if "run_dir" not in given:
-        raise ValueError("--resume needs --run-dir pointing at the run to continue")
-    saved = Path(given["run_dir"]) / "config.json"
-    if not saved.exists():
-        raise ValueError(f"cannot resume: {saved} does not exist")
-    try:
-        base = json.loads(saved.read_bytes())  # bytes: json detects UTF-8/16/32 itself
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # damaged: not text, or not JSON
-        raise ValueError(f"cannot resume: {saved} is not valid JSON: {error}") from error
-    if not (isinstance(base, dict) and isinstance(base.get("agent"), dict)):
-        raise ValueError(f"cannot resume: {saved} is not a crl-fast run's config")
+    fields = _read_config(Path(config_file), "--config")
+    fields.pop("run_dir", None)  # the file's run is not this one (a new run never shares its
+    fields.pop("resume", None)  # directory), and continuing one is --resume's
+    base = TrainConfig().to_dict()
+    agent = fields.pop("agent", {})
+    if not isinstance(agent, dict):
+        raise ValueError(f"--config: {config_file}'s agent must be a JSON object")
+    base.update(fields)
+    base["agent"].update(agent)
     return config_from_args(given, base=base)
+
+
+def _read_config(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or a ValueError starting with ``what``."""
+    if not path.is_file():
+        raise ValueError(f"{what}: {path} does not exist")
+    try:
+        value = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # damaged: not text, or not JSON
+        raise ValueError(f"{what}: {path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: {path} is not a crl-fast config (a JSON object)")
+    return value
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:

@@ -1096,6 +1096,36 @@ def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, 
     assert not list(tmp_path.glob("runs/*"))  # a run that failed to start leaves no folder
 
 
+def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
+    """--config takes a run's config.json (or some of its fields), flags on top; the file's
+    run_dir and resume are not taken: it is a new run."""
+    from crl_fast.cli import build_parser, train_config
+
+    def config(*argv: str) -> TrainConfig:
+        args = vars(build_parser().parse_args(["train", *argv]))
+        return train_config({k: v for k, v in args.items() if k != "command"})
+
+    saved = TrainConfig(num_envs=8, run_dir="runs/old", resume=True, agent=AgentConfig(depth=3))
+    (tmp_path / "run.json").write_text(json.dumps(saved.to_dict()))
+    got = config("--config", str(tmp_path / "run.json"), "--seed", "5")
+    assert got == dataclasses.replace(saved, seed=5, run_dir=None, resume=False)
+    (tmp_path / "some.json").write_text('{"num_envs": 4, "agent": {"loss": "infonce"}}')
+    got = config("--config", str(tmp_path / "some.json"), "--jaxgcrl-critic")
+    assert (got.num_envs, got.agent.loss, got.agent.energy) == (4, "infonce", "norm")
+    assert got.batch_size == TrainConfig().batch_size  # the rest: defaults
+    (tmp_path / "warp.json").write_text('{"warp": 9}')
+    (tmp_path / "agent.json").write_text('{"agent": [1]}')
+    for argv, named in [
+        (["--config", str(tmp_path / "nope.json")], "nope.json does not exist"),
+        (["--config", str(tmp_path / "warp.json")], "['warp']"),
+        (["--config", str(tmp_path / "agent.json")], "agent must be a JSON object"),
+        (["--config", str(tmp_path / "run.json"), "--resume", "--run-dir", "x"], "drop --config"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", *argv])
+        assert named in capsys.readouterr().err, argv
+
+
 def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     """A missing, empty or foreign checkpoint, a corrupt config.json or an unknown device: a
     message naming the file or device and exit code 2, not a traceback."""
