@@ -34,11 +34,13 @@ ENCODERS = "sa_encoder("
 DISTRIBUTED = "gather_negatives(psi)"
 DISTRIBUTED_CLIP = "gather_negatives(img)"
 CUDA_GRAPH = "torch.cuda.CUDAGraph()"
-BUFFER = "TrajectoryBuffer("
-ENVS = "make_env("
+BUFFER = "capacity=1000,  # steps kept per env"
+ENVS = 'make_env("point_umaze", num_envs=4096'
 OWN_ENV = "class FreePoint("
 TRAIN = "train("
-MARKERS = (LOSS, ENCODERS, DISTRIBUTED, DISTRIBUTED_CLIP, CUDA_GRAPH, BUFFER, ENVS, OWN_ENV, TRAIN)
+OWN_LOOP = "from crl_fast.train import evaluate"
+MARKERS = (LOSS, ENCODERS, DISTRIBUTED, DISTRIBUTED_CLIP, CUDA_GRAPH, BUFFER, ENVS, OWN_ENV)
+MARKERS += (TRAIN, OWN_LOOP)
 
 # CPU-sized versions of the examples: {README text: what runs instead}. The loss keeps bfloat16:
 # the CPU's chunked path takes it.
@@ -50,6 +52,8 @@ ENVS_ON_CPU = {'device="cuda"': 'device="cpu"', "num_envs=4096": f"num_envs={ENV
 # 188 collection steps of the 64 default envs, 128 updates after the default 10,000-step warm-up
 # (about 2 s); device="cpu" also on a CUDA machine, where "auto" would compile the update.
 TRAIN_ON_CPU = {"total_env_steps=200_000": 'total_env_steps=12_032, device="cpu"'}
+# 188 steps of 64 envs: 2,032 env steps of 508 updates after the 10,000 random ones (about 3 s).
+OWN_LOOP_ON_CPU = {"50_000": "12_032"}
 
 
 @dataclass
@@ -280,6 +284,15 @@ def test_train_example(tmp_path, monkeypatch):
     assert run_dir.parent == tmp_path / "runs"
     assert (run_dir / "config.json").exists() and (run_dir / "metrics.jsonl").exists()
     assert 0.0 <= ns["result"]["eval/success"] <= 1.0
+
+
+def test_own_loop_example(capsys):
+    """The CleanRL-style loop, cut short: it fills its buffer, updates and prints the eval."""
+    ns = run_block(OWN_LOOP, OWN_LOOP_ON_CPU)
+    assert len(ns["buf"]) == 12_032 and ns["buf"].capacity == 12_032 // 64
+    assert all(torch.isfinite(v) for v in ns["metrics"].values())
+    printed = capsys.readouterr().out
+    assert "'eval/success'" in printed and "'eval/final_distance'" in printed
 
 
 def command_lines(text: str | None = None) -> list[tuple[int, str, list[str]]]:
