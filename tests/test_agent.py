@@ -556,6 +556,26 @@ def test_cuda_graph_replay_matches_eager_updates(random_goals, actor_batch):
 
 
 @pytest.mark.gpu
+def test_a_rollback_under_a_cuda_graph_keeps_the_graph_on_the_agent():
+    """load_state_dict(snapshot) with a captured GraphedUpdates: the next replay updates the
+    agent's own Adam moments (loaded in place), not tensors the load freed."""
+    buffer = random_cuda_buffer()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    agent = CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cuda")
+    step = GraphedUpdates(agent, lambda: buffer.sample(64, generator=generator), steps=2)
+    step()
+    snapshot = agent.state_dict()
+    step()
+    agent.load_state_dict(snapshot)
+    first = agent.critic_optimizer.param_groups[0]["params"][0]
+    loaded = agent.critic_optimizer.state[first]["exp_avg"].clone()
+    torch.testing.assert_close(loaded, snapshot["critic_optimizer"]["state"][0]["exp_avg"])
+    step()
+    assert not torch.equal(agent.critic_optimizer.state[first]["exp_avg"], loaded)
+    assert torch.isfinite(torch.stack([p.sum() for p in agent.sa_encoder.parameters()])).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused_mlp"])
 @pytest.mark.parametrize("amp", ["off", "bfloat16"])
 def test_compiled_update_replays_from_a_cuda_graph(amp, fused):
