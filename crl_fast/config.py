@@ -246,7 +246,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
     tf32: bool = option(True, "float32 matmuls may use TF32 tensor cores on CUDA (as JAX does)")
     compile: bool | None = option(
-        None, "torch.compile the update, act and a built-in env's step (None: on CUDA only)"
+        None, "torch.compile the update, act and a torch env's step (None: on CUDA only)"
     )
     cuda_graph: bool | None = option(
         None, "replay sample + update from a CUDA graph (None: on CUDA; CUDA only)"
