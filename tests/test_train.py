@@ -1303,6 +1303,29 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, m
     assert_same_weights_and_rows(straight, resumed)
 
 
+def test_a_signal_at_the_last_step_lets_the_run_finish_and_says_so(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the last step's log: the final evaluation and checkpoint run, train()
+    returns, and the message it printed ("then stopping") is followed by what happened."""
+    import signal
+
+    log = MetricsLogger.log
+
+    def log_then_term(self, step, metrics):
+        log(self, step, metrics)
+        if step == 1024:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_term)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        result = train(tiny_config(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["env_steps"] == 1024
+    assert "eval/success" in result
+    assert "SIGTERM came at the last step: the run finished" in capsys.readouterr().err
+
+
 def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
     """torch.save reports a full disk as a RuntimeError ('unexpected pos ...'): the caller gets
     an OSError naming the checkpoint, and the previous checkpoint stays whole."""
