@@ -382,10 +382,15 @@ class CRL:
             # before holds the old ones' addresses, and would go on writing to freed memory.
             kept = {param: dict(values) for param, values in optimizer.state.items()}
             optimizer.load_state_dict(state[name])
-            for param, values in optimizer.state.items():
-                for key, new in values.items():
-                    old = kept.get(param, {}).get(key)
-                    if isinstance(old, torch.Tensor) and _fits(old, new):
+            for param, old_values in kept.items():
+                values = optimizer.state[param]  # {} for a state from before the first step
+                for key, old in old_values.items():
+                    new = values.get(key)
+                    if not isinstance(old, torch.Tensor):
+                        continue
+                    if new is None:  # Adam starts from zeros (moments and step count)
+                        values[key] = old.zero_()
+                    elif _fits(old, new):
                         values[key] = old.copy_(new)
 
 

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=argparse.SUPPRESS,
         help="start from this JSON config (a run's config.json, or any of its fields), then "
-        "apply the flags given; a new run: the file's run_dir and resume are not taken",
+        "apply the flags given; a new run: the file's run_dir and resume are not taken (it says "
+        "so)",
     )
     train_parser.add_argument(
         "--jaxgcrl-critic",
@@ -162,13 +163,27 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
         return config_from_args(given, base=base)
     if config_file is None:
         return config_from_args(given)
+    if config_file == "":  # an unset shell variable, say: not the current directory
+        raise ValueError("--config needs a JSON file, got ''")
     fields = _read_config(Path(config_file), "--config")
-    fields.pop("run_dir", None)  # the file's run is not this one (a new run never shares its
-    fields.pop("resume", None)  # directory), and continuing one is --resume's
+    # The file's run is not this one (a new run never shares its directory), and continuing one
+    # is --resume's: said where the file asked for either, which a hand-written file may mean.
+    taken = {k: fields.pop(k, None) for k in ("run_dir", "resume")}
+    dropped = {k: v for k, v in taken.items() if v not in (None, False, "")}
+    if dropped:
+        names = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
+        print(f"--config: {config_file}'s {names} not taken: this is a new run", file=sys.stderr)
     base = TrainConfig().to_dict()
     agent = fields.pop("agent", {})
     if not isinstance(agent, dict):
         raise ValueError(f"--config: {config_file}'s agent must be a JSON object")
+    agent_fields = {f.name for f in dataclasses.fields(AgentConfig)}
+    flat = sorted(set(fields) & agent_fields)
+    if flat:
+        raise ValueError(
+            f"--config: {config_file} has agent fields {flat} at the top: nest them "
+            'under "agent", as a run\'s config.json does'
+        )
     base.update(fields)
     base["agent"].update(agent)
     return config_from_args(given, base=base)
@@ -176,6 +191,8 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
 
 def _read_config(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in ``path``, or a ValueError starting with ``what``."""
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a directory, not a config file (its config.json?)")
     if not path.is_file():
         raise ValueError(f"{what}: {path} does not exist")
     try:

@@ -582,10 +582,14 @@ def _train_in(
         evaluate_now()
     checkpoint_now()
     logger.close()
+    plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
     if stop["signal"] is not None:  # it came in the last step or after: nothing was cut short
         name = signal.Signals(stop["signal"]).name
-        print(f"{name} came at the last step: the run finished all the same", file=sys.stderr)
-    plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
+        print(
+            f"{name} came at the run's end (its last step, final evaluation or checkpoint): the "
+            "run finished all the same",
+            file=sys.stderr,
+        )
     print(
         f"done: {loop.env_steps:,} env steps, {loop.updates:,} updates in {loop.elapsed_s:.0f}s; "
         + ", ".join(f"{k} {v:.3f}" for k, v in loop.last_eval.items())

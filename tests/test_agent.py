@@ -421,17 +421,37 @@ def test_state_dict_is_a_snapshot_that_later_updates_leave_alone():
     agent.update(toy_batch())
     assert torch.equal(snapshot["sa_encoder"]["0.weight"], before["sa.0.weight"])
     assert torch.equal(snapshot["critic_optimizer"]["state"][0]["exp_avg"], moments)
-    addresses = [
-        t.data_ptr() for values in agent.critic_optimizer.state.values() for t in values.values()
-    ]
+    addresses = optimizer_addresses(agent)
     agent.load_state_dict(snapshot)  # rolls the update back
     assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
     # in place, as the parameters are: a CUDA graph captured before still reads and writes them
     moments = agent.critic_optimizer.state[agent.critic_optimizer.param_groups[0]["params"][0]]
     assert torch.equal(moments["exp_avg"], snapshot["critic_optimizer"]["state"][0]["exp_avg"])
-    assert addresses == [
-        t.data_ptr() for values in agent.critic_optimizer.state.values() for t in values.values()
-    ]
+    assert optimizer_addresses(agent) == addresses
+
+
+def optimizer_addresses(agent: CRL) -> list[int]:
+    """Where every Adam state tensor of the three optimisers lives."""
+    optimizers = (agent.critic_optimizer, agent.actor_optimizer, agent.alpha_optimizer)
+    return [t.data_ptr() for o in optimizers for v in o.state.values() for t in v.values()]
+
+
+def test_a_rollback_to_before_the_first_update_restarts_adam_in_place():
+    """The snapshot of a new agent has no Adam state: loaded, the moments and step counts are
+    zeroed where they are (a CUDA graph keeps them), and the next update is a first one."""
+    torch.manual_seed(0)
+    agent, fresh = small_agent(), small_agent()
+    fresh.load_state_dict(agent.state_dict())
+    snapshot = agent.state_dict()
+    agent.update(toy_batch())
+    addresses = optimizer_addresses(agent)
+    agent.load_state_dict(snapshot)
+    assert optimizer_addresses(agent) == addresses
+    batch = toy_batch()
+    for a in (agent, fresh):
+        torch.manual_seed(1)
+        a.update(batch)
+    assert same_parameters(agent, fresh)
 
 
 def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():

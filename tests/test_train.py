@@ -1109,14 +1109,19 @@ def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(saved.to_dict()))
     got = config("--config", str(tmp_path / "run.json"), "--seed", "5")
     assert got == dataclasses.replace(saved, seed=5, run_dir=None, resume=False)
+    assert "run_dir='runs/old', resume=True not taken: this is a new run" in capsys.readouterr().err
     (tmp_path / "some.json").write_text('{"num_envs": 4, "agent": {"loss": "infonce"}}')
     got = config("--config", str(tmp_path / "some.json"), "--jaxgcrl-critic")
     assert (got.num_envs, got.agent.loss, got.agent.energy) == (4, "infonce", "norm")
     assert got.batch_size == TrainConfig().batch_size  # the rest: defaults
     (tmp_path / "warp.json").write_text('{"warp": 9}')
     (tmp_path / "agent.json").write_text('{"agent": [1]}')
+    (tmp_path / "flat.json").write_text('{"depth": 3}')
     for argv, named in [
         (["--config", str(tmp_path / "nope.json")], "nope.json does not exist"),
+        (["--config", str(tmp_path)], "is a directory, not a config file"),
+        (["--config", ""], "--config needs a JSON file, got ''"),
+        (["--config", str(tmp_path / "flat.json")], "agent fields ['depth'] at the top"),
         (["--config", str(tmp_path / "warp.json")], "['warp']"),
         (["--config", str(tmp_path / "agent.json")], "agent must be a JSON object"),
         (["--config", str(tmp_path / "run.json"), "--resume", "--run-dir", "x"], "drop --config"),
@@ -1323,7 +1328,7 @@ def test_a_signal_at_the_last_step_lets_the_run_finish_and_says_so(tmp_path, mon
         signal.signal(signal.SIGTERM, previous)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["env_steps"] == 1024
     assert "eval/success" in result
-    assert "SIGTERM came at the last step: the run finished" in capsys.readouterr().err
+    assert "SIGTERM came at the run's end (its last step, " in capsys.readouterr().err
 
 
 def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
