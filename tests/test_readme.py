@@ -318,7 +318,7 @@ def command_lines(text: str | None = None) -> list[tuple[int, str, list[str]]]:
 def test_training_command_lines_parse():
     """Every ``crl-fast train`` / ``eval`` line of the Training section is accepted by the real
     parser (placeholders such as ``<time>`` are just path strings), and every ``train`` line that
-    starts a new run makes a valid config. Nothing runs."""
+    starts a new run from the defaults makes a valid config. Nothing runs."""
     commands = command_lines()
     assert {argv[0] for _, _, argv in commands} == {"train", "eval"}, commands
     refused = []
@@ -328,7 +328,7 @@ def test_training_command_lines_parse():
             with contextlib.redirect_stderr(stderr):
                 args = build_parser().parse_args(argv)
             given = {k: v for k, v in vars(args).items() if k != "command"}
-            if args.command == "train" and not given.get("resume"):
+            if args.command == "train" and not (given.get("resume") or "config" in given):
                 train_config(given)  # value checks: types, choices, JSON, --jaxgcrl-critic
         except SystemExit:
             message = stderr.getvalue().strip().rpartition("\n")[2]  # argparse's "error:" line
