@@ -1,6 +1,7 @@
 """Training loop, checkpoints, resume, logging and the command line, on small CPU runs."""
 
 import builtins
+import contextlib
 import dataclasses
 import io
 import json
@@ -10,6 +11,7 @@ import re
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -1279,6 +1281,28 @@ def test_devices_this_machine_lacks_are_refused():
         resolve_device(f"cuda:{max(torch.cuda.device_count(), 1)}")
 
 
+@contextlib.contextmanager
+def sigterm_after_logging(monkeypatch, step: int) -> Iterator[None]:
+    """SIGTERM to this process right after the metrics row of env step ``step`` is logged, with
+    SIGTERM's default handler meanwhile (whatever pytest inherited comes back after)."""
+    import signal
+
+    log = MetricsLogger.log
+
+    def log_then_term(self, at, metrics):
+        log(self, at, metrics)
+        if at == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_term)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(MetricsLogger, "log", log)
+
+
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     """SIGTERM (a preemption) or Ctrl-C mid-run: the loop writes a checkpoint at the end of that
     step (608 here, off the checkpoint schedule) and stops; resumed, the run logs the rows and
@@ -1287,22 +1311,10 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, m
 
     settings = dict(updates_per_env_step=0.005, log_every=32, checkpoint_every=512)
     straight = train(tiny_config(tmp_path, "straight", **settings))
-    log = MetricsLogger.log
-
-    def log_then_term(self, step, metrics):
-        log(self, step, metrics)
-        if step == 608:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_term)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever pytest inherited
-    try:
+    with sigterm_after_logging(monkeypatch, 608):
         with pytest.raises(train_module.TrainingInterrupted, match="SIGTERM at env step 608"):
             train(tiny_config(tmp_path, "killed", **settings))
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    monkeypatch.undo()
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["loop"]["env_steps"] == 608
     resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
     assert_same_weights_and_rows(straight, resumed)
@@ -1311,21 +1323,8 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bit_for_bit(tmp_path, m
 def test_a_signal_at_the_last_step_lets_the_run_finish_and_says_so(tmp_path, monkeypatch, capsys):
     """SIGTERM during the last step's log: the final evaluation and checkpoint run, train()
     returns, and the message it printed ("then stopping") is followed by what happened."""
-    import signal
-
-    log = MetricsLogger.log
-
-    def log_then_term(self, step, metrics):
-        log(self, step, metrics)
-        if step == 1024:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_term)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    with sigterm_after_logging(monkeypatch, 1024):
         result = train(tiny_config(tmp_path))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["env_steps"] == 1024
     assert "eval/success" in result
     assert "SIGTERM came at the run's end (its last step, " in capsys.readouterr().err
