@@ -66,7 +66,8 @@ class LossConfig:
     """Leave ``L_ii`` out of the logsumexp of the InfoNCE losses and the penalty."""
     reduction: str = "mean"
     """``mean`` over terms, their ``sum`` (SigLIP divides the binary ``sum`` by B), or ``none``:
-    the B row losses, each the sum of its row's terms (and column i's), which ``sum`` adds up."""
+    the B row losses, each the sum of its row's terms (column i's too, and its penalty term),
+    which ``sum`` adds up."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
