@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from bench.harness import (
+    Timing,
     add_device_argument,
     add_name_argument,
     device_label,
@@ -24,7 +25,7 @@ from bench.harness import (
     print_table,
     write_results,
 )
-from crl_fast.buffer import GOAL_MODES, TrajectoryBuffer
+from crl_fast.buffer import GOAL_MODES, GoalBatch, TrajectoryBuffer
 
 OBS, ACT, GOAL = 29, 8, 2
 EPISODE = 1000  # truncation length, as JaxGCRL's episodes
@@ -88,40 +89,56 @@ def txt_sampler(
     return draw
 
 
-def bench_rows(device: str, sizes: dict[str, int]) -> list[dict]:
+def timed_row(
+    op: str, mode: str, capacity: int, num_envs: int, batch: int, t: Timing
+) -> dict[str, object]:
+    """A table row: the call's sizes and timing ``t``, in microseconds too (the targets are
+    stated in them), and samples per second."""
+    row: dict[str, object] = {
+        "op": op, "mode": mode, "capacity": capacity, "num_envs": num_envs, "batch": batch, **t
+    }  # fmt: skip
+    row["us_per_call"] = t["median_ms"] * 1e3
+    if "host_ms" in t:
+        row["host_us"] = t["host_ms"] * 1e3
+    row["p80_us"] = t["p80_ms"] * 1e3
+    row["samples_per_s"] = batch / (t["median_ms"] / 1e3)
+    return row
+
+
+def bench_rows(device: str, sizes: dict[str, int]) -> list[dict[str, object]]:
     cap, n, batch = sizes["capacity"], sizes["num_envs"], sizes["batch"]
     buf = filled_buffer(cap, n, device)
     rows = []
-    common = {"capacity": cap, "num_envs": n}
     for mode in GOAL_MODES:
-        t = measure(lambda m=mode: buf.sample(batch, goal_mode=m), device=device)
-        rows.append({"op": "sample", "mode": mode, **common, "batch": batch, **t})
+
+        def sample(m: str = mode) -> GoalBatch:
+            return buf.sample(batch, goal_mode=m)
+
+        t = measure(sample, device=device)
+        rows.append(timed_row("sample", mode, cap, n, batch, t))
     if torch.device(device).type == "cuda":  # the GPU work alone: sample replayed from a graph
         generator = torch.cuda.default_generators[torch.device(device).index or 0]
         replay = graphed(lambda: buf.sample(batch, generator=generator))
         t = measure(replay, device=device, memory=False)
-        rows.append({"op": "sample", "mode": "geometric, graph", **common, "batch": batch, **t})
-    mix = {"random_goal_fraction": 0.2, "current_goal_fraction": 0.1}
-    t = measure(lambda: buf.sample(batch, **mix), device=device)
-    rows.append({"op": "sample", "mode": "geometric+mix", **common, "batch": batch, **t})
+        rows.append(timed_row("sample", "geometric, graph", cap, n, batch, t))
+    t = measure(
+        lambda: buf.sample(batch, random_goal_fraction=0.2, current_goal_fraction=0.1),
+        device=device,
+    )
+    rows.append(timed_row("sample", "geometric+mix", cap, n, batch, t))
     for steps in (1, 100):
         data = step_batch(steps, n, 0, device)
-        t = measure(lambda d=data: buf.extend(d), device=device)
-        rows.append({"op": "extend", "mode": f"{steps} step", **common, "batch": steps * n, **t})
+
+        def extend(d: dict[str, torch.Tensor] = data) -> None:
+            buf.extend(d)
+
+        t = measure(extend, device=device)
+        rows.append(timed_row("extend", f"{steps} step", cap, n, steps * n, t))
 
     envs, steps = sizes["txt_envs"], EPISODE + 1
     episodes = (torch.arange(steps, device=device) // 400).expand(envs, steps).contiguous()
     t = measure(txt_sampler(episodes), device=device, warmup=2, rep=5)
-    rows.append(
-        {"op": "txt_baseline", "mode": "geometric", "capacity": steps, "num_envs": envs,
-         "batch": envs * steps, **t}
-    )  # fmt: skip
-    for row in rows:  # microseconds for the table: the targets are stated in them
-        row["us_per_call"] = row["median_ms"] * 1e3
-        for key in ("host", "p80"):
-            if f"{key}_ms" in row:
-                row[f"{key}_us"] = row[f"{key}_ms"] * 1e3
-        row["samples_per_s"] = row["batch"] / (row["median_ms"] / 1e3)
+    rows.append(timed_row("txt_baseline", "geometric", steps, envs, envs * steps, t))
     return rows
 
 

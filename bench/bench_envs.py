@@ -23,12 +23,14 @@ from bench.harness import (
     print_table,
     write_results,
 )
-from crl_fast.envs import ENV_NAMES, make_env
+from crl_fast.envs import ENV_NAMES, TorchGoalVectorEnv, make_env
 
 
 def bench(name: str, num_envs: int, device: str, compiled: bool = False) -> dict:
     env = make_env(name, num_envs=num_envs, device=device, seed=0)
     if compiled:
+        # --compiled takes ENV_NAMES alone: the built-in envs, all of them torch envs
+        assert isinstance(env, TorchGoalVectorEnv)
         env.compile()
     env.reset(seed=0)
     actions = torch.rand(64, num_envs, env.action_dim, device=device) * 2 - 1

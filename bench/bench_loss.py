@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -172,11 +172,11 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.fp32_precision)
     cuda = device.type == "cuda"
-    sizes = GPU_SIZES if cuda else CPU_SIZES
+    sizes: Sequence[int] = GPU_SIZES if cuda else CPU_SIZES
     sizes = sizes[1:2] if (args.quick and cuda) else sizes[:1] if args.quick else sizes
     sizes = args.sizes or sizes
     dims = args.dims or (DIMS[:1] if args.quick or not cuda else DIMS)
-    dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
+    dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
     dtypes = [getattr(torch, name) for name in args.dtypes] if args.dtypes else dtypes
     impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
     if not cuda and "crl_fast-graph" in impls:
@@ -190,9 +190,12 @@ def main() -> None:
         "single-pass": os.environ.get("CRL_FAST_SINGLE_PASS") == "1",
         "frozen-psi": args.frozen_psi,
     }
-    if variants["single-pass"] and (rows := os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")):
-        variants[f"rows{rows}"] = True
-    extra = {"fp32_matmul_precision": args.fp32_precision, "autotune": args.autotune}
+    if variants["single-pass"] and (block_rows := os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")):
+        variants[f"rows{block_rows}"] = True
+    extra: dict[str, object] = {
+        "fp32_matmul_precision": args.fp32_precision,
+        "autotune": args.autotune,
+    }
     extra |= {"tma": variants["tma"], "single_pass": variants["single-pass"]}
     extra["single_pass_rows"] = os.environ.get("CRL_FAST_SINGLE_PASS_ROWS")
     name = args.name or "-".join(["loss", *(k for k, on in variants.items() if on)])
@@ -252,9 +255,11 @@ _DTYPE = torch.bfloat16 if _DEVICE.type == "cuda" else torch.float32
 try:  # the entry points need pytest (the test extra); the script does not
     import pytest
 except ImportError:
-    pytest = None
+    HAS_PYTEST = False
+else:
+    HAS_PYTEST = True
 
-if pytest is not None:
+if HAS_PYTEST:
 
     @pytest.mark.parametrize("impl", CPU_IMPLS)
     @pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -44,7 +45,9 @@ ROWS = {"layers": None, "fused": None, "fused 32 rows": 32}
 INPUTS, OUT_DIM = (27, 8), 64  # bench_update's state and action -> repr 64
 
 
-def _pass(net: MLP, inputs: list[torch.Tensor], kind: str, amp: bool):
+def _pass(
+    net: MLP, inputs: list[torch.Tensor], kind: str, amp: bool
+) -> Callable[[], list[torch.Tensor]]:
     """A callable running one pass; it returns the output and, for ``train``, the weights'
     gradients (``torch.autograd.grad``: nothing accumulates, so a graph can replay it)."""
     params = list(net.parameters())
@@ -62,7 +65,7 @@ def _pass(net: MLP, inputs: list[torch.Tensor], kind: str, amp: bool):
 
 
 @contextlib.contextmanager
-def _row_tile(rows: int | None):
+def _row_tile(rows: int | None) -> Iterator[None]:
     """The fused row kernels on ``rows``-row programs inside the block (None: unchanged)."""
     from crl_fast.kernels import mlp as kernels
 
@@ -97,16 +100,17 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")  # TF32, as training on CUDA
     torch.manual_seed(0)
     fused = MLP(sum(INPUTS), OUT_DIM, width=args.width, fused=True).to(device)
-    for layer in fused[::2]:  # the Linears: non-zero biases, so that the check covers them
-        torch.nn.init.normal_(layer.bias, std=0.1)
+    for layer in fused:  # the Linears: non-zero biases, so that the check covers them
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.bias, std=0.1)
     layers = copy.deepcopy(fused)
     layers.fused = False
     exact = copy.deepcopy(layers).double()
-    rows = []
+    rows: list[dict[str, object]] = []
     for batch in args.batch:
         inputs = [torch.randn(batch, d, device=device) for d in INPUTS]
         params = list(fused.parameters())
-        path = "triton" if fused_mlp.can_run(inputs, params) else "layers (no Triton here)"
+        fused_path = "triton" if fused_mlp.can_run(inputs, params) else "layers (no Triton here)"
         for amp in (False, True):
             for kind in ("forward", "train"):
                 want = _pass(exact, [x.double() for x in inputs], kind, amp=False)()
@@ -120,16 +124,25 @@ def main() -> None:
                         errors[name] = _error(fn(), want)
                 ok = all(err <= 2 * errors["layers"] + 1e-6 for err in errors.values())
                 for name, fn in impls.items():
-                    row = {"impl": name, "path": "layers" if name == "layers" else path}
+                    row: dict[str, object] = {
+                        "impl": name,
+                        "path": "layers" if name == "layers" else fused_path,
+                    }
                     row |= {"pass": kind, "B": batch, "width": args.width}
                     row |= {"precision": "bf16 autocast" if amp else "float32"}
                     row |= {"rel_error": errors[name], "status": "ok" if ok else "WRONG"}
                     if ok:
                         reps = args.graph_reps if cuda else 1
                         with _row_tile(ROWS[name]):  # a graph keeps the tile it captured
-                            step = fn
+                            step: Callable[[], object] = fn
                             if cuda:
-                                step = graphed(lambda fn=fn, n=reps: [fn() for _ in range(n)])
+
+                                def passes(
+                                    fn: Callable[[], object] = fn, n: int = reps
+                                ) -> list[object]:
+                                    return [fn() for _ in range(n)]
+
+                                step = graphed(passes)
                             timing = measure(step, device=device, warmup=3, rep=20, memory=False)
                             row["us_per_pass"] = timing["median_ms"] * 1e3 / reps
                             if cuda:

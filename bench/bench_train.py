@@ -26,6 +26,7 @@ import io
 import statistics
 import tempfile
 import time
+from typing import TypedDict
 
 import torch
 
@@ -39,7 +40,19 @@ from bench.harness import (
 )
 from crl_fast.config import TrainConfig
 
-MODES = {
+
+class _Mode(TypedDict):
+    cuda_graph: bool
+    compile: bool
+
+
+class Mode(_Mode, total=False):
+    """The :class:`TrainConfig` fields that a mode sets."""
+
+    actor_stream: bool
+
+
+MODES: dict[str, Mode] = {
     "eager": {"cuda_graph": False, "compile": False},
     "cuda-graph": {"cuda_graph": True, "compile": False},
     "compile+cuda-graph": {"cuda_graph": True, "compile": True},

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -110,6 +111,7 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
     buffer = filled_buffer(device)
     updates_per_call = 1
     graphed = kind.endswith("graph")
+    step: Callable[[], object]
     if kind in COMPILE_OPTIONS:
         # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
         # agent of a run passes dynamo's recompile limit (8) and its optimisers fall back to eager.
@@ -123,8 +125,10 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
         updates_per_call = graph_steps
     else:
 
-        def step():
+        def update() -> dict[str, torch.Tensor]:
             return agent.update(buffer.sample(batch_size))
+
+        step = update
 
     cpu = device.type == "cpu"
     timing = measure(
@@ -172,7 +176,7 @@ def main() -> None:
     # (before any graph capture); such a run writes a file of its own, with the winners.
     autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"
     name = args.name or ("update-autotuned" if autotuned else "update")
-    extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}
+    extra: dict[str, object] = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}
     rows = []
     for mode in modes:
         for batch_size in args.batch_size:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -84,6 +84,20 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default=default, help=f"default: {default}")
 
 
+class _MedianAndDeciles(TypedDict):
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+class Timing(_MedianAndDeciles, total=False):
+    """What :func:`measure` returns: median, p20 and p80 always; ``host_ms`` and ``peak_mem_mb``
+    on CUDA only (``peak_mem_mb`` None with ``memory=False``)."""
+
+    host_ms: float
+    peak_mem_mb: float | None
+
+
 def measure(
     fn: Callable[[], Any],
     *,
@@ -91,7 +105,7 @@ def measure(
     warmup: int = 5,
     rep: int = 30,
     memory: bool = True,
-) -> dict[str, float | None]:
+) -> Timing:
     """Time ``fn`` ``rep`` times after ``warmup`` calls; median/p20/p80 in ms, peak memory in MB.
 
     On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them)
@@ -126,7 +140,7 @@ def measure(
             times.append((time.perf_counter() - t0) * 1e3)
     # inclusive: the deciles lie within what was measured (3 runs at the largest sizes)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    out = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+    out: Timing = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
     if cuda:
         out["host_ms"] = statistics.median(host)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20

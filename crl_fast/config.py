@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -24,7 +24,17 @@ from crl_fast.fused_mlp import check_supported
 from crl_fast.loss import LOSSES, LossConfig
 from crl_fast.networks import ACTIVATIONS, INITS
 
-JAXGCRL_CRITIC = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
+
+class CriticFields(TypedDict):
+    """The :class:`AgentConfig` fields that pick the critic's loss (typed, so that the dict can be
+    splatted into an :class:`AgentConfig`)."""
+
+    loss: str
+    energy: str
+    logsumexp_penalty: float
+
+
+JAXGCRL_CRITIC: CriticFields = {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1}
 """JaxGCRL's default critic as :class:`AgentConfig` fields (`crl-fast train --jaxgcrl-critic`)."""
 
 ACTOR_RANDOM_GOALS = (0.0, 0.5, 1.0)
