@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from crl_fast.buffer import GoalBatch
-from crl_fast.checks import check_bool, on_device, positive_int, resolve_device
+from crl_fast.checks import check_bool, is_real, on_device, positive_int, resolve_device
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -105,6 +105,7 @@ class CRL:
         self.config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
         self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
+        self._min_rows = max(config.loss_config().minimum_batch())  # the critic's batch (B = M)
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net: dict[str, Any] = dict(
@@ -228,6 +229,15 @@ class CRL:
         """
         obs, action, goal = _unpack(batch, "batch")
         self._check_rows(observation=obs, action=action, goal=goal)
+        # Checked here, not left to the critic's loss: the actor and alpha step first.
+        check_bool("critic_metrics", critic_metrics)
+        if obs.shape[0] < self._min_rows:
+            c = self.config
+            raise ValueError(
+                f"loss {c.loss!r} (exclude_positive_from_lse={c.exclude_positive_from_lse}, "
+                f"logsumexp_penalty={c.logsumexp_penalty}) compares off-diagonal pairs: batches "
+                f"need >= {self._min_rows} rows, got {obs.shape[0]}"
+            )
         if actor_batch is None:
             actor_obs, actor_goal = obs, goal
         else:
@@ -382,6 +392,7 @@ class CRL:
             # before holds the old ones' addresses, and would go on writing to freed memory.
             kept = {param: dict(values) for param, values in optimizer.state.items()}
             optimizer.load_state_dict(state[name])
+            _check_adam_state(optimizer, name)
             for param, old_values in kept.items():
                 values = optimizer.state[param]  # {} for a state from before the first step
                 for key, old in old_values.items():
@@ -392,6 +403,42 @@ class CRL:
                         values[key] = old.zero_()
                     elif _fits(old, new):
                         values[key] = old.copy_(new)
+
+
+def _check_adam_state(optimizer: torch.optim.Adam, name: str) -> None:
+    """A ValueError unless each parameter's loaded Adam state is one Adam wrote for it: its
+    moments shaped like the parameter, one step count, real hyperparameters.
+    ``Optimizer.load_state_dict`` checks only the groups' sizes, and the fused step reads the
+    moments without checking them (a wrong shape overruns memory)."""
+    for i, group in enumerate(optimizer.param_groups):
+        for key in ("lr", "eps", "weight_decay"):
+            if not is_real(group.get(key)):
+                raise ValueError(
+                    f"{name} group {i}: {key} must be a number, got {group.get(key)!r}"
+                )
+        betas = group.get("betas")
+        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(map(is_real, betas))):
+            raise ValueError(f"{name} group {i}: betas must be two numbers, got {betas!r}")
+        moments = {"exp_avg", "exp_avg_sq"} | (
+            {"max_exp_avg_sq"} if group.get("amsgrad") else set()
+        )
+        for j, param in enumerate(group["params"]):
+            values = optimizer.state.get(param)
+            if not values:  # no step taken yet
+                continue
+            where = f"{name} state of parameter {j} of group {i} ({tuple(param.shape)})"
+            if set(values) != moments | {"step"}:
+                raise ValueError(
+                    f"{where} has {sorted(values)}, Adam's {sorted(moments | {'step'})}"
+                )
+            step = values["step"]
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1):
+                raise ValueError(f"{where}: step must be a one-element tensor, got {step!r}")
+            for key in sorted(moments):
+                t = values[key]
+                if not isinstance(t, torch.Tensor) or t.shape != param.shape:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{where}: {key} is {got}, not the parameter's shape")
 
 
 def _fits(old: torch.Tensor, new: Any) -> bool:

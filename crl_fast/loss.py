@@ -489,6 +489,11 @@ class ContrastiveLoss(nn.Module):
             ("log_scale", init_log_scale, learn_scale),
             ("bias", init_bias, learn_bias),
         ):
+            check_bool(f"learn_{'scale' if name == 'log_scale' else name}", learn)
+            if not is_real(value):  # a string would pass float(): "1" is not a number
+                raise TypeError(f"init_{name} must be a real number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"init_{name} must be finite, got {value}")
             t = torch.tensor(float(value))
             if learn:
                 self.register_parameter(name, nn.Parameter(t))

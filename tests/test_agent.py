@@ -678,3 +678,58 @@ def test_actor_stream_takes_the_same_steps(mode):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("agent_kwargs", "batch_size", "update_kwargs", "error", "message"),
+    [
+        ({}, 8, {"critic_metrics": 1}, TypeError, "critic_metrics must be True or False"),
+        ({}, 8, {"critic_metrics": None}, TypeError, "critic_metrics must be True or False"),
+        ({"loss": "dpo"}, 1, {}, ValueError, "batches need >= 2 rows, got 1"),
+        ({"loss": "flatnce_backward"}, 1, {}, ValueError, "batches need >= 2 rows, got 1"),
+    ],
+)
+def test_a_bad_update_argument_is_refused_before_any_step(
+    agent_kwargs, batch_size, update_kwargs, error, message
+):
+    """What only the critic's loss would refuse is checked up front: the actor and alpha step
+    before the critic, so a late error left them stepped and the critic not."""
+    agent = small_agent(**agent_kwargs)
+    before = parameters(agent)
+    with pytest.raises(error, match=message):
+        agent.update(toy_batch(batch_size), **update_kwargs)
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+
+
+def _edit_first_moment(state, edit):
+    edit(state["critic_optimizer"]["state"][0])
+    return state
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(exp_avg=torch.zeros(7)), r"exp_avg is \(7,\), not the parameter's"),
+        (lambda s: s.update(exp_avg=s["exp_avg"].flatten()), "exp_avg is .*not the parameter's"),
+        (lambda s: s.pop("exp_avg_sq"), r"has \['exp_avg', 'step'\], Adam's"),
+        (lambda s: s.update(step=torch.tensor([1.0, 2.0])), "step must be a one-element tensor"),
+    ],
+)
+def test_a_malformed_optimizer_state_is_refused_and_changes_nothing(edit, message):
+    """Optimizer.load_state_dict checks only the groups' sizes: a moment of another shape was
+    taken, and the next fused Adam step wrote past it (heap corruption on the CPU)."""
+    torch.manual_seed(0)
+    source, agent = small_agent(), small_agent()
+    source.update(toy_batch(8))
+    agent.update(toy_batch(8))
+    before, moments = parameters(agent), agent.state_dict()["critic_optimizer"]["state"]
+    with pytest.raises(ValueError, match=f"does not fit the agent: critic_optimizer.*{message}"):
+        agent.load_state_dict(_edit_first_moment(source.state_dict(), edit))
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+    now = agent.state_dict()["critic_optimizer"]["state"]
+    assert all(torch.equal(now[i][k], moments[i][k]) for i in moments for k in moments[i])
+    state = source.state_dict()
+    state["actor_optimizer"]["param_groups"][0]["lr"] = "fast"
+    with pytest.raises(ValueError, match="actor_optimizer group 0: lr must be a number"):
+        agent.load_state_dict(state)
+    agent.update(toy_batch(8))  # whole

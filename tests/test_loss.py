@@ -1393,3 +1393,21 @@ def test_batched_gradients_raise_a_clear_error(loss):
     (batched,) = torch.autograd.grad(value, phi, outputs, is_grads_batched=True, retain_graph=True)
     (one,) = torch.autograd.grad(value, phi)
     torch.testing.assert_close(batched, outputs[:, None, None] * one)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"learn_scale": 1}, TypeError, "learn_scale must be True or False"),
+        ({"learn_bias": "no"}, TypeError, "learn_bias must be True or False"),
+        ({"init_log_scale": "1"}, TypeError, "init_log_scale must be a real number"),
+        ({"init_bias": torch.tensor([1.0, 2.0])}, TypeError, "init_bias must be a real number"),
+        ({"init_log_scale": float("nan")}, ValueError, "init_log_scale must be finite"),
+        ({"init_bias": -math.inf}, ValueError, "init_bias must be finite"),
+    ],
+)
+def test_module_refuses_bad_scale_and_bias_settings_when_built(kwargs, error, message):
+    """As contrastive_loss's flags: a truthy string does not turn learning on, and a scale or
+    bias that is not a finite number is named, not turned into NaN logits at the first call."""
+    with pytest.raises(error, match=message):
+        ContrastiveLoss(**kwargs)
