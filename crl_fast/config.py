@@ -88,6 +88,8 @@ def check_types(config: Any) -> None:
         if kind is float and is_real(value):
             setattr(config, f.name, float(value))
         elif kind is int and is_integer(value):
+            if not -(2**63) <= value < 2**63:  # torch's sizes and counts are 64-bit
+                raise ValueError(f"{f.name} must fit in 64 bits, got {value}")
             setattr(config, f.name, int(value))
         elif kind is str and isinstance(value, os.PathLike | torch.device):
             setattr(config, f.name, str(value))

@@ -158,6 +158,16 @@ def evaluate(
     Runs ``env.max_episode_steps`` steps; raises ValueError if an episode has not ended by then
     (the env's limit is longer than it says), rather than report a distance it never measured.
     """
+    if not callable(getattr(agent, "act", None)):  # a CRL, or any policy with its act()
+        raise TypeError(
+            f"evaluate() takes an agent with act(obs, goal, deterministic=True) (a CRL), got "
+            f"{type(agent).__name__}"
+        )
+    if not isinstance(env, GoalVectorEnv):  # a plain Gymnasium env, say: make_env wraps one
+        raise TypeError(
+            f"evaluate() takes a crl-fast vector env (crl_fast.envs.make_env), got "
+            f"{type(env).__name__}"
+        )
     if env.max_episode_steps is None:
         raise ValueError("evaluate() needs an env with an episode limit (max_episode_steps)")
     obs, _ = env.reset(seed=seed)

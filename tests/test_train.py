@@ -21,6 +21,7 @@ import torch
 import crl_fast
 from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
+from crl_fast.agent import CRL
 from crl_fast.checkpoint import load_checkpoint, save_checkpoint
 from crl_fast.checks import resolve_device
 from crl_fast.cli import main
@@ -262,8 +263,6 @@ def test_only_logged_updates_compute_the_critic_metrics(
     """A quarter, one and eight updates a loop iteration: exactly the update whose metrics a
     log row shows computes the critic's accuracies (they cost a pass over the logits), and
     every row has them."""
-    from crl_fast.agent import CRL
-
     calls = []
     update = CRL.update
 
@@ -289,7 +288,6 @@ def test_the_actor_draws_its_own_batch_when_asked(tmp_path, monkeypatch, mode):
     """``actor_goal_mode``: every update gets an actor batch drawn in that mode without random
     or current-state goals, after the critic's batch (drawn as the buffer says); with
     ``"critic"`` none."""
-    from crl_fast.agent import CRL
     from crl_fast.buffer import TrajectoryBuffer
 
     draws, actor_rows = [], []
@@ -1002,10 +1000,26 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
     ]:
         with pytest.raises(TypeError, match=match):
             make(**kwargs)
+    for make, kwargs in [(TrainConfig, {"batch_size": 10**30}), (AgentConfig, {"width": 2**63})]:
+        with pytest.raises(ValueError, match="must fit in 64 bits"):  # torch failed in C++
+            make(**kwargs)
     with pytest.raises(ValueError, match="run_dir must name a directory"):
         TrainConfig(run_dir="")  # `--run-dir ""` ran in a new runs/... directory instead
     # Saved before "" was refused, where it meant the default: such a run still evaluates.
     assert TrainConfig.from_dict(TrainConfig().to_dict() | {"run_dir": ""}).run_dir is None
+
+
+def test_evaluate_and_make_env_name_what_they_take():
+    """A non-agent, a non-env (a plain Gymnasium env, say) or a non-str name: a TypeError
+    saying what is wanted, not an AttributeError from inside."""
+    env = make_env("point_umaze", 2, max_episode_steps=5)
+    agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, AgentConfig(width=8))
+    with pytest.raises(TypeError, match=r"deterministic=True\) \(a CRL\), got object"):
+        evaluate(object(), env, 0)
+    with pytest.raises(TypeError, match=r"takes a crl-fast vector env .*, got object"):
+        evaluate(agent, object(), 0)
+    with pytest.raises(TypeError, match="an env name is a str, got NoneType"):
+        make_env(None, 2)
 
 
 def test_threads_beyond_this_cpu_refuse_a_run_not_a_saved_config(tmp_path):

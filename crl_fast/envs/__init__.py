@@ -136,6 +136,8 @@ def make_env(
     :class:`GymnasiumGoalVectorEnv` of that id instead; ``kwargs`` then go to it (for example
     ``success_distance``) and to ``gymnasium.make``; it is seeded by ``reset(seed=...)``.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"an env name is a str, got {type(name).__name__}")
     if name.startswith(GYMNASIUM_PREFIX):
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = max_episode_steps
