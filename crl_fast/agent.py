@@ -106,6 +106,7 @@ class CRL:
         self.device = device = resolve_device(device)
         self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
         self._min_rows = max(config.loss_config().minimum_batch())  # the critic's batch (B = M)
+        check_bool("actor_stream", actor_stream)  # "no" would start the second stream
         if actor_stream and device.type != "cuda":
             raise ValueError(f"actor_stream needs a CUDA device, got {device}")
         net: dict[str, Any] = dict(

@@ -1009,9 +1009,9 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
     assert TrainConfig.from_dict(TrainConfig().to_dict() | {"run_dir": ""}).run_dir is None
 
 
-def test_evaluate_and_make_env_name_what_they_take():
-    """A non-agent, a non-env (a plain Gymnasium env, say) or a non-str name: a TypeError
-    saying what is wanted, not an AttributeError from inside."""
+def test_evaluate_make_env_and_flags_name_what_they_take():
+    """A non-agent, a non-env (a plain Gymnasium env, say), a non-str name or a non-bool flag:
+    a TypeError saying what is wanted, not an AttributeError from inside or a truthy string."""
     env = make_env("point_umaze", 2, max_episode_steps=5)
     agent = CRL(env.obs_dim, env.action_dim, env.goal_dim, AgentConfig(width=8))
     with pytest.raises(TypeError, match=r"deterministic=True\) \(a CRL\), got object"):
@@ -1020,6 +1020,10 @@ def test_evaluate_and_make_env_name_what_they_take():
         evaluate(agent, object(), 0)
     with pytest.raises(TypeError, match="an env name is a str, got NoneType"):
         make_env(None, 2)
+    with pytest.raises(TypeError, match="replace must be True or False"):
+        register_env("free_point_again", FreePoint, replace="no")
+    with pytest.raises(TypeError, match="actor_stream must be True or False"):
+        CRL(env.obs_dim, env.action_dim, env.goal_dim, AgentConfig(width=8), actor_stream="no")
 
 
 def test_threads_beyond_this_cpu_refuse_a_run_not_a_saved_config(tmp_path):

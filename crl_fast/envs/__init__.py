@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from crl_fast.checks import resolve_device
+from crl_fast.checks import check_bool, resolve_device
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
@@ -71,6 +71,7 @@ def register_env(
         raise ValueError(f"{name!r} is a built-in env")
     if not callable(factory):
         raise TypeError(f"factory must be callable, got {type(factory).__name__}")
+    check_bool("replace", replace)  # "no" would replace
     if name in _FACTORIES and not (replace or _same_definition(_FACTORIES[name], factory)):
         raise ValueError(f"an env named {name!r} is registered already (replace=True replaces it)")
     _FACTORIES[name] = factory
