@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
-        help="start from this JSON config (a run's config.json, or any of its fields), then "
-        "apply the flags given; a new run: the file's run_dir and resume are not taken (it says "
-        "so)",
+        help="start from this JSON config (a run's config.json, or any part of it, agent fields "
+        'under "agent"), then apply the flags given; a new run: the file\'s run_dir and resume '
+        "are not taken (it says so)",
     )
     train_parser.add_argument(
         "--jaxgcrl-critic",
