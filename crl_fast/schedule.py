@@ -1,6 +1,6 @@
 """The training loop's schedule in whole env steps: when evaluations, logs and checkpoints fall,
-how many loop iterations and how much update credit a run has, and which update's metrics a log
-row or checkpoint holds."""
+how many loop iterations a run has, when it first updates, and which update's metrics a log row
+or checkpoint holds."""
 
 from __future__ import annotations
 
@@ -15,14 +15,6 @@ def crossed(before: int, after: int, every: int) -> bool:
 def iterations(config: TrainConfig) -> int:
     """Loop iterations of a whole run: each steps every env once, until ``total_env_steps``."""
     return -(-config.total_env_steps // config.num_envs)
-
-
-def run_update_credit(config: TrainConfig) -> float:
-    """The update credit a whole run earns: ``num_envs * updates_per_env_step`` in each loop
-    iteration that ends at or after ``learning_starts`` (an update costs 1; a CUDA graph's
-    warm-up updates run at the first credit)."""
-    first = max(1, -(-config.learning_starts // config.num_envs))  # first iteration that earns
-    return max(0, iterations(config) - first + 1) * config.num_envs * config.updates_per_env_step
 
 
 def first_update_step(config: TrainConfig, cuda_graph: bool) -> int | None:

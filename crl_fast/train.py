@@ -47,7 +47,6 @@ from crl_fast.schedule import (
     first_update_step,
     iterations,
     reports_metrics,
-    run_update_credit,
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -427,11 +426,11 @@ def _train_in(
     # observations after a step, say) leaves no half-made run directory behind.
     first_eval = evaluate(agent, eval_env, eval_seed(config)) if loop.env_steps == 0 else None
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    credit = run_update_credit(config)
-    if config.updates_per_env_step and (credit == 0 or (credit < 1 and not speed["cuda_graph"])):
+    # The loop's own sum of the credit decides (a product can round up to the 1 it never reaches).
+    if config.updates_per_env_step and first_update_step(config, speed["cuda_graph"]) is None:
         print(
-            f"no updates: the run earns {credit:.3g} updates' credit after --learning-starts "
-            f"{config.learning_starts:,} (random actions only)"
+            "no updates: the run earns less than one update's credit after --learning-starts "
+            f"{config.learning_starts:,} (the networks keep their initial weights)"
         )
     print(", ".join(f"{k} {v}" for k, v in versions().items() if v) + f"; device {device}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in agent.parameter_counts().items()))

@@ -345,6 +345,7 @@ def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatc
         (256, 256, 1 / 16, 0),
         (264, 256, 1 / 16, 1),
         (256, 250, 1 / 16, 0),  # step 248 earns nothing: 250 is not a multiple of 8
+        (80, 0, 1 / 80, 0),  # 10 x 0.1 sums to 0.9999999999999999: no update, said
     ],
 )
 def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_starts, per_env_step,
