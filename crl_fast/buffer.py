@@ -262,7 +262,8 @@ class TrajectoryBuffer:
 
     @property
     def gamma(self) -> float:
-        """Discount of the geometric offset law (fixed: the kernels use its float32 log)."""
+        """Discount of the geometric offset law (fixed: the samplers read its log, made once as a
+        float32 pair whose sum is the float64 log)."""
         return self._gamma
 
     def __len__(self) -> int:
