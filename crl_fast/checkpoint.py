@@ -155,22 +155,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """The global random-generator states of Python, NumPy and torch (CPU and CUDA)."""
+def rng_state(device: torch.device | str) -> dict[str, Any]:
+    """The states of the global generators a run on ``device`` draws from: Python's, NumPy's,
+    torch's CPU one and, on CUDA, that device's (the only GPU a run touches)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    device = torch.device(device)
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(np.asarray(keys, np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str) -> None:
+    """Restore what :func:`rng_state` returned, the CUDA state onto ``device`` (which may have
+    another index than the run's had: a run resumed on another machine). Checkpoints written
+    before this took a device hold every visible GPU's state: the one of ``device``'s index."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    device = torch.device(device)
+    cuda = state["cuda"]
+    if device.type == "cuda" and cuda:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[index if index < len(cuda) else 0].cpu(), device)

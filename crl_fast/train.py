@@ -400,7 +400,7 @@ def _train_in(
         buffer.load_state_dict(checkpoint["buffer"])
         loop = LoopState(**checkpoint["loop"])
         metrics = checkpoint.get("metrics", {})
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], device)
         earlier_versions = list(checkpoint.get("earlier_versions", []))
         saved_versions = checkpoint.get("versions")
         if isinstance(saved_versions, dict) and saved_versions != versions():
@@ -473,7 +473,7 @@ def _train_in(
             "loop": vars(loop).copy(),
             "metrics": metrics,
             "log_rows": len(logger.rows),  # what a resumed run keeps of metrics.jsonl
-            "rng": rng_state(),
+            "rng": rng_state(device),
             "versions": versions(),
             "earlier_versions": earlier_versions,
         }

@@ -22,7 +22,7 @@ import crl_fast
 from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
 from crl_fast.agent import CRL
-from crl_fast.checkpoint import load_checkpoint, save_checkpoint
+from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from crl_fast.checks import resolve_device
 from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
@@ -828,6 +828,36 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (tmp_path / ".checkpoint.pt.99999.tmp").write_bytes(b"a killed process's partial write")
     save_checkpoint({"step": 3}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize(
+    ("saved", "device", "restored"),
+    [
+        (2, "cuda:2", 2),  # a run on cuda:2 saves that device's state only
+        (1, "cuda:0", 1),  # a run on cuda:1 resumed on a machine with one GPU
+        ([0, 1, 2], "cuda:0", 0),  # written before rng_state took a device: every GPU's
+        ([0, 1, 2], "cuda:2", 2),
+        ([0, 1], "cuda:3", 0),
+    ],
+)
+def test_rng_state_keeps_the_run_devices_cuda_state(monkeypatch, saved, device, restored):
+    """Checkpoints hold the CUDA generator of the run's device (getting every GPU's started a
+    context on each, and restoring them all raised IndexError on a machine with fewer GPUs),
+    restored onto the device the run resumes on, whatever its index."""
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    calls: list[tuple[int, int]] = []  # (state, device index) of each set_rng_state
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: states[torch.device(d).index])
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda s, d: calls.append((int(s[0]), torch.device(d).index))
+    )
+    if isinstance(saved, int):
+        state = rng_state(f"cuda:{saved}")
+        assert [int(s[0]) for s in state["cuda"]] == [saved]
+    else:
+        state = rng_state("cpu") | {"cuda": [states[i] for i in saved]}
+    set_rng_state(state, device)
+    assert calls == [(restored, torch.device(device).index)]
+    assert rng_state("cpu")["cuda"] == []
 
 
 def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
