@@ -315,6 +315,79 @@ def make_train_step(
     return step, 1, 0
 
 
+def restore_run(
+    checkpoint: dict[str, Any],
+    config: TrainConfig,
+    device: torch.device,
+    agent: CRL,
+    buffer: TrajectoryBuffer,
+    env: GoalVectorEnv,
+) -> tuple[LoopState, dict[str, torch.Tensor], list[dict[str, Any]], GoalObs]:
+    """Put a checkpoint's agent, buffer, env and random generators back; returns its loop
+    state, latest metrics, the versions of the run's earlier parts and the env's observations."""
+    agent.load_state_dict(checkpoint["agent"])
+    buffer.load_state_dict(checkpoint["buffer"])
+    loop = LoopState(**checkpoint["loop"])
+    set_rng_state(checkpoint["rng"], device)
+    earlier_versions = list(checkpoint.get("earlier_versions", []))
+    saved_versions = checkpoint.get("versions")
+    if isinstance(saved_versions, dict) and saved_versions != versions():
+        earlier_versions.append(saved_versions | {"until_env_step": loop.env_steps})
+        print(
+            "the checkpoint was written with "
+            + ", ".join(f"{k} {v}" for k, v in saved_versions.items() if v)
+            + ": the run continues with the versions below"
+        )
+    if checkpoint["env"] is None:  # the env could not save its state: restart episodes
+        obs, _ = env.reset(seed=config.seed + loop.env_steps)
+        buffer.end_episodes()
+        print("the env could not save its state: its episodes restart from a reset")
+    else:
+        env.load_state_dict(checkpoint["env"])
+        obs = checkpoint["obs"]
+    return loop, checkpoint.get("metrics", {}), earlier_versions, obs
+
+
+def run_header(
+    config: TrainConfig,
+    device: torch.device,
+    speed: dict[str, bool],
+    agent: CRL,
+    buffer: TrajectoryBuffer,
+    env_steps: int,
+) -> list[str]:
+    """The lines a run prints before its loop (a resumed one at ``env_steps``): versions, device,
+    network sizes and update mode, then whatever the run does other than its flags say."""
+    lines = []
+    # The loop's own sum of the credit decides (a product can round up to the 1 it never reaches).
+    if config.updates_per_env_step and first_update_step(config, speed["cuda_graph"]) is None:
+        lines.append(
+            "no updates: the run earns less than one update's credit after --learning-starts "
+            f"{config.learning_starts:,} (the networks keep their initial weights)"
+        )
+    lines.append(", ".join(f"{k} {v}" for k, v in versions().items() if v) + f"; device {device}")
+    counts = agent.parameter_counts().items()
+    lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts))
+    lines.append(
+        f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
+        f"{'on' if speed['cuda_graph'] else 'off'}"
+    )
+    if config.agent.fused_mlp and not fused_mlp.runs_on(device):
+        lines.append(f"--fused-mlp: its kernels need CUDA (and Triton); the layers run on {device}")
+    if config.total_env_steps % config.num_envs:
+        lines.append(
+            f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
+            f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
+        )
+    lines += buffer_notices(config, buffer, speed["cuda_graph"], env_steps)
+    if registered_at_run_time(config.env):
+        lines.append(
+            f"--env {config.env} is registered by this process: `crl-fast eval` and `--resume` "
+            "cannot build it (register it again in Python first; --env <module>:<name> can)"
+        )
+    return lines
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
     device = resolve_device(config.device)
@@ -396,27 +469,9 @@ def _train_in(
     earlier_versions: list[dict[str, Any]] = []
 
     if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        buffer.load_state_dict(checkpoint["buffer"])
-        loop = LoopState(**checkpoint["loop"])
-        metrics = checkpoint.get("metrics", {})
-        set_rng_state(checkpoint["rng"], device)
-        earlier_versions = list(checkpoint.get("earlier_versions", []))
-        saved_versions = checkpoint.get("versions")
-        if isinstance(saved_versions, dict) and saved_versions != versions():
-            earlier_versions.append(saved_versions | {"until_env_step": loop.env_steps})
-            print(
-                "the checkpoint was written with "
-                + ", ".join(f"{k} {v}" for k, v in saved_versions.items() if v)
-                + ": the run continues with the versions below"
-            )
-        if checkpoint["env"] is None:  # the env could not save its state: restart episodes
-            obs, _ = env.reset(seed=config.seed + loop.env_steps)
-            buffer.end_episodes()
-            print("the env could not save its state: its episodes restart from a reset")
-        else:
-            env.load_state_dict(checkpoint["env"])
-            obs = checkpoint["obs"]
+        loop, metrics, earlier_versions, obs = restore_run(
+            checkpoint, config, device, agent, buffer, env
+        )
         print(f"resuming {run_dir} from env step {loop.env_steps:,}")
         if loop.env_steps >= config.total_env_steps:
             print(f"--total-env-steps {config.total_env_steps:,} is reached already: no training")
@@ -426,30 +481,8 @@ def _train_in(
     # observations after a step, say) leaves no half-made run directory behind.
     first_eval = evaluate(agent, eval_env, eval_seed(config)) if loop.env_steps == 0 else None
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    # The loop's own sum of the credit decides (a product can round up to the 1 it never reaches).
-    if config.updates_per_env_step and first_update_step(config, speed["cuda_graph"]) is None:
-        print(
-            "no updates: the run earns less than one update's credit after --learning-starts "
-            f"{config.learning_starts:,} (the networks keep their initial weights)"
-        )
-    print(", ".join(f"{k} {v}" for k, v in versions().items() if v) + f"; device {device}")
-    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in agent.parameter_counts().items()))
-    print(f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
-          f"{'on' if speed['cuda_graph'] else 'off'}")  # fmt: skip
-    if config.agent.fused_mlp and not fused_mlp.runs_on(device):
-        print(f"--fused-mlp: its kernels need CUDA (and Triton); the layers run on {device}")
-    if config.total_env_steps % config.num_envs:
-        print(
-            f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
-            f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
-        )
-    for notice in buffer_notices(config, buffer, speed["cuda_graph"], loop.env_steps):
-        print(notice)
-    if registered_at_run_time(config.env):
-        print(
-            f"--env {config.env} is registered by this process: `crl-fast eval` and `--resume` "
-            "cannot build it (register it again in Python first; --env <module>:<name> can)"
-        )
+    for line in run_header(config, device, speed, agent, buffer, loop.env_steps):
+        print(line)
     logger = MetricsLogger(
         run_dir,
         config.tensorboard,
