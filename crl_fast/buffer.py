@@ -524,12 +524,20 @@ class TrajectoryBuffer:
     def _check_bookkeeping(self, state_dict: Mapping[str, Any], step: int) -> None:
         """The episode bookkeeping must fit ``step`` and the done flags (a host sync; loading is
         rare), so that an edited end (say, one inside the next episode) cannot send goals across
-        episodes. Two checks, each freeing its temporaries before the next."""
+        episodes. Two checks, each freeing its temporaries before the next. The running episode
+        lies in [0, step] (at most one ends per step) even with nothing stored: the kernels index
+        ``segment_end`` with it, and a negative one would write before the tensor."""
         segment = state_dict["segment"]
         dev = segment.device
+        open_segment = state_dict["open_segment"].to(dev)
+        if not bool(((open_segment >= 0) & (open_segment <= step)).all()):
+            raise ValueError(
+                f"state_dict['open_segment'] must lie in [0, state_dict['step'] = {step}] (at "
+                f"most one episode ends per step), got values from {int(open_segment.min())} to "
+                f"{int(open_segment.max())}"
+            )
         ends = state_dict["segment_end"].to(dev)
         done = state_dict["terminated"].to(dev) | state_dict["truncated"].to(dev)
-        open_segment = state_dict["open_segment"].to(dev)
         stored = min(step, self._capacity)
         if not (
             self._ends_fit(segment, ends, done, open_segment, step, stored)

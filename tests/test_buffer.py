@@ -565,6 +565,21 @@ def test_load_state_dict_rejects_bookkeeping_that_disagrees_with_the_flags(edit:
     assert len(buf) == 0
 
 
+@pytest.mark.parametrize("open_segment", [[-3, 0], [0, 1]])
+def test_load_state_dict_rejects_a_running_episode_outside_0_to_step(
+    open_segment: list[int],
+) -> None:
+    """With nothing stored no row checks the running episode's index, yet the next extend files
+    that episode's end under it: a negative one made the Triton extend write before
+    ``segment_end`` (C's % keeps the sign), and the buffer's own state stopped loading."""
+    state = make(capacity=4, num_envs=2).state_dict()
+    state["open_segment"] = torch.tensor(open_segment)
+    buf = make(capacity=4, num_envs=2)
+    with pytest.raises(ValueError, match=r"open_segment.*\[0, state_dict\['step'\] = 0\]"):
+        buf.load_state_dict(state)
+    assert len(buf) == 0 and buf._open_segment.tolist() == [0, 0]
+
+
 def test_state_saved_before_the_sampling_law_was_recorded_loads() -> None:
     """Checkpoints written before the config named gamma and the goal modes must still resume."""
     src = make(seed=1)
