@@ -348,6 +348,9 @@ def test_state_dict_resumes_exactly(name):
     assert_same(expected, rollout(env, 20, seed=1))
     with pytest.raises(ValueError, match="shape"):
         make_env(name, num_envs=8).load_state_dict(state)
+    key = env._sim_keys[0]
+    with pytest.raises(TypeError, match=rf"state_dict\['{key}'\] must be a tensor, got list"):
+        env.load_state_dict(state | {key: state[key].tolist()})
 
 
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])

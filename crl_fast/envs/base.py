@@ -378,6 +378,10 @@ class TorchGoalVectorEnv(VectorEnv):
             raise ValueError(f"state_dict keys must be {sorted(expected)}, got {sorted(state)}")
         for key in self._state_keys:
             current = getattr(self, key)
+            if not isinstance(state[key], torch.Tensor):
+                raise TypeError(
+                    f"state_dict[{key!r}] must be a tensor, got {type(state[key]).__name__}"
+                )
             if tuple(state[key].shape) != tuple(current.shape):
                 raise ValueError(
                     f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, "
