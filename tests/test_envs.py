@@ -732,6 +732,21 @@ def test_adapter_converts_autoreset_modes_to_same_step(mode, terminate_on_succes
     assert_same(reference, adapter_rollout(converted))
 
 
+def test_adapter_reset_mask_takes_a_tensor_as_the_torch_envs_do():
+    results = []
+    for mask in (np.array([True, False, True, False]), torch.tensor([True, False, True, False])):
+        env = GymnasiumGoalVectorEnv(TINY_ID, 4, device="cpu")
+        env.reset(seed=0)
+        for _ in range(3):
+            before, *_ = env.step(torch.full((4, env.action_dim), 0.5))
+        after, _ = env.reset(options={"reset_mask": mask})
+        kept = ~torch.as_tensor(mask)
+        assert torch.equal(after["observation"][kept], before["observation"][kept])
+        assert not torch.equal(after["observation"][~kept], before["observation"][~kept])
+        results.append(after)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
 def test_adapter_actions_rescaled_and_errors():
     env = GymnasiumGoalVectorEnv(TINY_ID, 2, device="cpu")
     obs, _ = env.reset(seed=0)

@@ -174,7 +174,12 @@ class GymnasiumGoalVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[GoalObs, dict[str, Any]]:
-        """Reset all envs (``seed`` seeds env i with ``seed + i``, as Gymnasium does)."""
+        """Reset all envs (``seed`` seeds env i with ``seed + i``, as Gymnasium does), or with
+        ``options={"reset_mask": mask}`` (a bool array or tensor of shape ``(num_envs,)``, as the
+        torch envs take it) only where ``mask`` is true."""
+        mask = (options or {}).get("reset_mask")
+        if isinstance(mask, torch.Tensor):  # Gymnasium checks for a numpy array
+            options = {**(options or {}), "reset_mask": mask.detach().cpu().numpy()}
         obs, _ = self.env.reset(seed=seed, options=options)
         return self._obs(obs), {}
 
