@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,22 +62,29 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+@dataclass
+class StopRequest:
+    """The first SIGINT or SIGTERM a run caught (None: none yet)."""
+
+    signal: int | None = None
+
+
 @contextlib.contextmanager
-def stop_requests() -> Iterator[dict[str, int | None]]:
+def stop_requests() -> Iterator[StopRequest]:
     """Catch SIGINT and SIGTERM (main thread only; not where they are ignored, as a background
-    job's SIGINT is): the first sets ``["signal"]``, which the loop reads to checkpoint and stop;
+    job's SIGINT is): the first sets ``.signal``, which the loop reads to checkpoint and stop;
     a SIGINT after it stops at once (KeyboardInterrupt), another SIGTERM changes nothing."""
-    request: dict[str, int | None] = {"signal": None}
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if request["signal"] is not None:
+        if request.signal is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        request["signal"] = signum
+        request.signal = signum
         print(
             f"\n{signal.Signals(signum).name}: writing a checkpoint at the end of this step, then "
             "stopping (Ctrl-C again: stop now, without it)",
@@ -258,16 +265,24 @@ def buffer_notices(
     return notices
 
 
-def speed_flags(config: TrainConfig, device: torch.device) -> dict[str, bool]:
+class Speed(NamedTuple):
+    """Whether a run compiles its update and env step, and captures its updates in CUDA graphs."""
+
+    compile: bool
+    cuda_graph: bool
+
+
+def speed_flags(config: TrainConfig, device: torch.device) -> Speed:
     """``compile`` and ``cuda_graph`` as the run uses them: None means on for CUDA, off for CPU.
     Asking for a CUDA-only one (``cuda_graph``, ``actor_stream``) on another device is an error."""
     for flag in ("cuda_graph", "actor_stream"):
         if getattr(config, flag) and device.type != "cuda":
             raise ValueError(f"--{flag.replace('_', '-')} needs a CUDA device, got {device}")
-    return {
-        name: device.type == "cuda" if getattr(config, name) is None else getattr(config, name)
-        for name in ("compile", "cuda_graph")
-    }
+    cuda = device.type == "cuda"
+    return Speed(
+        compile=cuda if config.compile is None else config.compile,
+        cuda_graph=cuda if config.cuda_graph is None else config.cuda_graph,
+    )
 
 
 def make_agent(
@@ -351,7 +366,7 @@ def restore_run(
 def run_header(
     config: TrainConfig,
     device: torch.device,
-    speed: dict[str, bool],
+    speed: Speed,
     agent: CRL,
     buffer: TrajectoryBuffer,
     env_steps: int,
@@ -360,7 +375,7 @@ def run_header(
     network sizes and update mode, then whatever the run does other than its flags say."""
     lines = []
     # The loop's own sum of the credit decides (a product can round up to the 1 it never reaches).
-    if config.updates_per_env_step and first_update_step(config, speed["cuda_graph"]) is None:
+    if config.updates_per_env_step and first_update_step(config, speed.cuda_graph) is None:
         lines.append(
             "no updates: the run earns less than one update's credit after --learning-starts "
             f"{config.learning_starts:,} (the networks keep their initial weights)"
@@ -369,8 +384,8 @@ def run_header(
     counts = agent.parameter_counts().items()
     lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts))
     lines.append(
-        f"update: torch.compile {'on' if speed['compile'] else 'off'}, CUDA graph "
-        f"{'on' if speed['cuda_graph'] else 'off'}"
+        f"update: torch.compile {'on' if speed.compile else 'off'}, CUDA graph "
+        f"{'on' if speed.cuda_graph else 'off'}"
     )
     if config.agent.fused_mlp and not fused_mlp.runs_on(device):
         lines.append(f"--fused-mlp: its kernels need CUDA (and Triton); the layers run on {device}")
@@ -379,7 +394,7 @@ def run_header(
             f"--total-env-steps {config.total_env_steps:,} is not a multiple of --num-envs "
             f"{config.num_envs}: the run takes {iterations(config) * config.num_envs:,} steps"
         )
-    lines += buffer_notices(config, buffer, speed["cuda_graph"], env_steps)
+    lines += buffer_notices(config, buffer, speed.cuda_graph, env_steps)
     if registered_at_run_time(config.env):
         lines.append(
             f"--env {config.env} is registered by this process: `crl-fast eval` and `--resume` "
@@ -428,8 +443,8 @@ def _train_in(
     run_dir: Path,
     config: TrainConfig,
     device: torch.device,
-    speed: dict[str, bool],
-    stop: dict[str, int | None],
+    speed: Speed,
+    stop: StopRequest,
 ) -> dict[str, Any]:
     """The run itself, in the directory :func:`train` claimed for it."""
     if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
@@ -455,10 +470,10 @@ def _train_in(
 
     env = make_run_env(config, device, config.num_envs, config.seed)
     eval_env = make_eval_env(config, device, config.eval_episodes)
-    if speed["compile"] and isinstance(env, TorchGoalVectorEnv):
+    if speed.compile and isinstance(env, TorchGoalVectorEnv):
         env.compile()
     buffer = make_buffer(config, env, device)
-    agent = make_agent(config, env, device, speed["compile"])
+    agent = make_agent(config, env, device, speed.compile)
     obs, _ = env.reset(seed=config.seed)
     loop = LoopState()
     # The latest update's metrics, logged at each log step; checkpointed so that a resumed run
@@ -558,7 +573,7 @@ def _train_in(
             loop.update_credit += config.num_envs * config.updates_per_env_step
             if train_step is None:
                 train_step, per_call, warmup = make_train_step(
-                    config, agent, buffer, speed["cuda_graph"]
+                    config, agent, buffer, speed.cuda_graph
                 )
                 loop.updates += warmup
                 loop.update_credit -= warmup
@@ -607,16 +622,16 @@ def _train_in(
         if loop.env_steps < config.learning_starts:  # why the first steps run faster
             status.append(f"random actions until {config.learning_starts:,}")
         progress.update(loop.env_steps, loop.updates, ", ".join(status))
-        if stop["signal"] is not None and loop.env_steps < config.total_env_steps:
+        if stop.signal is not None and loop.env_steps < config.total_env_steps:
             if not crossed(before, loop.env_steps, config.checkpoint_every):
                 checkpoint_now()
             logger.close()
             progress.close()
             raise TrainingInterrupted(
-                f"stopped by {signal.Signals(stop['signal']).name} at env step "
+                f"stopped by {signal.Signals(stop.signal).name} at env step "
                 f"{loop.env_steps:,}, checkpoint written: continue with "
                 f"crl-fast train --resume --run-dir {run_dir}",
-                stop["signal"],
+                stop.signal,
             )
     progress.close()
 
@@ -625,8 +640,8 @@ def _train_in(
     checkpoint_now()
     logger.close()
     plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
-    if stop["signal"] is not None:  # it came in the last step or after: nothing was cut short
-        name = signal.Signals(stop["signal"]).name
+    if stop.signal is not None:  # it came in the last step or after: nothing was cut short
+        name = signal.Signals(stop.signal).name
         print(
             f"{name} came at the run's end (its last step, final evaluation or checkpoint): the "
             "run finished all the same",

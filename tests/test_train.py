@@ -989,15 +989,15 @@ def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
 def test_cli_speed_flags_default_to_the_device(flags, value):
     """--compile / --no-compile set the flag; without either it stays None: on for CUDA."""
     from crl_fast.cli import build_parser, train_config
-    from crl_fast.train import speed_flags
+    from crl_fast.train import Speed, speed_flags
 
     args = vars(build_parser().parse_args(["train", *flags, "--cuda-graph"]))
     config = train_config({k: v for k, v in args.items() if k != "command"})
     assert config.compile is value and config.cuda_graph is True
     auto = dataclasses.replace(config, cuda_graph=None)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert speed_flags(auto, cuda) == {"compile": value is not False, "cuda_graph": True}
-    assert speed_flags(auto, cpu) == {"compile": bool(value), "cuda_graph": False}
+    assert speed_flags(auto, cuda) == Speed(compile=value is not False, cuda_graph=True)
+    assert speed_flags(auto, cpu) == Speed(compile=bool(value), cuda_graph=False)
 
 
 def test_cli_jaxgcrl_critic_shorthand():
@@ -1447,12 +1447,12 @@ def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
-            assert request["signal"] == signal.SIGTERM
+            assert request.signal == signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         signal.signal(signal.SIGINT, signal.default_int_handler)
         with pytest.raises(KeyboardInterrupt), train_module.stop_requests() as request:
             os.kill(os.getpid(), signal.SIGTERM)
-            assert request["signal"] == signal.SIGTERM
+            assert request.signal == signal.SIGTERM
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler raises at the next bytecode; it never gets this far
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
