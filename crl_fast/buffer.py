@@ -244,6 +244,8 @@ class TrajectoryBuffer:
         self._rows = torch.zeros(capacity, num_envs, width, dtype=dtype, **kw)
         self._terminated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
         self._truncated = torch.zeros(capacity, num_envs, dtype=torch.bool, **kw)
+        # Episode bookkeeping ("segment": an episode as its env's rows hold it; module docstring):
+        # each row's absolute episode index, each episode's last step by slot, the running one.
         self._segment = torch.zeros(capacity, num_envs, dtype=torch.int64, **kw)
         self._segment_end = torch.full((capacity, num_envs), -1, dtype=torch.int64, **kw)
         self._open_segment = torch.zeros(num_envs, dtype=torch.int64, **kw)
