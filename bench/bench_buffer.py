@@ -10,7 +10,7 @@ discounted future-same-episode matrix per env, then a categorical draw per row) 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,6 +19,7 @@ from bench.harness import (
     add_device_argument,
     add_name_argument,
     device_label,
+    device_name,
     graphed,
     measure,
     positive_int,
@@ -105,27 +106,27 @@ def timed_row(
     return row
 
 
-def bench_rows(device: str, sizes: dict[str, int]) -> list[dict[str, object]]:
+def bench_rows(device: str, sizes: dict[str, int]) -> Iterator[dict[str, object]]:
+    """The table's rows, each as soon as it is measured."""
     cap, n, batch = sizes["capacity"], sizes["num_envs"], sizes["batch"]
     buf = filled_buffer(cap, n, device)
-    rows = []
     for mode in GOAL_MODES:
 
         def sample(m: str = mode) -> GoalBatch:
             return buf.sample(batch, goal_mode=m)
 
         t = measure(sample, device=device)
-        rows.append(timed_row("sample", mode, cap, n, batch, t))
+        yield timed_row("sample", mode, cap, n, batch, t)
     if torch.device(device).type == "cuda":  # the GPU work alone: sample replayed from a graph
         generator = torch.cuda.default_generators[torch.device(device).index or 0]
         replay = graphed(lambda: buf.sample(batch, generator=generator))
         t = measure(replay, device=device, memory=False)
-        rows.append(timed_row("sample", "geometric, graph", cap, n, batch, t))
+        yield timed_row("sample", "geometric, graph", cap, n, batch, t)
     t = measure(
         lambda: buf.sample(batch, random_goal_fraction=0.2, current_goal_fraction=0.1),
         device=device,
     )
-    rows.append(timed_row("sample", "geometric+mix", cap, n, batch, t))
+    yield timed_row("sample", "geometric+mix", cap, n, batch, t)
     for steps in (1, 100):
         data = step_batch(steps, n, 0, device)
 
@@ -133,13 +134,12 @@ def bench_rows(device: str, sizes: dict[str, int]) -> list[dict[str, object]]:
             buf.extend(d)
 
         t = measure(extend, device=device)
-        rows.append(timed_row("extend", f"{steps} step", cap, n, steps * n, t))
+        yield timed_row("extend", f"{steps} step", cap, n, steps * n, t)
 
     envs, steps = sizes["txt_envs"], EPISODE + 1
     episodes = (torch.arange(steps, device=device) // 400).expand(envs, steps).contiguous()
     t = measure(txt_sampler(episodes), device=device, warmup=2, rep=5)
-    rows.append(timed_row("txt_baseline", "geometric", steps, envs, envs * steps, t))
-    return rows
+    yield timed_row("txt_baseline", "geometric", steps, envs, envs * steps, t)
 
 
 def main() -> None:
@@ -154,7 +154,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = default_sizes(args.device)
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
-    rows = bench_rows(args.device, sizes)
+    rows = []
+    for row in bench_rows(args.device, sizes):
+        rows.append(row)  # each row saved: a run stopped by a time limit keeps what ran
+        write_results(args.name or "buffer", args.device, rows, complete=False)
     path = write_results(args.name or "buffer", args.device, rows)
     label = device_label(args.device)
     columns = ["op", "mode", "capacity", "num_envs", "batch", "us_per_call", "host_us", "p80_us"]
@@ -166,8 +169,14 @@ def main() -> None:
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _record_device(benchmark, sizes: dict[str, int]) -> None:
+    """pytest-benchmark's JSON records the host, not the device: a CPU fallback says so."""
+    benchmark.extra_info |= {"device": device_name(_DEVICE), **sizes}
+
+
 def test_sample(benchmark) -> None:
     sizes = default_sizes(_DEVICE)
+    _record_device(benchmark, sizes)
     buf = filled_buffer(sizes["capacity"], sizes["num_envs"], _DEVICE)
 
     def call() -> None:
@@ -180,6 +189,7 @@ def test_sample(benchmark) -> None:
 
 def test_extend_one_step(benchmark) -> None:
     sizes = default_sizes(_DEVICE)
+    _record_device(benchmark, sizes)
     buf = filled_buffer(sizes["capacity"], sizes["num_envs"], _DEVICE)
     data = step_batch(1, sizes["num_envs"], 0, _DEVICE)
 

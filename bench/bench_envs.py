@@ -84,12 +84,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [bench(name, n, args.device) for name in args.envs for n in args.num_envs]
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        """Save after every row, so a run stopped by a time limit keeps its rows."""
+        rows.append(row)
+        write_results(args.name or "envs", args.device, rows, complete=False)
+
+    for name in args.envs:
+        for n in args.num_envs:
+            record(bench(name, n, args.device))
     cuda = torch.device(args.device).type == "cuda"
     compiled = args.compiled if args.compiled is not None else ["point_umaze", "reacher"] * cuda
-    rows += [bench(name, max(args.num_envs), args.device, compiled=True) for name in compiled]
-    if cuda:
-        rows += [bench_graphed(name, max(args.num_envs), args.device) for name in args.envs]
+    for name in compiled:
+        record(bench(name, max(args.num_envs), args.device, compiled=True))
+    for name in args.envs if cuda else ():
+        record(bench_graphed(name, max(args.num_envs), args.device))
     path = write_results(args.name or "envs", args.device, rows)
     label = device_label(args.device)
     columns = ["env", "num_envs", "median_ms", "host_ms", "p80_ms", "env_steps_per_s", "status"]

@@ -107,6 +107,7 @@ def main() -> None:
     layers.fused = False
     exact = copy.deepcopy(layers).double()
     rows: list[dict[str, object]] = []
+    extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}  # high: TF32
     for batch in args.batch:
         inputs = [torch.randn(batch, d, device=device) for d in INPUTS]
         params = list(fused.parameters())
@@ -149,7 +150,8 @@ def main() -> None:
                                 row |= cuda_kernels(fn, per="pass")
                     rows.append(row)
                     print(row, flush=True)
-    extra = {"fp32_matmul_precision": torch.get_float32_matmul_precision()}  # high: TF32
+                    # after every row: a run stopped by a time limit keeps its rows
+                    write_results(args.name or "mlp", device, rows, extra=extra, complete=False)
     path = write_results(args.name or "mlp", device, rows, extra=extra)
     label = device_label(device)
     cols = ["impl", "path", "pass", "B", "precision", "rel_error", "us_per_pass", "status"]

@@ -148,7 +148,8 @@ def main() -> None:
         rows.append(bench(mode, budgets, num_envs, args.device, args.repeats))
         print(rows[-1], flush=True)
         # After each row: a run stopped by a time limit keeps its rows.
-        path = write_results(args.name or "train", args.device, rows)
+        write_results(args.name or "train", args.device, rows, complete=False)
+    path = write_results(args.name or "train", args.device, rows)
     label = device_label(args.device)
     columns = ["mode", "num_envs", "env_steps_per_s", "updates_per_s", "fixed_s", "projected_10M_s"]
     print_table(rows, [*columns, "target_s"], title=f"training, point_umaze, {label} ({path.name})")

@@ -184,7 +184,9 @@ def main() -> None:
             print(rows[-1], flush=True)
             if autotuned:
                 extra["tuned_configs"] = tuned_configs()
-            path = write_results(name, device, rows, extra=extra)  # each row: survives a timeout
+            # each row: survives a timeout
+            write_results(name, device, rows, extra=extra, complete=False)
+    path = write_results(name, device, rows, extra=extra)
     label = device_label(device)
     columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
     columns += ["kernels_per_update", "kernel_us_per_update"]

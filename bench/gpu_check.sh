@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Device check in one call (the default stages' limits sum to 550 s, inside the 600 s command
-# limit): install crl-fast, run the GPU tests and the benchmarks, copy the result JSONs to $OUT.
-# Stages: tests probe single loss update buffer envs (the default, in that order; single times
-# the sigmoid loss in one pass, dpsi through atomics, CRL_FAST_SINGLE_PASS=1, on 128-row
-# programs; update includes the fused-network modes), and opt-in: mlp, single256 (the same on
-# 256-row programs: half the atomics), jax, compile, tma, fp16, frozen, train, autotune,
-# update-bf16, update-autotune and update-maxtune. A stage's limit may cut its benchmark short on purpose:
-# every script writes its JSON after each row and runs the issues' targets first (the loss
-# stage: crl-fast's bf16 d = 64 rows and every loss, then eager and torch.compile, whose graphs
-# take ~20 s each, then the d = 256 and float32 tables, where 90 s end; `bench_loss` alone runs
-# them all).
+# Device check in one call (the default stages' limits sum to 460 s: with the machine's start,
+# about 10 of a session's 15 device minutes, leaving time to rerun a stage): run the GPU tests
+# and the benchmarks from this checkout, copy the result JSONs to $OUT.
+# Stages: tests loss update buffer (the default, in that order; update includes the
+# fused-network modes), and opt-in: probe, single (the sigmoid loss in one pass, dpsi through
+# atomics, CRL_FAST_SINGLE_PASS=1, on 128-row programs), single256 (the same on 256-row
+# programs: half the atomics), envs, mlp, jax, compile, tma, fp16, frozen, train, autotune,
+# update-bf16, update-autotune and update-maxtune; a stage name not in this list is refused
+# before anything runs. A stage's limit may cut its benchmark short on purpose:
+# every script writes its JSON after each row ("complete": false until its last) and runs the
+# issues' targets first (the loss stage: crl-fast's bf16 d = 64 rows and every loss, then eager
+# and torch.compile, whose graphs take ~20 s each, then the d = 256 and float32 tables, where
+# 90 s end; `bench_loss` alone runs them all).
 # - fp16 times float16 against bfloat16 (float16's gradient products run in tf32).
 # - frozen times the loss with psi needing no gradient (LiT's locked tower), every loss: the pass
 #   that only dpsi needs is skipped (compare with the loss stage's rows).
@@ -42,20 +44,29 @@
 # (the copied tree has no .git; the SHA goes into the result JSONs, "-dirty" where the tree held
 # uncommitted changes).
 set -uo pipefail
+stages=("$@")
+# The default stages bring back 4 files (the log and 3 result JSONs); $OUT takes 8.
+[ ${#stages[@]} -gt 0 ] || stages=(tests loss update buffer)
+KNOWN=" compile tests loss autotune buffer envs update update-bf16 update-autotune update-maxtune"
+KNOWN+=" train probe mlp tma single single256 frozen fp16 jax "
+for stage in "${stages[@]}"; do  # a misspelt stage fails at once, not after the others ran
+    [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN" >&2; exit 2; }
+done
 OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-stages=("$@")
-# The default stages bring back 7 files (the log and 6 result JSONs); $OUT takes 8.
-[ ${#stages[@]} -gt 0 ] || stages=(tests probe single loss update buffer envs)
+# The checkout on the path of every stage (python -m puts it there; tests/compile_kernels.py,
+# run as a file, would not find crl_fast, which the GPU machine does not have installed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # The checkout itself, as an editable install sees it: crl_fast.kernels is kernels/ (a plain
 # `pip install .` would be shadowed by ./crl_fast, which has no kernels/, from the repo root).
 ln -sfn ../kernels crl_fast/kernels
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+XDIST=()
+python3 -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 NEW_TESTS="single_pass or actor_stream or compiled_step or default_run_on_cuda"
 NEW_TESTS+=" or gradients_in_forward or column_loss or compiled_update or confident_critic"
 NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast or metrics_leave"
@@ -84,10 +95,10 @@ for stage in "${stages[@]}"; do
     case $stage in
         compile) step compile 70 python3 tests/compile_kernels.py --quick --jobs "$(nproc)" ;;
         tests)  # this session's new GPU tests first, so that a time limit cannot cut them
-            step "tests (new)" 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
-                -k "$NEW_TESTS"
-            step tests 120 python3 -m pytest -q -m gpu tests -p no:cacheprovider $XDIST \
-                -k "not ($NEW_TESTS)" ;;
+            step "tests (new)" 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider \
+                "${XDIST[@]}" -k "$NEW_TESTS"
+            step tests 120 python3 -m pytest -q -m gpu tests -p no:cacheprovider \
+                "${XDIST[@]}" -k "not ($NEW_TESTS)" ;;
         loss) step loss 90 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
@@ -114,7 +125,6 @@ for stage in "${stages[@]}"; do
         fp16) step fp16 40 python3 -m bench.bench_loss --sizes 16384 65536 --dims 64 \
             --dtypes float16 bfloat16 --impls crl_fast-graph --combos 2 --name loss-fp16 ;;
         jax) step jax 120 python3 -m bench.jax_baselines --dtypes bfloat16 ;;
-        *) echo "unknown stage $stage" ;;
     esac 2>&1 | tee -a "$LOG"
     # after each stage, what this run wrote (a timeout keeps what ran; $OUT takes 8 files)
     find bench/results -name '*.json' -newer "$START" -exec cp {} "$OUT/" \;

@@ -186,7 +186,7 @@ def cuda_kernels(fn: Callable[[], Any], per: str = "update") -> dict:
     """The CUDA kernels (and memsets / copies) one call of ``fn`` (one ``per``) launches, from
     the profiler: what a CUDA graph of it replays. Their count, their summed GPU time (next to a
     graph's time per call it shows how much is launch gaps and waiting) and the heaviest by
-    name. Empty where the profiler fails."""
+    name. Empty where the profiler fails or records no CUDA activity."""
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
@@ -199,6 +199,8 @@ def cuda_kernels(fn: Callable[[], Any], per: str = "update") -> dict:
             entry = total.setdefault(e.name[:80], [0, 0.0])
             entry[0] += 1
             entry[1] += e.time_range.elapsed_us()
+    if not total:  # no CUDA activity recorded (CUPTI unavailable): unknown, not zero kernels
+        return {}
     heaviest = sorted(total.items(), key=lambda kv: -kv[1][1])[:10]
     return {
         f"kernels_per_{per}": sum(n for n, _ in total.values()),
@@ -264,6 +266,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     found = versions()
     return {
         "device": device_name(device),
+        "crl_fast": found["crl_fast"],
         "torch": found["torch"],
         "cuda": torch.version.cuda,
         "triton": found["triton"],
@@ -273,20 +276,35 @@ def environment(device: torch.device | str) -> dict[str, Any]:
 
 
 def write_results(
-    name: str, device: torch.device | str, rows: Sequence[dict], extra: dict | None = None
+    name: str,
+    device: torch.device | str,
+    rows: Sequence[dict],
+    extra: dict | None = None,
+    *,
+    complete: bool = True,
 ) -> Path:
     """Write ``rows`` with the environment (and ``extra`` settings) to
-    ``bench/results/<name>-<device>.json``."""
-    return save_results(name, environment(device) | (extra or {}), rows)
+    ``bench/results/<name>-<device>.json``; ``complete=False`` while the run has rows to come."""
+    return save_results(name, environment(device) | (extra or {}), rows, complete=complete)
 
 
-def save_results(name: str, env: dict[str, Any], rows: Sequence[dict]) -> Path:
+def save_results(
+    name: str, env: dict[str, Any], rows: Sequence[dict], *, complete: bool = True
+) -> Path:
     """Write ``rows`` with ``env`` (which names the ``device``) to
-    ``bench/results/<name>-<device>.json``."""
+    ``bench/results/<name>-<device>.json``.
+
+    The scripts write after every row, so that a run stopped by a time limit keeps its rows:
+    ``env["complete"]`` is False in such a file (True only in the last write of a run that
+    finished), and the file is replaced whole (a kill while writing leaves the last one).
+    """
     slug = env["device"].lower().replace(" ", "-").replace("/", "-")
     path = RESULTS_DIR / f"{name}-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": env, "rows": list(rows)}, indent=2) + "\n")
+    text = json.dumps({"env": env | {"complete": complete}, "rows": list(rows)}, indent=2)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text + "\n")
+    partial.replace(path)
     return path
 
 

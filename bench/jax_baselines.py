@@ -505,7 +505,7 @@ def main() -> None:
         """Print and save after every row, so a run stopped by a time limit keeps its rows."""
         rows.append(row | {"platform": kind, "matmul_precision": args.precision})
         print(rows[-1], flush=True)
-        save_results(args.name or "jax", env, rows)
+        save_results(args.name or "jax", env, rows, complete=False)
         return rows[-1]
 
     # Updates first: JaxGCRL's norm energy at B = 16384 compiles for over a minute on an H200.
@@ -521,6 +521,8 @@ def main() -> None:
     sampler_rows = [
         record({"bench": "sampler"} | bench_sampler(n, device)) for n in sizes["sampler"]
     ]
+    if rows:
+        save_results(args.name or "jax", env, rows)  # the run finished: complete
 
     common = ["median_ms", "peak_mem_mb", "compile_s", "status"]
     print_table(

@@ -129,6 +129,7 @@ def main() -> None:
             row |= measure(replay, device=device, warmup=5, rep=50, memory=False)
         rows.append(row)
         print(row, flush=True)
+        write_results("probe-ws", device, rows, complete=False)  # kept if a time limit cuts
     path = write_results("probe-ws", device, rows)
     cols = ["variant", "B", "d", "dtype", "rel_error", "median_ms", "status"]
     print_table(rows, cols, title=f"sigmoid row pass, three load schemes ({path.name})")

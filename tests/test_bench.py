@@ -77,6 +77,8 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     result = json.loads(path.read_text())
     facts = {"device", "torch", "torch_threads", "cpu", "cpu_count", "git_sha", "date"}
     assert facts <= result["env"].keys()
+    assert result["env"]["complete"] is True  # the last write of a run that finished
+    assert not list(tmp_path.glob("*.tmp"))  # each write replaced the file whole
     assert result["rows"] and all(keys <= row.keys() for row in result["rows"])
     assert all(row.get("status", "ok") == "ok" for row in result["rows"]), result["rows"]
     for row in result["rows"]:  # every time and rate measured is a positive number (fixed_s
@@ -90,6 +92,70 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     if module is bench_mlp:  # the fused rows ran the kernels (the interpreter's), not the layers
         fused = [row for row in result["rows"] if row["impl"].startswith("fused")]
         assert fused and all(row["path"] == "triton" for row in fused)
+
+
+class _TimeLimit(BaseException):
+    """A stage's time limit, as the script sees it: the run stops between two timings."""
+
+
+CUT = {  # each script's run of two timings or more, stopped at its second
+    "loss": (bench_loss, ["--sizes", "64", "--combos", "0"]),
+    "buffer": CASES["buffer"][:2],
+    "envs": (bench_envs, ["--num-envs", "8", "--envs", "point_umaze", "reacher"]),
+    "update": (bench_update, ["--batch-size", "16", "17"]),
+    "mlp": CASES["mlp"][:2],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CUT)
+def test_a_run_cut_short_keeps_its_rows_and_says_so(name, tmp_path, monkeypatch):
+    """gpu_check.sh's stages run under time limits: what was measured before the limit is in
+    the JSON, marked incomplete (not mistaken for the full table)."""
+    module, argv = CUT[name]
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--device", "cpu", *argv])
+    timings = []
+
+    def measure_until_the_limit(*args, **kwargs):
+        if timings:
+            raise _TimeLimit
+        timings.append(harness.measure(*args, **kwargs))
+        return timings[-1]
+
+    monkeypatch.setattr(module, "measure", measure_until_the_limit)
+    with pytest.raises(_TimeLimit):
+        module.main()
+    (path,) = tmp_path.glob(f"{name}-*.json")
+    result = json.loads(path.read_text())
+    assert len(result["rows"]) == 1  # the row measured before the limit
+    assert result["env"]["complete"] is False
+
+
+class _Benchmark:
+    """pytest-benchmark's fixture, as far as the entry points use it: one call."""
+
+    def __init__(self) -> None:
+        self.extra_info: dict = {}
+
+    def __call__(self, fn):
+        return fn()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda b: bench_loss.test_loss_forward_backward(b, "eager", "binary", "dot", 0.0),
+        bench_buffer.test_extend_one_step,
+    ],
+    ids=["loss", "buffer"],
+)
+def test_benchmark_entry_points_record_their_device(entry):
+    """pytest-benchmark's JSON names the host's CPU, not the torch device: the entry points add
+    it, so that a run that fell back to the CPU cannot pass for a GPU's."""
+    benchmark = _Benchmark()
+    entry(benchmark)
+    assert benchmark.extra_info["device"] == harness.device_name(bench_loss._DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -136,3 +202,27 @@ def test_scripts_run_without_pytest(name):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout
+
+
+def test_gpu_check_refuses_an_unknown_stage_before_running_any(tmp_path):
+    """A misspelt stage costs a second of device time, not the stages before it; the list of
+    stages it checks against is the one its ``case`` runs."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "bench" / "gpu_check.sh").read_text()
+    known = set(" ".join(re.findall(r'^KNOWN\+?="([^"]*)"', script, re.MULTILINE)).split())
+    cases = re.findall(r"^ {8}([a-z0-9|-]+)\)", script, re.MULTILINE)
+    assert known == {name for case in cases for name in case.split("|")}
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "loss", "singel"],
+        cwd=root,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "unknown stage singel" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
