@@ -955,6 +955,24 @@ def test_softplus_of_moderately_negative_logits(backend):
     assert abs(value.item() / truth.item() - 1) < 1e-6  # Triton 2e-7, eager float32 6e-8
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "flatnce", "flatnce_backward"])
+def test_softmax_weights_round_the_logits_as_forward_did(loss, backend):
+    """A softmax on one logit weighs it exactly 1 in backward: the weights exp(L - lse) take L
+    rounded as the pass that computed lse rounded it. L_01 = 1500 + 2**-13 + 2**-14 is a
+    rounding tie; the Triton kernels once folded the bias into the shift, scale f + (bias - lse),
+    and rounding bias - lse on its own put the weight 1.2e-4 off (eager float32: exact)."""
+    phi = torch.tensor([[1.0], [2.0]])
+    psi = torch.tensor([[0.0], [1500.0 + 2**-13]])
+    kw = {"loss": loss, "bias": torch.tensor(2.0**-14)}
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    kw["bias"] = kw["bias"].double()
+    _, _, t_grads = _truth(phi, psi, **kw)
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, 1e-6)
+
+
 def test_compiles_without_graph_breaks():
     phi, psi = _inputs(16, 16, 8, seed=8)
     phi.requires_grad_()
