@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crl_fast.checks import check_bool, is_real, triton_available, triton_runs_on
@@ -31,6 +30,7 @@ from crl_fast.pair_stats import (
     PairStats,
     pair_stats,
 )
+from crl_fast.pair_stats_torch import softplus
 
 LOSSES = (
     "binary",
@@ -357,7 +357,7 @@ def _contrastive_loss(
     # Row i's terms (its pairs', its row's, column i's) and how many terms "mean" divides by.
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
-        rows, terms = stats.row_softplus + F.softplus(-pos), b * m
+        rows, terms = stats.row_softplus + softplus(-pos), b * m
     elif name == "infonce":
         rows, terms = row_lse - pos, b
     elif name == "infonce_backward":

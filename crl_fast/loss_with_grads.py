@@ -12,7 +12,6 @@ saved gradients by grad_output. The ``crl_fast::loss_with_grads`` custom op wrap
 # implementation's annotations, and evaluates string ones in the globals of the function it is
 # given, autocast_off's wrapper, i.e. in crl_fast.pair_stats, where this module's names are not.
 import torch
-import torch.nn.functional as F
 
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
 from crl_fast.energy import accumulate_dtype
@@ -28,6 +27,7 @@ from crl_fast.pair_stats import (
     torch_grad_with_diagonal,
     triton_dy,
 )
+from crl_fast.pair_stats_torch import softplus
 
 Tensor = torch.Tensor
 Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -98,7 +98,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
         dx, dy, dscale, dbias, sp_off = torch_grad_with_diagonal(
             *inputs, *grads, hd, energy, PAIR_NONE, True, x_grad, y_grad
         )
-        value = sp_off + F.softplus(-pos).sum()
+        value = sp_off + softplus(-pos).sum()
         return value, dx.to(grad_dtype), dy.to(grad_dtype), dscale, dbias, g_ii, f
     from crl_fast.kernels import pair_stats as kernels
 

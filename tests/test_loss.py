@@ -955,6 +955,25 @@ def test_softplus_of_moderately_negative_logits(backend):
     assert abs(value.item() / truth.item() - 1) < 1e-6  # Triton 2e-7, eager float32 6e-8
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+@pytest.mark.parametrize("loss", ["binary", "dpo"])
+def test_float64_softplus_past_20_keeps_its_digits(loss, penalty):
+    """float64 softplus terms past 20 (binary's softplus(-L_ii) at L_ii < -20, DPO's at
+    L_ij - L_ii > 20): F.softplus's default threshold returns its argument there, slope 1, off
+    by exp(-20) ~ 2e-9, which is ten million float64 ulps (the penalty takes the gradient
+    through it)."""
+    phi = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    psi = torch.tensor([[-1.0], [-0.5], [22.0]], dtype=torch.float64)
+    extra = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(-21.0, dtype=torch.float64))
+    kw = {"loss": loss, "logsumexp_penalty": penalty, "backend": "torch"}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, **kw)
+    kw.pop("backend")
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    assert max_error(value, t_value) < 1e-14 * max(1.0, t_value.abs().item())
+    for k, t in zip(grads, t_grads, strict=True):
+        assert max_error(k, t) < 1e-14 * max(1.0, t.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "flatnce", "flatnce_backward"])
 def test_softmax_weights_round_the_logits_as_forward_did(loss, backend):
