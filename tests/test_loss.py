@@ -238,8 +238,9 @@ def _check_scaled_loss(phi, psi, dtype, **kw):
     e_value, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
     t_value, _, t_grads = _truth(phi, psi, extra, **kw)
     assert_no_worse_than_eager("loss", value, e_value, t_value, RTOL[dtype])
-    names = ("dphi", "dpsi", "dlog_scale", "dbias")
-    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=True):
+    # The bias cancels in a softmax (its true gradient is 0): both sides give rounding noise.
+    names = ("dphi", "dpsi", "dlog_scale")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=False):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
@@ -990,6 +991,25 @@ def test_softmax_weights_round_the_logits_as_forward_did(loss, backend):
     _, _, t_grads = _truth(phi, psi, **kw)
     for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
         assert_no_worse_than_eager(name, k, e, t, 1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "flatnce", "flatnce_backward"])
+def test_softmax_weights_with_logits_in_the_thousands_and_a_scale(loss, device):
+    """Rows a few large logits dominate, with a logit scale and bias: the Triton gradients are
+    no worse than eager float32's. On a GPU the compiler contracts scale f + bias into one FMA
+    in both passes; the weights must still take the logits as the statistics pass rounded them.
+    (The interpreter contracts nothing: on CPU this passed before that fix too, and the
+    rounding tie above is the test that catches it there.)"""
+    phi, psi = _inputs(48, 56, 16, seed=5, scale=40.0, device=device)
+    extra = (torch.tensor(0.3, device=device), torch.tensor(0.7, device=device))
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, loss=loss, backend="triton")
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, loss=loss)
+    _, _, t_grads = _truth(phi.cpu(), psi.cpu(), [t.cpu() for t in extra], loss=loss)
+    # The bias cancels in a softmax (its true gradient is 0): both sides give rounding noise.
+    names = ("dphi", "dpsi", "dlog_scale")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=False):
+        assert_no_worse_than_eager(name, k.cpu(), e.cpu(), t, 1e-6)
 
 
 def test_compiles_without_graph_breaks():
