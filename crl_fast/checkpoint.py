@@ -46,10 +46,9 @@ def _write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
             cause = error if isinstance(error, OSError) else error.__context__
             if not isinstance(cause, OSError):
                 raise
-            message = (
-                f"cannot write {path} ({cause.strerror or cause}); a previous {path.name} "
-                "there is left as it was"
-            )
+            message = f"cannot write {path} ({cause.strerror or cause})"
+            if path.exists():
+                message += f"; the previous {path.name} there is left as it was"
             args = (message,) if cause.errno is None else (cause.errno, message)
             raise OSError(*args) from error
         os.replace(tmp, path)
@@ -70,6 +69,10 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; a ValueError naming ``path`` if
     there is none, it cannot be read, or it is not a dict holding ``keys``."""
+    if Path(path).is_dir():
+        inside = Path(path) / "checkpoint.pt"
+        hint = f" (a run's is {inside})" if inside.is_file() else ""
+        raise ValueError(f"{path} is a directory, not a checkpoint file{hint}")
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint file at {path}")
     if problem := _zip_problem(path):  # torch.save writes zip archives, a CRC-32 per record

@@ -154,7 +154,7 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
     if given.get("resume"):
         if config_file is not None:
             raise ValueError("--resume continues with the run's own config.json: drop --config")
-        if "run_dir" not in given:
+        if given.get("run_dir") is None:  # not given, or given as none (a new run's default)
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         saved = Path(given["run_dir"]) / "config.json"
         base = _read_config(saved, "cannot resume")
@@ -193,7 +193,7 @@ def _read_config(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in ``path``, or a ValueError starting with ``what``."""
     if path.is_dir():
         raise ValueError(f"{what}: {path} is a directory, not a config file (its config.json?)")
-    if not path.is_file():
+    if not path.exists():  # a pipe (--config <(...)) exists and reads as a file does
         raise ValueError(f"{what}: {path} does not exist")
     try:
         value = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself

@@ -93,6 +93,12 @@ def stop_requests() -> Iterator[StopRequest]:
         )
 
     caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    if signal.SIGINT not in caught:  # `kill -INT` would do nothing, silently
+        print(
+            f"SIGINT is ignored in this process (a background job): stop the run with SIGTERM "
+            f"(kill {os.getpid()}), which writes a checkpoint first",
+            file=sys.stderr,
+        )
     previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield request

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -663,7 +664,8 @@ def test_cli_shows_the_traceback_of_a_bug_outside_crl_fast(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["train", "--env", "buggy_factory", "--env-kwargs", '{"x": 1}'])
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if not line.startswith("SIGINT is ignored")] == []
 
 
 class _DoubleAfterAStep(FreePoint):
@@ -1112,6 +1114,7 @@ def test_env_kwargs_reach_the_env(tmp_path):
     [
         (["train", "--env-kwargs", "[1, 2]"], "invalid JSON object value"),
         (["train", "--resume"], "--resume needs --run-dir"),
+        (["train", "--resume", "--run-dir", "none"], "--resume needs --run-dir"),
         (["train", "--gamma", "1.5"], r"gamma must lie in \(0, 1\)"),
         (["train", "--residual", "--depth", "6"], "positive multiple of 4"),
         (["train", "--loss", "flatnce", "--batch-size", "1"], "batch_size must be >= 2"),
@@ -1182,6 +1185,29 @@ def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
         assert named in capsys.readouterr().err, argv
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_config_from_a_pipe_is_read_not_called_missing(tmp_path):
+    """``--config <(jq ... config.json)`` hands the run a pipe: it exists, and reads as a file."""
+    from crl_fast.cli import train_config
+
+    pipe = tmp_path / "config.fifo"
+    os.mkfifo(pipe)
+
+    def feed() -> None:
+        with open(pipe, "w") as writer:
+            writer.write('{"seed": 4}')
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        assert train_config({"config": str(pipe)}).seed == 4
+    finally:
+        if feeder.is_alive():  # unblock the writer where the pipe was never opened
+            with contextlib.suppress(OSError), open(pipe):
+                pass
+        feeder.join(timeout=5)
+
+
 def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     """A missing, empty or foreign checkpoint, a corrupt config.json or an unknown device: a
     message naming the file or device and exit code 2, not a traceback."""
@@ -1215,6 +1241,7 @@ def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
     for argv, named in [
         (["eval", "--checkpoint", str(tmp_path / "nope.pt")], "nope.pt"),
         (["eval", "--checkpoint", str(tmp_path)], str(tmp_path)),
+        (["eval", "--checkpoint", str(run)], f"a run's is {run / 'checkpoint.pt'}"),
         (["eval", "--checkpoint", str(tmp_path / "empty.pt")], "empty.pt"),
         (["eval", "--checkpoint", str(tmp_path / "junk.pt")], "junk.pt"),
         (["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--device", "tpu"], "tpu"),
@@ -1397,6 +1424,8 @@ def test_a_full_disk_while_checkpointing_is_an_oserror_naming_the_file(tmp_path,
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
     with pytest.raises(OSError, match=r"cannot write .*checkpoint.pt \(No space left on device\)"):
         save_checkpoint({"a": torch.zeros(3)}, path)
+    with pytest.raises(OSError, match=r"device\)$"):  # a first checkpoint: no previous to keep
+        save_checkpoint({"a": torch.zeros(3)}, tmp_path / "first.pt")
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
@@ -1433,7 +1462,7 @@ def test_a_checkpoint_saved_without_crcs_loads(tmp_path):
     assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
 
 
-def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_nothing():
+def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_nothing(capsys):
     """A background job's ignored SIGINT stays ignored (a Ctrl-C for its shell must not stop
     it); after the first SIGTERM another is ignored and a SIGINT stops at once; the handlers
     are restored after. (SIGINT is set both ways here: pytest may itself run in the background,
@@ -1445,6 +1474,10 @@ def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with train_module.stop_requests() as request:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert (
+                f"SIGINT is ignored in this process (a background job): stop the run with "
+                f"SIGTERM (kill {os.getpid()})" in capsys.readouterr().err
+            )
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
             assert request.signal == signal.SIGTERM
