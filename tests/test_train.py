@@ -972,10 +972,14 @@ def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
     main([*checkpoint[:3], "--episodes", "2", "--video", str(video)])  # 2 envs: 2 filmed
     with Image.open(video) as gif:
         assert gif.size == (2 * 160 + 2, 160)
+    directory = tmp_path / "frames.gif"
+    directory.mkdir()
     for flags, named in [
         (["--video", str(tmp_path / "no" / "eval.gif")], "does not exist"),
         (["--video", str(video), "--video-envs", "5"], "--video-envs"),
         (["--video", str(tmp_path / "eval.mp4")], ".gif"),
+        (["--video", str(tmp_path)], ".gif"),
+        (["--video", str(directory)], "is a directory"),
         (["--video-envs", "2"], "give --video too"),
         (["--video", ""], "--video needs a path"),  # wrote no video, silently
     ]:

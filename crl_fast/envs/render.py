@@ -84,6 +84,8 @@ def gif_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ValueError(f"the video is a GIF: give a path ending in .gif, got {str(path)!r}")
+    if path.is_dir():  # checked before an evaluation films it, not when the GIF is written
+        raise ValueError(f"the video path {str(path)!r} is a directory")
     return path
 
 
