@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from crl_fast.checks import triton_available, triton_runs_on
-from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
+from crl_fast.custom_ops import eager_fast_path, refuse_double_backward, refuse_transforms
 
 ACT_CODES = {"swish": 0, "relu": 1}
 """The activations the kernels take, with their codes (the kernels' ACT)."""
@@ -73,10 +73,12 @@ def runs_on(device: torch.device) -> bool:
 
 def can_run(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     """Whether :func:`fused_mlp` takes these tensors: on one device, CUDA (or the CPU where
-    Triton's interpreter built the kernels); inputs of one float dtype and one batch shape, not
-    empty, whose widths add up to W1's; contiguous parameters of one dtype, the inputs' unless
-    autocast sets the products' dtype; all dtypes float16/bfloat16/float32. Elsewhere the layers
-    run, and raise their own errors for what they cannot take."""
+    Triton's interpreter built the kernels); inputs (at least 1-D) of one float dtype and one
+    batch shape, not empty, whose widths add up to W1's; contiguous parameters of one dtype, the
+    inputs' unless autocast sets the products' dtype; all dtypes float16/bfloat16/float32.
+    Elsewhere the layers run, and raise their own errors for what they cannot take."""
+    if not inputs or min(t.dim() for t in inputs) == 0:
+        return False
     x, w1, w2, w3 = inputs[0], params[0], params[2], params[4]
     if x.numel() == 0 or not runs_on(x.device):
         return False
@@ -99,7 +101,7 @@ def fused_mlp(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: st
     The output has the inputs' dtype and leading dimensions; z1 and z2 are saved for backward
     (in the compute dtype) only where a gradient will be asked for."""
     lead = inputs[0].shape[:-1]
-    parts = [t.reshape(-1, t.shape[-1]) for t in inputs]
+    parts = [t.reshape(lead.numel(), t.shape[-1]) for t in inputs]  # not -1: a part may be 0 wide
     if len(parts) > 2:
         parts = [parts[0], torch.cat(parts[1:], dim=-1)]
     elif len(parts) == 1:
@@ -184,6 +186,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward_rule(ctx, dy, _dz1, _dz2):
     refuse_double_backward("the fused MLP kernels", _LAYERS)
+    refuse_transforms(_LAYERS, dy)
     need = ctx.needs_input_grad[:8]  # x1, x2, W1, b1, W2, b2, W3, b3
     x1, x2, w1, w2, w3, z1, z2 = ctx.saved_tensors
     grads = _backward(

@@ -46,12 +46,14 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr):
+def _act_backward(dh, z, ACT: tl.constexpr):
+    """dh * act'(z) as torch's backward computes it; relu's passes dh unless z <= 0, so also
+    where z is NaN (torch's threshold_backward), and gives exactly 0 elsewhere (not 0 * inf)."""
     if ACT == 0:
         s = tl.sigmoid(z)
-        out = s * (1.0 + z * (1.0 - s))
+        out = dh * (s * (1.0 + z * (1.0 - s)))
     else:
-        out = (z > 0.0).to(tl.float32)
+        out = tl.where(z <= 0.0, 0.0, dh)
     return out
 
 
@@ -117,7 +119,7 @@ def forward_kernel(
     X1, X2, W1, B1, W2, B2, W3, B3, Y, Z1, Z2,
     M, IN1, IN2, stride_x1, stride_x2, WIDTH, OUT,
     ACT: tl.constexpr, SAVE: tl.constexpr, IN_BLOCK: tl.constexpr, WIDTH_PAD: tl.constexpr,
-    OUT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     rows, row_ok, r, hidden, hid_ok, outs, out_ok = _indices(
@@ -132,7 +134,10 @@ def forward_kernel(
         w1_ok = (ks < n_in)[:, None] & hid_ok[None, :]
         w1 = _load_weights(W1 + hidden[None, :] * n_in + ks[:, None], w1_ok, Z1, UPCAST)
         z1 = _mm(x, w1, z1, PRECISION, UPCAST)
-    z1 = _round(z1 + tl.load(B1 + hidden, mask=hid_ok, other=0.0)[None, :], Z1, UPCAST)
+    z1 += tl.load(B1 + hidden, mask=hid_ok, other=0.0)[None, :]
+    if PADDED:  # padded units 0, not inf * 0 = NaN, which their zero weights would pass on
+        z1 = tl.where(hid_ok[None, :], z1, 0.0)
+    z1 = _round(z1, Z1, UPCAST)
     if SAVE:
         tl.store(Z1 + r * WIDTH + hidden[None, :], z1, mask=row_ok[:, None] & hid_ok[None, :])
     h1 = _round(_act(z1.to(tl.float32), ACT), Z1, UPCAST)
@@ -144,7 +149,10 @@ def forward_kernel(
         w2_ok = hid_ok[:, None] & col_ok[None, :]
         w2 = _load_weights(W2 + cols[None, :] * WIDTH + hidden[:, None], w2_ok, Z1, UPCAST)
         z2 = _mm(h1, w2, None, PRECISION, UPCAST)
-        z2 = _round(z2 + tl.load(B2 + cols, mask=col_ok, other=0.0)[None, :], Z1, UPCAST)
+        z2 += tl.load(B2 + cols, mask=col_ok, other=0.0)[None, :]
+        if PADDED:  # as z1
+            z2 = tl.where(col_ok[None, :], z2, 0.0)
+        z2 = _round(z2, Z1, UPCAST)
         if SAVE:
             tl.store(Z2 + r * WIDTH + cols[None, :], z2, mask=row_ok[:, None] & col_ok[None, :])
         h2 = _round(_act(z2.to(tl.float32), ACT), Z1, UPCAST)
@@ -162,7 +170,7 @@ def backward_data_kernel(
     M, IN1, IN2, stride_dx1, stride_dx2, WIDTH, OUT,
     ACT: tl.constexpr, STORE_DZ: tl.constexpr, NEED_DX: tl.constexpr, IN_BLOCK: tl.constexpr,
     WIDTH_PAD: tl.constexpr, OUT_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     rows, row_ok, r, hidden, hid_ok, outs, out_ok = _indices(
         M, WIDTH, OUT, BLOCK_M, WIDTH_PAD, OUT_PAD
@@ -178,8 +186,10 @@ def backward_data_kernel(
         w3_ok = out_ok[:, None] & col_ok[None, :]
         w3 = _load_weights(W3 + outs[:, None] * WIDTH + cols[None, :], w3_ok, Z1, UPCAST)
         dh2 = _mm(dy, w3, None, PRECISION, UPCAST)
+        if PADDED:  # as forward's z1
+            dh2 = tl.where(col_ok[None, :], dh2, 0.0)
         z2 = tl.load(Z2 + r * WIDTH + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        dz2 = _round(dh2 * _act_grad(z2, ACT), Z1, UPCAST)
+        dz2 = _round(_act_backward(dh2, z2, ACT), Z1, UPCAST)
         if STORE_DZ:
             tl.store(DZ2 + r * WIDTH + cols[None, :], dz2, mask=tile_ok)
         w2_ok = col_ok[:, None] & hid_ok[None, :]
@@ -187,7 +197,9 @@ def backward_data_kernel(
         dh1 = _mm(dz2, w2, dh1, PRECISION, UPCAST)
     z1_ok = row_ok[:, None] & hid_ok[None, :]
     z1 = tl.load(Z1 + r * WIDTH + hidden[None, :], mask=z1_ok, other=0.0).to(tl.float32)
-    dz1 = _round(dh1 * _act_grad(z1, ACT), Z1, UPCAST)
+    if PADDED:
+        dh1 = tl.where(hid_ok[None, :], dh1, 0.0)
+    dz1 = _round(_act_backward(dh1, z1, ACT), Z1, UPCAST)
     if STORE_DZ:
         tl.store(DZ1 + r * WIDTH + hidden[None, :], dz1, mask=z1_ok)
     if NEED_DX:
@@ -276,13 +288,15 @@ rows a step on 8 warps (no spills), as 64 rows on 4 spilled 5.3 KB."""
 
 
 def _shapes(width: int, out: int, n_in: int) -> dict[str, int]:
-    """Padded sizes (powers of two, >= 16 as ``tl.dot`` needs) and the layer-2 column block."""
+    """Padded sizes (powers of two, >= 16 as ``tl.dot`` needs), the layer-2 column block and
+    whether the hidden layers have padded units (which the kernels then zero)."""
     width_pad = max(16, next_power_of_2(width))
     return {
         "IN_BLOCK": min(64, max(16, next_power_of_2(n_in))),
         "WIDTH_PAD": width_pad,
         "OUT_PAD": max(16, next_power_of_2(out)),
         "BLOCK_N": min(64, width_pad),
+        "PADDED": width < width_pad,
     }
 
 

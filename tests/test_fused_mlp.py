@@ -282,8 +282,9 @@ def _run_cuda(net, inputs, grad):
         [torch.randn(64, 6), torch.randn(1, 6)],  # different batches
         [torch.randn(2, 3, 6), torch.randn(3, 2, 6)],
         [torch.randn(8, 12, dtype=torch.bfloat16)],  # float32 weights, no autocast
+        [torch.tensor(1.0)],  # no dimension to take the features from
     ],
-    ids=["narrow", "wide", "rows", "leading", "dtype"],
+    ids=["narrow", "wide", "rows", "leading", "dtype", "scalar"],
 )
 def test_inputs_the_layers_reject_get_their_error(inputs):
     """What the layers cannot take never reaches the kernels (which would read past a weight or
@@ -311,6 +312,52 @@ def test_nan_and_inf_propagate_as_in_the_layers(activation):
         got = net(x)
     assert calls == [1]
     torch.testing.assert_close(got, eager(x), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's matmul
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("width", [3, 16], ids=["padded", "unpadded"])
+def test_non_finite_inputs_give_the_layers_outputs_and_gradients(activation, width):
+    """Rows with inf, -inf or NaN: the layers' outputs and every gradient, finite ones included.
+    Padded hidden units (width 3) must not make inf * 0 = NaN for the real ones through their zero
+    weights, and relu's gradient passes where its input is NaN, as torch's threshold_backward's."""
+    net = _net((6,), width, 4, activation)
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    torch.manual_seed(3)
+    x, grad = torch.randn(6, 6), torch.randn(6, 4)
+    x[1, 2], x[3, 0], x[4, 4], x[5, 1] = float("nan"), float("inf"), -float("inf"), float("inf")
+    with fused_calls() as calls:
+        got = _run(net, [x], grad)
+    assert calls == [1]
+    want = _run(eager, [x], grad)
+    for g, w in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_without_columns_after_the_first():
+    """An encoder input of width 0 after the first: the kernels take it, as the layers do."""
+    net = _net((5,), 16, 3, "relu")
+    eager = copy.deepcopy(net)
+    eager.fused = False
+    inputs, grad = [torch.randn(2, 4, 5), torch.randn(2, 4, 0)], torch.randn(2, 4, 3)
+    with fused_calls() as calls:
+        got = _run(net, inputs, grad)
+    assert calls == [1]
+    want = _run(eager, inputs, grad)
+    for g, w in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_gradients_raise_a_clear_error():
+    """is_grads_batched=True (and jacobian(vectorize=True)) vmaps the backward: the ops' error,
+    not Triton's "Cannot access storage of BatchedTensorImpl"."""
+    net = _net((6,), 16, 4, "swish")
+    x = torch.randn(3, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="vmapped backward"):
+        torch.autograd.grad(net(x), x, torch.eye(12).reshape(12, 3, 4), is_grads_batched=True)
+    with pytest.raises(RuntimeError, match="vmapped backward"):
+        torch.autograd.functional.jacobian(net, x, vectorize=True)
 
 
 def test_double_backward_is_refused():
