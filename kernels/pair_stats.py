@@ -86,18 +86,23 @@ NORM_EPS = tl.constexpr(_NORM_EPS)
 
 @triton.jit
 def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
-    """Logits, energy and dL/dP slope (before ``scale``) from inner products; float32."""
+    """Logits, energy and dL/dP slope (before ``scale``) from inner products; float32.
+
+    Symmetric in (ra, rb) to the last bit (ra + rb, never ra - rb or ra + eps first): a launch
+    with A = y (column statistics, dy) must form each logit as the launch with A = x rounded
+    it, or the softmax weights exp(L - lse) of one pass take the other's lse off by the
+    rounding (a dominant logit's weight 1 - 8e-3, tests/test_loss.py's transposed pass)."""
     if ENERGY == 0:
         f = p
         dfdp = tl.full(p.shape, 1.0, tl.float32)
     elif ENERGY == 1:
-        f = 2.0 * p - ra - rb
+        f = 2.0 * p - (ra + rb)
         dfdp = tl.full(p.shape, 2.0, tl.float32)
     else:
-        # max(|x - y|^2, 0) + eps, eps added to the tile's row norms, not to each logit (float32
-        # loses it in norms >= 16, where the expanded form's own rounding is larger anyway);
-        # a NaN stays NaN (tl.maximum's default returns the other operand)
-        q = tl.maximum((ra + NORM_EPS) + rb - 2.0 * p, NORM_EPS, propagate_nan=tl.PropagateNan.ALL)
+        # max(|x - y|^2, 0) + eps as torch's energy_and_slope rounds it; a NaN stays NaN
+        # (tl.maximum's default returns the other operand)
+        sq = (ra + rb) - 2.0 * p
+        q = tl.maximum(sq, 0.0, propagate_nan=tl.PropagateNan.ALL) + NORM_EPS
         inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
         f = -q * inv
         dfdp = tl.where(q > NORM_EPS, inv, 0.0)
