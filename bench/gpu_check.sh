@@ -50,7 +50,8 @@ stages=("$@")
 KNOWN=" compile tests loss autotune buffer envs update update-bf16 update-autotune update-maxtune"
 KNOWN+=" train probe mlp tma single single256 frozen fp16 jax "
 for stage in "${stages[@]}"; do  # a misspelt stage fails at once, not after the others ran
-    [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN" >&2; exit 2; }
+    [[ $stage != *[[:space:]]* && $KNOWN == *" $stage "* ]] ||
+        { echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2; }
 done
 OUT=${OUT:-/tmp/crl-fast-out}
 mkdir -p "$OUT"

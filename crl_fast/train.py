@@ -93,7 +93,7 @@ def stop_requests() -> Iterator[StopRequest]:
         )
 
     caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
-    if signal.SIGINT not in caught:  # `kill -INT` would do nothing, silently
+    if signal.SIGINT not in caught and signal.SIGTERM in caught:  # kill -INT: nothing, silently
         print(
             f"SIGINT is ignored in this process (a background job): stop the run with SIGTERM "
             f"(kill {os.getpid()}), which writes a checkpoint first",

@@ -216,13 +216,14 @@ def test_gpu_check_refuses_an_unknown_stage_before_running_any(tmp_path):
     known = set(" ".join(re.findall(r'^KNOWN\+?="([^"]*)"', script, re.MULTILINE)).split())
     cases = re.findall(r"^ {8}([a-z0-9|-]+)\)", script, re.MULTILINE)
     assert known == {name for case in cases for name in case.split("|")}
-    done = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "loss", "singel"],
-        cwd=root,
-        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2 and "unknown stage singel" in done.stderr
-    assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
+    for stages in (["loss", "singel"], ["update update-bf16"]):  # two names in one argument
+        done = subprocess.run(
+            ["bash", "bench/gpu_check.sh", *stages],
+            cwd=root,
+            env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and f"unknown stage '{stages[-1]}'" in done.stderr
+        assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
