@@ -458,11 +458,14 @@ class ContrastiveLoss(nn.Module):
 
     ``init_log_scale`` and ``init_bias`` are their values: parameters with ``learn_scale`` /
     ``learn_bias``, fixed buffers otherwise (left out when 0, CRL's default). SigLIP learns
-    both from ``log_scale = log(10)`` and ``bias = -10``.
+    both from ``log_scale = log(10)`` and ``bias = -10``. Built on the meta device (deferred
+    initialisation, FSDP's), ``to_empty`` then ``reset_parameters`` restores those values.
     """
 
     log_scale: torch.Tensor | None
     bias: torch.Tensor | None
+    init_log_scale: float
+    init_bias: float
 
     def __init__(
         self,
@@ -494,11 +497,21 @@ class ContrastiveLoss(nn.Module):
                 raise TypeError(f"init_{name} must be a real number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"init_{name} must be finite, got {value}")
-            t = torch.tensor(float(value))
+            setattr(self, f"init_{name}", float(value))
             if learn:
-                self.register_parameter(name, nn.Parameter(t))
+                self.register_parameter(name, nn.Parameter(torch.empty(())))
             else:
-                self.register_buffer(name, t if value != 0 else None)
+                self.register_buffer(name, torch.empty(()) if value != 0 else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set the scale and bias to ``init_log_scale`` and ``init_bias``: after ``to_empty``
+        they hold whatever the memory held (FSDP calls this on a module built on meta)."""
+        with torch.no_grad():
+            for name in ("log_scale", "bias"):
+                t = getattr(self, name)
+                if t is not None:
+                    t.fill_(getattr(self, f"init_{name}"))
 
     @overload
     def forward(

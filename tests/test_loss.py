@@ -856,6 +856,20 @@ def test_module_repr_shows_its_settings():
         assert repr(ContrastiveLoss(learn_bias=True)).endswith("bias=meta (learned))")
 
 
+def test_module_built_on_meta_resets_to_its_init_values():
+    """Deferred initialisation (FSDP's): built on the meta device, then to_empty, the scale and
+    bias hold uninitialised memory until reset_parameters, which FSDP calls, sets the init
+    values; the method was missing (FSDP raised, a loop over modules left the garbage)."""
+    kw = {"learn_scale": True, "init_log_scale": math.log(10), "init_bias": -10.0}
+    with torch.device("meta"):
+        module = ContrastiveLoss("binary", **kw)
+    module.to_empty(device="cpu").reset_parameters()
+    want = ContrastiveLoss("binary", **kw).state_dict()
+    assert module.state_dict().keys() == want.keys()
+    assert all(torch.equal(module.state_dict()[k], want[k]) for k in want)
+    assert isinstance(module.log_scale, torch.nn.Parameter)
+
+
 def test_module_refuses_a_bad_backend_when_built():
     with pytest.raises(ValueError, match="backend"):
         ContrastiveLoss(backend="gpu")
