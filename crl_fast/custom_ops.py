@@ -13,8 +13,8 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
     autograd.Function with the same setup and backward when it has them, and ``op`` while
     anything traces it. The op's dispatch costs ~40 us a call in eager PyTorch (torch 2.13,
     this CPU: 43 us against 3 us for ``impl``'s own Python), as much as the rest of a small loss
-    call's host work. Under a torch.func transform, which the ops do not support, it raises a
-    RuntimeError that names ``alternative``."""
+    call's host work. Under a torch.func transform or forward-mode AD, which the ops do not
+    support, it raises a RuntimeError that names ``alternative``."""
     eager = impl
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
@@ -24,7 +24,17 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
             setup_context(ctx, args, output)
             return output
 
-        methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+        def jvp(ctx, *tangents):  # else PyTorch's "implement the jvp function", naming no op
+            raise RuntimeError(
+                "crl-fast's fused kernels have no forward-mode derivative "
+                f"(torch.autograd.forward_ad): use backward (reverse mode), or {alternative}"
+            )
+
+        methods = {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        }
         function: type[torch.autograd.Function] = type(
             impl.__name__, (torch.autograd.Function,), methods
         )

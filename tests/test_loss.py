@@ -843,6 +843,17 @@ def test_torch_func_transforms_get_a_clear_error(transform):
         fn(lambda p: contrastive_loss(p, psi))(*args)
 
 
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_forward_mode_ad_gets_a_clear_error(loss):
+    """A dual input (torch.autograd.forward_ad) got PyTorch's "implement the jvp function for
+    custom autograd.Function", which names neither crl-fast nor what to use instead."""
+    from torch.autograd import forward_ad
+
+    phi, psi = _inputs(4, 4, 3)
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        contrastive_loss(forward_ad.make_dual(phi, torch.ones_like(phi)), psi, loss=loss)
+
+
 def test_module_repr_shows_its_settings():
     module = ContrastiveLoss(
         "infonce", "norm", logsumexp_penalty=0.1, learn_scale=True, init_log_scale=math.log(10)
