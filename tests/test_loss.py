@@ -283,22 +283,27 @@ def test_a_side_without_gradient_costs_no_pass(loss, backend, scaled, device, mo
     launches = _record_grad_launches(monkeypatch)
 
     def run(grad_phi: bool, grad_psi: bool) -> tuple[list, int]:
-        """Gradients, and the Triton path's passes or the chunked path's matrix products."""
+        """Gradients (phi, psi, the scale), and the Triton path's passes or the chunked path's
+        matrix products."""
         leaves = [phi.clone().requires_grad_(grad_phi), psi.clone().requires_grad_(grad_psi)]
         scale = torch.tensor(0.2, device=device, requires_grad=scaled)
         launches.clear()
         with profile() as prof:
             contrastive_loss(*leaves, log_scale=scale, **kw).backward()
         products = sum(e.name == "aten::mm" for e in prof.events())
-        return [t.grad for t in leaves], len(launches) if backend == "triton" else products
+        grads = [t.grad for t in (*leaves, scale)]
+        return grads, len(launches) if backend == "triton" else products
 
-    (dphi, dpsi), both = run(True, True)
-    (phi_only, none), phi_work = run(True, False)
+    (dphi, dpsi, dscale), both = run(True, True)
+    (phi_only, none, phi_dscale), phi_work = run(True, False)
     assert none is None
     torch.testing.assert_close(phi_only, dphi)
-    (none, psi_only), psi_work = run(False, True)
+    (none, psi_only, psi_dscale), psi_work = run(False, True)
     assert none is None
     torch.testing.assert_close(psi_only, dpsi)
+    # A frozen side still gives the scale its whole gradient (both passes' shares).
+    torch.testing.assert_close(phi_dscale, dscale)
+    torch.testing.assert_close(psi_dscale, dscale)
     if backend == "triton":
         assert max(phi_work, psi_work) <= both and min(phi_work, psi_work) == both - 1
     else:
