@@ -787,6 +787,17 @@ def test_gradients_computed_in_forward(loss, energy, backend, reduction):
         assert max_error(k, t) < 2e-5 * max(1.0, t.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_pair_losses_give_the_bias_an_exact_zero_gradient(loss, backend):
+    """DPO and IPO take L_ij - L_ii, in which the bias cancels: its gradient is 0 exactly, not
+    the rounding noise left where the off-diagonal and diagonal shares meet (~1e-7 here)."""
+    phi, psi = _inputs(9, 13, 5, seed=3)
+    bias = torch.tensor(-0.5, requires_grad=True)
+    contrastive_loss(phi.requires_grad_(), psi, loss=loss, bias=bias, backend=backend).backward()
+    assert bias.grad.item() == 0.0
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", FORWARD_GRAD_LOSSES)
