@@ -1217,6 +1217,47 @@ def test_the_reference_checks_its_options_as_the_loss_does():
         reference_contrastive_loss(torch.randn(3, 2), torch.randn(3, 2), reduction="bogus")
 
 
+def test_the_reference_matches_the_textbook_formulas():
+    """Every other test holds the fused paths to the reference, which shares its options and
+    NORM_EPS with them: here the reference is held to the usual formulas, written without its
+    code (cross-entropy over goals, BCE with identity labels, DPO / IPO over the off-diagonal
+    pairs, the energies from torch.cdist and cosine_similarity), on a rectangular batch."""
+    g = torch.Generator().manual_seed(4)
+    phi = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    psi = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    dist = torch.cdist(phi, psi)
+    energies = {
+        "dot": phi @ psi.T,
+        "l2": -dist.square(),
+        "norm": -(dist.square() + 1e-6).sqrt(),
+        "cosine": F.cosine_similarity(phi[:, None], psi[None], dim=-1),
+    }
+    for energy, logits in energies.items():
+        got = reference_logits(phi, psi, energy, torch.tensor(0.5), torch.tensor(-1.0))
+        torch.testing.assert_close(got, logits * math.exp(0.5) - 1.0)
+    logits = energies["dot"]
+    labels = torch.arange(3)
+    eye = torch.eye(3, 5, dtype=torch.float64)
+    margins = (logits.diagonal()[:, None] - logits)[eye == 0]  # L_ii - L_ij, j != i
+    columns = F.cross_entropy(logits[:, :3].T, labels)
+    no_positive = logits.masked_fill(eye == 1, -math.inf).logsumexp(1)
+    expected = {
+        "binary": F.binary_cross_entropy_with_logits(logits, eye),
+        "infonce": F.cross_entropy(logits, labels),
+        "infonce_backward": columns,
+        "symmetric_infonce": F.cross_entropy(logits, labels) + columns,
+        "dpo": -F.logsigmoid(margins).mean(),
+        "ipo": (margins - 1).square().mean(),
+    }
+    for loss, want in expected.items():
+        torch.testing.assert_close(reference_contrastive_loss(phi, psi, loss=loss), want)
+    got = reference_contrastive_loss(
+        phi, psi, loss="infonce", exclude_positive_from_lse=True, logsumexp_penalty=0.1
+    )
+    want = (no_positive - logits.diagonal()).mean() + 0.1 * no_positive.square().mean()
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
 def test_the_reference_takes_any_one_element_scale_and_bias(shape):
     phi, psi = _inputs(5, 7, 3, seed=3)
