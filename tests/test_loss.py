@@ -1142,6 +1142,7 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
         ),
         (torch.randn(1, 3), torch.randn(4, 3), {"loss": "flatnce_backward"}, ValueError, "phi"),
         (torch.randn(4, 3), torch.randn(4, 3), {"log_scale": 1.0}, TypeError, r"float 1.0 \(pass"),
+        (torch.randn(4, 3), torch.randn(4, 3), {"bias": torch.ones(0)}, TypeError, r"shape \(0,\)"),
         (
             torch.randn(4, 3),
             torch.randn(4, 3),
