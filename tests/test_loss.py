@@ -1259,6 +1259,26 @@ def test_the_reference_matches_the_textbook_formulas():
     torch.testing.assert_close(got, want)
 
 
+def test_the_reference_flatnce_has_the_textbook_gradient():
+    """FlatNCE's value is 1 by construction (exp(c - stopgrad(c))): what it trains with is its
+    gradient, the mean gradient of c_i = logsumexp_{j != i}(L_ij - L_ii) (rows; columns j < B
+    of the first B rows for flatnce_backward), held here to that formula on a rectangular batch."""
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    psi = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = phi @ psi.T
+    off = torch.eye(3, 5, dtype=torch.bool).logical_not()
+    rows = (logits - logits.diagonal()[:, None]).masked_fill(~off, -math.inf).logsumexp(1)
+    square = logits[:, :3]
+    columns = (square - square.diagonal()[None]).masked_fill(~off[:, :3], -math.inf).logsumexp(0)
+    for loss, c in (("flatnce", rows), ("flatnce_backward", columns)):
+        got = reference_contrastive_loss(phi, psi, loss=loss)
+        torch.testing.assert_close(got, torch.ones((), dtype=torch.float64))
+        want = torch.autograd.grad(c.mean(), (phi, psi), retain_graph=True)
+        for g_got, g_want in zip(torch.autograd.grad(got, (phi, psi)), want, strict=True):
+            torch.testing.assert_close(g_got, g_want)
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
 def test_the_reference_takes_any_one_element_scale_and_bias(shape):
     phi, psi = _inputs(5, 7, 3, seed=3)
