@@ -228,6 +228,9 @@ def test_reset_seed_reproducible(name):
     assert_same(first, (other.reset(seed=5), rollout(other, 30)))
     obs6, _ = other.reset(seed=6)
     assert not torch.equal(obs6["desired_goal"], first[0][0]["desired_goal"])
+    assert_same(env.reset(seed=5), first[0])  # reseeding the same env starts it over
+    unseeded = [make_env(name, num_envs=64, seed=None).reset()[0] for _ in range(2)]
+    assert not torch.equal(unseeded[0]["desired_goal"], unseeded[1]["desired_goal"])
 
 
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
@@ -278,6 +281,8 @@ def test_point_reset_distribution():
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
 def test_truncation_autoreset_and_final_obs(name):
     env = make_env(name, num_envs=32, seed=0, max_episode_steps=5)
+    for _ in range(3):  # a reset mid-episode restarts the episode clock
+        env.step(torch.zeros(32, env.action_dim))
     obs, _ = env.reset(seed=0)
     velocity = slice(2, 4) if name == "point_umaze" else slice(4, 6)
     gen = torch.Generator().manual_seed(0)
