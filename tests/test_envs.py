@@ -97,8 +97,9 @@ def test_make_env_defaults_and_errors():
         make_env("nope", num_envs=4)
     with pytest.raises(ValueError, match="num_envs"):
         make_env("point_umaze", num_envs=0)
-    with pytest.raises(ValueError, match="shape"):
-        env.step(torch.zeros(3, 2))
+    for action in (torch.zeros(3, 2), torch.zeros(2, 4)):  # (2, 4): as many numbers, transposed
+        with pytest.raises(ValueError, match="shape"):
+            env.step(action)
     with pytest.raises(ValueError, match="walls all around"):
         PointMazeEnv(4, ("000", "010", "000"), max_episode_steps=10)
     with pytest.raises(ValueError, match="skips a wall"):
@@ -332,6 +333,8 @@ def test_compute_reward_batched():
     reward = env.compute_reward(achieved, goal, {})
     assert reward.shape == (3, 5) and reward.dtype == torch.float32
     assert reward[0].tolist() == [0.0, 0.0, -1.0, -1.0, -1.0]
+    at_the_boundary = torch.tensor([[env.success_distance, 0.0]])
+    assert env.compute_reward(at_the_boundary, torch.zeros(1, 2)).item() == 0.0  # <=, not <
     for other in (torch.zeros(3, 5, 1), torch.zeros(5, 2)):  # no silent broadcasting
         with pytest.raises(ValueError, match="share a shape"):
             env.compute_reward(achieved, other)
