@@ -141,6 +141,8 @@ def test_point_free_motion_and_wall_stop():
     obs, *_ = env.step(torch.tensor([[1.0, -0.5]]))
     # v = 0.9 * 0 + accel * dt * a; x += v * dt
     torch.testing.assert_close(obs["observation"], torch.tensor([[0.1, -0.05, 1.0, -0.5]]))
+    obs, *_ = env.step(torch.tensor([[1.0, -0.5]]))  # v = 0.9 * v + accel * dt * a
+    torch.testing.assert_close(obs["observation"], torch.tensor([[0.29, -0.145, 1.9, -0.95]]))
     for _ in range(30):
         obs, *_ = env.step(torch.tensor([[1.0, 0.0]]))
     # Right wall of the open room is at x = 2.5: the point stops at 2.5 - radius, at rest in x.
@@ -273,8 +275,13 @@ def test_point_reset_distribution():
     start_cell = torch.cdist(obs["achieved_goal"], cells).argmin(-1)
     goal_cell = torch.cdist(obs["desired_goal"], cells).argmin(-1)
     assert (start_cell != goal_cell).all()
-    assert (obs["achieved_goal"] - cells[start_cell]).abs().max() <= env.position_noise
-    assert (obs["desired_goal"] - cells[goal_cell]).abs().max() <= env.position_noise
+    start_noise = obs["achieved_goal"] - cells[start_cell]
+    goal_noise = obs["desired_goal"] - cells[goal_cell]
+    for noise in (start_noise, goal_noise):  # uniform over +-position_noise per axis
+        assert noise.abs().max() <= env.position_noise
+        assert (noise.amin(0) < -0.9 * env.position_noise).all()
+        assert (noise.amax(0) > 0.9 * env.position_noise).all()
+    assert (start_noise - goal_noise).abs().mean() > 0.1  # drawn apart
     assert len(goal_cell.unique()) == len(start_cell.unique()) == len(cells)
     assert (obs["observation"][:, 2:] == 0).all()
 
