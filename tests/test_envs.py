@@ -100,8 +100,19 @@ def test_make_env_defaults_and_errors():
     for action in (torch.zeros(3, 2), torch.zeros(2, 4)):  # (2, 4): as many numbers, transposed
         with pytest.raises(ValueError, match="shape"):
             env.step(action)
-    with pytest.raises(ValueError, match="walls all around"):
-        PointMazeEnv(4, ("000", "010", "000"), max_episode_steps=10)
+    for layout, match in [
+        (("000", "010", "000"), "walls all around"),
+        (("1111", "0001", "1111"), "walls all around"),  # open on the left only
+        (("111", "101", "111"), "at least 2 free cells"),
+        (("1111", "101", "1111"), "equal-length rows"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PointMazeEnv(4, layout, max_episode_steps=10)
+    with pytest.raises(ValueError, match="unknown maze 'nope'"):
+        PointMazeEnv(4, "nope")
+    for noise in (0.45, -0.2):  # noise + radius must stay in [0, 0.5): off the walls
+        with pytest.raises(ValueError, match="position_noise"):
+            PointMazeEnv(4, position_noise=noise)
     with pytest.raises(ValueError, match="skips a wall"):
         PointMazeEnv(4, max_speed=20.0)
     for layout in ((), ("",)):
