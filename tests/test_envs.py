@@ -92,7 +92,8 @@ def test_make_env_defaults_and_errors():
     env = make_env("point_umaze", num_envs=4)
     assert (env.max_episode_steps, env.success_distance) == (100, 0.45)
     assert make_env("point_umaze", 4, max_episode_steps=7).max_episode_steps == 7
-    assert make_env("reacher", 4).max_episode_steps == 50
+    reacher = make_env("reacher", 4)
+    assert (reacher.max_episode_steps, reacher.success_distance) == (50, 0.05)
     with pytest.raises(ValueError, match="point_umaze"):
         make_env("nope", num_envs=4)
     with pytest.raises(ValueError, match="num_envs"):
@@ -189,11 +190,27 @@ def test_reacher_kinematics_and_goals():
     angle = torch.stack([torch.atan2(o[:, 1], o[:, 0]), torch.atan2(o[:, 3], o[:, 2])], -1)
     torch.testing.assert_close(obs["achieved_goal"], env.fingertip(angle))
     torch.testing.assert_close(o[:, 6:], obs["achieved_goal"])
-    goal_radius = obs["desired_goal"].norm(dim=-1)
-    assert goal_radius.max() <= 1.0 and goal_radius.median() > 0.6  # uniform over the unit disk
+    assert (angle.amin(0) < -3.0).all() and (angle.amax(0) > 3.0).all()  # over [-pi, pi)
+    goal = obs["desired_goal"]
+    assert goal.norm(dim=-1).max() <= 1.0
+    # Uniform over the unit disk: each quadrant's inner (r < 1/sqrt 2) and outer half of the
+    # area holds an eighth of the goals.
+    outer = goal.norm(dim=-1) > 0.5**0.5
+    cell = (goal[:, 0] > 0).long() + 2 * (goal[:, 1] > 0).long() + 4 * outer.long()
+    assert (torch.bincount(cell, minlength=8) / len(goal) - 1 / 8).abs().max() < 0.03
     for obs, *_ in rollout(env, 30):
         assert obs["observation"][:, 4:6].abs().max() <= env.max_speed
         assert obs["achieved_goal"].norm(dim=-1).max() <= 1.0 + 1e-5
+
+
+def test_reacher_links_of_unequal_length():
+    """The fingertip of each link's length, goals over the annulus the tip reaches."""
+    env = ReacherEnv(4096, seed=0, link_lengths=(0.6, 0.3))
+    angle = torch.tensor([[0.0, torch.pi / 2], [torch.pi / 2, 0.0], [torch.pi, torch.pi]])
+    tip = torch.tensor([[0.6, 0.3], [0.0, 0.9], [-0.3, 0.0]])
+    torch.testing.assert_close(env.fingertip(angle), tip)
+    radius = env.goal.norm(dim=-1)
+    assert 0.3 - 1e-6 <= radius.min() < 0.32 and 0.88 < radius.max() <= 0.9 + 1e-6
 
 
 def test_reacher_one_step_dynamics():
