@@ -722,9 +722,11 @@ def test_render_needs_the_rgb_array_mode():
 # --------------------------------------------------------------------------- adapter
 
 
-def tiny_vector_env(mode: AutoresetMode, num_envs: int = 8, **kwargs) -> SyncVectorEnv:
+def tiny_vector_env(
+    mode: AutoresetMode, num_envs: int = 8, copy: bool = True, **kwargs
+) -> SyncVectorEnv:
     fns = [lambda: gym.make(TINY_ID, **kwargs) for _ in range(num_envs)]
-    return SyncVectorEnv(fns, autoreset_mode=mode)
+    return SyncVectorEnv(fns, autoreset_mode=mode, copy=copy)
 
 
 def adapter_rollout(env: GymnasiumGoalVectorEnv, steps: int = 20) -> list:
@@ -768,11 +770,19 @@ def test_adapter_converts_autoreset_modes_to_same_step(mode, terminate_on_succes
             tiny_vector_env(AutoresetMode.SAME_STEP, terminate_on_success=terminate_on_success)
         )
     )
+    # copy=False: the reset of ended envs writes into the arrays their step returned.
     converted = GymnasiumGoalVectorEnv(
-        tiny_vector_env(mode, terminate_on_success=terminate_on_success)
+        tiny_vector_env(mode, copy=False, terminate_on_success=terminate_on_success)
     )
     assert converted.autoreset_mode == mode
     assert_same(reference, adapter_rollout(converted))
+
+
+def test_adapter_reads_a_vector_env_that_names_no_autoreset_mode_as_next_step():
+    """Gymnasium's default: a vector env written before autoreset modes existed."""
+    legacy = tiny_vector_env(AutoresetMode.NEXT_STEP)
+    legacy.metadata = {k: v for k, v in legacy.metadata.items() if k != "autoreset_mode"}
+    assert GymnasiumGoalVectorEnv(legacy).autoreset_mode == AutoresetMode.NEXT_STEP
 
 
 def test_adapter_reset_mask_takes_a_tensor_as_the_torch_envs_do():
@@ -805,6 +815,8 @@ def test_adapter_actions_rescaled_and_errors():
         GymnasiumGoalVectorEnv(gym.make_vec("CartPole-v1", 2, vectorization_mode="sync"))
     with pytest.raises(ValueError, match="num_envs"):
         GymnasiumGoalVectorEnv(TINY_ID, 0)
+    with pytest.raises(ValueError, match="need an env id"):  # they would be ignored
+        GymnasiumGoalVectorEnv(tiny_vector_env(AutoresetMode.SAME_STEP), max_episode_steps=3)
     with pytest.raises(ValueError, match="success_distance"):
         GymnasiumGoalVectorEnv(TINY_ID, 2, success_distance=-1.0)
     for name in ("gymnasium:Nope-v0", "gymnasium:", "gymnasium:no_such_module:Foo-v0"):
@@ -833,6 +845,11 @@ def test_adapter_reads_the_limit_of_a_ready_vector_env(vectorization_mode):
     env = GymnasiumGoalVectorEnv(ready)
     assert env.max_episode_steps == 3
     env.close()
+
+
+def test_adapter_takes_the_longest_limit_of_envs_that_differ():
+    fns = [lambda steps=steps: gym.make(TINY_ID, max_episode_steps=steps) for steps in (3, 5)]
+    assert GymnasiumGoalVectorEnv(SyncVectorEnv(fns)).max_episode_steps == 5
 
 
 def test_adapter_takes_actions_that_require_grad():
@@ -915,6 +932,34 @@ def test_adapter_reads_numpy_bool_success_and_refuses_unequal_goal_widths():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"desired_goal must be as wide as achieved_goal \(2\)"):
         GymnasiumGoalVectorEnv(SyncVectorEnv([_WideDesiredGoal] * 2))
+
+
+class _UnboundedActions(TinyGoalEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+
+
+class _GridObservation(TinyGoalEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        grid = gym.spaces.Box(-np.inf, np.inf, (2, 2), np.float64)
+        self.observation_space = gym.spaces.Dict(
+            dict(self.observation_space) | {"observation": grid}
+        )
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        (_UnboundedActions, "the action space must be bounded"),
+        (_GridObservation, "observation must be a 1-D Box"),
+    ],
+)
+def test_adapter_refuses_spaces_it_cannot_map(env, match):
+    """[-1, 1] cannot be rescaled to an unbounded box; a 2-D observation has no width."""
+    with pytest.raises(ValueError, match=match):
+        GymnasiumGoalVectorEnv(SyncVectorEnv([env] * 2))
 
 
 class _ViewPoint(FreePoint):
@@ -1017,6 +1062,18 @@ def test_adapter_appends_the_achieved_goal_and_overrides_success():
     plain.close()
 
 
+def test_adapter_success_distance_measures_the_final_goal_distance():
+    env = GymnasiumGoalVectorEnv(TINY_ID, 8, success_distance=1.0)
+    success = []
+    for *_, info in adapter_rollout(env, 12)[1:]:  # through episode ends
+        final = info["final_obs"]
+        distance = torch.linalg.vector_norm(final["achieved_goal"] - final["desired_goal"], dim=-1)
+        assert torch.equal(info["success"], distance <= 1.0)
+        success.append(info["success"])
+    assert 0 < torch.cat(success).float().mean() < 1
+    env.close()
+
+
 @pytest.mark.parametrize("value", ["false", "yes", 1, None])
 def test_adapter_refuses_an_append_achieved_goal_that_is_not_a_bool(value):
     # --env-kwargs '{"append_achieved_goal": "false"}' turned it on (any truthy value did)
@@ -1027,5 +1084,8 @@ def test_adapter_refuses_an_append_achieved_goal_that_is_not_a_bool(value):
 def test_adapter_hints_at_the_module_of_an_unknown_id():
     with pytest.raises(ValueError, match="'gymnasium_robotics:NoSuchGoalEnv-v0'"):
         GymnasiumGoalVectorEnv("NoSuchGoalEnv-v0", 2)
+    with pytest.raises(ValueError, match="cannot make") as error:  # its module is named already
+        GymnasiumGoalVectorEnv("gymnasium:NoSuchGoalEnv-v0", 2)
+    assert "gymnasium_robotics" not in str(error.value)
     with pytest.raises(ValueError, match="not a goal env"):
         GymnasiumGoalVectorEnv("CartPole-v1", 2)
