@@ -96,6 +96,10 @@ def test_make_env_defaults_and_errors():
     assert (reacher.max_episode_steps, reacher.success_distance) == (50, 0.05)
     with pytest.raises(ValueError, match="point_umaze"):
         make_env("nope", num_envs=4)
+    with pytest.raises(TypeError, match="an env name is a str"):
+        make_env(3, num_envs=4)
+    with pytest.raises(ValueError, match="point_umaze fixes the maze"):
+        make_env("point_umaze", num_envs=4, maze="large")
     with pytest.raises(ValueError, match="num_envs"):
         make_env("point_umaze", num_envs=0)
     for action in (torch.zeros(3, 2), torch.zeros(2, 4)):  # (2, 4): as many numbers, transposed
@@ -571,6 +575,8 @@ def test_register_env_refuses_clashes_and_bad_names():
         register_env("two_lambdas", lambda *a, **k: None)
     with pytest.raises(TypeError, match="callable"):
         register_env("other", 3)
+    with pytest.raises(TypeError, match="replace must be True or False"):  # "no" is truthy
+        register_env("free_point", FreePoint, replace="no")
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         make_env("no_such_module:free_point", num_envs=2)
     with pytest.raises(ValueError, match="unknown env 'nope'"):
