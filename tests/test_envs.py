@@ -641,6 +641,7 @@ def test_point_maze_frames_show_walls_goal_and_point(name):
     for i, frame in enumerate(frames):
         assert frame.shape == (height * ppu, width * ppu, 3) and frame.dtype == np.uint8
         assert tuple(frame[pixel(env.pos[i], lo, ppu)]) == POINT
+        assert tuple(frame[pixel(env.pos[i] + 0.08, lo, ppu)]) == POINT  # a square, corners too
         near_point = torch.dist(env.pos[i], env.goal[i]) < 0.2
         assert near_point or tuple(frame[pixel(env.goal[i], lo, ppu)]) == GOAL
         for row, cells in enumerate(env.layout):
