@@ -78,6 +78,9 @@ def test_api_shapes_and_dtypes(name):
     assert env.single_observation_space["observation"].shape == (env.obs_dim,)
     assert env.observation_space["desired_goal"].shape == (8, env.goal_dim)
     assert env.action_space.shape == (8, env.action_dim)
+    actions = env.single_action_space
+    assert (actions.low == -1.0).all() and (actions.high == 1.0).all()
+    assert env.single_observation_space["achieved_goal"].dtype == np.float32
     assert env.observation_space["observation"].contains(obs["observation"].numpy())
     obs, reward, terminated, truncated, info = env.step(torch.zeros(8, env.action_dim))
     assert reward.shape == terminated.shape == truncated.shape == (8,)
@@ -395,6 +398,8 @@ def test_state_dict_resumes_exactly(name):
     assert_same(expected, rollout(env, 20, seed=1))
     with pytest.raises(ValueError, match="shape"):
         make_env(name, num_envs=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="state_dict keys must be"):  # state of another env
+        env.load_state_dict(state | {"mass": torch.ones(64)})
     key = env._sim_keys[0]
     with pytest.raises(TypeError, match=rf"state_dict\['{key}'\] must be a tensor, got list"):
         env.load_state_dict(state | {key: state[key].tolist()})
@@ -985,6 +990,11 @@ class _WideGoal(FreePoint):
         return super()._observe() | {"achieved_goal": torch.zeros(self.num_envs, 3)}
 
 
+class _OneRow(FreePoint):
+    def _observe(self):
+        return super()._observe() | {"desired_goal": self.goal[:1].clone()}
+
+
 class _DoubleObservation(FreePoint):
     def _observe(self):
         return super()._observe() | {"observation": self.pos.double()}
@@ -1002,6 +1012,7 @@ class _UnsavedState(FreePoint):
     [
         (_ViewPoint, ValueError, r"\['observation'\] shares memory with the state 'pos'"),
         (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
+        (_OneRow, ValueError, r"\['desired_goal'\] must be \(4, 2\) .* got \(1, 2\)"),
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
         (_UnsavedState, ValueError, r"_initial_state must return a dict whose keys are among"),
     ],
