@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.wrappers import TimeLimit
 from torch._dynamo.utils import counters
 
 from crl_fast.checks import resolve_device
@@ -922,6 +923,32 @@ class _NumpyBoolSuccess(TinyGoalEnv):
     def step(self, action):
         *out, info = super().step(action)
         return *out, {"is_success": np.bool_(info["is_success"])}
+
+
+class _SilentReset(TinyGoalEnv):
+    """Reports success at steps only (Fetch's reset info is empty): where every env ends in
+    one step, the info holds the resets' infos, and success is in ``final_info`` alone."""
+
+    def reset(self, *, seed=None, options=None):
+        return super().reset(seed=seed, options=options)[0], {}
+
+
+class _NoSuccess(_SilentReset):
+    def step(self, action):
+        return *super().step(action)[:4], {}
+
+
+def test_adapter_reads_success_from_final_info_and_needs_some_success():
+    fns = [lambda: TimeLimit(_SilentReset(), 6)] * 8
+    env = GymnasiumGoalVectorEnv(SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP))
+    steps = adapter_rollout(env, 12)[1:]
+    assert steps[5][3].all()  # every env ends at step 6
+    for _, reward, _, _, info in steps:
+        assert torch.equal(info["success"], reward == 0)
+    silent = GymnasiumGoalVectorEnv(SyncVectorEnv([_NoSuccess] * 2))
+    silent.reset(seed=0)
+    with pytest.raises(ValueError, match=r"reports none of .* pass success_distance"):
+        silent.step(torch.zeros(2, 2))
 
 
 class _WideDesiredGoal(TinyGoalEnv):
