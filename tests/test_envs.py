@@ -648,8 +648,10 @@ def test_point_maze_frames_show_walls_goal_and_point(name):
         assert frame.shape == (height * ppu, width * ppu, 3) and frame.dtype == np.uint8
         assert tuple(frame[pixel(env.pos[i], lo, ppu)]) == POINT
         assert tuple(frame[pixel(env.pos[i] + 0.08, lo, ppu)]) == POINT  # a square, corners too
-        near_point = torch.dist(env.pos[i], env.goal[i]) < 0.2
-        assert near_point or tuple(frame[pixel(env.goal[i], lo, ppu)]) == GOAL
+        for offset in (0.0, 0.4):  # the success disc (0.45) around the goal
+            on_disc = env.goal[i] + torch.tensor([offset, 0.0])
+            near_point = torch.dist(env.pos[i], on_disc) < 0.2
+            assert near_point or tuple(frame[pixel(on_disc, lo, ppu)]) == GOAL
         for row, cells in enumerate(env.layout):
             for col, cell in enumerate(cells):
                 centre = frame[row * ppu + ppu // 2, col * ppu + ppu // 2]
