@@ -268,6 +268,8 @@ def test_reset_seed_reproducible(name):
     obs6, _ = other.reset(seed=6)
     assert not torch.equal(obs6["desired_goal"], first[0][0]["desired_goal"])
     assert_same(env.reset(seed=5), first[0])  # reseeding the same env starts it over
+    made = make_env(name, num_envs=64, seed=5, max_episode_steps=7)  # seeded when made
+    assert_same(rollout(made, 30), first[1])
     unseeded = [make_env(name, num_envs=64, seed=None).reset()[0] for _ in range(2)]
     assert not torch.equal(unseeded[0]["desired_goal"], unseeded[1]["desired_goal"])
 
@@ -618,9 +620,18 @@ def test_an_env_drawing_outside_its_generator_is_warned_about():
 
     with pytest.warns(UserWarning, match="drew none from self.generator"):
         GlobalDraws(4, seed=0)
+
+    class FixedStart(FreePoint):  # draws nothing, and says so
+        def _draw(self):
+            return {}
+
+        def _initial_state(self, draws):
+            return {"pos": torch.zeros(self.num_envs, 2), "goal": torch.ones(self.num_envs, 2)}
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FreePoint(4, seed=0).reset(seed=1)
+        FixedStart(4, seed=0).reset(seed=1)
 
 
 # --------------------------------------------------------------------------- rendering
