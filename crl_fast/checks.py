@@ -51,12 +51,15 @@ def fraction(name: str, value: object) -> float:
 
 
 def seed_int(value: object) -> int:
-    """``value`` as an int if it is an integer in [0, 2**64) (what a torch generator takes; numpy's
-    ints too, bool not), else a TypeError or ValueError."""
+    """``value`` as an int if it is an integer in [0, 2**32) (numpy's ints too, bool not), else a
+    TypeError or ValueError. torch's CPU generator reads only a seed's low 32 bits, so a larger
+    seed would repeat the stream of a smaller one (2**32 + 5 that of 5) without a word."""
     if not is_integer(value):
         raise TypeError(f"seed must be an int, got {value!r}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {value}")
+    if not 0 <= value < 2**32:
+        raise ValueError(
+            f"seed must lie in [0, 2**32) (torch's CPU generator reads 32 bits), got {value}"
+        )
     return int(value)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crl_fast.checks import seed_int
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig, TrainConfig
 
 
@@ -42,6 +43,17 @@ def _positive(text: str) -> int:
 
 
 _positive.__name__ = "positive integer"  # argparse names the type: "invalid positive integer value"
+
+
+def _seed(text: str) -> int:
+    value = int(text)  # a ValueError here: argparse's "invalid seed value: 'abc'"
+    try:
+        return seed_int(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_seed.__name__ = "seed"
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -124,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     eval_parser.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=None,
         help="goal seed (default: the run's evaluation goals, whose seed is not the run's --seed)",
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from crl_fast import fused_mlp
@@ -147,7 +148,14 @@ def make_run_env(
 
 def eval_seed(config: TrainConfig) -> int:
     """The seed of the run's fixed evaluation goals, apart from the training env's."""
-    return config.seed + EVAL_SEED_OFFSET
+    return (config.seed + EVAL_SEED_OFFSET) % 2**32  # seeds are 32-bit (checks.seed_int)
+
+
+def restart_seed(config: TrainConfig, env_steps: int) -> int:
+    """The seed of a resumed run's env reset where the checkpoint holds no env state: one of this
+    run and step, mixed (``config.seed + env_steps`` was :func:`eval_seed` at 10,000 steps, and
+    the episodes would have started from the evaluation goals)."""
+    return int(np.random.SeedSequence([config.seed, env_steps]).generate_state(1)[0])
 
 
 def make_eval_env(config: TrainConfig, device: torch.device, num_episodes: int) -> GoalVectorEnv:
@@ -360,7 +368,7 @@ def restore_run(
             + ": the run continues with the versions below"
         )
     if checkpoint["env"] is None:  # the env could not save its state: restart episodes
-        obs, _ = env.reset(seed=config.seed + loop.env_steps)
+        obs, _ = env.reset(seed=restart_seed(config, loop.env_steps))
         buffer.end_episodes()
         print("the env could not save its state: its episodes restart from a reset")
     else:

@@ -30,7 +30,7 @@ from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env, register_env
 from crl_fast.logger import MetricsLogger, read_jsonl
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir, new_run_dir
-from crl_fast.train import eval_seed, evaluate, load_agent, train
+from crl_fast.train import EVAL_SEED_OFFSET, eval_seed, evaluate, load_agent, restart_seed, train
 from tests.free_point_env import FreePoint
 
 
@@ -1143,6 +1143,8 @@ def test_env_kwargs_reach_the_env(tmp_path):
         (["train", "--env-kwargs", '{"seed": 3}'], "env_kwargs cannot set 'seed': the run sets"),
         (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "--episodes: must be a positive"),
         (["eval", "--checkpoint", "x.pt", "--episodes", "1.5"], "--episodes: invalid positive int"),
+        (["eval", "--checkpoint", "x.pt", "--seed", str(2**32)], r"--seed: seed must lie in \[0,"),
+        (["eval", "--checkpoint", "x.pt", "--seed", "1.5"], "--seed: invalid seed value"),
     ],
 )
 def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, monkeypatch):
@@ -1290,6 +1292,19 @@ def test_gymnasium_env_trains_and_resumes(tmp_path):
         main(
             ["eval", "--checkpoint", str(resumed["run_dir"] / "checkpoint.pt"), "--video", "v.gif"]
         )
+
+
+def test_run_seeds_stay_apart_and_in_32_bits():
+    """The eval envs' seed wraps into the 32 bits seeds take (a run seed of 2**32 - 1 would
+    otherwise be refused at its first evaluation), and a resumed run's reset seed is neither
+    eval_seed nor the same for two steps."""
+    assert eval_seed(TrainConfig(seed=2**32 - 1)) == EVAL_SEED_OFFSET - 1
+    for seed in (0, 7, 2**32 - 1):
+        config = TrainConfig(seed=seed)
+        seeds = {restart_seed(config, steps) for steps in (0, 256, EVAL_SEED_OFFSET)}
+        assert len(seeds) == 3 and eval_seed(config) not in seeds
+        assert all(0 <= s < 2**32 for s in seeds)
+        assert restart_seed(config, 256) == restart_seed(TrainConfig(seed=seed), 256)
 
 
 def test_evaluate_runs_the_overridden_episode_length():
