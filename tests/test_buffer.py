@@ -251,6 +251,31 @@ def test_mixing_fractions() -> None:
         buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixing_uniform_against_the_fractions(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 24-bit mixing uniform u picks a random goal where u < random_goal_fraction, the
+    current state's where u < the fractions' sum, else the future one: strictly, so a fraction
+    of 0 gives no goal of its kind (u = 0 included)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    buf = make(capacity=4, num_envs=2, backend=backend)
+    batch = good_batch(steps=4, n=2)
+    steps = torch.arange(4, dtype=torch.float32)[:, None] * 10 + torch.arange(2)  # t * 10 + env
+    batch["next_achieved_goal"] = steps[..., None].expand(4, 2, GOAL).clone()
+    buf.extend(batch)
+    u_mix = torch.tensor([0, 2**23 - 1, 2**23, 3 * 2**22 - 1, 3 * 2**22, 2**24 - 1])
+    bits = torch.zeros(u_mix.numel(), 3, dtype=torch.int64)
+    bits[:, 0] = 4  # anchor: step 2 of env 0
+    bits[:, 1] = 7  # random goal: step 3 of env 1
+    bits[:, 2] = u_mix << 38  # offset uniform 0: k = 1, the anchor's own row
+    monkeypatch.setattr(torch, "randint", lambda *args, **kw: bits.clone())
+    goal = buf.sample(6, random_goal_fraction=0.5, current_goal_fraction=0.25).goal[:, 0]
+    assert goal.tolist() == [31, 31, 10, 10, 20, 20]  # random, current (row 1), future
+    assert buf.sample(6).goal[:, 0].tolist() == [20] * 6
+
+
 # ---------------------------------------------------------------- Triton kernels == torch
 
 
