@@ -565,25 +565,48 @@ def test_load_state_dict_rejects_mismatch_unchanged(field: str, value: object) -
             assert torch.equal(after[key], v), key
 
 
-@pytest.mark.parametrize("edit", ["end_in_next_episode", "flag_cleared", "flag_added"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "end_in_next_episode",
+        "end_a_lap_late",
+        "flag_cleared",
+        "flag_added",
+        "running_episode_skips_one",
+        "episodes_below_zero",
+    ],
+)
 def test_load_state_dict_rejects_bookkeeping_that_disagrees_with_the_flags(edit: str) -> None:
-    """An ended episode's end must be a done row of that episode, and the done flags must
-    delimit the episodes: an end moved into the next episode (which fits the step count) would
-    send its 'final' goals across the episode boundary."""
+    """An ended episode's end must be a done row of that episode before ``step``, and the done
+    flags must delimit the episodes, numbered from 0: an end moved to the next episode's done row
+    or a lap later to its own (both fit the step count) would send its goals across the episode
+    boundary, and a negative episode makes the Triton sampler read before ``segment_end`` (C's %
+    keeps the sign)."""
     src = make(capacity=8, num_envs=1)
-    batch = random_batch(6, 1, seed=0)
-    batch["terminated"] = torch.zeros(6, 1, dtype=torch.bool)
-    batch["terminated"][1, 0] = True  # episode 0: steps 0-1; episode 1: steps 2-5, running
-    batch["truncated"] = torch.zeros(6, 1, dtype=torch.bool)
-    src.extend(batch)
+    batch = random_batch(9, 1, seed=0)
+    batch["terminated"] = torch.zeros(9, 1, dtype=torch.bool)
+    batch["terminated"][[1, 4], 0] = True  # episodes: 0 = steps 0-1, 1 = 2-4, 2 = 5-8 running
+    batch["truncated"] = torch.zeros(9, 1, dtype=torch.bool)
+    src.extend(batch)  # step 8 overwrote step 0 (row 0): step 1 (row 1) is the oldest stored
     state = src.state_dict()
     make(capacity=8, num_envs=1).load_state_dict(state)  # the unedited state loads
+    ends = state["segment_end"]
     if edit == "end_in_next_episode":
-        state["segment_end"][0, 0] = 4
+        ends[0, 0] = 4
+    elif edit == "end_a_lap_late":
+        ends[0, 0] = 9  # row 1 again, at the step count
     elif edit == "flag_cleared":
         state["terminated"][1, 0] = False
-    else:
+    elif edit == "flag_added":
         state["truncated"][3, 0] = True
+    elif edit == "running_episode_skips_one":
+        state["truncated"][0, 0] = True  # step 8 ends episode 2, and the next is 3, not 4
+        ends[2, 0] = 8
+        state["open_segment"][0] = 4
+    else:  # every index one less, so that episode 0 becomes -1
+        state["segment"] -= 1
+        state["open_segment"] -= 1
+        state["segment_end"] = ends.roll(-1, 0)
     buf = make(capacity=8, num_envs=1)
     with pytest.raises(ValueError, match="segment"):
         buf.load_state_dict(state)
