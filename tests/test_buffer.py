@@ -640,6 +640,22 @@ def test_state_saved_before_the_sampling_law_was_recorded_loads() -> None:
     assert buf.state_dict()["step"] == 20
 
 
+def test_load_state_dict_rejects_unknown_config_fields_and_a_bool_step() -> None:
+    """A config field this buffer does not know is a state of another version or class; a step
+    of True would load as step 1."""
+    src = make()
+    src.extend(good_batch(steps=1))
+    state = src.state_dict()
+    state["config"]["horizon"] = 10
+    with pytest.raises(ValueError, match=r"unknown fields \['horizon'\]"):
+        make().load_state_dict(state)
+    state = src.state_dict()
+    state["step"] = True
+    with pytest.raises(ValueError, match=r"state_dict\['step'\] must be an int"):
+        make().load_state_dict(state)
+    make().load_state_dict(src.state_dict())
+
+
 def test_len_capacity_clear() -> None:
     buf = make(capacity=4, num_envs=3)
     rec = Recorder(buf, [0.5] * 3, seed=0)
