@@ -656,6 +656,17 @@ def test_load_state_dict_rejects_unknown_config_fields_and_a_bool_step() -> None
     make().load_state_dict(src.state_dict())
 
 
+def test_sample_draws_from_the_generator_given() -> None:
+    """A ``generator`` passed to sample supplies the draws, and the buffer's own is untouched."""
+    buf = make()
+    buf.extend(random_batch(5, 6, seed=0))
+    own = buf.generator.get_state()
+    a, b = (buf.sample(64, generator=torch.Generator().manual_seed(3)) for _ in range(2))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(buf.generator.get_state(), own)
+
+
 def test_len_capacity_clear() -> None:
     buf = make(capacity=4, num_envs=3)
     rec = Recorder(buf, [0.5] * 3, seed=0)
