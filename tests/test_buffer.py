@@ -677,6 +677,11 @@ def test_len_capacity_clear() -> None:
     assert len(buf) == 12
     buf.clear()
     assert len(buf) == 0
+    cleared, fresh = buf.state_dict(), make(capacity=4, num_envs=3).state_dict()
+    for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
+        assert torch.equal(cleared[key], fresh[key]), key
+    assert cleared["step"] == 0 and int(buf._step_t) == 0  # the cursor a captured sample reads
+    make(capacity=4, num_envs=3).load_state_dict(cleared)  # an empty buffer's state loads
     with pytest.raises(ValueError, match="empty"):
         buf.sample(4)
     rec2 = Recorder(buf, [0.5] * 3, seed=1)  # refilled after clear: fresh episode bookkeeping
