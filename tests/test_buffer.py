@@ -746,6 +746,10 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
         make(goal_mode="future")
     with pytest.raises(ValueError, match="capacity"):
         make(capacity=0)
+    with pytest.raises(ValueError, match=r"capacity must be at most 2\*\*24"):
+        make(capacity=2**24 + 1, num_envs=1)
+    with pytest.raises(ValueError, match="backend must be"):
+        make(backend="cuda")
     with pytest.raises(ValueError, match="random_goal_fraction"):
         make(random_goal_fraction=1.5)
     for fraction in (True, "0.1", None):  # True would make every goal random
