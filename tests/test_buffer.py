@@ -893,8 +893,13 @@ def test_end_episodes_cuts_running_episodes(backend: str) -> None:
             }
         )
 
+    buf.end_episodes()  # nothing stored: a no-op
     extend(0, 5, done_at=4)
     buf.end_episodes()
+    state = buf.state_dict()  # the cut is a truncation, and only env 0 starts a new episode
+    assert state["truncated"][4].tolist() == [True, False]
+    assert state["open_segment"].tolist() == [1, 1]
+    make(capacity=32, num_envs=2).load_state_dict(state)
     extend(5, 5)
     batch = buf.sample(4000, goal_mode="final")
     anchor, goal = batch.observation[:, 0], batch.goal[:, 0]
@@ -905,3 +910,14 @@ def test_end_episodes_cuts_running_episodes(backend: str) -> None:
     assert torch.equal(
         buf.sample(4000, goal_mode="final").goal[:, 0].unique(), torch.tensor([4.0, 9.0])
     )
+
+
+def test_end_episodes_after_more_episodes_than_rows() -> None:
+    """The cut files the running episode's end at its slot, its index % capacity, also once an
+    env has had more episodes than the buffer has rows."""
+    buf = make(capacity=2, num_envs=1)
+    batch = good_batch(steps=3, n=1)
+    batch["terminated"][:2] = True  # episodes 0 and 1 end; episode 2 runs
+    buf.extend(batch)
+    buf.end_episodes()
+    make(capacity=2, num_envs=1).load_state_dict(buf.state_dict())
