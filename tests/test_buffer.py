@@ -797,6 +797,16 @@ def test_auto_takes_pytorch_on_cuda_without_triton(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
+def test_sample_rejects_a_generator_of_another_device() -> None:
+    """A CPU generator for a CUDA buffer is named as such (torch.randint's own error is not a
+    ValueError): the only device mismatch the check can see, so a CPU run cannot test it."""
+    buf = make(device="cuda")
+    buf.extend({k: v.cuda() for k, v in good_batch().items()})
+    with pytest.raises(ValueError, match="generator is on cpu, the buffer on cuda"):
+        buf.sample(8, generator=torch.Generator())
+
+
+@pytest.mark.gpu
 def test_invariants_cuda_triton() -> None:
     run_invariants("cuda", "auto", rounds=60, batch=4096)
 
