@@ -1208,10 +1208,11 @@ def test_config_from_a_pipe_is_read_not_called_missing(tmp_path):
     try:
         assert train_config({"config": str(pipe)}).seed == 4
     finally:
-        if feeder.is_alive():  # unblock the writer where the pipe was never opened
-            with contextlib.suppress(OSError), open(pipe):
-                pass
-        feeder.join(timeout=5)
+        feeder.join(timeout=1)  # it ends as the read ends
+        if feeder.is_alive():  # the pipe was never read: let the writer's open() return
+            # Non-blocking: a blocking open would wait for a writer that has opened already.
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+            feeder.join(timeout=5)
 
 
 def test_cli_file_and_device_errors_are_one_line_messages(tmp_path, capsys):
