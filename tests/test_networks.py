@@ -49,6 +49,14 @@ def test_residual_mlp_goes_deep():
     assert torch.isfinite(first.weight.grad).all() and first.weight.grad.abs().sum() > 0
 
 
+def test_residual_block_adds_its_input():
+    """The skip connection: a block's output is its input plus its body's (without the skip,
+    a deep stack of normalised layers still trains, so depth alone cannot tell)."""
+    block = ResidualBlock(8, "swish")
+    x = torch.randn(4, 8)
+    assert torch.equal(block(x), x + block.body(x))
+
+
 def test_mlp_slices_share_its_layers():
     net = Encoder(3, 2, width=8, depth=2)
     features = net[:-1]
