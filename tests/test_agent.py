@@ -374,6 +374,7 @@ def test_alpha_moves_towards_the_target_entropy(target):
     """Entropy below the target raises alpha, above it lowers alpha (the policy is frozen)."""
     agent = small_agent(critic_lr=0.0, actor_lr=0.0, alpha_lr=0.05)
     assert agent.target_entropy == -0.5 * ACT
+    assert small_agent(target_entropy_scale=2.0).target_entropy == -2.0 * ACT
     agent.target_entropy = target  # out of reach either way
     before = agent.log_alpha.item()
     for _ in range(5):
