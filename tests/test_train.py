@@ -338,6 +338,18 @@ def test_a_run_resumed_between_logs_logs_the_critic_metrics(tmp_path, monkeypatc
     assert all("critic/categorical_accuracy" in r for r in rows)
 
 
+def test_a_run_continued_past_its_end_logs_the_critic_metrics_of_its_last_update(tmp_path):
+    """A run's last update computes the critic's accuracies though no log falls after it (its
+    end comes first): continued to a larger total_env_steps, the run logs them before its first
+    update."""
+    settings = dict(updates_per_env_step=1 / 32, log_every=256)  # updates at 280, 312, ...
+    train(tiny_config(tmp_path, total_env_steps=296, **settings))
+    train(tiny_config(tmp_path, total_env_steps=320, resume=True, **settings | {"log_every": 8}))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "critic/loss" in r]
+    assert rows[0]["step"] == 304  # the saved metrics, before the continued run's first update
+    assert all("critic/categorical_accuracy" in r for r in rows)
+
+
 @pytest.mark.parametrize(
     ("total", "learning_starts", "per_env_step", "updates"),
     [
