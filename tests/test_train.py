@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import sys
 import threading
@@ -23,7 +24,13 @@ import crl_fast
 from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
 from crl_fast.agent import CRL
-from crl_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from crl_fast.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from crl_fast.checks import resolve_device
 from crl_fast.cli import main
 from crl_fast.config import AgentConfig, TrainConfig
@@ -842,6 +849,25 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (tmp_path / ".checkpoint.pt.99999.tmp").write_bytes(b"a killed process's partial write")
     save_checkpoint({"step": 3}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_seeding_and_rng_state_cover_python_numpy_and_torch():
+    """What an env or a loss of the user's draws from Python's or NumPy's global generator
+    repeats after seed_everything, and continues after set_rng_state (NumPy's cached Gaussian
+    too), as torch's does: the run's own draws use torch only, so no run test sees these."""
+
+    def draws() -> tuple[float, ...]:
+        return random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()
+
+    seed_everything(3)
+    first = draws()
+    state = rng_state("cpu")
+    after = draws()
+    draws()
+    set_rng_state(state, "cpu")
+    assert draws() == after
+    seed_everything(3)
+    assert draws() == first
 
 
 @pytest.mark.parametrize(
