@@ -492,6 +492,20 @@ def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
     )
 
 
+def test_the_policy_acts_from_learning_starts_on(tmp_path, monkeypatch):
+    """Uniform random actions for the first learning_starts env steps, the policy's samples
+    from there on: an off-by-one in either direction changes the number of sampled steps."""
+    sampled, act = [], CRL.act
+
+    def spy(self, obs, goal, deterministic=False):
+        sampled.append(deterministic)
+        return act(self, obs, goal, deterministic)
+
+    monkeypatch.setattr(CRL, "act", spy)
+    train(tiny_config(tmp_path, total_env_steps=128, learning_starts=64))
+    assert sampled.count(False) == (128 - 64) // 8  # 8 envs a step
+
+
 def test_progress_writes_to_the_stdout_of_its_time(monkeypatch):
     """sys.stdout as it is when the run starts, not as it was when crl-fast was imported (a
     closed stream there made a later run fail)."""
