@@ -1398,6 +1398,38 @@ def test_evaluate_reports_the_last_step():
     assert result["eval/final_distance"] == pytest.approx(1.5 * 2**0.5, rel=1e-5)
 
 
+def test_evaluate_counts_the_first_episode_of_each_env_only():
+    """An episode that ends early (a failure: the point left the box) resets its env, which
+    goes on stepping until the slowest episode ends: what later episodes reach is not success."""
+    import gymnasium as gym
+
+    from tests.tiny_goal_env import TinyGoalEnv
+
+    class LeavesTheBox(TinyGoalEnv):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = super().step(action)
+            return obs, reward, terminated or np.abs(self.pos).max() > 1.5, truncated, info
+
+    class FleeThenSeek:
+        """6 steps straight away from the goal (out of the box by then), then to it."""
+
+        def __init__(self):
+            self.t = 0
+
+        def act(self, obs, goal, deterministic=False):
+            self.t += 1
+            seek = ((goal - obs) / 0.5).clamp(-1, 1)
+            return -seek.sign() if self.t <= 6 else seek
+
+    gym.register("CrlFastTinyGoalLeaves-v0", entry_point=LeavesTheBox, max_episode_steps=10)
+    try:
+        env = make_env("gymnasium:CrlFastTinyGoalLeaves-v0", 16)
+        result = evaluate(FleeThenSeek(), env, seed=0)
+    finally:
+        del gym.registry["CrlFastTinyGoalLeaves-v0"]
+    assert result["eval/success"] == result["eval/success_final"] == 0.0
+
+
 def test_unknown_env_names_the_choices():
     with pytest.raises(ValueError, match="gymnasium:<gymnasium id>"):
         make_env("point_maze_huge", num_envs=2)
