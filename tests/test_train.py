@@ -561,6 +561,27 @@ def test_python_m_crl_fast_is_the_command_line():
     assert done.returncode == 0 and "--video-envs" in done.stdout
 
 
+def test_warmup_updates_count_as_updates(tmp_path, monkeypatch):
+    """A CUDA graph's warm-up updates (made while it is built) are real updates: counted in
+    the run's updates and paid from its update credit. Checked on the CPU with a train step
+    that says it made 3."""
+    calls, make = [], train_module.make_train_step
+
+    def with_warmup(config, agent, buffer, cuda_graph):
+        step, per_call, _ = make(config, agent, buffer, cuda_graph)
+
+        def counted(logged: bool) -> dict[str, torch.Tensor]:
+            calls.append(logged)
+            return step(logged)
+
+        return counted, per_call, 3
+
+    monkeypatch.setattr(train_module, "make_train_step", with_warmup)
+    train(tiny_config(tmp_path))  # env steps 256 to 1024 earn 1 update each 8: 97
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["updates"] == 97
+    assert len(calls) == 97 - 3
+
+
 def test_no_updates_means_no_train_step(tmp_path, monkeypatch):
     """updates_per_env_step=0 collects only: not even the CUDA graph's warm-up updates run."""
 
