@@ -253,6 +253,17 @@ def test_stored_goal_of_an_ending_step_is_its_final_state(tmp_path, monkeypatch)
     assert ended == 2 * 8  # steps 5 and 10 of 12
 
 
+def test_evaluation_goals_are_not_the_first_training_goals(tmp_path):
+    """The evaluation's fixed goals come from a seed of their own, not from the run's seed:
+    else they would be the goals the training env's first episodes chase."""
+    from crl_fast.train import make_eval_env, make_run_env
+
+    config, cpu = tiny_config(tmp_path), torch.device("cpu")
+    training, _ = make_run_env(config, cpu, 8, config.seed).reset(seed=config.seed)
+    evaluation, _ = make_eval_env(config, cpu, 8).reset(seed=eval_seed(config))
+    assert not torch.equal(training["desired_goal"], evaluation["desired_goal"])
+
+
 def test_resuming_a_finished_run_adds_no_rows(tmp_path):
     config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
     first = train(config)
