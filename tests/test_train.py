@@ -1240,6 +1240,26 @@ def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, 
     assert not list(tmp_path.glob("runs/*"))  # a run that failed to start leaves no folder
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("gamma", 1.0, r"gamma must lie in \(0, 1\)"),
+        ("gamma", 0.0, r"gamma must lie in \(0, 1\)"),
+        ("updates_per_env_step", -0.5, "updates_per_env_step must be >= 0"),
+        ("learning_starts", -1, "learning_starts must be >= 0"),
+        ("eval_episodes", 0, "eval_episodes must be positive"),
+        ("resume", True, "--resume needs --run-dir"),
+    ],
+)
+def test_train_config_refuses_values_out_of_range(field, value, message):
+    """Refused where the config is made (a negative rate or start would run as 0, silently;
+    the others would fail later, naming something else).
+    Checked on TrainConfig, not through the command line: without the check, a command line
+    taking the value would start a whole default run instead of failing."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
 def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
     """--config takes a run's config.json (or some of its fields), flags on top; the file's
     run_dir and resume are not taken: it is a new run."""
