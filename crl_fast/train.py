@@ -65,9 +65,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class StopRequest:
-    """The first SIGINT or SIGTERM a run caught (None: none yet)."""
+    """The first SIGINT or SIGTERM a run caught (None: none yet), and what the run says about
+    them once it starts (after its checks: a refused run prints its error alone)."""
 
     signal: int | None = None
+    notice: str | None = None
 
 
 @contextlib.contextmanager
@@ -95,10 +97,9 @@ def stop_requests() -> Iterator[StopRequest]:
 
     caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
     if signal.SIGINT not in caught and signal.SIGTERM in caught:  # kill -INT: nothing, silently
-        print(
+        request.notice = (
             f"SIGINT is ignored in this process (a background job): stop the run with SIGTERM "
-            f"(kill {os.getpid()}), which writes a checkpoint first",
-            file=sys.stderr,
+            f"(kill {os.getpid()}), which writes a checkpoint first"
         )
     previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
@@ -512,6 +513,8 @@ def _train_in(
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     for line in run_header(config, device, speed, agent, buffer, loop.env_steps):
         print(line)
+    if stop.notice:
+        print(stop.notice, file=sys.stderr)
     logger = MetricsLogger(
         run_dir,
         config.tensorboard,
