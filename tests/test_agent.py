@@ -307,6 +307,11 @@ def _bad_batches() -> dict[str, tuple[GoalBatch, type, str]]:
         "dtype": (GoalBatch(obs, action.double(), goal), TypeError, "action must be float32"),
         "not a tensor": (GoalBatch(obs, action.tolist(), goal), TypeError, "must be a tensor"),
         "empty": (GoalBatch(obs[:0], action[:0], goal[:0]), ValueError, "empty batch"),
+        "device": (
+            GoalBatch(obs, action, goal.to("meta")),
+            ValueError,
+            "goal is on meta, the agent on cpu",
+        ),
     }
 
 
@@ -319,7 +324,7 @@ def test_a_bad_batch_is_refused_before_any_step(case):
     with pytest.raises(error, match=message):
         agent.update(batch)
     assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
-    if case in ("obs width", "goal 1-D", "rows", "empty"):  # what act() reads
+    if case in ("obs width", "goal 1-D", "rows", "empty", "device"):  # what act() reads
         with pytest.raises(error, match=message):
             agent.act(batch.observation, batch.goal)
 
@@ -714,6 +719,7 @@ def _edit_first_moment(state, edit):
         (lambda s: s.update(exp_avg=s["exp_avg"].flatten()), "exp_avg is .*not the parameter's"),
         (lambda s: s.pop("exp_avg_sq"), r"has \['exp_avg', 'step'\], Adam's"),
         (lambda s: s.update(step=torch.tensor([1.0, 2.0])), "step must be a one-element tensor"),
+        (lambda s: s.update(exp_avg=[0.0]), "exp_avg is list, not the parameter's shape"),
     ],
 )
 def test_a_malformed_optimizer_state_is_refused_and_changes_nothing(edit, message):
@@ -732,5 +738,9 @@ def test_a_malformed_optimizer_state_is_refused_and_changes_nothing(edit, messag
     state = source.state_dict()
     state["actor_optimizer"]["param_groups"][0]["lr"] = "fast"
     with pytest.raises(ValueError, match="actor_optimizer group 0: lr must be a number"):
+        agent.load_state_dict(state)
+    state = source.state_dict()
+    state["actor_optimizer"]["param_groups"][0]["betas"] = (0.9,)
+    with pytest.raises(ValueError, match=r"group 0: betas must be two numbers, got \(0.9,\)"):
         agent.load_state_dict(state)
     agent.update(toy_batch(8))  # whole
