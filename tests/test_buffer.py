@@ -656,6 +656,24 @@ def test_load_state_dict_rejects_unknown_config_fields_and_a_bool_step() -> None
     make().load_state_dict(src.state_dict())
 
 
+def test_load_state_dict_names_a_state_of_another_kind() -> None:
+    """Not a buffer's state, a field that is not a tensor, a step that is not an integer: each
+    named, as a ValueError."""
+    src = make()
+    src.extend(good_batch(steps=1))
+    with pytest.raises(ValueError, match="state_dict has no 'config': not a TrajectoryBuffer"):
+        make().load_state_dict({})
+    for key, value, match in [
+        ("rows", [0.0], r"state_dict\['rows'\] must be a tensor, got list"),
+        ("step", 1.0, r"state_dict\['step'\] must be an int in \[0, 2\*\*62\), got 1.0"),
+        ("generator", [0], r"state_dict\['generator'\] must be a generator state tensor, got list"),
+    ]:
+        state = src.state_dict()
+        state[key] = value
+        with pytest.raises(ValueError, match=match):
+            make().load_state_dict(state)
+
+
 def test_sample_draws_from_the_generator_given() -> None:
     """A ``generator`` passed to sample supplies the draws, and the buffer's own is untouched."""
     buf = make()
@@ -670,7 +688,7 @@ def test_sample_draws_from_the_generator_given() -> None:
 def test_len_capacity_clear() -> None:
     buf = make(capacity=4, num_envs=3)
     rec = Recorder(buf, [0.5] * 3, seed=0)
-    assert len(buf) == 0 and buf.capacity == 4
+    assert len(buf) == 0 and buf.capacity == 4 and make(gamma=0.9).gamma == 0.9
     rec.extend(3)
     assert len(buf) == 9
     rec.extend(10)
@@ -722,6 +740,15 @@ def test_extend_rejects_bad_input(field: str, value: object, error: type, match:
     del batch[field]
     with pytest.raises(ValueError, match="missing"):
         buf.extend(batch)
+    assert len(buf) == 0
+
+
+def test_extend_takes_a_mapping_and_zero_steps_write_nothing(monkeypatch) -> None:
+    buf = make()
+    with pytest.raises(TypeError, match=r"extend\(\) takes a mapping of tensors, got list"):
+        buf.extend(list(good_batch().values()))
+    monkeypatch.setattr(buf, "_extend_torch", lambda *args: pytest.fail("wrote 0 steps"))
+    buf.extend(good_batch(steps=0))
     assert len(buf) == 0
 
 
