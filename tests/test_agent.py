@@ -288,6 +288,8 @@ def test_actor_random_goals_are_a_choice():
 def test_agent_sizes_must_be_positive():
     with pytest.raises(ValueError, match="obs_dim"):
         CRL(0, ACT, GOAL)
+    with pytest.raises(ValueError, match="actor_width must be positive, got 0"):
+        AgentConfig(actor_width=0)  # not None: not the encoders' width
 
 
 def _bad_batches() -> dict[str, tuple[GoalBatch, type, str]]:

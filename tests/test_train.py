@@ -1124,6 +1124,7 @@ def test_configs_refuse_wrong_types_and_take_paths_as_strings(tmp_path):
         (TrainConfig, {"env_kwargs": {"dt": np.float32(0.1)}}, "env_kwargs must hold JSON"),
         (AgentConfig, {"actor_random_goals": True}, "actor_random_goals must be float"),
         (AgentConfig, {"layer_norm": "yes"}, "layer_norm must be bool"),
+        (TrainConfig, {"agent": {"width": 8}}, r"agent must be an AgentConfig, got dict \(Train"),
     ]:
         with pytest.raises(TypeError, match=match):
             make(**kwargs)
@@ -1186,6 +1187,15 @@ def test_resume_takes_an_actor_size_given_as_the_one_it_inherited():
     check_resume(explicit, TrainConfig(agent=AgentConfig(**deep)))
     with pytest.raises(ValueError, match="actor_depth 8 -> 4"):
         check_resume(saved, TrainConfig(agent=AgentConfig(**deep, actor_depth=4)))
+
+
+def test_resume_compares_a_device_this_machine_lacks_by_name():
+    from crl_fast.config import check_resume
+
+    saved = TrainConfig(device="cuda:99").to_dict()
+    check_resume(saved, TrainConfig(device="cuda:99"))
+    with pytest.raises(ValueError, match="device 'cuda:99' -> 'cpu'"):
+        check_resume(saved, TrainConfig(device="cpu"))
 
 
 def test_env_kwargs_reach_the_env(tmp_path):
@@ -1256,6 +1266,7 @@ def test_cli_rejects_bad_configs_with_a_message(argv, reason, capsys, tmp_path, 
         ("updates_per_env_step", -0.5, "updates_per_env_step must be >= 0"),
         ("learning_starts", -1, "learning_starts must be >= 0"),
         ("eval_episodes", 0, "eval_episodes must be positive"),
+        ("max_episode_steps", 0, r"max_episode_steps must be positive \(or None\), got 0"),
         ("resume", True, "--resume needs --run-dir"),
     ],
 )
