@@ -98,6 +98,7 @@ def test_make_env_defaults_and_errors():
     assert make_env("point_umaze", 4, max_episode_steps=7).max_episode_steps == 7
     reacher = make_env("reacher", 4)
     assert (reacher.max_episode_steps, reacher.success_distance) == (50, 0.05)
+    assert repr(reacher) == "ReacherEnv(num_envs=4, device=cpu)"
     with pytest.raises(ValueError, match="point_umaze"):
         make_env("nope", num_envs=4)
     with pytest.raises(TypeError, match="an env name is a str"):
@@ -119,6 +120,8 @@ def test_make_env_defaults_and_errors():
             PointMazeEnv(4, layout, max_episode_steps=10)
     with pytest.raises(ValueError, match="unknown maze 'nope'"):
         PointMazeEnv(4, "nope")
+    with pytest.raises(ValueError, match="a custom maze layout needs max_episode_steps"):
+        PointMazeEnv(4, ("1111", "1001", "1111"))
     for noise in (0.45, -0.2):  # noise + radius must stay in [0, 0.5): off the walls
         with pytest.raises(ValueError, match="position_noise"):
             PointMazeEnv(4, position_noise=noise)
@@ -743,6 +746,16 @@ def test_render_needs_the_rgb_array_mode():
         make_env("reacher", num_envs=2).render()
     with pytest.raises(ValueError, match="render_mode must be"):
         make_env("point_umaze", num_envs=2, render_mode="human")
+    with pytest.raises(NotImplementedError, match="FreePoint does not render"):
+        FreePoint(2, render_mode="rgb_array").render()
+
+
+def test_a_gif_needs_frames(tmp_path):
+    from crl_fast.envs.render import save_gif
+
+    with pytest.raises(ValueError, match="no frames to write"):
+        save_gif([], tmp_path / "empty.gif", 10)
+    assert not (tmp_path / "empty.gif").exists()
 
 
 # --------------------------------------------------------------------------- adapter
@@ -986,6 +999,25 @@ def test_adapter_reads_numpy_bool_success_and_refuses_unequal_goal_widths():
         GymnasiumGoalVectorEnv(SyncVectorEnv([_WideDesiredGoal] * 2))
 
 
+class _SuccessLeftOut(TinyGoalEnv):
+    def step(self, action):
+        return *super().step(action)[:4], {"is_success": None}
+
+
+class _SuccessOfTwoGoals(TinyGoalEnv):
+    def step(self, action):
+        return *super().step(action)[:4], {"is_success": np.array([True, False])}
+
+
+def test_adapter_names_a_success_that_is_not_one_flag():
+    """One env reports None, the other an array: Gymnasium collects them into an object array
+    whose array has no truth value; named, not numpy's "truth value ... is ambiguous"."""
+    env = GymnasiumGoalVectorEnv(SyncVectorEnv([_SuccessLeftOut, _SuccessOfTwoGoals]))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"info\['is_success'\] must hold booleans or numbers"):
+        env.step(torch.zeros(2, 2))
+
+
 class _UnboundedActions(TinyGoalEnv):
     def __init__(self) -> None:
         super().__init__()
@@ -1035,6 +1067,11 @@ class _OneRow(FreePoint):
         return super()._observe() | {"desired_goal": self.goal[:1].clone()}
 
 
+class _NoDesiredGoal(FreePoint):
+    def _observe(self):
+        return {k: v for k, v in super()._observe().items() if k != "desired_goal"}
+
+
 class _DoubleObservation(FreePoint):
     def _observe(self):
         return super()._observe() | {"observation": self.pos.double()}
@@ -1054,6 +1091,7 @@ class _UnsavedState(FreePoint):
         (_WideGoal, ValueError, r"_WideGoal._observe\(\)\['achieved_goal'\] must be \(4, 2\)"),
         (_OneRow, ValueError, r"\['desired_goal'\] must be \(4, 2\) .* got \(1, 2\)"),
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
+        (_NoDesiredGoal, TypeError, r"keys .*, got \['achieved_goal', 'observation'\]"),
         (_UnsavedState, ValueError, r"_initial_state must return a dict whose keys are among"),
     ],
 )
