@@ -879,6 +879,9 @@ def test_module_repr_shows_its_settings():
         "logsumexp_penalty=0.1, log_scale=2.303 (learned))"
     )
     assert repr(ContrastiveLoss(init_bias=-10.0)).endswith("bias=-10)")
+    assert repr(ContrastiveLoss(exclude_positive_from_lse=True)).endswith(
+        "reduction='mean', exclude_positive_from_lse=True)"
+    )
     with torch.device("meta"):  # deferred initialisation: no values to read
         assert repr(ContrastiveLoss(learn_bias=True)).endswith("bias=meta (learned))")
 
@@ -1125,6 +1128,7 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
         (torch.randn(4, 3), torch.randn(3, 3), {}, ValueError, "at least as many rows"),
         (torch.randn(4, 3), torch.randn(4, 2), {}, ValueError, "feature sizes differ"),
         (torch.randn(0, 3), torch.randn(0, 3), {}, ValueError, "empty batch"),
+        (torch.randn(4, 0), torch.randn(4, 0), {}, ValueError, "phi and psi have 0 features"),
         (torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3), {}, TypeError, "float"),
         (torch.randn(4, 3), torch.randn(4, 3).double(), {}, TypeError, "share a dtype"),
         (torch.randn(4, 3), torch.randn(4, 3), {"loss": "nce"}, ValueError, "loss must be"),
@@ -1151,6 +1155,13 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
             "bias is on meta but phi is on cpu",
         ),
         (torch.randn(4, 3), torch.randn(4, 3), {"backend": "cuda"}, ValueError, "backend"),
+        (
+            torch.randn(4, 3).double(),
+            torch.randn(4, 3).double(),
+            {"backend": "triton"},
+            TypeError,
+            "the Triton backend takes float16/bfloat16/float32, got torch.float64",
+        ),
         (
             torch.randn(4, 3),
             torch.randn(4, 3),
@@ -1216,6 +1227,8 @@ def test_exclude_positive_changes_nothing_without_a_row_logsumexp():
 def test_the_reference_checks_its_options_as_the_loss_does():
     with pytest.raises(ValueError, match="reduction"):
         reference_contrastive_loss(torch.randn(3, 2), torch.randn(3, 2), reduction="bogus")
+    with pytest.raises(ValueError, match="unknown energy 'cos'"):
+        reference_logits(torch.randn(3, 2), torch.randn(3, 2), "cos")
 
 
 def test_the_reference_matches_the_textbook_formulas():
