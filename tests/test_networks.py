@@ -72,6 +72,7 @@ def test_mlp_slices_share_its_layers():
         ({"activation": "tanh"}, "activation"),
         ({"depth": 0}, "depth"),
         ({"depth": 6, "residual": True}, "multiple of 4"),
+        ({"init": "xavier"}, r"init must be one of \['jaxgcrl', 'lecun'\], got 'xavier'"),
     ],
 )
 def test_bad_network_options_raise(kwargs, message):
