@@ -1558,6 +1558,39 @@ def test_kernel_launchers_refuse_strided_columns():
                       mask_diag=False, softplus=False, pair=0, metrics=False)  # fmt: skip
 
 
+def test_kernel_launchers_refuse_options_they_cannot_compute():
+    """Online sums need the row logsumexp (and d <= ONLINE_MAX_D); the single pass's column
+    sums need d in one tile. The callers never ask otherwise: called directly."""
+    from crl_fast.kernels import pair_stats as kernels
+
+    one, zero, empty, pos = torch.tensor(1.0), torch.tensor(0.0), torch.empty(0), torch.zeros(4)
+    phi, psi = _inputs(4, 4, 8)  # dot energy: no squared norms; refused before any launch
+    with pytest.raises(ValueError, match="online sums need the row logsumexp and d <= 128"):
+        kernels.stats(phi, psi, empty, empty, one, zero, pos, energy=0, lse=False,
+                      mask_diag=False, softplus=False, pair=0, metrics=False,
+                      online=True)  # fmt: skip
+    phi, psi = _inputs(4, 4, 80)
+    col = (torch.zeros(4, 80), torch.zeros(0))
+    with pytest.raises(ValueError, match="column_sums need d in one tile, got d = 80"):
+        kernels.grad(phi, psi, empty, empty, one, zero, pos, empty, empty, empty, empty,
+                     torch.ones(4), empty, empty, energy=0, x_is_a=True, mask_diag=False, pair=0,
+                     scale_grad=False, column_sums=col)  # fmt: skip
+
+
+def test_triton_path_optimisations_are_refused_on_the_torch_path():
+    """DPO / IPO's gradients in forward and the online row sums exist on the Triton path only;
+    the loss never asks the PyTorch path for them: called directly."""
+    from crl_fast.loss_with_grads import loss_with_grads
+    from crl_fast.pair_stats import PAIR_DPO, pair_stats
+
+    phi, psi = _inputs(4, 4, 3)
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match="DPO / IPO with gradients in forward are a Triton-path"):
+        loss_with_grads(phi, psi, one, zero, energy=0, pair=PAIR_DPO, mean=True, use_triton=False)
+    with pytest.raises(ValueError, match="the online row sums are a Triton-path optimisation"):
+        pair_stats(phi, psi, one, zero, energy=0, row_lse=True, online=True, use_triton=False)
+
+
 @pytest.mark.parametrize("loss", ["infonce", "flatnce"])
 def test_compiled_online_backward_does_not_specialise_the_batch(loss):
     """The online losses' backward (Triton path) ran a Python loop over row chunks outside the
