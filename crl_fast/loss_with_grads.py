@@ -123,11 +123,11 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
     ``CRL_FAST_SINGLE_PASS=1``, or without y_grad). The row pass sums the loss terms and their
     slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays
     float32 until the diagonal's share is added."""
+    if not use_triton:  # before the import: without Triton, this error, not an ImportError
+        raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
     from crl_fast.kernels import pair_stats as kernels
 
     x_grad, y_grad, scale_grad = needs
-    if not use_triton:
-        raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
     s32, b32 = scale.float(), bias.float()
     x_sq, y_sq, f, slope, pos = kernels.paired_rows(x, y, s32, b32, energy=energy)
     empty = x.new_empty(0, dtype=torch.float32)
