@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -393,13 +394,15 @@ class CRL:
             # before holds the old ones' addresses, and would go on writing to freed memory.
             kept = {param: dict(values) for param, values in optimizer.state.items()}
             optimizer.load_state_dict(state[name])
-            _check_adam_state(optimizer, name)
+            try:
+                _check_adam_state(optimizer, name)
+            except ValueError:  # put the agent's own tensors back for the rollback to write
+                optimizer.state = defaultdict(dict, kept)
+                raise
             for param, old_values in kept.items():
                 values = optimizer.state[param]  # {} for a state from before the first step
                 for key, old in old_values.items():
                     new = values.get(key)
-                    if not isinstance(old, torch.Tensor):
-                        continue
                     if new is None:  # Adam starts from zeros (moments and step count)
                         values[key] = old.zero_()
                     elif _fits(old, new):

@@ -732,11 +732,13 @@ def test_a_malformed_optimizer_state_is_refused_and_changes_nothing(edit, messag
     source.update(toy_batch(8))
     agent.update(toy_batch(8))
     before, moments = parameters(agent), agent.state_dict()["critic_optimizer"]["state"]
+    addresses = optimizer_addresses(agent)  # a CUDA graph captured before writes to these
     with pytest.raises(ValueError, match=f"does not fit the agent: critic_optimizer.*{message}"):
         agent.load_state_dict(_edit_first_moment(source.state_dict(), edit))
     assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
     now = agent.state_dict()["critic_optimizer"]["state"]
     assert all(torch.equal(now[i][k], moments[i][k]) for i in moments for k in moments[i])
+    assert optimizer_addresses(agent) == addresses
     state = source.state_dict()
     state["actor_optimizer"]["param_groups"][0]["lr"] = "fast"
     with pytest.raises(ValueError, match="actor_optimizer group 0: lr must be a number"):
@@ -746,3 +748,16 @@ def test_a_malformed_optimizer_state_is_refused_and_changes_nothing(edit, messag
     with pytest.raises(ValueError, match=r"group 0: betas must be two numbers, got \(0.9,\)"):
         agent.load_state_dict(state)
     agent.update(toy_batch(8))  # whole
+
+
+def test_a_new_agent_that_refuses_a_malformed_optimizer_state_still_updates():
+    """Before its first update the agent has no Adam state: the refused state's moments were
+    left in it, and its next update failed on the one missing."""
+    torch.manual_seed(0)
+    source, agent = small_agent(), small_agent()
+    source.update(toy_batch(8))
+    state = _edit_first_moment(source.state_dict(), lambda s: s.update(exp_avg=[0.0]))
+    with pytest.raises(ValueError, match="exp_avg is list, not the parameter's shape"):
+        agent.load_state_dict(state)
+    assert not agent.critic_optimizer.state
+    agent.update(toy_batch(8))
