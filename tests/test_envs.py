@@ -1009,10 +1009,29 @@ class _SuccessOfTwoGoals(TinyGoalEnv):
         return *super().step(action)[:4], {"is_success": np.array([True, False])}
 
 
-def test_adapter_names_a_success_that_is_not_one_flag():
-    """One env reports None, the other an array: Gymnasium collects them into an object array
-    whose array has no truth value; named, not numpy's "truth value ... is ambiguous"."""
-    env = GymnasiumGoalVectorEnv(SyncVectorEnv([_SuccessLeftOut, _SuccessOfTwoGoals]))
+class _SuccessOfTwoGoalsEach(TinyGoalEnv):
+    def step(self, action):
+        return *super().step(action)[:4], {"is_success": np.array([True, False])}
+
+
+class _SuccessAsText(TinyGoalEnv):
+    def step(self, action):
+        return *super().step(action)[:4], {"is_success": "False"}
+
+
+@pytest.mark.parametrize(
+    "envs",
+    [
+        [_SuccessLeftOut, _SuccessOfTwoGoals],  # an object array of None and an array
+        [_SuccessOfTwoGoalsEach] * 2,  # a (2, 2) bool array, which np.where broadcast
+        [_SuccessAsText] * 2,  # strings, each non-empty: true
+    ],
+)
+def test_adapter_names_a_success_that_is_not_one_flag(envs):
+    """Success must be one boolean or number per env: an object array of arrays has no truth
+    value (numpy's "ambiguous"), an array per env came out as a (num_envs, 2) success, and the
+    text "False" as True."""
+    env = GymnasiumGoalVectorEnv(SyncVectorEnv(envs))
     env.reset(seed=0)
     with pytest.raises(ValueError, match=r"info\['is_success'\] must hold booleans or numbers"):
         env.step(torch.zeros(2, 2))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from crl_fast.checks import check_bool, positive_int, positive_real, resolve_device
+from crl_fast.checks import check_bool, is_real, positive_int, positive_real, resolve_device
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
@@ -56,13 +56,20 @@ def _episode_limit(env: VectorEnv) -> int | None:
     return env.spec.kwargs.get("max_episode_steps", env.spec.max_episode_steps)
 
 
-def _as_bool(values: Any, key: str) -> np.ndarray:
-    """An info entry as a bool array: Gymnasium collects ``np.bool_`` values (and those of envs
-    that left the key out: None) into an object array."""
-    try:
-        return np.asarray(values).astype(bool)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"info[{key!r}] must hold booleans or numbers, got {values!r}") from error
+def _as_bool(values: Any, key: str, num_envs: int) -> np.ndarray:
+    """An info entry as a bool array, one flag per env: Gymnasium collects ``np.bool_`` values
+    (and those of envs that left the key out: None) into an object array. Anything else (an
+    array per env, a string, whose truth is not its meaning) is a ValueError naming it."""
+    array = np.asarray(values)
+    if array.dtype == object:
+        flags = all(v is None or isinstance(v, bool | np.bool_) or is_real(v) for v in array.flat)
+    else:
+        flags = array.dtype.kind in "biuf"
+    if array.shape != (num_envs,) or not flags:
+        raise ValueError(
+            f"info[{key!r}] must hold booleans or numbers, one per env ({num_envs}), got {values!r}"
+        )
+    return array.astype(bool)
 
 
 class GymnasiumGoalVectorEnv(VectorEnv):
@@ -234,7 +241,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 success = np.zeros(self.num_envs, dtype=bool)
                 for source, valid in ((info, True), (final_info, info.get("_final_info", False))):
                     if key in source:
-                        reported = _as_bool(source[key], key)
+                        reported = _as_bool(source[key], key, self.num_envs)
                         success = np.where(source[f"_{key}"] & valid, reported, success)
                 return self._tensor(success, torch.bool)
         raise ValueError(
