@@ -6,7 +6,7 @@
 # fused-network modes), and opt-in: probe, single (the sigmoid loss in one pass, dpsi through
 # atomics, CRL_FAST_SINGLE_PASS=1, on 128-row programs), single256 (the same on 256-row
 # programs: half the atomics), envs, mlp, jax, compile, tma, fp16, frozen, train, autotune,
-# update-bf16, update-autotune and update-maxtune; a stage name not in this list is refused
+# update-bf16, update-autotune, update-maxtune and rest; a stage name not in this list is refused
 # before anything runs. A stage's limit may cut its benchmark short on purpose:
 # every script writes its JSON after each row ("complete": false until its last) and runs the
 # issues' targets first (the loss stage: crl-fast's bf16 d = 64 rows and every loss, then eager
@@ -33,6 +33,8 @@
 # `tests` runs the GPU tests in 8 pytest-xdist workers (the image has pytest-xdist) so that the
 # Triton and inductor compiles of the many kernel variants overlap on the CPU cores.
 # `compile` builds every kernel variant on all CPU cores (tests/compile_kernels.py).
+# `rest` runs the README's test command's other tests (not gpu-marked) on the GPU machine, where
+# TRITON_INTERPRET is unset and the interpreter-marked ones skip: a GPU user's full run passes.
 #
 # The GPU machine has torch, triton and numpy but no gymnasium and no network. Before the call,
 # here (.whl/ is git-ignored):
@@ -48,7 +50,7 @@ stages=("$@")
 # The default stages bring back 4 files (the log and 3 result JSONs); $OUT takes 8.
 [ ${#stages[@]} -gt 0 ] || stages=(tests loss update buffer)
 KNOWN=" compile tests loss autotune buffer envs update update-bf16 update-autotune update-maxtune"
-KNOWN+=" train probe mlp tma single single256 frozen fp16 jax "
+KNOWN+=" train probe mlp tma single single256 frozen fp16 jax rest "
 for stage in "${stages[@]}"; do  # a misspelt stage fails at once, not after the others ran
     [[ $stage != *[[:space:]]* && $KNOWN == *" $stage "* ]] ||
         { echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2; }
@@ -101,6 +103,8 @@ for stage in "${stages[@]}"; do
                 "${XDIST[@]}" -k "$NEW_TESTS"
             step tests 120 python3 -m pytest -q -m gpu tests -p no:cacheprovider \
                 "${XDIST[@]}" -k "not ($NEW_TESTS)" ;;
+        rest) step "tests (not gpu)" 240 python3 -m pytest -q -m "not gpu" tests \
+            -p no:cacheprovider "${XDIST[@]}" ;;
         loss) step loss 90 python3 -m bench.bench_loss ;;
         autotune) step autotune 500 python3 -m bench.bench_loss --quick --autotune ;;
         buffer) step buffer 20 python3 -m bench.bench_buffer ;;
