@@ -1,4 +1,4 @@
-"""Shared test set-up: run Triton kernels under the interpreter when no GPU is present."""
+"""Shared test set-up: Triton's interpreter without a GPU; interpreter tests skipped without it."""
 
 import os
 
@@ -14,6 +14,14 @@ import pytest  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interpreter = pytest.mark.skip(
+        reason="runs Triton kernels on CPU tensors under TRITON_INTERPRET=1: on a CUDA machine "
+        "the gpu tests run them compiled (CUDA_VISIBLE_DEVICES= runs these)"
+    )
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        # a gpu case of a test whose triton case is marked runs on CUDA tensors: compiled
+        elif "interpreter" in item.keywords and "gpu" not in item.keywords and not interpreted:
+            item.add_marker(skip_interpreter)

@@ -9,6 +9,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from bench import (
     bench_buffer,
@@ -62,10 +63,15 @@ CASES = {
     "mlp": (bench_mlp, ["--batch", "40", "--width", "32"], {"impl", "path", "rel_error", "status"}),
 }
 PROBES = (probe_warp_specialize,)  # no --device: it takes CUDA when there is one
+# The cases that run Triton kernels on CPU tensors (the probe only where there is no CUDA).
+ON_CPU_KERNELS = {"mlp"} | (set() if torch.cuda.is_available() else {"probe-ws"})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.interpreter) if n in ON_CPU_KERNELS else n for n in CASES],
+)
 def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, capsys):
     module, argv, keys = CASES[name]
     monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)

@@ -15,6 +15,8 @@ from tests.helpers import stderr_with_late_interpret
 
 OBS, ACT, GOAL = 3, 2, 3
 FUTURE_MODES = ("geometric", "clamp", "uniform_future", "final")
+# The triton case runs the kernels on CPU tensors.
+BACKENDS = ("torch", pytest.param("triton", marks=pytest.mark.interpreter))
 
 
 class Recorder:
@@ -203,6 +205,7 @@ def test_invariants_over_wraparound() -> None:
     run_invariants("cpu", "torch", rounds=120, batch=512)
 
 
+@pytest.mark.interpreter
 def test_invariants_over_wraparound_triton_interpreter() -> None:
     """The goal-sampling kernel under the interpreter (the CUDA run is a GPU test)."""
     pytest.importorskip("triton")
@@ -251,7 +254,7 @@ def test_mixing_fractions() -> None:
         buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixing_uniform_against_the_fractions(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,6 +293,7 @@ def assert_same_sample(a: GoalBatch, b: GoalBatch, max_moved: int) -> None:
     assert int(moved.sum()) <= max_moved
 
 
+@pytest.mark.interpreter
 def test_triton_matches_torch_cpu() -> None:
     """Both kernels under TRITON_INTERPRET=1 reproduce the torch path: the bookkeeping bit for
     bit, the offsets too."""
@@ -310,7 +314,7 @@ def test_triton_matches_torch_cpu() -> None:
         assert_same_sample(a, b, max_moved=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_episode_ending_at_step_zero(backend: str) -> None:
     """An episode that ends at the buffer's very first step is closed: its final goal is its own
     (step 0's next state), not that of a later step of the env."""
@@ -338,6 +342,7 @@ def test_episode_ending_at_step_zero(backend: str) -> None:
     assert (batch.goal[later, 0] == 1040).all()
 
 
+@pytest.mark.interpreter
 def test_triton_matches_torch_cpu_gamma_near_one() -> None:
     """gamma = 0.9999 over long episodes: the same offsets (in float32, numpy's exp/log against
     torch's moved 4 of these 100k draws one step; in float64, none of 300k with 3 seeds)."""
@@ -350,7 +355,7 @@ def test_triton_matches_torch_cpu_gamma_near_one() -> None:
     assert_same_sample(a, b, max_moved=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_geometric_offset_exact_for_gamma_near_one(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -398,7 +403,11 @@ def _first_uniforms(mode: str, gamma: float, length: int, ks: list[int]) -> list
 
 @pytest.mark.parametrize(
     ("device", "backend"),
-    [("cpu", "torch"), ("cpu", "triton"), pytest.param("cuda", "auto", marks=pytest.mark.gpu)],
+    [
+        ("cpu", "torch"),
+        pytest.param("cpu", "triton", marks=pytest.mark.interpreter),
+        pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+    ],
 )
 @pytest.mark.parametrize(
     ("mode", "gamma", "length"),
@@ -442,7 +451,7 @@ def test_offsets_switch_where_the_exact_law_says(
     assert got.tolist() == [k + d for k in ks for d in (-1, 0)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_extend_stores_values_without_autograd_history(backend: str) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
@@ -455,6 +464,7 @@ def test_extend_stores_values_without_autograd_history(backend: str) -> None:
     assert not buf.sample(8).observation.requires_grad
 
 
+@pytest.mark.interpreter
 def test_wide_rows_triton_matches_torch() -> None:
     """Rows wider than a column chunk (16) and not a multiple of it: the chunked copies of both
     kernels write and gather every column."""
@@ -908,7 +918,7 @@ def test_sample_in_cuda_graph() -> None:
         assert d["t"].max() >= rec.step - 13
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_end_episodes_cuts_running_episodes(backend: str) -> None:
     """After end_episodes, 'final' goals of earlier anchors stop at the cut and later anchors'
     goals come from after it, also for an env whose episode had just ended anyway."""

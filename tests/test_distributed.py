@@ -76,7 +76,9 @@ def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...])
         assert max_error(got, want) < 1e-5 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
 @pytest.mark.parametrize("case", CASES)
 def test_ranks_add_up_to_the_global_batch(case, backend, tmp_path):
     """Summed over ranks, the mean losses are world_size times the global batch's mean loss (the

@@ -13,6 +13,8 @@ tl = pytest.importorskip("triton.language")
 from crl_fast.kernels.dot import round_to_bfloat16, round_to_tf32  # noqa: E402
 
 BLOCK = 1024
+# The kernel runs on CUDA where there is one, else on CPU tensors (the interpreter).
+pytestmark = [] if torch.cuda.is_available() else [pytest.mark.interpreter]
 
 
 @triton.jit

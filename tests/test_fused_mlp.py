@@ -60,6 +60,7 @@ def fused_calls() -> Iterator[list[int]]:
         yield calls
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize(
@@ -89,6 +90,7 @@ def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
             assert_no_worse_than_eager(f"{name}[{i}]", kk, ee, tt, rtol)
 
 
+@pytest.mark.interpreter
 def test_the_kernels_run_and_the_reference_is_the_layers(monkeypatch):
     """The fused path is taken (not silently the layers), and mlp_reference equals the layers."""
     net = _net((4, 3), 32, 8, "swish")
@@ -117,6 +119,7 @@ class _CountLaunches:
         return self.kernel[grid]
 
 
+@pytest.mark.interpreter
 def test_partial_requires_grad(monkeypatch):
     """Frozen weights get no gradient and the weight-gradient kernel is not launched; inputs
     without requires_grad get none either; the rest match the layers."""
@@ -145,6 +148,7 @@ def test_partial_requires_grad(monkeypatch):
     assert weight_kernel.launches == 1
 
 
+@pytest.mark.interpreter
 def test_odd_layouts_leading_dims_and_many_inputs():
     """Inputs with a row stride, with a column stride, with leading dimensions, and three of them,
     all as the layers compute them."""
@@ -300,6 +304,7 @@ def test_inputs_the_layers_reject_get_their_error(inputs):
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's matmul
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_nan_and_inf_propagate_as_in_the_layers(activation):
@@ -314,6 +319,7 @@ def test_nan_and_inf_propagate_as_in_the_layers(activation):
     torch.testing.assert_close(got, eager(x), equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's matmul
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("width", [3, 16], ids=["padded", "unpadded"])
@@ -335,6 +341,7 @@ def test_non_finite_inputs_give_the_layers_outputs_and_gradients(activation, wid
         torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_an_input_without_columns_after_the_first():
     """An encoder input of width 0 after the first: the kernels take it, as the layers do."""
     net = _net((5,), 16, 3, "relu")
@@ -349,6 +356,7 @@ def test_an_input_without_columns_after_the_first():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.interpreter
 def test_batched_gradients_raise_a_clear_error():
     """is_grads_batched=True (and jacobian(vectorize=True)) vmaps the backward: the ops' error,
     not Triton's "Cannot access storage of BatchedTensorImpl"."""
@@ -360,6 +368,7 @@ def test_batched_gradients_raise_a_clear_error():
         torch.autograd.functional.jacobian(net, x, vectorize=True)
 
 
+@pytest.mark.interpreter
 def test_double_backward_is_refused():
     """create_graph=True would make the kernels' gradients constants: refused, not wrong."""
     net = _net((6,), 16, 4, "swish")
@@ -368,6 +377,7 @@ def test_double_backward_is_refused():
         torch.autograd.grad(net(x).sum(), x, create_graph=True)
 
 
+@pytest.mark.interpreter
 def test_custom_ops_pass_opcheck():
     """torch.library's checks of both ops: schema, fake kernels, autograd registration."""
     from crl_fast.fused_mlp import _backward_op, _forward_op
@@ -404,6 +414,7 @@ def test_frozen_forward_gives_input_gradients_only(fused, monkeypatch):
     torch.testing.assert_close(dx2, want_dx2, rtol=0, atol=0)
 
 
+@pytest.mark.interpreter
 def test_agent_update_launches_no_weight_gradients_for_the_actors_critic(monkeypatch):
     """The actor's step reads phi(s, pi(s, g)) frozen: one update launches the weight-gradient
     kernel for the critic's two encoders and the actor only."""

@@ -25,7 +25,8 @@ from crl_fast.loss import LOSSES
 from crl_fast.loss_reference import reference_logits
 from tests.helpers import assert_no_worse_than_eager, max_error, stderr_with_late_interpret
 
-BACKENDS = ("torch", "triton")
+# The triton case runs the kernels on CPU tensors (its cuda cases, where a test has them, are gpu).
+BACKENDS = ("torch", pytest.param("triton", marks=pytest.mark.interpreter))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # (B, M, d): the issue's odd sizes, one rectangular batch with extra negatives.
@@ -119,6 +120,7 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
     _check_every_loss(shape, loss, energy, scaled, backend=backend)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("energy", ["dot", "l2", "norm"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 12, 3), (40, 70, 200)], ids=str)
@@ -166,9 +168,11 @@ def test_scale_or_bias_learnable_alone(learn, loss, backend):
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+# For a test without a backend parameter, which runs the Triton kernels on either device.
+CPU_KERNELS = pytest.param("cpu", marks=pytest.mark.interpreter)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
@@ -185,7 +189,7 @@ def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize(
     ("loss", "energy"),
     [("binary", "dot"), ("infonce", "norm"), ("symmetric_infonce", "l2"), ("dpo", "cosine")],
@@ -243,7 +247,7 @@ def _check_scaled_loss(phi, psi, dtype, **kw):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", ["binary", "dpo", "ipo"])
@@ -310,6 +314,7 @@ def test_a_side_without_gradient_costs_no_pass(loss, backend, scaled, device, mo
         assert phi_work == psi_work == both - 1
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("rows", ["-16", "0", "8", "100", "abc", "1e3"])
 def test_single_pass_rows_must_be_a_tile(rows, monkeypatch):
     monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
@@ -349,7 +354,7 @@ def test_autotuned_single_pass_launches_untimed(monkeypatch):
     assert launches == [(True, True)] and timed == []
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("energy", ["dot", "norm"])
 @pytest.mark.parametrize("loss", LOSSES)
@@ -400,7 +405,7 @@ def test_positives_close_to_their_goals(loss, energy, backend, monkeypatch):
         assert launches == ([(True, True)] if backend == "triton" else [])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("energy", ["l2", "norm"])
 @pytest.mark.parametrize(
@@ -573,7 +578,7 @@ def test_huge_logits_stay_finite(loss, backend):
         assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("metrics", [False, True], ids=["grads-in-forward", "backward"])
 def test_float16_ipo_weights_do_not_overflow(metrics, device):
     """IPO's logit gradient 2 (u + 1) has no bound: a far positive plus a negative on phi_0
@@ -591,7 +596,7 @@ def test_float16_ipo_weights_do_not_overflow(metrics, device):
         assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float16])
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 def test_float16_small_loss_weight_keeps_its_gradient(device):
     """A loss weighted by 0.01 (no GradScaler): tile weights of ~1e-8 would flush to zero in
     float16; the kernels' error stays the torch path's (float32 sums, one rounding)."""
@@ -712,6 +717,7 @@ def test_autocast_cosine_gradient_of_a_zero_row_stays_finite():
 FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
 
 
+@pytest.mark.interpreter
 def test_column_loss_value_launches_only_the_column_pass(monkeypatch):
     """Without gradients a column loss needs no row statistic: one stats launch, over columns."""
     from crl_fast.kernels import pair_stats as kernels
@@ -733,7 +739,7 @@ def test_column_loss_value_launches_only_the_column_pass(monkeypatch):
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("exclude", [False, True])
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize("loss", ["infonce_backward", "flatnce_backward"])
@@ -798,7 +804,7 @@ def test_pair_losses_give_the_bias_an_exact_zero_gradient(loss, backend):
     assert bias.grad.item() == 0.0
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", FORWARD_GRAD_LOSSES)
 def test_gradients_in_forward_no_worse_than_eager(loss, dtype, device, monkeypatch):
@@ -922,6 +928,7 @@ def test_argmax_ties_take_the_first_column(backend):
     assert metrics["binary_accuracy"].item() == pytest.approx(1 - 100 / (100 * 130))
 
 
+@pytest.mark.interpreter
 def test_binary_accuracy_counts_a_nan_negative_as_right():
     """A NaN logit is not > 0: off the diagonal that is the right answer, on every path."""
     phi, psi = _inputs(4, 6, 8)
@@ -941,7 +948,11 @@ def test_binary_accuracy_counts_a_nan_negative_as_right():
 @pytest.mark.parametrize("energy", ENERGIES)
 @pytest.mark.parametrize(
     ("backend", "device"),
-    [("torch", "cpu"), ("triton", "cpu"), pytest.param("triton", "cuda", marks=pytest.mark.gpu)],
+    [
+        ("torch", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
+        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+    ],
 )
 def test_a_nan_input_gives_a_nan_loss(backend, device, energy, side):
     """NaN in one element of phi or psi reaches the loss, the mean positive logit and the
@@ -962,7 +973,11 @@ def test_a_nan_input_gives_a_nan_loss(backend, device, energy, side):
 @pytest.mark.parametrize("shape", [(32, 32), (24, 40)], ids=str)
 @pytest.mark.parametrize(
     ("backend", "device"),
-    [("torch", "cpu"), ("triton", "cpu"), pytest.param("triton", "cuda", marks=pytest.mark.gpu)],
+    [
+        ("torch", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
+        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+    ],
 )
 @pytest.mark.parametrize("loss", LOSSES)
 def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend, device, shape):
@@ -982,6 +997,7 @@ def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend, device, s
         torch.testing.assert_close(value.cpu().double(), truth[key].double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce", "dpo"])
 @pytest.mark.parametrize("shape", [(16, 70, 24), (32, 100, 24)], ids=str)
 def test_few_rows_many_columns(shape, loss):
@@ -1065,7 +1081,7 @@ def test_softmax_weights_of_the_transposed_pass_round_the_logits_as_forward_did(
         assert_no_worse_than_eager(name, k, e, t, 1e-6)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "flatnce", "flatnce_backward"])
 def test_softmax_weights_with_logits_in_the_thousands_and_a_scale(loss, device):
     """Rows a few large logits dominate, with a logit scale and bias: the Triton gradients are
@@ -1377,6 +1393,7 @@ def test_float16_cosine_takes_zero_and_large_rows(backend):
     assert max_error(value, truth) < 1e-2
 
 
+@pytest.mark.interpreter
 def test_triton_reads_the_new_fp32_precision_setting():
     """torch >= 2.9 raises on the legacy getter once ``fp32_precision`` is set."""
     matmul = torch.backends.cuda.matmul
@@ -1512,7 +1529,11 @@ _STATS_FLAGS = {  # energy, row_lse, col_lse, mask_diag, softplus, pair, metrics
 }
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "use_triton",
+    [False, pytest.param(True, marks=pytest.mark.interpreter)],
+    ids=["torch", "triton"],
+)
 @pytest.mark.parametrize("flags", list(_STATS_FLAGS))
 def test_loss_custom_ops_pass_opcheck(flags, use_triton):
     """torch.library.opcheck on the loss's custom ops: schemas, autograd registration, and fake
@@ -1542,6 +1563,7 @@ def test_loss_custom_ops_pass_opcheck(flags, use_triton):
         torch.library.opcheck(_pair_stats_backward_op, (*args, need_dx, need_dy, True, use_triton))
 
 
+@pytest.mark.interpreter
 def test_kernel_launchers_refuse_strided_columns():
     """The launchers pass the kernels a row stride only: a column-strided input (here a
     transposed copy, whose values are right) is an error, not a wrong result."""
@@ -1591,6 +1613,7 @@ def test_triton_path_optimisations_are_refused_on_the_torch_path():
         pair_stats(phi, psi, one, zero, energy=0, row_lse=True, online=True, use_triton=False)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("loss", ["infonce", "flatnce"])
 def test_compiled_online_backward_does_not_specialise_the_batch(loss):
     """The online losses' backward (Triton path) ran a Python loop over row chunks outside the
