@@ -284,6 +284,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise  # a bug (in an env of your own, say): its traceback
         print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)  # settings, files
         raise SystemExit(2) from error
+    except RuntimeError as error:  # CUDA's torch.OutOfMemoryError is one too
+        if not _out_of_memory(error):
+            raise
+        sizes = "--episodes" if args.command == "eval" else "--batch-size or --buffer-capacity"
+        first_line = str(error).strip().splitlines()[0]
+        print(f"crl-fast {args.command}: error: {first_line}; lower {sizes}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is an allocation that failed (on the GPU, or the CPU allocator's)."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def raised_by_crl_fast(error: BaseException) -> bool:

@@ -634,6 +634,39 @@ def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
     assert load_checkpoint(run_dir / "checkpoint.pt")["loop"]["env_steps"] == 128
 
 
+def test_out_of_memory_is_one_line_naming_the_sizes(tmp_path, capsys, monkeypatch):
+    """An allocation that fails (here a batch past any address space: the CPU allocator's error;
+    then CUDA's, raised by hand) ends the command with a line naming the flags that size it,
+    not a traceback; any other RuntimeError keeps its traceback."""
+    argv = "train --total-env-steps 64 --learning-starts 32 --num-envs 8 --eval-episodes 2"
+    argv = [*argv.split(), "--device", "cpu", "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--batch-size", str(2**50)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert (
+        "can't allocate memory" in err[-1] and "lower --batch-size or --buffer-capacity" in err[-1]
+    )
+
+    def fail(error):
+        def update(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(CRL, "update", update)
+
+    fail(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nmore"))
+    with pytest.raises(SystemExit):
+        main([*argv, "--run-dir", str(tmp_path / "run2")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "crl-fast train: error: CUDA out of memory. Tried to allocate 9.00 GiB.; "
+        "lower --batch-size or --buffer-capacity"
+    )
+    fail(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([*argv, "--run-dir", str(tmp_path / "run3")])
+
+
 @pytest.mark.parametrize("flag", ["cuda_graph", "actor_stream"])
 def test_cuda_only_flags_refuse_the_cpu(tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} needs a CUDA device"):
