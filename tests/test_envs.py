@@ -1009,11 +1009,6 @@ class _SuccessOfTwoGoals(TinyGoalEnv):
         return *super().step(action)[:4], {"is_success": np.array([True, False])}
 
 
-class _SuccessOfTwoGoalsEach(TinyGoalEnv):
-    def step(self, action):
-        return *super().step(action)[:4], {"is_success": np.array([True, False])}
-
-
 class _SuccessAsText(TinyGoalEnv):
     def step(self, action):
         return *super().step(action)[:4], {"is_success": "False"}
@@ -1023,7 +1018,7 @@ class _SuccessAsText(TinyGoalEnv):
     "envs",
     [
         [_SuccessLeftOut, _SuccessOfTwoGoals],  # an object array of None and an array
-        [_SuccessOfTwoGoalsEach] * 2,  # a (2, 2) bool array, which np.where broadcast
+        [_SuccessOfTwoGoals] * 2,  # a (2, 2) bool array, which np.where broadcast
         [_SuccessAsText] * 2,  # strings, each non-empty: true
     ],
 )
