@@ -39,3 +39,35 @@ def test_wheel_layout_and_import(tmp_path):
         check=True,
     )
     assert out.stdout.strip().startswith(str(site))
+
+
+def test_loss_buffer_and_agent_need_no_rl_or_plot_packages():
+    """A drop-in loss user installs the loss, not an RL stack: with gymnasium, matplotlib and
+    tensorboard unimportable, the loss, the buffer and one agent update still run, and only the
+    envs ask for gymnasium."""
+    probe = """
+import sys
+for name in ("gymnasium", "matplotlib", "tensorboard", "jax"):
+    sys.modules[name] = None  # any import of these fails
+import torch
+from crl_fast import CRL, AgentConfig, TrajectoryBuffer, contrastive_loss
+phi, psi = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+contrastive_loss(phi, psi, loss="infonce", energy="norm").backward()
+buffer = TrajectoryBuffer(capacity=16, num_envs=2, obs_dim=3, action_dim=2, goal_dim=2)
+buffer.extend({
+    "observation": torch.randn(4, 2, 3), "action": torch.rand(4, 2, 2) * 2 - 1,
+    "next_achieved_goal": torch.randn(4, 2, 2),
+    "terminated": torch.zeros(4, 2, dtype=torch.bool),
+    "truncated": torch.zeros(4, 2, dtype=torch.bool),
+})
+agent = CRL(obs_dim=3, action_dim=2, goal_dim=2, config=AgentConfig(width=8, depth=1))
+agent.update(buffer.sample(8))
+try:
+    import crl_fast.envs
+except ImportError as error:
+    print("envs:", error)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "envs: " in out.stdout and "gymnasium" in out.stdout
