@@ -664,8 +664,9 @@ def _train_in(
             "run finished all the same",
             file=sys.stderr,
         )
+    updates = f"{loop.updates:,} update" + "s" * (loop.updates != 1)
     print(
-        f"done: {loop.env_steps:,} env steps, {loop.updates:,} updates in {loop.elapsed_s:.0f}s; "
+        f"done: {loop.env_steps:,} env steps, {updates} in {loop.elapsed_s:.0f}s; "
         + ", ".join(f"{k} {v:.3f}" for k, v in loop.last_eval.items())
         + f"; outputs in {run_dir}"
     )

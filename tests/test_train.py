@@ -393,6 +393,7 @@ def test_a_run_too_short_to_train_says_so(tmp_path, capsys, total, learning_star
     said = "no updates: the run earns" in out
     done = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["updates"]
     assert done == updates and said == (updates == 0)
+    assert f"env steps, {updates} update{'s' * (updates != 1)} in " in out
     assert ("is not a multiple of --num-envs 8" in out) == (total % 8 != 0)
 
 
