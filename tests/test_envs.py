@@ -942,6 +942,20 @@ def test_adapter_renders_through_the_wrapped_env():
     assert env.render_mode == "rgb_array" and len(env.render()) == 2
 
 
+def test_adapter_metadata_keeps_the_wrapped_envs_render_settings():
+    """Gymnasium's RecordVideo reads ``render_fps`` (30 without it), HumanRendering also
+    ``render_modes``, from the outermost env's metadata."""
+
+    class Rendering(TinyGoalEnv):
+        metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    vector = SyncVectorEnv([Rendering] * 2, autoreset_mode=AutoresetMode.NEXT_STEP)
+    env = GymnasiumGoalVectorEnv(vector)
+    assert env.metadata["render_fps"] == 4 and env.metadata["render_modes"] == ["rgb_array"]
+    assert env.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP  # what the adapter returns
+    assert vector.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP  # left as it was
+
+
 class _NumpyBoolSuccess(TinyGoalEnv):
     """Reports success as ``np.bool_``, as most hand-written envs do: Gymnasium's vector env
     collects such values into an object array."""

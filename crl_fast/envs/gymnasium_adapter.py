@@ -130,6 +130,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self.autoreset_mode = AutoresetMode(
             self.env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         )
+        # The wrapped env's render_modes and render_fps, which Gymnasium's rendering wrappers read.
+        self.metadata = {**self.env.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
         if not isinstance(obs_space, gym.spaces.Dict) or set(obs_space.keys()) != set(GOAL_KEYS):
             raise ValueError(
