@@ -824,19 +824,30 @@ def test_adapter_reads_a_vector_env_that_names_no_autoreset_mode_as_next_step():
     assert GymnasiumGoalVectorEnv(legacy).autoreset_mode == AutoresetMode.NEXT_STEP
 
 
-def test_adapter_reset_mask_takes_a_tensor_as_the_torch_envs_do():
+def test_adapter_reset_mask_takes_a_tensor_or_list_as_the_torch_envs_do():
+    """Gymnasium takes only a numpy array, and pops it from the caller's options: the same
+    options passed again reset every env."""
     results = []
-    for mask in (np.array([True, False, True, False]), torch.tensor([True, False, True, False])):
+    flags = [True, False, True, False]
+    for mask in (np.array(flags), torch.tensor(flags), flags):
         env = GymnasiumGoalVectorEnv(TINY_ID, 4, device="cpu")
         env.reset(seed=0)
         for _ in range(3):
             before, *_ = env.step(torch.full((4, env.action_dim), 0.5))
-        after, _ = env.reset(options={"reset_mask": mask})
+        options = {"reset_mask": mask}
+        after, _ = env.reset(options=options)
+        assert options == {"reset_mask": mask}
         kept = ~torch.as_tensor(mask)
         assert torch.equal(after["observation"][kept], before["observation"][kept])
         assert not torch.equal(after["observation"][~kept], before["observation"][~kept])
         results.append(after)
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert all(torch.equal(results[0][k], result[k]) for result in results for k in result)
+
+
+def test_adapter_reset_takes_a_numpy_int_seed_as_the_torch_envs_do():
+    """Gymnasium's vector envs take a Python int or a list (a numpy int failed on len())."""
+    env = GymnasiumGoalVectorEnv(TINY_ID, 2)
+    assert_same(env.reset(seed=np.int64(3)), env.reset(seed=3))
 
 
 def test_adapter_actions_rescaled_and_errors():

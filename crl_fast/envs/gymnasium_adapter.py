@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from crl_fast.checks import check_bool, is_real, positive_int, positive_real, resolve_device
+from crl_fast.checks import (
+    check_bool,
+    is_integer,
+    is_real,
+    positive_int,
+    positive_real,
+    resolve_device,
+)
 from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
@@ -184,13 +191,24 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[GoalObs, dict[str, Any]]:
         """Reset all envs (``seed`` seeds env i with ``seed + i``, as Gymnasium does), or with
-        ``options={"reset_mask": mask}`` (a bool array or tensor of shape ``(num_envs,)``, as the
-        torch envs take it) only where ``mask`` is true."""
-        mask = (options or {}).get("reset_mask")
-        if isinstance(mask, torch.Tensor):  # Gymnasium checks for a numpy array
-            options = {**(options or {}), "reset_mask": mask.detach().cpu().numpy()}
-        obs, _ = self.env.reset(seed=seed, options=options)
+        ``options={"reset_mask": mask}`` (a bool array, tensor or list of shape ``(num_envs,)``,
+        as the torch envs take it) only where ``mask`` is true."""
+        if is_integer(seed):  # Gymnasium reads a numpy int as a list of seeds
+            seed = int(seed)
+        obs, _ = self.env.reset(seed=seed, options=self._gymnasium_options(options))
         return self._obs(obs), {}
+
+    @staticmethod
+    def _gymnasium_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``options`` with its ``reset_mask`` as the numpy array Gymnasium takes, in a new
+        dict: Gymnasium pops the mask, so the caller's options would reset every env next
+        time."""
+        if options is None or "reset_mask" not in options:
+            return options
+        mask = options["reset_mask"]
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach().cpu()
+        return {**options, "reset_mask": np.asarray(mask)}
 
     def step(
         self, action: Any
