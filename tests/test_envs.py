@@ -388,6 +388,19 @@ def test_compute_reward_batched():
             env.compute_reward(achieved, other)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: make_env("point_umaze", 3), lambda: GymnasiumGoalVectorEnv(TINY_ID, 3)]
+)
+def test_compute_reward_names_goals_it_cannot_take(make):
+    """HER code written for gymnasium-robotics passes numpy goals: named, not a torch.linalg or
+    ``.cpu()`` error; the adapter broadcast goals of different shapes without a word."""
+    env = make()
+    with pytest.raises(TypeError, match="achieved_goal and desired_goal must be torch tensors"):
+        env.compute_reward(np.zeros((3, 2)), np.zeros((3, 2)), {})
+    with pytest.raises(ValueError, match="share a shape"):
+        env.compute_reward(torch.zeros(3, 2), torch.zeros(2), {})
+
+
 # --------------------------------------------------------------------------- state_dict
 
 

@@ -107,6 +107,23 @@ def damped_velocity(
     return (damping * velocity + (accel * dt) * action).clamp(-max_speed, max_speed)
 
 
+def check_goals(achieved_goal: Any, desired_goal: Any, goal_dim: int) -> None:
+    """A TypeError unless both goals are tensors (gymnasium-robotics' ``compute_reward`` takes
+    numpy arrays, these envs' takes torch's), a ValueError unless they share a shape
+    ``(..., goal_dim)`` (broadcasting would pair each achieved goal with every desired one)."""
+    if not (isinstance(achieved_goal, torch.Tensor) and isinstance(desired_goal, torch.Tensor)):
+        raise TypeError(
+            "achieved_goal and desired_goal must be torch tensors (torch.as_tensor converts "
+            f"arrays), got {type(achieved_goal).__name__} and {type(desired_goal).__name__}"
+        )
+    shapes = tuple(achieved_goal.shape), tuple(desired_goal.shape)
+    if shapes[0] != shapes[1] or shapes[0][-1:] != (goal_dim,):
+        raise ValueError(
+            f"achieved_goal and desired_goal must share a shape (..., {goal_dim}), got "
+            f"{shapes[0]} and {shapes[1]}"
+        )
+
+
 def is_success(
     achieved_goal: torch.Tensor, desired_goal: torch.Tensor, success_distance: float
 ) -> torch.Tensor:
@@ -356,12 +373,7 @@ class TorchGoalVectorEnv(VectorEnv):
     ) -> torch.Tensor:
         """Sparse float32 reward, batched over leading dims: 0 within ``success_distance`` else -1
         (the sparse convention of gymnasium-robotics' Fetch tasks; its PointMaze uses 1/0)."""
-        shapes = tuple(achieved_goal.shape), tuple(desired_goal.shape)
-        if shapes[0] != shapes[1] or shapes[0][-1:] != (self.goal_dim,):
-            raise ValueError(
-                f"achieved_goal and desired_goal must share a shape (..., {self.goal_dim}), got "
-                f"{shapes[0]} and {shapes[1]}"
-            )
+        check_goals(achieved_goal, desired_goal, self.goal_dim)
         return is_success(achieved_goal, desired_goal, self.success_distance).float() - 1.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from crl_fast.envs.base import (
     GOAL_KEYS,
     GoalObs,
     check_action,
+    check_goals,
     goal_spaces,
     is_success,
 )
@@ -272,6 +273,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         self, achieved_goal: torch.Tensor, desired_goal: torch.Tensor, info: Any = None
     ) -> torch.Tensor:
         """The wrapped env's own (vectorised) ``compute_reward``, as a float32 tensor."""
+        check_goals(achieved_goal, desired_goal, self.goal_dim)
         envs = getattr(self.env, "envs", None)
         if not envs:
             raise NotImplementedError("compute_reward needs a vector env with local `envs` (sync)")
