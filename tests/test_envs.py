@@ -472,6 +472,23 @@ def test_device_auto_means_what_the_buffer_takes_it_for():
     assert all(env.device == resolve_device("auto") for env in envs)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: make_env("point_umaze", 2), lambda: GymnasiumGoalVectorEnv(TINY_ID, 2)]
+)
+@pytest.mark.parametrize(
+    ("action", "match"),
+    [
+        (None, "got NoneType"),  # torch: "must be real number, not NoneType"
+        ("left", "got str"),
+        ({"move": [0.0, 0.0]}, "got dict"),
+        (torch.ones(2, 2, dtype=torch.complex64), "got torch.complex64"),  # torch warned only
+    ],
+)
+def test_actions_that_are_not_real_numbers_are_named(make, action, match):
+    with pytest.raises(TypeError, match=rf"action must be an array of real numbers, {match}"):
+        make().step(action)
+
+
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
 def test_nan_actions_act_as_zero(name):
     """A NaN action moves like a zero action instead of staying in the state all episode."""

@@ -69,8 +69,17 @@ def check_action(action: Any, num_envs: int, action_dim: int, device: torch.devi
     [-1, 1], NaN read as 0 (it would stay in the simulation state until the episode ends;
     checking for it would cost a host sync), detached (a policy's output stepped outside
     ``torch.no_grad`` would otherwise chain every step's autograd graph into the state); raise a
-    ValueError on a wrong shape."""
-    action = torch.as_tensor(action, dtype=torch.float32, device=device).detach()
+    TypeError on what is not an array of real numbers (torch's own messages name no action, and
+    it casts complex numbers to their real part with a warning only), a ValueError on a wrong
+    shape."""
+    refused = "action must be an array of real numbers, got"
+    try:
+        converted = torch.as_tensor(action, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{refused} {type(action).__name__} ({error})") from error
+    if converted.is_complex():
+        raise TypeError(f"{refused} {converted.dtype}")
+    action = converted.to(torch.float32).detach()
     if action.shape != (num_envs, action_dim):
         raise ValueError(
             f"action must have shape (num_envs, action_dim) = {(num_envs, action_dim)}, "
