@@ -897,6 +897,9 @@ def test_adapter_actions_rescaled_and_errors():
         GymnasiumGoalVectorEnv(TINY_ID, 0)
     with pytest.raises(ValueError, match="need an env id"):  # they would be ignored
         GymnasiumGoalVectorEnv(tiny_vector_env(AutoresetMode.SAME_STEP), max_episode_steps=3)
+    with pytest.raises(ValueError, match=r"num_envs=4 .* has 8"):  # was ignored: 8 envs ran
+        GymnasiumGoalVectorEnv(tiny_vector_env(AutoresetMode.SAME_STEP), num_envs=4)
+    assert GymnasiumGoalVectorEnv(tiny_vector_env(AutoresetMode.SAME_STEP), 8).num_envs == 8
     with pytest.raises(ValueError, match="success_distance"):
         GymnasiumGoalVectorEnv(TINY_ID, 2, success_distance=-1.0)
     for name in ("gymnasium:Nope-v0", "gymnasium:", "gymnasium:no_such_module:Foo-v0"):

@@ -86,7 +86,8 @@ class GymnasiumGoalVectorEnv(VectorEnv):
     Args:
         env: an env id (or spec), made with ``gymnasium.make_vec(env, num_envs, "sync",
             vector_kwargs={"autoreset_mode": SAME_STEP}, **make_kwargs)``, or a ready VectorEnv.
-        num_envs: number of copies when ``env`` is an id.
+        num_envs: number of copies when ``env`` is an id (None: 1); a ready VectorEnv's own
+            number, if given.
         device: where the returned tensors live.
         success_distance: goal distance counted as success; None: the env's success info.
         append_achieved_goal: append ``achieved_goal`` to ``observation`` (for envs whose
@@ -103,7 +104,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
     def __init__(
         self,
         env: str | gym.envs.registration.EnvSpec | VectorEnv,
-        num_envs: int = 1,
+        num_envs: int | None = None,
         *,
         device: torch.device | str = "cpu",
         success_distance: float | None = None,
@@ -116,9 +117,14 @@ class GymnasiumGoalVectorEnv(VectorEnv):
                 raise ValueError(
                     f"make_kwargs {sorted(make_kwargs)} need an env id, not a VectorEnv"
                 )
+            if num_envs is not None and num_envs != env.num_envs:
+                raise ValueError(
+                    f"num_envs={num_envs} given with a VectorEnv that has {env.num_envs} envs "
+                    "(num_envs sizes an env made from an id)"
+                )
             self.env = env
         else:
-            num_envs = positive_int("num_envs", num_envs)
+            num_envs = positive_int("num_envs", 1 if num_envs is None else num_envs)
             try:
                 self.env = gym.make_vec(
                     env,
