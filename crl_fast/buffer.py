@@ -150,6 +150,16 @@ def sample_reference(
     )
 
 
+def _reshape_hint(got: int, want: int) -> str:
+    """The reshape that turns a field of ``got`` dims into ``want`` where one obviously does: a
+    dim short is one step, extra dims (pixels, [T, N, 1] flags) flatten into the last."""
+    if got == want - 1:
+        return " (one step: x.unsqueeze(0))"
+    if got > want:
+        return f" (flatten the trailing dims: x.flatten({want - 1}))"
+    return ""
+
+
 def check_goal_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
     """The fractions of random and of current-state goals, if each lies in [0, 1] and they sum
     to at most 1; else a ValueError naming them."""
@@ -295,18 +305,18 @@ class TrajectoryBuffer:
                 raise TypeError(f"extend(): {name} must have dtype {want_dtype}, got {x.dtype}")
             if x.device != self.device:
                 raise ValueError(f"extend(): {name} is on {x.device}, the buffer on {self.device}")
-            if x.dim() != (2 if dim is None else 3):
+            ndim, layout = (2, "[T, num_envs]") if dim is None else (3, "[T, num_envs, dim]")
+            if x.dim() != ndim:
                 raise ValueError(
-                    f"extend(): {name} must be shaped [T, num_envs{'' if dim is None else ', dim'}]"
-                    f" (one step: x.unsqueeze(0)), got {list(x.shape)}"
+                    f"extend(): {name} must be shaped {layout}{_reshape_hint(x.dim(), ndim)}, "
+                    f"got {list(x.shape)}"
                 )
             if steps is None:
                 steps = x.shape[0]
             want = (steps, self.num_envs) + (() if dim is None else (dim,))
             if tuple(x.shape) != want:
                 raise ValueError(
-                    f"extend(): {name} must be shaped [T, num_envs{'' if dim is None else ', dim'}]"
-                    f" = {list(want)}, got {list(x.shape)}"
+                    f"extend(): {name} must be shaped {layout} = {list(want)}, got {list(x.shape)}"
                 )
             out.append(x)
         return out

@@ -753,6 +753,24 @@ def test_extend_rejects_bad_input(field: str, value: object, error: type, match:
     assert len(buf) == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "shape", "hint"),
+    [
+        ("observation", (6, OBS), r"\(one step: x\.unsqueeze\(0\)\)"),
+        ("observation", (2, 6, 1, OBS), r"\(flatten the trailing dims: x\.flatten\(2\)\)"),
+        ("terminated", (2, 6, 1), r"\(flatten the trailing dims: x\.flatten\(1\)\)"),
+        ("observation", (OBS,), r"got \[3\]$"),
+    ],
+)
+def test_extend_hints_only_the_reshape_that_fits(field: str, shape: tuple, hint: str) -> None:
+    """A field with one dim too few is one step (unsqueeze); one with extra dims (pixels
+    [T, N, C, H, W], flags [T, N, 1]) needs flattening, where unsqueeze(0) would add another."""
+    batch = good_batch()
+    batch[field] = torch.zeros(shape, dtype=batch[field].dtype)
+    with pytest.raises(ValueError, match=hint):
+        make().extend(batch)
+
+
 def test_extend_takes_a_mapping_and_zero_steps_write_nothing(monkeypatch) -> None:
     buf = make()
     with pytest.raises(TypeError, match=r"extend\(\) takes a mapping of tensors, got list"):
