@@ -162,12 +162,14 @@ def _reshape_hint(got: int, want: int) -> str:
 
 def check_goal_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
     """The fractions of random and of current-state goals, if each lies in [0, 1] and they sum
-    to at most 1; else a ValueError naming them."""
+    to at most 1 in float32, as the samplers' thresholds do (0.2 + 0.8 from float32 values is
+    1 + 1.5e-8 in float64); else a ValueError naming them."""
     r = fraction("random_goal_fraction", random_fraction)
     c = fraction("current_goal_fraction", current_fraction)
-    if r + c > 1.0:
+    if _f32(r + c) > 1.0:
         raise ValueError(
-            f"random_goal_fraction + current_goal_fraction must be at most 1, got {r + c}"
+            f"random_goal_fraction + current_goal_fraction must be at most 1, got {r} + {c} = "
+            f"{r + c}"
         )
     return r, c
 

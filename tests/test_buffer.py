@@ -254,6 +254,18 @@ def test_mixing_fractions() -> None:
         buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
 
 
+def test_mixing_fractions_from_float32_may_sum_to_one() -> None:
+    """0.2 and 0.8 held in float32 (numpy, ``tensor.item()``) sum to 1 + 1.5e-8 in float64, the
+    samplers' float32 thresholds to 1: the mix is accepted, and a sum over 1 names both parts."""
+    r, c = np.float32(0.2), np.float32(0.8)
+    buf = make(random_goal_fraction=r, current_goal_fraction=c)
+    buf.extend(good_batch())
+    batch = buf.sample(8, random_goal_fraction=r.item(), current_goal_fraction=c.item())
+    assert batch.goal.shape == (8, GOAL)
+    with pytest.raises(ValueError, match=r"at most 1, got 0\.5 \+ 0\.6 = 1\.1"):
+        buf.sample(8, random_goal_fraction=0.5, current_goal_fraction=0.6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixing_uniform_against_the_fractions(
     backend: str, monkeypatch: pytest.MonkeyPatch
