@@ -460,6 +460,8 @@ class ContrastiveLoss(nn.Module):
     ``learn_bias``, fixed buffers otherwise (left out when 0, CRL's default). SigLIP learns
     both from ``log_scale = log(10)`` and ``bias = -10``. Built on the meta device (deferred
     initialisation, FSDP's), ``to_empty`` then ``reset_parameters`` restores those values.
+    ``device`` and ``dtype`` make them there, as torch's modules take them: built in float32
+    and moved by ``.to(torch.float64)``, they hold the init values rounded to float32.
     """
 
     log_scale: torch.Tensor | None
@@ -480,6 +482,8 @@ class ContrastiveLoss(nn.Module):
         learn_bias: bool = False,
         init_bias: float = 0.0,
         backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = LossConfig(
@@ -488,6 +492,9 @@ class ContrastiveLoss(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        # an integer dtype would truncate log(10) to 2
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         for name, value, learn in (
             ("log_scale", init_log_scale, learn_scale),
             ("bias", init_bias, learn_bias),
@@ -498,10 +505,11 @@ class ContrastiveLoss(nn.Module):
             if not math.isfinite(value):
                 raise ValueError(f"init_{name} must be finite, got {value}")
             setattr(self, f"init_{name}", float(value))
+            empty = torch.empty((), device=device, dtype=dtype)
             if learn:
-                self.register_parameter(name, nn.Parameter(torch.empty(())))
+                self.register_parameter(name, nn.Parameter(empty))
             else:
-                self.register_buffer(name, torch.empty(()) if value != 0 else None)
+                self.register_buffer(name, empty if value != 0 else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -906,6 +906,19 @@ def test_module_built_on_meta_resets_to_its_init_values():
     assert isinstance(module.log_scale, torch.nn.Parameter)
 
 
+def test_module_built_in_float64_holds_its_init_values_exactly():
+    """dtype=torch.float64 makes the scale and bias float64 with log(10) exact: built in
+    float32 then moved by .to(torch.float64), the scale was 3e-8 off, which set a float64
+    SigLIP model's parameters 5e-9 apart from a plain-PyTorch twin's after 300 Adam steps."""
+    module = ContrastiveLoss(
+        learn_scale=True, init_log_scale=math.log(10), init_bias=-10.0, dtype=torch.float64
+    )
+    assert module.log_scale.dtype == module.bias.dtype == torch.float64
+    assert module.log_scale.item() == math.log(10)
+    with pytest.raises(TypeError, match=r"floating-point torch\.dtype"):
+        ContrastiveLoss(init_log_scale=math.log(10), dtype=torch.int64)
+
+
 def test_module_refuses_a_bad_backend_when_built():
     with pytest.raises(ValueError, match="backend"):
         ContrastiveLoss(backend="gpu")
