@@ -246,7 +246,8 @@ class TrajectoryBuffer:
             if not triton_runs_on(self.device, goal_sampling):
                 raise ValueError(
                     f"backend='triton' needs a CUDA device (got {self.device}), or "
-                    "TRITON_INTERPRET=1 set before crl-fast's kernels are imported"
+                    "TRITON_INTERPRET=1 set before triton is first imported (torch.compile "
+                    "imports it)"
                 )
         self._log_gamma = _f32_pair(math.log(gamma))
 

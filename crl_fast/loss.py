@@ -177,7 +177,8 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         if not triton_runs_on(x.device, pair_stats):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
-                "before crl-fast's kernels are imported to run them on the CPU"
+                "before triton is first imported (torch.compile imports it) to run the kernels "
+                "on the CPU"
             )
         return True
     return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()

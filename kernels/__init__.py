@@ -10,8 +10,14 @@ def check_unit_column_stride(**tensors: object) -> None:
 
 
 def runs_on_cpu(kernel: object) -> bool:
-    """Whether ``kernel`` takes CPU tensors: Triton's interpreter built it, which it does when
-    TRITON_INTERPRET=1 is set as the kernel's module is imported (set later, it changes nothing)."""
+    """Whether ``kernel`` takes CPU tensors: Triton's interpreter built it and Triton's own
+    jit'd library (``tl.zeros``, ``tl.sum``), which it does when TRITON_INTERPRET=1 is set as
+    triton is first imported. Set later, the library stays compiled, and an interpreted kernel
+    fails at its first call into it ("Cannot call @triton.jit'd outside of the scope of a
+    kernel")."""
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(kernel, InterpretedFunction)
+    return isinstance(kernel, InterpretedFunction) and isinstance(
+        standard.zeros, InterpretedFunction
+    )

@@ -39,10 +39,14 @@ def assert_no_worse_than_eager(
     )
 
 
-def stderr_with_late_interpret(code: str) -> str:
-    """The stderr of ``code`` (which must fail) run in a fresh Python after crl-fast's kernels
-    were imported without TRITON_INTERPRET and the variable was set only then."""
-    setup = "import os, torch; import crl_fast.kernels.pair_stats, crl_fast.kernels.goal_sampling\n"
+KERNELS = "crl_fast.kernels.pair_stats, crl_fast.kernels.goal_sampling"
+
+
+def stderr_with_late_interpret(code: str, imported: str = KERNELS) -> str:
+    """The stderr of ``code`` (which must fail) run in a fresh Python after ``imported`` (by
+    default crl-fast's kernels) was imported without TRITON_INTERPRET and the variable was set
+    only then."""
+    setup = f"import os, torch; import {imported}\n"
     setup += "os.environ['TRITON_INTERPRET'] = '1'\n"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", setup + code], env=env, capture_output=True,

@@ -23,7 +23,12 @@ from crl_fast import (
 )
 from crl_fast.loss import LOSSES
 from crl_fast.loss_reference import reference_logits
-from tests.helpers import assert_no_worse_than_eager, max_error, stderr_with_late_interpret
+from tests.helpers import (
+    KERNELS,
+    assert_no_worse_than_eager,
+    max_error,
+    stderr_with_late_interpret,
+)
 
 # The triton case runs the kernels on CPU tensors (its cuda cases, where a test has them, are gpu).
 BACKENDS = ("torch", pytest.param("triton", marks=pytest.mark.interpreter))
@@ -1331,12 +1336,17 @@ def test_the_reference_takes_any_one_element_scale_and_bias(shape):
         assert max_error(got, want) < 1e-5
 
 
-def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter():
-    """TRITON_INTERPRET=1 set after the kernels were built changes nothing: a clear error, not
-    Triton's 'no active drivers' from deep inside a launch."""
+@pytest.mark.parametrize("imported", [KERNELS, "triton"])
+def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter(imported):
+    """TRITON_INTERPRET=1 set after the kernels were built, or after triton was imported
+    (torch.compile imports it; Triton's own jit'd library, tl.zeros, stays compiled), changes
+    nothing: a clear error, not Triton's 'no active drivers' or, after triton alone, the
+    interpreter's "Cannot call @triton.jit'd outside of the scope of a kernel" from deep inside
+    a launch."""
     err = stderr_with_late_interpret(
         "from crl_fast import contrastive_loss\n"
-        "contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), backend='triton')"
+        "contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), backend='triton')",
+        imported,
     )
     assert "ValueError: backend='triton' needs CUDA tensors" in err, err
 
