@@ -271,6 +271,7 @@ def test_reset_seed_reproducible(name):
     obs6, _ = other.reset(seed=6)
     assert not torch.equal(obs6["desired_goal"], first[0][0]["desired_goal"])
     assert_same(env.reset(seed=5), first[0])  # reseeding the same env starts it over
+    assert env.np_random_seed == 5  # Gymnasium's record of the last seed
     made = make_env(name, num_envs=64, seed=5, max_episode_steps=7)  # seeded when made
     assert_same(rollout(made, 30), first[1])
     unseeded = [make_env(name, num_envs=64, seed=None).reset()[0] for _ in range(2)]

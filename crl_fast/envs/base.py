@@ -261,6 +261,7 @@ class TorchGoalVectorEnv(VectorEnv):
                     f"got {seed!r}"
                 )
             self.generator.manual_seed(seed_int(seed))
+            super().reset(seed=seed_int(seed))  # np_random_seed reports it, as Gymnasium's do
         before = self.generator.get_state()  # seed and offset on CUDA: no device sync
         draws = self._draw()
         if draws and torch.equal(before, self.generator.get_state()):
