@@ -19,7 +19,8 @@ A ``+bf16`` suffix (opt-in: ``graph+bf16``, ``compile-graph+bf16``, ``eager+bf16
 ``amp="bfloat16"``: the networks' matmuls and the loss in bfloat16 under autocast.
 A ``+fused`` suffix (``graph+fused``, ``compile-graph+fused``; opt-in: ``eager+fused``,
 ``compile-graph+fused+bf16``) builds it with ``fused_mlp=True``: each network's forward one Triton
-kernel, its backward two (on the CPU only under TRITON_INTERPRET=1; the layers otherwise).
+kernel, its backward two (on the CPU only under TRITON_INTERPRET=1; the layers otherwise, which
+the row's ``mlp`` says).
 Rows are measured mode by mode, both batch sizes each, and written as they come (a timeout keeps
 what ran). Issue targets (H100): batch 256 >= 13,000/s, batch 4096 >= 3,000/s. Writes
 bench/results/update-<device>.json.
@@ -45,6 +46,7 @@ from bench.harness import (
     tuned_configs,
     write_results,
 )
+from crl_fast import fused_mlp
 from crl_fast.agent import CRL, GraphedUpdates
 from crl_fast.buffer import TrajectoryBuffer
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig
@@ -102,6 +104,14 @@ def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
     return buffer
 
 
+def _mlp_path(fused: bool, device: torch.device) -> str:
+    """What runs the networks: a ``+fused`` mode without the kernels on ``device`` (the CPU
+    without TRITON_INTERPRET=1) times the layers, and its row must say so."""
+    if not fused:
+        return "layers"
+    return "fused kernels" if fused_mlp.runs_on(device) else "layers (no Triton here)"
+
+
 def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
     torch.manual_seed(0)
     kind, *suffixes = mode.split("+")
@@ -142,6 +152,7 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
 
     return {
         "mode": mode,
+        "mlp": _mlp_path("fused" in suffixes, device),
         "batch": batch_size,
         "updates_per_call": updates_per_call,
         "cpu_threads": torch.get_num_threads() if cpu else None,
@@ -188,8 +199,8 @@ def main() -> None:
             write_results(name, device, rows, extra=extra, complete=False)
     path = write_results(name, device, rows, extra=extra)
     label = device_label(device)
-    columns = ["mode", "batch", "updates_per_call", "median_ms", "updates_per_s", "target_per_s"]
-    columns += ["kernels_per_update", "kernel_us_per_update"]
+    columns = ["mode", "mlp", "batch", "updates_per_call", "median_ms", "updates_per_s"]
+    columns += ["target_per_s", "kernels_per_update", "kernel_us_per_update"]
     print_table(rows, columns, title=f"CRL updates/s, JaxGCRL default nets, {label} ({path.name})")
 
 

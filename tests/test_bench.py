@@ -21,6 +21,7 @@ from bench import (
     harness,
     probe_warp_specialize,
 )
+from crl_fast import fused_mlp
 
 CASES = {
     "loss": (bench_loss, ["--sizes", "64", "--combos", "2"], {"impl", "median_ms", "status"}),
@@ -98,6 +99,19 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
     if module is bench_mlp:  # the fused rows ran the kernels (the interpreter's), not the layers
         fused = [row for row in result["rows"] if row["impl"].startswith("fused")]
         assert fused and all(row["path"] == "triton" for row in fused)
+
+
+def test_a_fused_mode_without_the_kernels_says_the_layers_ran(tmp_path, monkeypatch):
+    """``eager+fused`` on a CPU without Triton's interpreter times PyTorch's layers: its row
+    says so, rather than passing for the fused kernels' figure."""
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(fused_mlp, "runs_on", lambda device: False)
+    argv = ["--device", "cpu", "--batch-size", "16", "--modes", "eager", "eager+fused"]
+    monkeypatch.setattr(sys, "argv", ["bench_update", *argv])
+    bench_update.main()
+    (path,) = tmp_path.glob("update-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["mlp"] for row in rows] == ["layers", "layers (no Triton here)"]
 
 
 class _TimeLimit(BaseException):
