@@ -4,12 +4,12 @@
     python -m bench.bench_loss --quick         # one size per table
     pytest bench/bench_loss.py --benchmark-only
 
-Times ``loss(phi, psi)`` plus the gradients of phi and psi, median of many runs (CUDA events),
-and the peak extra device memory. ``crl_fast`` is one eager call (Python, launches and GPU work:
-small batches measure the host); ``crl_fast-graph`` replays the same call from a CUDA graph, so
-it measures the GPU work alone (its memory lives in the graph's pool: peak is None). Eager and
-torch.compile materialise the B x B logits: they are skipped, and say so, where that matrix
-cannot fit. Writes bench/results/loss-<device>.json.
+Times ``loss(phi, psi)`` plus the gradients of phi and psi, median of many runs (CUDA events;
+time.perf_counter on the CPU), and the peak extra device memory. ``crl_fast`` is one eager call
+(Python, launches and GPU work: small batches measure the host); ``crl_fast-graph`` replays
+the same call from a CUDA graph, so it measures the GPU work alone (its memory lives in the
+graph's pool: peak is None). Eager and torch.compile materialise the B x B logits: they are
+skipped, and say so, where that matrix cannot fit. Writes bench/results/loss-<device>.json.
 Issue targets (H100, bf16, d = 64): binary B = 16384 <= 0.30 ms, B = 65536 <= 4.5 ms,
 B = 1,048,576 <= 1.2 s; infonce + norm + penalty 0.1 at B = 16384 <= 0.45 ms.
 """

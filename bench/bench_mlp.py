@@ -146,6 +146,7 @@ def main() -> None:
                                 step = graphed(passes)
                             timing = measure(step, device=device, warmup=3, rep=20, memory=False)
                             row["us_per_pass"] = timing["median_ms"] * 1e3 / reps
+                            row |= {"calls": timing["calls"], "timer": timing["timer"]}
                             if cuda:
                                 row |= cuda_kernels(fn, per="pass")
                     rows.append(row)

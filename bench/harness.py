@@ -88,14 +88,24 @@ class _MedianAndDeciles(TypedDict):
     median_ms: float
     p20_ms: float
     p80_ms: float
+    calls: int
+    timer: str
 
 
 class Timing(_MedianAndDeciles, total=False):
-    """What :func:`measure` returns: median, p20 and p80 always; ``host_ms`` and ``peak_mem_mb``
-    on CUDA only (``peak_mem_mb`` None with ``memory=False``)."""
+    """What :func:`measure` returns: median, p20 and p80 of ``calls`` timed calls and the
+    ``timer`` always; ``host_ms`` and ``peak_mem_mb`` on CUDA only (``peak_mem_mb`` None with
+    ``memory=False``)."""
 
     host_ms: float
     peak_mem_mb: float | None
+
+
+TIMERS = {
+    "cuda": "CUDA events around each call, synchronised after it",
+    "cpu": "time.perf_counter around each call",
+}
+"""How :func:`measure` times one call on each device type (recorded in each row it times)."""
 
 
 def measure(
@@ -140,7 +150,13 @@ def measure(
             times.append((time.perf_counter() - t0) * 1e3)
     # inclusive: the deciles lie within what was measured (3 runs at the largest sizes)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    out: Timing = {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+    out: Timing = {
+        "median_ms": statistics.median(times),
+        "p20_ms": q[1],
+        "p80_ms": q[7],
+        "calls": rep,
+        "timer": TIMERS[device.type],
+    }
     if cuda:
         out["host_ms"] = statistics.median(host)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -340,3 +356,16 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    if note := timing_note(rows):
+        print(note)
+
+
+def timing_note(rows: Sequence[dict]) -> str:
+    """What a table's timed figures are: the median of how many calls, by which timer (from
+    the rows :func:`measure` timed; empty where none was)."""
+    calls = sorted({row["calls"] for row in rows if "calls" in row})
+    timers = sorted({row["timer"] for row in rows if "timer" in row})
+    if not calls:
+        return ""
+    count = f"{calls[0]}" if len(calls) == 1 else f"{calls[0]}-{calls[-1]}"
+    return f"each time: the median of {count} timed calls after warm-up ({'; '.join(timers)})"

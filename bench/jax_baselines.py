@@ -371,7 +371,7 @@ def timed(
     call()
     rep = int(min(100, max(5, budget_s / max(time.perf_counter() - t0, 1e-6))))
     timing = measure(call, device="cpu", warmup=2, rep=rep)  # the host clock: call() blocks
-    # On the CPU, measure's timing is these three (host_ms and peak_mem_mb are CUDA's)
+    # Its median and deciles (rep: its calls; the timer is the host clock, as the docstring says)
     row = {"median_ms": timing["median_ms"], "p20_ms": timing["p20_ms"]}
     row |= {"p80_ms": timing["p80_ms"], "compile_s": compile_s, "rep": rep}
     stats = compiled.memory_analysis()

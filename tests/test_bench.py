@@ -95,7 +95,11 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
                 values = value if isinstance(value, list) else [value]  # wall_s: per repeat
                 flat = [v for v in values for v in (v if isinstance(v, list) else [v])]
                 assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
-    assert "CPU" in capsys.readouterr().out or module in PROBES
+    out = capsys.readouterr().out
+    assert "CPU" in out or module in PROBES
+    timed = [row for row in result["rows"] if "median_ms" in row or "us_per_pass" in row]
+    assert all(row["calls"] >= 1 and row["timer"] for row in timed)
+    assert "timed calls" in out or not timed
     if module is bench_mlp:  # the fused rows ran the kernels (the interpreter's), not the layers
         fused = [row for row in result["rows"] if row["impl"].startswith("fused")]
         assert fused and all(row["path"] == "triton" for row in fused)
@@ -112,6 +116,16 @@ def test_a_fused_mode_without_the_kernels_says_the_layers_ran(tmp_path, monkeypa
     (path,) = tmp_path.glob("update-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [row["mlp"] for row in rows] == ["layers", "layers (no Triton here)"]
+
+
+def test_a_table_says_what_its_times_are_the_median_of(capsys):
+    """A printed time names how many calls it is the median of and how they were timed (the
+    JSON row too): a CPU's perf_counter figure is not read as CUDA events'."""
+    rows = [harness.measure(lambda: None, device="cpu", warmup=0, rep=n) for n in (3, 7)]
+    harness.print_table(rows, ["median_ms"])
+    out = capsys.readouterr().out
+    assert "median of 3-7 timed calls" in out and "perf_counter" in out
+    assert [row["calls"] for row in rows] == [3, 7]
 
 
 class _TimeLimit(BaseException):
