@@ -192,6 +192,16 @@ def test_benchmark_entry_points_record_their_device(entry):
     assert benchmark.extra_info["device"] == harness.device_name(bench_loss._DEVICE)
 
 
+def test_pytest_benchmark_output_names_the_device():
+    """``pytest bench --benchmark-only`` prints pytest-benchmark's table, which names no device:
+    the session header does, and a CPU's figures are marked as such."""
+    from bench import conftest
+
+    header = conftest.pytest_report_header()
+    assert harness.device_label(bench_loss._DEVICE) in header
+    assert torch.cuda.is_available() or "CPU figures" in header
+
+
 @pytest.mark.parametrize(
     ("module", "argv"),
     [
