@@ -36,8 +36,8 @@
 # `rest` runs the README's test command's other tests (not gpu-marked) on the GPU machine, where
 # TRITON_INTERPRET is unset and the interpreter-marked ones skip: a GPU user's full run passes.
 #
-# The GPU machine has torch, triton and numpy but no gymnasium and no network. Before the call,
-# here (.whl/ is git-ignored):
+# The GPU machine has torch, triton and numpy but no gymnasium and no network (without it the
+# stages tests, rest, envs and train are refused). Before the call, here (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 --platform any \
 #     -d .whl gymnasium farama-notifications
@@ -55,8 +55,6 @@ for stage in "${stages[@]}"; do  # a misspelt stage fails at once, not after the
     [[ $stage != *[[:space:]]* && $KNOWN == *" $stage "* ]] ||
         { echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2; }
 done
-OUT=${OUT:-/tmp/crl-fast-out}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The checkout on the path of every stage (python -m puts it there; tests/compile_kernels.py,
 # run as a file, would not find crl_fast, which the GPU machine does not have installed).
@@ -65,6 +63,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# crl_fast.envs imports gymnasium: without it the tests stages stop at collection (no test runs)
+# and envs / train fail at import, after the stages before them took their device time.
+for stage in "${stages[@]}"; do
+    [[ " tests rest envs train " != *" $stage "* ]] || python3 -c "import gymnasium" 2>/dev/null ||
+        { echo "stage '$stage' needs gymnasium, which is not installed here: carry .whl" \
+            "(this script's header) or leave the stage out" >&2; exit 2; }
+done
+OUT=${OUT:-/tmp/crl-fast-out}
+mkdir -p "$OUT"
 # The checkout itself, as an editable install sees it: crl_fast.kernels is kernels/ (a plain
 # `pip install .` would be shadowed by ./crl_fast, which has no kernels/, from the repo root).
 ln -sfn ../kernels crl_fast/kernels

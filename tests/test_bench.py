@@ -271,3 +271,26 @@ def test_gpu_check_refuses_an_unknown_stage_before_running_any(tmp_path):
         )
         assert done.returncode == 2 and f"unknown stage '{stages[-1]}'" in done.stderr
         assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
+
+
+def test_gpu_check_refuses_stages_needing_gymnasium_without_it(tmp_path):
+    """The GPU machine has no gymnasium unless .whl is carried: the stages that import it (the
+    tests' collection, envs, train) are refused before any stage spends device time."""
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 1\n")  # a Python without gymnasium
+    (fake / "python3").chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "loss", "envs"],
+        cwd=root,
+        env={"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "stage 'envs' needs gymnasium" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the loss stage
