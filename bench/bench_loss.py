@@ -99,12 +99,22 @@ def _fits(impl: str, b: int, device: torch.device) -> bool:
     return 4 * b * b * 4 < budget
 
 
+def _backend(device: torch.device, dtype: torch.dtype) -> str:
+    """What ``contrastive_loss``'s default backend runs on ``device``: the Triton kernels, or
+    (on the CPU, always) the chunked PyTorch path, whose times say nothing of the kernels'."""
+    from crl_fast.loss import _use_triton
+
+    return "triton" if _use_triton(torch.empty(0, device=device, dtype=dtype), "auto") else "torch"
+
+
 def run_one(impl, b, d, dtype, device, **combo) -> dict:
     row = {"impl": impl, "B": b, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row |= {"loss": combo.get("loss", "binary"), "energy": combo.get("energy", "dot")}
     row["penalty"] = combo.get("penalty", 0.0)
     row["frozen_psi"] = combo.get("frozen_psi", False)
-    if impl.startswith("crl_fast") and device.type == "cuda":  # what ran, not what was asked
+    if impl.startswith("crl_fast"):  # what ran, not what was asked
+        row["backend"] = _backend(device, dtype)
+    if impl.startswith("crl_fast") and device.type == "cuda":
         from crl_fast.kernels import pair_stats_tiling
 
         row["single_pass"] = pair_stats_tiling.single_pass(dtype, d)
@@ -214,7 +224,8 @@ def main() -> None:
     # The issues' tables first (bf16, d = 64, with every loss), then the others.
     tables = [(dtype, d) for dtype in dtypes for d in dims]
     combo_b = max(args.sizes) if args.sizes else 16384 if cuda else 1024
-    cols = ["impl", "loss", "energy", "penalty", "B", "d", "dtype", "median_ms", "host_ms"]
+    cols = ["impl", "backend", "loss", "energy", "penalty", "B", "d", "dtype", "median_ms"]
+    cols.append("host_ms")
     cols.append("peak_mem_mb")
     cols.append("status")
     # crl-fast's rows first (the issues' targets: the first table and every loss), then the

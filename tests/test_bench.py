@@ -128,6 +128,14 @@ def test_a_table_says_what_its_times_are_the_median_of(capsys):
     assert [row["calls"] for row in rows] == [3, 7]
 
 
+def test_a_crl_fast_loss_row_says_which_backend_ran():
+    """On the CPU ``crl_fast`` is the chunked PyTorch path, not the Triton kernels: the row (and
+    the table) say so, so that its time is not read as the kernels'."""
+    row = bench_loss.run_one("crl_fast", 64, 16, torch.float32, torch.device("cpu"))
+    assert row["backend"] == "torch" and row["status"] == "ok"
+    assert "backend" not in bench_loss.run_one("eager", 64, 16, torch.float32, torch.device("cpu"))
+
+
 class _TimeLimit(BaseException):
     """A stage's time limit, as the script sees it: the run stops between two timings."""
 
