@@ -136,6 +136,14 @@ def test_a_crl_fast_loss_row_says_which_backend_ran():
     assert "backend" not in bench_loss.run_one("eager", 64, 16, torch.float32, torch.device("cpu"))
 
 
+def test_a_cpu_training_row_shows_no_gpu_target(monkeypatch):
+    """The 2-minute target is an H100's: a CPU row leaves it out, as bench_update's do, rather
+    than print it beside a CPU projection."""
+    monkeypatch.setattr(bench_train, "train_seconds", lambda steps, *args: steps / 1000)
+    row = bench_train.bench("eager", (12_800, 25_600), 8, "cpu")
+    assert row["target_s"] is None and row["projected_10M_s"] > 0
+
+
 class _TimeLimit(BaseException):
     """A stage's time limit, as the script sees it: the run stops between two timings."""
 
