@@ -477,6 +477,8 @@ class GraphedUpdates:
                 f"steps must be >= 1 and warmup >= 1 (>= 2 with steps > 1: both kinds of "
                 f"update run before capture), got {steps} and {warmup}"
             )
+        if agent.device.type != "cuda":
+            raise ValueError(f"GraphedUpdates captures CUDA graphs: the agent is on {agent.device}")
         self.device = agent.device
 
         def update(critic_metrics: bool) -> dict[str, torch.Tensor]:

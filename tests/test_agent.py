@@ -89,6 +89,12 @@ def test_graphed_updates_refuse_too_few_warmups():
         GraphedUpdates(small_agent(), toy_batch, steps=2, warmup=1)
 
 
+def test_graphed_updates_need_a_cuda_agent():
+    """A CPU agent is named, not left to torch.cuda.Stream's error from inside the capture."""
+    with pytest.raises(ValueError, match="captures CUDA graphs: the agent is on cpu"):
+        GraphedUpdates(small_agent(), toy_batch)
+
+
 def test_actor_stream_needs_cuda():
     with pytest.raises(ValueError, match="actor_stream needs a CUDA device"):
         CRL(OBS, ACT, GOAL, AgentConfig(width=64), "cpu", actor_stream=True)
