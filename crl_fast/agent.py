@@ -229,6 +229,11 @@ class CRL:
         critic's anchors; here the actor's batch has anchors of its own). It costs a second
         ``psi`` forward pass, without gradients.
         """
+        if not torch.is_grad_enabled():  # else "element 0 of tensors does not require grad"
+            raise RuntimeError(
+                "CRL.update takes gradient steps: it cannot run under torch.no_grad() or "
+                "torch.inference_mode() (act() can)"
+            )
         obs, action, goal = _unpack(batch, "batch")
         self._check_rows(observation=obs, action=action, goal=goal)
         # Checked here, not left to the critic's loss: the actor and alpha step first.

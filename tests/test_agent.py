@@ -715,6 +715,17 @@ def test_a_bad_update_argument_is_refused_before_any_step(
     assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_an_update_without_autograd_is_named_before_any_step(mode):
+    """A loop run under no_grad (or inference_mode) for its env steps: the update said "element
+    0 of tensors does not require grad" from inside the actor's backward."""
+    agent = small_agent()
+    before = parameters(agent)
+    with mode(), pytest.raises(RuntimeError, match=r"update takes gradient steps: it cannot run"):
+        agent.update(toy_batch())
+    assert all(torch.equal(v, parameters(agent)[k]) for k, v in before.items())
+
+
 def _edit_first_moment(state, edit):
     edit(state["critic_optimizer"]["state"][0])
     return state
