@@ -370,6 +370,8 @@ class CRL:
         their tensors with ``state`` (and with the agent that produced it). Like the parameters,
         the Adam moments already there are written in place, so a :class:`GraphedUpdates`
         captured before (a rollback to a snapshot) keeps updating the agent's own tensors.
+        As with torch's optimisers, the state's learning rates and entropy weight come with it
+        (a learning-rate scheduler resumes from them); ``config`` is not consulted.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict (CRL.state_dict()), got {type(state).__name__}")
