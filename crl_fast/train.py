@@ -454,6 +454,24 @@ def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
             torch.set_float32_matmul_precision(precision)
 
 
+def not_empty(run_dir: Path) -> str:
+    """Why a new run refuses ``run_dir``, which holds files, and what to do instead: --resume
+    only where it can continue (a run killed before its first checkpoint has nothing to resume,
+    and --resume refuses it)."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return (
+            f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
+            "there, or another --run-dir"
+        )
+    if (run_dir / "config.json").exists():
+        return (
+            f"{run_dir} holds a run stopped before its first checkpoint (its config.json, no "
+            f"{CHECKPOINT_NAME}: --resume cannot continue it): delete the directory to start "
+            "that run again there, or give another --run-dir"
+        )
+    return f"{run_dir} is not empty and holds no run (no config.json): give another --run-dir"
+
+
 def _train_in(
     run_dir: Path,
     config: TrainConfig,
@@ -468,10 +486,7 @@ def _train_in(
             "first checkpoint cannot continue: start again in another --run-dir, or delete it)"
         )
     if not config.resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise ValueError(
-            f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
-            "there, or another --run-dir"
-        )
+        raise ValueError(not_empty(run_dir))
     checkpoint = None
     if config.resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, device, CHECKPOINT_KEYS)

@@ -728,6 +728,26 @@ def test_a_failed_run_cleans_up_while_still_holding_the_lock(tmp_path, monkeypat
     assert tried == [folder] and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_not_sent_to_resume(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint leaves its config.json and first rows. Started
+    again there it is refused, and the message must not say to pass --resume, which refuses a
+    folder without a checkpoint: each message sent the user to the other."""
+
+    def killed(state, path):
+        raise Killed
+
+    config = tiny_config(tmp_path, checkpoint_every=512)
+    monkeypatch.setattr(train_module, "save_checkpoint", killed)
+    with pytest.raises(Killed):
+        train(config)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="stopped before its first checkpoint") as again:
+        train(config)
+    assert "--resume to continue" not in str(again.value)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        train(dataclasses.replace(config, resume=True))
+
+
 def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
     def no_locks(fd, operation):
         raise OSError(37, "No locks available")
