@@ -200,6 +200,47 @@ def test_kill_between_final_eval_and_final_checkpoint_logs_each_row_once(tmp_pat
     assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
 
 
+SIGKILLED_MID_CHECKPOINT = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from crl_fast.train import train
+from tests.test_train import tiny_config
+
+save, saves = torch.save, []
+
+def save_then_die(state, file):  # the second checkpoint: a few bytes written, then SIGKILL
+    saves.append(state)
+    if len(saves) == 2:
+        file.write(b"PK half a checkpoint")
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(state, file)
+
+torch.save = save_then_die
+train(tiny_config(Path(sys.argv[1]), "killed", total_env_steps=512, checkpoint_every=256))
+"""
+
+
+def test_a_run_sigkilled_mid_checkpoint_resumes_exactly(tmp_path):
+    """A real SIGKILL, which runs no cleanup (the tests raising in its place do), while the
+    second checkpoint is half written: the resume is not blocked by the lock file left, ends
+    as an uninterrupted run does, and leaves no temp file."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    child = [sys.executable, "-c", SIGKILLED_MID_CHECKPOINT, str(tmp_path)]
+    assert subprocess.run(child, cwd=root, capture_output=True).returncode == -signal.SIGKILL
+    run_dir = tmp_path / "killed"
+    assert (run_dir / LOCK_NAME).exists()
+    assert list(run_dir.glob(".checkpoint.pt.*.tmp"))  # what the kill left mid-write
+    settings = dict(total_env_steps=512, checkpoint_every=256)
+    resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
+    straight = train(tiny_config(tmp_path, "straight", **settings))
+    assert_same_weights_and_rows(straight, resumed)
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
+
+
 def test_a_torn_last_metrics_line_is_left_out(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "eval/succ')
