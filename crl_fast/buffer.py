@@ -160,6 +160,11 @@ def _reshape_hint(got: int, want: int) -> str:
     return ""
 
 
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""The dtypes a buffer stores its rows in: the ones tested on both samplers. (torch's other
+floating dtypes include packed float4 pairs and sign-less float8, which no sampler can copy.)"""
+
+
 def check_goal_mix(random_fraction: float, current_fraction: float) -> tuple[float, float]:
     """The fractions of random and of current-state goals, if each lies in [0, 1] and they sum
     to at most 1 in float32, as the samplers' thresholds do (0.2 + 0.8 from float32 values is
@@ -221,8 +226,9 @@ class TrajectoryBuffer:
             raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in STORAGE_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+            raise TypeError(f"dtype must be one of {names}, got {dtype!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self._capacity = capacity

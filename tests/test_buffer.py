@@ -226,6 +226,20 @@ def test_anchors_uniform_over_stored_transitions(steps: int) -> None:
     assert ((counts - expected) ** 2 / expected).sum() < chi2_critical(dof)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_stored_in_other_dtypes(backend: str, dtype: torch.dtype) -> None:
+    """Step numbers up to 60 are exact in each dtype: the goals still decode to their rows."""
+    buf = make(capacity=9, num_envs=3, dtype=dtype, backend=backend)
+    rec = Recorder(buf, [0.0, 0.2, 1.0], seed=0)
+    for _ in range(3):
+        rec.extend(20)
+        for mode in FUTURE_MODES:
+            batch = buf.sample(64, goal_mode=mode)
+            assert {x.dtype for x in batch} == {dtype}
+            rec.check(batch, mode)
+
+
 def test_single_step_extends_and_short_buffer() -> None:
     buf = make(capacity=5, num_envs=3, gamma=0.5)
     rec = Recorder(buf, [0.0, 0.4, 1.0], seed=0)
@@ -807,8 +821,9 @@ def test_constructor_and_sample_reject_bad_arguments() -> None:
             make(gamma=gamma)
     with pytest.raises(TypeError, match="gamma"):
         make(gamma="0.9")
-    with pytest.raises(TypeError, match="dtype"):
-        make(dtype="float32")
+    for dtype in ("float32", torch.int32, torch.float8_e4m3fn):
+        with pytest.raises(TypeError, match="dtype must be one of float32, bfloat16, float16"):
+            make(dtype=dtype)
     with pytest.raises(ValueError, match="goal_mode"):
         make(goal_mode="future")
     with pytest.raises(ValueError, match="capacity"):
