@@ -16,7 +16,15 @@ from gymnasium.wrappers import TimeLimit
 from torch._dynamo.utils import counters
 
 from crl_fast.checks import resolve_device
-from crl_fast.envs import ENV_NAMES, GymnasiumGoalVectorEnv, PointMazeEnv, ReacherEnv, make_env
+from crl_fast.envs import (
+    ENV_NAMES,
+    GymnasiumGoalVectorEnv,
+    PointMazeEnv,
+    ReacherEnv,
+    TorchGoalVectorEnv,
+    make_env,
+)
+from crl_fast.envs.base import GOAL_KEYS
 from crl_fast.envs.point_maze import MAZES
 from tests.free_point_env import FreePoint
 from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID, TinyGoalEnv
@@ -1173,6 +1181,37 @@ def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):
     for views, never: the buffer would have stored s_{t+1} as s_t."""
     with pytest.raises(error, match=match):
         env(4, seed=0)
+
+
+class _MisspeltAdvance(TorchGoalVectorEnv):
+    """A point at the origin that defines ``advance``, not ``_advance``."""
+
+    obs_dim, goal_dim, action_dim = 2, 2, 2
+    _sim_keys = ("pos",)
+
+    def __init__(self, num_envs, **kwargs):
+        kwargs |= {"max_episode_steps": 5, "success_distance": 0.1, "terminate_on_success": False}
+        super().__init__(num_envs, device="cpu", **kwargs)
+
+    def _draw(self):
+        return {}
+
+    def _initial_state(self, draws):
+        return {"pos": torch.zeros(self.num_envs, 2)}
+
+    def advance(self, action):
+        self.pos = self.pos + action
+
+    def _observe(self):
+        return {key: self.pos.clone() for key in GOAL_KEYS}
+
+
+def test_an_env_missing_one_of_its_methods_is_named_when_made():
+    """Without it the base class's empty method ran: a misspelt ``_advance`` made an env whose
+    point never moved, trained without an error; a misspelt ``_observe`` was reported as
+    ``_observe()`` returning None."""
+    with pytest.raises(TypeError, match=r"_MisspeltAdvance .*abstract method '?_advance"):
+        _MisspeltAdvance(4, seed=0)
 
 
 class _RandomisedMass(FreePoint):

@@ -14,7 +14,7 @@ function that :meth:`TorchGoalVectorEnv.compile` hands to ``torch.compile``.
 from __future__ import annotations
 
 import warnings
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any
 
 import gymnasium as gym
@@ -141,7 +141,7 @@ def is_success(
     return torch.linalg.vector_norm(achieved_goal - desired_goal, dim=-1) <= success_distance
 
 
-class TorchGoalVectorEnv(VectorEnv):
+class TorchGoalVectorEnv(VectorEnv, ABC):
     """A batch of ``num_envs`` goal-conditioned envs simulated with torch tensors on ``device``.
 
     Observations are dicts of float32 tensors (see :data:`GoalObs`). Episodes never terminate unless
@@ -156,7 +156,9 @@ class TorchGoalVectorEnv(VectorEnv):
 
     Subclasses set ``obs_dim``, ``goal_dim``, ``action_dim``, ``_sim_keys`` (names of the tensor
     attributes holding the simulation state) and implement :meth:`_draw`, :meth:`_initial_state`,
-    :meth:`_advance` and :meth:`_observe`, and :meth:`frames` to render.
+    :meth:`_advance` and :meth:`_observe`, and :meth:`frames` to render. A subclass missing one
+    of the four cannot be made (``ABC``: a misspelt ``_advance`` would otherwise leave the
+    base class's empty one, an env that never moves).
     """
 
     # Gymnasium's VectorEnv declares metadata an instance attribute with a class default.
