@@ -1165,6 +1165,25 @@ class _UnsavedState(FreePoint):
         return super()._initial_state(draws) | {"vel": torch.zeros(self.num_envs, 2)}
 
 
+class _GoalsAcross(FreePoint):
+    """Keeps its goals as a (2, num_envs) tensor: a step's reset of the envs that end, a
+    ``torch.where`` over the first dim, would mix coordinates (or fail inside torch)."""
+
+    def _initial_state(self, draws):
+        return super()._initial_state(draws) | {"goal": draws["xy"][1].T.clone()}
+
+    def _observe(self):
+        return super()._observe() | {"desired_goal": self.goal.T.clone()}
+
+
+class _DrawsATensor(FreePoint):
+    def _draw(self):
+        return super()._draw()["xy"]
+
+    def _initial_state(self, draws):
+        return {"pos": draws[0], "goal": draws[1]}
+
+
 @pytest.mark.parametrize(
     ("env", "error", "match"),
     [
@@ -1174,6 +1193,8 @@ class _UnsavedState(FreePoint):
         (_DoubleObservation, TypeError, r"\['observation'\] must be a float32 tensor"),
         (_NoDesiredGoal, TypeError, r"keys .*, got \['achieved_goal', 'observation'\]"),
         (_UnsavedState, ValueError, r"_initial_state must return a dict whose keys are among"),
+        (_GoalsAcross, ValueError, r"_initial_state\(\)\['goal'\] must be a tensor of 4 rows"),
+        (_DrawsATensor, TypeError, r"_DrawsATensor._draw\(\) must return a dict .* got Tensor"),
     ],
 )
 def test_an_env_with_wrong_observations_is_refused_when_made(env, error, match):

@@ -266,6 +266,11 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
             super().reset(seed=seed_int(seed))  # np_random_seed reports it, as Gymnasium's do
         before = self.generator.get_state()  # seed and offset on CUDA: no device sync
         draws = self._draw()
+        if not isinstance(draws, dict):
+            raise TypeError(
+                f"{type(self).__name__}._draw() must return a dict of tensors ({{}} for an env "
+                f"that draws nothing), got {type(draws).__name__}"
+            )
         if draws and torch.equal(before, self.generator.get_state()):
             warnings.warn(
                 f"{type(self).__name__}._draw() returned values but drew none from "
@@ -273,13 +278,7 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
                 "reproduce its episodes (pass generator=self.generator to its torch.rand calls)",
                 stacklevel=2,
             )
-        initial = self._initial_state(draws)
-        if not isinstance(initial, dict) or not set(initial) <= set(self._sim_keys):
-            got = sorted(initial) if isinstance(initial, dict) else type(initial).__name__
-            raise ValueError(
-                f"{type(self).__name__}._initial_state must return a dict whose keys are among "
-                f"_sim_keys {sorted(self._sim_keys)} (the state a checkpoint saves), got {got}"
-            )
+        initial = self._checked_initial(self._initial_state(draws))
         if mask is None:
             for key, value in initial.items():
                 setattr(self, key, value)
@@ -287,6 +286,29 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
         else:
             self._reset_where(mask, initial)
         return self._checked(self._observe()), {}
+
+    def _checked_initial(self, initial: Any) -> dict[str, torch.Tensor]:
+        """``initial`` if it is a dict of tensors keyed among ``_sim_keys`` (the state a checkpoint
+        saves), each with one row per env on the env's device (a step resets the envs that end
+        with a ``torch.where`` along the first dim); else a TypeError or ValueError naming the
+        env."""
+        name = f"{type(self).__name__}._initial_state()"
+        if not isinstance(initial, dict) or not set(initial) <= set(self._sim_keys):
+            got = sorted(initial) if isinstance(initial, dict) else type(initial).__name__
+            raise ValueError(
+                f"{type(self).__name__}._initial_state must return a dict whose keys are among "
+                f"_sim_keys {sorted(self._sim_keys)} (the state a checkpoint saves), got {got}"
+            )
+        for key, value in initial.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
+            if value.shape[:1] != (self.num_envs,) or value.device != self.device:
+                raise ValueError(
+                    f"{name}[{key!r}] must be a tensor of {self.num_envs} rows (one per env: a "
+                    f"step resets the envs that end row by row) on {self.device}, got shape "
+                    f"{tuple(value.shape)} on {value.device}"
+                )
+        return initial
 
     def _checked(self, obs: GoalObs, with_state: bool = True) -> GoalObs:
         """``obs`` if it holds float32 ``(num_envs, width)`` tensors of the declared widths on
