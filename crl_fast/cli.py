@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument(
         "--video",
         default=None,
-        help="also write a GIF of the first --video-envs episodes here (built-in envs)",
+        help="also write a GIF of the first --video-envs episodes here (torch envs with frames)",
     )
     eval_parser.add_argument(
         "--video-envs",
@@ -246,11 +246,14 @@ def _film(args: argparse.Namespace, env: Any) -> Any:
 
     if not isinstance(env, TorchGoalVectorEnv):
         raise ValueError(
-            "--video draws the built-in envs (crl_fast.envs); for gymnasium:<id> envs use "
+            "--video draws the torch envs (crl_fast.envs); for gymnasium:<id> envs use "
             "Gymnasium's own video recording"
         )
     if type(env).frames is TorchGoalVectorEnv.frames:
-        raise ValueError(f"--video: {type(env).__name__} does not draw frames (no frames method)")
+        raise ValueError(
+            f"--video: {type(env).__name__} does not draw frames (no frames method: an env "
+            "of your own defines frames(obs), returning uint8 (rows, height, width, 3))"
+        )
     if args.video_envs is None:
         args.video_envs = min(4, args.episodes)
     if not 1 <= args.video_envs <= args.episodes:

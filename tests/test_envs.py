@@ -789,6 +789,47 @@ def test_render_needs_the_rgb_array_mode():
         FreePoint(2, render_mode="rgb_array").render()
 
 
+class _FloatFrames(FreePoint):
+    """Draws grey frames of float32 values in [0, 1], as matplotlib takes them."""
+
+    def frames(self, obs):
+        return torch.full((len(obs["observation"]), 8, 8, 3), 0.5)
+
+
+class _OneFrame(FreePoint):
+    """Draws one frame for all the rows it is given."""
+
+    def frames(self, obs):
+        return torch.zeros((8, 8, 3), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("env", "error", "match"),
+    [
+        (
+            _FloatFrames,
+            TypeError,
+            r"_FloatFrames.frames\(\) must return a uint8 tensor, got .*float32",
+        ),
+        (
+            _OneFrame,
+            ValueError,
+            r"_OneFrame.frames\(\) must return .* \(2, height, width, 3\), got \(8, 8, 3\)",
+        ),
+    ],
+)
+def test_frames_of_an_env_of_your_own_are_checked(env, error, match):
+    """Float frames were rendered as they came and failed only in Pillow, after a whole
+    evaluation, in ``crl-fast eval --video`` ("Cannot handle this data type: (1, 1, 3), <f4")."""
+    from crl_fast.envs.render import FirstEpisodes
+
+    env = env(2, seed=0, render_mode="rgb_array")
+    with pytest.raises(error, match=match):
+        env.render()
+    with pytest.raises(error, match=match):
+        FirstEpisodes(env, 2)(env.reset()[0], None)
+
+
 def test_a_gif_needs_frames(tmp_path):
     from crl_fast.envs.render import save_gif
 

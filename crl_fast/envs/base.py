@@ -243,7 +243,7 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
                 f"{type(self).__name__} was made with render_mode={self.render_mode!r}; make it "
                 f"with render_mode={RGB_ARRAY!r} to render"
             )
-        return tuple(self.frames(self._observe()).cpu().numpy())
+        return tuple(checked_frames(self, self._observe()).cpu().numpy())
 
     @property
     def _state_keys(self) -> tuple[str, ...]:
@@ -441,3 +441,21 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_envs={self.num_envs}, device={self.device})"
+
+
+def checked_frames(env: TorchGoalVectorEnv, obs: GoalObs) -> torch.Tensor:
+    """``env.frames(obs)`` if it is a uint8 ``(rows, height, width, 3)`` tensor, one picture per
+    row of ``obs``; else a TypeError or ValueError naming the env (Pillow's error, after a whole
+    evaluation, names neither the env nor its frames)."""
+    frames = env.frames(obs)
+    name = f"{type(env).__name__}.frames()"
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        kind = frames.dtype if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise TypeError(f"{name} must return a uint8 tensor, got {kind}")
+    rows = len(obs["observation"])
+    if frames.dim() != 4 or frames.shape[0] != rows or frames.shape[-1] != 3:
+        raise ValueError(
+            f"{name} must return RGB pictures of the observations' rows, shaped ({rows}, height, "
+            f"width, 3), got {tuple(frames.shape)}"
+        )
+    return frames

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
+from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv, checked_frames
 
 Colour = tuple[int, int, int]
 
@@ -126,7 +126,7 @@ class FirstEpisodes:
             done = info["_final_obs"][:k, None]
             for key, value in shown.items():
                 shown[key] = torch.where(done, info["final_obs"][key][:k], value)
-        pictures = self.env.frames(shown)
+        pictures = checked_frames(self.env, shown)
         if self._last is not None:  # envs whose episode ended before stay as they ended
             pictures = torch.where(self.ended[:, None, None, None], self._last, pictures)
         if info is not None:
