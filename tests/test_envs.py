@@ -1295,11 +1295,20 @@ class _DoubleAfterAStep(FreePoint):
         self.pos = (self.pos + 0.1 * action).double()
 
 
+class _ReturnsItsState(FreePoint):
+    """Returns its next state, as ``_initial_state`` does, rather than setting it: its point
+    stood still, silently."""
+
+    def _advance(self, action):
+        return {"pos": (self.pos + 0.1 * action).clamp(0.0, 1.0)}
+
+
 @pytest.mark.parametrize(
     ("env", "error", "match"),
     [
         (_MisnamedState, ValueError, r"_sim_keys names \['position'\], which are not tensor"),
         (_DoubleAfterAStep, TypeError, r"\['observation'\] must be a float32 tensor"),
+        (_ReturnsItsState, TypeError, r"_ReturnsItsState._advance\(\) must set the state"),
     ],
 )
 def test_an_env_whose_state_or_steps_go_wrong_is_refused_at_its_first_step(env, error, match):

@@ -224,7 +224,8 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
 
     @abstractmethod
     def _advance(self, action: torch.Tensor) -> None:
-        """Integrate one step of all envs under ``action`` (already checked and clipped)."""
+        """Integrate one step of all envs under ``action`` (already checked and clipped), setting
+        the state's attributes; returns None (unlike :meth:`_initial_state`)."""
 
     @abstractmethod
     def _observe(self) -> GoalObs:
@@ -382,7 +383,12 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
     ) -> tuple[GoalObs, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """:meth:`step` after its random draws: integrate, reward, reset ended envs to the state
         made from ``draws``."""
-        self._advance(action)
+        returned = self._advance(action)
+        if returned is not None:  # as _initial_state does: the state would never change
+            raise TypeError(
+                f"{type(self).__name__}._advance() must set the state's attributes (self.<key> "
+                f"= ...) and return None, got {type(returned).__name__}"
+            )
         self.elapsed_steps += 1
         final_obs = self._observe()
         achieved, desired = final_obs["achieved_goal"], final_obs["desired_goal"]
