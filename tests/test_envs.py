@@ -1303,6 +1303,17 @@ class _ReturnsItsState(FreePoint):
         return {"pos": (self.pos + 0.1 * action).clamp(0.0, 1.0)}
 
 
+def test_a_state_saved_before_the_env_changed_names_the_env_and_the_keys():
+    """Resuming a run after adding state to its env said only "state_dict keys must be [...],
+    got [...]": neither which object refused it nor which key differed."""
+    state = FreePoint(4, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"^_RandomisedMass.load_state_dict: .*missing \['mass'\]"):
+        _RandomisedMass(4, seed=0).load_state_dict(state)
+    state["pos"] = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"^FreePoint.load_state_dict: state_dict\['pos'\] has"):
+        FreePoint(4, seed=0).load_state_dict(state)
+
+
 @pytest.mark.parametrize(
     ("env", "error", "match"),
     [

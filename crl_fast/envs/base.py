@@ -425,21 +425,26 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict` of an env of the same kind, ``num_envs`` and device type
         (CPU and CUDA generator states differ)."""
+        refused = f"{type(self).__name__}.load_state_dict: state_dict"  # a run's env, say
         expected = {*self._state_keys, "generator"}
         if set(state) != expected:
-            raise ValueError(f"state_dict keys must be {sorted(expected)}, got {sorted(state)}")
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(
+                f"{refused} keys must be {sorted(expected)}: missing {missing}, unexpected "
+                f"{extra} (a state of another env, or saved before its _sim_keys changed)"
+            )
         for key in self._state_keys:
             current = getattr(self, key)
             if not isinstance(state[key], torch.Tensor):
                 raise TypeError(
-                    f"state_dict[{key!r}] must be a tensor, got {type(state[key]).__name__}"
+                    f"{refused}[{key!r}] must be a tensor, got {type(state[key]).__name__}"
                 )
             if tuple(state[key].shape) != tuple(current.shape):
                 raise ValueError(
-                    f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, "
+                    f"{refused}[{key!r}] has shape {tuple(state[key].shape)}, "
                     f"expected {tuple(current.shape)}"
                 )
-        generator = generator_state(state["generator"], self.device, "state_dict['generator']")
+        generator = generator_state(state["generator"], self.device, f"{refused}['generator']")
         for key in self._state_keys:
             current = getattr(self, key)
             setattr(self, key, state[key].to(device=self.device, dtype=current.dtype).clone())
