@@ -30,9 +30,9 @@ def gather_negatives(
     Ranks may hold different numbers of rows (the last, partial batch of an epoch): first they
     exchange their row counts, widths and dtypes (a small ``all_gather`` read on the host, so the
     call waits for the device), and every rank raises a ValueError if a rank's ``psi`` is not a
-    2-D floating-point tensor or widths or dtypes differ. ``rows_per_rank=N``, the same N on
-    every rank, says that every rank holds N rows: each checks only its own ``psi`` and the
-    exchange is skipped, so the call does not synchronise and can be compiled with
+    2-D floating-point tensor, has no rows, or widths or dtypes differ. ``rows_per_rank=N``, the
+    same N on every rank, says that every rank holds N rows: each checks only its own ``psi`` and
+    the exchange is skipped, so the call does not synchronise and can be compiled with
     ``fullgraph=True`` or captured in a CUDA graph (capture untested: it needs several GPUs).
     A rank whose ``psi`` is wrong there raises; the others then wait for it in the gather, as
     for any collective a rank skips.
@@ -109,6 +109,12 @@ def _rows_of_every_rank(psi: torch.Tensor, group: ProcessGroup | None) -> tuple[
             for rank, (_, width, dtype) in zip(ranks, gathered, strict=True)
         )
         raise ValueError(f"psi must have the same width and dtype on every rank, got {each}")
+    empty = [rank for rank, (n, _, _) in zip(ranks, gathered, strict=True) if n == 0]
+    if empty:  # its loss would refuse the empty batch, leaving the others waiting in backward
+        raise ValueError(
+            f"psi has no rows on rank(s) {empty}: contrastive_loss refuses an empty batch, so "
+            "give every rank at least one row"
+        )
     return tuple(rows for rows, _, _ in gathered)
 
 

@@ -124,6 +124,7 @@ MISMATCHES = {  # rank 1's psi, then each rank's error
             "psi must be a 2-D tensor (rows, features), got (3,)",
         ],
     ),
+    "empty": (torch.randn(0, DIM), ["psi has no rows on rank(s) [1]"] * WORLD),
 }
 
 
@@ -138,7 +139,8 @@ def _mismatched_rank(rank: int, init_file: str, out_dir: str, case: str) -> None
 
 @pytest.mark.parametrize("case", MISMATCHES)
 def test_a_rank_with_other_goals_makes_every_rank_raise(case, tmp_path):
-    """Every rank raises, naming the problem, where the gather would crash or wait forever."""
+    """Every rank raises, naming the problem, where the gather would crash or wait forever (or,
+    for a rank without rows, its loss would raise and the others wait in backward)."""
     mp.spawn(_mismatched_rank, (str(tmp_path / "init"), str(tmp_path), case), nprocs=WORLD)
     for rank, want in enumerate(MISMATCHES[case][1]):
         assert (tmp_path / f"{rank}.txt").read_text().startswith(want)
