@@ -35,7 +35,9 @@ def gather_negatives(
     the exchange is skipped, so the call does not synchronise and can be compiled with
     ``fullgraph=True`` or captured in a CUDA graph (capture untested: it needs several GPUs).
     A rank whose ``psi`` is wrong there raises; the others then wait for it in the gather, as
-    for any collective a rank skips.
+    for any collective a rank skips. Nothing compares the ranks then: a different N, width or
+    dtype on one rank passes that rank's check, and the gather aborts a process or reads one
+    rank's bytes as another's shape.
 
     Gradients flow back to the rank that owns each row: ``all_gather``'s backward sums them over
     ranks. So each rank's gradients are those of the sum over ranks of the per-rank losses.
