@@ -458,9 +458,10 @@ class ContrastiveLoss(nn.Module):
     """``contrastive_loss`` as a module, with a logit scale and bias.
 
     ``init_log_scale`` and ``init_bias`` are their values: parameters with ``learn_scale`` /
-    ``learn_bias``, fixed buffers otherwise (left out when 0, CRL's default). SigLIP learns
-    both from ``log_scale = log(10)`` and ``bias = -10``. Built on the meta device (deferred
-    initialisation, FSDP's), ``to_empty`` then ``reset_parameters`` restores those values.
+    ``learn_bias``, fixed buffers otherwise (left out when 0, CRL's default), of shape (1,), as
+    FSDP needs. SigLIP learns both from ``log_scale = log(10)`` and ``bias = -10``. Built on
+    the meta device (deferred initialisation, FSDP's), ``to_empty`` then ``reset_parameters``
+    restores those values.
     ``device`` and ``dtype`` make them there, as torch's modules take them: built in float32
     and moved by ``.to(torch.float64)``, they hold the init values rounded to float32.
     """
@@ -506,12 +507,20 @@ class ContrastiveLoss(nn.Module):
             if not math.isfinite(value):
                 raise ValueError(f"init_{name} must be finite, got {value}")
             setattr(self, f"init_{name}", float(value))
-            empty = torch.empty((), device=device, dtype=dtype)
+            empty = torch.empty(1, device=device, dtype=dtype)  # FSDP refuses 0-d parameters
             if learn:
                 self.register_parameter(name, nn.Parameter(empty))
             else:
                 self.register_buffer(name, empty if value != 0 else None)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """A state saved while the scale and bias were 0-d loads into their shape, (1,)."""
+        for name in ("log_scale", "bias"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                state_dict[prefix + name] = value.reshape(1)  # load_state_dict's own copy
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         """Set the scale and bias to ``init_log_scale`` and ``init_bias``: after ``to_empty``

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crl_fast import contrastive_loss, reference_contrastive_loss
+from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
 from crl_fast.distributed import gather_negatives
 from tests.helpers import gloo_group, max_error
 
@@ -194,3 +194,23 @@ def test_compiled_whole_only_with_rows_per_rank():
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         gather_negatives(torch.randn(3, 2))
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_learned_scale_and_bias_can_be_sharded_after_deferred_initialisation():
+    """FSDP (fully_shard) takes the module built on meta, then to_empty and reset_parameters
+    give its init values; FSDP refuses 0-d parameters, and the scale and bias were 0-d."""
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {"learn_scale": True, "init_log_scale": 2.3, "learn_bias": True, "init_bias": -10.0}
+    with torch.device("meta"):
+        sharded = ContrastiveLoss("binary", **kw)
+    fully_shard(sharded)
+    sharded.to_empty(device="cpu").reset_parameters()
+    phi, psi = global_batch()
+    sharded(phi, psi).backward()
+    plain = ContrastiveLoss("binary", **kw)
+    plain(phi, psi).backward()
+    for got, want in zip(sharded.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got.full_tensor(), want.detach())
+        torch.testing.assert_close(got.grad.full_tensor(), want.grad)

@@ -911,6 +911,15 @@ def test_module_built_on_meta_resets_to_its_init_values():
     assert isinstance(module.log_scale, torch.nn.Parameter)
 
 
+def test_module_loads_a_state_saved_with_0d_scale_and_bias():
+    """The scale and bias are (1,) since FSDP refuses 0-d parameters; a state saved while they
+    were 0-d still loads, into that shape."""
+    module = ContrastiveLoss(learn_scale=True, init_bias=-10.0)
+    module.load_state_dict({"log_scale": torch.tensor(2.3), "bias": torch.tensor(-5.0)})
+    assert module.log_scale.shape == module.bias.shape == (1,)
+    assert (module.log_scale.item(), module.bias.item()) == pytest.approx((2.3, -5.0))
+
+
 def test_module_built_in_float64_holds_its_init_values_exactly():
     """dtype=torch.float64 makes the scale and bias float64 with log(10) exact: built in
     float32 then moved by .to(torch.float64), the scale was 3e-8 off, which set a float64

@@ -194,7 +194,7 @@ def test_distributed_clip_example(tmp_path):
         *(torch.load(tmp_path / f"{r}.pt") for r in range(CLIP_RANKS)), strict=True
     )
     img, txt = (t.detach().double().requires_grad_() for t in embeddings(CLIP_RANKS * CLIP_ROWS, 8))
-    log_scale = torch.tensor(2.6593, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.tensor([2.6593], dtype=torch.float64, requires_grad=True)  # as the module
     truth = (
         CLIP_RANKS
         * reference_contrastive_loss(
