@@ -27,6 +27,12 @@ SHAPES = [  # (input widths, hidden width, output, rows)
     ((27, 8), 32, 16, 130),  # several row blocks and weight-gradient row steps
     ((3, 2), 48, 5, 17),  # odd: padded width and output, a partial row block
     ((70,), 16, 16, 1),  # two input blocks, one row
+    ((65, 1), 100, 70, 33),  # two layer-2 column blocks, several weight-gradient tiles
+    ((1, 1), 1, 1, 1),  # every size 1: compiled, ints equal to 1 are specialised to constants
+]
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.interpreter),
+    pytest.param("cuda", marks=pytest.mark.gpu),  # compiled: padding, masks, specialisations
 ]
 ACTIVATIONS = ("swish", "relu")
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -41,11 +47,12 @@ def _net(in_dims: tuple[int, ...], width: int, out: int, activation: str) -> MLP
 
 
 def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast=None):
-    """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies, under CPU
-    autocast in that dtype if one is given."""
+    """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies, under
+    autocast on their device in that dtype if one is given (else in the caller's autocast)."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     net.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    device = leaves[0].device.type
+    with torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext():
         y = net(*leaves)
     y.backward(grad.to(y.dtype))
     return y.detach(), [x.grad for x in leaves], [p.grad for p in net.parameters()]
@@ -60,7 +67,7 @@ def fused_calls() -> Iterator[list[int]]:
         yield calls
 
 
-@pytest.mark.interpreter
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize(
@@ -68,11 +75,11 @@ def fused_calls() -> Iterator[list[int]]:
     [None, torch.bfloat16, torch.float16],
     ids=["float32", "bf16-autocast", "fp16-autocast"],
 )
-def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast):
+def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast, device):
     in_dims, width, out, rows = shape
-    net = _net(in_dims, width, out, activation)
-    inputs = [torch.randn(rows, d) for d in in_dims]
-    grad = torch.randn(rows, out)  # grad_output != 1
+    net = _net(in_dims, width, out, activation).to(device)
+    inputs = [torch.randn(rows, d).to(device) for d in in_dims]
+    grad = torch.randn(rows, out).to(device)  # grad_output != 1
     eager_net = copy.deepcopy(net)
     eager_net.fused = False
     truth_net = copy.deepcopy(eager_net).double()
