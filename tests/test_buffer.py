@@ -340,6 +340,42 @@ def test_triton_matches_torch_cpu() -> None:
         assert_same_sample(a, b, max_moved=0)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.interpreter),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_triton_matches_torch_with_every_size_one(device: str) -> None:
+    """One env, one row, one column per field, one draw, and extends that drop 0, 1 and 2 steps:
+    compiled, Triton makes constants of ints equal to 1 (a path only a GPU runs). Bookkeeping
+    and batches as torch's, bit for bit (a one-row episode leaves one offset: none can move)."""
+    pytest.importorskip("triton")
+    dims = {"obs_dim": 1, "action_dim": 1, "goal_dim": 1}
+    bufs = [
+        TrajectoryBuffer(capacity=1, num_envs=1, device=device, seed=0, backend=b, **dims)
+        for b in ("torch", "triton")
+    ]
+    g = torch.Generator().manual_seed(0)
+    for r, steps in enumerate([1, 2, 3, 1]):
+        batch = {k: torch.randn(steps, 1, 1, generator=g) for k in ("observation", "action")}
+        batch["next_achieved_goal"] = torch.randn(steps, 1, 1, generator=g)
+        batch |= {k: torch.rand(steps, 1, generator=g) < 0.5 for k in ("terminated", "truncated")}
+        for buf in bufs:
+            buf.extend({k: v.to(device) for k, v in batch.items()})
+        sds = [b.state_dict() for b in bufs]
+        for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
+            assert torch.equal(sds[0][key], sds[1][key]), key
+        for mode in FUTURE_MODES:
+            kw = {"goal_mode": mode, "random_goal_fraction": 0.3, "current_goal_fraction": 0.3}
+            a, b = (
+                buf.sample(1, generator=torch.Generator(device).manual_seed(r), **kw)
+                for buf in bufs
+            )
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), mode
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_episode_ending_at_step_zero(backend: str) -> None:
     """An episode that ends at the buffer's very first step is closed: its final goal is its own
