@@ -83,7 +83,8 @@ NEW_TESTS+=" or float16_ipo or small_loss_weight or autocast or metrics_leave"
 NEW_TESTS+=" or auto_takes_pytorch or fused or nan_input or cuda_graph_replay or tf32_on_cuda"
 NEW_TESTS+=" or example or goals_close or exact_law or matches_torch_cuda"
 NEW_TESTS+=" or side_without or specialise or batched_gradients or row_losses or rollback"
-NEW_TESTS+=" or in_the_thousands or generator_of_another"
+NEW_TESTS+=" or in_the_thousands or generator_of_another or every_size_one"
+NEW_TESTS+=" or forward_and_gradients_no_worse_than_eager"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
