@@ -290,8 +290,11 @@ else:
 def _softplus_sigmoid(z):
     """softplus(z) and sigmoid(z) sharing one exp: e = exp(-|z|), 1 + e in [1, 2]."""
     e = tl.exp2(-tl.abs(z) * LOG2E)
-    # log1p(e) without a log1p: the series is exact to float32 where 1 + e would round.
-    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), _log2_approx(1.0 + e) * LN2)
+    # log1p(e) without a log1p. log2(1 + e) is off by 2**-24 (1 + e rounded) plus 2**-22 on a
+    # GPU (lg2.approx's absolute error): relative errors of 2**-22 / e, 2e-3 at e = 1e-4. Below
+    # 1/16, five terms of the series keep float32's relative precision (e**5 / 6 < 2e-7).
+    series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * (0.25 - 0.2 * e))))
+    log1p_e = tl.where(e < 0.0625, series, _log2_approx(1.0 + e) * LN2)
     sigmoid = _div_approx(tl.where(z >= 0.0, 1.0, e), 1.0 + e)
     return tl.maximum(z, 0.0) + log1p_e, sigmoid
 

@@ -1047,6 +1047,28 @@ def test_softplus_of_moderately_negative_logits(backend):
     assert abs(value.item() / truth.item() - 1) < 1e-6  # Triton 2e-7, eager float32 6e-8
 
 
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
+@pytest.mark.parametrize("grad", [False, True], ids=["statistics", "grads-in-forward"])
+@pytest.mark.parametrize("logit", [-9.127272605895996, -7.0, -5.0])
+def test_softplus_of_equal_negative_logits(logit, grad, device):
+    """Negatives that all share one logit between -9.2 and -5 (SigLIP's bias of -10 puts them
+    there), so that the kernels' error in each log1p(exp(L)) adds up instead of averaging out:
+    1 + e rounded to float32 is 2**-24 off, 5e-4 of log1p(e) at e = exp(-9.13) ~ 1.1e-4, just
+    past the series' old switch at 1e-4; on a GPU lg2.approx adds 2**-22 more. The positive
+    sits at +20, where softplus(-L_ii) is a negligible 2e-9."""
+    m, d = 64, 64
+    phi = torch.zeros(1, d, device=device)
+    phi[0, 0] = (20.0 - logit) ** 0.5  # L_00 = 20; the other goals are orthogonal: L_0j = bias
+    psi = torch.eye(m, d, device=device)
+    psi[0, 0] = phi[0, 0]
+    bias = torch.tensor(logit, device=device)
+    phi.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        value = contrastive_loss(phi, psi, bias=bias, backend="triton")
+    truth = reference_contrastive_loss(phi.detach().double(), psi.double(), bias=bias.double())
+    assert abs(value.item() / truth.item() - 1) < 2e-6
+
+
 @pytest.mark.parametrize("penalty", [0.0, 0.1])
 @pytest.mark.parametrize("loss", ["binary", "dpo"])
 def test_float64_softplus_past_20_keeps_its_digits(loss, penalty):
