@@ -224,6 +224,48 @@ def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
         assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
 
 
+@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
+@pytest.mark.parametrize(
+    ("dtype", "d", "loss", "energy", "single"),
+    [
+        (torch.float32, 64, "symmetric_infonce", "l2", False),
+        (torch.float16, 64, "infonce", "norm", False),
+        (torch.float32, 48, "binary", "norm", True),
+    ],
+    ids=["float32-d64", "float16-d64", "float32-d48-single-pass"],
+)
+def test_tma_loads_of_wide_rows_match_pointer_loads(dtype, d, loss, energy, single, device,
+                                                    monkeypatch):  # fmt: skip
+    """TMA beyond the bfloat16 case above: float32 tiles (TF32) 64 wide, 256 bytes a row, past
+    the copy engine's 128-byte swizzle (the compiler must split the copy); float16; and the
+    single pass, whose atomics take the program's rows from the descriptor, with d = 48
+    zero-filled to the 64-wide tile. The same numbers as the pointer loads."""
+    from crl_fast.kernels import dot
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
+    monkeypatch.setattr(dot, "precision", lambda dtype: "tf32")  # float32 in one 64-wide tile
+    if single:
+        monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
+    phi, psi = _inputs(70, 90, d, dtype=dtype, seed=4, device=device)
+    kw = {"loss": loss, "energy": energy, "backend": "triton"}
+    want_value, _, want_grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    engaged = []
+    descriptors = tiling.tma_descriptors
+
+    def recording(a, b, cfg):
+        out = descriptors(a, b, cfg)
+        engaged.append(out[2]["TMA"])
+        return out
+
+    monkeypatch.setattr(tiling, "tma_descriptors", recording)
+    monkeypatch.setenv("CRL_FAST_TMA", "1")
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
+    assert engaged and all(engaged)
+    assert max_error(value, want_value) <= 1e-6 * max(1.0, want_value.abs().item())
+    for k, t in zip(grads, want_grads, strict=True):  # the single pass's atomics: last bits
+        assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
+
+
 def _record_grad_launches(monkeypatch) -> list[tuple[bool, bool]]:
     """Record (x_is_a, column sums given) for each launch of the kernels' gradient pass."""
     from crl_fast.kernels import pair_stats as kernels
