@@ -49,7 +49,8 @@ def _config(n_a: int, d: int, dtype: torch.dtype, atomics: bool = False) -> dict
     on 8 warps, one 64-row warpgroup each, halve the atomic traffic of 64 (one float per logit)
     at 25.0 instead of 27.5 instructions per logit (bf16 dot, d = 64, sm_90 SASS), no spills.
     ``CRL_FAST_SINGLE_PASS_ROWS`` (experimental) sets another count: 256 quarters the traffic
-    at 22.1 instructions per logit, but with 255 registers (l2 and norm spill)."""
+    at 22.1 instructions per logit, but with 255 registers (l2 and norm spill). (Counts of
+    2026-11-28: the softplus series of 2026-12-07 adds 3 to each.)"""
     width = max(16, next_power_of_2(d))
     ieee = dot.precision(dtype) == "ieee"
     single = width <= (16 if ieee else SINGLE_K_MAX_D)
@@ -140,6 +141,7 @@ def choose_config(
     tune = os.environ.get("CRL_FAST_AUTOTUNE") == "1" and not atomics
     if not tune or interpreted:
         return base
+    key = (*key, base["TMA"])  # CRL_FAST_TMA, read at each call, picks the candidates
     if key not in _TUNED:
         from triton.testing import do_bench
 

@@ -384,6 +384,27 @@ def test_autotune_leaves_the_single_pass_alone(monkeypatch):
     assert launched == [] and config == tiling._config(1024, 64, torch.bfloat16, True)
 
 
+def test_autotune_tunes_again_when_tma_is_switched(monkeypatch):
+    """CRL_FAST_TMA is read at each call: a shape tuned without it is tuned again with it (its
+    candidates load through TMA), not answered from the first tuning."""
+    import triton.testing
+
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
+    monkeypatch.setattr(tiling, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0)
+    monkeypatch.setenv("CRL_FAST_AUTOTUNE", "1")
+    tuned = {}
+    for tma in ("0", "1"):
+        monkeypatch.setenv("CRL_FAST_TMA", tma)
+        timed = []
+        config = tiling.choose_config(
+            ("test",), 1024, 64, torch.bfloat16, timed.append, interpreted=False
+        )
+        tuned[tma] = (config["TMA"], len(timed) > 0)
+    assert tuned == {"0": (False, True), "1": (True, True)}
+
+
 @pytest.mark.gpu
 def test_autotuned_single_pass_launches_untimed(monkeypatch):
     """The call site of the rule above: with both switches on, the sigmoid loss's single pass
