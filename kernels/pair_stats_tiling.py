@@ -153,7 +153,9 @@ def choose_config(
         ]
         if base["SINGLE_K"]:  # the default tile through the copy engine (see tma_descriptors)
             candidates += [base | {"TMA": True, "num_stages": st} for st in (2, 3)]
-        _TUNED[key] = min(candidates, key=lambda c: _time_or_inf(do_bench, launch, c))
+        times = [_time_or_inf(do_bench, launch, c) for c in candidates]
+        best = min(range(len(candidates)), key=times.__getitem__)
+        _TUNED[key] = candidates[best] if times[best] < float("inf") else base  # none fit
     return _TUNED[key]
 
 

@@ -405,6 +405,23 @@ def test_autotune_tunes_again_when_tma_is_switched(monkeypatch):
     assert tuned == {"0": (False, True), "1": (True, True)}
 
 
+def test_autotune_keeps_the_fixed_config_when_no_candidate_fits(monkeypatch):
+    """Every candidate out of resources (a smaller chip, say): the fixed config, not the first
+    candidate that failed."""
+    import triton.testing
+
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
+    def out_of_resources(fn):
+        raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+
+    monkeypatch.setattr(tiling, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", out_of_resources)
+    monkeypatch.setenv("CRL_FAST_AUTOTUNE", "1")
+    config = tiling.choose_config(("test",), 1024, 64, torch.bfloat16, None, interpreted=False)
+    assert config == tiling._config(1024, 64, torch.bfloat16)
+
+
 @pytest.mark.gpu
 def test_autotuned_single_pass_launches_untimed(monkeypatch):
     """The call site of the rule above: with both switches on, the sigmoid loss's single pass
