@@ -75,6 +75,13 @@ def paired_energy(
     return _energy_of_distance((x - y).square().sum(-1), code)
 
 
+def logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(log_scale)``, 0-d, taken in float32 or wider: a float16 or bfloat16 scale's exp
+    rounded to its own dtype would put its rounding error into every logit, and its gradient
+    (``dlog_scale / scale``) could overflow float16 where ``dlog_scale`` does not."""
+    return log_scale.reshape(()).to(accumulate_dtype(log_scale.dtype)).exp()
+
+
 def check_scale_and_bias(
     log_scale: torch.Tensor | None, bias: torch.Tensor | None, device: torch.device
 ) -> None:
@@ -130,7 +137,7 @@ def pairwise_energy(
     acc = accumulate_dtype(x.dtype)
     f, _ = paired_energy(x.to(acc), y.to(acc), ENERGY_CODES[energy])
     if log_scale is not None:
-        f = f * log_scale.reshape(()).exp()
+        f = f * logit_scale(log_scale)
     if bias is not None:
         f = f + bias.reshape(())
     return f

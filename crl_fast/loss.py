@@ -21,6 +21,7 @@ from crl_fast.energy import (
     check_energy,
     check_scale_and_bias,
     kernel_inputs,
+    logit_scale,
 )
 from crl_fast.loss_with_grads import loss_with_grads
 from crl_fast.pair_stats import (
@@ -412,7 +413,7 @@ def _kernel_args(
     """The rows the kernels multiply, the logit scale and the bias (0-d)."""
     x, y = kernel_inputs(phi, psi, config.energy)
     one = x.new_ones((), dtype=torch.float32)
-    scale = one if log_scale is None else log_scale.reshape(()).exp()
+    scale = one if log_scale is None else logit_scale(log_scale)
     shift = one * 0 if bias is None else bias.reshape(())
     return x, y, scale, shift
 

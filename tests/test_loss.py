@@ -681,6 +681,21 @@ def test_float16_ipo_weights_do_not_overflow(metrics, device):
         assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float16])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_log_scale_takes_its_exp_in_float32(backend):
+    """A float16 log_scale (a module made .half()): exp(log_scale) rounded to float16 puts 1e-4
+    of relative error into the logits, and its gradient dlog_scale / scale ~ 4e5 overflows
+    float16, where dlog_scale ~ 5e4 does not (eager float16 gives inf)."""
+    phi = torch.tensor([[-640.0]], dtype=torch.float16)
+    psi = torch.tensor([[625.0]], dtype=torch.float16)  # L_00 = scale * -4e5: its loss ~ 5e4
+    extra = (torch.tensor(math.log(0.125), dtype=torch.float16),)
+    kw = {"reduction": "sum"}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend=backend, **kw)
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    assert max_error(value, t_value) < 2e-5 * t_value.abs().item()
+    assert max_error(grads[2], t_grads[2]) < 1e-3 * t_grads[2].abs().item()
+
+
 @pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 def test_float16_small_loss_weight_keeps_its_gradient(device):
     """A loss weighted by 0.01 (no GradScaler): tile weights of ~1e-8 would flush to zero in
