@@ -105,7 +105,7 @@ def _energy(p, ra, rb, scale, bias, ENERGY: tl.constexpr):
         q = tl.maximum(sq, 0.0, propagate_nan=tl.PropagateNan.ALL) + NORM_EPS
         inv = tl.math.rsqrt(q)  # one special-function op gives both the root and its inverse
         f = -q * inv
-        dfdp = tl.where(q > NORM_EPS, inv, 0.0)
+        dfdp = tl.where(sq > 0.0, inv, 0.0)
     return scale * f + bias, f, dfdp
 
 

@@ -533,6 +533,21 @@ def test_pairwise_energy_close_pairs(energy):
     assert_no_worse_than_eager("dphi", grad, *grads, RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_slope_of_a_distance_below_eps_resolution(backend):
+    """A goal 2e-7 from phi_0: |x - y|^2 = 4e-14 vanishes in 1e-6 + 4e-14 (half an ulp of
+    NORM_EPS is 5.7e-14), but the slope 1 / sqrt(eps) times x - y is still 1e-4 of the
+    gradient. The kernels took the slope as 0 there (torch's slope is 0 only where the squared
+    distance is), which cost 2e-4 relative (eager: exact)."""
+    phi, psi = torch.tensor([[0.0]]), torch.tensor([[1.0], [2e-7]])
+    kw = {"loss": "infonce", "energy": "norm"}
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, backend=backend, **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, **kw)
+    _, _, t_grads = _truth(phi, psi, **kw)
+    for name, k, e, t in zip(("dphi", "dpsi"), grads, e_grads, t_grads, strict=True):
+        assert_no_worse_than_eager(name, k, e, t, RTOL[torch.float32])
+
+
 @pytest.mark.parametrize("loss", ["binary", "infonce"])
 def test_double_backward_is_refused(loss):
     phi, psi = _inputs(6, 6, 4, seed=14)
