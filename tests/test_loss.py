@@ -202,26 +202,9 @@ def test_low_precision_every_loss_no_worse_than_eager(loss, dtype, device):
 def test_tma_loads_match_pointer_loads(loss, energy, device, monkeypatch):
     """CRL_FAST_TMA=1 takes the tiles through tensor descriptors (zero-filled past the rows and
     past d): the same numbers as the masked pointer loads, ragged tiles included."""
-    from crl_fast.kernels import pair_stats_tiling as tiling
-
     phi, psi = _inputs(70, 90, 24, dtype=torch.bfloat16, seed=3, device=device)
     kw = {"loss": loss, "energy": energy, "logsumexp_penalty": 0.1, "backend": "triton"}
-    want_value, _, want_grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
-    engaged = []
-    descriptors = tiling.tma_descriptors
-
-    def recording(a, b, cfg):
-        out = descriptors(a, b, cfg)
-        engaged.append(out[2]["TMA"])
-        return out
-
-    monkeypatch.setattr(tiling, "tma_descriptors", recording)
-    monkeypatch.setenv("CRL_FAST_TMA", "1")
-    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
-    assert engaged and all(engaged)
-    assert max_error(value, want_value) <= 1e-6 * max(1.0, want_value.abs().item())
-    for k, t in zip(grads, want_grads, strict=True):
-        assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
+    _check_tma_matches_pointer_loads(phi, psi, monkeypatch, **kw)
 
 
 @pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
@@ -241,13 +224,20 @@ def test_tma_loads_of_wide_rows_match_pointer_loads(dtype, d, loss, energy, sing
     single pass, whose atomics take the program's rows from the descriptor, with d = 48
     zero-filled to the 64-wide tile. The same numbers as the pointer loads."""
     from crl_fast.kernels import dot
-    from crl_fast.kernels import pair_stats_tiling as tiling
 
     monkeypatch.setattr(dot, "precision", lambda dtype: "tf32")  # float32 in one 64-wide tile
     if single:
         monkeypatch.setenv("CRL_FAST_SINGLE_PASS", "1")
     phi, psi = _inputs(70, 90, d, dtype=dtype, seed=4, device=device)
     kw = {"loss": loss, "energy": energy, "backend": "triton"}
+    _check_tma_matches_pointer_loads(phi, psi, monkeypatch, **kw)
+
+
+def _check_tma_matches_pointer_loads(phi, psi, monkeypatch, **kw) -> None:
+    """The loss and gradients with CRL_FAST_TMA=1 (every launch taking descriptors) match the
+    pointer loads' to 1e-6 (the single pass's atomics may differ in last bits)."""
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
     want_value, _, want_grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
     engaged = []
     descriptors = tiling.tma_descriptors
@@ -262,7 +252,7 @@ def test_tma_loads_of_wide_rows_match_pointer_loads(dtype, d, loss, energy, sing
     value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, **kw)
     assert engaged and all(engaged)
     assert max_error(value, want_value) <= 1e-6 * max(1.0, want_value.abs().item())
-    for k, t in zip(grads, want_grads, strict=True):  # the single pass's atomics: last bits
+    for k, t in zip(grads, want_grads, strict=True):
         assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item())
 
 
