@@ -111,6 +111,13 @@ class Recorder:
         return d
 
 
+def assert_same_contents(a: TrajectoryBuffer, b: TrajectoryBuffer) -> None:
+    """The two buffers hold the same rows, flags and episode bookkeeping."""
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
+        assert torch.equal(sa[key], sb[key]), key
+
+
 def make(capacity: int = 17, num_envs: int = 6, **kw: object) -> TrajectoryBuffer:
     kw.setdefault("device", "cpu")
     kw.setdefault("seed", 0)
@@ -329,9 +336,7 @@ def test_triton_matches_torch_cpu() -> None:
     for r, steps in enumerate([1, 3, 9, 2, 1]):
         for rec in recs:
             rec.extend(steps)
-        sds = [b.state_dict() for b in bufs]
-        for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
-            assert torch.equal(sds[0][key], sds[1][key]), key
+        assert_same_contents(*bufs)
         mode = FUTURE_MODES[r % 4]
         kw = {"goal_mode": mode, "random_goal_fraction": 0.2, "current_goal_fraction": 0.2}
         a, b = (buf.sample(48, generator=torch.Generator().manual_seed(r), **kw) for buf in bufs)
@@ -364,9 +369,7 @@ def test_triton_matches_torch_with_every_size_one(device: str) -> None:
         batch |= {k: torch.rand(steps, 1, generator=g) < 0.5 for k in ("terminated", "truncated")}
         for buf in bufs:
             buf.extend({k: v.to(device) for k, v in batch.items()})
-        sds = [b.state_dict() for b in bufs]
-        for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
-            assert torch.equal(sds[0][key], sds[1][key]), key
+        assert_same_contents(*bufs)
         for mode in FUTURE_MODES:
             kw = {"goal_mode": mode, "random_goal_fraction": 0.3, "current_goal_fraction": 0.3}
             a, b = (
@@ -767,9 +770,8 @@ def test_len_capacity_clear() -> None:
     assert len(buf) == 12
     buf.clear()
     assert len(buf) == 0
-    cleared, fresh = buf.state_dict(), make(capacity=4, num_envs=3).state_dict()
-    for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
-        assert torch.equal(cleared[key], fresh[key]), key
+    assert_same_contents(buf, make(capacity=4, num_envs=3))
+    cleared = buf.state_dict()
     assert cleared["step"] == 0 and int(buf._step_t) == 0  # the cursor a captured sample reads
     make(capacity=4, num_envs=3).load_state_dict(cleared)  # an empty buffer's state loads
     with pytest.raises(ValueError, match="empty"):
@@ -944,9 +946,7 @@ def test_triton_matches_torch_cuda() -> None:
     for rec in recs:
         rec.extend(500)  # more than the capacity
         rec.extend(1)
-    sds = [b.state_dict() for b in bufs]
-    for key in ("rows", "terminated", "truncated", "segment", "segment_end", "open_segment"):
-        assert torch.equal(sds[0][key], sds[1][key]), key
+    assert_same_contents(*bufs)
     for mode in FUTURE_MODES:
         kw = {"goal_mode": mode, "random_goal_fraction": 0.1, "current_goal_fraction": 0.1}
         a, b = (
