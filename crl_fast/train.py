@@ -454,7 +454,7 @@ def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
             torch.set_float32_matmul_precision(precision)
 
 
-def not_empty(run_dir: Path) -> str:
+def _occupied_refusal(run_dir: Path) -> str:
     """Why a new run refuses ``run_dir``, which holds files, and what to do instead: --resume
     only where it can continue (a run killed before its first checkpoint has nothing to resume,
     and --resume refuses it)."""
@@ -486,7 +486,7 @@ def _train_in(
             "first checkpoint cannot continue: start again in another --run-dir, or delete it)"
         )
     if not config.resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise ValueError(not_empty(run_dir))
+        raise ValueError(_occupied_refusal(run_dir))
     checkpoint = None
     if config.resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, device, CHECKPOINT_KEYS)
