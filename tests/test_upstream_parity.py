@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from crl_fast import contrastive_loss
+from crl_fast.agent import CRL
+from crl_fast.config import AgentConfig
 from crl_fast.energy import pairwise_energy
 from tests.test_buffer import offset_pmf
 
@@ -182,3 +184,32 @@ def test_goal_law_is_the_upstream_matrix_row() -> None:
             np.testing.assert_allclose(
                 later / later.sum(), offset_pmf("geometric", gamma, later.size), rtol=1e-12
             )
+
+
+def test_actor_and_alpha_losses_are_jaxgcrls() -> None:
+    """``update_actor_and_alpha``: ``mean(exp(log_alpha) * log_prob - energy_fn(sa, g))`` on the
+    critic's future goals, ``exp(log_alpha) * mean(-log_prob - target_entropy)`` with target
+    -0.5 * |A| and log alpha from 0; the same weights and noise, upstream in float64. Its
+    ``log(1 - tanh(x)^2 + 1e-6)`` moves each log-probability by up to 1e-6 / (1 - tanh(x)^2) a
+    dimension (crl-fast's is exact): the tolerance allows that and no more."""
+    torch.manual_seed(0)
+    agent = CRL(5, 2, 3, AgentConfig(width=32, repr_dim=8, loss="infonce", energy="norm"))
+    g = torch.Generator().manual_seed(1)
+    obs, goal = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
+    action = torch.rand(16, 2, generator=g) * 2 - 1
+    with torch.no_grad():
+        means, log_stds = (t.double() for t in agent.actor.distribution_params(obs, goal))
+        torch.manual_seed(2)  # the update's first draw is the actor's noise
+        x_ts = means + log_stds.exp() * torch.randn(means.shape).double()
+        act = torch.tanh(x_ts)
+        log_prob = torch.distributions.Normal(means, log_stds.exp()).log_prob(x_ts)
+        log_prob = (log_prob - torch.log(1 - act**2 + 1e-6)).sum(-1)
+        sa_repr = agent.sa_encoder(obs, act.float()).double()
+        qf_pi = jaxgcrl_energy("norm", sa_repr, agent.goal_encoder(goal).double())
+        actor_loss = (np.exp(0.0) * log_prob - qf_pi).mean()
+        alpha_loss = np.exp(0.0) * (-log_prob - (-0.5 * 2)).mean()
+        eps_effect = (1e-6 / (1 - act**2)).sum(-1).mean().item()
+    torch.manual_seed(2)
+    metrics = agent.update((obs, action, goal))
+    for name, want in (("actor/loss", actor_loss), ("alpha/loss", alpha_loss)):
+        torch.testing.assert_close(metrics[name].double(), want, rtol=1e-6, atol=eps_effect + 1e-6)
