@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import numbers
 from types import ModuleType
@@ -131,6 +132,18 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_kernels(name: str) -> ModuleType:
+    """``crl_fast.kernels.<name>`` for an explicit ``backend="triton"``: a ValueError naming
+    the install where Triton is missing (macOS, Windows, ``pip install --no-deps``), not the
+    kernels' own ``import triton`` failing."""
+    if not triton_available():
+        raise ValueError(
+            "backend='triton' needs Triton, which is not installed: pip install 'triton>=3.6' "
+            "(Linux x86_64 / aarch64); backend='auto' runs the PyTorch path without it"
+        )
+    return importlib.import_module(f"crl_fast.kernels.{name}")
 
 
 def triton_runs_on(device: torch.device, kernels: ModuleType) -> bool:

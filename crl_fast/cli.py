@@ -282,10 +282,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             except TrainingInterrupted as stopped:
                 print(f"crl-fast train: {stopped}", file=sys.stderr)
                 raise SystemExit(128 + stopped.signum) from None
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, ImportError, OSError) as error:
         if not isinstance(error, OSError) and not raised_by_crl_fast(error):
             raise  # a bug (in an env of your own, say): its traceback
-        print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)  # settings, files
+        # settings, files, a missing dependency: crl-fast's own message says what to change
+        print(f"crl-fast {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
     except RuntimeError as error:  # CUDA's torch.OutOfMemoryError is one too
         if not _out_of_memory(error):

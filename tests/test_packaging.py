@@ -41,16 +41,18 @@ def test_wheel_layout_and_import(tmp_path):
     assert out.stdout.strip().startswith(str(site))
 
 
-def test_loss_buffer_and_agent_need_no_rl_or_plot_packages():
-    """A drop-in loss user installs the loss, not an RL stack: with gymnasium, matplotlib and
-    tensorboard unimportable, the loss, the buffer and one agent update still run, and only the
-    envs ask for gymnasium."""
+def test_loss_buffer_and_agent_need_no_triton_rl_or_plot_packages():
+    """A drop-in loss user installs the loss, not an RL stack, and maybe no Triton (macOS,
+    Windows, ``pip install --no-deps``): with triton, gymnasium, matplotlib and tensorboard
+    unimportable, the loss, the buffer and one agent update still run; ``backend="triton"``,
+    the envs and ``crl-fast train`` name what to install."""
     probe = """
 import sys
-for name in ("gymnasium", "matplotlib", "tensorboard", "jax"):
+for name in ("triton", "gymnasium", "matplotlib", "tensorboard", "jax"):
     sys.modules[name] = None  # any import of these fails
 import torch
 from crl_fast import CRL, AgentConfig, TrajectoryBuffer, contrastive_loss
+from crl_fast.cli import main
 phi, psi = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
 contrastive_loss(phi, psi, loss="infonce", energy="norm").backward()
 buffer = TrajectoryBuffer(capacity=16, num_envs=2, obs_dim=3, action_dim=2, goal_dim=2)
@@ -62,12 +64,31 @@ buffer.extend({
 })
 agent = CRL(obs_dim=3, action_dim=2, goal_dim=2, config=AgentConfig(width=8, depth=1))
 agent.update(buffer.sample(8))
+for what, call in [
+    ("loss", lambda: contrastive_loss(phi, psi, backend="triton")),
+    ("buffer", lambda: TrajectoryBuffer(
+        capacity=4, num_envs=2, obs_dim=3, action_dim=2, goal_dim=2, backend="triton"
+    )),
+]:
+    try:
+        call()
+    except ValueError as error:
+        print(f"{what}:", error)
 try:
     import crl_fast.envs
 except ImportError as error:
     print("envs:", error)
+try:
+    main(["train", "--total-env-steps", "1"])
+except SystemExit as stop:
+    print("train exit:", stop.code)
 """
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert "envs: " in out.stdout and "gymnasium" in out.stdout
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    for what in ("loss", "buffer"):
+        assert "pip install 'triton" in lines.get(what, ""), out.stdout
+    assert "pip install 'gymnasium" in lines.get("envs", ""), out.stdout
+    assert lines.get("train exit") == "2", out.stdout
+    assert "crl-fast train: error: " in out.stderr and "gymnasium" in out.stderr, out.stderr

@@ -16,6 +16,15 @@ from typing import Any, Literal, overload
 import torch
 
 from crl_fast.checks import check_bool, resolve_device
+
+try:
+    import gymnasium  # noqa: F401
+except ImportError as error:  # a crl-fast dependency that `pip install --no-deps` leaves out
+    raise ImportError(
+        "crl_fast.envs (and crl-fast train / eval) need gymnasium, which is not installed: "
+        "pip install 'gymnasium>=1.1' (the loss, the buffer and the agent run without it)"
+    ) from error
+
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.envs.gymnasium_adapter import GymnasiumGoalVectorEnv
 from crl_fast.envs.point_maze import MAZES, PointMazeEnv
