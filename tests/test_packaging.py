@@ -1,19 +1,32 @@
-"""The wheel ships the kernels as ``crl_fast.kernels`` (never a top-level ``kernels``, a name
-that belongs to another PyPI package) and imports from outside the source tree."""
+"""The sdist builds the wheel; the wheel ships ``crl_fast`` alone, its kernels as
+``crl_fast.kernels`` (never a top-level ``kernels``, a name that belongs to another PyPI package),
+and imports from outside the source tree. What a user without Triton or gymnasium gets."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_layout_and_import(tmp_path):
+def test_sdist_and_its_wheel_layout_and_import(tmp_path):
+    """The sdist carries the whole test suite and the benchmarks it imports (setuptools alone
+    took tests/test*.py without their helpers), and builds the wheel."""
+    build_sdist = f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", build_sdist], cwd=ROOT, check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("crl_fast-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        top = sdist.name.removesuffix(".tar.gz")
+        carried = {name.removeprefix(f"{top}/") for name in tar.getnames()}
+    suite = [p for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")]
+    suite.append(ROOT / "bench" / "gpu_check.sh")
+    assert {p.relative_to(ROOT).as_posix() for p in suite} <= carried
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(sdist)],
         check=True,
         capture_output=True,
     )
@@ -21,7 +34,7 @@ def test_wheel_layout_and_import(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert {f"crl_fast/kernels/{name}" for name in kernels} <= set(names), kernels
-    assert not any(name.startswith("kernels/") for name in names)
+    assert all(name.startswith(("crl_fast/", "crl_fast-")) for name in names), names
     assert "crl_fast/py.typed" in names  # users' type checkers read the hints (PEP 561)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
