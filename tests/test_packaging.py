@@ -10,27 +10,60 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sdist_and_its_wheel_layout_and_import(tmp_path):
-    """The sdist carries the whole test suite and the benchmarks it imports (setuptools alone
-    took tests/test*.py without their helpers), and builds the wheel."""
-    build_sdist = f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The sdist built from the source tree, and the wheel built from that sdist."""
+    out = tmp_path_factory.mktemp("dist")
+    build_sdist = f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"
     subprocess.run([sys.executable, "-c", build_sdist], cwd=ROOT, check=True, capture_output=True)
-    (sdist,) = tmp_path.glob("crl_fast-*.tar.gz")
+    (sdist,) = out.glob("crl_fast-*.tar.gz")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(sdist)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = out.glob("crl_fast-*.whl")
+    return sdist, wheel
+
+
+def test_sdist_carries_the_test_suite(dists):
+    """The whole test suite and the benchmarks it imports (setuptools alone took tests/test*.py
+    without their helpers)."""
+    sdist = dists[0]
     with tarfile.open(sdist) as tar:
         top = sdist.name.removesuffix(".tar.gz")
         carried = {name.removeprefix(f"{top}/") for name in tar.getnames()}
     suite = [p for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")]
     suite.append(ROOT / "bench" / "gpu_check.sh")
     assert {p.relative_to(ROOT).as_posix() for p in suite} <= carried
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(sdist)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("crl_fast-*.whl")
+
+
+def test_wheel_requires_triton_only_where_it_ships(dists):
+    """Triton has wheels for Linux x86_64 and aarch64 only: elsewhere (macOS, Windows, Linux on
+    other machines) crl-fast installs without it and the loss runs its PyTorch path."""
+    wheel = zipfile.ZipFile(dists[1])
+    (path,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+    metadata = wheel.read(path).decode()
+    requires = [Requirement(line.split(": ", 1)[1]) for line in metadata.splitlines()
+                if line.startswith("Requires-Dist: ")]  # fmt: skip
+    (triton,) = [r for r in requires if r.name == "triton"]
+    assert triton.marker is not None
+    for system, machine, wanted in [
+        ("Linux", "x86_64", True), ("Linux", "aarch64", True), ("Linux", "s390x", False),
+        ("Linux", "ppc64le", False), ("Darwin", "arm64", False), ("Windows", "AMD64", False),
+    ]:  # fmt: skip
+        got = triton.marker.evaluate({"platform_system": system, "platform_machine": machine})
+        assert got == wanted, (system, machine)
+
+
+def test_wheel_layout_and_import(dists, tmp_path):
+    wheel = dists[1]
     names = zipfile.ZipFile(wheel).namelist()
     kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
     assert {f"crl_fast/kernels/{name}" for name in kernels} <= set(names), kernels
