@@ -69,6 +69,8 @@ def test_wheel_layout_and_import(dists, tmp_path):
     assert {f"crl_fast/kernels/{name}" for name in kernels} <= set(names), kernels
     assert all(name.startswith(("crl_fast/", "crl_fast-")) for name in names), names
     assert "crl_fast/py.typed" in names  # users' type checkers read the hints (PEP 561)
+    # MIT asks that copies carry the licence text: the wheel as the sdist (built from it)
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
