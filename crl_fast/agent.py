@@ -103,7 +103,7 @@ class CRL:
                 f"config must be an AgentConfig (AgentConfig(**d) for a dict), got "
                 f"{type(config).__name__}"
             )
-        self.config = config = config or AgentConfig()
+        self._config = config = config or AgentConfig()
         self.device = device = resolve_device(device)
         self._widths = {"observation": obs_dim, "action": action_dim, "goal": goal_dim}  # checks
         self._min_rows = max(config.loss_config().minimum_batch())  # the critic's batch (B = M)
@@ -139,6 +139,12 @@ class CRL:
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
         self._act = self._act_eager
+
+    @property
+    def config(self) -> AgentConfig:
+        """The (frozen) config the agent was built with; read-only, as a new one would apply
+        only in part (the networks and optimisers are built)."""
+        return self._config
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of each network by name: the axis depth and width scaling are read on."""

@@ -77,7 +77,8 @@ def check_types(config: Any) -> None:
     annotated type: int fields take integers (not bools), float fields any real number (kept as
     a float), ``X | None`` fields None too. A path or torch.device given for a str field is
     taken as its string. The config is saved as JSON with the run, so a wrong type must stop
-    the run before it starts, not when it first saves."""
+    the run before it starts, not when it first saves. (object.__setattr__: the config may be
+    frozen.)"""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         hint, value = hints[f.name], getattr(config, f.name)
@@ -86,13 +87,13 @@ def check_types(config: Any) -> None:
             continue
         kind = typing.get_origin(kinds[0]) or kinds[0]
         if kind is float and is_real(value):
-            setattr(config, f.name, float(value))
+            object.__setattr__(config, f.name, float(value))
         elif kind is int and is_integer(value):
             if not -(2**63) <= value < 2**63:  # torch's sizes and counts are 64-bit
                 raise ValueError(f"{f.name} must fit in 64 bits, got {value}")
-            setattr(config, f.name, int(value))
+            object.__setattr__(config, f.name, int(value))
         elif kind is str and isinstance(value, os.PathLike | torch.device):
-            setattr(config, f.name, str(value))
+            object.__setattr__(config, f.name, str(value))
         elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             name = hint.__name__ if isinstance(hint, type) else hint  # int, or int | None
             raise TypeError(f"{f.name} must be {name}, got {value!r}")
@@ -121,9 +122,11 @@ def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> A
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
-    """Networks, losses and optimisers of the CRL agent."""
+    """Networks, losses and optimisers of the CRL agent. Frozen: an agent reads some fields when
+    it is built (sizes, learning rates) and others at each update (the loss), so a change after
+    would half-apply; ``dataclasses.replace(config, ...)`` makes another."""
 
     width: int = option(256, "hidden width of the encoders and the actor")
     depth: int = option(2, "hidden layers (with --residual: a multiple of 4, plus the input layer)")

@@ -1,5 +1,7 @@
 """The CRL agent: one update's effects, the critic learning a toy task, state round trips."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -778,3 +780,15 @@ def test_a_new_agent_that_refuses_a_malformed_optimizer_state_still_updates():
         agent.load_state_dict(state)
     assert not agent.critic_optimizer.state
     agent.update(toy_batch(8))
+
+
+def test_the_config_cannot_change_under_an_agent():
+    """The agent reads some fields once (sizes, learning rates, the batch's minimum rows) and
+    others at each update (the loss): a change after it is built would half-apply."""
+    agent = small_agent()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="'loss'"):
+        agent.config.loss = "infonce"
+    with pytest.raises(AttributeError, match="config"):
+        agent.config = AgentConfig(loss="infonce")
+    assert agent.config.loss == "binary"
+    assert dataclasses.replace(agent.config, loss="infonce").loss == "infonce"  # a new one
