@@ -169,6 +169,12 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
         if given.get("run_dir") is None:  # not given, or given as none (a new run's default)
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         saved = Path(given["run_dir"]) / "config.json"
+        if not saved.exists():  # a run directory without it: say what that means
+            from crl_fast.train import resume_refusal
+
+            refusal = resume_refusal(saved.parent)
+            if refusal:
+                raise ValueError(refusal)
         base = _read_config(saved, "cannot resume")
         if not isinstance(base.get("agent"), dict):
             raise ValueError(f"cannot resume: {saved} is not a crl-fast run's config")

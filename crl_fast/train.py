@@ -426,6 +426,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cores = os.cpu_count() or 1
         if config.threads > cores:
             raise ValueError(f"--threads must be at most this CPU's {cores}, got {config.threads}")
+    if config.resume and config.run_dir and not Path(config.run_dir).exists():  # else created
+        raise ValueError(resume_refusal(Path(config.run_dir)))
     with (
         torch_settings(config, device),
         claimed_run_dir(config) as run_dir,
@@ -472,6 +474,32 @@ def _occupied_refusal(run_dir: Path) -> str:
     return f"{run_dir} is not empty and holds no run (no config.json): give another --run-dir"
 
 
+def resume_refusal(run_dir: Path) -> str | None:
+    """Why --resume cannot continue a run in ``run_dir`` and what to do instead; None where it
+    holds a checkpoint."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return None
+    if not run_dir.is_dir():
+        problem = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        return f"cannot resume: --run-dir {run_dir} {problem}"
+    if (run_dir / "config.json").exists():
+        return (
+            f"cannot resume: {run_dir} holds a run stopped before its first checkpoint (its "
+            f"config.json, no {CHECKPOINT_NAME}): nothing to continue; delete the directory to "
+            "start that run again there, or give another --run-dir"
+        )
+    if not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        return (
+            f"cannot resume: {run_dir} holds only a lock file (its run was killed before it "
+            "wrote anything, even its config.json, or is still starting): nothing to continue; "
+            "start the run without --resume, in this --run-dir or another"
+        )
+    return (
+        f"cannot resume: {run_dir} holds no run (no {CHECKPOINT_NAME}, no config.json): "
+        "check --run-dir"
+    )
+
+
 def _train_in(
     run_dir: Path,
     config: TrainConfig,
@@ -480,11 +508,9 @@ def _train_in(
     stop: StopRequest,
 ) -> dict[str, Any]:
     """The run itself, in the directory :func:`train` claimed for it."""
-    if config.resume and not (run_dir / CHECKPOINT_NAME).exists():
-        raise ValueError(
-            f"cannot resume: {run_dir} holds no {CHECKPOINT_NAME} (a run stopped before its "
-            "first checkpoint cannot continue: start again in another --run-dir, or delete it)"
-        )
+    refusal = resume_refusal(run_dir) if config.resume else None
+    if refusal:
+        raise ValueError(refusal)
     if not config.resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise ValueError(_occupied_refusal(run_dir))
     checkpoint = None

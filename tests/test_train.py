@@ -785,8 +785,30 @@ def test_a_run_killed_before_its_first_checkpoint_is_not_sent_to_resume(tmp_path
     with pytest.raises(ValueError, match="stopped before its first checkpoint") as again:
         train(config)
     assert "--resume to continue" not in str(again.value)
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with pytest.raises(ValueError, match=r"cannot resume: .* stopped before its first checkpoint"):
         train(dataclasses.replace(config, resume=True))
+
+
+def test_resume_names_a_folder_a_run_left_before_writing_anything(tmp_path, capsys):
+    """A run killed before it wrote anything leaves only its lock file: --resume (the command's,
+    which looks for config.json first, and train's) says so and sends the user to start the run
+    without it, which that folder takes. A --run-dir that does not exist is named as such."""
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=0, eval_episodes=2)
+    resume = dataclasses.replace(config, resume=True)
+    with pytest.raises(ValueError, match=r"cannot resume: --run-dir .*run does not exist"):
+        train(resume)
+    folder = Path(config.run_dir)
+    folder.mkdir()
+    (folder / LOCK_NAME).touch()
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "--run-dir", str(folder)])
+    with pytest.raises(ValueError, match="only a lock file") as refused:
+        train(resume)
+    for message in (capsys.readouterr().err, str(refused.value)):
+        assert "killed before it wrote anything" in message
+        assert "start the run without --resume" in message
+    assert [p.name for p in folder.iterdir()] == [LOCK_NAME]
+    train(config)  # as the message says
 
 
 def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
