@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -432,8 +433,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         torch_settings(config, device),
         claimed_run_dir(config) as run_dir,
         stop_requests() as stop,
+        contextlib.ExitStack() as on_exit,
     ):
-        return _train_in(run_dir, config, device, speed, stop)
+        return _train_in(run_dir, config, device, speed, stop, on_exit)
 
 
 @contextlib.contextmanager
@@ -500,14 +502,42 @@ def resume_refusal(run_dir: Path) -> str | None:
     )
 
 
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.csv", "tensorboard")
+"""What a new run writes in its directory before its first checkpoint."""
+
+
+def _undo_failed_start(run_dir: Path, loop: LoopState) -> Callable[..., bool]:
+    """An ``__exit__`` callback removing a new run's files from ``run_dir`` where it fails before
+    its first update and checkpoint (a batch far too large for the device, say): such a start
+    holds nothing to resume, and left there its config.json would make the same --run-dir refuse
+    the run. A new run starts only in a folder without them, so none is the user's; the
+    directory or the lock file go with :func:`claimed_run_dir`. Best effort, as there: the run's
+    own error is the one to report."""
+
+    def undo(kind: type[BaseException] | None, *_: object) -> bool:
+        if kind is not None and loop.updates == 0 and not (run_dir / CHECKPOINT_NAME).exists():
+            for name in RUN_OUTPUTS:
+                path = run_dir / name
+                with contextlib.suppress(OSError):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+        return False  # the error goes on
+
+    return undo
+
+
 def _train_in(
     run_dir: Path,
     config: TrainConfig,
     device: torch.device,
     speed: Speed,
     stop: StopRequest,
+    on_exit: contextlib.ExitStack,
 ) -> dict[str, Any]:
-    """The run itself, in the directory :func:`train` claimed for it."""
+    """The run itself, in the directory :func:`train` claimed for it (``on_exit``: what to undo
+    should it fail, left to the callbacks it is given)."""
     refusal = resume_refusal(run_dir) if config.resume else None
     if refusal:
         raise ValueError(refusal)
@@ -551,6 +581,8 @@ def _train_in(
     # A new run's first evaluation comes before its first file: an env that fails in it (wrong
     # observations after a step, say) leaves no half-made run directory behind.
     first_eval = evaluate(agent, eval_env, eval_seed(config)) if loop.env_steps == 0 else None
+    if checkpoint is None:
+        on_exit.push(_undo_failed_start(run_dir, loop))
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     for line in run_header(config, device, speed, agent, buffer, loop.env_steps):
         print(line)

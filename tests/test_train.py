@@ -709,6 +709,22 @@ def test_out_of_memory_is_one_line_naming_the_sizes(tmp_path, capsys, monkeypatc
         main([*argv, "--run-dir", str(tmp_path / "run3")])
 
 
+def test_a_run_that_fails_at_its_first_update_leaves_its_folder_as_it_was(tmp_path):
+    """A batch far too large fails at the first update, after the run wrote its config.json and
+    first evaluation: those go, so that the same --run-dir takes the run again (it was refused
+    there, and by --resume); a folder the user made stays."""
+    config = tiny_config(tmp_path, total_env_steps=64, learning_starts=32, eval_episodes=2)
+    too_large = dataclasses.replace(config, batch_size=2**50)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        train(too_large)
+    assert not Path(config.run_dir).exists()
+    Path(config.run_dir).mkdir()
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        train(too_large)
+    assert list(Path(config.run_dir).iterdir()) == []
+    train(config)
+
+
 @pytest.mark.parametrize("flag", ["cuda_graph", "actor_stream"])
 def test_cuda_only_flags_refuse_the_cpu(tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} needs a CUDA device"):
