@@ -139,7 +139,8 @@ def test_scanned_updates_follow_our_agent(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_script_runs_and_writes_a_partial_run_of_its_own(tmp_path, monkeypatch, capsys) -> None:
     """The command line at tiny sizes: a partial run named with --name leaves jax-<device>.json
-    (the full table) alone, and its JSON carries the run's facts."""
+    (the full table) alone, and its JSON carries the run's facts and each row's calls and timer,
+    as the other bench scripts' do."""
     import json
     import sys
 
@@ -155,4 +156,8 @@ def test_script_runs_and_writes_a_partial_run_of_its_own(tmp_path, monkeypatch, 
     result = json.loads(path.read_text())
     assert {"device", "jax", "git_sha", "date", "env_vars"} <= result["env"].keys()
     assert [row["status"] for row in result["rows"]] == ["ok", "ok"]
-    assert "CPU figures" in capsys.readouterr().out
+    # The repeat count and timer under the other bench scripts' names (it was "rep", no timer).
+    assert all(row["calls"] >= 1 and row["timer"] for row in result["rows"])
+    assert not any("rep" in row for row in result["rows"])
+    out = capsys.readouterr().out
+    assert "CPU figures" in out and "timed calls" in out
