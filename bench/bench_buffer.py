@@ -22,6 +22,7 @@ from bench.harness import (
     device_name,
     graphed,
     measure,
+    note_cuda_only,
     positive_int,
     print_table,
     write_results,
@@ -155,6 +156,7 @@ def main() -> None:
     sizes = default_sizes(args.device)
     sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
     rows = []
+    note_cuda_only(args.device, "the 'geometric, graph' sample row (it replays a CUDA graph)")
     for row in bench_rows(args.device, sizes):
         rows.append(row)  # each row saved: a run stopped by a time limit keeps what ran
         write_results(args.name or "buffer", args.device, rows, complete=False)

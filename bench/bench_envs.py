@@ -19,6 +19,7 @@ from bench.harness import (
     device_label,
     graphed,
     measure,
+    note_cuda_only,
     positive_int,
     print_table,
     write_results,
@@ -96,6 +97,9 @@ def main() -> None:
             record(bench(name, n, args.device))
     cuda = torch.device(args.device).type == "cuda"
     compiled = args.compiled if args.compiled is not None else ["point_umaze", "reacher"] * cuda
+    default = " and, by default, the compiled ones (--compiled runs them)"
+    rows_left = "the '<env>, graph' rows (they replay a CUDA graph)"
+    note_cuda_only(args.device, rows_left + (default if args.compiled is None else ""))
     for name in compiled:
         record(bench(name, max(args.num_envs), args.device, compiled=True))
     for name in args.envs if cuda else ():

@@ -31,6 +31,7 @@ from bench.harness import (
     device_name,
     graphed,
     measure,
+    note_cuda_only,
     positive_int,
     print_table,
     tuned_configs,
@@ -192,6 +193,12 @@ def main() -> None:
     impls = args.impls or (IMPLS if cuda else CPU_IMPLS)
     if not cuda and "crl_fast-graph" in impls:
         parser.error("--impls crl_fast-graph replays a CUDA graph: it needs a CUDA device")
+    if not args.impls:
+        note_cuda_only(
+            device,
+            "the crl_fast-graph rows (they replay a CUDA graph) and, by default, compile's "
+            "(--impls compile runs them)",
+        )
     combos = COMBOS[: args.combos if args.combos is not None else 2 if args.quick else None]
     label = f" on {device_label(device)}"
     # The experimental kernel paths (kernels/pair_stats_tiling.py) each write a file of their own.

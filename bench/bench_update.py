@@ -41,6 +41,7 @@ from bench.harness import (
     cuda_kernels,
     device_label,
     measure,
+    note_cuda_only,
     positive_int,
     print_table,
     tuned_configs,
@@ -183,6 +184,12 @@ def main() -> None:
     modes = args.modes or (DEFAULT_MODES if cuda else ["eager"])
     if not cuda and any("graph" in mode or "+stream" in mode for mode in modes):
         parser.error("the graph and +stream modes need a CUDA device")
+    if not args.modes:
+        note_cuda_only(
+            device,
+            "the graph and +stream modes (CUDA graphs, a second CUDA stream) and, by default, "
+            "the others but eager (--modes runs them)",
+        )
     # CRL_FAST_AUTOTUNE=1: the loss kernels' tiles are timed per shape in the warm-up updates
     # (before any graph capture); such a run writes a file of its own, with the winners.
     autotuned = os.environ.get("CRL_FAST_AUTOTUNE") == "1"

@@ -341,6 +341,13 @@ def device_label(device: torch.device | str) -> str:
     return f"CPU, {torch.get_num_threads()} threads [CPU figures, not GPU]"
 
 
+def note_cuda_only(device: torch.device | str, rows: str) -> None:
+    """Print one line naming the ``rows`` a run on ``device`` other than CUDA leaves out, and
+    why: a CPU table would otherwise pass for the whole benchmark."""
+    if torch.device(device).type != "cuda":
+        print(f"left out on {torch.device(device).type}: {rows}")
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> None:
     """Print ``rows`` as an aligned text table of ``columns``."""
 

@@ -63,6 +63,8 @@ CASES = {
     ),
     "mlp": (bench_mlp, ["--batch", "40", "--width", "32"], {"impl", "path", "rel_error", "status"}),
 }
+CUDA_ROWS = {bench_loss, bench_buffer, bench_envs, bench_update}
+"""The scripts with rows a CPU run leaves out (CUDA graph replays, a second CUDA stream)."""
 PROBES = (probe_warp_specialize,)  # no --device: it takes CUDA when there is one
 # The cases that run Triton kernels on CPU tensors (the probe only where there is no CUDA).
 ON_CPU_KERNELS = {"mlp"} | (set() if torch.cuda.is_available() else {"probe-ws"})
@@ -97,6 +99,8 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path, monkeypatch, caps
                 assert all(math.isfinite(v) and v > 0 for v in flat), (key, value)
     out = capsys.readouterr().out
     assert "CPU" in out or module in PROBES
+    if module in CUDA_ROWS:  # one line says which rows a CPU run leaves out, and why
+        assert sum("left out on cpu" in line for line in out.splitlines()) == 1, out
     timed = [row for row in result["rows"] if "median_ms" in row or "us_per_pass" in row]
     assert all(row["calls"] >= 1 and row["timer"] for row in timed)
     assert "timed calls" in out or not timed
