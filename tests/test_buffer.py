@@ -140,27 +140,32 @@ def offset_pmf(mode: str, gamma: float, length: int) -> np.ndarray:
     return np.full(length, 1.0 / length)
 
 
+def pearson(observed: np.ndarray, expected: np.ndarray) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom, consecutive cells pooled to expected counts >= 5
+    (a remainder joins the last pool)."""
+    bins_o, bins_e, acc_o, acc_e = [], [], 0.0, 0.0
+    for o, e in zip(observed, expected, strict=True):
+        acc_o, acc_e = acc_o + o, acc_e + e
+        if acc_e >= 5:
+            bins_o.append(acc_o)
+            bins_e.append(acc_e)
+            acc_o = acc_e = 0.0
+    if not bins_e:
+        return 0.0, 0
+    bins_o[-1] += acc_o
+    bins_e[-1] += acc_e
+    o, e = np.asarray(bins_o), np.asarray(bins_e)
+    return float(((o - e) ** 2 / e).sum()), len(bins_e) - 1
+
+
 def chi_square(k: np.ndarray, lengths: np.ndarray, mode: str, gamma: float) -> tuple[float, int]:
     """Pearson statistic of k against its pmf given L, cells pooled to expected counts >= 5."""
     stat, dof = 0.0, 0
     for length in np.unique(lengths):
         ks = k[lengths == length]
         obs = np.bincount(ks - 1, minlength=length)[:length].astype(float)
-        exp = offset_pmf(mode, gamma, length) * len(ks)
-        bins_o, bins_e, acc_o, acc_e = [], [], 0.0, 0.0
-        for o, e in zip(obs, exp, strict=True):
-            acc_o, acc_e = acc_o + o, acc_e + e
-            if acc_e >= 5:
-                bins_o.append(acc_o)
-                bins_e.append(acc_e)
-                acc_o = acc_e = 0.0
-        if not bins_e:
-            continue
-        bins_o[-1] += acc_o
-        bins_e[-1] += acc_e
-        o, e = np.asarray(bins_o), np.asarray(bins_e)
-        stat += float(((o - e) ** 2 / e).sum())
-        dof += len(bins_e) - 1
+        s, d = pearson(obs, offset_pmf(mode, gamma, length) * len(ks))
+        stat, dof = stat + s, dof + d
     return stat, dof
 
 
@@ -310,6 +315,87 @@ def test_mixing_uniform_against_the_fractions(
     goal = buf.sample(6, random_goal_fraction=0.5, current_goal_fraction=0.25).goal[:, 0]
     assert goal.tolist() == [31, 31, 10, 10, 20, 20]  # random, current (row 1), future
     assert buf.sample(6).goal[:, 0].tolist() == [20] * 6
+
+
+def goal_law(
+    rec: Recorder, mode: str, gamma: float, f_rand: float, f_cur: float
+) -> dict[tuple[int, int, int, int], float]:
+    """The exact probability of each (anchor step, env, goal row, goal env), enumerated from what
+    ``rec`` wrote: anchors uniform over the stored rows; with probability ``f_rand`` the goal of
+    a uniformly drawn stored row (rho(g)), with ``f_cur`` the anchor's own state (row t - 1 when
+    stored and of its episode, else row t), else row t + k - 1 with k from ``mode``'s law on
+    1..L (L reaching the episode's last row, the newest while it runs)."""
+    oldest = max(0, rec.step - rec.buf.capacity)
+    stored = [(t, e) for t in range(oldest, rec.step) for e in range(rec.n)]
+    end, ep = rec.episode_end(), np.asarray(rec.ep)
+    law: dict[tuple[int, int, int, int], float] = {}
+
+    def add(key: tuple[int, int, int, int], p: float) -> None:
+        law[key] = law.get(key, 0.0) + p
+
+    p = 1.0 / len(stored)
+    for t, e in stored:
+        length = int(end[t, e]) - t + 1
+        pmf = np.eye(length)[-1] if mode == "final" else offset_pmf(mode, gamma, length)
+        for k in range(1, length + 1):
+            add((t, e, t + k - 1, e), p * (1 - f_rand - f_cur) * pmf[k - 1])
+        prev_ok = t > oldest and ep[t - 1, e] == ep[t, e]
+        add((t, e, t - int(prev_ok), e), p * f_cur)
+        for g, g_env in stored:
+            add((t, e, g, g_env), p * f_rand / len(stored))
+    return law
+
+
+def joint_chi_square(
+    d: dict[str, np.ndarray], law: dict[tuple[int, int, int, int], float]
+) -> tuple[float, int]:
+    """Pearson statistic of the decoded draws ``d`` against ``law``, one cell per (anchor, goal)
+    pair; a draw the law gives probability 0 makes it infinite."""
+    cells = {key: i for i, key in enumerate(key for key, p in law.items() if p > 0)}
+    drawn = np.stack([d["t"], d["env"], d["g"], d["g_env"]], 1).tolist()
+    idx = np.array([cells.get(tuple(key), -1) for key in drawn])
+    observed = np.bincount(idx[idx >= 0], minlength=len(cells)).astype(float)
+    stat, dof = pearson(observed, np.array([law[key] for key in cells]) * len(idx))
+    return (stat if (idx >= 0).all() else math.inf), dof
+
+
+@pytest.mark.parametrize(
+    ("backend", "mix"),
+    [
+        ("torch", (0.0, 0.0)),
+        ("torch", (0.3, 0.2)),
+        # The interpreter is slow: the mixed law covers the future goals too.
+        pytest.param("triton", (0.3, 0.2), marks=pytest.mark.interpreter),
+    ],
+)
+@pytest.mark.parametrize("mode", FUTURE_MODES)
+def test_joint_law_of_anchor_and_goal(backend: str, mode: str, mix: tuple[float, float]) -> None:
+    """Every (anchor, goal row) pair drawn as often as the exact law says, the law enumerated
+    from the rows written: across the ring seam, with episodes of 1, 2 and more steps, one that
+    began before the oldest row and runs past the newest, and random (rho(g): uniform over
+    stored rows) and current-state goals mixed in. The same draws with each goal of the anchor's
+    env one row nearer the anchor (not before it) are rejected: an off-by-one would be."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    f_rand, f_cur = mix
+    gamma = 0.7
+    buf = make(capacity=6, num_envs=4, gamma=gamma, backend=backend)
+    rec = Recorder(buf, [0.0, 1.0, 0.5, 0.25], seed=11)
+    rec.extend(4)
+    rec.extend(7)  # wrapped: steps 5..10 stored
+    n = 100_000 if backend == "torch" else 16_000
+    batch = buf.sample(
+        n, goal_mode=mode, random_goal_fraction=f_rand, current_goal_fraction=f_cur,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    d = rec.decode(batch)
+    law = goal_law(rec, mode, gamma, f_rand, f_cur)
+    stat, dof = joint_chi_square(d, law)
+    crit = chi2_critical(dof)
+    assert stat < crit, f"chi2 {stat:.1f} > {crit:.1f} ({dof} dof)"
+    own_env = d["g_env"] == d["env"]
+    nearer = d | {"g": np.where(own_env, np.maximum(d["g"] - 1, d["t"]), d["g"])}
+    assert joint_chi_square(nearer, law)[0] > 3 * crit
 
 
 # ---------------------------------------------------------------- Triton kernels == torch
