@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import decimal
 import io
 import math
@@ -562,7 +563,13 @@ def _first_uniforms(mode: str, gamma: float, length: int, ks: list[int]) -> list
 )
 @pytest.mark.parametrize(
     ("mode", "gamma", "length"),
-    [("geometric", 0.9999, 100_000), ("clamp", 0.9999, 100_000), ("uniform_future", 0.9, 10**6)],
+    [
+        ("geometric", 0.9999, 100_000),
+        ("clamp", 0.9999, 100_000),
+        ("uniform_future", 0.9, 10**6),
+        ("geometric", 0.999999, 10**6),
+        ("clamp", 0.999999, 10**6),
+    ],
 )
 def test_offsets_switch_where_the_exact_law_says(
     device: str,
@@ -600,6 +607,48 @@ def test_offsets_switch_where_the_exact_law_says(
     monkeypatch.setattr(torch, "randint", lambda *args, **kw: bits.clone())
     got = buf.sample(u.numel(), goal_mode=mode).goal[:, 0].long() + 1
     assert got.tolist() == [k + d for k in ks for d in (-1, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [1e-300, 1e-6, 0.3, 0.999999])
+def test_offsets_exact_on_episodes_of_one_to_three_steps(
+    backend: str, gamma: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Episodes of 1, 2 and 3 steps (terminated, truncated, running), each mode: the 38-bit
+    uniforms next to every boundary F(k - 1) of the exact law (50 digits), and the least and
+    largest, draw the offset the law gives them. Near gamma = 0 an offset whose probability is
+    under 2**-38 is never drawn (the largest uniform stays below it); near 1 the law is almost
+    uniform and clamp almost always the last step."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    buf = make(capacity=6, num_envs=1, gamma=gamma, backend=backend)
+    t = torch.arange(6, dtype=torch.float32)[:, None, None]
+    buf.extend(
+        {
+            "observation": t.expand(6, 1, OBS).contiguous(),
+            "action": t.expand(6, 1, ACT).contiguous(),
+            "next_achieved_goal": t.expand(6, 1, GOAL).contiguous(),  # goal = row
+            "terminated": torch.tensor([[True], [False], [False], [False], [False], [False]]),
+            "truncated": torch.tensor([[False], [False], [True], [False], [False], [False]]),
+        }
+    )  # episodes: step 0; steps 1-2; steps 3-5, running
+    anchors, u, want = [], [], []
+    for first, length in ((0, 1), (1, 2), (3, 3)):
+        for mode in ("geometric", "clamp", "uniform_future"):
+            edges = _first_uniforms(mode, gamma, length, list(range(1, length + 1)))
+            grid = {0, 2**38 - 1} | {min(max(q + d, 0), 2**38 - 1) for q in edges for d in (-1, 0)}
+            for v in sorted(grid):
+                anchors.append((first, mode))
+                u.append(v)
+                want.append(first + bisect.bisect_right(edges, v) - 1)  # the goal's row
+    for mode in ("geometric", "clamp", "uniform_future"):
+        rows = [i for i, (_, m) in enumerate(anchors) if m == mode]
+        bits = torch.zeros(len(rows), 3, dtype=torch.int64)  # no mixing
+        bits[:, 0] = torch.tensor([anchors[i][0] for i in rows])
+        bits[:, 2] = torch.tensor([u[i] for i in rows]) | (0xFFFFFF << 38)
+        monkeypatch.setattr(torch, "randint", lambda *args, b=bits, **kw: b.clone())
+        got = buf.sample(len(rows), goal_mode=mode).goal[:, 0].long().tolist()
+        assert got == [want[i] for i in rows], mode
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
