@@ -189,7 +189,8 @@ class TrajectoryBuffer:
     (HER 'future'), ``"final"``. A fraction ``random_goal_fraction`` of goals is instead the
     achieved goal of a random stored row (rho(g)), and ``current_goal_fraction`` that of the
     anchor's own state ``ag(s_t)`` (read from row ``t - 1``; at an episode's first stored row,
-    where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in).
+    where ``ag(s_t)`` is not stored, ``ag(s_{t+1})`` stands in). Each goal is mixed in with its
+    fraction's probability, independently: a batch's count is binomial, not a fixed share.
 
     On CUDA (``backend="auto"``, Triton installed; else PyTorch) ``sample`` is two launches (a
     ``torch.randint`` draw, then one Triton kernel) and ``extend`` one Triton launch;

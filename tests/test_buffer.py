@@ -281,6 +281,25 @@ def test_mixing_fractions() -> None:
         buf.sample(8, random_goal_fraction=0.6, current_goal_fraction=0.6)
 
 
+def test_mixing_is_drawn_per_goal() -> None:
+    """Each goal is mixed in with its fraction's probability, independently of the others: a
+    batch holds Binomial(batch, fraction) of them, not a fixed share. One running 2-step
+    episode, 'final' goals: a goal from row 0 is exactly a current-state goal."""
+    buf = make(capacity=2, num_envs=1, goal_mode="final")
+    batch = good_batch(steps=2, n=1)
+    batch["next_achieved_goal"][:, 0] = torch.tensor([[0.0], [1.0]])
+    buf.extend(batch)
+    size, calls, frac = 10, 3000, 0.3
+    counts = [
+        int((buf.sample(size, current_goal_fraction=frac).goal[:, 0] == 0).sum())
+        for _ in range(calls)
+    ]
+    observed = np.bincount(counts, minlength=size + 1).astype(float)
+    binomial = [math.comb(size, i) * frac**i * (1 - frac) ** (size - i) for i in range(size + 1)]
+    stat, dof = pearson(observed, np.array(binomial) * calls)
+    assert stat < chi2_critical(dof), (stat, dof)
+
+
 def test_mixing_fractions_from_float32_may_sum_to_one() -> None:
     """0.2 and 0.8 held in float32 (numpy, ``tensor.item()``) sum to 1 + 1.5e-8 in float64, the
     samplers' float32 thresholds to 1: the mix is accepted, and a sum over 1 names both parts."""
