@@ -336,3 +336,29 @@ def test_training_command_lines_parse():
         except (TypeError, ValueError) as error:
             refused.append(f"line {line}: {command}\n  {error}")
     assert not refused, "README.md command lines refused:\n" + "\n".join(refused)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the Markdown headings of ``text`` (code blocks' ``#`` comments
+    left out): lower case, punctuation dropped, spaces as hyphens, repeats numbered -1, -2, ..."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", prose, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_links_to_sections_name_a_heading():
+    """Every ``](#anchor)`` link of the README (the contents list's, say) leads to a heading, so a
+    renamed or removed section fails here, not on a reader's click."""
+    text = README.read_text()
+    anchors = heading_anchors(text)
+    assert heading_anchors("# A b\n```\n# c\n```\n## A, b!\n### A b\n") == {"a-b", "a-b-1", "a-b-2"}
+    broken = sorted(set(re.findall(r"\]\(#([^)]*)\)", text)) - anchors)
+    assert re.search(r"\]\(#", text), "the README links to none of its sections"
+    assert not broken, f"README.md links to sections that no heading makes: {broken}"
