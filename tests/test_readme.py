@@ -8,6 +8,7 @@ that matches nothing fails, so an edited example asks for this file to be update
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -362,3 +363,33 @@ def test_links_to_sections_name_a_heading():
     broken = sorted(set(re.findall(r"\]\(#([^)]*)\)", text)) - anchors)
     assert re.search(r"\]\(#", text), "the README links to none of its sections"
     assert not broken, f"README.md links to sections that no heading makes: {broken}"
+
+
+# Flags the README quotes from other programs: pip, ruff and pytest-benchmark.
+OTHER_TOOLS_FLAGS = {"--index-url", "--no-deps", "--config-settings", "--check", "--benchmark-only"}
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its subcommands' parsers."""
+    flags: set[str] = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= parser_flags(sub)
+    return flags
+
+
+def test_every_flag_exists():
+    """Every ``--flag`` the README names, in prose too, is an option of ``crl-fast`` or of a script
+    in bench/ or tests/ (found in their source), or one of OTHER_TOOLS_FLAGS: a renamed or removed
+    flag fails here."""
+    scripts = [
+        *Path(README.parent, "bench").glob("*.py"),
+        README.parent / "tests/compile_kernels.py",
+    ]
+    known = parser_flags(build_parser()) | OTHER_TOOLS_FLAGS
+    known |= {f for p in scripts for f in re.findall(r"[\"'](--[a-z][\w-]*)[\"']", p.read_text())}
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", README.read_text()))
+    assert "--no-tf32" in named and "--no-tf32" in known, "the flags were not found"
+    assert not named - known, f"README.md names flags that nothing defines: {sorted(named - known)}"
