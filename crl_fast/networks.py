@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crl_fast import fused_mlp
-from crl_fast.checks import positive_int
+from crl_fast.checks import check_bool, positive_int
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
 INITS = {"lecun": 3.0, "jaxgcrl": 1.0}
@@ -93,6 +93,8 @@ class MLP(nn.Sequential):
                 ("in_dim", in_dim), ("out_dim", out_dim), ("width", width), ("depth", depth)
             )
         )  # fmt: skip
+        for name, flag in (("layer_norm", layer_norm), ("residual", residual), ("fused", fused)):
+            check_bool(name, flag)  # residual="no" is truthy: it would build residual blocks
         if init not in INITS:
             raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
         if activation not in ACTIVATIONS:

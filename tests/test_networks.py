@@ -80,6 +80,13 @@ def test_bad_network_options_raise(kwargs, message):
         MLP(4, 2, **kwargs)
 
 
+@pytest.mark.parametrize("flag", ["layer_norm", "residual", "fused"])
+def test_network_flags_must_be_bools(flag):
+    """A string flag is truthy whatever it says: residual="no" would build residual blocks."""
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        MLP(4, 2, depth=4, **{flag: "no"})
+
+
 def test_encoder_concatenates_inputs():
     enc = Encoder(5, 3, width=8)
     s, a = torch.randn(2, 3), torch.randn(2, 2)
