@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
@@ -47,6 +48,23 @@ def test_residual_mlp_goes_deep():
     first = linears(net)[0]
     assert torch.isfinite(out).all()
     assert torch.isfinite(first.weight.grad).all() and first.weight.grad.abs().sum() > 0
+
+
+def test_residual_mlp_is_the_1000_layer_papers_network():
+    """The paper's encoder written out (scaling-crl's train.py): Dense, LayerNorm, swish; then
+    depth / 4 blocks of 4 x [Dense, LayerNorm, swish] plus the block's input; then Dense."""
+    torch.manual_seed(0)
+    net = MLP(5, 3, width=16, depth=8, residual=True, layer_norm=True, init="jaxgcrl")
+    dense = iter(linears(net))
+
+    def layer(h: torch.Tensor) -> torch.Tensor:
+        return F.silu(F.layer_norm(next(dense)(h), (16,)))
+
+    x = torch.randn(32, 5)
+    h = layer(x)
+    for _ in range(8 // 4):
+        h = h + layer(layer(layer(layer(h))))
+    torch.testing.assert_close(net(x), next(dense)(h))
 
 
 def test_residual_block_adds_its_input():
