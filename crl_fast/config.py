@@ -129,7 +129,11 @@ class AgentConfig:
     would half-apply; ``dataclasses.replace(config, ...)`` makes another."""
 
     width: int = option(256, "hidden width of the encoders and the actor")
-    depth: int = option(2, "hidden layers (with --residual: a multiple of 4, plus the input layer)")
+    depth: int = option(
+        2,
+        "hidden layers; with --residual, the layers of the residual blocks after an input layer "
+        "(a multiple of 4: the 1000-layer paper's depth, depth / 4 blocks)",
+    )
     repr_dim: int = option(64, "representation size of phi(s, a) and psi(g)")
     activation: str = option("swish", "hidden activation", tuple(ACTIVATIONS))
     layer_norm: bool = option(False, "LayerNorm after each hidden Linear (residual blocks: always)")
