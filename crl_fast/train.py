@@ -91,12 +91,14 @@ def stop_requests() -> Iterator[StopRequest]:
         request.signal = signum
         print(
             f"\n{signal.Signals(signum).name}: writing a checkpoint at the end of this step, then "
-            "stopping (Ctrl-C again: stop now, without it)",
+            f"stopping ({now}: stop now, without it)",
             file=sys.stderr,
             flush=True,
         )
 
     caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    # What stops the run at once: Ctrl-C, unless this process ignores SIGINT (a background job).
+    now = "Ctrl-C again" if signal.SIGINT in caught else f"SIGKILL, kill -KILL {os.getpid()}"
     if signal.SIGINT not in caught and signal.SIGTERM in caught:  # kill -INT: nothing, silently
         request.notice = (
             f"SIGINT is ignored in this process (a background job): stop the run with SIGTERM "

@@ -1796,6 +1796,23 @@ def test_stop_requests_leave_ignored_signals_alone_and_a_second_sigterm_changes_
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_sigterm_offers_ctrl_c_only_where_sigint_stops_the_run(capsys):
+    """The SIGTERM notice's "Ctrl-C again: stop now" holds only where SIGINT is caught: a
+    background job ignores it, and is told what does stop it at once."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for sigint, offered in ((signal.SIG_IGN, False), (signal.default_int_handler, True)):
+            signal.signal(signal.SIGINT, sigint)
+            with train_module.stop_requests():
+                os.kill(os.getpid(), signal.SIGTERM)
+            err = capsys.readouterr().err
+            assert err.startswith("\nSIGTERM: writing a checkpoint")
+            assert ("Ctrl-C again" in err) == offered
+            assert ("SIGKILL" in err) != offered
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_refused_run_never_removes_the_directory_another_run_locked(tmp_path, monkeypatch):
     """Two runs started together on a new --run-dir: the one that created it but lost the lock
     to the other is refused and leaves the directory (and the other's lock) alone."""
