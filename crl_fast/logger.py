@@ -18,7 +18,12 @@ from typing import Any, TextIO
 
 from crl_fast.checkpoint import write_atomically
 
-CURVE_PANELS = ("eval/success", "eval/final_distance", "critic/categorical_accuracy", "critic/loss")
+CURVE_PANELS = {  # the metrics curve.png draws, with their y axes' labels
+    "eval/success": "episodes reaching the goal (fraction)",
+    "eval/final_distance": "last step's distance to the goal (env units)",
+    "critic/categorical_accuracy": "rows whose top logit is the positive (fraction)",
+    "critic/loss": "critic loss (one update's batch)",
+}
 
 
 class MetricsLogger:
@@ -127,11 +132,12 @@ def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
         print("matplotlib is not installed: skipping the learning-curve PNG", file=sys.stderr)
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, key in zip(axes.flat, CURVE_PANELS, strict=True):
+    for ax, (key, label) in zip(axes.flat, CURVE_PANELS.items(), strict=True):
         points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
         if points:
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
         ax.set_title(key)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("environment steps")

@@ -1156,6 +1156,21 @@ def test_logger_says_when_tensorboard_is_missing(tmp_path, monkeypatch, capsys):
     assert "tensorboard is not installed" in capsys.readouterr().err
 
 
+def test_the_curve_labels_both_axes_of_every_panel(tmp_path, monkeypatch):
+    """Each panel of curve.png says what its y axis counts, and in which unit, not only the
+    metric's name in its title."""
+    from crl_fast.logger import CURVE_PANELS, plot_curve
+
+    figure = pytest.importorskip("matplotlib.figure")
+    saved = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    plot_curve([{"step": 0, **dict.fromkeys(CURVE_PANELS, 0.5)}], tmp_path / "curve.png")
+    (axes,) = [fig.axes for fig in saved]
+    for ax, key in zip(axes, CURVE_PANELS, strict=True):
+        assert ax.get_title() == key and ax.get_ylabel(), key
+    assert [ax.get_xlabel() for ax in axes[2:]] == ["environment steps"] * 2  # the shared x
+
+
 def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "cli"
     flags = "--num-envs 4 --max-episode-steps 16 --total-env-steps 256 --learning-starts 64"
