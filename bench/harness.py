@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -225,23 +224,6 @@ def cuda_kernels(fn: Callable[[], Any], per: str = "update") -> dict:
     }
 
 
-def _git_sha() -> str:
-    """HEAD's short SHA (``-dirty`` with uncommitted changes to tracked files), or
-    ``$CRL_FAST_GIT_SHA`` where the tree has no git (a copied checkout)."""
-    if sha := os.environ.get("CRL_FAST_GIT_SHA"):
-        return sha
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_name(device: torch.device | str) -> str:
     """The GPU's marketing name, or ``cpu-<processor>`` on CPU."""
     device = torch.device(device)
@@ -259,7 +241,7 @@ def run_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),  # the host: it launches the kernels, and times the CPU rows
         "cpu_count": os.cpu_count(),
-        "git_sha": _git_sha(),
+        "git_sha": versions()["crl_fast_git"] or "unknown",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "env_vars": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},

@@ -8,9 +8,11 @@ checkpoint intact. Files load with ``torch.load(weights_only=True)``: plain cont
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import random
+import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -132,9 +134,32 @@ def _damaged_record(archive: zipfile.ZipFile) -> Callable[[zipfile.ZipInfo], str
     return check
 
 
+@functools.cache
+def git_commit(root: Path) -> str | None:
+    """``git describe`` of the checkout at ``root`` (its commit, ``-dirty`` with uncommitted
+    changes to tracked files), where ``root`` holds ``.git`` and git runs; else None. Only the
+    root: crl_fast installed in a venv inside another repository is not that repository's
+    commit. Cached: a process runs the code it imported, whatever the tree holds later."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):  # no git, or a tree it cannot read
+        return None
+    return done.stdout.strip() or None
+
+
 def versions() -> dict[str, str | None]:
-    """The versions that produced a run or a number: crl-fast, torch, Triton (None if absent),
-    Python."""
+    """The versions that produced a run or a number: crl-fast, its git commit where it runs
+    from a checkout (else ``$CRL_FAST_GIT_SHA``, for a copied one, or None), torch, Triton
+    (None if absent), Python."""
     from crl_fast import __version__
 
     try:
@@ -143,8 +168,10 @@ def versions() -> dict[str, str | None]:
         triton_version = str(triton.__version__)
     except ImportError:
         triton_version = None
+    checkout = Path(__file__).resolve().parent.parent
     return {  # plain str: torch's version is a TorchVersion, which weights-only loads refuse
         "crl_fast": __version__,
+        "crl_fast_git": git_commit(checkout) or os.environ.get("CRL_FAST_GIT_SHA") or None,
         "torch": str(torch.__version__),
         "triton": triton_version,
         "python": platform.python_version(),

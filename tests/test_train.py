@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from crl_fast import run_dir as run_dir_module
 from crl_fast import train as train_module
 from crl_fast.agent import CRL
 from crl_fast.checkpoint import (
+    git_commit,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -461,6 +463,8 @@ def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch)
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["versions"]  # and printed:
     assert saved["torch"] == torch.__version__ and f"torch {torch.__version__}" in out
     assert saved["crl_fast"] == crl_fast.__version__ and f"crl_fast {saved['crl_fast']}" in out
+    commit = saved["crl_fast_git"]  # None where crl_fast is not a git checkout's
+    assert commit == checkout_commit() and (commit is None or f"crl_fast_git {commit}, " in out)
     train(dataclasses.replace(config, resume=True, total_env_steps=512))
     assert "updates start" not in capsys.readouterr().out  # a resumed run is past them
     train(tiny_config(tmp_path, "default"))
@@ -469,6 +473,23 @@ def test_a_run_says_what_it_does_other_than_asked(tmp_path, capsys, monkeypatch)
     assert "the buffer holds at most 16 transitions, fewer than --batch-size 32" in (
         capsys.readouterr().out
     )
+
+
+def checkout_commit() -> str | None:
+    """``git describe`` of the checkout crl_fast was imported from, or None if it is none."""
+    root = Path(crl_fast.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True).stdout.strip() or None
+
+
+def test_only_crl_fasts_own_checkout_names_its_commit():
+    """A crl_fast installed inside another git repository (a venv in a project's folder) is not
+    that repository's commit: only a folder holding .git beside crl_fast/ names one."""
+    root = Path(crl_fast.__file__).resolve().parent.parent
+    assert git_commit(root) == checkout_commit()
+    assert git_commit(root / "tests") is None  # in the same repository, not its root
 
 
 def test_a_run_resumed_by_other_versions_keeps_the_versions_it_ran_with(
