@@ -150,13 +150,20 @@ def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
 
 
 class Progress:
-    """A one-line status (env steps/s, updates/s, latest metrics), redrawn at most every second.
+    """A one-line status (env steps/s, updates/s, the run's time, latest metrics), redrawn at
+    most every second. Its rates are wall-clock over the time since the previous redraw,
+    evaluations and checkpoints included (the logged ``charts/sps`` leaves them out).
 
     On a terminal the line is redrawn in place; otherwise a new line is printed every 30 s.
+    ``elapsed_s``: the run's time before this part (a resumed run's), counted in its time.
     """
 
     def __init__(
-        self, total_steps: int, enabled: bool = True, stream: TextIO | None = None
+        self,
+        total_steps: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        elapsed_s: float = 0.0,
     ) -> None:
         self.total_steps = total_steps
         self.enabled = enabled
@@ -165,7 +172,7 @@ class Progress:
         self.stream = sys.stdout if stream is None else stream
         self.tty = self.stream.isatty()
         self.interval = 1.0 if self.tty else 30.0
-        self._start_time = time.perf_counter()
+        self._start_time = time.perf_counter() - elapsed_s
         self._last: tuple[float, int, int] | None = None  # time, steps, updates of the last redraw
 
     def update(self, steps: int, updates: int, info: str = "") -> None:

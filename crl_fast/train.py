@@ -596,7 +596,7 @@ def _train_in(
         resume_step=loop.env_steps if config.resume else None,
         resume_rows=checkpoint.get("log_rows") if checkpoint else None,
     )
-    progress = Progress(config.total_env_steps, enabled=config.progress)
+    progress = Progress(config.total_env_steps, config.progress, elapsed_s=loop.elapsed_s)
 
     def checkpoint_now() -> None:
         state = {

@@ -581,6 +581,22 @@ def test_the_policy_acts_from_learning_starts_on(tmp_path, monkeypatch):
     assert sampled.count(False) == (128 - 64) // 8  # 8 envs a step
 
 
+def test_progress_of_a_resumed_run_counts_its_time_from_the_runs_start(monkeypatch):
+    """A resumed run's progress line shows the run's time so far, as its metrics' charts/time_s
+    and its closing line do, not the time since the resume."""
+    from crl_fast import logger as logger_module
+
+    clock = iter([100.0, 100.0, 200.0])  # made, first update, second update
+    monkeypatch.setattr(
+        logger_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock))
+    )
+    out = io.StringIO()
+    progress = logger_module.Progress(1000, stream=out, elapsed_s=50.0)
+    progress.update(100, 1)
+    progress.update(200, 2)
+    assert re.search(r"updates/s +150s", out.getvalue()), out.getvalue()  # 50 s before, 100 now
+
+
 def test_progress_writes_to_the_stdout_of_its_time(monkeypatch):
     """sys.stdout as it is when the run starts, not as it was when crl-fast was imported (a
     closed stream there made a later run fail)."""
