@@ -352,14 +352,16 @@ def _contrastive_loss(
     )  # fmt: skip
     pos = stats.pos
 
-    def lse(off_or_full: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """The logsumexp the loss asks for, given what the kernel computed."""
+    def lse(rel: torch.Tensor, offset: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """The logsumexp the loss asks for, given what the kernel computed (with or without
+        L_ii, less its offset: see PairStats). The offset is added last: a logaddexp of
+        logits in the thousands would weigh L_ii 2**-11 off, as a float32 logsumexp of 1e4 is."""
         if mask_diag and not config.exclude_positive_from_lse:
-            return torch.logaddexp(off_or_full, positives)
-        return off_or_full
+            return offset + torch.logaddexp(rel, positives - offset)
+        return offset + rel
 
     # Read only where want_row_lse holds (the InfoNCE rows, the penalty, the metrics); else empty.
-    row_lse = lse(stats.row_lse, pos) if want_row_lse else stats.row_lse
+    row_lse = lse(stats.row_lse, stats.row_max, pos) if want_row_lse else stats.row_lse
     # Row i's terms (its pairs', its row's, column i's) and how many terms "mean" divides by.
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
@@ -367,12 +369,16 @@ def _contrastive_loss(
     elif name == "infonce":
         rows, terms = row_lse - pos, b
     elif name == "infonce_backward":
-        rows, terms = lse(stats.col_lse[:b], pos) - pos, b
+        rows, terms = lse(stats.col_lse[:b], stats.col_max[:b], pos) - pos, b
     elif name == "symmetric_infonce":
-        rows, terms = (row_lse - pos) + (lse(stats.col_lse[:b], pos) - pos), b
+        col_lse = lse(stats.col_lse[:b], stats.col_max[:b], pos)
+        rows, terms = (row_lse - pos) + (col_lse - pos), b
     elif flat:
-        off = stats.row_lse if name == "flatnce" else stats.col_lse[:b]
-        c = off - pos
+        if name == "flatnce":
+            rel, offset = stats.row_lse, stats.row_max
+        else:
+            rel, offset = stats.col_lse[:b], stats.col_max[:b]
+        c = (offset - pos) + rel
         # exp(c - stopgrad(c)) without exp: the same value (1) and gradient (dc), and nothing
         # saved for backward, so per-row losses can be masked in place (rows[pad] = 0)
         rows, terms = 1 + (c - c.detach()), b
@@ -437,7 +443,7 @@ def _metrics_pass(
         mask_diag=config.exclude_positive_from_lse, softplus=False, pair=PAIR_NONE,
         metrics=True, online=False, use_triton=use_triton,
     )  # fmt: skip
-    return _metrics(stats, stats.row_lse, y.shape[0])
+    return _metrics(stats, stats.row_max + stats.row_lse, y.shape[0])
 
 
 @torch.no_grad()

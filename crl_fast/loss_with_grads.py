@@ -91,10 +91,10 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
         g_sp = torch.full_like(pos, g_label)
         g_pos = -g_sp * torch.sigmoid(-pos)  # of softplus(-L_ii)
         hd, g_ii = diagonal_grad(
-            scale, pos, slope, None, None, g_pos, None, None, None, None, False
+            scale, pos, slope, None, None, None, None, g_pos, None, None, None, None, False
         )
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
-        grads = (empty, empty, empty, empty, g_sp, empty)
+        grads = (empty, empty, empty, empty, empty, empty, g_sp, empty)
         dx, dy, dscale, dbias, sp_off = torch_grad_with_diagonal(
             *inputs, *grads, hd, energy, PAIR_NONE, True, x_grad, y_grad
         )
@@ -108,7 +108,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
         x, y, s32, b32, energy=energy, binary_weight=g_label
     )
     g_sp = torch.full_like(pos, g_label)
-    grads = (empty, empty, empty, empty, g_sp, empty, hd)
+    grads = (empty, empty, empty, empty, empty, empty, g_sp, empty, hd)
     (dx, dscale, dbias, sp_off, _), col, common = _row_pass(
         x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, y_grad, scale_grad, grad_dtype
     )
@@ -132,7 +132,7 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
     x_sq, y_sq, f, slope, pos = kernels.paired_rows(x, y, s32, b32, energy=energy)
     empty = x.new_empty(0, dtype=torch.float32)
     g_pair = torch.full_like(pos, g_label)
-    grads = (empty, empty, empty, empty, empty, g_pair)
+    grads = (empty, empty, empty, empty, empty, empty, empty, g_pair)
     (dx, dscale, dbias, terms, slopes), col, common = _row_pass(
         x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, y_grad, scale_grad,
         torch.float32,
@@ -151,7 +151,7 @@ def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair,
     """The Triton row pass of both losses: the x-launch of :func:`kernels.grad` with ``fwd``,
     whose five outputs come first (dx in ``out_dtype``), then for :func:`triton_dy` the column
     sums it also fills in the single pass (``CRL_FAST_SINGLE_PASS=1`` and ``y_grad``; else
-    None) and the launch's keywords. ``stats_and_grads`` are the seven tensors after ``pos``."""
+    None) and the launch's keywords. ``stats_and_grads`` are the nine tensors after ``pos``."""
     from crl_fast.kernels import pair_stats as kernels
     from crl_fast.kernels import pair_stats_tiling as tiling
 

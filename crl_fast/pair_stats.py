@@ -34,7 +34,7 @@ import torch
 
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward, refuse_transforms
 from crl_fast.energy import accumulate_dtype, paired_energy
-from crl_fast.pair_stats_torch import torch_grad, torch_stats
+from crl_fast.pair_stats_torch import softmax_weight, torch_grad, torch_stats
 
 PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
 REFERENCE_LOSS = "crl_fast.reference_contrastive_loss"
@@ -44,9 +44,9 @@ Tensor = torch.Tensor
 P_ = ParamSpec("P_")
 R_ = TypeVar("R_")
 Tensors4 = tuple[Tensor, Tensor, Tensor, Tensor]
-Tensors16 = tuple[
+Tensors18 = tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-    Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
 ]  # fmt: skip
 
 
@@ -55,11 +55,20 @@ class PairStats(NamedTuple):
     column (``col_lse``: length M); empty when not asked for. ``online_*`` are the softmax-
     weighted off-diagonal row sums the Triton path keeps for the row-lse gradient; the last four
     are the prologue backward reuses (see :class:`Rows`). ``row_softplus`` sums softplus(L_ij)
-    over j != i only."""
+    over j != i only.
+
+    Each logsumexp is kept relative to an offset, ``row_max`` / ``col_max``, the largest logit
+    it sums (0 where none is kept): ``row_lse`` is ``logsumexp_j L_ij - row_max_i``, a number of
+    order log M, so that backward's weights ``exp((L_ij - row_max_i) - row_lse_i)`` sum to 1 to
+    float32's last bits; one float32 logsumexp of 1e4 is 2**-11 off, and so would the weights'
+    sum be. The offsets are constants for autograd (the full softmax is ``row_lse``'s
+    gradient), so use them only added to it."""
 
     pos: Tensor
     row_lse: Tensor
     col_lse: Tensor
+    row_max: Tensor
+    col_max: Tensor
     row_softplus: Tensor
     row_pair: Tensor
     row_pair_slope: Tensor
@@ -130,8 +139,8 @@ def paired_rows(
 # ------------------------------------------------------------------------------ the diagonal
 
 
-def diagonal_grad(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_pair, pair_slope,
-                  mask_diag):  # fmt: skip
+def diagonal_grad(scale, pos, slope, row_lse, col_lse, row_max, col_max, g_pos, g_rl, g_cl,
+                  g_pair, pair_slope, mask_diag):  # fmt: skip
     """The diagonal's gradient ``(H_ii, G_ii)`` per row: ``H_ii = G_ii scale f'_ii`` is what the
     kernels add as ``H_ii (y_i - x_i)`` (or ``H_ii y_i`` for dot); the diagonal's share of
     (dscale, dbias) is ``(sum G_ii f_ii, sum G_ii)``, :func:`diagonal_scale_grads`.
@@ -147,9 +156,9 @@ def diagonal_grad(scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_pair
     if g_pair is not None:
         g -= g_pair * pair_slope
     if g_rl is not None and not mask_diag:
-        g += g_rl * torch.exp(pos - row_lse)
+        g += g_rl * softmax_weight(pos, row_max, row_lse)
     if g_cl is not None and not mask_diag:
-        g += g_cl[:b] * torch.exp(pos - col_lse[:b])
+        g += g_cl[:b] * softmax_weight(pos, col_max[:b], col_lse[:b])
     return g * scale.to(g.dtype) * slope, g
 
 
@@ -178,15 +187,15 @@ def add_diagonal(grad: Tensor, a: Tensor, other: Tensor, hd: Tensor, energy: int
         grad[rows] += _diagonal_term(a[rows], other[rows], hd[rows], energy)
 
 
-def torch_grad_with_diagonal(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse,
-                             g_col_lse, g_softplus, g_pair, hd, energy, pair, softplus_sum=False,
-                             need_dx=True, need_dy=True):  # fmt: skip
+def torch_grad_with_diagonal(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max,
+                             col_max, g_row_lse, g_col_lse, g_softplus, g_pair, hd, energy, pair,
+                             softplus_sum=False, need_dx=True, need_dy=True):  # fmt: skip
     """:func:`torch_grad` (the chunked PyTorch path: float32 or wider (dx, dy, dscale, dbias),
     dx or dy empty unless needed, and the softplus sum) with the diagonal's share ``hd`` added
     to dx and dy."""
     dx, dy, dscale, dbias, value = torch_grad(
-        x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-        g_pair, energy, pair, softplus_sum, need_dx, need_dy,
+        x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max, g_row_lse,
+        g_col_lse, g_softplus, g_pair, energy, pair, softplus_sum, need_dx, need_dy,
     )  # fmt: skip
     if need_dx:
         add_diagonal(dx, x, y, hd, energy)
@@ -203,22 +212,22 @@ def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, 
     from crl_fast.kernels import pair_stats as kernels
 
     scale, bias = scale.float(), bias.float()
-    rl, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
+    rl, rmax, sp, pr, slope, arg, rsum, cnt, u, v, w = kernels.stats(
         x, y, x_sq, y_sq, scale, bias, pos, energy=energy, lse=row_lse, mask_diag=mask_diag,
         softplus=softplus, pair=pair, metrics=metrics, online=online, online_w=online_w,
     )  # fmt: skip
-    cl = rl.new_empty(0)
+    cl, cmax = rl.new_empty(0), rl.new_empty(0)
     if col_lse:
-        cl = kernels.stats(
+        cl, cmax = kernels.stats(
             y, x, y_sq, x_sq, scale, bias, pos, energy=energy, lse=True, mask_diag=mask_diag,
             softplus=False, pair=PAIR_NONE, metrics=False,
-        )[0]  # fmt: skip
-    return rl, cl, sp, pr, slope, arg, rsum, cnt, u, v, w
+        )[:2]  # fmt: skip
+    return rl, cl, rmax, cmax, sp, pr, slope, arg, rsum, cnt, u, v, w
 
 
-def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-                 g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_dy,
-                 need_scale):  # fmt: skip
+def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max,
+                 g_row_lse, g_col_lse, g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx,
+                 need_dy, need_scale):  # fmt: skip
     """(dx, dy) in the input dtype with the diagonal's ``hd`` added (each empty unless
     ``need_dx`` / ``need_dy``), and the off-diagonal (dscale, dbias), float32 (zero unless
     ``need_dx`` and ``need_scale``). A row pass for dx and a column pass for dy; with
@@ -227,7 +236,8 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
     from crl_fast.kernels import pair_stats_tiling as tiling
 
     scale, bias = scale.float(), bias.float()
-    grads = (g_row_lse, g_col_lse, g_softplus, g_pair, hd)
+    stats_and_grads = (row_lse, col_lse, row_max, col_max, g_row_lse, g_col_lse, g_softplus,
+                       g_pair, hd)  # fmt: skip
     common = {"energy": energy, "mask_diag": mask_diag, "pair": pair, "scale_grad": need_scale}
     dx, dscale, dbias = x.new_empty(0), scale.new_zeros(1), bias.new_zeros(1)
     # CRL_FAST_SINGLE_PASS=1: the row pass's tiles also give dy's sums, through atomics.
@@ -235,13 +245,12 @@ def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse
     col = column_buffers(y, energy) if single else None
     if need_dx:
         dx, dscale, dbias, *_ = kernels.grad(  # empty partials (sum 0) unless need_scale
-            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, x_is_a=True,
-            column_sums=col, **common,
+            x, y, x_sq, y_sq, scale, bias, pos, *stats_and_grads, x_is_a=True, column_sums=col,
+            **common,
         )  # fmt: skip
     dy = triton_dy(
-        y, x, y_sq, x_sq, scale, bias, pos, (row_lse, col_lse, *grads), col, y.dtype, common,
-        need_dy,
-    )  # fmt: skip
+        y, x, y_sq, x_sq, scale, bias, pos, stats_and_grads, col, y.dtype, common, need_dy
+    )
     return dx, dy, dscale.sum(), dbias.sum()
 
 
@@ -261,7 +270,7 @@ def triton_dy(
 ) -> Tensor:
     """dy in ``out_dtype``: finished from the column sums ``col`` where the row pass took them
     (single pass), else by the column pass; empty, and no pass, unless ``needed``.
-    ``stats_and_grads`` are the seven tensors after ``pos`` that :func:`kernels.grad` takes
+    ``stats_and_grads`` are the nine tensors after ``pos`` that :func:`kernels.grad` takes
     (row_lse ... hd); ``common`` its keywords."""
     if not needed:
         return y.new_empty(0, dtype=out_dtype)
@@ -330,7 +339,7 @@ def _pair_stats_impl(
     online: bool,
     online_w: bool,
     use_triton: bool,
-) -> Tensors16:
+) -> Tensors18:
     if online and not use_triton:
         raise ValueError("the online row sums are a Triton-path optimisation")
     rows = paired_rows(x, y, scale, bias, energy, use_triton)
@@ -360,6 +369,8 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
         vec(b, True),
         vec(b, row_lse),
         vec(m, col_lse),
+        vec(b, row_lse),
+        vec(m, col_lse),
         vec(b, softplus),
         vec(b, paired),
         vec(b, paired),
@@ -387,6 +398,8 @@ def _pair_stats_backward_impl(
     pos: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
+    row_max: Tensor,
+    col_max: Tensor,
     g_row_lse: Tensor,
     g_col_lse: Tensor,
     g_softplus: Tensor,
@@ -403,8 +416,8 @@ def _pair_stats_backward_impl(
     """(dx, dy) in the input dtypes (each empty unless ``need_dx`` / ``need_dy``), the
     diagonal's ``hd`` included, and the off-diagonal (dscale, dbias) (zero on the Triton path
     unless ``need_dx`` and ``need_scale``)."""
-    args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-            g_softplus, g_pair)  # fmt: skip
+    args = (x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max, g_row_lse,
+            g_col_lse, g_softplus, g_pair)  # fmt: skip
     if use_triton:
         return _triton_grad(*args, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale)
     dx, dy, dscale, dbias, _ = torch_grad_with_diagonal(
@@ -422,8 +435,8 @@ _pair_stats_backward = eager_fast_path(
 
 
 @_pair_stats_backward_op.register_fake
-def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse, g_softplus,
-      g_pair, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale,
+def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max, g_row_lse,
+      g_col_lse, g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale,
       use_triton):  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
@@ -434,16 +447,17 @@ def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse
 def _setup_context(ctx, inputs, output):
     x, y, scale, bias, energy, _, _, mask_diag, _, pair, _, online, _, use_triton = inputs
     stats = PairStats(*output)
+    ctx.mark_non_differentiable(stats.row_max, stats.col_max)  # offsets: see PairStats
     ctx.save_for_backward(
-        x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_pair_slope,
-        stats.online_u, stats.online_v, stats.online_w, stats.x_sq, stats.y_sq, stats.paired_f,
-        stats.paired_slope,
+        x, y, scale, bias, stats.pos, stats.row_lse, stats.col_lse, stats.row_max, stats.col_max,
+        stats.row_pair_slope, stats.online_u, stats.online_v, stats.online_w, stats.x_sq,
+        stats.y_sq, stats.paired_f, stats.paired_slope,
     )  # fmt: skip
     ctx.options = (energy, mask_diag, pair, online, use_triton)
     ctx.set_materialize_grads(False)
 
 
-def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
+def _online_dx(x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_rl, hd, u, v, w):
     """dx (input dtype) and the off-diagonal (dscale, dbias) of the row-lse term from the
     forward's online sums: dx_i = scale g_rl_i (U_i - V_i x_i) (the x_i term for l2 and norm
     only) plus the diagonal's row; dbias takes the off-diagonal softmax mass 1 - p_ii.
@@ -466,17 +480,17 @@ def _online_dx(x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w):
         for start in range(0, b, step):  # row chunks: float32 temporaries stay small
             r = slice(start, min(start + step, b))
             dx[r] = rows_dx(r, x[r], y[r])
-    mass = 1.0 if mask_diag else 1.0 - torch.exp(pos - row_lse)
+    mass = 1.0 if mask_diag else 1.0 - softmax_weight(pos, row_max, row_lse)
     # W is kept only when the scale needs a gradient (a learnable bias alone needs no W)
     dscale = (g_rl * w).sum() if w.numel() else g_rl.new_zeros(())
     return dx, dscale, (g_rl * mass).sum()
 
 
-def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
+def _backward(ctx, g_pos, g_rl, g_cl, _g_row_max, _g_col_max, g_sp, g_pair, *_unused):
     refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
     refuse_transforms(REFERENCE_LOSS, g_pos, g_rl, g_cl, g_sp, g_pair)
-    x, y, scale, bias, pos, row_lse, col_lse, pair_slope, u, v, w, *rows = ctx.saved_tensors
-    x_sq, y_sq, f, slope = rows
+    x, y, scale, bias, pos, *lse, pair_slope, u, v, w, x_sq, y_sq, f, slope = ctx.saved_tensors
+    row_lse, _, row_max, _ = lse
     energy, mask_diag, pair, online, use_triton = ctx.options
     g_pos, g_rl, g_cl, g_sp, g_pair = (
         g.contiguous() if g is not None and g.numel() else None
@@ -485,7 +499,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
     hd, g_ii = diagonal_grad(
-        scale, pos, slope, row_lse, col_lse, g_pos, g_rl, g_cl, g_pair, pair_slope, mask_diag,
+        scale, pos, slope, *lse, g_pos, g_rl, g_cl, g_pair, pair_slope, mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
@@ -500,12 +514,12 @@ def _backward(ctx, g_pos, g_rl, g_cl, g_sp, g_pair, *_unused):
     dx = dy = dscale = dbias = None
     if need_rows or need_y or (need_scale and not online):
         dx, dy, dscale, dbias = _pair_stats_backward(
-            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, *grads, hd, energy,
-            mask_diag, pair, need_rows, need_y, need_scale, use_triton,
+            x, y, x_sq, y_sq, scale, bias, pos, *lse, *grads, hd, energy, mask_diag, pair,
+            need_rows, need_y, need_scale, use_triton,
         )  # fmt: skip
     if online and (need_x or need_scale):
         dx, dscale, dbias = _online_dx(
-            x, y, scale, energy, pos, row_lse, mask_diag, g_rl, hd, u, v, w
+            x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_rl, hd, u, v, w
         )
     dx, dy = (dx if need_x else None), (dy if need_y else None)
     if not need_scale:

@@ -6,7 +6,8 @@ backward, so its memory stays O(B d) plus a few chunks. The caller (``crl_fast.p
 supplies the row prologue (squared norms, exact positives) and adds the diagonal's gradient: the
 diagonal ``L_ii`` is read from ``pos`` here, never from the B x M products, and left out of every
 gradient product. ``pair`` is the pair-loss code of ``crl_fast.pair_stats``: 0 none, 1 DPO,
-2 IPO (as in the kernels).
+2 IPO (as in the kernels). Each logsumexp comes as an offset, the largest logit, and the
+logsumexp less it (see ``crl_fast.pair_stats.PairStats``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def softplus(t: Tensor) -> Tensor:
     return F.softplus(t, threshold=40.0 if t.dtype == torch.float64 else 20.0)
 
 
+def offset_of(max_: Tensor) -> Tensor:
+    """The offset a logsumexp is kept relative to: the largest logit, 0 where that is infinite
+    (no logit kept, or an infinite one), as ``torch.logsumexp`` shifts."""
+    return torch.where(max_.abs() == float("inf"), 0.0, max_)
+
+
+def softmax_weight(logits: Tensor, offset: Tensor, lse: Tensor) -> Tensor:
+    """exp(L - logsumexp) as ``exp((L - offset) - lse)``: the logsumexp kept relative to the
+    largest logit (``offset``), so that a row's weights sum to 1 to the last bits however large
+    the logits (one float32 logsumexp of 1e4 is 2**-11 off)."""
+    return torch.exp((logits - offset) - lse)
+
+
 def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
     """DPO (pair 1): softplus(u) and sigmoid(u); IPO (pair 2): (u + 1)^2 and 2 (u + 1)."""
     if pair == 1:
@@ -66,6 +80,7 @@ def torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, ma
     new = {"dtype": acc, "device": x.device}
     wanted = {
         "row_lse": row_lse,
+        "row_max": row_lse,
         "row_softplus": softplus,
         "row_pair": pair != 0,
         "row_pair_slope": pair != 0,
@@ -88,7 +103,9 @@ def torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, ma
             lse_in = logits.clone()
             _diagonal_of(lse_in, start).fill_(float("-inf"))
         if row_lse:
-            out["row_lse"][rows] = lse_in.logsumexp(1)
+            offset = offset_of(lse_in.amax(1))
+            out["row_max"][rows] = offset
+            out["row_lse"][rows] = (lse_in - offset[:, None]).exp().sum(1).log()
         if col_lse:
             new_max = torch.maximum(col_max, lse_in.amax(0))
             safe = torch.where(new_max == float("-inf"), 0.0, new_max)
@@ -108,7 +125,7 @@ def torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, ma
             _diagonal_of(correct, start).logical_not_()
             out["row_correct"][rows] = correct.sum(1).to(acc)
     if col_lse:
-        out["col_lse"] = torch.where(col_max == float("-inf"), 0.0, col_max) + col_sum.log()
+        out["col_max"], out["col_lse"] = offset_of(col_max), col_sum.log()
     return tuple(out[k] for k in fields)
 
 
@@ -119,13 +136,13 @@ def _off_diagonal_softplus(logits: Tensor, start: int) -> Tensor:
     return sp
 
 
-def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, g_col_lse,
-               g_softplus, g_pair, energy, pair, softplus_sum=False, need_dx=True,
-               need_dy=True):  # fmt: skip
+def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max,
+               g_row_lse, g_col_lse, g_softplus, g_pair, energy, pair, softplus_sum=False,
+               need_dx=True, need_dy=True):  # fmt: skip
     """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider (dx or dy empty, its product
     skipped, unless ``need_dx`` / ``need_dy``), and the sum of softplus(L_ij) over j != i when
     ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits, so that loss takes
-    one pass."""
+    one pass. Each logsumexp comes as its offset (``*_max``) and the rest (``*_lse``)."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
@@ -143,9 +160,10 @@ def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, g_row_lse, 
             value += _off_diagonal_softplus(logits, start).sum()
         terms = []  # dloss/dL of each statistic's term, summed below without a zero tensor
         if g_row_lse.numel():
-            terms.append(g_row_lse[rows, None] * torch.exp(logits - row_lse[rows, None]))
+            p = softmax_weight(logits, row_max[rows, None], row_lse[rows, None])
+            terms.append(g_row_lse[rows, None] * p)
         if g_col_lse.numel():
-            terms.append(g_col_lse[None, :] * torch.exp(logits - col_lse[None, :]))
+            terms.append(g_col_lse[None, :] * softmax_weight(logits, col_max, col_lse))
         if g_softplus.numel():
             terms.append(g_softplus[rows, None] * torch.sigmoid(logits))
         if g_pair.numel():

@@ -14,7 +14,7 @@ statistic; the gradient tiles leave it out, and each program adds the diagonal's
 paired rows, H_ii (B_i - A_i), with the exact H_ii the caller passes (one float per row).
 
 Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all rows of B:
-    lse_i      = logsumexp_j L_ij                       (j != i when MASK_DIAG)
+    max_i      = max_j L_ij,  lse_i = logsumexp_j L_ij - max_i      (j != i when MASK_DIAG)
     softplus_i = sum_j softplus(L_ij)
     pair_i     = sum_{j != i} softplus(u_ij)  or  (u_ij + 1)^2,   u_ij = L_ij - L_ii  (PAIR 1/2)
     slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij)
@@ -24,9 +24,13 @@ With ONLINE (row lse only, d <= BLOCK_D), also the softmax-weighted sums, p_ij =
 accumulated online with the running max (as flash attention does), so that the off-diagonal
 row-lse part of dA_i is g_lse_i scale (U_i - [l2, norm] V_i A_i) without a pass over the rows.
 Column statistics are row statistics of the transpose: launch with A and B swapped.
+Each logsumexp is stored as the row's largest logit max_i (0 for a row with none) and the rest,
+lse_i, a number of order log M whose float32 rounding is ~1e-7: one float32 logsumexp of 1e4 is
+2**-11 off, and so would every softmax weight of backward be.
 
 Backward (``grad_kernel``): with upstream gradients of those statistics the logit gradient is
-    G_ij = g_rlse_i exp(L_ij - rlse_i) + g_clse_j exp(L_ij - clse_j) + g_sp_i sigmoid(L_ij)
+    G_ij = g_rlse_i exp(L_ij - rmax_i - rlse_i) + g_clse_j exp(L_ij - cmax_j - clse_j)
+           + g_sp_i sigmoid(L_ij)
            + g_pair_i dpair(u_ij)                                          (i != j only)
 With H = G * df/dP (and df/dra = -df/dP / 2 for l2 and norm, d ra / dA = 2A):
     dA_i = scale (sum_j H_ij B_j - A_i sum_j H_ij [l2, norm]),  dscale = sum G f,  dbias = sum G.
@@ -300,12 +304,14 @@ def _softplus_sigmoid(z):
 
 
 @triton.jit
-def _softmax_weight(logits, lse):
-    """exp(L - lse) from the tile's logits, rounded as the statistics pass rounded those it took
-    lse from, so that a row's one dominant logit weighs 1, as in eager PyTorch. Folding the bias
-    into the shift, ``scale f + (bias - lse)``, rounded ``bias - lse`` on its own: a weight up
-    to |lse| 2**-24 off, 1.2e-4 at |L| ~ 1500 (tests/test_loss.py's rounding tie)."""
-    return tl.exp2((logits - lse) * LOG2E)
+def _softmax_weight(logits, offset, neg_lse2):
+    """exp((L - offset) - lse) from the tile's logits, rounded as the statistics pass rounded
+    those it took its largest, ``offset``, and lse from, so that a row's one dominant logit
+    weighs 1, as in eager PyTorch; ``neg_lse2`` is ``-lse * LOG2E``, once per row, so that a
+    logit takes one FADD and one FFMA. Folding the bias into the shift,
+    ``scale f + (bias - offset)``, would round ``bias - offset`` on its own: a weight up to
+    |offset| 2**-24 off, 1.2e-4 at |L| ~ 1500 (tests/test_loss.py's rounding tie)."""
+    return tl.exp2(tl.fma(logits - offset, LOG2E, neg_lse2))
 
 
 @triton.jit
@@ -331,7 +337,7 @@ def _by_x(v, X_IS_A: tl.constexpr):
 @triton.jit
 def stats_kernel(
     A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr, POS_ptr,
-    LSE_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
+    LSE_ptr, MAX_ptr, SP_ptr, PAIR_ptr, SLOPE_ptr, ARGMAX_ptr, SUM_ptr, CORRECT_ptr,
     U_ptr, V_ptr, W_ptr,
     NA, NB, NPOS, D, stride_a, stride_b,
     ENERGY: tl.constexpr, LSE: tl.constexpr, MASK_DIAG: tl.constexpr,
@@ -421,8 +427,9 @@ def stats_kernel(
     if LSE:
         # Rows past NA have s_i = 0; keep log2 finite there (they are never stored).
         s_safe = tl.where(row_mask, s_i, 1.0)
-        lse = m_i + tl.log2(s_safe) * LN2
-        tl.store(LSE_ptr + rows, lse, mask=row_mask)
+        # s_i sums exp(L - m) from the largest logit m (0 where none): lse less m, and m apart
+        tl.store(LSE_ptr + rows, tl.log2(s_safe) * LN2, mask=row_mask)
+        tl.store(MAX_ptr + rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=row_mask)
         if ONLINE:
             u_ptrs = U_ptr + rows.to(tl.int64)[:, None] * D + ds[None, :]
             u_mask = row_mask[:, None] & (ds < D)[None, :]
@@ -461,7 +468,8 @@ def _add_column_grads(
 @triton.jit
 def grad_kernel(
     A_ptr, B_ptr, A_desc, B_desc, RA_ptr, RB_ptr, SCALE_ptr, BIAS_ptr,
-    POS_ptr, XLSE_ptr, YLSE_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr, G_PAIR_ptr, HD_ptr,
+    POS_ptr, XLSE_ptr, YLSE_ptr, XMAX_ptr, YMAX_ptr, G_XLSE_ptr, G_YLSE_ptr, G_SP_ptr,
+    G_PAIR_ptr, HD_ptr,
     DA_ptr, DSCALE_ptr, DBIAS_ptr, SP_ptr, PS_ptr, DB_ptr, HCOL_ptr,
     NA, NB, NHD, D, stride_a, stride_b, stride_da,
     ENERGY: tl.constexpr, X_IS_A: tl.constexpr, MASK_DIAG: tl.constexpr, FWD: tl.constexpr,
@@ -482,7 +490,8 @@ def grad_kernel(
     # x-indexed vectors follow the outer index when A is x (loaded once), else the inner one.
     if X_IS_A:
         if XLSE:
-            xlse_o = tl.load(XLSE_ptr + rows, mask=row_mask, other=0.0)
+            xlse_o = tl.load(XLSE_ptr + rows, mask=row_mask, other=0.0) * -LOG2E
+            xmax_o = tl.load(XMAX_ptr + rows, mask=row_mask, other=0.0)
             g_xlse_o = tl.load(G_XLSE_ptr + rows, mask=row_mask, other=0.0)
         if SOFTPLUS:
             g_sp_o = tl.load(G_SP_ptr + rows, mask=row_mask, other=0.0)
@@ -491,7 +500,8 @@ def grad_kernel(
             g_pair_o = tl.load(G_PAIR_ptr + rows, mask=row_mask, other=0.0)
     else:
         if YLSE:
-            ylse_o = tl.load(YLSE_ptr + rows, mask=row_mask, other=0.0)
+            ylse_o = tl.load(YLSE_ptr + rows, mask=row_mask, other=0.0) * -LOG2E
+            ymax_o = tl.load(YMAX_ptr + rows, mask=row_mask, other=0.0)
             g_ylse_o = tl.load(G_YLSE_ptr + rows, mask=row_mask, other=0.0)
     a_rows = _program_rows(
         A_ptr, A_desc, pid * BLOCK_M, rows, row_mask, D, stride_a, BLOCK_K, SINGLE_K, TMA, UPCAST
@@ -520,22 +530,24 @@ def grad_kernel(
                 SINGLE_K, phase == 1, PRECISION, TMA, UPCAST,
             )  # fmt: skip
             g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            if XLSE:
+            if XLSE:  # (lse times -LOG2E: see _softmax_weight)
                 if X_IS_A:
-                    xlse, g_xlse = xlse_o, g_xlse_o
+                    xlse, xmax, g_xlse = xlse_o, xmax_o, g_xlse_o
                 else:
-                    xlse = tl.load(XLSE_ptr + cols, mask=col_mask, other=0.0)
+                    xlse = tl.load(XLSE_ptr + cols, mask=col_mask, other=0.0) * -LOG2E
+                    xmax = tl.load(XMAX_ptr + cols, mask=col_mask, other=0.0)
                     g_xlse = tl.load(G_XLSE_ptr + cols, mask=col_mask, other=0.0)
-                p = _softmax_weight(logits, _by_x(xlse, X_IS_A))
+                p = _softmax_weight(logits, _by_x(xmax, X_IS_A), _by_x(xlse, X_IS_A))
                 g += tl.where(lse_keep, _by_x(g_xlse, X_IS_A) * p, 0.0)
             if YLSE:
                 if X_IS_A:
-                    ylse = tl.load(YLSE_ptr + cols, mask=col_mask, other=0.0)
+                    ylse = tl.load(YLSE_ptr + cols, mask=col_mask, other=0.0) * -LOG2E
+                    ymax = tl.load(YMAX_ptr + cols, mask=col_mask, other=0.0)
                     g_ylse = tl.load(G_YLSE_ptr + cols, mask=col_mask, other=0.0)
-                    p = _softmax_weight(logits, ylse[None, :])
+                    p = _softmax_weight(logits, ymax[None, :], ylse[None, :])
                     g += tl.where(lse_keep, g_ylse[None, :] * p, 0.0)
                 else:
-                    p = _softmax_weight(logits, ylse_o[:, None])
+                    p = _softmax_weight(logits, ymax_o[:, None], ylse_o[:, None])
                     g += tl.where(lse_keep, g_ylse_o[:, None] * p, 0.0)
             if SOFTPLUS:
                 if X_IS_A:
@@ -676,10 +688,11 @@ def stats(
     online_w: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Row statistics of the logits of (a, b), whose diagonal is ``pos`` (the exact L_ii, one per
-    row of x): (lse, softplus, pair, slope, argmax, sum, correct, U, V, W). Statistics not asked
-    for come back empty; U, V (``online``: needs ``lse`` and d <= ONLINE_MAX_D) and W (only with
-    ``online_w`` too: it serves dscale alone) are float32 (n_a, d), (n_a,), (n_a,) and leave the
-    diagonal out. Asked for nothing, it launches nothing."""
+    row of x): (lse, max, softplus, pair, slope, argmax, sum, correct, U, V, W), the logsumexp
+    as lse less its offset max, the largest logit. Statistics not asked for come back empty;
+    U, V (``online``: needs ``lse`` and d <= ONLINE_MAX_D) and W (only with ``online_w`` too: it
+    serves dscale alone) are float32 (n_a, d), (n_a,), (n_a,) and leave the diagonal out. Asked
+    for nothing, it launches nothing."""
     check_unit_column_stride(a=a, b=b)
     n_a, d = a.shape
     if online and not (lse and d <= ONLINE_MAX_D):
@@ -689,6 +702,7 @@ def stats(
 
     def outputs() -> tuple[torch.Tensor, ...]:
         return (
+            _vector(n_a, lse, a),
             _vector(n_a, lse, a),
             _vector(n_a, softplus, a),
             _vector(n_a, pair != 0, a),
@@ -734,6 +748,8 @@ def grad(
     pos: torch.Tensor,
     xlse: torch.Tensor,
     ylse: torch.Tensor,
+    xmax: torch.Tensor,
+    ymax: torch.Tensor,
     g_xlse: torch.Tensor,
     g_ylse: torch.Tensor,
     g_sp: torch.Tensor,
@@ -750,9 +766,11 @@ def grad(
     column_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradient for the rows of ``a`` in their dtype (or ``out_dtype``): (da, dscale_partials,
-    dbias_partials, loss_rows, slope_rows). The tiles give the off-diagonal part; ``hd`` (one
-    per row of x: the diagonal's dL_ii/dP_ii, from the caller) adds ``hd_i (b_i - a_i)`` (l2,
-    norm) or ``hd_i b_i`` (dot) from the exact difference of the paired rows.
+    dbias_partials, loss_rows, slope_rows), each logsumexp given as :func:`stats` gives it:
+    less its offset (``xlse``, ``ylse``), and the offset (``xmax``, ``ymax``). The tiles give
+    the off-diagonal part; ``hd`` (one per row of x: the diagonal's dL_ii/dP_ii, from the
+    caller) adds ``hd_i (b_i - a_i)`` (l2, norm) or ``hd_i b_i`` (dot) from the exact
+    difference of the paired rows.
 
     A gradient term is active when its upstream gradient is non-empty; the dscale/dbias
     partials (one per program, off-diagonal) are produced only when ``x_is_a`` and
@@ -789,8 +807,8 @@ def grad(
             raise ValueError(f"column_sums need d in one tile, got d = {d}")
         db, hcol = (None, None) if column_sums is None else column_sums
         grad_kernel[(n_prog, cdiv(d, cfg["BLOCK_D"]))](
-            a, b, a_desc, b_desc, ra, rb, scale, bias, pos, xlse, ylse, g_xlse, g_ylse, g_sp,
-            g_pair, hd, da, dscale, dbias, sp, ps, db, hcol, n_a, b.shape[0], hd.shape[0], d,
+            a, b, a_desc, b_desc, ra, rb, scale, bias, pos, xlse, ylse, xmax, ymax, g_xlse, g_ylse,
+            g_sp, g_pair, hd, da, dscale, dbias, sp, ps, db, hcol, n_a, b.shape[0], hd.shape[0], d,
             a.stride(0), b.stride(0), da.stride(0), ENERGY=energy, X_IS_A=x_is_a,
             MASK_DIAG=mask_diag, FWD=fwd, HAS_HD=hd.numel() > 0, DSCALE=dscale_partials,
             DB_ATOMIC=column_sums is not None, PAIR=pair,

@@ -1249,6 +1249,36 @@ def test_softmax_weights_with_logits_in_the_thousands_and_a_scale(loss, device):
         assert_no_worse_than_eager(name, k.cpu(), e.cpu(), t, 1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("penalty", "exclude"), [(0.0, False), (0.1, False), (0.0, True)])
+@pytest.mark.parametrize("energy", ["dot", "l2"])
+@pytest.mark.parametrize(
+    "loss", ["infonce", "infonce_backward", "symmetric_infonce", "flatnce", "flatnce_backward"]
+)
+def test_softmax_weights_of_near_ties_in_the_thousands_sum_to_one(
+    loss, energy, penalty, exclude, backend
+):
+    """Logits of 1e4 within a few units of each other (a bias of 1e4 on dyadic energies: every
+    logit exact in float32): each row's and column's softmax weights must sum to 1 to float32's
+    precision. The passes kept each logsumexp as one float32, 2**-11 off at 1e4, so the weights
+    summed to 1 +- 5e-4 and flatnce's dphi was off by that times |psi| (eager subtracts L_ii
+    first: exact); eager's infonce has that error itself, so the kernels are also held to
+    float64 truth directly. Rectangular psi: extra negatives."""
+    g = torch.Generator().manual_seed(7)
+    phi, psi = (torch.randint(-8, 9, (n, 2), generator=g) / 4.0 for n in (3, 5))
+    extra = (torch.tensor(0.0), torch.tensor(1e4))
+    kw = {"loss": loss, "energy": energy, "logsumexp_penalty": penalty,
+          "exclude_positive_from_lse": exclude}  # fmt: skip
+    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend=backend, **kw)
+    _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
+    _, _, t_grads = _truth(phi, psi, extra, **kw)
+    # The bias cancels in a softmax (its true gradient is 0): both sides give rounding noise.
+    names = ("dphi", "dpsi", "dlog_scale")
+    for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=False):
+        assert_no_worse_than_eager(name, k, e, t, 1e-6)
+        assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item()), name
+
+
 def test_compiles_without_graph_breaks():
     phi, psi = _inputs(16, 16, 8, seed=8)
     phi.requires_grad_()
@@ -1712,6 +1742,7 @@ def test_loss_custom_ops_pass_opcheck(flags, use_triton):
                                       False, False, use_triton))  # fmt: skip
     empty, g_row, g_col = torch.empty(0), torch.rand(12), torch.rand(16)
     args = (phi, psi, stats.x_sq, stats.y_sq, scale, bias, stats.pos, stats.row_lse, stats.col_lse)
+    args += (stats.row_max, stats.col_max)
     args += (g_row, g_col, empty, empty, torch.zeros(12), energy, options[2], 0)
     for need_dx, need_dy in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(_pair_stats_backward_op, (*args, need_dx, need_dy, True, use_triton))
@@ -1748,9 +1779,9 @@ def test_kernel_launchers_refuse_options_they_cannot_compute():
     phi, psi = _inputs(4, 4, 80)
     col = (torch.zeros(4, 80), torch.zeros(0))
     with pytest.raises(ValueError, match="column_sums need d in one tile, got d = 80"):
-        kernels.grad(phi, psi, empty, empty, one, zero, pos, empty, empty, empty, empty,
-                     torch.ones(4), empty, empty, energy=0, x_is_a=True, mask_diag=False, pair=0,
-                     scale_grad=False, column_sums=col)  # fmt: skip
+        kernels.grad(phi, psi, empty, empty, one, zero, pos, *[empty] * 6, torch.ones(4), empty,
+                     empty, energy=0, x_is_a=True, mask_diag=False, pair=0, scale_grad=False,
+                     column_sums=col)  # fmt: skip
 
 
 def test_triton_path_optimisations_are_refused_on_the_torch_path():
