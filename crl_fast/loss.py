@@ -352,27 +352,29 @@ def _contrastive_loss(
     )  # fmt: skip
     pos = stats.pos
 
-    def lse(rel: torch.Tensor, offset: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """The logsumexp the loss asks for, given what the kernel computed (with or without
-        L_ii, less its offset: see PairStats). The offset is added last: a logaddexp of
-        logits in the thousands would weigh L_ii 2**-11 off, as a float32 logsumexp of 1e4 is."""
+    def lse_less_pos(rel: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The logsumexp the loss asks for less L_ii, given what the kernel computed (with or
+        without L_ii, less its offset: see PairStats). ``offset - L_ii`` comes first, exact
+        for near values: at logits in the thousands a float32 logsumexp of 1e4 is 2**-11 off,
+        and so would InfoNCE's row (or a logaddexp's weight of L_ii) be."""
+        gap = offset - pos
         if mask_diag and not config.exclude_positive_from_lse:
-            return offset + torch.logaddexp(rel, positives - offset)
-        return offset + rel
+            return gap + torch.logaddexp(rel, -gap)
+        return gap + rel
 
     # Read only where want_row_lse holds (the InfoNCE rows, the penalty, the metrics); else empty.
-    row_lse = lse(stats.row_lse, stats.row_max, pos) if want_row_lse else stats.row_lse
+    row_gap = lse_less_pos(stats.row_lse, stats.row_max) if want_row_lse else stats.row_lse
+    row_lse = pos + row_gap if want_row_lse else stats.row_lse
     # Row i's terms (its pairs', its row's, column i's) and how many terms "mean" divides by.
     if name == "binary":
         # softplus(-L_ii), not softplus(L_ii) - L_ii: no cancellation for confident positives
         rows, terms = stats.row_softplus + softplus(-pos), b * m
     elif name == "infonce":
-        rows, terms = row_lse - pos, b
+        rows, terms = row_gap, b
     elif name == "infonce_backward":
-        rows, terms = lse(stats.col_lse[:b], stats.col_max[:b], pos) - pos, b
+        rows, terms = lse_less_pos(stats.col_lse[:b], stats.col_max[:b]), b
     elif name == "symmetric_infonce":
-        col_lse = lse(stats.col_lse[:b], stats.col_max[:b], pos)
-        rows, terms = (row_lse - pos) + (col_lse - pos), b
+        rows, terms = row_gap + lse_less_pos(stats.col_lse[:b], stats.col_max[:b]), b
     elif flat:
         if name == "flatnce":
             rel, offset = stats.row_lse, stats.row_max

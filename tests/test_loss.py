@@ -1263,15 +1263,19 @@ def test_softmax_weights_of_near_ties_in_the_thousands_sum_to_one(
     precision. The passes kept each logsumexp as one float32, 2**-11 off at 1e4, so the weights
     summed to 1 +- 5e-4 and flatnce's dphi was off by that times |psi| (eager subtracts L_ii
     first: exact); eager's infonce has that error itself, so the kernels are also held to
-    float64 truth directly. Rectangular psi: extra negatives."""
+    float64 truth directly, the loss too (InfoNCE's rows take ``max - L_ii`` first; a
+    penalty's logsumexp**2 of 1e8 has float32's rounding itself). Rectangular psi: extra
+    negatives."""
     g = torch.Generator().manual_seed(7)
     phi, psi = (torch.randint(-8, 9, (n, 2), generator=g) / 4.0 for n in (3, 5))
     extra = (torch.tensor(0.0), torch.tensor(1e4))
     kw = {"loss": loss, "energy": energy, "logsumexp_penalty": penalty,
           "exclude_positive_from_lse": exclude}  # fmt: skip
-    _, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend=backend, **kw)
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend=backend, **kw)
     _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
-    _, _, t_grads = _truth(phi, psi, extra, **kw)
+    t_value, _, t_grads = _truth(phi, psi, extra, **kw)
+    if not penalty:
+        assert max_error(value, t_value) <= 1e-6 * max(1.0, t_value.abs().item())
     # The bias cancels in a softmax (its true gradient is 0): both sides give rounding noise.
     names = ("dphi", "dpsi", "dlog_scale")
     for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=False):
