@@ -33,10 +33,10 @@ from crl_fast.checks import (
     generator_state,
     is_real,
     positive_int,
+    require_triton,
     resolve_device,
     seed_int,
     triton_available,
-    triton_kernels,
     triton_runs_on,
 )
 
@@ -248,12 +248,16 @@ class TrajectoryBuffer:
         self._use_triton = backend == "triton" or (
             backend == "auto" and cuda and triton_available()
         )
-        if self._use_triton and not triton_runs_on(self.device, triton_kernels("goal_sampling")):
-            raise ValueError(
-                f"backend='triton' needs a CUDA device (got {self.device}), or "
-                "TRITON_INTERPRET=1 set before triton is first imported (torch.compile "
-                "imports it)"
-            )
+        if self._use_triton:
+            require_triton()
+            from crl_fast.kernels import goal_sampling
+
+            if not triton_runs_on(self.device, goal_sampling):
+                raise ValueError(
+                    f"backend='triton' needs a CUDA device (got {self.device}), or "
+                    "TRITON_INTERPRET=1 set before triton is first imported (torch.compile "
+                    "imports it)"
+                )
         self._log_gamma = _f32_pair(math.log(gamma))
 
         width = obs_dim + action_dim + goal_dim

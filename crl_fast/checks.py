@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import numbers
 from types import ModuleType
@@ -134,16 +133,16 @@ def triton_available() -> bool:
     return True
 
 
-def triton_kernels(name: str) -> ModuleType:
-    """``crl_fast.kernels.<name>`` for an explicit ``backend="triton"``: a ValueError naming
-    the install where Triton is missing (macOS, Windows, ``pip install --no-deps``), not the
-    kernels' own ``import triton`` failing."""
+def require_triton() -> None:
+    """For an explicit ``backend="triton"``: a ValueError naming the install where Triton is
+    missing (macOS, Windows, ``pip install --no-deps``), not the kernels' own ``import triton``
+    failing. (The caller then imports its kernels plainly: torch.compile cannot trace
+    ``importlib``.)"""
     if not triton_available():
         raise ValueError(
             "backend='triton' needs Triton, which is not installed: pip install 'triton>=3.6' "
             "(Linux x86_64 / aarch64); backend='auto' runs the PyTorch path without it"
         )
-    return importlib.import_module(f"crl_fast.kernels.{name}")
 
 
 def triton_runs_on(device: torch.device, kernels: ModuleType) -> bool:

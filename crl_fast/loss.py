@@ -18,8 +18,8 @@ from torch import nn
 from crl_fast.checks import (
     check_bool,
     is_real,
+    require_triton,
     triton_available,
-    triton_kernels,
     triton_runs_on,
 )
 from crl_fast.energy import (
@@ -179,7 +179,10 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"the Triton backend takes float16/bfloat16/float32, got {x.dtype}")
-        if not triton_runs_on(x.device, triton_kernels("pair_stats")):
+        require_triton()
+        from crl_fast.kernels import pair_stats
+
+        if not triton_runs_on(x.device, pair_stats):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
                 "before triton is first imported (torch.compile imports it) to run the kernels "
