@@ -103,7 +103,8 @@ from crl_fast import CRL, AgentConfig, TrajectoryBuffer, contrastive_loss
 from crl_fast.cli import main
 phi, psi = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
 contrastive_loss(phi, psi, loss="infonce", energy="norm").backward()
-buffer = TrajectoryBuffer(capacity=16, num_envs=2, obs_dim=3, action_dim=2, goal_dim=2)
+buffer = TrajectoryBuffer(capacity=16, num_envs=2, obs_dim=3, action_dim=2, goal_dim=2,
+                          device="cpu")  # the default, "auto", is CUDA on a GPU machine
 buffer.extend({
     "observation": torch.randn(4, 2, 3), "action": torch.rand(4, 2, 2) * 2 - 1,
     "next_achieved_goal": torch.randn(4, 2, 2),
