@@ -49,6 +49,7 @@ from triton.runtime.jit import native_specialize_impl
 from crl_fast import GOAL_MODES, LOSSES, TrajectoryBuffer, contrastive_loss
 from crl_fast import buffer as buffer_module
 from crl_fast import loss as loss_module
+from crl_fast.fused_mlp import ACT_CODES
 from crl_fast.kernels import goal_sampling, mlp, pair_stats, pair_stats_tiling
 
 H100_SHARED_BYTES = 232_448
@@ -242,9 +243,10 @@ def _record_buffer_launches(recorders: list[Recorder]) -> None:
 
 
 def _record_mlp_launches(recorders: list[Recorder], quick: bool) -> None:
-    """The fused MLP's forward and backward (with and without input or weight gradients) in each
-    dtype (``quick``: TF32 and bfloat16, as training on CUDA), at the encoders' and the actor's
-    shapes of bench_update, an odd width and the widest."""
+    """The fused MLP's forward and backward (with and without input or weight gradients; the
+    backward for each activation, which it specialises on) in each dtype (``quick``: TF32 and
+    bfloat16, as training on CUDA), at the encoders' and the actor's shapes of bench_update, an
+    odd width and the widest."""
     shapes = ((35, 256, 64), (2, 256, 64), (29, 256, 16), (7, 48, 5), (600, 256, 256))
     dtypes = _DTYPES[1:3] if quick else _DTYPES
     for (dtype, precision), (n_in, width, out) in itertools.product(dtypes, shapes):
@@ -257,8 +259,9 @@ def _record_mlp_launches(recorders: list[Recorder], quick: bool) -> None:
         _, z1, z2 = mlp.forward(x1, x2, params, 0, dtype, save=True)
         mlp.forward(x1, x2, params, 1, dtype, save=False)
         dy = torch.randn(100, out)
-        for need_dx, need_weights in ((True, True), (False, True), (True, False)):
-            mlp.backward(dy, x1, x2, params[::2], z1, z2, 0, need_dx, need_weights)
+        flags = ((True, True), (False, True), (True, False))  # (need_dx, need_weights)
+        for act, (need_dx, need_weights) in itertools.product(ACT_CODES.values(), flags):
+            mlp.backward(dy, x1, x2, params[::2], z1, z2, act, need_dx, need_weights)
 
 
 def _loop_cost(cubin: bytes, v: Variant) -> str:
