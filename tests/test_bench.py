@@ -70,6 +70,16 @@ PROBES = (probe_warp_specialize,)  # no --device: it takes CUDA when there is on
 ON_CPU_KERNELS = {"mlp"} | (set() if torch.cuda.is_available() else {"probe-ws"})
 
 
+@pytest.fixture(autouse=True)
+def keep_matmul_precision():
+    """The scripts set float32 matmul precision for their whole process (bench_loss's
+    --fp32-precision, TF32 by default; bench_mlp's TF32 on CUDA): run in pytest's, the tests
+    after them would compare float32 kernels in TF32 on a GPU."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
