@@ -223,9 +223,12 @@ class AgentConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Environment, replay buffer, training schedule, evaluation, logging and checkpoints."""
+    """Environment, replay buffer, training schedule, evaluation, logging and checkpoints.
+    Frozen, as :class:`AgentConfig` is: a change after construction would skip its checks (a
+    loss needing more rows than batch_size); ``dataclasses.replace(config, ...)`` makes another,
+    checked. (Its env_kwargs dict stays mutable: :func:`crl_fast.train.train` checks again.)"""
 
     env: str = option("point_umaze", "environment name (see crl_fast.envs)")
     num_envs: int = option(64, "parallel environments used for collection")

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -421,8 +421,21 @@ def run_header(
     return lines
 
 
+def rechecked(config: TrainConfig) -> TrainConfig:
+    """``config`` built again, so that its checks hold for what the run reads: a change made
+    after them (its env_kwargs dict changed in place, a field set with object.__setattr__) is
+    refused with the message construction gives."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"config must be a TrainConfig (TrainConfig.from_dict for a dict), got "
+            f"{type(config).__name__}"
+        )
+    return replace(config)
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train CRL as ``config`` says; returns the run directory and the last evaluation."""
+    config = rechecked(config)
     device = resolve_device(config.device)
     speed = speed_flags(config, device)
     if config.threads:  # checked here, not in the config: a run may be evaluated elsewhere

@@ -1464,6 +1464,30 @@ def test_train_config_refuses_values_out_of_range(field, value, message):
         TrainConfig(**{field: value})
 
 
+def test_a_config_cannot_change_after_its_checks(tmp_path):
+    """A change after construction would skip the checks made there (a loss needing more rows
+    than batch_size, say): the config is frozen, and train() checks again what it is given (an
+    env_kwargs dict changed in place, object.__setattr__), with the construction's message."""
+    flatnce = AgentConfig(width=32, loss="flatnce")  # 2 goal rows
+    with pytest.raises(ValueError) as made:
+        tiny_config(tmp_path, batch_size=1, agent=flatnce)
+    config = tiny_config(tmp_path, batch_size=1)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="'agent'"):
+        config.agent = flatnce
+    with pytest.raises(ValueError, match=re.escape(str(made.value))):
+        dataclasses.replace(config, agent=flatnce)  # another config: checked
+    object.__setattr__(config, "agent", flatnce)
+    with pytest.raises(ValueError, match=re.escape(str(made.value))):
+        train(config)
+    config = tiny_config(tmp_path)
+    config.env_kwargs["seed"] = 1
+    with pytest.raises(ValueError, match="env_kwargs cannot set 'seed': the run sets it"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # refused before the run started
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig .*, got dict"):
+        train(config.to_dict())
+
+
 def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
     """--config takes a run's config.json (or some of its fields), flags on top; the file's
     run_dir and resume are not taken: it is a new run."""
