@@ -1249,14 +1249,18 @@ def test_softmax_weights_with_logits_in_the_thousands_and_a_scale(loss, device):
         assert_no_worse_than_eager(name, k.cpu(), e.cpu(), t, 1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("torch", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
+     pytest.param("triton", "cuda", marks=pytest.mark.gpu)],
+)  # fmt: skip
 @pytest.mark.parametrize(("penalty", "exclude"), [(0.0, False), (0.1, False), (0.0, True)])
 @pytest.mark.parametrize("energy", ["dot", "l2"])
 @pytest.mark.parametrize(
     "loss", ["infonce", "infonce_backward", "symmetric_infonce", "flatnce", "flatnce_backward"]
 )
 def test_softmax_weights_of_near_ties_in_the_thousands_sum_to_one(
-    loss, energy, penalty, exclude, backend
+    loss, energy, penalty, exclude, backend, device
 ):
     """Logits of 1e4 within a few units of each other (a bias of 1e4 on dyadic energies: every
     logit exact in float32): each row's and column's softmax weights must sum to 1 to float32's
@@ -1265,22 +1269,24 @@ def test_softmax_weights_of_near_ties_in_the_thousands_sum_to_one(
     first: exact); eager's infonce has that error itself, so the kernels are also held to
     float64 truth directly, the loss too (InfoNCE's rows take ``max - L_ii`` first; a
     penalty's logsumexp**2 of 1e8 has float32's rounding itself). Rectangular psi: extra
-    negatives."""
+    negatives. On CUDA: whether the compiled passes recompute the same logits (the column pass
+    takes the transposed product)."""
     g = torch.Generator().manual_seed(7)
     phi, psi = (torch.randint(-8, 9, (n, 2), generator=g) / 4.0 for n in (3, 5))
     extra = (torch.tensor(0.0), torch.tensor(1e4))
     kw = {"loss": loss, "energy": energy, "logsumexp_penalty": penalty,
           "exclude_positive_from_lse": exclude}  # fmt: skip
-    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend=backend, **kw)
+    on = [t.to(device) for t in (phi, psi, *extra)]
+    value, _, grads = _loss_and_grads(contrastive_loss, *on[:2], on[2:], backend=backend, **kw)
     _, _, e_grads = _loss_and_grads(reference_contrastive_loss, phi, psi, extra, **kw)
     t_value, _, t_grads = _truth(phi, psi, extra, **kw)
     if not penalty:
-        assert max_error(value, t_value) <= 1e-6 * max(1.0, t_value.abs().item())
+        assert max_error(value.cpu(), t_value) <= 1e-6 * max(1.0, t_value.abs().item())
     # The bias cancels in a softmax (its true gradient is 0): both sides give rounding noise.
     names = ("dphi", "dpsi", "dlog_scale")
     for name, k, e, t in zip(names, grads, e_grads, t_grads, strict=False):
-        assert_no_worse_than_eager(name, k, e, t, 1e-6)
-        assert max_error(k, t) <= 1e-6 * max(1.0, t.abs().max().item()), name
+        assert_no_worse_than_eager(name, k.cpu(), e, t, 1e-6)
+        assert max_error(k.cpu(), t) <= 1e-6 * max(1.0, t.abs().max().item()), name
 
 
 def test_compiles_without_graph_breaks():
