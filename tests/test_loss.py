@@ -374,6 +374,27 @@ def test_autotune_leaves_the_single_pass_alone(monkeypatch):
     assert launched == [] and config == tiling._config(1024, 64, torch.bfloat16, True)
 
 
+def test_autotune_is_off_under_deterministic_algorithms(monkeypatch):
+    """The tile shape changes the sums' order, so the last bits of the gradients; a shape picked
+    by timing can differ from run to run. Deterministic algorithms keep the fixed config."""
+    import triton.testing
+
+    from crl_fast.kernels import pair_stats_tiling as tiling
+
+    monkeypatch.setattr(tiling, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0)
+    monkeypatch.setenv("CRL_FAST_AUTOTUNE", "1")
+    launched = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        config = tiling.choose_config(
+            ("test",), 1024, 64, torch.bfloat16, launched.append, interpreted=False
+        )
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launched == [] and config == tiling._config(1024, 64, torch.bfloat16)
+
+
 def test_autotune_tunes_again_when_tma_is_switched(monkeypatch):
     """CRL_FAST_TMA is read at each call: a shape tuned without it is tuned again with it (its
     candidates load through TMA), not answered from the first tuning."""
