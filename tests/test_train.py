@@ -154,6 +154,32 @@ def assert_same_weights_and_rows(straight: dict, resumed: dict) -> None:
     assert rows == without_timings(read_jsonl(straight["run_dir"] / "metrics.jsonl"))
 
 
+def test_the_seed_alone_decides_the_run(tmp_path):
+    """Two runs with the same seed: the same weights and metrics rows (timing columns aside),
+    also where evaluations, logs and checkpoints come more often (they change which rows are
+    written, not the training); a run with another seed differs in its weights, its first
+    evaluation's goals and its losses."""
+    first = train(tiny_config(tmp_path, "first", total_env_steps=512))
+    again = train(tiny_config(tmp_path, "again", total_env_steps=512))
+    assert_same_weights_and_rows(first, again)
+    often = dict(eval_every=256, log_every=64, checkpoint_every=256)
+    reported = train(tiny_config(tmp_path, "reported", total_env_steps=512, **often))
+    other = train(tiny_config(tmp_path, "other", total_env_steps=512, seed=1))
+    a, c, b = (
+        agent_tensors(load_checkpoint(r["run_dir"] / "checkpoint.pt"))
+        for r in (first, reported, other)
+    )
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert not any(torch.equal(a[k], b[k]) for k in a if a[k].numel() > 1)
+    rows, reported_rows, other_rows = (
+        without_timings(read_jsonl(r["run_dir"] / "metrics.jsonl"))
+        for r in (first, reported, other)
+    )
+    assert len(reported_rows) > len(rows) and all(r in reported_rows for r in rows)
+    assert [r["step"] for r in rows] == [r["step"] for r in other_rows]
+    assert all(x != y for x, y in zip(rows, other_rows, strict=True))
+
+
 def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     """Killed at step 608, between its checkpoint at 512 and the end, then resumed: the same weights
     and metrics rows as an uninterrupted run, also at the log steps 544-640 where no update ran
