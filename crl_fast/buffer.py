@@ -151,11 +151,16 @@ def sample_reference(
     )
 
 
-def _reshape_hint(got: int, want: int) -> str:
-    """The reshape that turns a field of ``got`` dims into ``want`` where one obviously does: a
-    dim short is one step, extra dims (pixels, [T, N, 1] flags) flatten into the last."""
-    if got == want - 1:
+def _reshape_hint(shape: torch.Size, want: int, num_envs: int) -> str:
+    """The reshape that turns a field shaped ``shape`` into ``want`` dims where one obviously
+    does: a dim short is one step if it leads with ``num_envs`` rows, else, with one env, that
+    env's steps (a flat dataset: unsqueeze(0) would make its T rows T envs); extra dims (pixels,
+    [T, N, 1] flags) flatten into the last."""
+    got = len(shape)
+    if got == want - 1 and got and shape[0] == num_envs:
         return " (one step: x.unsqueeze(0))"
+    if got == want - 1 and got and num_envs == 1:
+        return " (T steps of one env: x.unsqueeze(1))"
     if got > want:
         return f" (flatten the trailing dims: x.flatten({want - 1}))"
     return ""
@@ -319,9 +324,9 @@ class TrajectoryBuffer:
                 raise ValueError(f"extend(): {name} is on {x.device}, the buffer on {self.device}")
             ndim, layout = (2, "[T, num_envs]") if dim is None else (3, "[T, num_envs, dim]")
             if x.dim() != ndim:
+                hint = _reshape_hint(x.shape, ndim, self.num_envs)
                 raise ValueError(
-                    f"extend(): {name} must be shaped {layout}{_reshape_hint(x.dim(), ndim)}, "
-                    f"got {list(x.shape)}"
+                    f"extend(): {name} must be shaped {layout}{hint}, got {list(x.shape)}"
                 )
             if steps is None:
                 steps = x.shape[0]

@@ -989,6 +989,20 @@ def test_extend_hints_only_the_reshape_that_fits(field: str, shape: tuple, hint:
         make().extend(batch)
 
 
+@pytest.mark.parametrize("field", ["observation", "truncated"])
+def test_extend_hints_no_unsqueeze_0_for_a_flat_sequence(field: str) -> None:
+    """A flat [T, dim] field (a dataset) whose T is not num_envs is not one step: unsqueeze(0)
+    would make it T envs. With one env it is T steps of it (unsqueeze(1)); else no hint."""
+    batch = {k: v[:, :1] for k, v in good_batch(steps=5).items()}
+    batch[field] = batch[field][:, 0]
+    with pytest.raises(ValueError, match=r"T steps of one env: x\.unsqueeze\(1\)"):
+        make(num_envs=1).extend(batch)
+    batch = good_batch(steps=5)
+    batch[field] = batch[field][:, 0]
+    with pytest.raises(ValueError, match=r"got \[5(, 3)?\]$"):
+        make().extend(batch)
+
+
 def test_extend_takes_a_mapping_and_zero_steps_write_nothing(monkeypatch) -> None:
     buf = make()
     with pytest.raises(TypeError, match=r"extend\(\) takes a mapping of tensors, got list"):
