@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import operator
 import struct
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from crl_fast.checks import (
@@ -166,6 +168,49 @@ def _reshape_hint(shape: torch.Size, want: int, num_envs: int) -> str:
     return ""
 
 
+def _dataset_rows(fields: Mapping[str, Any]) -> int:
+    """The row count N of :meth:`TrajectoryBuffer.from_dataset`'s fields, after checking their
+    types and shapes ([N, dim] values, [N] flags; read from the arrays, nothing copied)."""
+    rows = None
+    for name, x in fields.items():
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"from_dataset(): {name} must be a torch.Tensor or numpy array, got "
+                f"{type(x).__name__}"
+            )
+        shape = list(x.shape)
+        if name in _FLAG_FIELDS and len(shape) != 1:
+            raise ValueError(f"from_dataset(): {name} must be shaped [N], got {shape}")
+        if name not in _FLAG_FIELDS and len(shape) != 2:
+            hint = " (flatten the trailing dims: x.reshape(len(x), -1))" if len(shape) > 2 else ""
+            raise ValueError(f"from_dataset(): {name} must be shaped [N, dim]{hint}, got {shape}")
+        if rows is None:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise ValueError(f"from_dataset(): {name} has {shape[0]} rows, observation {rows}")
+    if not rows:
+        raise ValueError("from_dataset(): data has no rows")
+    return rows
+
+
+def _dataset_tensor(name: str, x: torch.Tensor | np.ndarray, *, flag: bool) -> torch.Tensor:
+    """A field of :meth:`TrajectoryBuffer.from_dataset` as a tensor (a numpy array's memory
+    shared, not copied), if it holds real numbers; a flag's, if they are all 0 or 1 (a host
+    read: loading is rare), as bools."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # read-only arrays (np.load's memmaps): only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.from_numpy(x)
+    if x.dtype == torch.bool and flag:
+        return x
+    if x.dtype == torch.bool or x.is_complex():
+        what = "bools or 0 / 1 numbers" if flag else "real numbers"
+        raise TypeError(f"from_dataset(): {name} must hold {what}, got {x.dtype}")
+    if flag and not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"from_dataset(): {name} must hold only 0 and 1 (or bools)")
+    return x != 0 if flag else x
+
+
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 """The dtypes a buffer stores its rows in: the ones tested on both samplers. (torch's other
 floating dtypes include packed float4 pairs and sign-less float8, which no sampler can copy.)"""
@@ -283,6 +328,66 @@ class TrajectoryBuffer:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed_int(seed))
+
+    @classmethod
+    def from_dataset(
+        cls, data: Mapping[str, Any], *, num_envs: int = 1, **kwargs: Any
+    ) -> TrajectoryBuffer:
+        """A buffer holding exactly a flat dataset of episodes stored one after the other (as
+        OGBench and D4RL store them), ready to sample: the offline way in.
+
+        ``data`` maps ``observation`` [N, obs_dim], ``action`` [N, action_dim],
+        ``next_achieved_goal`` [N, goal_dim] (``ag(s_{t+1})`` of each row) and ``terminated``
+        and / or ``truncated`` [N] (set on an episode's last row; one left out is all False),
+        torch tensors or numpy arrays: values are cast to ``dtype``, flags are bools or 0 / 1
+        numbers (OGBench's float ``terminals``). The rows fill ``num_envs`` columns of
+        N / num_envs steps in order (a flat array reshaped to [T, N, ...] for :meth:`extend`
+        would put consecutive rows in different envs); more than one column is needed above
+        2**24 rows, and a column boundary cuts an episode in two, whose goals stay in each
+        piece. The last row of each column ends its episode (:meth:`end_episodes`), so a later
+        ``extend`` starts new ones. Other keywords go to the constructor (``gamma``,
+        ``goal_mode``, ``device``, ``dtype``, ``seed``, ...).
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"from_dataset() takes a mapping of arrays, got {type(data).__name__}")
+        num_envs = positive_int("num_envs", num_envs)
+        missing = [k for k in _FLOAT_FIELDS if k not in data]
+        if missing:
+            raise ValueError(f"from_dataset(): data is missing fields {missing}")
+        flags = [k for k in _FLAG_FIELDS if k in data]
+        if not flags:
+            raise ValueError(
+                "from_dataset(): data needs terminated or truncated, set on each episode's last row"
+            )
+        fields = {k: data[k] for k in _FLOAT_FIELDS + tuple(flags)}
+        rows = _dataset_rows(fields)
+        if rows % num_envs:
+            raise ValueError(
+                f"from_dataset(): {rows} rows do not split into {num_envs} columns (num_envs): "
+                f"drop the last {rows % num_envs} or take a num_envs that divides {rows}"
+            )
+        if rows // num_envs > _MAX_CAPACITY:
+            raise ValueError(
+                f"from_dataset(): a buffer holds at most 2**24 rows per column: num_envs="
+                f"{-(-rows // _MAX_CAPACITY)} or more (dividing {rows}) for {rows} rows"
+            )
+        steps = rows // num_envs
+        obs_dim, action_dim, goal_dim = (fields[k].shape[1] for k in _FLOAT_FIELDS)
+        buf = cls(
+            capacity=steps, num_envs=num_envs, obs_dim=obs_dim, action_dim=action_dim,
+            goal_dim=goal_dim, **kwargs,
+        )  # fmt: skip
+        batch = {
+            k: torch.zeros(steps, num_envs, dtype=torch.bool, device=buf.device)
+            for k in _FLAG_FIELDS
+        }
+        for name, x in fields.items():
+            x = _dataset_tensor(name, x, flag=name in _FLAG_FIELDS)
+            x = x.to(device=buf.device, dtype=torch.bool if name in flags else buf.dtype)
+            batch[name] = x.reshape(num_envs, steps, *x.shape[1:]).transpose(0, 1)
+        buf.extend(batch)
+        buf.end_episodes()
+        return buf
 
     @property
     def capacity(self) -> int:

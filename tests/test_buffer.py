@@ -6,6 +6,7 @@ import bisect
 import decimal
 import io
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1001,6 +1002,144 @@ def test_extend_hints_no_unsqueeze_0_for_a_flat_sequence(field: str) -> None:
     batch[field] = batch[field][:, 0]
     with pytest.raises(ValueError, match=r"got \[5(, 3)?\]$"):
         make().extend(batch)
+
+
+def flat_dataset(lengths: list[int], last_ends: bool = True) -> dict[str, np.ndarray]:
+    """Episodes of ``lengths`` one after the other, as OGBench stores them (float64 arrays, float
+    ``terminals``-style flags): observation = (episode, t), next_achieved_goal = (episode, t + 1),
+    so a goal names its episode and step. The last episode ends only if ``last_ends``."""
+    episode = np.repeat(np.arange(len(lengths)), lengths)
+    t = np.concatenate([np.arange(n) for n in lengths])
+    ends = np.cumsum(lengths) - 1
+    terminated = np.zeros(len(t))
+    terminated[ends if last_ends else ends[:-1]] = 1.0
+    return {
+        "observation": np.stack([episode, t, np.zeros_like(t)], 1).astype(np.float64),
+        "action": np.zeros((len(t), ACT)),
+        "next_achieved_goal": np.stack([episode, t + 1, np.zeros_like(t)], 1).astype(np.float64),
+        "terminated": terminated,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_from_dataset_keeps_goals_within_episodes(backend: str, num_envs: int) -> None:
+    """Episodes of different lengths, flat: every goal is a later step of its anchor's episode
+    (clamp), the 'final' goal is the episode's last step, or, where a column boundary cuts an
+    episode, the last step of its piece; the last episode is closed though its flag is unset."""
+    lengths = [5, 1, 12, 7, 3, 9, 2, 15]  # 54 rows, 18 per column with 3
+    data = flat_dataset(lengths, last_ends=False)
+    buf = TrajectoryBuffer.from_dataset(
+        data, num_envs=num_envs, goal_mode="clamp", gamma=0.9, device="cpu", seed=0,
+        backend=backend,
+    )  # fmt: skip
+    n = sum(lengths)
+    assert (buf.capacity, buf.num_envs, len(buf), buf.dtype) == (
+        n // num_envs,
+        num_envs,
+        n,
+        torch.float32,
+    )
+    assert (buf.obs_dim, buf.action_dim, buf.goal_dim) == (OBS, ACT, GOAL)
+    batch = buf.sample(4096)
+    obs, goal = batch.observation.numpy(), batch.goal.numpy()
+    assert (obs[:, 0] == goal[:, 0]).all()
+    length = np.asarray(lengths)[obs[:, 0].astype(int)]
+    assert ((goal[:, 1] > obs[:, 1]) & (goal[:, 1] <= length)).all()
+    assert len(np.unique(obs[:, :2], axis=0)) == n  # every row is an anchor
+    # 'final': the last step of the anchor's piece of episode in its column.
+    final = buf.sample(4096, goal_mode="final")
+    episode, t = final.observation[:, :2].long().unbind(1)
+    row = torch.tensor(np.cumsum([0, *lengths[:-1]]))[episode] + t  # the anchor's dataset row
+    column_end = (row // (n // num_envs) + 1) * (n // num_envs) - 1
+    piece_end = torch.minimum(column_end, row - t + torch.tensor(lengths)[episode] - 1)
+    assert torch.equal(final.goal[:, 1].long(), piece_end - (row - t) + 1)
+    # The dataset's last episode is closed: a step added later starts an episode of its own.
+    more = {k: torch.full_like(v[:1], 99) for k, v in good_batch(steps=1, n=num_envs).items()}
+    more |= {k: torch.zeros(1, num_envs, dtype=torch.bool) for k in ("terminated", "truncated")}
+    buf.extend(more)
+    final = buf.sample(4096, goal_mode="final")
+    assert ((final.observation[:, 0] == 99) == (final.goal[:, 0] == 99)).all()
+
+
+def test_from_dataset_takes_tensors_flags_of_either_name_and_the_buffer_options() -> None:
+    """Tensors like arrays; ``truncated`` alone marks the ends; dtype, gamma and mixing reach the
+    buffer; the rows are copies (the dataset may change later)."""
+    data = {k: torch.from_numpy(v) for k, v in flat_dataset([4, 6]).items()}
+    data["truncated"] = data.pop("terminated").bool()
+    buf = TrajectoryBuffer.from_dataset(
+        data, dtype=torch.float64, gamma=0.5, random_goal_fraction=0.25, device="cpu", seed=0
+    )
+    assert (buf.dtype, buf.gamma, buf.random_goal_fraction) == (torch.float64, 0.5, 0.25)
+    data["observation"].fill_(-1.0)
+    batch = buf.sample(256, random_goal_fraction=0.0)
+    assert batch.observation.dtype == torch.float64 and (batch.observation >= 0).all()
+    assert (batch.observation[:, 0] == batch.goal[:, 0]).all()
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (lambda d: d.pop("action"), ValueError, r"missing fields \['action'\]"),
+        (lambda d: d.pop("terminated"), ValueError, "terminated or truncated"),
+        (lambda d: d.update(action=[[0.0, 0.0]] * 10), TypeError, "action must be a"),
+        (
+            lambda d: d.update(action=np.zeros((9, ACT))),
+            ValueError,
+            "action has 9 rows, observation 10",
+        ),
+        (
+            lambda d: d.update(observation=np.zeros(10)),
+            ValueError,
+            r"observation must be shaped \[N, dim\]",
+        ),
+        (
+            lambda d: d.update(observation=np.zeros((10, 2, 2))),
+            ValueError,
+            r"x\.reshape\(len\(x\), -1\)",
+        ),
+        (
+            lambda d: d.update(terminated=np.zeros((10, 1))),
+            ValueError,
+            r"terminated must be shaped \[N\]",
+        ),
+        (
+            lambda d: d.update(terminated=np.full(10, 0.5)),
+            ValueError,
+            "terminated must hold only 0 and 1",
+        ),
+        (
+            lambda d: d.update(observation=np.zeros((10, OBS), bool)),
+            TypeError,
+            "observation must hold",
+        ),
+        (
+            lambda d: d.update(terminated=np.zeros(10, np.complex64)),
+            TypeError,
+            "terminated must hold",
+        ),
+        (lambda d: [d.update({k: v[:0]}) for k, v in list(d.items())], ValueError, "no rows"),
+    ],
+)
+def test_from_dataset_rejects_bad_input(edit: Any, error: type, match: str) -> None:
+    data: dict[str, Any] = flat_dataset([4, 6])
+    edit(data)
+    with pytest.raises(error, match=match):
+        TrajectoryBuffer.from_dataset(data, device="cpu")
+
+
+def test_from_dataset_rejects_rows_that_do_not_fill_the_columns_or_the_capacity() -> None:
+    with pytest.raises(ValueError, match=r"10 rows do not split into 3 columns"):
+        TrajectoryBuffer.from_dataset(flat_dataset([4, 6]), num_envs=3, device="cpu")
+    n = 2**24 + 2  # broadcast views: no memory
+    big = {
+        "observation": np.broadcast_to(np.zeros(OBS), (n, OBS)),
+        "action": np.broadcast_to(np.zeros(ACT), (n, ACT)),
+        "next_achieved_goal": np.broadcast_to(np.zeros(GOAL), (n, GOAL)),
+        "terminated": np.broadcast_to(np.zeros(1, bool), (n,)),
+    }
+    with pytest.raises(ValueError, match=r"at most 2\*\*24 rows per column: num_envs=2 or more"):
+        TrajectoryBuffer.from_dataset(big, device="cpu")
 
 
 def test_extend_takes_a_mapping_and_zero_steps_write_nothing(monkeypatch) -> None:

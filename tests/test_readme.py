@@ -40,13 +40,16 @@ ENVS = 'make_env("point_umaze", num_envs=4096'
 OWN_ENV = "class FreePoint("
 TRAIN = "train("
 OWN_LOOP = "from crl_fast.train import evaluate"
+OFFLINE = "TrajectoryBuffer.from_dataset("
 MARKERS = (LOSS, ENCODERS, DISTRIBUTED, DISTRIBUTED_CLIP, CUDA_GRAPH, BUFFER, ENVS, OWN_ENV)
-MARKERS += (TRAIN, OWN_LOOP)
+MARKERS += (TRAIN, OWN_LOOP, OFFLINE)
 
 # CPU-sized versions of the examples: {README text: what runs instead}. The loss keeps bfloat16:
 # the CPU's chunked path takes it.
 LOSS_ON_CPU = {'device="cuda"': 'device="cpu"', "65536": "256", ".cuda()": ""}
 BUFFER_ENVS = 8
+# Two updates on the CPU.
+OFFLINE_ON_CPU = {'device="cuda"': 'device="cpu"', "range(100_000)": "range(2)"}
 BUFFER_ON_CPU = {'device="cuda"': 'device="cpu"', "num_envs=1024": f"num_envs={BUFFER_ENVS}"}
 ENV_COUNT = 64
 ENVS_ON_CPU = {'device="cuda"': 'device="cpu"', "num_envs=4096": f"num_envs={ENV_COUNT}"}
@@ -253,6 +256,26 @@ def test_buffer_example():
     batch = ns["batch"]
     assert batch.observation.shape == (256, 4) and batch.action.shape == (256, 2)
     assert batch.goal.shape == (256, 2)
+
+
+def test_offline_example():
+    """The dataset block on an OGBench-shaped dataset (float32 arrays, float terminals, x, y
+    leading each observation and telling its episode): goals stay in their episodes."""
+    lengths = [30, 7, 51, 12]
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    obs = torch.cat([episode[:, None].float(), torch.rand(len(episode), 3)], 1)
+    terminals = torch.zeros(len(episode))
+    terminals[torch.tensor(lengths).cumsum(0) - 1] = 1.0
+    dataset = {
+        "observations": obs.numpy(),
+        "actions": (torch.rand(len(episode), 2) * 2 - 1).numpy(),
+        "next_observations": obs.numpy(),
+        "terminals": terminals.numpy(),
+    }
+    ns = run_block(OFFLINE, OFFLINE_ON_CPU, dataset=dataset)
+    batch = ns["buf"].sample(512)
+    assert len(ns["buf"]) == sum(lengths) and ns["buf"].goal_dim == 2
+    assert torch.equal(batch.observation[:, 0], batch.goal[:, 0])
 
 
 def test_envs_example():
