@@ -450,7 +450,7 @@ def stats_kernel(
 
 @triton.jit
 def _add_column_grads(
-    h, a_rows, A_ptr, DB_ptr, HCOL_ptr, cols, col_mask, ds, D, ENERGY: tl.constexpr,
+    h, a_rows, DB_ptr, HCOL_ptr, cols, col_mask, ds, D, ENERGY: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``DB[cols] += H.T @ A[rows]`` and, for l2 / norm, ``HCOL[cols] += sum_i H_ij``, with
@@ -577,8 +577,8 @@ def grad_kernel(
             if ENERGY != 0:
                 h_sum += tl.sum(h_used, 1)
             if DB_ATOMIC:  # the column pass's product from the same tile, added to dB in float32
-                _add_column_grads(h, a_rows, A_ptr, DB_ptr, HCOL_ptr, cols, col_mask, ds, D,
-                                  ENERGY, PRECISION, UPCAST)  # fmt: skip
+                _add_column_grads(h, a_rows, DB_ptr, HCOL_ptr, cols, col_mask, ds, D, ENERGY,
+                                  PRECISION, UPCAST)  # fmt: skip
             if DSCALE:
                 dscale += tl.sum(g * f, 1)
                 dbias += tl.sum(g, 1)
