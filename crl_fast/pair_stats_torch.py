@@ -12,6 +12,9 @@ logsumexp less it (see ``crl_fast.pair_stats.PairStats``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +26,9 @@ CHUNK_ELEMENTS = 1 << 20
 Tensor = torch.Tensor
 
 
-def _chunk_logits(x, y, x_sq, y_sq, scale, bias, energy: int):
+def _chunk_logits(
+    x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor, energy: int
+) -> tuple[Tensor, Tensor, Tensor | float]:
     """Logits, energy and dL/dP slope (before scale) for a block of rows, float32 or wider."""
     if energy:
         x_sq, y_sq = x_sq[:, None], y_sq[None, :]
@@ -31,7 +36,8 @@ def _chunk_logits(x, y, x_sq, y_sq, scale, bias, energy: int):
     return scale * f + bias, f, slope
 
 
-def _chunks(n_rows: int, n_cols: int):
+def _chunks(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of row blocks of about ``CHUNK_ELEMENTS`` logits (one row at least)."""
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         yield start, min(start + step, n_rows)
@@ -70,14 +76,16 @@ def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
     return (u + 1.0).square(), 2.0 * (u + 1.0)
 
 
-def torch_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, mask_diag,
-                softplus, pair, metrics, fields):  # fmt: skip
+def torch_stats(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor,
+                pos: Tensor, energy: int, row_lse: bool, col_lse: bool, mask_diag: bool,
+                softplus: bool, pair: int, metrics: bool,
+                fields: Sequence[str]) -> tuple[Tensor, ...]:  # fmt: skip
     """The statistics named ``fields`` (those of ``crl_fast.pair_stats.PairStats`` from
     ``row_lse`` to ``online_w``), in that order."""
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
     x, y, scale, bias = x.to(acc), y.to(acc), scale.to(acc), bias.to(acc)
-    new = {"dtype": acc, "device": x.device}
+    new: dict[str, Any] = {"dtype": acc, "device": x.device}
     wanted = {
         "row_lse": row_lse,
         "row_max": row_lse,
@@ -136,9 +144,11 @@ def _off_diagonal_softplus(logits: Tensor, start: int) -> Tensor:
     return sp
 
 
-def torch_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max,
-               g_row_lse, g_col_lse, g_softplus, g_pair, energy, pair, softplus_sum=False,
-               need_dx=True, need_dy=True):  # fmt: skip
+def torch_grad(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor,
+               pos: Tensor, row_lse: Tensor, col_lse: Tensor, row_max: Tensor, col_max: Tensor,
+               g_row_lse: Tensor, g_col_lse: Tensor, g_softplus: Tensor, g_pair: Tensor,
+               energy: int, pair: int, softplus_sum: bool = False, need_dx: bool = True,
+               need_dy: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Off-diagonal (dx, dy, dscale, dbias) in float32 or wider (dx or dy empty, its product
     skipped, unless ``need_dx`` / ``need_dy``), and the sum of softplus(L_ij) over j != i when
     ``softplus_sum`` (else 0): the sigmoid loss's value from the same logits, so that loss takes
