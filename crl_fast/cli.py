@@ -21,6 +21,7 @@ from typing import Any
 
 from crl_fast.checks import seed_int
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig, TrainConfig
+from crl_fast.run_dir import resume_refusal
 
 
 def _flag(name: str) -> str:
@@ -170,8 +171,6 @@ def train_config(given: dict[str, Any]) -> TrainConfig:
             raise ValueError("--resume needs --run-dir pointing at the run to continue")
         saved = Path(given["run_dir"]) / "config.json"
         if not saved.exists():  # a run directory without it: say what that means
-            from crl_fast.train import resume_refusal
-
             refusal = resume_refusal(saved.parent)
             if refusal:
                 raise ValueError(refusal)

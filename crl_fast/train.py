@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -43,7 +42,13 @@ from crl_fast.config import TrainConfig, check_resume
 from crl_fast.envs import GoalVectorEnv, make_env, registered_at_run_time
 from crl_fast.envs.base import GoalObs, TorchGoalVectorEnv
 from crl_fast.logger import MetricsLogger, Progress, plot_curve
-from crl_fast.run_dir import LOCK_NAME, claimed_run_dir
+from crl_fast.run_dir import (
+    CHECKPOINT_NAME,
+    check_run_dir,
+    claimed_run_dir,
+    resume_refusal,
+    undo_failed_start,
+)
 from crl_fast.schedule import (
     crossed,
     first_update_step,
@@ -51,7 +56,6 @@ from crl_fast.schedule import (
     reports_metrics,
 )
 
-CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
 
@@ -473,76 +477,6 @@ def torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
             torch.set_float32_matmul_precision(precision)
 
 
-def _occupied_refusal(run_dir: Path) -> str:
-    """Why a new run refuses ``run_dir``, which holds files, and what to do instead: --resume
-    only where it can continue (a run killed before its first checkpoint has nothing to resume,
-    and --resume refuses it)."""
-    if (run_dir / CHECKPOINT_NAME).exists():
-        return (
-            f"{run_dir} is not empty (another run's files): pass --resume to continue a run "
-            "there, or another --run-dir"
-        )
-    if (run_dir / "config.json").exists():
-        return (
-            f"{run_dir} holds a run stopped before its first checkpoint (its config.json, no "
-            f"{CHECKPOINT_NAME}: --resume cannot continue it): delete the directory to start "
-            "that run again there, or give another --run-dir"
-        )
-    return f"{run_dir} is not empty and holds no run (no config.json): give another --run-dir"
-
-
-def resume_refusal(run_dir: Path) -> str | None:
-    """Why --resume cannot continue a run in ``run_dir`` and what to do instead; None where it
-    holds a checkpoint."""
-    if (run_dir / CHECKPOINT_NAME).exists():
-        return None
-    if not run_dir.is_dir():
-        problem = "is a file, not a directory" if run_dir.exists() else "does not exist"
-        return f"cannot resume: --run-dir {run_dir} {problem}"
-    if (run_dir / "config.json").exists():
-        return (
-            f"cannot resume: {run_dir} holds a run stopped before its first checkpoint (its "
-            f"config.json, no {CHECKPOINT_NAME}): nothing to continue; delete the directory to "
-            "start that run again there, or give another --run-dir"
-        )
-    if not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        return (
-            f"cannot resume: {run_dir} holds only a lock file (its run was killed before it "
-            "wrote anything, even its config.json, or is still starting): nothing to continue; "
-            "start the run without --resume, in this --run-dir or another"
-        )
-    return (
-        f"cannot resume: {run_dir} holds no run (no {CHECKPOINT_NAME}, no config.json): "
-        "check --run-dir"
-    )
-
-
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.csv", "tensorboard")
-"""What a new run writes in its directory before its first checkpoint."""
-
-
-def _undo_failed_start(run_dir: Path, loop: LoopState) -> Callable[..., bool]:
-    """An ``__exit__`` callback removing a new run's files from ``run_dir`` where it fails before
-    its first update and checkpoint (a batch far too large for the device, say): such a start
-    holds nothing to resume, and left there its config.json would make the same --run-dir refuse
-    the run. A new run starts only in a folder without them, so none is the user's; the
-    directory or the lock file go with :func:`claimed_run_dir`. Best effort, as there: the run's
-    own error is the one to report."""
-
-    def undo(kind: type[BaseException] | None, *_: object) -> bool:
-        if kind is not None and loop.updates == 0 and not (run_dir / CHECKPOINT_NAME).exists():
-            for name in RUN_OUTPUTS:
-                path = run_dir / name
-                with contextlib.suppress(OSError):
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
-        return False  # the error goes on
-
-    return undo
-
-
 def _train_in(
     run_dir: Path,
     config: TrainConfig,
@@ -553,11 +487,7 @@ def _train_in(
 ) -> dict[str, Any]:
     """The run itself, in the directory :func:`train` claimed for it (``on_exit``: what to undo
     should it fail, left to the callbacks it is given)."""
-    refusal = resume_refusal(run_dir) if config.resume else None
-    if refusal:
-        raise ValueError(refusal)
-    if not config.resume and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise ValueError(_occupied_refusal(run_dir))
+    check_run_dir(run_dir, config.resume)
     checkpoint = None
     if config.resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, device, CHECKPOINT_KEYS)
@@ -597,7 +527,7 @@ def _train_in(
     # observations after a step, say) leaves no half-made run directory behind.
     first_eval = evaluate(agent, eval_env, eval_seed(config)) if loop.env_steps == 0 else None
     if checkpoint is None:
-        on_exit.push(_undo_failed_start(run_dir, loop))
+        on_exit.push(undo_failed_start(run_dir, lambda: loop.updates > 0))
     write_atomically(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     for line in run_header(config, device, speed, agent, buffer, loop.env_steps):
         print(line)
