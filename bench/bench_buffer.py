@@ -4,7 +4,8 @@ Usage: ``python -m bench.bench_buffer [--device cuda]``; or ``pytest bench/bench
 --benchmark-only``. Issue target (H100): 65,536 triples, obs 29 / action 8 / goal 2 floats, from
 1000 steps x 1000 envs, <= 30 us; extend of one step for 1000 envs <= 15 us. CPU runs use smaller
 sizes by default and are CPU figures. The ``txt_baseline`` row is JaxGCRL's sampler (a T x T
-discounted future-same-episode matrix per env, then a categorical draw per row) in torch.
+discounted future-same-episode matrix per env, then a categorical draw per row) in torch. The
+``from_dataset`` row loads capacity x num_envs flat rows into a one-column buffer (offline data).
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ def bench_rows(device: str, sizes: dict[str, int]) -> Iterator[dict[str, object]
     episodes = (torch.arange(steps, device=device) // 400).expand(envs, steps).contiguous()
     t = measure(txt_sampler(episodes), device=device, warmup=2, rep=5)
     yield timed_row("txt_baseline", "geometric", steps, envs, envs * steps, t)
+
+    # An offline dataset of capacity x num_envs flat rows loaded into one column (from_dataset's
+    # default): its rows are copied in order by one program on a GPU. Last: slow, and untimed yet.
+    flat = {k: v.flatten(0, 1) for k, v in step_batch(cap, n, 0, device).items()}
+    t = measure(
+        lambda: TrajectoryBuffer.from_dataset(flat, device=device, seed=0),
+        device=device, warmup=1, rep=3,
+    )  # fmt: skip
+    yield timed_row("from_dataset", "1 column", cap * n, 1, cap * n, t)
 
 
 def main() -> None:
