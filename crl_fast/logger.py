@@ -1,8 +1,9 @@
 """Run outputs: metrics to JSONL and CSV (and TensorBoard if installed), a status line, a PNG curve.
 
-``metrics.jsonl`` is the record of truth, appended one row per log call; ``metrics.csv`` is
-regenerated from it on :meth:`MetricsLogger.flush` because train and eval rows carry different
-columns. matplotlib and TensorBoard are optional and imported only when used.
+``metrics.jsonl`` is the record of truth, appended one row per log call, strict JSON (a NaN
+or infinite value is ``null``); ``metrics.csv`` is regenerated from it on
+:meth:`MetricsLogger.flush` because train and eval rows carry different columns. matplotlib and
+TensorBoard are optional and imported only when used.
 """
 
 from __future__ import annotations
@@ -56,16 +57,18 @@ class MetricsLogger:
             )
         self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
         self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)][:resume_rows]
-        write_atomically(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows = [_finite_or_null(r) for r in self.rows]  # an older file's NaN / Infinity
+        write_atomically(self.jsonl_path, "".join(_json_line(r) for r in self.rows))
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
         purge = None if resume_step is None else resume_step + 1
         self._tb = _summary_writer(self.run_dir, purge) if tensorboard else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` (plain floats) at environment step ``step``."""
-        row = {"step": step, **metrics}
+        """Record ``metrics`` (plain floats) at environment step ``step``; a non-finite value
+        as ``None`` (TensorBoard gets it as it is)."""
+        row = _finite_or_null({"step": step, **metrics})
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(_json_line(row))
         self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
@@ -87,6 +90,17 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its NaN and infinite floats ``None``: Python's ``json`` writes them as
+    ``NaN`` / ``Infinity``, which are not JSON (``jq`` and JavaScript refuse the line)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """One strict-JSON line (``allow_nan=False``: a non-finite value raises, never slips in)."""
+    return json.dumps(row, allow_nan=False) + "\n"
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -119,7 +133,8 @@ def _summary_writer(run_dir: Path, purge_step: int | None):
 
 
 def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Save a PNG of success, final distance and critic metrics against environment steps.
+    """Save a PNG of success, final distance and critic metrics against environment steps
+    (a value that is ``None``, as a non-finite one is logged, or not finite is left out).
 
     Returns the path, or ``None`` (with a message) when matplotlib is not installed.
     """
@@ -133,7 +148,9 @@ def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (key, label) in zip(axes.flat, CURVE_PANELS.items(), strict=True):
-        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        points = [
+            (r["step"], v) for r in rows if (v := r.get(key)) is not None and math.isfinite(v)
+        ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
         ax.set_title(key)

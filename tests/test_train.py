@@ -1179,6 +1179,31 @@ def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp
     assert shown == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
 
 
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """NaN and infinities are logged as null: Python's json writes them as NaN / Infinity, which
+    strict parsers (jq, JavaScript) reject. A resumed logger rewrites an older file's too, and
+    its CSV is the one an uninterrupted run writes."""
+
+    def strict_rows(path):
+        def refuse(constant):
+            raise ValueError(f"{constant} is not JSON")
+
+        return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(10, {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 1.5})
+    logger.close()
+    expected = [{"step": 10, "a": None, "b": None, "c": None, "d": 1.5}]
+    assert strict_rows(tmp_path / "metrics.jsonl") == expected
+    csv_text = (tmp_path / "metrics.csv").read_text()
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "a": NaN, "b": Infinity, "c": -Infinity, "d": 1.5}\n'
+    )
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=10).close()
+    assert strict_rows(tmp_path / "metrics.jsonl") == expected
+    assert (tmp_path / "metrics.csv").read_text() == csv_text
+
+
 def test_a_new_logger_keeps_the_metrics_it_finds(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     logger.log(10, {"critic/loss": 1.0})
@@ -1232,6 +1257,21 @@ def test_the_curve_labels_both_axes_of_every_panel(tmp_path, monkeypatch):
     for ax, key in zip(axes, CURVE_PANELS, strict=True):
         assert ax.get_title() == key and ax.get_ylabel(), key
     assert [ax.get_xlabel() for ax in axes[2:]] == ["environment steps"] * 2  # the shared x
+
+
+def test_the_curve_leaves_out_the_null_values_of_non_finite_metrics(tmp_path, monkeypatch):
+    from crl_fast.logger import CURVE_PANELS, plot_curve
+
+    figure = pytest.importorskip("matplotlib.figure")
+    saved = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    rows = [
+        {"step": 0, **dict.fromkeys(CURVE_PANELS)},
+        {"step": 1, **dict.fromkeys(CURVE_PANELS, 0.5)},
+    ]
+    plot_curve(rows, tmp_path / "curve.png")
+    (axes,) = [fig.axes for fig in saved]
+    assert [list(ax.lines[0].get_xdata()) for ax in axes] == [[1]] * len(CURVE_PANELS)
 
 
 def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
@@ -1960,4 +2000,4 @@ def test_a_batch_of_one_is_not_warned_about(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "not finite" not in captured.err
     row = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "critic/loss" in r][-1]
-    assert math.isfinite(row["critic/loss"]) and math.isnan(row["critic/logits_neg"])
+    assert math.isfinite(row["critic/loss"]) and row["critic/logits_neg"] is None  # NaN
