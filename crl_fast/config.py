@@ -6,6 +6,7 @@ The defaults are the README's main job: point U-maze, tuned to learn in minutes 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -13,7 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NoReturn, TypedDict
 
 import torch
 
@@ -115,6 +116,27 @@ def check_finite(config: Any) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+class ReadOnlyDict(dict[str, Any]):
+    """A dict whose methods that would change it raise a TypeError: a frozen config's
+    ``env_kwargs``, which a change in place would alter after its checks. It compares, copies,
+    pickles and encodes to JSON as a dict (``dict.__setitem__`` still writes to it, as
+    ``object.__setattr__`` does to a frozen dataclass: ``train`` checks the config again)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            "env_kwargs is read-only (the config is frozen): dataclasses.replace(config, "
+            "env_kwargs=...) makes another config, checked"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        """Pickled and copied through a plain dict (unpickling would call the methods that
+        refuse)."""
+        return type(self), (dict(self),)
 
 
 def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -228,7 +250,7 @@ class TrainConfig:
     """Environment, replay buffer, training schedule, evaluation, logging and checkpoints.
     Frozen, as :class:`AgentConfig` is: a change after construction would skip its checks (a
     loss needing more rows than batch_size); ``dataclasses.replace(config, ...)`` makes another,
-    checked. (Its env_kwargs dict stays mutable: :func:`crl_fast.train.train` checks again.)"""
+    checked. Its ``env_kwargs`` is a :class:`ReadOnlyDict`, a deep copy of the mapping given."""
 
     env: str = option("point_umaze", "environment name (see crl_fast.envs)")
     num_envs: int = option(64, "parallel environments used for collection")
@@ -317,6 +339,7 @@ class TrainConfig:
             raise TypeError(
                 f"env_kwargs must hold JSON values (saved with the run): {error}"
             ) from error
+        object.__setattr__(self, "env_kwargs", ReadOnlyDict(copy.deepcopy(self.env_kwargs)))
         if self.run_dir == "":  # an unset shell variable, say: not "a new runs/... directory"
             raise ValueError("run_dir must name a directory (None: a new one under runs/), got ''")
         if self.resume and self.run_dir is None:
@@ -336,8 +359,8 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy (nested dataclasses become dicts)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable copy (nested dataclasses and env_kwargs become dicts)."""
+        return dataclasses.asdict(self) | {"env_kwargs": copy.deepcopy(dict(self.env_kwargs))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

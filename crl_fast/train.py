@@ -427,7 +427,7 @@ def run_header(
 
 def rechecked(config: TrainConfig) -> TrainConfig:
     """``config`` built again, so that its checks hold for what the run reads: a change made
-    after them (its env_kwargs dict changed in place, a field set with object.__setattr__) is
+    after them (a field set with object.__setattr__, env_kwargs with dict.__setitem__) is
     refused with the message construction gives."""
     if not isinstance(config, TrainConfig):
         raise TypeError(

@@ -2,11 +2,13 @@
 
 import builtins
 import contextlib
+import copy
 import dataclasses
 import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -1532,8 +1534,9 @@ def test_train_config_refuses_values_out_of_range(field, value, message):
 
 def test_a_config_cannot_change_after_its_checks(tmp_path):
     """A change after construction would skip the checks made there (a loss needing more rows
-    than batch_size, say): the config is frozen, and train() checks again what it is given (an
-    env_kwargs dict changed in place, object.__setattr__), with the construction's message."""
+    than batch_size, say): the config is frozen, and train() checks again what it is given (a
+    field set with object.__setattr__, env_kwargs with dict.__setitem__), with the construction's
+    message."""
     flatnce = AgentConfig(width=32, loss="flatnce")  # 2 goal rows
     with pytest.raises(ValueError) as made:
         tiny_config(tmp_path, batch_size=1, agent=flatnce)
@@ -1546,12 +1549,38 @@ def test_a_config_cannot_change_after_its_checks(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(made.value))):
         train(config)
     config = tiny_config(tmp_path)
-    config.env_kwargs["seed"] = 1
+    dict.__setitem__(config.env_kwargs, "seed", 1)  # past its read-only methods
     with pytest.raises(ValueError, match="env_kwargs cannot set 'seed': the run sets it"):
         train(config)
     assert not (tmp_path / "run").exists()  # refused before the run started
     with pytest.raises(TypeError, match=r"config must be a TrainConfig .*, got dict"):
         train(config.to_dict())
+
+
+def test_env_kwargs_cannot_change_after_the_checks(tmp_path):
+    """The frozen config's env_kwargs is a read-only copy: a change in place (to the config's
+    or the caller's dict) would skip the checks. It still saves, loads, copies and compares as
+    the dict it was given."""
+    given = {"success_distance": 0.5}
+    config = tiny_config(tmp_path, env_kwargs=given)
+    given["seed"] = 1
+    changes = {
+        "set": lambda d: d.__setitem__("seed", 1),
+        "del": lambda d: d.__delitem__("success_distance"),
+        "|=": lambda d: d.__ior__({"seed": 1}),
+        "update": lambda d: d.update(seed=1),
+        "setdefault": lambda d: d.setdefault("seed", 1),
+        "pop": lambda d: d.pop("success_distance"),
+        "popitem": lambda d: d.popitem(),
+        "clear": lambda d: d.clear(),
+    }
+    for name, change in changes.items():
+        with pytest.raises(TypeError, match="env_kwargs is read-only"):
+            change(config.env_kwargs)
+        assert config.env_kwargs == {"success_distance": 0.5}, name
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert type(saved["env_kwargs"]) is dict and TrainConfig.from_dict(saved) == config
+    assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
 
 
 def test_config_file_starts_a_new_run_from_saved_settings(tmp_path, capsys):
