@@ -415,8 +415,10 @@ def stats_kernel(
                 slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
             if METRICS:
                 lv = tl.where(valid, logits, float("-inf"))
-                tile_best = tl.max(lv, 1)
-                tile_arg = tl.argmax(lv, 1).to(tl.int32) + n0
+                tile_best = tl.max(lv, 1)  # NaN-skipping, NaN only for a row of NaN
+                # The first column holding the max, as torch.argmax takes (max and compare:
+                # the interpreter's tl.argmax raises on a row of NaN).
+                tile_arg = tl.min(tl.where(lv == tile_best[:, None], cols[None, :], NB), 1)
                 # The first index among ties, as torch.argmax, whatever the order of tiles.
                 better = (tile_best > best_i) | ((tile_best == best_i) & (tile_arg < arg_i))
                 arg_i = tl.where(better, tile_arg, arg_i)

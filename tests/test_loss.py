@@ -1118,6 +1118,31 @@ def test_a_nan_input_gives_a_nan_loss(backend, device, energy, side):
     assert phi.grad.isnan().any() and psi.grad.isnan().any()
 
 
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("torch", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
+        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's tl.max
+def test_a_nan_row_with_metrics_gives_a_nan_loss(backend, device, loss):
+    """A row of phi that is all NaN makes every logit of its row NaN: the loss is NaN and the
+    metrics come back (the interpreter's argmax of a tile of NaN raised "All-NaN slice"). The
+    row is not counted as right, on every path, and the other rows are the reference's."""
+    phi, psi = _inputs(64, 64, 8, device=device)
+    phi[1] = float("nan")
+    value, metrics = contrastive_loss(phi, psi, loss=loss, return_metrics=True, backend=backend)
+    _, truth = reference_contrastive_loss(
+        phi.cpu().double(), psi.cpu().double(), loss=loss, return_metrics=True
+    )
+    assert value.isnan() and metrics["logits_pos"].isnan()
+    right = truth["categorical_accuracy"].item()  # torch's argmax puts row 1's at 0: wrong
+    assert metrics["categorical_accuracy"].item() == pytest.approx(right)
+
+
 @pytest.mark.parametrize("shape", [(32, 32), (24, 40)], ids=str)
 @pytest.mark.parametrize(
     ("backend", "device"),
