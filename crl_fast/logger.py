@@ -60,7 +60,7 @@ class MetricsLogger:
         self.rows = [_finite_or_null(r) for r in self.rows]  # an older file's NaN / Infinity
         write_atomically(self.jsonl_path, "".join(_json_line(r) for r in self.rows))
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
-        purge = None if resume_step is None else resume_step + 1
+        purge = 0 if resume_step is None else resume_step + 1
         self._tb = _summary_writer(self.run_dir, purge) if tensorboard else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -121,9 +121,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary_writer(run_dir: Path, purge_step: int | None):
-    """A TensorBoard writer; on resume its events after ``purge_step - 1`` (a killed run's
-    steps past its checkpoint) are purged."""
+def _summary_writer(run_dir: Path, purge_step: int):
+    """A TensorBoard writer whose session start purges the events at ``purge_step`` and after (on
+    resume, a killed run's steps past its checkpoint). A new run's writer starts a session too,
+    at step 0: TensorBoard's Python reader (``--load_fast=false``) takes a run's first session
+    start as no restart, so without it the first resume purged nothing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional

@@ -1163,10 +1163,13 @@ def test_logger_drops_rows_after_the_resumed_checkpoint(tmp_path):
     assert header == "step,critic/loss,eval/success"
 
 
-def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp_path):
+@pytest.mark.parametrize("reader", ["event_accumulator", "plugin_event_accumulator"])
+def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp_path, reader):
     """Where TensorBoard is installed (not in CI): the resumed writer's purge step hides what
-    the killed run logged after its checkpoint, as the JSONL rewrite drops those rows."""
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    the killed run logged after its checkpoint, as the JSONL rewrite drops those rows. The
+    plugin reader (TensorBoard's server with --load_fast=false) takes a run's first session
+    start as no restart: the new run's writer must log one."""
+    accumulator = pytest.importorskip(f"tensorboard.backend.event_processing.{reader}")
     logger = MetricsLogger(tmp_path)
     for step in (10, 20, 30):
         logger.log(step, {"critic/loss": float(step)})
@@ -1177,7 +1180,13 @@ def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp
     resumed.close()
     events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    shown = [(e.step, e.value) for e in events.Scalars("critic/loss")]
+    if reader == "event_accumulator":
+        shown = [(e.step, e.value) for e in events.Scalars("critic/loss")]
+    else:  # scalars as tensors
+        from tensorboard.util.tensor_util import make_ndarray
+
+        tensors = events.Tensors("critic/loss")
+        shown = [(e.step, make_ndarray(e.tensor_proto).item()) for e in tensors]
     assert shown == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
 
 
