@@ -32,8 +32,10 @@ from crl_fast.energy import (
 from crl_fast.loss_with_grads import loss_with_grads
 from crl_fast.pair_stats import (
     PAIR_DPO,
+    PAIR_FB,
     PAIR_IPO,
     PAIR_NONE,
+    PAIR_SPPO,
     PairStats,
     pair_stats,
 )
@@ -48,6 +50,8 @@ LOSSES = (
     "flatnce_backward",
     "dpo",
     "ipo",
+    "fb",
+    "sppo",
 )
 REDUCTIONS = ("mean", "sum", "none")
 Metrics = dict[str, torch.Tensor]
@@ -99,7 +103,7 @@ class LossConfig:
         row terms need two goals, off-diagonal column terms two rows of phi."""
         exclude = self.exclude_positive_from_lse
         row_lse = self.loss in ("infonce", "symmetric_infonce") or self.logsumexp_penalty > 0
-        rows_off = self.loss in ("flatnce", "dpo", "ipo") or (exclude and row_lse)
+        rows_off = self.loss in ("flatnce", "dpo", "ipo", "fb") or (exclude and row_lse)
         cols_off = self.loss == "flatnce_backward" or (
             exclude and self.loss in ("infonce_backward", "symmetric_infonce")
         )
@@ -195,7 +199,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 _ROW_TWIN = {"infonce_backward": "infonce", "flatnce_backward": "flatnce"}
 """Column losses and the row losses they equal on the transposed logits."""
 
-_PAIRS = {"dpo": PAIR_DPO, "ipo": PAIR_IPO}
+_PAIRS = {"dpo": PAIR_DPO, "ipo": PAIR_IPO, "fb": PAIR_FB, "sppo": PAIR_SPPO}
 """The pair losses' codes for the statistics (every other loss: PAIR_NONE)."""
 
 
@@ -387,6 +391,10 @@ def _contrastive_loss(
         # exp(c - stopgrad(c)) without exp: the same value (1) and gradient (dc), and nothing
         # saved for backward, so per-row losses can be masked in place (rows[pad] = 0)
         rows, terms = 1 + (c - c.detach()), b
+    elif name == "fb":  # -L_ii plus the mean over the row's M - 1 others of L_ij^2 / 2
+        rows, terms = stats.row_pair / (m - 1) - pos, b
+    elif name == "sppo":  # (L_ij + 1)^2 off the diagonal, M (L_ii - 1)^2 on it
+        rows, terms = stats.row_pair + m * (pos - 1).square(), b * m
     else:  # dpo, ipo: over the M - 1 off-diagonal pairs of each row
         rows, terms = stats.row_pair, b * (m - 1)
     # The penalty's B terms, reduced on their own.

@@ -75,10 +75,10 @@ def reference_contrastive_loss(
         return _offdiag_lse(sq, 0) if exclude_positive_from_lse else sq.logsumexp(0)
 
     # Row i's terms: its pairs' (binary, dpo, ipo), its row's, column i's; and their count.
-    offdiag = ~torch.eye(b, m, dtype=torch.bool, device=logits.device)
+    eye_m = torch.eye(b, m, dtype=logits.dtype, device=logits.device)
+    offdiag = eye_m == 0
     if loss == "binary":
-        labels = torch.eye(b, m, dtype=logits.dtype, device=logits.device)
-        rows = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1)
+        rows = F.binary_cross_entropy_with_logits(logits, eye_m, reduction="none").sum(1)
         terms = b * m
     elif loss == "infonce":
         rows, terms = row_lse(logits) - pos, b
@@ -98,6 +98,14 @@ def reference_contrastive_loss(
     elif loss == "ipo":
         rows = (pos[:, None] - logits - 1.0).square().where(offdiag, 0.0).sum(1)
         terms = b * (m - 1)
+    elif loss == "fb":  # alignment -L_ii, uniformity over the row's M - 1 off-diagonal goals
+        rows = -pos + 0.5 * logits.square().where(offdiag, 0.0).sum(1) / (m - 1)
+        terms = b
+    elif loss == "sppo":  # targets 1 on the diagonal (weighted M), -1 off it
+        target = 2.0 * eye_m - 1.0
+        weight = torch.where(offdiag, 1.0, float(m))
+        rows = ((logits - target).square() * weight).sum(1)
+        terms = b * m
     else:
         raise ValueError(f"unknown loss {loss!r}")
     penalty = pos.new_zeros(())  # the penalty's B terms, reduced on their own

@@ -1,5 +1,5 @@
 """The losses that compute their gradients in forward: the sigmoid loss (labels = identity) and,
-on the Triton path, DPO / IPO.
+on the Triton path, DPO / IPO / FB / SPPO.
 
 Their gradient needs no statistic of the logits first, so forward takes the loss and every
 gradient in two passes over the logits (one with ``CRL_FAST_SINGLE_PASS=1``) instead of the
@@ -16,6 +16,7 @@ import torch
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
 from crl_fast.energy import accumulate_dtype
 from crl_fast.pair_stats import (
+    PAIR_FB,
     PAIR_NONE,
     REFERENCE_LOSS,
     add_diagonal,
@@ -24,6 +25,7 @@ from crl_fast.pair_stats import (
     diagonal_grad,
     diagonal_scale_grads,
     paired_rows,
+    shifted_pair,
     torch_grad_with_diagonal,
     triton_dy,
 )
@@ -46,16 +48,17 @@ def _loss_with_grads_impl(
     the logits first: the sigmoid loss with labels = identity (``pair`` PAIR_NONE), dloss/dL_ij
     = w sigmoid(L_ij) - w [i == j], w = 1 / (B M) for the mean; DPO / IPO (PAIR_DPO / PAIR_IPO,
     Triton path), dloss/dL_ij = w pair'(L_ij - L_ii) off the diagonal, w = 1 / (B (M - 1)), and
-    on it minus the row's sum. Without ``scale_grad`` the kernels skip (dscale, dbias): their
-    off-diagonal part is then zero. Without ``y_grad`` no column pass runs (a frozen goal
-    encoder's psi), and dy comes back empty; so does dx without ``x_grad`` (the row pass, which
-    sums the loss, runs anyway).
+    on it minus the row's sum; FB / SPPO (Triton path), w times their term's slope off the
+    diagonal and their diagonal term's on it (:func:`_unshifted_diagonal`). Without
+    ``scale_grad`` the kernels skip (dscale, dbias): their off-diagonal part is then zero.
+    Without ``y_grad`` no column pass runs (a frozen goal encoder's psi), and dy comes back
+    empty; so does dx without ``x_grad`` (the row pass, which sums the loss, runs anyway).
 
     (dx, dy) come in the input dtype, except float16's, which come in float32: backward scales
     them by grad_output (a GradScaler's 2**16, say) and rounds only then, and the kernels' tiles
     carry the gradient without w, applied to the float32 sums (w H would underflow)."""
     b, m = x.shape[0], y.shape[0]
-    w = 1.0 / (b * (m - 1) if pair else b * m) if mean else 1.0
+    w = _term_weight(pair, b, m, mean)
     wide = x.dtype == torch.float16
     g_label = 1.0 if wide else w  # the kernels' weight of every logit's term
     grad_dtype = _forward_grad_dtype(x.dtype)
@@ -72,11 +75,31 @@ def _loss_with_grads_impl(
         return loss, dx, dy, loss.new_zeros(()), loss.new_zeros(())
     dscale_ii, dbias_ii = diagonal_scale_grads(g_ii, f)
     dscale, dbias = dscale.sum() + dscale_ii, dbias.sum() + dbias_ii
-    if pair:  # the bias cancels in L_ij - L_ii: its gradient is zero, not rounding noise
+    if shifted_pair(pair):  # the bias cancels in L_ij - L_ii: its gradient is zero, not noise
         dbias = torch.zeros_like(dbias)
     if wide:
         dscale, dbias = dscale * w, dbias * w
     return loss, dx, dy, dscale, dbias
+
+
+def _term_weight(pair: int, b: int, m: int, mean: bool) -> float:
+    """The weight of each off-diagonal term in the loss: the mean's 1 / (B M) for the sigmoid
+    loss and SPPO, 1 / (B (M - 1)) for DPO / IPO, FB's 1 / (M - 1) per row (times 1 / B for the
+    mean: the mean over rows); 1 for the sum, but FB's 1 / (M - 1)."""
+    row = 1.0 / (m - 1) if pair == PAIR_FB else 1.0
+    if not mean:
+        return row
+    return row / b if pair == PAIR_FB else 1.0 / (b * (m - 1) if shifted_pair(pair) else b * m)
+
+
+def _unshifted_diagonal(pair: int, pos: Tensor, m: int, g_label: float) -> tuple[Tensor, Tensor]:
+    """FB's and SPPO's diagonal, in units of the off-diagonal term's weight (``g_label`` per
+    term, and the loss's sum, which the caller weighs): its gradient G_ii and the sum of its
+    terms. FB: -(M - 1) L_ii (-L_ii against the row's mean of M - 1 others); SPPO:
+    M (L_ii - 1)^2, the positive weighted M."""
+    if pair == PAIR_FB:
+        return torch.full_like(pos, -g_label * (m - 1)), -(m - 1) * pos.sum()
+    return g_label * 2 * m * (pos - 1), m * (pos - 1).square().sum()
 
 
 def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_triton):
@@ -119,12 +142,12 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
 
 
 def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use_triton):
-    """DPO / IPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one with
-    ``CRL_FAST_SINGLE_PASS=1``, or without y_grad). The row pass sums the loss terms and their
-    slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the whole row), so dx stays
-    float32 until the diagonal's share is added."""
+    """DPO / IPO / FB / SPPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one
+    with ``CRL_FAST_SINGLE_PASS=1``, or without y_grad). The row pass sums the loss terms and,
+    for DPO / IPO, their slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the whole
+    row), so dx stays float32 until the diagonal's share is added."""
     if not use_triton:  # before the import: without Triton, this error, not an ImportError
-        raise ValueError("DPO / IPO with gradients in forward are a Triton-path optimisation")
+        raise ValueError("pair losses with gradients in forward are a Triton-path optimisation")
     from crl_fast.kernels import pair_stats as kernels
 
     x_grad, y_grad, scale_grad = needs
@@ -137,13 +160,16 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
         x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, y_grad, scale_grad,
         torch.float32,
     )  # fmt: skip
-    g_ii = -g_label * slopes
+    if shifted_pair(pair):
+        g_ii, diagonal = -g_label * slopes, 0.0
+    else:
+        g_ii, diagonal = _unshifted_diagonal(pair, pos, y.shape[0], g_label)
     hd = g_ii * s32 * slope
     if x_grad:
         add_diagonal(dx, x, y, hd, energy)
     dx = dx.to(grad_dtype) if x_grad else dx.new_empty(0, dtype=grad_dtype)
     dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, (*grads, hd), col, grad_dtype, common, y_grad)
-    return terms.sum(), dx, dy, dscale, dbias, g_ii, f
+    return terms.sum() + diagonal, dx, dy, dscale, dbias, g_ii, f
 
 
 def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, y_grad,
@@ -211,8 +237,8 @@ def loss_with_grads(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, energy: int, pair: int, mean: bool,
     use_triton: bool,
 ) -> Tensor:  # fmt: skip
-    """The sigmoid loss (labels = identity; ``pair`` PAIR_NONE) or DPO / IPO (PAIR_DPO /
-    PAIR_IPO, Triton path) whose forward also computes every gradient (two passes over the
+    """The sigmoid loss (labels = identity; ``pair`` PAIR_NONE) or a pair loss (DPO / IPO / FB /
+    SPPO, Triton path) whose forward also computes every gradient (two passes over the
     logits instead of three); backward only scales them by grad_output."""
     acc = accumulate_dtype(x.dtype)
     grad = torch.is_grad_enabled()

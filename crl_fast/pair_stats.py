@@ -34,9 +34,11 @@ import torch
 
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward, refuse_transforms
 from crl_fast.energy import accumulate_dtype, paired_energy
-from crl_fast.pair_stats_torch import softmax_weight, torch_grad, torch_stats
+from crl_fast.pair_stats_torch import shifted_pair, softmax_weight, torch_grad, torch_stats
 
-PAIR_NONE, PAIR_DPO, PAIR_IPO = 0, 1, 2
+PAIR_NONE, PAIR_DPO, PAIR_IPO, PAIR_FB, PAIR_SPPO = 0, 1, 2, 3, 4
+"""The pair losses' codes (the kernels' PAIR): a sum over j != i of a term of L_ij - L_ii (DPO,
+IPO: :func:`shifted_pair`), or of L_ij alone (FB, SPPO: the loss adds their diagonal terms)."""
 REFERENCE_LOSS = "crl_fast.reference_contrastive_loss"
 """What the ops' errors (torch.func transforms, double backward) tell the caller to use."""
 
@@ -364,7 +366,6 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
     def vec(n: int, wanted: bool, dtype=acc):
         return x.new_empty(n if wanted else 0, dtype=dtype)
 
-    paired = pair != PAIR_NONE
     return (
         vec(b, True),
         vec(b, row_lse),
@@ -372,8 +373,8 @@ def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, me
         vec(b, row_lse),
         vec(m, col_lse),
         vec(b, softplus),
-        vec(b, paired),
-        vec(b, paired),
+        vec(b, pair != PAIR_NONE),
+        vec(b, shifted_pair(pair)),
         vec(b, metrics, torch.int32),
         vec(b, metrics),
         vec(b, metrics),
@@ -498,8 +499,10 @@ def _backward(ctx, g_pos, g_rl, g_cl, _g_row_max, _g_col_max, g_sp, g_pair, *_un
     )
     if all(g is None for g in (g_pos, g_rl, g_cl, g_sp, g_pair)):
         return (None,) * 14
+    shifted = shifted_pair(pair)
     hd, g_ii = diagonal_grad(
-        scale, pos, slope, *lse, g_pos, g_rl, g_cl, g_pair, pair_slope, mask_diag,
+        scale, pos, slope, *lse, g_pos, g_rl, g_cl, g_pair if shifted else None, pair_slope,
+        mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
     online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
@@ -525,7 +528,7 @@ def _backward(ctx, g_pos, g_rl, g_cl, _g_row_max, _g_col_max, g_sp, g_pair, *_un
     if not need_scale:
         return dx, dy, None, None, *(None,) * 10
     dscale_ii, dbias_ii = diagonal_scale_grads(g_ii, f)
-    if g_pair is not None and all(g is None for g in (g_pos, g_rl, g_cl, g_sp)):
+    if shifted and g_pair is not None and all(g is None for g in (g_pos, g_rl, g_cl, g_sp)):
         dbias = dbias_ii = torch.zeros_like(dbias_ii)  # DPO / IPO alone: the bias cancels
     return (
         dx,

@@ -6,8 +6,8 @@ backward, so its memory stays O(B d) plus a few chunks. The caller (``crl_fast.p
 supplies the row prologue (squared norms, exact positives) and adds the diagonal's gradient: the
 diagonal ``L_ii`` is read from ``pos`` here, never from the B x M products, and left out of every
 gradient product. ``pair`` is the pair-loss code of ``crl_fast.pair_stats``: 0 none, 1 DPO,
-2 IPO (as in the kernels). Each logsumexp comes as an offset, the largest logit, and the
-logsumexp less it (see ``crl_fast.pair_stats.PairStats``).
+2 IPO, 3 FB, 4 SPPO (as in the kernels). Each logsumexp comes as an offset, the largest logit,
+and the logsumexp less it (see ``crl_fast.pair_stats.PairStats``).
 """
 
 from __future__ import annotations
@@ -69,10 +69,22 @@ def softmax_weight(logits: Tensor, offset: Tensor, lse: Tensor) -> Tensor:
     return torch.exp((logits - offset) - lse)
 
 
-def _pair_term(u: Tensor, pair: int) -> tuple[Tensor, Tensor]:
-    """DPO (pair 1): softplus(u) and sigmoid(u); IPO (pair 2): (u + 1)^2 and 2 (u + 1)."""
+def shifted_pair(pair: int) -> bool:
+    """Whether the pair loss's terms are of ``L_ij - L_ii`` (DPO, IPO), so that L_ii takes minus
+    the row's sum of their slopes, which the statistics then keep (``row_pair_slope``)."""
+    return pair in (1, 2)
+
+
+def _pair_term(logits: Tensor, pos: Tensor, pair: int) -> tuple[Tensor, Tensor]:
+    """An off-diagonal pair term and its slope d/dL_ij, as the kernels' ``_pair_term``: DPO
+    softplus(u) and sigmoid(u), IPO (u + 1)^2 and 2 (u + 1), u = L_ij - L_ii (``pos``); FB
+    L_ij^2 / 2 and L_ij; SPPO (L_ij + 1)^2 and 2 (L_ij + 1)."""
     if pair == 1:
+        u = logits - pos
         return softplus(u), torch.sigmoid(u)
+    if pair == 3:
+        return 0.5 * logits.square(), logits
+    u = logits - pos if pair == 2 else logits
     return (u + 1.0).square(), 2.0 * (u + 1.0)
 
 
@@ -91,7 +103,7 @@ def torch_stats(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor,
         "row_max": row_lse,
         "row_softplus": softplus,
         "row_pair": pair != 0,
-        "row_pair_slope": pair != 0,
+        "row_pair_slope": shifted_pair(pair),
         "row_sum": metrics,
         "row_correct": metrics,
     }
@@ -122,10 +134,12 @@ def torch_stats(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor,
         if softplus:
             out["row_softplus"][rows] = _off_diagonal_softplus(logits, start).sum(1)
         if pair:
-            term, slope = _pair_term(logits - pos[rows, None], pair)
-            for t in (term, slope):
-                _diagonal_of(t, start).zero_()
-            out["row_pair"][rows], out["row_pair_slope"][rows] = term.sum(1), slope.sum(1)
+            term, slope = _pair_term(logits, pos[rows, None], pair)  # FB's slope: logits
+            _diagonal_of(term, start).zero_()
+            out["row_pair"][rows] = term.sum(1)
+            if shifted_pair(pair):
+                _diagonal_of(slope, start).zero_()
+                out["row_pair_slope"][rows] = slope.sum(1)
         if metrics:
             out["row_argmax"][rows] = logits.argmax(1).to(torch.int32)
             out["row_sum"][rows] = logits.sum(1)
@@ -177,7 +191,7 @@ def torch_grad(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, 
         if g_softplus.numel():
             terms.append(g_softplus[rows, None] * torch.sigmoid(logits))
         if g_pair.numel():
-            terms.append(g_pair[rows, None] * _pair_term(logits - pos[rows, None], pair)[1])
+            terms.append(g_pair[rows, None] * _pair_term(logits, pos[rows, None], pair)[1])
         g = terms[0] if terms else torch.zeros_like(logits)
         for term in terms[1:]:
             g += term

@@ -17,7 +17,9 @@ Forward (``stats_kernel``), one program per BLOCK_M rows of A, looping over all 
     max_i      = max_j L_ij,  lse_i = logsumexp_j L_ij - max_i      (j != i when MASK_DIAG)
     softplus_i = sum_j softplus(L_ij)
     pair_i     = sum_{j != i} softplus(u_ij)  or  (u_ij + 1)^2,   u_ij = L_ij - L_ii  (PAIR 1/2)
-    slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij)
+    slope_i    = sum_{j != i} sigmoid(u_ij)   or  2 (u_ij + 1)    (d pair_i / d u_ij; PAIR 1/2)
+                 FB (PAIR 3): L_ij^2 / 2 and SPPO (PAIR 4): (L_ij + 1)^2 take u_ij = L_ij, no shift,
+                 so no slope sum: their diagonal terms are the caller's, from L_ii
     metrics: argmax_j L_ij, sum_j L_ij, #{j : (L_ij > 0) == (i == j)}
 With ONLINE (row lse only, d <= BLOCK_D), also the softmax-weighted sums, p_ij = exp(L_ij - lse_i):
     U_i = sum_{j != i} p_ij f'_ij B_j,  V_i = sum_{j != i} p_ij f'_ij,  W_i = sum_{j != i} p_ij f_ij
@@ -77,6 +79,7 @@ from crl_fast.kernels import check_unit_column_stride, dot, runs_on_cpu
 from crl_fast.kernels import pair_stats_tiling as tiling
 from crl_fast.kernels.dot import round_to_bfloat16, round_to_tf32
 from crl_fast.kernels.grid import cdiv, next_power_of_2
+from crl_fast.pair_stats_torch import shifted_pair
 
 ONLINE_MAX_D = 128
 """The online row sums keep a (BLOCK_M, d) accumulator in registers: d up to this."""
@@ -315,11 +318,17 @@ def _softmax_weight(logits, offset, neg_lse2):
 
 
 @triton.jit
-def _pair_term(u, PAIR: tl.constexpr):
-    """DPO (PAIR 1): softplus(u) and sigmoid(u); IPO (PAIR 2): (u + 1)^2 and 2 (u + 1)."""
+def _pair_term(logits, pos, PAIR: tl.constexpr):
+    """An off-diagonal pair term and its slope d/dL_ij. DPO (PAIR 1): softplus(u) and sigmoid(u);
+    IPO (PAIR 2): (u + 1)^2 and 2 (u + 1), with u = L_ij - L_ii (``pos``); FB (PAIR 3): L_ij^2 / 2
+    and L_ij; SPPO (PAIR 4): (L_ij + 1)^2 and 2 (L_ij + 1), of the logit alone (``pos`` unused)."""
     if PAIR == 1:
-        term, slope = _softplus_sigmoid(u)
+        term, slope = _softplus_sigmoid(logits - pos)
+    elif PAIR == 3:
+        term = 0.5 * logits * logits
+        slope = logits
     else:
+        u = logits - pos if PAIR == 2 else logits
         term = (u + 1.0) * (u + 1.0)
         slope = 2.0 * (u + 1.0)
     return term, slope
@@ -409,10 +418,11 @@ def stats_kernel(
                 sp, _ = _softplus_sigmoid(logits)
                 sp_i += tl.sum(tl.where(valid & ~diag, sp, 0.0), 1)  # L_ii: the caller's
             if PAIR != 0:
-                term, slope = _pair_term(logits - pos[:, None], PAIR)
+                term, slope = _pair_term(logits, pos[:, None], PAIR)
                 off = valid & ~diag
                 pair_i += tl.sum(tl.where(off, term, 0.0), 1)
-                slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
+                if PAIR < 3:  # the shift's share of the diagonal's gradient (DPO / IPO)
+                    slope_i += tl.sum(tl.where(off, slope, 0.0), 1)
             if METRICS:
                 lv = tl.where(valid, logits, float("-inf"))
                 tile_best = tl.max(lv, 1)  # NaN-skipping, NaN only for a row of NaN
@@ -443,7 +453,8 @@ def stats_kernel(
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
     if PAIR != 0:
         tl.store(PAIR_ptr + rows, pair_i, mask=row_mask)
-        tl.store(SLOPE_ptr + rows, slope_i, mask=row_mask)
+        if PAIR < 3:
+            tl.store(SLOPE_ptr + rows, slope_i, mask=row_mask)
     if METRICS:
         tl.store(ARGMAX_ptr + rows, arg_i, mask=row_mask)
         tl.store(SUM_ptr + rows, sum_i, mask=row_mask)
@@ -498,7 +509,10 @@ def grad_kernel(
         if SOFTPLUS:
             g_sp_o = tl.load(G_SP_ptr + rows, mask=row_mask, other=0.0)
         if PAIR != 0:
-            pos_o = tl.load(POS_ptr + rows, mask=row_mask, other=0.0)
+            if PAIR < 3:  # DPO / IPO: u_ij = L_ij - L_ii
+                pos_o = tl.load(POS_ptr + rows, mask=row_mask, other=0.0)
+            else:
+                pos_o = tl.zeros((BLOCK_M,), tl.float32)  # unused: FB / SPPO take L_ij alone
             g_pair_o = tl.load(G_PAIR_ptr + rows, mask=row_mask, other=0.0)
     else:
         if YLSE:
@@ -564,13 +578,17 @@ def grad_kernel(
                 if X_IS_A:
                     pos, g_pair = pos_o, g_pair_o
                 else:
-                    pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
+                    if PAIR < 3:
+                        pos = tl.load(POS_ptr + cols, mask=col_mask, other=0.0)
+                    else:
+                        pos = tl.zeros((BLOCK_N,), tl.float32)  # unused (see _pair_term)
                     g_pair = tl.load(G_PAIR_ptr + cols, mask=col_mask, other=0.0)
-                term, slope = _pair_term(logits - _by_x(pos, X_IS_A), PAIR)
+                term, slope = _pair_term(logits, _by_x(pos, X_IS_A), PAIR)
                 g += tl.where(valid & ~diag, _by_x(g_pair, X_IS_A) * slope, 0.0)
                 if FWD:  # the loss's own statistics (its value, the diagonal's slope sum)
                     sp_i += tl.sum(tl.where(valid & ~diag, term, 0.0), 1)
-                    ps_i += tl.sum(tl.where(valid & ~diag, slope, 0.0), 1)
+                    if PAIR < 3:
+                        ps_i += tl.sum(tl.where(valid & ~diag, slope, 0.0), 1)
             g = tl.where(diag, 0.0, g)  # the diagonal is added exactly outside the kernel
             h = g * dfdp
             acc, h_used = _weighted_rows(
@@ -610,7 +628,7 @@ def grad_kernel(
         tl.store(DBIAS_ptr + pid, tl.sum(dbias, 0))
     if FWD and pid_d == 0:
         tl.store(SP_ptr + rows, sp_i, mask=row_mask)
-        if PAIR != 0:
+        if PAIR != 0 and PAIR < 3:
             tl.store(PS_ptr + rows, ps_i, mask=row_mask)
 
 
@@ -708,7 +726,7 @@ def stats(
             _vector(n_a, lse, a),
             _vector(n_a, softplus, a),
             _vector(n_a, pair != 0, a),
-            _vector(n_a, pair != 0, a),
+            _vector(n_a, shifted_pair(pair), a),
             _vector(n_a, metrics, a, torch.int32),
             _vector(n_a, metrics, a),
             _vector(n_a, metrics, a),
@@ -803,7 +821,7 @@ def grad(
         dscale = _vector(n_prog, dscale_partials, a)
         dbias = _vector(n_prog, dscale_partials, a)
         sp = _vector(n_a, fwd, a)
-        ps = _vector(n_a, fwd and pair != 0, a)
+        ps = _vector(n_a, fwd and shifted_pair(pair), a)
         a_desc, b_desc, cfg = tiling.tma_descriptors(a, b, cfg)
         if column_sums is not None and not cfg["SINGLE_K"]:
             raise ValueError(f"column_sums need d in one tile, got d = {d}")

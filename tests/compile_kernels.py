@@ -190,12 +190,14 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
 def _record_single_pass_launches(recorders: list[Recorder]) -> None:
     """The experimental single pass (CRL_FAST_SINGLE_PASS=1): the sigmoid loss in every dtype
     and energy, with and without a learnable scale, at widths it takes in one tile (float32
-    without TF32: 16); DPO and IPO in bfloat16; every loss's backward (penalty and metrics on:
-    the general path) in bfloat16."""
+    without TF32: 16); DPO, IPO, FB and SPPO in bfloat16; every loss's backward (penalty and
+    metrics on: the general path) in bfloat16."""
     energies = ("dot", "l2", "norm", "cosine")
     cases = itertools.chain(  # (loss, dtype, d, energy, options)
         itertools.product(("binary",), _DTYPES, (16, 64), energies, ("plain", "scale")),
-        itertools.product(("dpo", "ipo"), _DTYPES[2:3], (64,), energies, ("plain", "scale")),
+        itertools.product(
+            ("dpo", "ipo", "fb", "sppo"), _DTYPES[2:3], (64,), energies, ("plain", "scale")
+        ),
         itertools.product(LOSSES, _DTYPES[2:3], (64,), ("dot", "norm"), ("general",)),
     )
     os.environ["CRL_FAST_SINGLE_PASS"] = "1"

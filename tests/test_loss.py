@@ -840,7 +840,7 @@ def test_autocast_cosine_gradient_of_a_zero_row_stays_finite():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-3)
 
 
-FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo")
+FORWARD_GRAD_LOSSES = ("binary", "dpo", "ipo", "fb", "sppo")
 
 
 @pytest.mark.interpreter
@@ -1388,6 +1388,7 @@ def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": -1}, ValueError, "penalty"),
         (torch.randn(4, 3), torch.randn(4, 3), {"logsumexp_penalty": True}, TypeError, "penalty"),
         (torch.randn(1, 3), torch.randn(1, 3), {"loss": "dpo"}, ValueError, ">= 2 goals"),
+        (torch.randn(1, 3), torch.randn(1, 3), {"loss": "fb"}, ValueError, ">= 2 goals"),
         (
             torch.randn(1, 3),
             torch.randn(1, 3),
@@ -1513,6 +1514,9 @@ def test_the_reference_matches_the_textbook_formulas():
         "symmetric_infonce": F.cross_entropy(logits, labels) + columns,
         "dpo": -F.logsigmoid(margins).mean(),
         "ipo": (margins - 1).square().mean(),
+        # M = 5 goals: fb's B - 1 off-diagonal count is M - 1, sppo's positive weight B is M
+        "fb": (0.5 * logits.square()[eye == 0].reshape(3, 4).mean(1) - logits.diagonal()).mean(),
+        "sppo": ((logits - (2 * eye - 1)).square() * (1 + 4 * eye)).mean(),
     }
     for loss, want in expected.items():
         torch.testing.assert_close(reference_contrastive_loss(phi, psi, loss=loss), want)

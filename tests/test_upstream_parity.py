@@ -1,7 +1,8 @@
 """crl-fast's options against the upstream formulas, transcribed plainly in float64.
 
 JaxGCRL: ``jaxgcrl/agents/crl/losses.py`` (current: ``energy_fn``, ``contrastive_loss_fn``, the
-penalty in ``update_critic``) and ``src/losses.py`` (older: flatnce, dpo, ipo, ``resubs``).
+penalty in ``update_critic``) and ``src/losses.py`` (older: flatnce, dpo, ipo, fb, sppo,
+``resubs``).
 contrastive_rl (Eysenbach et al. 2022): ``contrastive_rl/contrastive/learning.py``
 (``critic_loss``'s ``loss_fn``) and ``builder.py`` (``flatten_fn``'s goal law). Each test is
 one row of the README's table "From JaxGCRL and contrastive_rl": where crl-fast differs, the
@@ -167,6 +168,40 @@ def test_dpo_ipo_average_over_the_diagonal_too(loss: str) -> None:
     mine = contrastive_loss(phi, psi, loss=loss, backend="torch")
     torch.testing.assert_close(up, (B - 1) / B * mine + const / B, rtol=1e-12, atol=0)
     assert_same_grads(up, mine, (phi, psi), scale=(B - 1) / B)
+
+
+def jaxgcrl_fb(logits: torch.Tensor) -> torch.Tensor:
+    """Older JaxGCRL's ``fb`` (forward-backward representation loss)."""
+    b = logits.shape[0]
+    eye = torch.eye(b, dtype=logits.dtype)
+    l_align = -logits.diagonal()
+    l_unif = 0.5 * (logits**2 * (1 - eye) / (b - 1)).sum(-1)
+    return (l_align + l_unif).mean()
+
+
+def jaxgcrl_sppo(logits: torch.Tensor) -> torch.Tensor:
+    """Older JaxGCRL's ``sppo``: positives to 1, negatives to -1, positives weighted B."""
+    b = logits.shape[0]
+    eye = torch.eye(b, dtype=logits.dtype)
+    target = -1 + 2 * eye
+    scale = torch.ones(b, b, dtype=logits.dtype) + (b - 1) * eye
+    return ((logits - target) ** 2 * scale).mean()
+
+
+@pytest.mark.parametrize("loss", ["fb", "sppo"])
+def test_fb_sppo_are_jaxgcrls(loss: str) -> None:
+    """Older JaxGCRL's ``fb`` and ``sppo`` on a square batch (where crl-fast's M - 1 and M are
+    its B - 1 and B), with the default ``norm`` energy and a logit scale and bias: the same value
+    and gradients."""
+    phi, psi = rows(6)
+    log_scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
+    logits = jaxgcrl_logits("norm", phi, psi) * log_scale.exp() + bias
+    up = (jaxgcrl_fb if loss == "fb" else jaxgcrl_sppo)(logits)
+    kw = {"log_scale": log_scale, "bias": bias}
+    mine = contrastive_loss(phi, psi, loss=loss, energy="norm", backend="torch", **kw)
+    torch.testing.assert_close(mine, up, rtol=1e-12, atol=0)
+    assert_same_grads(up, mine, (phi, psi, log_scale, bias))
 
 
 def test_goal_law_is_the_upstream_matrix_row() -> None:
