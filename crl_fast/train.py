@@ -58,6 +58,7 @@ from crl_fast.schedule import (
 
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
+STREAMS = ("env", "buffer")  # the generators seeded apart from the global one (stream_seed)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -159,6 +160,15 @@ def eval_seed(config: TrainConfig) -> int:
     return (config.seed + EVAL_SEED_OFFSET) % 2**32  # seeds are 32-bit (checks.seed_int)
 
 
+def stream_seed(config: TrainConfig, stream: str) -> int:
+    """The seed of the training env's (``"env"``) or the buffer's (``"buffer"``) generator, one
+    of its own drawn from ``config.seed`` (NumPy's SeedSequence, as JAX splits keys): seeded with
+    ``config.seed``, which the global generator keeps, their draws would repeat the numbers that
+    initialised the networks."""
+    key = (STREAMS.index(stream),)  # a spawn key: apart from restart_seed's [seed, step] too
+    return int(np.random.SeedSequence(config.seed, spawn_key=key).generate_state(1)[0])
+
+
 def restart_seed(config: TrainConfig, env_steps: int) -> int:
     """The seed of a resumed run's env reset where the checkpoint holds no env state: one of this
     run and step, mixed (``config.seed + env_steps`` was :func:`eval_seed` at 10,000 steps, and
@@ -251,7 +261,7 @@ def make_buffer(config: TrainConfig, env: GoalVectorEnv, device: torch.device) -
         random_goal_fraction=config.random_goal_fraction,
         current_goal_fraction=config.current_goal_fraction,
         device=device,
-        seed=config.seed,
+        seed=stream_seed(config, "buffer"),
     )
 
 
@@ -499,13 +509,14 @@ def _train_in(
             )
     seed_everything(config.seed)
 
-    env = make_run_env(config, device, config.num_envs, config.seed)
+    env_seed = stream_seed(config, "env")
+    env = make_run_env(config, device, config.num_envs, env_seed)
     eval_env = make_eval_env(config, device, config.eval_episodes)
     if speed.compile and isinstance(env, TorchGoalVectorEnv):
         env.compile()
     buffer = make_buffer(config, env, device)
     agent = make_agent(config, env, device, speed.compile)
-    obs, _ = env.reset(seed=config.seed)
+    obs, _ = env.reset(seed=env_seed)
     loop = LoopState()
     # The latest update's metrics, logged at each log step; checkpointed so that a resumed run
     # logs the same rows as an uninterrupted one.

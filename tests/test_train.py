@@ -328,12 +328,41 @@ def test_stored_goal_of_an_ending_step_is_its_final_state(tmp_path, monkeypatch)
 def test_evaluation_goals_are_not_the_first_training_goals(tmp_path):
     """The evaluation's fixed goals come from a seed of their own, not from the run's seed:
     else they would be the goals the training env's first episodes chase."""
-    from crl_fast.train import make_eval_env, make_run_env
+    from crl_fast.train import make_eval_env, make_run_env, stream_seed
 
     config, cpu = tiny_config(tmp_path), torch.device("cpu")
-    training, _ = make_run_env(config, cpu, 8, config.seed).reset(seed=config.seed)
+    seed = stream_seed(config, "env")
+    training, _ = make_run_env(config, cpu, 8, seed).reset(seed=seed)
     evaluation, _ = make_eval_env(config, cpu, 8).reset(seed=eval_seed(config))
     assert not torch.equal(training["desired_goal"], evaluation["desired_goal"])
+
+
+def test_a_runs_generators_draw_from_seeds_of_their_own(tmp_path, monkeypatch):
+    """The global generator (network init, actor noise), the training env's, the evaluation
+    env's and the buffer's are seeded apart: seeded alike, the buffer's index draws and the
+    env's start and goal draws would repeat the numbers that initialised the networks."""
+    made: dict[str, int | object] = {}
+    make_run_env, make_buffer = train_module.make_run_env, train_module.make_buffer
+
+    def recording_env(config, device, num_envs, seed):
+        made.setdefault("global", torch.initial_seed())  # seed_everything came just before
+        made["train" if num_envs == config.num_envs else "eval"] = env = make_run_env(
+            config, device, num_envs, seed
+        )
+        return env
+
+    def recording_buffer(config, env, device):
+        made["buffer"] = buffer = make_buffer(config, env, device)
+        return buffer
+
+    monkeypatch.setattr(train_module, "make_run_env", recording_env)
+    monkeypatch.setattr(train_module, "make_buffer", recording_buffer)
+    train(tiny_config(tmp_path, total_env_steps=128, learning_starts=64, eval_episodes=4))
+    seeds = {
+        name: thing if name == "global" else thing.generator.initial_seed()
+        for name, thing in made.items()
+    }
+    assert len(seeds) == 4 and len(set(seeds.values())) == 4, seeds
 
 
 def test_resuming_a_finished_run_adds_no_rows(tmp_path):
