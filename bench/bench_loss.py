@@ -55,6 +55,8 @@ COMBOS = (
     ("flatnce_backward", "norm", 0.0),
     ("dpo", "dot", 0.0),
     ("ipo", "dot", 0.0),
+    ("fb", "dot", 0.0),
+    ("sppo", "dot", 0.0),
 )
 IMPLS = ("crl_fast", "crl_fast-graph", "eager", "compile")
 CPU_IMPLS = ("crl_fast", "eager")
