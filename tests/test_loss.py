@@ -126,6 +126,16 @@ def test_every_loss_and_energy(shape, loss, energy, backend, scaled):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("loss", ["binary", "infonce", "symmetric_infonce"])
+@pytest.mark.parametrize("shape", [(32, 150, 20), (130, 200, 8)], ids=str)
+def test_interior_tiles_skip_exactly_the_diagonal_band(shape, loss):
+    """Programs whose rows are all valid and that have unmasked interior column tiles, which the
+    shapes above never give: 32 rows under 64-column tiles (a band of one tile), and 64 rows
+    over 32-column tiles whose band (tiles 2-3) starts past tile 0."""
+    _check_every_loss(shape, loss, "l2", True, backend="triton")
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("energy", ["dot", "l2", "norm"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 12, 3), (40, 70, 200)], ids=str)
