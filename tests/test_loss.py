@@ -1205,13 +1205,15 @@ def test_softplus_of_moderately_negative_logits(backend):
 
 @pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
 @pytest.mark.parametrize("grad", [False, True], ids=["statistics", "grads-in-forward"])
-@pytest.mark.parametrize("logit", [-9.127272605895996, -7.0, -5.0])
+@pytest.mark.parametrize("logit", [-9.127272605895996, -7.0, -5.0, -2.8])
 def test_softplus_of_equal_negative_logits(logit, grad, device):
-    """Negatives that all share one logit between -9.2 and -5 (SigLIP's bias of -10 puts them
+    """Negatives that all share one logit between -9.2 and -2.8 (SigLIP's bias of -10 puts them
     there), so that the kernels' error in each log1p(exp(L)) adds up instead of averaging out:
     1 + e rounded to float32 is 2**-24 off, 5e-4 of log1p(e) at e = exp(-9.13) ~ 1.1e-4, just
-    past the series' old switch at 1e-4; on a GPU lg2.approx adds 2**-22 more. The positive
-    sits at +20, where softplus(-L_ii) is a negligible 2e-9."""
+    past the series' old switch at 1e-4; on a GPU lg2.approx adds 2**-22 more. At -2.8 (e ~
+    0.061, just under the switch at 1/16) each of the series' terms weighs most: a wrong
+    coefficient of e**4 is 1e-5 off. The positive sits at +20, where softplus(-L_ii) is a
+    negligible 2e-9."""
     m, d = 64, 64
     phi = torch.zeros(1, d, device=device)
     phi[0, 0] = (20.0 - logit) ** 0.5  # L_00 = 20; the other goals are orthogonal: L_0j = bias
