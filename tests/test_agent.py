@@ -397,6 +397,15 @@ def test_alpha_moves_towards_the_target_entropy(target):
     assert (agent.log_alpha.item() - before) * target > 0.1 * abs(target) / 50
 
 
+def test_alpha_loss_metric_is_alpha_times_the_entropy_gap():
+    """The logged alpha loss is alpha (entropy - target), the loss whose gradient steps log
+    alpha: one with the same gradient and another value (alpha detached times log alpha) passed
+    every other test."""
+    metrics = small_agent(alpha=0.5).update(toy_batch())
+    gap = metrics["actor/entropy"] + 0.5 * ACT  # the default target entropy, -0.5 ACT
+    torch.testing.assert_close(metrics["alpha/loss"], metrics["alpha"] * gap)
+
+
 def test_a_large_entropy_weight_raises_the_entropy():
     """With alpha large and the critic frozen, the actor's loss is mostly alpha log pi: its
     steps must spread the policy out."""
