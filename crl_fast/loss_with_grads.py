@@ -11,6 +11,8 @@ saved gradients by grad_output. The ``crl_fast::loss_with_grads`` custom op wrap
 # No ``from __future__ import annotations``: torch.library infers the op's schema from the
 # implementation's annotations, and evaluates string ones in the globals of the function it is
 # given, autocast_off's wrapper, i.e. in crl_fast.pair_stats, where this module's names are not.
+from typing import Any
+
 import torch
 
 from crl_fast.custom_ops import eager_fast_path, refuse_double_backward
@@ -33,6 +35,9 @@ from crl_fast.pair_stats_torch import softplus
 
 Tensor = torch.Tensor
 Tensors5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+Tensors7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+Needs = tuple[bool, bool, bool]
+"""(x_grad, y_grad, scale_grad): which gradients a caller needs."""
 
 
 def _forward_grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,7 +107,9 @@ def _unshifted_diagonal(pair: int, pos: Tensor, m: int, g_label: float) -> tuple
     return g_label * 2 * m * (pos - 1), m * (pos - 1).square().sum()
 
 
-def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_triton):
+def _sigmoid_grads(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int,
+                   g_label: float, grad_dtype: torch.dtype, needs: Needs,
+                   use_triton: bool) -> Tensors7:  # fmt: skip
     """The sigmoid loss's unweighted sum, (dx, dy) (each empty where ``needs`` = (x_grad,
     y_grad, scale_grad) says so), the off-diagonal (dscale, dbias) partials, the diagonal's
     G_ii and exact energies: two passes over the logits (Triton: one with
@@ -114,7 +121,7 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
         g_sp = torch.full_like(pos, g_label)
         g_pos = -g_sp * torch.sigmoid(-pos)  # of softplus(-L_ii)
         hd, g_ii = diagonal_grad(
-            scale, pos, slope, None, None, None, None, g_pos, None, None, None, None, False
+            scale, pos, slope, empty, empty, empty, empty, g_pos, None, None, None, empty, False
         )
         inputs = (x, y, x_sq, y_sq, scale, bias, pos)
         grads = (empty, empty, empty, empty, empty, empty, g_sp, empty)
@@ -131,17 +138,22 @@ def _sigmoid_grads(x, y, scale, bias, energy, g_label, grad_dtype, needs, use_tr
         x, y, s32, b32, energy=energy, binary_weight=g_label
     )
     g_sp = torch.full_like(pos, g_label)
-    grads = (empty, empty, empty, empty, empty, empty, g_sp, empty, hd)
+    stats_and_grads = (empty, empty, empty, empty, empty, empty, g_sp, empty, hd)
     (dx, dscale, dbias, sp_off, _), col, common = _row_pass(
-        x, y, x_sq, y_sq, s32, b32, pos, grads, energy, PAIR_NONE, y_grad, scale_grad, grad_dtype
+        x, y, x_sq, y_sq, s32, b32, pos, stats_and_grads, energy, PAIR_NONE, y_grad, scale_grad,
+        grad_dtype,
+    )  # fmt: skip
+    dy = triton_dy(
+        y, x, y_sq, x_sq, s32, b32, pos, stats_and_grads, col, grad_dtype, common, y_grad
     )
-    dy = triton_dy(y, x, y_sq, x_sq, s32, b32, pos, grads, col, grad_dtype, common, y_grad)
     dx = dx if x_grad else dx.new_empty(0)
     # softplus(L_ij) off the diagonal, softplus(-L_ii) on it
     return (sp_off + sp_diag).sum(), dx, dy, dscale, dbias, g_ii, f
 
 
-def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use_triton):
+def _pair_grads(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int,
+                g_label: float, grad_dtype: torch.dtype, needs: Needs,
+                use_triton: bool) -> Tensors7:  # fmt: skip
     """DPO / IPO / FB / SPPO on the Triton path, as :func:`_sigmoid_grads`: two passes (one
     with ``CRL_FAST_SINGLE_PASS=1``, or without y_grad). The row pass sums the loss terms and,
     for DPO / IPO, their slopes (the diagonal's G_ii = -g_label sum_j slope_ij needs the whole
@@ -160,6 +172,7 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
         x, y, x_sq, y_sq, s32, b32, pos, (*grads, empty), energy, pair, y_grad, scale_grad,
         torch.float32,
     )  # fmt: skip
+    diagonal: Tensor | float  # the diagonal terms' sum: none for DPO / IPO
     if shifted_pair(pair):
         g_ii, diagonal = -g_label * slopes, 0.0
     else:
@@ -172,8 +185,10 @@ def _pair_grads(x, y, scale, bias, energy, pair, g_label, grad_dtype, needs, use
     return terms.sum() + diagonal, dx, dy, dscale, dbias, g_ii, f
 
 
-def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair, y_grad,
-              scale_grad, out_dtype):  # fmt: skip
+def _row_pass(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor,
+              pos: Tensor, stats_and_grads: tuple[Tensor, ...], energy: int, pair: int,
+              y_grad: bool, scale_grad: bool, out_dtype: torch.dtype,
+              ) -> tuple[Tensors5, tuple[Tensor, Tensor] | None, dict[str, Any]]:  # fmt: skip
     """The Triton row pass of both losses: the x-launch of :func:`kernels.grad` with ``fwd``,
     whose five outputs come first (dx in ``out_dtype``), then for :func:`triton_dy` the column
     sums it also fills in the single pass (``CRL_FAST_SINGLE_PASS=1`` and ``y_grad``; else
@@ -184,7 +199,7 @@ def _row_pass(x, y, x_sq, y_sq, scale, bias, pos, stats_and_grads, energy, pair,
     common = {"energy": energy, "mask_diag": False, "pair": pair, "scale_grad": scale_grad}
     single = tiling.single_pass(x.dtype, x.shape[1]) and y_grad
     col = column_buffers(y, energy) if single else None
-    outputs = kernels.grad(
+    outputs: Tensors5 = kernels.grad(
         x, y, x_sq, y_sq, scale, bias, pos, *stats_and_grads, x_is_a=True, fwd=True,
         column_sums=col, out_dtype=out_dtype, **common,
     )  # fmt: skip
@@ -197,7 +212,8 @@ _loss_with_grads_op = torch.library.custom_op(
 
 
 @_loss_with_grads_op.register_fake
-def _(x, y, scale, bias, energy, pair, mean, x_grad, y_grad, scale_grad, use_triton):
+def _(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, pair: int, mean: bool,
+      x_grad: bool, y_grad: bool, scale_grad: bool, use_triton: bool) -> Tensors5:  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     grad_dtype = _forward_grad_dtype(x.dtype)
     dx, dy = (
@@ -207,14 +223,16 @@ def _(x, y, scale, bias, energy, pair, mean, x_grad, y_grad, scale_grad, use_tri
     return scalar, dx, dy, scalar.clone(), scalar.clone()
 
 
-def _forward_grads_setup_context(ctx, inputs, output):
+def _forward_grads_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensors5) -> None:
     ctx.save_for_backward(*output[1:])
     ctx.dtypes = tuple(t.dtype for t in inputs[:4])
     # The gradients travel as outputs, which nothing downstream uses: no zero tensors for them.
     ctx.set_materialize_grads(False)
 
 
-def _forward_grads_backward(ctx, g_loss, *_unused):
+def _forward_grads_backward(
+    ctx: Any, g_loss: Tensor | None, *_unused: Tensor | None
+) -> tuple[Tensor | None, ...]:
     refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
     if g_loss is None:
         return (None,) * 11

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 import torch
 
@@ -141,8 +141,10 @@ def paired_rows(
 # ------------------------------------------------------------------------------ the diagonal
 
 
-def diagonal_grad(scale, pos, slope, row_lse, col_lse, row_max, col_max, g_pos, g_rl, g_cl,
-                  g_pair, pair_slope, mask_diag):  # fmt: skip
+def diagonal_grad(scale: Tensor, pos: Tensor, slope: Tensor, row_lse: Tensor, col_lse: Tensor,
+                  row_max: Tensor, col_max: Tensor, g_pos: Tensor | None, g_rl: Tensor | None,
+                  g_cl: Tensor | None, g_pair: Tensor | None, pair_slope: Tensor,
+                  mask_diag: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The diagonal's gradient ``(H_ii, G_ii)`` per row: ``H_ii = G_ii scale f'_ii`` is what the
     kernels add as ``H_ii (y_i - x_i)`` (or ``H_ii y_i`` for dot); the diagonal's share of
     (dscale, dbias) is ``(sum G_ii f_ii, sum G_ii)``, :func:`diagonal_scale_grads`.
@@ -189,9 +191,13 @@ def add_diagonal(grad: Tensor, a: Tensor, other: Tensor, hd: Tensor, energy: int
         grad[rows] += _diagonal_term(a[rows], other[rows], hd[rows], energy)
 
 
-def torch_grad_with_diagonal(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max,
-                             col_max, g_row_lse, g_col_lse, g_softplus, g_pair, hd, energy, pair,
-                             softplus_sum=False, need_dx=True, need_dy=True):  # fmt: skip
+def torch_grad_with_diagonal(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor,
+                             bias: Tensor, pos: Tensor, row_lse: Tensor, col_lse: Tensor,
+                             row_max: Tensor, col_max: Tensor, g_row_lse: Tensor,
+                             g_col_lse: Tensor, g_softplus: Tensor, g_pair: Tensor, hd: Tensor,
+                             energy: int, pair: int, softplus_sum: bool = False,
+                             need_dx: bool = True, need_dy: bool = True,
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """:func:`torch_grad` (the chunked PyTorch path: float32 or wider (dx, dy, dscale, dbias),
     dx or dy empty unless needed, and the softplus sum) with the diagonal's share ``hd`` added
     to dx and dy."""
@@ -209,8 +215,10 @@ def torch_grad_with_diagonal(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_ls
 # ---------------------------------------------------------------------------- Triton path
 
 
-def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, mask_diag,
-                  softplus, pair, metrics, online, online_w):  # fmt: skip
+def _triton_stats(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor,
+                  pos: Tensor, energy: int, row_lse: bool, col_lse: bool, mask_diag: bool,
+                  softplus: bool, pair: int, metrics: bool, online: bool,
+                  online_w: bool) -> tuple[Tensor, ...]:  # fmt: skip
     from crl_fast.kernels import pair_stats as kernels
 
     scale, bias = scale.float(), bias.float()
@@ -227,9 +235,11 @@ def _triton_stats(x, y, x_sq, y_sq, scale, bias, pos, energy, row_lse, col_lse, 
     return rl, cl, rmax, cmax, sp, pr, slope, arg, rsum, cnt, u, v, w
 
 
-def _triton_grad(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max,
-                 g_row_lse, g_col_lse, g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx,
-                 need_dy, need_scale):  # fmt: skip
+def _triton_grad(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor,
+                 pos: Tensor, row_lse: Tensor, col_lse: Tensor, row_max: Tensor,
+                 col_max: Tensor, g_row_lse: Tensor, g_col_lse: Tensor, g_softplus: Tensor,
+                 g_pair: Tensor, hd: Tensor, energy: int, mask_diag: bool, pair: int,
+                 need_dx: bool, need_dy: bool, need_scale: bool) -> Tensors4:  # fmt: skip
     """(dx, dy) in the input dtype with the diagonal's ``hd`` added (each empty unless
     ``need_dx`` / ``need_dy``), and the off-diagonal (dscale, dbias), float32 (zero unless
     ``need_dx`` and ``need_scale``). A row pass for dx and a column pass for dy; with
@@ -351,19 +361,21 @@ def _pair_stats_impl(
         stats = _triton_stats(*args, *flags, online, online_w)
     else:
         stats = torch_stats(*args, *flags, _STATISTICS)
-    return rows.pos, *stats, rows.x_sq, rows.y_sq, rows.f, rows.slope
+    # stats: the 13 of _STATISTICS, a length mypy cannot follow
+    return cast(Tensors18, (rows.pos, *stats, rows.x_sq, rows.y_sq, rows.f, rows.slope))
 
 
 _pair_stats_op = torch.library.custom_op("crl_fast::pair_stats", _pair_stats_impl, mutates_args=())
 
 
 @_pair_stats_op.register_fake
-def _(x, y, scale, bias, energy, row_lse, col_lse, mask_diag, softplus, pair, metrics, online,
-      online_w, use_triton):  # fmt: skip
+def _(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, energy: int, row_lse: bool,
+      col_lse: bool, mask_diag: bool, softplus: bool, pair: int, metrics: bool, online: bool,
+      online_w: bool, use_triton: bool) -> Tensors18:  # fmt: skip
     b, m = x.shape[0], y.shape[0]
     acc = accumulate_dtype(x.dtype)
 
-    def vec(n: int, wanted: bool, dtype=acc):
+    def vec(n: int, wanted: bool, dtype: torch.dtype = acc) -> Tensor:
         return x.new_empty(n if wanted else 0, dtype=dtype)
 
     return (
@@ -436,16 +448,18 @@ _pair_stats_backward = eager_fast_path(
 
 
 @_pair_stats_backward_op.register_fake
-def _(x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max, g_row_lse,
-      g_col_lse, g_softplus, g_pair, hd, energy, mask_diag, pair, need_dx, need_dy, need_scale,
-      use_triton):  # fmt: skip
+def _(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor, scale: Tensor, bias: Tensor, pos: Tensor,
+      row_lse: Tensor, col_lse: Tensor, row_max: Tensor, col_max: Tensor, g_row_lse: Tensor,
+      g_col_lse: Tensor, g_softplus: Tensor, g_pair: Tensor, hd: Tensor, energy: int,
+      mask_diag: bool, pair: int, need_dx: bool, need_dy: bool, need_scale: bool,
+      use_triton: bool) -> Tensors4:  # fmt: skip
     scalar = x.new_empty((), dtype=accumulate_dtype(x.dtype))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dy = torch.empty_like(y) if need_dy else y.new_empty(0)
     return dx, dy, scalar, scalar.clone()
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensors18) -> None:
     x, y, scale, bias, energy, _, _, mask_diag, _, pair, _, online, _, use_triton = inputs
     stats = PairStats(*output)
     ctx.mark_non_differentiable(stats.row_max, stats.col_max)  # offsets: see PairStats
@@ -458,7 +472,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _online_dx(x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_rl, hd, u, v, w):
+def _online_dx(x: Tensor, y: Tensor, scale: Tensor, energy: int, pos: Tensor, row_lse: Tensor,
+               row_max: Tensor, mask_diag: bool, g_rl: Tensor, hd: Tensor, u: Tensor, v: Tensor,
+               w: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """dx (input dtype) and the off-diagonal (dscale, dbias) of the row-lse term from the
     forward's online sums: dx_i = scale g_rl_i (U_i - V_i x_i) (the x_i term for l2 and norm
     only) plus the diagonal's row; dbias takes the off-diagonal softmax mass 1 - p_ii.
@@ -487,11 +503,14 @@ def _online_dx(x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_rl, hd, 
     return dx, dscale, (g_rl * mass).sum()
 
 
-def _backward(ctx, g_pos, g_rl, g_cl, _g_row_max, _g_col_max, g_sp, g_pair, *_unused):
+def _backward(ctx: Any, g_pos: Tensor | None, g_rl: Tensor | None, g_cl: Tensor | None,
+              _g_row_max: Tensor | None, _g_col_max: Tensor | None, g_sp: Tensor | None,
+              g_pair: Tensor | None, *_unused: Tensor | None,
+              ) -> tuple[Tensor | None, ...]:  # fmt: skip
     refuse_double_backward("the fused contrastive losses", REFERENCE_LOSS)
     refuse_transforms(REFERENCE_LOSS, g_pos, g_rl, g_cl, g_sp, g_pair)
     x, y, scale, bias, pos, *lse, pair_slope, u, v, w, x_sq, y_sq, f, slope = ctx.saved_tensors
-    row_lse, _, row_max, _ = lse
+    row_lse, col_lse, row_max, col_max = lse
     energy, mask_diag, pair, online, use_triton = ctx.options
     g_pos, g_rl, g_cl, g_sp, g_pair = (
         g.contiguous() if g is not None and g.numel() else None
@@ -501,32 +520,36 @@ def _backward(ctx, g_pos, g_rl, g_cl, _g_row_max, _g_col_max, g_sp, g_pair, *_un
         return (None,) * 14
     shifted = shifted_pair(pair)
     hd, g_ii = diagonal_grad(
-        scale, pos, slope, *lse, g_pos, g_rl, g_cl, g_pair if shifted else None, pair_slope,
-        mask_diag,
+        scale, pos, slope, row_lse, col_lse, row_max, col_max, g_pos, g_rl, g_cl,
+        g_pair if shifted else None, pair_slope, mask_diag,
     )  # fmt: skip
     # With the online sums only the column pass remains: dx comes from O(B d) arithmetic.
-    online = online and g_rl is not None and g_cl is None and g_sp is None and g_pair is None
+    g_online = g_rl if online and g_cl is None and g_sp is None and g_pair is None else None
     empty = pos.new_empty(0)
-    grads = [empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)]
+    g_row_lse, g_col_lse, g_softplus, g_pairs = (
+        empty if g is None else g for g in (g_rl, g_cl, g_sp, g_pair)
+    )
     need_x, need_y = ctx.needs_input_grad[:2]
     need_scale = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     # On the Triton path the row pass gives dx and the off-diagonal (dscale, dbias), the column
     # pass dy; the chunked path gives (dscale, dbias) with either product, or without both. A
     # side that needs no gradient (a frozen encoder's) costs no pass, no product.
-    need_rows = (need_x or (need_scale and use_triton)) and not online
+    need_rows = (need_x or (need_scale and use_triton)) and g_online is None
     dx = dy = dscale = dbias = None
-    if need_rows or need_y or (need_scale and not online):
+    if need_rows or need_y or (need_scale and g_online is None):
         dx, dy, dscale, dbias = _pair_stats_backward(
-            x, y, x_sq, y_sq, scale, bias, pos, *lse, *grads, hd, energy, mask_diag, pair,
-            need_rows, need_y, need_scale, use_triton,
+            x, y, x_sq, y_sq, scale, bias, pos, row_lse, col_lse, row_max, col_max, g_row_lse,
+            g_col_lse, g_softplus, g_pairs, hd, energy, mask_diag, pair, need_rows, need_y,
+            need_scale, use_triton,
         )  # fmt: skip
-    if online and (need_x or need_scale):
+    if g_online is not None and (need_x or need_scale):
         dx, dscale, dbias = _online_dx(
-            x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_rl, hd, u, v, w
+            x, y, scale, energy, pos, row_lse, row_max, mask_diag, g_online, hd, u, v, w
         )
     dx, dy = (dx if need_x else None), (dy if need_y else None)
     if not need_scale:
         return dx, dy, None, None, *(None,) * 10
+    assert dscale is not None and dbias is not None  # from a pass or the online sums
     dscale_ii, dbias_ii = diagonal_scale_grads(g_ii, f)
     if shifted and g_pair is not None and all(g is None for g in (g_pos, g_rl, g_cl, g_sp)):
         dbias = dbias_ii = torch.zeros_like(dbias_ii)  # DPO / IPO alone: the bias cancels
