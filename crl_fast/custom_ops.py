@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import torch
+from torch.library import CustomOpDef
+
+P_ = ParamSpec("P_")
+R_ = TypeVar("R_")
 
 
-def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: str = "") -> Callable:
+def eager_fast_path(
+    op: CustomOpDef,
+    impl: Callable[P_, R_],
+    backward: Callable[..., tuple[torch.Tensor | None, ...]] | None = None,
+    setup_context: Callable[[Any, tuple[Any, ...], Any], None] | None = None,
+    alternative: str = "",
+) -> Callable[P_, R_]:
     """A caller of the custom op ``op`` (``impl`` registered under a name, with ``backward`` and
     ``setup_context`` as its autograd) that runs ``impl`` directly in eager mode, through a plain
     autograd.Function with the same setup and backward when it has them, and ``op`` while
@@ -15,16 +26,20 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
     this CPU: 43 us against 3 us for ``impl``'s own Python), as much as the rest of a small loss
     call's host work. Under a torch.func transform or forward-mode AD, which the ops do not
     support, it raises a RuntimeError that names ``alternative``."""
-    eager = impl
+    run: Callable[..., Any] = impl  # called with *args below, not P_'s
+    eager = run
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
 
-        def forward(ctx, *args):  # not a separate setup_context: apply would bind a signature
-            output = impl(*args)
-            setup_context(ctx, args, output)
+        # not a separate setup_context: apply would bind a signature
+        def forward(ctx: Any, *args: Any) -> Any:
+            output = run(*args)
+            if setup_context is not None:
+                setup_context(ctx, args, output)
             return output
 
-        def jvp(ctx, *tangents):  # else PyTorch's "implement the jvp function", naming no op
+        # else PyTorch's "implement the jvp function", naming no op
+        def jvp(ctx: Any, *tangents: Any) -> NoReturn:
             raise RuntimeError(
                 "crl-fast's fused kernels have no forward-mode derivative "
                 f"(torch.autograd.forward_ad): use backward (reverse mode), or {alternative}"
@@ -40,17 +55,17 @@ def eager_fast_path(op, impl, backward=None, setup_context=None, alternative: st
         )
         eager = function.apply
 
-    def call(*args):
+    def call(*args: Any) -> Any:
         refuse_transforms(alternative)
         # Traced (torch.compile, make_fx, FakeTensorMode, opcheck): the op, whose fake kernel
         # the tracer needs; eager, including CUDA graph capture: the implementation.
         traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
         return op(*args) if traced else eager(*args)
 
-    return call
+    return cast(Callable[P_, R_], call)  # positional arguments only, as op(*args) takes them
 
 
-def refuse_transforms(alternative: str, *grads) -> None:
+def refuse_transforms(alternative: str, *grads: torch.Tensor | None) -> None:
     """Raise a RuntimeError naming ``alternative`` under a torch.func transform, which the ops
     do not support; in a backward rule this also catches a vmapped backward
     (``torch.autograd.grad(..., is_grads_batched=True)``,

@@ -16,6 +16,7 @@ graph capture, and under ``torch.autocast`` their products take the autocast dty
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LAYERS = "the PyTorch layers (fused=False)"
 Tensor = torch.Tensor
+Tensors3 = tuple[Tensor, Tensor, Tensor]
 
 
 def mlp_reference(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: str) -> Tensor:
@@ -109,7 +111,8 @@ def fused_mlp(inputs: Sequence[Tensor], params: Sequence[Tensor], activation: st
     x1, x2 = (p if p.stride(-1) == 1 else p.contiguous() for p in parts)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, *params))
     act, cd = ACT_CODES[activation], compute_dtype(x1)
-    y, _, _ = _forward(x1, x2, *params, act, cd, save)
+    w1, b1, w2, b2, w3, b3 = params
+    y, _, _ = _forward(x1, x2, w1, b1, w2, b2, w3, b3, act, cd, save)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -135,7 +138,8 @@ _forward_op = torch.library.custom_op("crl_fast::mlp_forward", _forward_impl, mu
 
 
 @_forward_op.register_fake
-def _(x1, x2, w1, b1, w2, b2, w3, b3, act, dtype, save):
+def _(x1: Tensor, x2: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+      b3: Tensor, act: int, dtype: torch.dtype, save: bool) -> Tensors3:  # fmt: skip
     rows, width = (x1.shape[0] if save else 0), w2.shape[0]
     z1, z2 = (x1.new_empty(rows, width, dtype=dtype) for _ in range(2))
     return x1.new_empty(x1.shape[0], w3.shape[0]), z1, z2
@@ -163,7 +167,8 @@ _backward_op = torch.library.custom_op("crl_fast::mlp_backward", _backward_impl,
 
 
 @_backward_op.register_fake
-def _(dy, x1, x2, w1, w2, w3, z1, z2, act, need_dx, need_weights):
+def _(dy: Tensor, x1: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, z1: Tensor,
+      z2: Tensor, act: int, need_dx: bool, need_weights: bool) -> tuple[Tensor, ...]:  # fmt: skip
     dx = [torch.empty_like(x) if need_dx else x.new_empty(0, x.shape[1]) for x in (x1, x2)]
     grads = [
         t if need_weights else w.new_empty(0)
@@ -176,7 +181,7 @@ def _(dy, x1, x2, w1, w2, w3, z1, z2, act, need_dx, need_weights):
 _backward = eager_fast_path(_backward_op, _backward_impl, alternative=_LAYERS)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensors3) -> None:
     x1, x2, w1, _, w2, _, w3, _, act, _, _ = inputs
     _, z1, z2 = output
     ctx.mark_non_differentiable(z1, z2)
@@ -184,7 +189,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.act = act
 
 
-def _backward_rule(ctx, dy, _dz1, _dz2):
+def _backward_rule(
+    ctx: Any, dy: Tensor, _dz1: Tensor | None, _dz2: Tensor | None
+) -> tuple[Tensor | None, ...]:
     refuse_double_backward("the fused MLP kernels", _LAYERS)
     refuse_transforms(_LAYERS, dy)
     need = ctx.needs_input_grad[:8]  # x1, x2, W1, b1, W2, b2, W3, b3
@@ -192,8 +199,8 @@ def _backward_rule(ctx, dy, _dz1, _dz2):
     grads = _backward(
         dy.contiguous(), x1, x2, w1, w2, w3, z1, z2, ctx.act, any(need[:2]), any(need[2:])
     )
-    grads = [g if wanted else None for g, wanted in zip(grads, need, strict=True)]
-    return (*grads, None, None, None)
+    wanted = [g if wanted else None for g, wanted in zip(grads, need, strict=True)]
+    return (*wanted, None, None, None)
 
 
 _forward = eager_fast_path(
