@@ -15,21 +15,25 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from crl_fast.checks import seed_int
 from crl_fast.config import JAXGCRL_CRITIC, AgentConfig, TrainConfig
 from crl_fast.run_dir import resume_refusal
+
+T_ = TypeVar("T_")
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_optional(inner: type):
-    def parse(text: str):
+def _parse_optional(inner: Callable[[str], T_]) -> Callable[[str], T_ | None]:
+    """``inner``'s parser that also takes "none" (any case) for None."""
+
+    def parse(text: str) -> T_ | None:
         return None if text.lower() == "none" else inner(text)
 
     parse.__name__ = inner.__name__

@@ -7,7 +7,7 @@ Each process scores its own rows of phi against the goals of every process:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -127,7 +127,7 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, psi: torch.Tensor, group: ProcessGroup | None, rows: Sequence[int]
+        ctx: Any, psi: torch.Tensor, group: ProcessGroup | None, rows: Sequence[int]
     ) -> torch.Tensor:
         import torch.distributed as dist
 
@@ -140,7 +140,7 @@ class _AllGatherRows(torch.autograd.Function):
         return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         import torch.distributed as dist
 
         grad = grad.contiguous().clone()

@@ -15,9 +15,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from crl_fast.checkpoint import write_atomically
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 CURVE_PANELS = {  # the metrics curve.png draws, with their y axes' labels
     "eval/success": "episodes reaching the goal (fraction)",
@@ -121,7 +124,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary_writer(run_dir: Path, purge_step: int):
+def _summary_writer(run_dir: Path, purge_step: int) -> SummaryWriter | None:
     """A TensorBoard writer whose session start purges the events at ``purge_step`` and after (on
     resume, a killed run's steps past its checkpoint). A new run's writer starts a session too,
     at step 0: TensorBoard's Python reader (``--load_fast=false``) takes a run's first session

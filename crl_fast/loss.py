@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -110,7 +110,9 @@ class LossConfig:
         return (2 if cols_off else 1), (2 if rows_off else 1)
 
 
-def _autocast(phi, psi, config: LossConfig):
+def _autocast(
+    phi: torch.Tensor, psi: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, LossConfig]:
     """Under ``torch.autocast``, phi and psi in the autocast dtype, as a matmul would take them
     (float64 and non-tensors are left for ``_check_inputs``), and the config to use. With the
     cosine energy they are normalised first (in float32, rounded to their own dtype) and the
@@ -122,7 +124,7 @@ def _autocast(phi, psi, config: LossConfig):
         return phi, psi, config
     dtype = torch.get_autocast_dtype(phi.device.type)
 
-    def eligible(t):  # else left as it is, for _check_inputs to name
+    def eligible(t: torch.Tensor) -> bool:  # else left as it is, for _check_inputs to name
         return (
             isinstance(t, torch.Tensor)
             and t.dtype in _TRITON_DTYPES
@@ -133,10 +135,17 @@ def _autocast(phi, psi, config: LossConfig):
     if config.energy == "cosine" and eligible(phi) and eligible(psi):
         phi, psi = kernel_inputs(phi, psi, "cosine")
         config = replace(config, energy="dot")
-    return *(t.to(dtype) if eligible(t) else t for t in (phi, psi)), config
+    phi, psi = (t.to(dtype) if eligible(t) else t for t in (phi, psi))
+    return phi, psi, config
 
 
-def _check_inputs(phi, psi, config: LossConfig, log_scale, bias) -> None:
+def _check_inputs(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    config: LossConfig,
+    log_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> None:
     for name, t in (("phi", phi), ("psi", psi)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -538,7 +547,9 @@ class ContrastiveLoss(nn.Module):
                 self.register_buffer(name, empty if value != 0 else None)
         self.reset_parameters()
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         """A state saved while the scale and bias were 0-d loads into their shape, (1,)."""
         for name in ("log_scale", "bias"):
             value = state_dict.get(prefix + name)

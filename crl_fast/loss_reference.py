@@ -67,10 +67,10 @@ def reference_contrastive_loss(
     b, m = logits.shape
     pos = logits.diagonal()
 
-    def row_lse(lg):
+    def row_lse(lg: torch.Tensor) -> torch.Tensor:
         return _offdiag_lse(lg, 1) if exclude_positive_from_lse else lg.logsumexp(1)
 
-    def col_lse(lg):
+    def col_lse(lg: torch.Tensor) -> torch.Tensor:
         sq = lg[:, :b]
         return _offdiag_lse(sq, 0) if exclude_positive_from_lse else sq.logsumexp(0)
 
