@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -181,12 +182,12 @@ def main() -> None:
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _record_device(benchmark, sizes: dict[str, int]) -> None:
+def _record_device(benchmark: Any, sizes: dict[str, int]) -> None:
     """pytest-benchmark's JSON records the host, not the device: a CPU fallback says so."""
     benchmark.extra_info |= {"device": device_name(_DEVICE), **sizes}
 
 
-def test_sample(benchmark) -> None:
+def test_sample(benchmark: Any) -> None:
     sizes = default_sizes(_DEVICE)
     _record_device(benchmark, sizes)
     buf = filled_buffer(sizes["capacity"], sizes["num_envs"], _DEVICE)
@@ -199,7 +200,7 @@ def test_sample(benchmark) -> None:
     benchmark(call)
 
 
-def test_extend_one_step(benchmark) -> None:
+def test_extend_one_step(benchmark: Any) -> None:
     sizes = default_sizes(_DEVICE)
     _record_device(benchmark, sizes)
     buf = filled_buffer(sizes["capacity"], sizes["num_envs"], _DEVICE)

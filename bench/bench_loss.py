@@ -20,6 +20,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -74,8 +75,16 @@ def _loss_fn(impl: str) -> Callable:
 
 
 def make_step(
-    impl, b, d, dtype, device, loss="binary", energy="dot", penalty=0.0, frozen_psi=False
-):
+    impl: str,
+    b: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    loss: str = "binary",
+    energy: str = "dot",
+    penalty: float = 0.0,
+    frozen_psi: bool = False,
+) -> Callable[[], tuple[torch.Tensor, ...]]:
     """A closure computing the loss and the gradients of phi and psi once (of phi alone with
     ``frozen_psi``: a locked goal or text tower, as in LiT)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -85,7 +94,7 @@ def make_step(
     fn = _loss_fn(impl)
     wrt = (phi,) if frozen_psi else (phi, psi)
 
-    def step():
+    def step() -> tuple[torch.Tensor, ...]:
         value = fn(phi, psi, loss=loss, energy=energy, logsumexp_penalty=penalty)
         return torch.autograd.grad(value, wrt)
 
@@ -110,7 +119,9 @@ def _backend(device: torch.device, dtype: torch.dtype) -> str:
     return "triton" if _use_triton(torch.empty(0, device=device, dtype=dtype), "auto") else "torch"
 
 
-def run_one(impl, b, d, dtype, device, **combo) -> dict:
+def run_one(
+    impl: str, b: int, d: int, dtype: torch.dtype, device: torch.device, **combo: Any
+) -> dict:
     row = {"impl": impl, "B": b, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row |= {"loss": combo.get("loss", "binary"), "energy": combo.get("energy", "dot")}
     row["penalty"] = combo.get("penalty", 0.0)
@@ -124,7 +135,7 @@ def run_one(impl, b, d, dtype, device, **combo) -> dict:
     if not _fits(impl, b, device):
         return row | {"status": "skipped: B x B logits do not fit"}
     try:
-        step = make_step(impl, b, d, dtype, device, **combo)
+        step: Callable[[], object] = make_step(impl, b, d, dtype, device, **combo)
         if impl.endswith("-graph"):
             step = graphed(step)
         t0 = time.perf_counter()
@@ -286,13 +297,15 @@ if HAS_PYTEST:
 
     @pytest.mark.parametrize("impl", CPU_IMPLS)
     @pytest.mark.parametrize(("loss", "energy", "penalty"), COMBOS[:2])
-    def test_loss_forward_backward(benchmark, impl, loss, energy, penalty):
+    def test_loss_forward_backward(
+        benchmark: Any, impl: str, loss: str, energy: str, penalty: float
+    ) -> None:
         step = make_step(impl, _B, 64, _DTYPE, _DEVICE, loss=loss, energy=energy, penalty=penalty)
         # pytest-benchmark's JSON records the host, not the device: a CPU fallback says so
         benchmark.extra_info |= {"device": device_name(_DEVICE), "B": _B, "dtype": str(_DTYPE)}
         step()  # Triton JIT / first-call work, outside pytest-benchmark's calibration and rounds
 
-        def call():
+        def call() -> None:
             step()
             if _DEVICE.type == "cuda":
                 torch.cuda.synchronize()

@@ -81,7 +81,7 @@ COMPILE_OPTIONS = {
 }
 
 
-def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000):
+def filled_buffer(device: torch.device, num_envs: int = 256, steps: int = 1000) -> TrajectoryBuffer:
     """A buffer of random trajectories (episodes of 100 steps)."""
     buffer = TrajectoryBuffer(
         capacity=steps,

@@ -149,7 +149,9 @@ def critic_metrics(logits: Array) -> dict[str, Array]:
     }
 
 
-def loss_and_grads(phi: Array, psi: Array, loss: str, energy_name: str, penalty: float):
+def loss_and_grads(
+    phi: Array, psi: Array, loss: str, energy_name: str, penalty: float
+) -> tuple[Array, tuple[Array, Array]]:
     """The timed loss step: value and gradients w.r.t. phi and psi."""
 
     def value(phi: Array, psi: Array) -> Array:

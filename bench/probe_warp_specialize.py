@@ -65,7 +65,9 @@ def _row_pass(
     tl.store(SP_ptr + rows, sp_sum, mask=mask)
 
 
-def row_pass(a: torch.Tensor, b: torch.Tensor, variant: str, block_m: int = 64, block_n: int = 64):
+def row_pass(
+    a: torch.Tensor, b: torch.Tensor, variant: str, block_m: int = 64, block_n: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA, softplus row sums) of the logits a @ b.T, float32, by one of ``VARIANTS``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -82,7 +84,7 @@ def row_pass(a: torch.Tensor, b: torch.Tensor, variant: str, block_m: int = 64, 
     return da, sp
 
 
-def _cuda_scratch(size: int, _alignment: int, _stream) -> torch.Tensor:
+def _cuda_scratch(size: int, _alignment: int, _stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
