@@ -1857,15 +1857,16 @@ def test_kernel_launchers_refuse_options_they_cannot_compute():
 
 
 def test_triton_path_optimisations_are_refused_on_the_torch_path():
-    """DPO / IPO's gradients in forward and the online row sums exist on the Triton path only;
-    the loss never asks the PyTorch path for them: called directly."""
+    """The pair losses' gradients in forward and the online row sums exist on the Triton path
+    only; the loss never asks the PyTorch path for them: called directly."""
     from crl_fast.loss_with_grads import loss_with_grads
-    from crl_fast.pair_stats import PAIR_DPO, pair_stats
+    from crl_fast.pair_stats import PAIR_DPO, PAIR_FB, pair_stats
 
     phi, psi = _inputs(4, 4, 3)
     one, zero = torch.tensor(1.0), torch.tensor(0.0)
-    with pytest.raises(ValueError, match="DPO / IPO with gradients in forward are a Triton-path"):
-        loss_with_grads(phi, psi, one, zero, energy=0, pair=PAIR_DPO, mean=True, use_triton=False)
+    for pair in (PAIR_DPO, PAIR_FB):
+        with pytest.raises(ValueError, match="pair losses with gradients in forward are a Triton"):
+            loss_with_grads(phi, psi, one, zero, energy=0, pair=pair, mean=True, use_triton=False)
     with pytest.raises(ValueError, match="the online row sums are a Triton-path optimisation"):
         pair_stats(phi, psi, one, zero, energy=0, row_lse=True, online=True, use_triton=False)
 
