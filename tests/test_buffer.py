@@ -1109,6 +1109,11 @@ def test_from_dataset_takes_tensors_flags_of_either_name_and_the_buffer_options(
             "terminated must hold only 0 and 1",
         ),
         (
+            lambda d: d.update(terminated=np.full(10, 2.0)),
+            ValueError,
+            "terminated must hold only 0 and 1",
+        ),
+        (
             lambda d: d.update(observation=np.zeros((10, OBS), bool)),
             TypeError,
             "observation must hold",
