@@ -1599,9 +1599,11 @@ def test_env_kwargs_cannot_change_after_the_checks(tmp_path):
     """The frozen config's env_kwargs is a read-only copy: a change in place (to the config's
     or the caller's dict) would skip the checks. It still saves, loads, copies and compares as
     the dict it was given."""
-    given = {"success_distance": 0.5}
+    given = {"success_distance": 0.5, "sizes": [1]}
     config = tiny_config(tmp_path, env_kwargs=given)
     given["seed"] = 1
+    given["sizes"].append(2)  # a deep copy: the caller's nested values are its own
+    want = {"success_distance": 0.5, "sizes": [1]}
     changes = {
         "set": lambda d: d.__setitem__("seed", 1),
         "del": lambda d: d.__delitem__("success_distance"),
@@ -1615,9 +1617,10 @@ def test_env_kwargs_cannot_change_after_the_checks(tmp_path):
     for name, change in changes.items():
         with pytest.raises(TypeError, match="env_kwargs is read-only"):
             change(config.env_kwargs)
-        assert config.env_kwargs == {"success_distance": 0.5}, name
+        assert config.env_kwargs == want, name
+    assert type(config.to_dict()["env_kwargs"]) is dict  # a plain dict, to edit and load
     saved = json.loads(json.dumps(config.to_dict()))
-    assert type(saved["env_kwargs"]) is dict and TrainConfig.from_dict(saved) == config
+    assert saved["env_kwargs"] == want and TrainConfig.from_dict(saved) == config
     assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
 
 
