@@ -1219,6 +1219,28 @@ def test_tensorboard_shows_a_resumed_run_without_the_killed_runs_extra_steps(tmp
     assert shown == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
 
 
+def test_every_tensorboard_writer_starts_a_session(tmp_path, monkeypatch):
+    """Without TensorBoard too (the test above needs it): a new run's writer purges from step 0
+    (starts a session, which the plugin reader needs), a resumed one past its checkpoint."""
+    purge_steps = []
+
+    class Writer:
+        def __init__(self, logdir, purge_step=None):
+            purge_steps.append(purge_step)
+
+        def close(self):
+            pass
+
+        flush = close
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer)
+    )
+    MetricsLogger(tmp_path).close()
+    MetricsLogger(tmp_path, resume_step=20).close()
+    assert purge_steps == [0, 21]
+
+
 def test_metrics_jsonl_is_strict_json(tmp_path):
     """NaN and infinities are logged as null: Python's json writes them as NaN / Infinity, which
     strict parsers (jq, JavaScript) reject. A resumed logger rewrites an older file's too, and
