@@ -1075,15 +1075,19 @@ def test_argmax_ties_take_the_first_column(backend):
     kernels visit the tiles off the diagonal before the diagonal's own (rows 0..63 see column 64
     before column 0). The reference is held to the same counts: the fused paths are checked
     against it, and no random input has a logit of exactly 0."""
-    phi, psi = torch.zeros(100, 8), torch.zeros(130, 8)
+    fn = reference_contrastive_loss
+    if backend != "reference":
+        fn = functools.partial(contrastive_loss, backend=backend)
     kw = {"loss": "infonce", "return_metrics": True}
-    if backend == "reference":
-        _, metrics = reference_contrastive_loss(phi, psi, **kw)
-    else:
-        _, metrics = contrastive_loss(phi, psi, backend=backend, **kw)
+    _, metrics = fn(torch.zeros(100, 8), torch.zeros(130, 8), **kw)
     assert metrics["categorical_accuracy"].item() == pytest.approx(1 / 100)
     # A logit of exactly 0 is not > 0: every negative is right, no positive is.
     assert metrics["binary_accuracy"].item() == pytest.approx(1 - 100 / (100 * 130))
+    # Within one tile: row 0's positive ties column 1 (dot energy), and column 0 is taken. (All
+    # equal logits leave one row right whichever column of a tile a tie takes.)
+    phi, psi = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    _, metrics = fn(phi, psi, energy="dot", **kw)
+    assert metrics["categorical_accuracy"].item() == 1.0
 
 
 @pytest.mark.interpreter
