@@ -1133,7 +1133,9 @@ def test_from_dataset_rejects_bad_input(edit: Any, error: type, match: str) -> N
         TrajectoryBuffer.from_dataset(data, device="cpu")
 
 
-def test_from_dataset_rejects_rows_that_do_not_fill_the_columns_or_the_capacity() -> None:
+def test_from_dataset_rejects_rows_that_do_not_fill_the_columns_or_the_capacity(
+    monkeypatch,
+) -> None:
     with pytest.raises(ValueError, match=r"10 rows do not split into 3 columns"):
         TrajectoryBuffer.from_dataset(flat_dataset([4, 6]), num_envs=3, device="cpu")
     n = 2**24 + 2  # broadcast views: no memory
@@ -1145,6 +1147,10 @@ def test_from_dataset_rejects_rows_that_do_not_fill_the_columns_or_the_capacity(
     }
     with pytest.raises(ValueError, match=r"at most 2\*\*24 rows per column: num_envs=2 or more"):
         TrajectoryBuffer.from_dataset(big, device="cpu")
+    from crl_fast import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "_MAX_CAPACITY", 10)  # a column of the limit itself fits
+    assert TrajectoryBuffer.from_dataset(flat_dataset([4, 6]), device="cpu").capacity == 10
 
 
 def test_extend_takes_a_mapping_and_zero_steps_write_nothing(monkeypatch) -> None:
