@@ -1640,7 +1640,9 @@ def test_env_kwargs_cannot_change_after_the_checks(tmp_path):
         with pytest.raises(TypeError, match="env_kwargs is read-only"):
             change(config.env_kwargs)
         assert config.env_kwargs == want, name
-    assert type(config.to_dict()["env_kwargs"]) is dict  # a plain dict, to edit and load
+    edited = config.to_dict()["env_kwargs"]  # a plain dict and a deep copy, to edit and load
+    edited["sizes"].append(2)
+    assert type(edited) is dict and config.env_kwargs == want
     saved = json.loads(json.dumps(config.to_dict()))
     assert saved["env_kwargs"] == want and TrainConfig.from_dict(saved) == config
     assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
