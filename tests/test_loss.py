@@ -1785,6 +1785,8 @@ _STATS_FLAGS = {  # energy, row_lse, col_lse, mask_diag, softplus, pair, metrics
     "infonce": (2, True, False, False, False, 0, True, False, False),
     "columns+dpo": (0, False, True, True, True, 1, False, False, False),
     "both+ipo": (1, True, True, False, False, 2, True, False, False),
+    "fb": (1, False, False, False, False, 3, False, False, False),  # no slope sum: empty
+    "sppo+metrics": (0, False, False, False, False, 4, True, False, False),
     "online": (2, True, False, False, False, 0, False, True, True),
 }
 
