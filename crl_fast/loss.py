@@ -2,7 +2,8 @@
 
 Each loss is a few lines of PyTorch over O(B) statistics from ``crl_fast.pair_stats`` plus the
 positive logits ``L_ii``; autograd carries gradients through those vectors into the fused
-backward (the sigmoid loss and DPO / IPO take theirs in forward: ``crl_fast.loss_with_grads``).
+backward (the sigmoid loss and DPO / IPO / FB / SPPO take theirs in forward:
+``crl_fast.loss_with_grads``).
 ``crl_fast.loss_reference`` writes the same losses on the full matrix.
 """
 
@@ -419,7 +420,8 @@ def _contrastive_loss(
 
 def _fused(config: LossConfig, use_triton: bool, m: int) -> bool:
     """Whether the loss is a scalar whose gradient needs no statistic first, so that its forward
-    computes it (two passes in all): the sigmoid loss, and DPO / IPO on the Triton path."""
+    computes it (two passes in all): the sigmoid loss, and DPO / IPO / FB / SPPO on the Triton
+    path."""
     if config.reduction == "none":  # per-row weights come only with the backward's gradient
         return False
     return config.loss == "binary" or (config.loss in _PAIRS and use_triton and m > 1)

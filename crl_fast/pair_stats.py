@@ -20,8 +20,8 @@ its share ``H_ii (y_i - x_i)``, with ``H_ii`` computed here exactly, is added to
 float32 accumulator (in the kernel on the Triton path) before the one rounding to the input
 dtype.
 
-The sigmoid loss and DPO / IPO, which need no statistic before their gradients, compute those in
-forward instead: ``crl_fast.loss_with_grads``, built on the helpers here.
+The sigmoid loss and DPO / IPO / FB / SPPO, which need no statistic before their gradients,
+compute those in forward instead: ``crl_fast.loss_with_grads``, built on the helpers here.
 """
 
 from __future__ import annotations
