@@ -315,10 +315,27 @@ def _check_scaled_loss(phi, psi, dtype, **kw):
         assert_no_worse_than_eager(name, k, e, t, RTOL[dtype])
 
 
-@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("energy", ENERGIES)
-@pytest.mark.parametrize("loss", ["binary", "dpo", "ipo"])
+def _every_dtype_on_cuda(losses, energies, dtypes) -> list:
+    """(loss, energy, dtype, device): on CUDA the whole product; under the interpreter (~1 s a
+    case at the single pass's 130 rows) each (loss, energy) pair once with the dtype cycling,
+    so that every loss and every energy still meets every dtype."""
+    cases = []
+    for i, loss in enumerate(losses):
+        for j, energy in enumerate(energies):
+            for k, dtype in enumerate(dtypes):
+                devices = [CUDA, CPU_KERNELS] if k == (i + j) % len(dtypes) else [CUDA]
+                for device in devices:
+                    cases.append(
+                        pytest.param(loss, energy, dtype, *device.values, marks=device.marks,
+                                     id=f"{loss}-{energy}-{dtype}-{device.values[0]}")
+                    )  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("loss", "energy", "dtype", "device"),
+    _every_dtype_on_cuda(["binary", "dpo", "ipo"], ENERGIES, DTYPES),
+)
 def test_single_pass(loss, energy, dtype, device, monkeypatch):
     """CRL_FAST_SINGLE_PASS=1: dpsi from the row pass's tiles through float32 atomics, learnable
     scale and bias, extra negatives, several programs per tile column; held to float64 truth
@@ -481,10 +498,10 @@ def test_autotuned_single_pass_launches_untimed(monkeypatch):
     assert launches == [(True, True)] and timed == []
 
 
-@pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("energy", ["dot", "norm"])
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    ("loss", "energy", "dtype", "device"),
+    _every_dtype_on_cuda(LOSSES, ["dot", "norm"], [torch.float32, torch.bfloat16]),
+)
 def test_single_pass_backward_of_every_loss(loss, energy, dtype, device, monkeypatch):
     """CRL_FAST_SINGLE_PASS=1 in the backward of every loss (penalty and metrics on: the
     general path): where dphi needs a pass over the logits, that pass also gives dpsi through
