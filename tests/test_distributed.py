@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,31 +39,63 @@ def global_batch(rows: int = WORLD * ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, DIM, generator=g), torch.randn(rows, DIM, generator=g)
 
 
-def _rank(
-    rank: int,
-    init_file: str,
-    out_dir: str,
-    case: str,
-    backend: str,
-    split: tuple[int, ...],
-    exchange: bool,
-) -> None:
-    """One rank's loss on its rows of the global batch (``split``: each rank's row count; they
-    are exchanged, or else passed as ``rows_per_rank``)."""
+EQUAL = (ROWS,) * WORLD
+SPLITS = {"unequal": (ROWS, 2), "equal": EQUAL}
+EXCHANGED = ["binary-sum", "infonce-penalty-sum", "binary"]
+Job = tuple[str, str, tuple[int, ...], bool]
+"""(case, backend, split, exchange): each rank's row count ``split``, exchanged or else passed
+as ``rows_per_rank``."""
+
+
+def _jobs(interpreted: bool) -> list[Job]:
+    """The jobs of the two tests below (the Triton backend's where its kernels run on CPU)."""
+    backends = ["torch", "triton"] if interpreted else ["torch"]
+    jobs = [(case, backend, EQUAL, False) for case in CASES for backend in backends]
+    return jobs + [(case, "torch", split, True) for case in EXCHANGED for split in SPLITS.values()]
+
+
+def _rank(rank: int, init_file: str, out_dir: str, jobs: list[Job]) -> None:
+    """One rank's loss on its rows of the global batch, for each job in turn in one process
+    group; a job that raises leaves its traceback and ends the rank."""
     with gloo_group(init_file, rank, WORLD):
-        start, end = sum(split[:rank]), sum(split[: rank + 1])
-        phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
-        negatives = gather_negatives(psi, rows_per_rank=None if exchange else split[rank])
-        loss = contrastive_loss(phi, negatives, backend=backend, **CASES[case])
-        loss.backward()
-        torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{rank}.pt")
-        dist.barrier()
+        for i, (case, backend, split, exchange) in enumerate(jobs):
+            try:
+                start, end = sum(split[:rank]), sum(split[: rank + 1])
+                phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
+                negatives = gather_negatives(psi, rows_per_rank=None if exchange else split[rank])
+                loss = contrastive_loss(phi, negatives, backend=backend, **CASES[case])
+                loss.backward()
+                torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{i}-{rank}.pt")
+            except Exception:
+                Path(out_dir, f"{i}-{rank}.err").write_text(traceback.format_exc())
+                raise
+            dist.barrier()
 
 
-def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...]) -> None:
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> Callable[[Job], list[tuple[torch.Tensor, ...]]]:
+    """Every job's (loss, dphi, dpsi) of each rank, from one spawn of the ranks: a spawn a job
+    (two fresh processes importing torch each) took ~10 s, most of this file's time."""
+    out = tmp_path_factory.mktemp("ranks")
+    jobs = _jobs(os.environ.get("TRITON_INTERPRET") == "1")
+    with contextlib.suppress(mp.ProcessRaisedException, mp.ProcessExitedException):
+        mp.spawn(_rank, (str(out / "init"), str(out), jobs), nprocs=WORLD)  # a job's test fails
+
+    def results(job: Job) -> list[tuple[torch.Tensor, ...]]:
+        i = jobs.index(job)
+        if errors := sorted(out.glob(f"{i}-*.err")):  # each rank's: one's error, the other's echo
+            pytest.fail("\n".join(f"job-rank {e.stem}: {e.read_text()}" for e in errors))
+        if not all((out / f"{i}-{rank}.pt").exists() for rank in range(WORLD)):
+            pytest.fail(f"not run: an earlier job failed ({sorted(out.glob('*.err'))})")
+        return [torch.load(out / f"{i}-{rank}.pt") for rank in range(WORLD)]
+
+    return results
+
+
+def _check_against_the_global_batch(results, case: str, split: tuple[int, ...]) -> None:
     """Each rank's loss is its rows' loss against its goals then the other ranks' (in rank
     order); summed over ranks, the losses and gradients are the global batch's."""
-    losses, dphi, dpsi = zip(*(torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)), strict=True)
+    losses, dphi, dpsi = zip(*results, strict=True)
     phi, psi = (t.double().requires_grad_() for t in global_batch(sum(split)))
     for rank, loss in enumerate(losses):
         start, end = sum(split[:rank]), sum(split[: rank + 1])
@@ -80,25 +116,22 @@ def _check_against_the_global_batch(tmp_path, case: str, split: tuple[int, ...])
     "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 )
 @pytest.mark.parametrize("case", CASES)
-def test_ranks_add_up_to_the_global_batch(case, backend, tmp_path):
+def test_ranks_add_up_to_the_global_batch(case, backend, rank_results):
     """Summed over ranks, the mean losses are world_size times the global batch's mean loss (the
     summed losses are its summed loss), and each rank's gradients are those of that sum."""
-    split = (ROWS,) * WORLD
-    args = (str(tmp_path / "init"), str(tmp_path), case, backend, split, False)
-    mp.spawn(_rank, args, nprocs=WORLD)
-    _check_against_the_global_batch(tmp_path, case, split)
+    results = rank_results((case, backend, EQUAL, False))
+    _check_against_the_global_batch(results, case, EQUAL)
 
 
-@pytest.mark.parametrize("split", [(ROWS, 2), (ROWS, ROWS)], ids=["unequal", "equal"])
-@pytest.mark.parametrize("case", ["binary-sum", "infonce-penalty-sum", "binary"])
-def test_ranks_exchanging_their_rows_add_up_to_the_global_batch(case, split, tmp_path):
+@pytest.mark.parametrize("split", SPLITS.values(), ids=SPLITS)
+@pytest.mark.parametrize("case", EXCHANGED)
+def test_ranks_exchanging_their_rows_add_up_to_the_global_batch(case, split, rank_results):
     """Without rows_per_rank, e.g. the last batch of an epoch, 5 rows on one rank and 2 on the
     other: each rank's loss is its rows' and the summed losses still add up to the global
     batch's, gradients included (before, gloo aborted one process and the other went on with
     rows it never received)."""
-    args = (str(tmp_path / "init"), str(tmp_path), case, "torch", split, True)
-    mp.spawn(_rank, args, nprocs=WORLD)
-    _check_against_the_global_batch(tmp_path, case, split)
+    results = rank_results((case, "torch", split, True))
+    _check_against_the_global_batch(results, case, split)
 
 
 MISMATCHES = {  # rank 1's psi, then each rank's error
