@@ -11,6 +11,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+"""The loss's tolerance by dtype in ``assert_no_worse_than_eager``, relative to the truth's
+largest value."""
+
 
 def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
     """Largest absolute difference, measured in float64."""

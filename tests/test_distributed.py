@@ -16,8 +16,11 @@ import torch.multiprocessing as mp
 from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
 from crl_fast.distributed import gather_negatives
 from tests.helpers import gloo_group, max_error
+from tests.test_upstream_parity import LOG_10, open_clip_leaves, open_clip_siglip
 
 WORLD, ROWS, DIM = 2, 5, 4
+LEAVES = ("log_scale", "bias")
+"""Keys of a case whose values (floats) become leaf tensors: a learned scale and bias."""
 CASES = {
     "binary": {"loss": "binary"},
     "infonce-penalty": {"loss": "infonce", "energy": "norm", "logsumexp_penalty": 0.1},
@@ -30,6 +33,13 @@ CASES = {
         "energy": "norm",
         "logsumexp_penalty": 0.1,
         "reduction": "sum",
+    },
+    "siglip": {  # the README's SigLIP, its sum divided by the rows in the test
+        "loss": "binary",
+        "energy": "cosine",
+        "reduction": "sum",
+        "log_scale": LOG_10,
+        "bias": -10.0,
     },
 }
 
@@ -45,6 +55,15 @@ EXCHANGED = ["binary-sum", "infonce-penalty-sum", "binary"]
 Job = tuple[str, str, tuple[int, ...], bool]
 """(case, backend, split, exchange): each rank's row count ``split``, exchanged or else passed
 as ``rows_per_rank``."""
+
+
+def _with_leaves(case: str, dtype: torch.dtype = torch.float32) -> dict:
+    """The case's keyword arguments, its scale and bias as fresh leaves that require grad."""
+    kw = dict(CASES[case])
+    for key in LEAVES:
+        if key in kw:
+            kw[key] = torch.tensor(kw[key], dtype=dtype, requires_grad=True)
+    return kw
 
 
 def _jobs(interpreted: bool) -> list[Job]:
@@ -63,9 +82,11 @@ def _rank(rank: int, init_file: str, out_dir: str, jobs: list[Job]) -> None:
                 start, end = sum(split[:rank]), sum(split[: rank + 1])
                 phi, psi = (t[start:end].requires_grad_() for t in global_batch(sum(split)))
                 negatives = gather_negatives(psi, rows_per_rank=None if exchange else split[rank])
-                loss = contrastive_loss(phi, negatives, backend=backend, **CASES[case])
+                kw = _with_leaves(case)
+                loss = contrastive_loss(phi, negatives, backend=backend, **kw)
                 loss.backward()
-                torch.save((loss.detach(), phi.grad, psi.grad), f"{out_dir}/{i}-{rank}.pt")
+                grads = [phi.grad, psi.grad, *(kw[key].grad for key in LEAVES if key in kw)]
+                torch.save((loss.detach(), *grads), f"{out_dir}/{i}-{rank}.pt")
             except Exception:
                 Path(out_dir, f"{i}-{rank}.err").write_text(traceback.format_exc())
                 raise
@@ -74,7 +95,8 @@ def _rank(rank: int, init_file: str, out_dir: str, jobs: list[Job]) -> None:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> Callable[[Job], list[tuple[torch.Tensor, ...]]]:
-    """Every job's (loss, dphi, dpsi) of each rank, from one spawn of the ranks: a spawn a job
+    """Every job's (loss, dphi, dpsi, then dlog_scale and dbias where the case learns them) of
+    each rank, from one spawn of the ranks: a spawn a job
     (two fresh processes importing torch each) took ~10 s, most of this file's time."""
     out = tmp_path_factory.mktemp("ranks")
     jobs = _jobs(os.environ.get("TRITON_INTERPRET") == "1")
@@ -94,21 +116,25 @@ def rank_results(tmp_path_factory) -> Callable[[Job], list[tuple[torch.Tensor, .
 
 def _check_against_the_global_batch(results, case: str, split: tuple[int, ...]) -> None:
     """Each rank's loss is its rows' loss against its goals then the other ranks' (in rank
-    order); summed over ranks, the losses and gradients are the global batch's."""
-    losses, dphi, dpsi = zip(*results, strict=True)
+    order); summed over ranks, the losses and gradients (a learned scale's and bias's too) are
+    the global batch's."""
+    losses, dphi, dpsi, *dleaves = zip(*results, strict=True)
     phi, psi = (t.double().requires_grad_() for t in global_batch(sum(split)))
+    kw = _with_leaves(case, torch.float64)
     for rank, loss in enumerate(losses):
         start, end = sum(split[:rank]), sum(split[: rank + 1])
         goals = torch.cat([psi[start:end], psi[:start], psi[end:]]).detach()
-        want = reference_contrastive_loss(phi[start:end].detach(), goals, **CASES[case])
+        want = reference_contrastive_loss(phi[start:end].detach(), goals, **kw)
         assert max_error(loss, want) < 1e-5 * max(1.0, want.abs().item())
-    if len(set(split)) > 1 and CASES[case].get("reduction") != "sum":
+    if len(set(split)) > 1 and kw.get("reduction") != "sum":
         return  # the ranks' means weigh rows unequally: no global loss to compare with
-    factor = 1 if CASES[case].get("reduction") == "sum" else WORLD
-    truth = factor * reference_contrastive_loss(phi, psi, **CASES[case])
-    truth.backward()
+    factor = 1 if kw.get("reduction") == "sum" else WORLD
+    truth = factor * reference_contrastive_loss(phi, psi, **kw)
+    leaves = [kw[key] for key in LEAVES if key in kw]
+    want_grads = torch.autograd.grad(truth, [phi, psi, *leaves])
     assert max_error(sum(losses), truth) < 1e-5 * max(1.0, truth.abs().item())
-    for got, want in ((torch.cat(dphi), phi.grad), (torch.cat(dpsi), psi.grad)):
+    got_grads = [torch.cat(dphi), torch.cat(dpsi), *(sum(d) for d in dleaves)]
+    for got, want in zip(got_grads, want_grads, strict=True):
         assert max_error(got, want) < 1e-5 * max(1.0, want.abs().max().item())
 
 
@@ -132,6 +158,33 @@ def test_ranks_exchanging_their_rows_add_up_to_the_global_batch(case, split, ran
     rows it never received)."""
     results = rank_results((case, "torch", split, True))
     _check_against_the_global_batch(results, case, split)
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+def test_siglip_ranks_are_open_clips_gathered_siglip(backend, rank_results):
+    """Each rank's SigLIP loss (its sum divided by its rows) is open_clip's ``SigLipLoss`` on
+    that rank with the other ranks' texts gathered (``dist_impl="gather"``; its ``bidir`` and
+    ``shift`` exchanges add the same blocks): the rank's own block with labels ``2 I - 1``, the
+    others' ``negative_only``. Each rank's scale and bias gradients are open_clip's on that
+    rank, and its towers' outputs get open_clip's gradient of the losses summed over ranks
+    (what an autograd all-gather sends back; DDP then averages the ranks' parameter grads)."""
+    results = rank_results(("siglip", backend, EQUAL, False))
+    losses, dimg, dtxt, dscale, dbias = (torch.stack(r) / ROWS for r in zip(*results, strict=True))
+    img, txt = (t.double().requires_grad_() for t in global_batch())
+    blocks = txt.split(ROWS)
+    total = 0.0
+    for rank in range(WORLD):
+        texts = torch.cat([blocks[rank], *(b for r, b in enumerate(blocks) if r != rank)])
+        scale, bias = open_clip_leaves()
+        up = open_clip_siglip(img.split(ROWS)[rank], texts, scale, bias)
+        want = (up, *torch.autograd.grad(up, (scale, bias), retain_graph=True))
+        for got, w in zip((losses[rank], dscale[rank], dbias[rank]), want, strict=True):
+            assert max_error(got, w) < 1e-5 * max(1.0, w.abs().item())
+        total = total + up
+    for got, w in zip((dimg, dtxt), torch.autograd.grad(total, (img, txt)), strict=True):
+        assert max_error(got.flatten(0, 1), w) < 1e-5 * max(1.0, w.abs().max().item())
 
 
 MISMATCHES = {  # rank 1's psi, then each rank's error

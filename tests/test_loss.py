@@ -25,6 +25,7 @@ from crl_fast.loss import LOSSES
 from crl_fast.loss_reference import reference_logits
 from tests.helpers import (
     KERNELS,
+    RTOL,
     assert_no_worse_than_eager,
     max_error,
     stderr_with_late_interpret,
@@ -33,7 +34,6 @@ from tests.helpers import (
 # The triton case runs the kernels on CPU tensors (its cuda cases, where a test has them, are gpu).
 BACKENDS = ("torch", pytest.param("triton", marks=pytest.mark.interpreter))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # (B, M, d): the odd sizes, one rectangular batch with extra negatives.
 SHAPES = [(1, 1, 1), (2, 2, 3), (7, 7, 16), (100, 100, 64), (257, 257, 100), (5, 12, 3)]
 

@@ -3,23 +3,33 @@
 JaxGCRL: ``jaxgcrl/agents/crl/losses.py`` (current: ``energy_fn``, ``contrastive_loss_fn``, the
 penalty in ``update_critic``) and ``src/losses.py`` (older: flatnce, dpo, ipo, fb, sppo,
 ``resubs``).
+open_clip: ``src/open_clip/loss.py`` (``SigLipLoss``: ``_loss`` and the distributed variants'
+``negative_only`` blocks), with the model's ``logit_scale`` (a log, exponentiated) and
+``logit_bias``; big_vision: ``big_vision/trainers/proj/image_text/siglip.py`` (``loss_fn``).
 contrastive_rl (Eysenbach et al. 2022): ``contrastive_rl/contrastive/learning.py``
 (``critic_loss``'s ``loss_fn``) and ``builder.py`` (``flatten_fn``'s goal law). Each test is
-one row of the README's table "From JaxGCRL and contrastive_rl": where crl-fast differs, the
-test states the documented relation.
+one row of the README's table "From JaxGCRL and contrastive_rl" (the SigLIP tests: its section
+"From open_clip and big_vision"): where crl-fast differs, the test states the documented
+relation.
 """
 
 from __future__ import annotations
+
+import copy
+import io
+import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from crl_fast import contrastive_loss
+from crl_fast import ContrastiveLoss, contrastive_loss
 from crl_fast.agent import CRL
 from crl_fast.config import AgentConfig
 from crl_fast.energy import pairwise_energy
+from tests.helpers import RTOL, assert_no_worse_than_eager
 from tests.test_buffer import offset_pmf
 
 B, D = 9, 5
@@ -248,3 +258,184 @@ def test_actor_and_alpha_losses_are_jaxgcrls() -> None:
     metrics = agent.update((obs, action, goal))
     for name, want in (("actor/loss", actor_loss), ("alpha/loss", alpha_loss)):
         torch.testing.assert_close(metrics[name].double(), want, rtol=1e-6, atol=eps_effect + 1e-6)
+
+
+LOG_10 = math.log(10)  # open_clip's and big_vision's SigLIP init: scale 10, bias -10
+
+
+def open_clip_siglip(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """open_clip's ``SigLipLoss._loss`` on a rank's ``img`` rows against texts whose first rows
+    are their positives (labels ``2 I - 1``) and whose other rows are the other ranks' texts
+    (``negative_only``: labels -1), as its distributed variants add them up: the summed
+    ``-log sigmoid(labels * logits)`` divided by this rank's rows. The towers' outputs are
+    normalised (``F.normalize``) and ``logit_scale`` is the stored log, exponentiated by the
+    model. big_vision's ``loss_fn`` is the same (the mean over rows of row sums; it divides by
+    ``norm + 1e-8``, 1e-8 off unit rows)."""
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = logit_scale.exp() * img @ txt.T + logit_bias
+    labels = 2 * torch.eye(*logits.shape, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
+def siglip_module(**kw: Any) -> ContrastiveLoss:
+    """The README's SigLIP: cosine energy, learned scale and bias from open_clip's init, the
+    sum (to be divided by the rows)."""
+    return ContrastiveLoss(
+        "binary",
+        energy="cosine",
+        learn_scale=True,
+        init_log_scale=LOG_10,
+        learn_bias=True,
+        init_bias=-10.0,
+        reduction="sum",
+        **kw,
+    )
+
+
+def open_clip_leaves(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``logit_scale`` and ``logit_bias``: 0-d, from ``log(10)`` and -10."""
+    scale = torch.tensor(LOG_10, dtype=dtype, requires_grad=True)
+    return scale, torch.tensor(-10.0, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("texts", [9, 14], ids=["square", "other-ranks-texts"])
+def test_siglip_is_open_clips_in_float64(texts: int) -> None:
+    """The README's SigLIP module, its sum divided by B, is open_clip's loss exactly: value and
+    gradients for both towers' outputs and the (log) scale and bias; with extra texts, those of
+    open_clip's ``negative_only`` blocks."""
+    g = torch.Generator().manual_seed(7)
+    img = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(texts, D, generator=g, dtype=torch.float64, requires_grad=True)
+    module = siglip_module(backend="torch", dtype=torch.float64)
+    scale, bias = open_clip_leaves()
+    up = open_clip_siglip(img, txt, scale, bias)
+    mine = module(img, txt) / B
+    torch.testing.assert_close(mine, up, rtol=1e-12, atol=0)
+    want = torch.autograd.grad(up, (img, txt, scale, bias))
+    got = torch.autograd.grad(mine, (img, txt, module.log_scale, module.bias))
+    for w, k in zip(want, got, strict=True):
+        torch.testing.assert_close(k.reshape(w.shape), w, rtol=0, atol=1e-12 * w.abs().max())
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_siglip_no_worse_than_open_clip_in_its_dtype(dtype: torch.dtype, backend: str) -> None:
+    """Towers' outputs in ``dtype``, float32 scale and bias (mixed precision), 14 texts (other
+    ranks' as negatives): crl-fast's error against open_clip's formula in float64 is no worse
+    than that formula's own in ``dtype``, value and all four gradients."""
+    g = torch.Generator().manual_seed(8)
+    img, txt = torch.randn(B, D, generator=g), torch.randn(14, D, generator=g)
+    module = siglip_module(backend=backend)
+
+    def loss_and_grads(fn, scale, bias, dt):
+        x, y = (t.to(dt).requires_grad_() for t in (img, txt))
+        value = fn(x, y, scale, bias)
+        return value, torch.autograd.grad(value, (x, y, scale, bias))
+
+    truth = loss_and_grads(open_clip_siglip, *open_clip_leaves(), torch.float64)
+    eager = loss_and_grads(open_clip_siglip, *open_clip_leaves(torch.float32), dtype)
+    mine = loss_and_grads(lambda x, y, *_: module(x, y) / B, module.log_scale, module.bias, dtype)
+    assert_no_worse_than_eager("loss", mine[0], eager[0], truth[0], RTOL[dtype])
+    names = ("dimg", "dtxt", "dlog_scale", "dbias")
+    for name, k, e, t in zip(names, mine[1], eager[1], truth[1], strict=True):
+        assert k.dtype == e.dtype
+        assert_no_worse_than_eager(name, k.reshape(t.shape), e, t, RTOL[dtype])
+
+
+class TwoTowers(torch.nn.Module):
+    """A CLIP-like model, two linear towers, and its SigLIP loss: crl-fast's module (its sum
+    over B) or, with ``open_clip``, open_clip's formula on 0-d ``logit_scale`` and
+    ``logit_bias`` parameters, as its models hold them."""
+
+    def __init__(self, open_clip: bool = False) -> None:
+        super().__init__()
+        self.img, self.txt = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+        if open_clip:
+            self.logit_scale = torch.nn.Parameter(torch.ones([]) * LOG_10)
+            self.logit_bias = torch.nn.Parameter(torch.ones([]) * -10.0)
+        else:
+            self.siglip = siglip_module()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        x, y = self.img(image), self.txt(text)
+        if hasattr(self, "siglip"):
+            return self.siglip(x, y) / x.shape[0]
+        return open_clip_siglip(x, y, self.logit_scale, self.logit_bias)
+
+    def ordered_parameters(self) -> list[torch.Tensor]:
+        """The towers', then the (log) scale and the bias: the same order in both twins."""
+        s = self.siglip if hasattr(self, "siglip") else None
+        scale_and_bias = (s.log_scale, s.bias) if s else (self.logit_scale, self.logit_bias)
+        return [*self.img.parameters(), *self.txt.parameters(), *scale_and_bias]
+
+
+def twins() -> tuple[TwoTowers, TwoTowers]:
+    """crl-fast's model and open_clip's, with the same towers."""
+    torch.manual_seed(0)
+    mine, theirs = TwoTowers(), TwoTowers(open_clip=True)
+    theirs.load_state_dict(mine.state_dict(), strict=False)  # the towers
+    return mine, theirs
+
+
+def image_text_batch(rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    return torch.randn(rows, 6, generator=g), torch.randn(rows, 5, generator=g)
+
+
+def test_siglip_model_trains_like_open_clips_with_accumulation_and_a_saved_state() -> None:
+    """Three SGD steps of two micro-batches each (gradient accumulation: each micro-batch's
+    loss over its own pairs, halved), the crl-fast model saved and loaded in between: its
+    towers, scale and bias end where open_clip's twin's do."""
+    mine, theirs = twins()
+    images, texts = image_text_batch()
+    for step in range(3):
+        if step == 1:  # a checkpoint round trip, into a fresh model
+            saved = io.BytesIO()
+            torch.save(mine.state_dict(), saved)
+            mine = TwoTowers()
+            mine.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+        for model in (mine, theirs):
+            model.zero_grad()
+            for image, text in zip(images.chunk(2), texts.chunk(2), strict=True):
+                (model(image, text) / 2).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.5 * p.grad
+    state = theirs.state_dict()
+    state["siglip.log_scale"] = state.pop("logit_scale").reshape(1)
+    state["siglip.bias"] = state.pop("logit_bias").reshape(1)
+    assert mine.siglip.bias.item() != -10.0  # the bias trained
+    for name, value in mine.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_siglip_model_under_autocast_and_compiled() -> None:
+    """A step under bfloat16 autocast: the gradients are no worse against open_clip's twin in
+    float64 than the twin's own under autocast, and the model compiled whole (fullgraph) gives
+    what it gives eagerly."""
+    mine, theirs = twins()
+    images, texts = image_text_batch(8)
+
+    def step(model: TwoTowers, autocast: bool = True) -> list[torch.Tensor]:
+        model.zero_grad()
+        dtype = model.img.weight.dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(images.to(dtype), texts.to(dtype))
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.ordered_parameters())]
+
+    got, eager = step(mine), step(theirs)
+    truth = step(copy.deepcopy(theirs).double(), autocast=False)
+    for k, e, t in zip(got, eager, truth, strict=True):
+        assert_no_worse_than_eager("loss or a gradient", k.reshape(t.shape), e, t, 1e-2)
+    torch._dynamo.reset()
+    try:
+        compiled = step(torch.compile(mine, backend="aot_eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    for k, e in zip(compiled, got, strict=True):
+        torch.testing.assert_close(k, e)
