@@ -361,10 +361,30 @@ class TwoTowers(torch.nn.Module):
             self.siglip = siglip_module()
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        x, y = self.img(image), self.txt(text)
+        return self.loss(self.img(image), self.txt(text))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The SigLIP loss of the towers' outputs."""
         if hasattr(self, "siglip"):
             return self.siglip(x, y) / x.shape[0]
         return open_clip_siglip(x, y, self.logit_scale, self.logit_bias)
+
+    def accumulate(self, images: torch.Tensor, texts: torch.Tensor, cached: bool) -> None:
+        """Gradients of two micro-batches: each one's loss over its own pairs, halved, or with
+        ``cached`` open_clip's ``accum_freq``: each micro-batch's features recomputed live among
+        the other's cached ones, the loss over the whole batch."""
+        chunks = list(zip(images.chunk(2), texts.chunk(2), strict=True))
+        if not cached:
+            for image, text in chunks:
+                (self(image, text) / 2).backward()
+            return
+        with torch.no_grad():
+            features = [(self.img(image), self.txt(text)) for image, text in chunks]
+        for j, (image, text) in enumerate(chunks):
+            live = [
+                (self.img(image), self.txt(text)) if i == j else f for i, f in enumerate(features)
+            ]
+            self.loss(*(torch.cat(side) for side in zip(*live, strict=True))).backward()
 
     def ordered_parameters(self) -> list[torch.Tensor]:
         """The towers', then the (log) scale and the bias: the same order in both twins."""
@@ -386,10 +406,13 @@ def image_text_batch(rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 6, generator=g), torch.randn(rows, 5, generator=g)
 
 
-def test_siglip_model_trains_like_open_clips_with_accumulation_and_a_saved_state() -> None:
-    """Three SGD steps of two micro-batches each (gradient accumulation: each micro-batch's
-    loss over its own pairs, halved), the crl-fast model saved and loaded in between: its
-    towers, scale and bias end where open_clip's twin's do."""
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "accum_freq"])
+def test_siglip_model_trains_like_open_clips_with_accumulation_and_a_saved_state(
+    cached: bool,
+) -> None:
+    """Three SGD steps of two micro-batches each (see ``TwoTowers.accumulate``), the crl-fast
+    model saved and loaded in between: its towers, scale and bias end where open_clip's
+    twin's do."""
     mine, theirs = twins()
     images, texts = image_text_batch()
     for step in range(3):
@@ -400,8 +423,7 @@ def test_siglip_model_trains_like_open_clips_with_accumulation_and_a_saved_state
             mine.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
         for model in (mine, theirs):
             model.zero_grad()
-            for image, text in zip(images.chunk(2), texts.chunk(2), strict=True):
-                (model(image, text) / 2).backward()
+            model.accumulate(images, texts, cached)
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.5 * p.grad
