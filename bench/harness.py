@@ -167,19 +167,31 @@ def measure(
 _BUSY_UNTIL: dict[torch.device, float] = {}
 """When each GPU last finished a timing: a gap of more than a second may have let it idle."""
 
+WAKE_S = 0.25
+"""Seconds of work before a timing that follows idle time, so that the GPU is at its working
+clocks (on the H200, 2026-11-28, the first row of a buffer run took 161 us and the same kind of
+call later in the run 96 us)."""
 
-def _wake(device: torch.device, seconds: float = 0.25) -> None:
-    """Keep the GPU busy for ``seconds`` before a timing that follows an idle second (the first
-    of a process, or one after a long host-side compile), so that it does not run at idle
-    clocks (on the H200, 2026-11-28, the first row of a buffer run took 161 us and the same kind
-    of call later in the run 96 us)."""
+
+def keep_busy(work: Callable[[], Any], seconds: float = WAKE_S) -> None:
+    """Call ``work`` (which must block until the device has done it) until ``seconds`` passed."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        work()
+
+
+def _wake(device: torch.device) -> None:
+    """Keep the GPU busy for :data:`WAKE_S` before a timing that follows an idle second (the
+    first of a process, or one after a long host-side compile)."""
     if time.perf_counter() - _BUSY_UNTIL.get(device, float("-inf")) < 1.0:
         return
     x = torch.randn(4096, 4096, device=device)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        x = torch.tanh(x @ x)
+
+    def work() -> None:
+        torch.tanh(x @ x, out=x)
         torch.cuda.synchronize(device)
+
+    keep_busy(work)
 
 
 def graphed(step: Callable[[], Any]) -> Callable[[], None]:

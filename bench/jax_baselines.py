@@ -43,12 +43,13 @@ flax / optax): MLPs, Adam and the tanh-Gaussian actor are written out here.
   steps and bench_buffer's 1000 envs (CPU: 8 envs).
 
 Timing: the host clock around a call ending in ``block_until_ready`` (harness.measure's
-``perf_counter`` path), median of many calls after warm-up; compilation is done ahead of time
-and reported as ``compile_s``. ``peak_mem_mb`` is the memory one call needs besides its inputs
-(XLA buffer assignment: temporaries + outputs); ``device_peak_mb`` is the process's high-water
-mark from ``memory_stats()`` where the backend keeps one (it never resets: an upper bound).
-Out-of-memory rows are recorded as such. Writes bench/results/jax-<device>.json; CPU rows are
-CPU figures, never GPU numbers.
+``perf_counter`` path), median of many calls after warm-up (calls for ``harness.WAKE_S``
+seconds, so that the GPU left idle by the compile is back at its clocks); compilation is done
+ahead of time and reported as ``compile_s``. ``peak_mem_mb`` is the memory one call needs
+besides its inputs (XLA buffer assignment: temporaries + outputs); ``device_peak_mb`` is the
+process's high-water mark from ``memory_stats()`` where the backend keeps one (it never resets:
+an upper bound). Out-of-memory rows are recorded as such. Writes bench/results/jax-<device>.json;
+CPU rows are CPU figures, never GPU numbers.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from bench.bench_update import ACTION_DIM, GOAL_DIM, JAXGCRL_AGENT, OBS_DIM
 from bench.harness import (
     add_name_argument,
     device_name,
+    keep_busy,
     measure,
     positive_int,
     print_table,
@@ -372,6 +374,7 @@ def timed(
     t0 = time.perf_counter()
     call()
     rep = int(min(100, max(5, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    keep_busy(call)  # the device idled through the compile: wake it, as measure does for torch
     timing = measure(call, device="cpu", warmup=2, rep=rep)  # the host clock: call() blocks
     # Its median, deciles, calls and timer, under the other bench scripts' names.
     row: dict[str, Any] = {**timing, "compile_s": compile_s}

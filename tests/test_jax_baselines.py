@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -161,3 +162,24 @@ def test_script_runs_and_writes_a_partial_run_of_its_own(tmp_path, monkeypatch, 
     assert not any("rep" in row for row in result["rows"])
     out = capsys.readouterr().out
     assert "CPU figures" in out and "timed calls" in out
+
+
+def test_timing_starts_after_the_gpu_was_kept_busy(monkeypatch) -> None:
+    """The device idles while XLA compiles (over a minute for the norm energy at B = 16384):
+    ``timed`` keeps it busy with the call itself for ``harness.WAKE_S`` before the timed calls,
+    as ``harness.measure`` does for torch, so that a JAX baseline is not timed at idle clocks
+    (two warm-up calls of a quarter millisecond do not wake a GPU)."""
+    from bench import harness
+
+    started = []
+    measure = jb.measure
+
+    def spy(fn, **kw):
+        started.append(time.perf_counter())
+        return measure(fn, **kw)
+
+    monkeypatch.setattr(jb, "measure", spy)
+    x = jnp.ones((8, 4))
+    t0 = time.perf_counter()
+    row = jb.timed(lambda a: a @ a.T, (x,), jax.devices("cpu")[0], budget_s=0.01)
+    assert started[0] - t0 >= row["compile_s"] + harness.WAKE_S
