@@ -55,6 +55,12 @@ for stage in "${stages[@]}"; do  # a misspelt stage fails at once, not after the
     [[ $stage != *[[:space:]]* && $KNOWN == *" $stage "* ]] ||
         { echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2; }
 done
+# Every stage but compile, tests and rest writes a result JSON of its own; $OUT returns 8 files,
+# the log among them: a ninth would come back missing after its device time was spent.
+writers=$(printf '%s\n' "${stages[@]}" | grep -vxE 'compile|tests|rest' | sort -u | wc -l)
+[ "$writers" -le 7 ] ||
+    { echo "these stages write $writers result files, and \$OUT returns 8 files with the log:" \
+        "split them over two calls" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 # The checkout on the path of every stage (python -m puts it there; tests/compile_kernels.py,
 # run as a file, would not find crl_fast, which the GPU machine does not have installed).

@@ -330,3 +330,31 @@ def test_gpu_check_refuses_stages_needing_gymnasium_without_it(tmp_path):
     )
     assert done.returncode == 2 and "stage 'envs' needs gymnasium" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing ran, not even the loss stage
+
+
+def test_gpu_check_refuses_more_result_files_than_out_returns(tmp_path):
+    """$OUT returns 8 files, the log one of them, and every stage but compile, tests and rest
+    writes a result JSON of its own: a ninth file would come back missing after the device time
+    was spent, so such a list is refused before any stage runs (a repeated stage counts once:
+    it rewrites its file)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    tree = tmp_path / "tree"  # a copy: the stages that do run here leave the checkout alone
+    (tree / "bench" / "results").mkdir(parents=True)
+    (tree / "crl_fast").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "bench" / "gpu_check.sh", tree / "bench")
+    fake = tmp_path / "bin"  # a Python that does nothing: the stages that pass the check run it
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "python3").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    run = {"cwd": tree, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    writers = ["loss", "tma", "single", "single256", "frozen", "fp16", "jax", "update"]
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "compile", *writers], **run)
+    assert done.returncode == 2 and "8 result files" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
+    done = subprocess.run(["bash", "bench/gpu_check.sh", *writers[:7], "loss"], **run)
+    assert "result files" not in done.stderr and (tmp_path / "out" / "log.txt").exists()
