@@ -99,6 +99,16 @@ LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     [ -n "${CRL_FAST_GIT_SHA:-}" ] || echo "WARNING: CRL_FAST_GIT_SHA unset: results say unknown"
 } 2>&1 | tee -a "$LOG"
+# Read-only: the clocks, temperature and power a stage left the GPU at, and why the clocks were
+# held down (driver 535 on: clocks_event_reasons; a mask, 0x0 none), so a stage timed on an
+# idle-clocked or throttled GPU shows in the log.
+QUERY=clocks.sm,clocks.mem,temperature.gpu,power.draw
+gpu_state() {  # (nvidia-smi prints a field it does not know on stdout, and fails)
+    local state
+    state=$(nvidia-smi --query-gpu=$QUERY,clocks_event_reasons.active --format=csv,noheader 2>&1) ||
+        state="$(nvidia-smi --query-gpu=$QUERY --format=csv,noheader 2>&1) (no event reasons)"
+    echo "$state"
+}
 FAILED=$(mktemp)  # the stages that failed or ran out of time (stages run in a pipe: a file)
 step() {
     local name=$1 limit=$2 status
@@ -149,6 +159,7 @@ for stage in "${stages[@]}"; do
     esac 2>&1 | tee -a "$LOG"
     # after each stage, what this run wrote (a timeout keeps what ran; $OUT takes 8 files)
     find bench/results -name '*.json' -newer "$START" -exec cp {} "$OUT/" \;
+    echo "--- GPU after $stage ($QUERY,clocks_event_reasons.active): $(gpu_state)" | tee -a "$LOG"
 done
 ls "$OUT"
 if [ -s "$FAILED" ]; then  # the exit status says so too, not only the log

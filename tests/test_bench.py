@@ -332,29 +332,56 @@ def test_gpu_check_refuses_stages_needing_gymnasium_without_it(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing ran, not even the loss stage
 
 
+def _gpu_check_copy(tmp_path) -> dict:
+    """subprocess.run's arguments for gpu_check.sh in a copy of its tree, with a python3 that
+    does nothing (the stages that pass its checks run it; the checkout is left alone) and
+    $OUT under ``tmp_path``."""
+    import shutil
+    from pathlib import Path
+
+    tree = tmp_path / "tree"
+    (tree / "bench" / "results").mkdir(parents=True)
+    (tree / "crl_fast").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "bench" / "gpu_check.sh", tree / "bench")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "python3").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    return {"cwd": tree, "env": env, "capture_output": True, "text": True, "timeout": 60}
+
+
 def test_gpu_check_refuses_more_result_files_than_out_returns(tmp_path):
     """$OUT returns 8 files, the log one of them, and every stage but compile, tests and rest
     writes a result JSON of its own: a ninth file would come back missing after the device time
     was spent, so such a list is refused before any stage runs (a repeated stage counts once:
     it rewrites its file)."""
-    import shutil
     import subprocess
-    from pathlib import Path
 
-    tree = tmp_path / "tree"  # a copy: the stages that do run here leave the checkout alone
-    (tree / "bench" / "results").mkdir(parents=True)
-    (tree / "crl_fast").mkdir()
-    root = Path(__file__).resolve().parents[1]
-    shutil.copy(root / "bench" / "gpu_check.sh", tree / "bench")
-    fake = tmp_path / "bin"  # a Python that does nothing: the stages that pass the check run it
-    fake.mkdir()
-    (fake / "python3").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "python3").chmod(0o755)
-    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
-    run = {"cwd": tree, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    run = _gpu_check_copy(tmp_path)
     writers = ["loss", "tma", "single", "single256", "frozen", "fp16", "jax", "update"]
     done = subprocess.run(["bash", "bench/gpu_check.sh", "compile", *writers], **run)
     assert done.returncode == 2 and "8 result files" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
     done = subprocess.run(["bash", "bench/gpu_check.sh", *writers[:7], "loss"], **run)
     assert "result files" not in done.stderr and (tmp_path / "out" / "log.txt").exists()
+
+
+def test_gpu_check_logs_the_gpus_clocks_after_each_stage(tmp_path):
+    """Clocks, temperature, power and the reasons the clocks are held down, read after every
+    stage (read-only queries): a stage timed on a throttled or idle-clocked GPU shows in the
+    log, not only the idle clock read before the first stage."""
+    import subprocess
+
+    run = _gpu_check_copy(tmp_path)
+    calls = tmp_path / "nvidia-smi-calls"
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\necho "$*" >>{calls}\necho 1980 MHz\n')
+    smi.chmod(0o755)
+    subprocess.run(["bash", "bench/gpu_check.sh", "buffer", "loss"], **run)
+    log = (tmp_path / "out" / "log.txt").read_text()
+    after = [part.split("===")[0] for part in log.split(": exit 0")[1:]]  # each stage's end
+    assert len(after) == 2 and all("1980 MHz" in text for text in after), log
+    queries = calls.read_text().splitlines()
+    assert all("clocks.sm" in q and "--format" in q for q in queries), queries
