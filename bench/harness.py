@@ -122,6 +122,9 @@ def measure(
     Python; where it is close to ``median_ms`` the call is host-bound); on CPU calls are timed by
     ``time.perf_counter``. Peak memory is the extra device memory the calls allocate; None with
     ``memory=False`` (a CUDA graph's replay allocates nothing: its memory is the graph's pool).
+    Calls run back to back on the same inputs, with no cache flush: what fits in L2 (the result
+    JSON records its size) is read from there by the next call, as a training step reads the
+    encoders' outputs it has just written.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -272,9 +275,10 @@ def _cpu_model() -> str:
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
-    """Facts that make a number reproducible: device, versions, git SHA, date."""
+    """Facts that make a number reproducible: device, versions, git SHA, date; on CUDA the
+    multiprocessors and the L2 size (no flush between timed calls: what fits stays there)."""
     found = versions()
-    return {
+    facts = {
         "device": device_name(device),
         "crl_fast": found["crl_fast"],
         "torch": found["torch"],
@@ -283,6 +287,11 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         **run_facts(),
     }
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts["sm_count"] = props.multi_processor_count
+        facts["l2_cache_mb"] = props.L2_cache_size / 2**20
+    return facts
 
 
 def write_results(

@@ -385,3 +385,16 @@ def test_gpu_check_logs_the_gpus_clocks_after_each_stage(tmp_path):
     assert len(after) == 2 and all("1980 MHz" in text for text in after), log
     queries = calls.read_text().splitlines()
     assert all("clocks.sm" in q and "--format" in q for q in queries), queries
+
+
+def test_cuda_results_record_the_l2_size_and_multiprocessors(monkeypatch):
+    """Calls are timed back to back with no cache flush: the L2 size in a CUDA result says which
+    problems stayed in it between calls (d = 64 bf16 inputs fit in 50 MB up to B = 65,536)."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(multi_processor_count=132, L2_cache_size=50 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    env = harness.environment("cuda")
+    assert (env["sm_count"], env["l2_cache_mb"]) == (132, 50.0)
+    assert "l2_cache_mb" not in harness.environment("cpu")
