@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -70,3 +71,48 @@ def gloo_group(init_file: object, rank: int = 0, world_size: int = 1) -> Iterato
         yield
     finally:
         dist.destroy_process_group()
+
+
+def _garbage(dtype: torch.dtype) -> float | int | bool:
+    """A value no correct result contains by chance: NaN, True, or the integer type's largest."""
+    if dtype.is_floating_point:
+        return float("nan")
+    return True if dtype == torch.bool else torch.iinfo(dtype).max
+
+
+def poison_undefined_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Triton's interpreter as harsh as a GPU where the GPU leaves values undefined, so that
+    reading them shows up on CPU: the masked lanes of a ``tl.load`` without ``other=`` (zeros
+    under the interpreter, whatever the registers held on a GPU) read NaN (integers: their
+    largest value, booleans: True), and ``torch.empty`` / ``empty_like`` / ``Tensor.new_empty``
+    (fresh zero pages on a CPU, stale blocks of the caching allocator on a GPU) come back filled
+    the same way, until ``monkeypatch`` undoes both."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    load = interpreter.InterpreterBuilder.create_masked_load
+
+    def masked_load(self, ptrs, mask, other, *args, **kwargs):  # the interpreter's arguments
+        if other is None:
+            ty = ptrs.get_element_ty()
+            np_dtype = interpreter._get_np_dtype(ty)
+            if ty == tl.bfloat16:  # stored as uint16
+                fill: object = 0x7FC0
+            elif ty.is_floating():
+                fill = np.nan
+            else:
+                fill = True if ty == tl.int1 else np.iinfo(np_dtype).max
+            other = interpreter.TensorHandle(np.full(ptrs.data.shape, fill, np_dtype), ty)
+        return load(self, ptrs, mask, other, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", masked_load)
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        real = getattr(owner, name)
+
+        def filled(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            with torch.no_grad():
+                return t.fill_(_garbage(t.dtype)) if t.numel() else t
+
+        monkeypatch.setattr(owner, name, filled)
