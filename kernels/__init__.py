@@ -9,6 +9,15 @@ def check_unit_column_stride(**tensors: object) -> None:
             raise ValueError(f"{name} needs unit column stride, got strides {tuple(t.stride())}")
 
 
+def interpreting() -> bool:
+    """Whether ``triton.jit`` builds interpreted kernels now: TRITON_INTERPRET as Triton reads it
+    (1, true, on, yes, ...). A module that picks between libdevice and its own versions of a
+    function (the interpreter has no libdevice) must decide as ``triton.jit`` does, by this."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
 def runs_on_cpu(kernel: object) -> bool:
     """Whether ``kernel`` takes CPU tensors: Triton's interpreter built it and Triton's own
     jit'd library (``tl.zeros``, ``tl.sum``), which it does when TRITON_INTERPRET=1 is set as

@@ -18,15 +18,13 @@ streams]`` the last absolute step of segment ``s`` at slot ``s % capacity`` (-1 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from crl_fast.checks import on_device
-from crl_fast.kernels import check_unit_column_stride, runs_on_cpu
+from crl_fast.kernels import check_unit_column_stride, interpreting, runs_on_cpu
 from crl_fast.kernels.grid import cdiv, next_power_of_2
 
 _INV_2_24 = tl.constexpr(1.0 / 16777216.0)
@@ -44,7 +42,7 @@ def _block_w(width: int) -> int:
     return min(_MAX_BLOCK_W, next_power_of_2(width))
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
+if interpreting():  # the interpreter has no libdevice
 
     @triton.jit
     def _log1p(x):

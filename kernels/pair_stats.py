@@ -66,8 +66,6 @@ The launchers at the end take their tile shapes, and the experimental options' s
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -75,7 +73,7 @@ from triton.language.extra import libdevice
 
 from crl_fast.checks import on_device
 from crl_fast.energy import NORM_EPS as _NORM_EPS
-from crl_fast.kernels import check_unit_column_stride, dot, runs_on_cpu
+from crl_fast.kernels import check_unit_column_stride, dot, interpreting, runs_on_cpu
 from crl_fast.kernels import pair_stats_tiling as tiling
 from crl_fast.kernels.dot import round_to_bfloat16, round_to_tf32
 from crl_fast.kernels.grid import cdiv, next_power_of_2
@@ -268,7 +266,7 @@ def _tile_weights(w, rows, UPCAST: tl.constexpr):
     return w_in, rows_in
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
+if interpreting():  # the interpreter has no libdevice
 
     @triton.jit
     def _log2_approx(x):

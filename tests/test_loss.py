@@ -6,6 +6,7 @@ from __future__ import annotations
 import fractions
 import functools
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -1624,6 +1625,32 @@ def test_triton_backend_on_cpu_needs_kernels_built_by_the_interpreter(imported):
         imported,
     )
     assert "ValueError: backend='triton' needs CUDA tensors" in err, err
+
+
+@pytest.mark.parametrize("value", ["true", "on"])
+def test_kernels_run_under_any_spelling_of_triton_interpret(value):
+    """Triton interprets for TRITON_INTERPRET=true or on as for 1: the kernels then take their
+    interpreter versions of libdevice's functions too (the sigmoid loss's log2, the buffer's
+    log1p), not libdevice's, which the interpreter lacks (an InterpreterError on None)."""
+    code = textwrap.dedent("""
+        import torch
+        from crl_fast import TrajectoryBuffer, contrastive_loss
+        phi, psi = torch.randn(6, 3), torch.randn(6, 3)
+        got = contrastive_loss(phi, psi, backend="triton")
+        want = contrastive_loss(phi, psi, backend="torch")
+        assert abs(got.item() - want.item()) < 1e-5, (got, want)
+        buf = TrajectoryBuffer(capacity=4, num_envs=2, obs_dim=1, action_dim=1, goal_dim=1,
+                               backend="triton")
+        buf.extend({"observation": torch.zeros(3, 2, 1), "action": torch.zeros(3, 2, 1),
+                    "next_achieved_goal": torch.zeros(3, 2, 1),
+                    "terminated": torch.zeros(3, 2, dtype=torch.bool),
+                    "truncated": torch.zeros(3, 2, dtype=torch.bool)})
+        buf.sample(5)
+    """)
+    env = os.environ | {"TRITON_INTERPRET": value, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
