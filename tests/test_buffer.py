@@ -1276,6 +1276,53 @@ def test_triton_matches_torch_cuda() -> None:
         assert diff.max() <= 1 and (diff > 0).sum() <= 1  # float64: was < 1e-3 in float32
 
 
+@pytest.mark.parametrize(
+    ("capacity", "num_envs", "device"),
+    [
+        pytest.param(40, 24, "cpu", marks=pytest.mark.interpreter, id="small-cpu"),
+        pytest.param(4096, 32768, "cuda", marks=pytest.mark.gpu, id="2**32-elements-cuda"),
+    ],
+)
+def test_rows_past_element_2_to_the_31(capacity: int, num_envs: int, device: str) -> None:
+    """Capacities go to 2**24 steps, times the envs: 4096 steps x 32768 envs x 32 columns is
+    2**32 elements (8 GiB in bfloat16), half the rows past element 2**31, where the kernels' row
+    offsets (step x envs x width) wrap unless taken in 64 bits (the interpreter wraps int32 as
+    a GPU does, but CPU memory cannot hold the case). Triton's extend and sample there must
+    equal the torch backend's. Each row names its step and env in base-256 digits (exact in
+    bfloat16); 'final', current and random goals involve no float rounding."""
+    width, steps = 32, capacity + 5  # the ring wraps: the newest rows overwrite the oldest
+    bufs = [
+        TrajectoryBuffer(capacity=capacity, num_envs=num_envs, obs_dim=width - 4, action_dim=2,
+                         goal_dim=2, device=device, dtype=torch.bfloat16, backend=backend, seed=0)
+        for backend in ("torch", "triton")
+    ]  # fmt: skip
+    env = torch.arange(num_envs, device=device)
+    obs = torch.zeros(1, num_envs, width - 4, dtype=torch.bfloat16, device=device)
+    obs[0, :, 2], obs[0, :, 3] = env % 256, env // 256
+    pair = torch.zeros(1, num_envs, 2, dtype=torch.bfloat16, device=device)
+    for t in range(steps):
+        obs[0, :, 0], obs[0, :, 1] = t % 256, t // 256
+        done = ((t + env) % 97 == 96)[None]  # episodes of 97 steps, staggered across envs
+        term, trunc = done & (env % 2 == 0), done & (env % 2 == 1)
+        batch = {"observation": obs, "action": pair, "next_achieved_goal": obs[..., :2],
+                 "terminated": term, "truncated": trunc}  # fmt: skip
+        for buf in bufs:
+            buf.extend(batch)
+    kw = {"goal_mode": "final", "random_goal_fraction": 0.1, "current_goal_fraction": 0.1}
+    a, b = (
+        buf.sample(65536, generator=torch.Generator(device).manual_seed(1), **kw) for buf in bufs
+    )
+    for field_a, field_b in zip(a, b, strict=True):
+        assert torch.equal(field_a, field_b)
+    o = b.observation.long()
+    t, e = o[:, 0] + 256 * o[:, 1], o[:, 2] + 256 * o[:, 3]
+    assert (t >= steps - capacity).all() and (t < steps).all()
+    g = b.goal.long()
+    assert (g[:, 0] + 256 * g[:, 1] >= steps - capacity).all()
+    if capacity * num_envs * width > 2**31:  # anchors past element 2**31 were drawn
+        assert (((t % capacity) * num_envs + e) * width >= 2**31).sum() > 1000
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_sample_and_extend_do_not_sync(backend: str) -> None:
