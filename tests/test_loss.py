@@ -788,6 +788,35 @@ def test_float16_small_loss_weight_keeps_its_gradient(device):
         assert_no_worse_than_eager(name, k.cpu(), e, 0.01 * t.cpu(), 1e-4)
 
 
+@pytest.mark.parametrize(
+    ("m", "device"),
+    [
+        pytest.param(300, "cpu", marks=pytest.mark.interpreter, id="small-cpu"),
+        pytest.param(2**23 + 1000, "cuda", marks=pytest.mark.gpu, id="past-2**31-cuda"),
+    ],
+)
+@pytest.mark.parametrize("loss", ["binary", "infonce"])
+def test_goal_rows_past_element_2_to_the_31(loss, m, device):
+    """Extra negatives (M > B, gathered from many ranks): 2**23 + 1000 goals 256 wide put psi's
+    last rows past element 2**31, where a row's offset (row x stride) wraps unless taken in 64
+    bits (the interpreter wraps int32 as a GPU does, but CPU memory cannot hold the case). The
+    loss and every gradient, psi's last rows on their own too, match the float32 torch path's:
+    the row pass reads psi's rows as its B tiles, the column pass as its A rows."""
+    g = torch.Generator(device).manual_seed(13)
+    phi, psi = (torch.randn(n, 256, generator=g, device=device) / 4 for n in (64, m))
+    phi, psi = phi.bfloat16(), psi.bfloat16()
+    extra = (torch.tensor(0.3, device=device), torch.tensor(-1.0, device=device))
+    kw = {"loss": loss}
+    value, _, grads = _loss_and_grads(contrastive_loss, phi, psi, extra, backend="triton", **kw)
+    want, _, wants = _loss_and_grads(
+        contrastive_loss, phi.float(), psi.float(), extra, backend="torch", **kw
+    )
+    assert max_error(value, want) <= 1e-2 * want.abs().item()
+    tail = slice(m - m // 4, m)  # past element 2**31 on CUDA
+    for k, t in (*zip(grads, wants, strict=True), (grads[1][tail], wants[1][tail])):
+        assert max_error(k, t) <= 1e-2 * t.abs().max().item() + 1e-6  # infonce's dbias is 0
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "metrics"])
