@@ -158,6 +158,8 @@ def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
         ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
+        if key == "eval/success":
+            _shade_interval(ax, rows)
         ax.set_title(key)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -169,6 +171,22 @@ def plot_curve(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _shade_interval(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Shade the success's 95% interval of the rows that have one (a resumed run's curve may hold
+    rows of a version that logged none), so the curve shows which changes its episodes resolve."""
+    band = [
+        (r["step"], low, high)
+        for r in rows
+        if (low := r.get("eval/success_ci95_low")) is not None
+        and (high := r.get("eval/success_ci95_high")) is not None
+    ]
+    if band:
+        ax.fill_between(
+            *zip(*band, strict=True), color="C0", alpha=0.2, label="95% Wilson interval"
+        )
+        ax.legend(loc="lower right")
 
 
 class Progress:

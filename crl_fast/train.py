@@ -55,6 +55,7 @@ from crl_fast.schedule import (
     iterations,
     reports_metrics,
 )
+from crl_fast.stats import success_summary, wilson_interval
 
 CHECKPOINT_KEYS = ("config", "dims", "agent", "buffer", "env", "obs", "loop", "rng")
 EVAL_SEED_OFFSET = 10_000  # the eval envs' goals come from their own fixed seed
@@ -191,8 +192,11 @@ def evaluate(
     """One episode per env on the fixed goals of ``env.reset(seed)``, with deterministic actions.
     ``record(obs, info)`` sees the reset's observations (``info`` None) and every step's.
 
-    ``eval/success``: reached the goal at any step; ``eval/success_final``: within the success
-    distance at the last step; ``eval/final_distance``: mean distance to the goal at the last step.
+    ``eval/success``: reached the goal at any step; ``eval/success_ci95_low`` and ``_high``: its
+    95% Wilson interval (:func:`crl_fast.stats.wilson_interval`: the goals and starts are drawn
+    independently, so the successes are a binomial count); ``eval/success_final``: within the
+    success distance at the last step; ``eval/final_distance``: mean distance to the goal at the
+    last step.
     Runs ``env.max_episode_steps`` steps; raises ValueError if an episode has not ended by then
     (the env's limit is longer than it says), rather than report a distance it never measured.
     """
@@ -233,10 +237,14 @@ def evaluate(
             f"{int((~ended).sum())} of {n} evaluation episodes did not end within "
             f"env.max_episode_steps={env.max_episode_steps} steps"
         )
+    low, high = wilson_interval(int(success.sum()), n)
     return {
         "eval/success": success.float().mean().item(),
         "eval/success_final": success_final.float().mean().item(),
         "eval/final_distance": final_distance.mean().item(),
+        # last: the eval columns metrics.csv had before keep their places (its first four)
+        "eval/success_ci95_low": low,
+        "eval/success_ci95_high": high,
     }
 
 
@@ -664,7 +672,10 @@ def _train_in(
             log_time, log_steps, log_updates = time.perf_counter(), loop.env_steps, loop.updates
         if crossed(before, loop.env_steps, config.checkpoint_every):
             log_time += seconds(checkpoint_now)
-        status = [f"eval success {loop.last_eval['eval/success']:.2f}"] if loop.last_eval else []
+        status = []
+        if loop.last_eval:
+            success = loop.last_eval["eval/success"]
+            status.append(f"eval success {success_summary(success, config.eval_episodes)}")
         if loop.env_steps < config.learning_starts:  # why the first steps run faster
             status.append(f"random actions until {config.learning_starts:,}")
         progress.update(loop.env_steps, loop.updates, ", ".join(status))
@@ -694,9 +705,18 @@ def _train_in(
             file=sys.stderr,
         )
     updates = f"{loop.updates:,} update" + "s" * (loop.updates != 1)
+    # the success with its episodes and interval, said once; the other results as they are
+    results = [
+        f"eval/success {success_summary(loop.last_eval['eval/success'], config.eval_episodes)}"
+    ]
+    results += [
+        f"{k} {v:.3f}"
+        for k, v in loop.last_eval.items()
+        if k not in ("eval/success", "eval/success_ci95_low", "eval/success_ci95_high")
+    ]
     print(
         f"done: {loop.env_steps:,} env steps, {updates} in {loop.elapsed_s:.0f}s; "
-        + ", ".join(f"{k} {v:.3f}" for k, v in loop.last_eval.items())
+        + ", ".join(results)
         + f"; outputs in {run_dir}"
     )
     return {"run_dir": run_dir, **loop.last_eval}

@@ -42,6 +42,7 @@ from crl_fast.config import AgentConfig, TrainConfig
 from crl_fast.envs import make_env, register_env
 from crl_fast.logger import MetricsLogger, read_jsonl
 from crl_fast.run_dir import LOCK_NAME, claimed_run_dir, new_run_dir
+from crl_fast.stats import success_summary, wilson_interval
 from crl_fast.train import EVAL_SEED_OFFSET, eval_seed, evaluate, load_agent, restart_seed, train
 from tests.free_point_env import FreePoint
 
@@ -609,7 +610,9 @@ def test_updates_start_with_the_transitions_the_notice_counts(
     assert stored[0] == first_update_step(config, cuda_graph=False)
 
 
-def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
+def test_progress_says_when_actions_are_random(tmp_path, monkeypatch, capsys):
+    """The progress line says why the first steps run faster, and the latest eval success with
+    its episodes and interval, as the closing line does."""
     from crl_fast.logger import Progress
 
     seen = []
@@ -619,9 +622,13 @@ def test_progress_says_when_actions_are_random(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, progress=True))
     assert {steps < 256 for steps, _ in seen} == {True, False}  # both phases reported
     assert all(
-        ("random actions until 256" in info) == (steps < 256) and "eval success" in info
+        ("random actions until 256" in info) == (steps < 256)
+        and re.search(r"eval success [01]\.\d\d of 8 episodes \(95% CI ", info)
         for steps, info in seen
     )
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"; eval/success [01]\.\d\d of 8 episodes \(95% CI [^)]*\), ", done)
+    assert "eval/success_final" in done and "ci95" not in done  # the interval said once
 
 
 def test_the_policy_acts_from_learning_starts_on(tmp_path, monkeypatch):
@@ -1321,6 +1328,31 @@ def test_the_curve_labels_both_axes_of_every_panel(tmp_path, monkeypatch):
     assert [ax.get_xlabel() for ax in axes[2:]] == ["environment steps"] * 2  # the shared x
 
 
+def test_the_curve_shades_the_success_interval(tmp_path, monkeypatch):
+    """The success panel shades each evaluation's 95% interval (where its row has one: a
+    resumed run's curve may hold rows of an older version), so the curve shows which of its
+    changes the episodes can tell apart."""
+    from crl_fast.logger import plot_curve
+
+    figure = pytest.importorskip("matplotlib.figure")
+    saved = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    band = {"eval/success_ci95_low": 0.25, "eval/success_ci95_high": 0.75}
+    rows = [
+        {"step": 0, "eval/success": 0.5},
+        {"step": 1, "eval/success": 0.5, **band},
+        {"step": 2, "eval/success": 0.6, "eval/success_ci95_low": 0.4, "eval/success_ci95_high": 1},
+    ]
+    plot_curve(rows, tmp_path / "curve.png")
+    (axes,) = [fig.axes for fig in saved]
+    (shaded,) = axes[0].collections
+    x, y = shaded.get_paths()[0].vertices.T
+    assert (x.min(), x.max(), y.min(), y.max()) == (1, 2, 0.25, 1)
+    assert "95%" in axes[0].get_legend().get_texts()[0].get_text()
+    plot_curve(rows[:1], tmp_path / "curve.png")  # no interval: no band
+    assert not saved[-1].axes[0].collections
+
+
 def test_the_curve_leaves_out_the_null_values_of_non_finite_metrics(tmp_path, monkeypatch):
     from crl_fast.logger import CURVE_PANELS, plot_curve
 
@@ -1353,6 +1385,12 @@ def test_cli_train_then_eval(tmp_path, capsys, monkeypatch):
     assert result["episodes"] == 4
     for key in ("eval/success", "eval/success_final", "eval/final_distance"):
         assert result[key] == pytest.approx(last[key], abs=1e-6), key
+    successes = round(result["eval/success"] * 4)
+    low, high = wilson_interval(successes, 4)  # with its 95% interval, in the run's rows too
+    assert (result["eval/success_ci95_low"], result["eval/success_ci95_high"]) == (low, high)
+    assert (last["eval/success_ci95_low"], last["eval/success_ci95_high"]) == (low, high)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]  # columns parsed by place
+    assert header.startswith("step,eval/success,eval/success_final,eval/final_distance,")
     agent, _ = load_agent(run_dir / "checkpoint.pt", "cpu")
     saved = load_checkpoint(run_dir / "checkpoint.pt")["agent"]["actor"]
     assert all(torch.equal(v, saved[k]) for k, v in agent.actor.state_dict().items())
@@ -1836,6 +1874,61 @@ def test_evaluate_reports_the_last_step():
     result = evaluate(SeekThenFlee(), env, seed=0)
     assert result["eval/success"] == 1.0 and result["eval/success_final"] == 0.0
     assert result["eval/final_distance"] == pytest.approx(1.5 * 2**0.5, rel=1e-5)
+    # the interval of eval/success (4 of 4), not of eval/success_final (0 of 4)
+    low, high = wilson_interval(4, 4)
+    assert (result["eval/success_ci95_low"], result["eval/success_ci95_high"]) == (low, high)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "low", "high"),
+    [  # scipy 1.18.1: binomtest(successes, trials).proportion_ci(method="wilson")
+        (8, 10, 0.4901624715366418, 0.9433178485456248),
+        (32, 64, 0.3810209474394701, 0.6189790525605299),
+        (52, 64, 0.7002563943589847, 0.8893535682705119),
+        (60, 64, 0.8500251490779133, 0.9754287986033819),
+        (0, 64, 0.0, 0.05662405979280534),
+        (64, 64, 0.9433759402071946, 1.0),
+        (0, 1, 0.0, 0.7934506856227626),
+        (1, 1, 0.20654931437723745, 1.0),
+    ],
+)
+def test_wilson_interval_matches_scipy(successes, trials, low, high):
+    assert wilson_interval(successes, trials) == pytest.approx((low, high), rel=1e-12, abs=1e-15)
+
+
+def test_wilson_interval_at_none_and_all():
+    """0 of n and n of n: the bound at the observed end is exactly 0 or 1 (not a rounding off
+    it), the other z^2 / (n + z^2) from it (by hand: the square root is then z^2 / 2)."""
+    z2 = 1.959963984540054**2
+    for n in (1, 10, 64, 10**6):
+        low, high = wilson_interval(0, n)
+        assert low == 0.0 and high == pytest.approx(z2 / (n + z2), rel=1e-12)
+        low, high = wilson_interval(n, n)
+        assert high == 1.0 and low == pytest.approx(n / (n + z2), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "message"),
+    [
+        (5, 4, "successes must lie in"),
+        (-1, 4, "successes must lie in"),
+        (0.5, 4, "successes must be an int"),
+        (True, 4, "successes must be an int"),
+        (0, 0, "trials must be a positive int"),
+        (0, 4.0, "trials must be a positive int"),
+    ],
+)
+def test_wilson_interval_refuses_what_is_not_a_count(successes, trials, message):
+    with pytest.raises(ValueError, match=message):
+        wilson_interval(successes, trials)
+
+
+def test_success_summary_says_episodes_and_interval():
+    """The progress and closing lines' success: its episodes and interval, counted back from
+    the fraction (a float32 mean of the episodes)."""
+    success = torch.tensor([True] * 60 + [False] * 4).float().mean().item()
+    assert success_summary(success, 64) == "0.94 of 64 episodes (95% CI 0.85-0.98)"
+    assert success_summary(0.0, 8) == "0.00 of 8 episodes (95% CI 0.00-0.32)"
 
 
 def test_evaluate_counts_the_first_episode_of_each_env_only():
