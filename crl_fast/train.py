@@ -510,8 +510,10 @@ def _train_in(
     if config.resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME, device, CHECKPOINT_KEYS)
         check_resume(checkpoint["config"], config)
-        done, saved_total = checkpoint["loop"]["env_steps"], checkpoint["config"]["total_env_steps"]
-        if config.total_env_steps < done and config.total_env_steps != saved_total:
+        done = checkpoint["loop"]["env_steps"]
+        # The steps the run takes (the saved total's are never fewer than those done): a total
+        # that rounds up to the steps done is no step back.
+        if iterations(config) * config.num_envs < done:
             raise ValueError(
                 f"the run is at env step {done:,} already: --total-env-steps cannot go below that"
             )

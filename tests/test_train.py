@@ -1066,6 +1066,16 @@ def test_resume_reads_auto_as_the_device_it_chose_and_keeps_steps_done(tmp_path)
     main([*resume, "--total-env-steps", "128"])  # the same schedule: nothing to do
 
 
+def test_resume_takes_a_total_that_rounds_up_to_the_steps_done(tmp_path):
+    """A run of 60 steps in 8 envs took 64: resumed with 61 (also 64 steps: nothing to do), it is
+    not refused as going below the steps done; 56 is."""
+    run_dir = str(train(tiny_config(tmp_path, total_env_steps=60, learning_starts=0))["run_dir"])
+    resume = ["train", "--resume", "--run-dir", run_dir]
+    main([*resume, "--total-env-steps", "61"])
+    with pytest.raises(SystemExit):
+        main([*resume, "--total-env-steps", "56"])
+
+
 def test_a_checkpoint_cut_anywhere_is_a_value_error(tmp_path):
     """torch.load fails a truncated file with EOFError, RuntimeError or OSError by where it is
     cut; each is the same ValueError naming the file."""
