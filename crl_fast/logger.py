@@ -33,7 +33,8 @@ CURVE_PANELS = {  # the metrics curve.png draws, with their y axes' labels
 class MetricsLogger:
     """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/metrics.jsonl`` (and TensorBoard).
     Without ``resume_step`` it refuses a non-empty ``metrics.jsonl``: those rows are another
-    run's, not its to drop.
+    run's, not its to drop. The rows stay on disk, not in memory (a long run logs hundreds of
+    thousands); ``row_count`` counts them.
 
     With ``resume_step`` set, the rows a run killed after its last checkpoint logged are
     dropped, so a resumed run's metrics hold each row once: the first ``resume_rows`` rows (the
@@ -58,10 +59,11 @@ class MetricsLogger:
                 f"{self.jsonl_path} holds another run's metrics: give resume_step to continue "
                 "that run, or log to another directory"
             )
-        self.rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
-        self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)][:resume_rows]
-        self.rows = [_finite_or_null(r) for r in self.rows]  # an older file's NaN / Infinity
-        write_atomically(self.jsonl_path, "".join(_json_line(r) for r in self.rows))
+        rows = read_jsonl(self.jsonl_path) if resume_step is not None else []
+        rows = [r for r in rows if r["step"] <= (resume_step or 0)][:resume_rows]
+        rows = [_finite_or_null(r) for r in rows]  # an older file's NaN / Infinity
+        write_atomically(self.jsonl_path, "".join(_json_line(r) for r in rows))
+        self.row_count = len(rows)
         self._file = open(self.jsonl_path, "a")  # noqa: SIM115 (open for the run's lifetime)
         purge = 0 if resume_step is None else resume_step + 1
         self._tb = _summary_writer(self.run_dir, purge) if tensorboard else None
@@ -70,8 +72,8 @@ class MetricsLogger:
         """Record ``metrics`` (plain floats) at environment step ``step``; a non-finite value
         as ``None`` (TensorBoard gets it as it is)."""
         row = _finite_or_null({"step": step, **metrics})
-        self.rows.append(row)
         self._file.write(_json_line(row))
+        self.row_count += 1
         self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
@@ -79,20 +81,32 @@ class MetricsLogger:
 
     def flush(self) -> None:
         """Rewrite ``metrics.csv`` from every row so far (columns: the union of all keys)."""
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        rows = self.read_rows()
+        columns = list(dict.fromkeys(k for row in rows for k in row))
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         write_atomically(self.csv_path, text.getvalue())
         if self._tb is not None:
             self._tb.flush()
 
+    def read_rows(self) -> list[dict[str, Any]]:
+        """Every row logged so far, read back from ``metrics.jsonl``."""
+        return read_jsonl(self.jsonl_path)
+
     def close(self) -> None:
+        """Write ``metrics.csv``, then :meth:`release` the files."""
         self.flush()
+        self.release()
+
+    def release(self) -> None:
+        """Close ``metrics.jsonl`` and TensorBoard without rewriting ``metrics.csv`` (a run that
+        failed: its CSV stays as its last checkpoint wrote it); again, nothing."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def _finite_or_null(row: dict[str, Any]) -> dict[str, Any]:

@@ -560,6 +560,7 @@ def _train_in(
         resume_step=loop.env_steps if config.resume else None,
         resume_rows=checkpoint.get("log_rows") if checkpoint else None,
     )
+    on_exit.callback(logger.release)  # a failed run's files too: a notebook keeps its frames
     progress = Progress(config.total_env_steps, config.progress, elapsed_s=loop.elapsed_s)
 
     def checkpoint_now() -> None:
@@ -576,7 +577,7 @@ def _train_in(
             "obs": obs,
             "loop": vars(loop).copy(),
             "metrics": metrics,
-            "log_rows": len(logger.rows),  # what a resumed run keeps of metrics.jsonl
+            "log_rows": logger.row_count,  # what a resumed run keeps of metrics.jsonl
             "rng": rng_state(device),
             "versions": versions(),
             "earlier_versions": earlier_versions,
@@ -698,7 +699,8 @@ def _train_in(
         evaluate_now()
     checkpoint_now()
     logger.close()
-    plot_curve(logger.rows, run_dir / "curve.png", title=f"CRL {config.env} seed {config.seed}")
+    title = f"CRL {config.env} seed {config.seed}"
+    plot_curve(logger.read_rows(), run_dir / "curve.png", title=title)
     if stop.signal is not None:  # it came in the last step or after: nothing was cut short
         name = signal.Signals(stop.signal).name
         print(

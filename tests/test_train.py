@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,47 @@ def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     resumed = train(tiny_config(tmp_path, "killed", resume=True, **settings))
 
     assert_same_weights_and_rows(straight, resumed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files via /proc")
+def test_a_run_that_fails_closes_its_files(tmp_path, monkeypatch):
+    """A run that raises mid-way leaves none of its run directory's files open, even while the
+    exception (and so its frames: a notebook keeps the last one) is alive."""
+    log = MetricsLogger.log
+
+    def log_then_fail(self, step, metrics):
+        log(self, step, metrics)
+        if step >= 600:
+            raise Killed
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_fail)
+    with pytest.raises(Killed) as failed:
+        train(tiny_config(tmp_path))
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed by now
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert failed.value is not None
+    assert [t for t in targets if t.startswith(str(tmp_path))] == []
+
+
+def test_logger_memory_does_not_grow_with_its_rows(tmp_path):
+    """A week-long run logs hundreds of thousands of rows: the logger keeps them on disk, not
+    in memory, and metrics.csv still holds them all."""
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    metrics = {f"critic/metric_{i}": 0.5 for i in range(10)}
+    logger.log(0, metrics)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(1, 2001):
+            logger.log(step, metrics | {"charts/sps": float(step)})
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    logger.close()
+    assert grown < 100_000, f"{grown:,} bytes kept for 2,000 rows"
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2002
 
 
 def test_kill_between_final_eval_and_final_checkpoint_logs_each_row_once(tmp_path, monkeypatch):
