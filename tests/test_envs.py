@@ -930,6 +930,14 @@ def test_adapter_reset_takes_a_numpy_int_seed_as_the_torch_envs_do():
     assert_same(env.reset(seed=np.int64(3)), env.reset(seed=3))
 
 
+def test_adapter_records_the_reset_seed_as_the_torch_envs_do():
+    """``np_random_seed`` is Gymnasium's record of the last ``reset(seed=...)``: the adapter kept
+    an unrelated random one."""
+    env = GymnasiumGoalVectorEnv(TINY_ID, 2)
+    env.reset(seed=np.int64(5))
+    assert env.np_random_seed == make_env("point_umaze", 2, seed=5).np_random_seed == 5
+
+
 def test_adapter_actions_rescaled_and_errors():
     env = GymnasiumGoalVectorEnv(TINY_ID, 2, device="cpu")
     obs, _ = env.reset(seed=0)

@@ -202,6 +202,7 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         as the torch envs take it) only where ``mask`` is true."""
         if is_integer(seed):  # Gymnasium reads a numpy int as a list of seeds
             seed = int(seed)
+            super().reset(seed=seed)  # np_random_seed reports it, as the torch envs' does
         obs, _ = self.env.reset(seed=seed, options=self._gymnasium_options(options))
         return self._obs(obs), {}
 
