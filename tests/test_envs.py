@@ -838,6 +838,94 @@ def test_a_gif_needs_frames(tmp_path):
     assert not (tmp_path / "empty.gif").exists()
 
 
+# --------------------------------------------------------------------------- Gymnasium's tools
+
+
+def as_numpy(obs: dict) -> dict:
+    """A dict of tensors as the numpy arrays Gymnasium's spaces and wrappers take."""
+    return {key: value.cpu().numpy() for key, value in obs.items()}
+
+
+@pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+def test_gymnasium_spaces_and_action_wrappers_apply_directly(name):
+    """The README's list of what works on the torch envs as they are."""
+    from gymnasium.utils.performance import benchmark_vector_step
+    from gymnasium.vector.utils import batch_space
+    from gymnasium.wrappers.vector import ClipAction, ClipReward, RescaleAction
+
+    env = make_env(name, num_envs=4, seed=0, max_episode_steps=3)
+    assert env.observation_space == batch_space(env.single_observation_space, 4)
+    assert env.action_space == batch_space(env.single_action_space, 4)
+    obs, _ = env.reset(seed=0)
+    samples = [(env.action_space.seed(1), env.action_space.sample())[1] for _ in range(2)]
+    sample = samples[0]
+    assert np.array_equal(*samples)  # seeding the space repeats its samples
+    for _ in range(3):  # to the autoreset
+        next_obs, _, _, _, info = env.step(sample)
+        for batch in (obs, next_obs, info["final_obs"]):
+            assert env.observation_space.contains(as_numpy(batch))
+    assert info["_final_obs"].all()
+    rescaled = RescaleAction(make_env(name, num_envs=4, seed=0), -2.0, 2.0)
+    clipped = ClipAction(make_env(name, num_envs=4, seed=0))
+    rewards = ClipReward(make_env(name, num_envs=4, seed=0), -0.5, 0.5)
+    want = make_env(name, num_envs=4, seed=0).step(sample)  # [-2, 2] maps onto [-1, 1]
+    assert_same(rescaled.step(2 * sample)[:4], want[:4])
+    assert_same(clipped.step(4 * sample)[:4], make_env(name, 4, seed=0).step(4 * sample)[:4])
+    assert torch.equal(rewards.step(sample)[1], want[1].clamp(-0.5, 0.5))
+    assert benchmark_vector_step(env, target_duration=0, seed=0) > 0
+
+
+def test_gymnasium_record_video_films_the_torch_envs(tmp_path):
+    """Vector RecordVideo reads the frames ``render`` returns and sees the SAME_STEP resets."""
+    pytest.importorskip("moviepy")  # gymnasium[other]; not in the test extra
+    from gymnasium.wrappers.vector import RecordVideo
+
+    env = RecordVideo(
+        make_env("reacher", 2, render_mode="rgb_array", max_episode_steps=3), tmp_path
+    )
+    env.reset(seed=0)
+    for _ in range(4):
+        env.step(torch.zeros(2, 2))
+    env.close()
+    videos = sorted(p.name for p in tmp_path.iterdir())  # the autoreset at step 3 began one
+    assert videos == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4"]
+
+
+def test_gymnasium_numpy_wrappers_work_through_array_conversion():
+    """RecordEpisodeStatistics, DictInfoToList and NormalizeReward take numpy arrays (on torch
+    tensors they fail in numpy or on an assert): the README's ArrayConversion makes them work."""
+    pytest.importorskip("array_api_compat")  # gymnasium[array-api], in the test extra
+    from gymnasium.wrappers.vector import (
+        ArrayConversion,
+        DictInfoToList,
+        NormalizeReward,
+        RecordEpisodeStatistics,
+    )
+
+    env = make_env("point_umaze", num_envs=4, seed=0, max_episode_steps=3)
+    wrapped = NormalizeReward(RecordEpisodeStatistics(ArrayConversion(env, torch, np)))
+    listed = DictInfoToList(wrapped)
+    obs, _ = listed.reset(seed=0, options={"reset_mask": np.array([True, True, False, True])})
+    assert isinstance(obs["observation"], np.ndarray)
+    listed.reset(seed=0)
+    for _ in range(3):
+        obs, reward, _, truncated, infos = listed.step(listed.action_space.sample())
+    assert isinstance(reward, np.ndarray) and truncated.all() and len(infos) == 4
+    assert all(info["episode"]["l"] == 3 for info in infos)
+    assert all(info["final_obs"]["desired_goal"].shape == (2,) for info in infos)
+    _, _, _, _, infos = listed.step(listed.action_space.sample())  # mid-episode: no final_obs
+    assert all(set(info) == {"success"} for info in infos)
+
+
+@pytest.mark.parametrize("wrapper", ["NormalizeObservation", "FlattenObservation"])
+def test_gymnasium_observation_wrappers_refuse_same_step_autoreset(wrapper):
+    """Gymnasium's own limit, as the README says: they would leave ``final_obs`` as it was."""
+    import gymnasium.wrappers.vector
+
+    with pytest.raises(ValueError, match="NEXT_STEP or DISABLED"):
+        getattr(gymnasium.wrappers.vector, wrapper)(make_env("reacher", num_envs=2))
+
+
 # --------------------------------------------------------------------------- adapter
 
 
