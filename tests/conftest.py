@@ -11,6 +11,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from tests.helpers import interpreted  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -18,10 +20,10 @@ def pytest_collection_modifyitems(config, items):
         reason="runs Triton kernels on CPU tensors under TRITON_INTERPRET=1: on a CUDA machine "
         "the gpu tests run them compiled (CUDA_VISIBLE_DEVICES= runs these)"
     )
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreter = interpreted()
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
         # a gpu case of a test whose triton case is marked runs on CUDA tensors: compiled
-        elif "interpreter" in item.keywords and "gpu" not in item.keywords and not interpreted:
+        elif "interpreter" in item.keywords and "gpu" not in item.keywords and not interpreter:
             item.add_marker(skip_interpreter)

@@ -17,6 +17,16 @@ RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 largest value."""
 
 
+def interpreted() -> bool:
+    """Whether Triton builds interpreted kernels now (TRITON_INTERPRET as Triton reads it: 1,
+    true, on, ...), as the kernels decide; False without Triton."""
+    try:
+        from crl_fast.kernels import interpreting
+    except ImportError:
+        return False
+    return interpreting()
+
+
 def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
     """Largest absolute difference, measured in float64."""
     return (actual.double() - truth.double()).abs().max().item()

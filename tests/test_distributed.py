@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 
 from crl_fast import ContrastiveLoss, contrastive_loss, reference_contrastive_loss
 from crl_fast.distributed import gather_negatives
-from tests.helpers import gloo_group, max_error
+from tests.helpers import gloo_group, interpreted, max_error
 from tests.test_upstream_parity import LOG_10, open_clip_leaves, open_clip_siglip
 
 WORLD, ROWS, DIM = 2, 5, 4
@@ -99,7 +98,7 @@ def rank_results(tmp_path_factory) -> Callable[[Job], list[tuple[torch.Tensor, .
     each rank, from one spawn of the ranks: a spawn a job
     (two fresh processes importing torch each) took ~10 s, most of this file's time."""
     out = tmp_path_factory.mktemp("ranks")
-    jobs = _jobs(os.environ.get("TRITON_INTERPRET") == "1")
+    jobs = _jobs(interpreted())
     with contextlib.suppress(mp.ProcessRaisedException, mp.ProcessExitedException):
         mp.spawn(_rank, (str(out / "init"), str(out), jobs), nprocs=WORLD)  # a job's test fails
 
