@@ -76,7 +76,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
     Flags default to ``argparse.SUPPRESS``, so the parsed namespace holds only the flags given.
     """
-    group = parser.add_argument_group((cls.__doc__ or cls.__name__).rstrip("."))
+    summary = (cls.__doc__ or cls.__name__).split(". ", 1)[0].split(".\n", 1)[0]
+    group = parser.add_argument_group(summary.rstrip("."))  # the docstring's first sentence
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

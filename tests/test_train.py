@@ -758,6 +758,19 @@ def test_python_m_crl_fast_is_the_command_line():
     assert done.returncode == 0 and "--video-envs" in done.stdout
 
 
+def test_train_help_heads_each_flag_group_with_its_summary():
+    """--help heads each config's flags with the first sentence of its docstring, not the
+    developers' notes and Sphinx markup that follow it."""
+    from crl_fast.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    titles = [g.title for g in train_parser._action_groups]
+    assert "Networks, losses and optimisers of the CRL agent" in titles
+    env = "Environment, replay buffer, training schedule, evaluation, logging and checkpoints"
+    assert env in titles
+    assert not any(":class:" in t or "\n" in t for t in titles if t), titles
+
+
 def test_warmup_updates_count_as_updates(tmp_path, monkeypatch):
     """A CUDA graph's warm-up updates (made while it is built) are real updates: counted in
     the run's updates and paid from its update credit. Checked on the CPU with a train step
