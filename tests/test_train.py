@@ -1990,9 +1990,11 @@ def test_wilson_interval_refuses_what_is_not_a_count(successes, trials, message)
 
 def test_success_summary_says_episodes_and_interval():
     """The progress and closing lines' success: its episodes and interval, counted back from
-    the fraction (a float32 mean of the episodes)."""
+    the fraction (a float32 mean of the episodes: 7 of 10 is 0.69999999, rounded, not cut, to 7)."""
     success = torch.tensor([True] * 60 + [False] * 4).float().mean().item()
     assert success_summary(success, 64) == "0.94 of 64 episodes (95% CI 0.85-0.98)"
+    success = torch.tensor([True] * 7 + [False] * 3).float().mean().item()
+    assert success_summary(success, 10) == "0.70 of 10 episodes (95% CI 0.40-0.89)"
     assert success_summary(0.0, 8) == "0.00 of 8 episodes (95% CI 0.00-0.32)"
 
 
