@@ -654,23 +654,24 @@ def test_updates_start_with_the_transitions_the_notice_counts(
 
 def test_progress_says_when_actions_are_random(tmp_path, monkeypatch, capsys):
     """The progress line says why the first steps run faster, and the latest eval success with
-    its episodes and interval, as the closing line does."""
+    its episodes (eval_episodes, not num_envs) and interval, as the closing line does."""
     from crl_fast.logger import Progress
 
     seen = []
     monkeypatch.setattr(
         Progress, "update", lambda self, steps, updates, info="": seen.append((steps, info))
     )
-    train(tiny_config(tmp_path, progress=True))
+    train(tiny_config(tmp_path, progress=True, eval_episodes=5))
     assert {steps < 256 for steps, _ in seen} == {True, False}  # both phases reported
     assert all(
         ("random actions until 256" in info) == (steps < 256)
-        and re.search(r"eval success [01]\.\d\d of 8 episodes \(95% CI ", info)
+        and re.search(r"eval success [01]\.\d\d of 5 episodes \(95% CI ", info)
         for steps, info in seen
     )
     done = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.search(r"; eval/success [01]\.\d\d of 8 episodes \(95% CI [^)]*\), ", done)
+    assert re.search(r"; eval/success [01]\.\d\d of 5 episodes \(95% CI [^)]*\), ", done)
     assert "eval/success_final" in done and "ci95" not in done  # the interval said once
+    assert done.count("eval/success ") == 1  # the success said once
 
 
 def test_the_policy_acts_from_learning_starts_on(tmp_path, monkeypatch):
