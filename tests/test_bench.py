@@ -398,3 +398,14 @@ def test_cuda_results_record_the_l2_size_and_multiprocessors(monkeypatch):
     env = harness.environment("cuda")
     assert (env["sm_count"], env["l2_cache_mb"]) == (132, 50.0)
     assert "l2_cache_mb" not in harness.environment("cpu")
+
+
+def test_keep_busy_calls_its_work_until_the_time_passed():
+    """The wake before a timing (``measure``'s on CUDA, jax_baselines' after XLA's compile, whose
+    tests need JAX): ``work`` is called again and again until ``seconds`` passed."""
+    import time
+
+    calls = []
+    t0 = time.perf_counter()
+    harness.keep_busy(lambda: calls.append(1), seconds=0.05)
+    assert time.perf_counter() - t0 >= 0.05 and len(calls) > 1
