@@ -356,7 +356,7 @@ def test_gpu_check_refuses_more_result_files_than_out_returns(tmp_path):
     """$OUT returns 8 files, the log one of them, and every stage but compile, tests and rest
     writes a result JSON of its own: a ninth file would come back missing after the device time
     was spent, so such a list is refused before any stage runs (a repeated stage counts once:
-    it rewrites its file)."""
+    it rewrites its file; compile, tests and rest count none)."""
     import subprocess
 
     run = _gpu_check_copy(tmp_path)
@@ -364,25 +364,30 @@ def test_gpu_check_refuses_more_result_files_than_out_returns(tmp_path):
     done = subprocess.run(["bash", "bench/gpu_check.sh", "compile", *writers], **run)
     assert done.returncode == 2 and "8 result files" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()  # nothing ran, not even the log's header
-    done = subprocess.run(["bash", "bench/gpu_check.sh", *writers[:7], "loss"], **run)
+    stages = [*writers[:7], "loss", "tests", "rest"]
+    done = subprocess.run(["bash", "bench/gpu_check.sh", *stages], **run)
     assert "result files" not in done.stderr and (tmp_path / "out" / "log.txt").exists()
 
 
-def test_gpu_check_logs_the_gpus_clocks_after_each_stage(tmp_path):
+@pytest.mark.parametrize("knows_reasons", [True, False], ids=["driver-535", "older-driver"])
+def test_gpu_check_logs_the_gpus_clocks_after_each_stage(tmp_path, knows_reasons):
     """Clocks, temperature, power and the reasons the clocks are held down, read after every
     stage (read-only queries): a stage timed on a throttled or idle-clocked GPU shows in the
-    log, not only the idle clock read before the first stage."""
+    log, not only the idle clock read before the first stage. A driver without
+    clocks_event_reasons (it prints an error on stdout and fails) still gives the rest."""
     import subprocess
 
     run = _gpu_check_copy(tmp_path)
     calls = tmp_path / "nvidia-smi-calls"
     smi = tmp_path / "bin" / "nvidia-smi"
-    smi.write_text(f'#!/bin/sh\necho "$*" >>{calls}\necho 1980 MHz\n')
+    unknown = "" if knows_reasons else 'case "$*" in *event_reasons*) echo no; exit 2;; esac\n'
+    smi.write_text(f'#!/bin/sh\necho "$*" >>{calls}\n{unknown}echo 1980 MHz\n')
     smi.chmod(0o755)
     subprocess.run(["bash", "bench/gpu_check.sh", "buffer", "loss"], **run)
     log = (tmp_path / "out" / "log.txt").read_text()
     after = [part.split("===")[0] for part in log.split(": exit 0")[1:]]  # each stage's end
-    assert len(after) == 2 and all("1980 MHz" in text for text in after), log
+    state = "1980 MHz" if knows_reasons else "1980 MHz (no event reasons)"
+    assert len(after) == 2 and all(f": {state}\n" in text for text in after), log
     queries = calls.read_text().splitlines()
     assert all("clocks.sm" in q and "--format" in q for q in queries), queries
 
