@@ -1681,6 +1681,24 @@ def test_kernels_run_under_any_spelling_of_triton_interpret(value):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("value", ["0", None])
+def test_compiled_kernels_take_libdevice(value):
+    """Without the interpreter the kernels take libdevice's functions (the sigmoid loss's fast
+    log2 and division, the buffer's log1p and expm1): the interpreter's versions would compile
+    on a GPU too, only slower or less exact, which no GPU test shows."""
+    code = textwrap.dedent("""
+        from crl_fast.kernels import goal_sampling, pair_stats
+        picked = (pair_stats._log2_approx, pair_stats._div_approx, goal_sampling._log1p,
+                  goal_sampling._expm1)
+        assert all("libdevice" in f.src for f in picked)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"CUDA_VISIBLE_DEVICES": ""} | ({} if value is None else {"TRITON_INTERPRET": value})
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("phi", "psi", "error"),
     [
