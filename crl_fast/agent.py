@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,6 +37,15 @@ def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 """Adam options that choose an implementation, not the maths: a checkpoint's (saved on another
 device or by an older version) would override the ones :func:`make_adam` picked."""
+
+
+_ISOLATE: dict[str, Any] = (
+    {"isolate_recompiles": True}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    else {}
+)
+"""``torch.compile``'s option for caches of one compile call's own, where torch has it: see
+:meth:`CRL.compile`."""
 
 
 def actor_goals(
@@ -160,8 +170,12 @@ class CRL:
         ``torch.compile(**kwargs)`` from now on.
 
         The parts are compiled one by one, so the streams that :meth:`update` puts them on are
-        chosen in plain Python, outside the compiled code.
+        chosen in plain Python, outside the compiled code. Where torch has
+        ``isolate_recompiles`` (2.13, not 2.11) each agent compiles into caches of its own; else
+        torch keeps one per function (``Optimizer.step``'s too), shared by every agent, and runs
+        a part uncompiled once agents filled ``torch._dynamo.config.recompile_limit`` entries.
         """
+        kwargs = _ISOLATE | kwargs
         self._encode_goals = torch.compile(self._encode_goals_eager, **kwargs)
         self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
         self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)

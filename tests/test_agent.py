@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crl_fast import contrastive_loss, pairwise_energy
-from crl_fast.agent import CRL, GraphedUpdates, actor_goals
+from crl_fast.agent import _ISOLATE, CRL, GraphedUpdates, actor_goals
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checks import resolve_device
 from crl_fast.config import AgentConfig
@@ -519,6 +519,27 @@ def test_compiled_act_matches_eager():
     agent.compile()
     torch.testing.assert_close(agent.act(obs, goal, deterministic=True), want)
     assert agent.act(obs, goal).abs().max() <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ISOLATE, reason="torch.compile has no isolate_recompiles")
+def test_compiled_agents_do_not_share_recompile_limits():
+    """Each agent compiles into caches of its own: agents of other sizes in one process do not
+    use up ``recompile_limit`` for the next one, which torch would then run uncompiled. The
+    limit is 3 here, the most one agent needs (its three optimisers step through
+    ``Optimizer.step``'s one frame); shared caches failed at the second agent's optimiser step,
+    and at every part from the ninth agent on with the default limit of 8."""
+    torch._dynamo.reset()  # no entries from earlier tests
+    batch = toy_batch()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+            for width in (8, 9):
+                agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
+                agent.compile(backend="eager")
+                agent.update(batch)
+                agent.act(batch.observation, batch.goal)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_actions_lie_in_the_unit_box():
