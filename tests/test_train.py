@@ -145,6 +145,18 @@ class Killed(Exception):
     """Raised in place of a kill signal."""
 
 
+def killed_after_logging(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the run raise Killed right after it logs its first row at or past ``step``."""
+    log = MetricsLogger.log
+
+    def log_then_die(self, at, metrics):
+        log(self, at, metrics)
+        if at >= step:
+            raise Killed
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+
+
 def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("charts/")} for row in rows]
 
@@ -190,14 +202,7 @@ def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
     since the checkpoint (one update per 200 env steps here)."""
     settings = dict(updates_per_env_step=0.005, log_every=32, checkpoint_every=512)
     straight = train(tiny_config(tmp_path, "straight", **settings))
-    log = MetricsLogger.log
-
-    def log_then_die(self, step, metrics):
-        log(self, step, metrics)
-        if step >= 600:
-            raise Killed
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    killed_after_logging(monkeypatch, 600)
     with pytest.raises(Killed):
         train(tiny_config(tmp_path, "killed", **settings))
     monkeypatch.undo()
@@ -211,14 +216,7 @@ def test_killed_run_resumes_with_the_same_metrics_rows(tmp_path, monkeypatch):
 def test_a_run_that_fails_closes_its_files(tmp_path, monkeypatch):
     """A run that raises mid-way leaves none of its run directory's files open, even while the
     exception (and so its frames: a notebook keeps the last one) is alive."""
-    log = MetricsLogger.log
-
-    def log_then_fail(self, step, metrics):
-        log(self, step, metrics)
-        if step >= 600:
-            raise Killed
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_fail)
+    killed_after_logging(monkeypatch, 600)
     with pytest.raises(Killed) as failed:
         train(tiny_config(tmp_path))
     targets = []
