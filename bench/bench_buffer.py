@@ -122,7 +122,7 @@ def bench_rows(device: str, sizes: dict[str, int]) -> Iterator[dict[str, object]
         yield timed_row("sample", mode, cap, n, batch, t)
     if torch.device(device).type == "cuda":  # the GPU work alone: sample replayed from a graph
         generator = torch.cuda.default_generators[torch.device(device).index or 0]
-        replay = graphed(lambda: buf.sample(batch, generator=generator))
+        replay = graphed(lambda: buf.sample(batch, generator=generator), device)
         t = measure(replay, device=device, memory=False)
         yield timed_row("sample", "geometric, graph", cap, n, batch, t)
     t = measure(

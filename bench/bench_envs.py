@@ -61,7 +61,7 @@ def bench_graphed(name: str, num_envs: int, device: str) -> dict:
     action = torch.rand(num_envs, env.action_dim, device=device) * 2 - 1
     row = {"env": f"{name}, graph", "num_envs": num_envs, "cpu_threads": None}
     try:
-        replay = graphed(lambda: env.step(action))
+        replay = graphed(lambda: env.step(action), device)
     except RuntimeError as error:
         return row | {"status": f"capture failed: {str(error).splitlines()[0][:120]}"}
     timing = measure(replay, device=device, warmup=10, rep=100, memory=False)

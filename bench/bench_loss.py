@@ -137,7 +137,7 @@ def run_one(
     try:
         step: Callable[[], object] = make_step(impl, b, d, dtype, device, **combo)
         if impl.endswith("-graph"):
-            step = graphed(step)
+            step = graphed(step, device)
         t0 = time.perf_counter()
         step()  # compiles (Triton / torch.compile) and sizes the repetitions
         if device.type == "cuda":

@@ -143,12 +143,12 @@ def main() -> None:
                                 ) -> list[object]:
                                     return [fn() for _ in range(n)]
 
-                                step = graphed(passes)
+                                step = graphed(passes, device)
                             timing = measure(step, device=device, warmup=3, rep=20, memory=False)
                             row["us_per_pass"] = timing["median_ms"] * 1e3 / reps
                             row |= {"calls": timing["calls"], "timer": timing["timer"]}
                             if cuda:
-                                row |= cuda_kernels(fn, per="pass")
+                                row |= cuda_kernels(fn, device, per="pass")
                     rows.append(row)
                     print(row, flush=True)
                     # after every row: a run stopped by a time limit keeps its rows

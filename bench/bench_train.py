@@ -81,7 +81,7 @@ def train_seconds(env_steps: int, mode: str, num_envs: int, device: str) -> floa
         with contextlib.redirect_stdout(io.StringIO()):
             train(config)
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
 

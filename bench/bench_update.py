@@ -160,7 +160,7 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
         "target_per_s": None if cpu else TARGETS.get(batch_size),
-        **({} if cpu else cuda_kernels(one_update)),
+        **({} if cpu else cuda_kernels(one_update, device)),
     }
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crl_fast.checkpoint import versions
+from crl_fast.checks import on_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -117,39 +118,42 @@ def measure(
 ) -> Timing:
     """Time ``fn`` ``rep`` times after ``warmup`` calls; median/p20/p80 in ms, peak memory in MB.
 
-    On CUDA each call is bracketed by CUDA events (the device is synchronised before reading them)
-    and ``host_ms`` is the median time the call takes to return (the host's share: launches,
-    Python; where it is close to ``median_ms`` the call is host-bound); on CPU calls are timed by
-    ``time.perf_counter``. Peak memory is the extra device memory the calls allocate; None with
-    ``memory=False`` (a CUDA graph's replay allocates nothing: its memory is the graph's pool).
+    On CUDA ``device`` is current for the timing, each call is bracketed by CUDA events on its
+    current stream (the device is synchronised before reading them) and ``host_ms`` is the
+    median time the call takes to return (the host's share: launches, Python; where it is close
+    to ``median_ms`` the call is host-bound); on CPU calls are timed by ``time.perf_counter``.
+    Peak memory is the extra device memory the calls allocate; None with ``memory=False`` (a
+    CUDA graph's replay allocates nothing: its memory is the graph's pool).
     Calls run back to back on the same inputs, with no cache flush: what fits in L2 (the result
     JSON records its size) is read from there by the next call, as a training step reads the
     encoders' outputs it has just written.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        _wake(device)  # after the warm-up calls, which may have compiled on the host for long
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times, host = [], []
-    for _ in range(rep):
+    with on_device(device):  # events record on, and kernels launch to, the current device
+        for _ in range(warmup):
+            fn()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            fn()
-            host.append((time.perf_counter() - t0) * 1e3)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            _wake(device)  # after the warm-up calls, which may have compiled on the host for long
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        times, host = [], []
+        for _ in range(rep):
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                t0 = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t0) * 1e3)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
     # inclusive: the deciles lie within what was measured (3 runs at the largest sizes)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     out: Timing = {
@@ -197,30 +201,31 @@ def _wake(device: torch.device) -> None:
     keep_busy(work)
 
 
-def graphed(step: Callable[[], Any]) -> Callable[[], None]:
-    """``step`` captured in a CUDA graph (warmed up on a side stream first): returns its replay,
-    whose timing is the GPU work alone, without the host's launches."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
+def graphed(step: Callable[[], Any], device: torch.device | str) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph on ``device`` (warmed up on a side stream first):
+    returns its replay, whose timing is the GPU work alone, without the host's launches."""
+    with on_device(torch.device(device)):  # torch.cuda.graph captures on the current device
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    return graph.replay  # a replay runs on the device it was captured on
 
 
-def cuda_kernels(fn: Callable[[], Any], per: str = "update") -> dict:
-    """The CUDA kernels (and memsets / copies) one call of ``fn`` (one ``per``) launches, from
-    the profiler: what a CUDA graph of it replays. Their count, their summed GPU time (next to a
-    graph's time per call it shows how much is launch gaps and waiting) and the heaviest by
-    name. Empty where the profiler fails or records no CUDA activity."""
+def cuda_kernels(fn: Callable[[], Any], device: torch.device | str, per: str = "update") -> dict:
+    """The CUDA kernels (and memsets / copies) one call of ``fn`` (one ``per``) launches on
+    ``device``, from the profiler: what a CUDA graph of it replays. Their count, their summed
+    GPU time (next to a graph's time per call it shows how much is launch gaps and waiting) and
+    the heaviest by name. Empty where the profiler fails or records no CUDA activity."""
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, on_device(torch.device(device)):
             fn()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     except RuntimeError:
         return {}
     total: dict[str, list] = {}

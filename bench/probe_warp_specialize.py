@@ -127,7 +127,7 @@ def main() -> None:
 
             # replayed from a CUDA graph: the TMA variants' host-side descriptors are built at
             # capture, not timed against the pointer variant
-            replay = graphed(one_pass)
+            replay = graphed(one_pass, device)
             row |= measure(replay, device=device, warmup=5, rep=50, memory=False)
         rows.append(row)
         print(row, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -408,9 +409,158 @@ def test_cuda_results_record_the_l2_size_and_multiprocessors(monkeypatch):
 def test_keep_busy_calls_its_work_until_the_time_passed():
     """The wake before a timing (``measure``'s on CUDA, jax_baselines' after XLA's compile, whose
     tests need JAX): ``work`` is called again and again until ``seconds`` passed."""
-    import time
-
     calls = []
     t0 = time.perf_counter()
     harness.keep_busy(lambda: calls.append(1), seconds=0.05)
     assert time.perf_counter() - t0 >= 0.05 and len(calls) > 1
+
+
+class _FakeCuda:
+    """``torch.cuda`` as far as the harness calls it, on a machine without CUDA: a current device
+    that ``torch.cuda.device`` switches, and a log of the device each event is recorded on, each
+    stream is made on, each graph captures on, each synchronize waits for and each timed call
+    runs on (``call``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import contextlib
+
+        self.current = 0
+        self.log: list[tuple[str, int]] = []
+        fake = self
+
+        def index(device: object) -> int:
+            found = torch.device("cuda", device) if isinstance(device, int) else device
+            found = torch.device(found) if found is not None else None
+            return fake.current if found is None or found.index is None else found.index
+
+        class Stream:
+            def __init__(self, device: object = None) -> None:
+                self.device_index = index(device)
+                fake.log.append(("stream", self.device_index))
+
+            def wait_stream(self, other: Stream) -> None:
+                pass
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                pass
+
+            def record(self, stream: Stream | None = None) -> None:
+                fake.log.append(("event", index(None if stream is None else stream.device_index)))
+
+            def synchronize(self) -> None:
+                pass
+
+            def elapsed_time(self, end: Event) -> float:
+                return 1.0
+
+        @contextlib.contextmanager
+        def switch(device: object):
+            before, fake.current = fake.current, index(device)
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        class CUDAGraph:
+            device = -1
+
+            def replay(self) -> None:  # on the device it captured on, as torch's replay
+                with switch(self.device):
+                    fake.call()
+
+        @contextlib.contextmanager
+        def graph(cuda_graph: CUDAGraph):
+            fake.log.append(("capture", fake.current))
+            cuda_graph.device = fake.current
+            yield
+
+        def synchronize(device: object = None) -> None:
+            fake.log.append(("synchronize", index(device)))
+
+        patches = {
+            "device": switch,
+            "stream": lambda stream: switch(stream.device_index),
+            "current_device": lambda: fake.current,
+            "current_stream": lambda device=None: Stream(device),
+            "Stream": Stream,
+            "Event": Event,
+            "CUDAGraph": CUDAGraph,
+            "graph": graph,
+            "synchronize": synchronize,
+            "reset_peak_memory_stats": lambda device=None: None,
+            "memory_allocated": lambda device=None: 0,
+            "max_memory_allocated": lambda device=None: 0,
+        }
+        for name, value in patches.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def call(self) -> None:
+        """A timed call: it logs the device current when it runs."""
+        self.log.append(("call", self.current))
+
+
+def test_the_harness_times_the_cuda_device_it_is_given(monkeypatch):
+    """``--device cuda:1``: the events bracket the calls on cuda:1's stream, the syncs wait for
+    cuda:1, graphs capture there and the kernels are counted there, and cuda:0 is current again
+    after (with cuda:0's events the timings would be of nothing: cuda:1's work is not on that
+    stream)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    cuda = _FakeCuda(monkeypatch)
+    monkeypatch.setitem(harness._BUSY_UNTIL, torch.device("cuda:1"), time.perf_counter())  # awake
+    no_events = SimpleNamespace(events=lambda: [])  # the profiler, which needs CUDA to start
+    monkeypatch.setattr(harness, "profile", lambda **kw: contextlib.nullcontext(no_events))
+    harness.measure(cuda.call, device="cuda:1", warmup=1, rep=2)
+    harness.graphed(cuda.call, "cuda:1")()
+    harness.cuda_kernels(cuda.call, "cuda:1")
+    kinds = {kind for kind, _ in cuda.log}
+    assert kinds == {"event", "synchronize", "call", "stream", "capture"}, cuda.log
+    assert all(device == 1 for _, device in cuda.log), cuda.log
+    assert cuda.current == 0
+
+
+def test_a_training_timing_on_another_device_waits_for_that_device(monkeypatch):
+    """bench_train's wall time of a run on cuda:1 ends when cuda:1 has done its work, not
+    cuda:0 (which is current: train() makes cuda:1 current only for the run)."""
+    import crl_fast.train
+
+    cuda = _FakeCuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(crl_fast.train, "train", lambda config: cuda.call())
+    assert bench_train.train_seconds(1000, "eager", 8, "cuda:1") > 0
+    assert ("synchronize", 1) in cuda.log and ("synchronize", 0) not in cuda.log, cuda.log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_timing_on_the_second_gpu_times_its_work():
+    """On a real cuda:1, with cuda:0 current: the events bracket cuda:1's work (cuda:0's would
+    time an idle stream, microseconds for milliseconds of matmuls), a graph captured for cuda:1
+    replays its work there and the profiler counts its kernels."""
+    torch.cuda.set_device(0)
+    x = torch.randn(4096, 4096, device="cuda:1") / 64
+    y = torch.zeros_like(x)
+
+    def work() -> None:
+        for _ in range(8):
+            torch.matmul(x, x, out=y)
+
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        work()
+        torch.cuda.synchronize(1)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    timing = harness.measure(work, device="cuda:1", warmup=1, rep=3)
+    assert timing["median_ms"] > 0.5 * min(walls), (timing, walls)
+    replay = harness.graphed(lambda: torch.matmul(x, x, out=y), "cuda:1")
+    y.zero_()
+    replay()
+    torch.cuda.synchronize(1)
+    torch.testing.assert_close(y, x @ x)
+    kernels = harness.cuda_kernels(work, "cuda:1")
+    assert not kernels or kernels["kernels_per_update"] >= 8  # {} where CUPTI records nothing
+    assert torch.cuda.current_device() == 0
