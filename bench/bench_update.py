@@ -5,12 +5,13 @@
 
 JaxGCRL defaults: 2 x 256 swish MLPs, repr 64, infonce + norm + 0.1 logsumexp penalty, a
 tanh-Gaussian actor, Adam 3e-4. Ant-sized inputs: state 27, action 8, goal 2. One update is one
-buffer sample plus the actor, alpha and critic steps. Modes: ``graph`` (sample + update
-replayed from a CUDA graph holding ``--graph-steps`` updates, of which the last computes the
-critic's metrics, as a training loop logs them); ``compile-graph`` (the same with
-the update ``torch.compile``d first: fewer, fused kernels in the graph); ``eager`` and
-``compile`` (one update per call, each computing the critic's metrics, as the eager training
-loop's updates do);
+buffer sample plus the actor, alpha and critic steps. A timed call does ``--updates-per-call``
+updates (16), of which the last computes the critic's metrics (as a training loop asks for them
+only for the update it logs). Modes: ``graph`` (sample + update replayed from a CUDA graph
+holding them); ``compile-graph`` (the same with the update ``torch.compile``d first: fewer, fused
+kernels in the graph); ``eager`` and ``compile`` (the updates launched back to back, the host
+waiting for the GPU once, after the last: each update's launches overlap the GPU's work on the
+one before, as in a training loop; one update per sync would add the GPU's time to the host's);
 ``autotune-graph`` (opt-in: compiled with ``mode="max-autotune-no-cudagraphs"``, whose Triton
 matmul templates can take the bias and activation into the product; compiling takes minutes).
 A ``+stream`` suffix (``graph+stream``, ``compile-graph+stream``) builds the agent with
@@ -113,14 +114,13 @@ def _mlp_path(fused: bool, device: torch.device) -> str:
     return "fused kernels" if fused_mlp.runs_on(device) else "layers (no Triton here)"
 
 
-def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) -> dict:
+def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: int) -> dict:
     torch.manual_seed(0)
     kind, *suffixes = mode.split("+")
     amp = "bfloat16" if "bf16" in suffixes else "off"
     config = dataclasses.replace(JAXGCRL_AGENT, amp=amp, fused_mlp="fused" in suffixes)
     agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, config, device, actor_stream="stream" in suffixes)
     buffer = filled_buffer(device)
-    updates_per_call = 1
     graphed = kind.endswith("graph")
     step: Callable[[], object]
     if kind in COMPILE_OPTIONS:
@@ -131,31 +131,40 @@ def bench(mode: str, batch_size: int, device: torch.device, graph_steps: int) ->
     if graphed:
         generator = torch.cuda.default_generators[device.index or 0]
         step = GraphedUpdates(
-            agent, lambda: buffer.sample(batch_size, generator=generator), steps=graph_steps
+            agent, lambda: buffer.sample(batch_size, generator=generator), steps=updates_per_call
         )
-        updates_per_call = graph_steps
     else:
 
-        def update() -> dict[str, torch.Tensor]:
-            return agent.update(buffer.sample(batch_size))
+        def updates() -> dict[str, torch.Tensor]:
+            """The graph's updates, launched: no sync between them."""
+            for i in range(updates_per_call):
+                last = i == updates_per_call - 1
+                metrics = agent.update(buffer.sample(batch_size), critic_metrics=last)
+            return metrics
 
-        step = update
+        step = updates
 
     cpu = device.type == "cpu"
     timing = measure(
         step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50, memory=not graphed
     )
 
+    if graphed:
+        how = "one CUDA graph replay"
+    else:
+        how = "run back to back" if cpu else "launched back to back, one sync after them"
+
     def one_update() -> None:
-        """The timed kind of update; in a graph, one without the critic's metrics, as all but the
-        last of a graph's updates are (a compiled agent has both kinds compiled by now)."""
-        agent.update(buffer.sample(batch_size), critic_metrics=not graphed)
+        """The timed kind of update: one without the critic's metrics, as all but the last of a
+        call's updates are (a compiled agent has both kinds compiled by now)."""
+        agent.update(buffer.sample(batch_size), critic_metrics=False)
 
     return {
         "mode": mode,
         "mlp": _mlp_path("fused" in suffixes, device),
         "batch": batch_size,
         "updates_per_call": updates_per_call,
+        "timed_call": f"{updates_per_call} updates, {how}",
         "cpu_threads": torch.get_num_threads() if cpu else None,
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
@@ -170,7 +179,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[256, 4096])
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES)
     parser.add_argument(
-        "--graph-steps", type=positive_int, default=16, help="updates per CUDA graph"
+        "--updates-per-call",
+        "--graph-steps",
+        type=positive_int,
+        default=16,
+        help="updates per timed call (a CUDA graph's, or the eager and compile modes' run back "
+        "to back); default: 16",
     )
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     add_name_argument(parser, "update, or update-autotuned with CRL_FAST_AUTOTUNE=1")
@@ -198,7 +212,7 @@ def main() -> None:
     rows = []
     for mode in modes:
         for batch_size in args.batch_size:
-            rows.append(bench(mode, batch_size, device, args.graph_steps))
+            rows.append(bench(mode, batch_size, device, args.updates_per_call))
             print(rows[-1], flush=True)
             if autotuned:
                 extra["tuned_configs"] = tuned_configs()

@@ -28,7 +28,7 @@ flax / optax): MLPs, Adam and the tanh-Gaussian actor are written out here.
   ``crl_fast.agent.CRL`` (where JaxGCRL differs in details, ours is followed): the actor step
   against the critic as it stands (no gradient into the encoders), the alpha step on the
   actor's log-probabilities, the critic step with the loss above and its metrics (every update:
-  more than the crl-fast graph modes, which compute them once per 16; the batches come from the
+  more than bench_update's modes, which compute them once per call of 16; the batches come from the
   permuted pool, with no future-goal sampling inside the call, less than crl-fast's, which
   samples its buffer inside the graph); LeCun-uniform
   init with bound sqrt(3 / fan_in), log-std squashed into [-5, 2], the tanh correction

@@ -564,3 +564,34 @@ def test_a_timing_on_the_second_gpu_times_its_work():
     kernels = harness.cuda_kernels(work, "cuda:1")
     assert not kernels or kernels["kernels_per_update"] >= 8  # {} where CUPTI records nothing
     assert torch.cuda.current_device() == 0
+
+
+def test_an_eager_update_call_is_a_block_of_updates(monkeypatch):
+    """The eager and compile modes time ``updates_per_call`` updates back to back in a call (one
+    sync after them on CUDA: each update launches while the GPU runs the last, as in training),
+    the last with the critic's metrics, as a graph's and as the training loop asks for them
+    (only for the update it logs); the rate is per update."""
+    from crl_fast.agent import CRL
+
+    flags: list[bool] = []
+    update = CRL.update
+    monkeypatch.setattr(
+        CRL,
+        "update",
+        lambda self, batch, critic_metrics=True, *args: (
+            flags.append(critic_metrics) or update(self, batch, critic_metrics, *args)
+        ),
+    )
+    calls = []
+
+    def measure(fn, **kwargs):
+        flags.clear()
+        fn()
+        calls.append(list(flags))
+        return harness.measure(fn, **kwargs | FEW_CALLS)
+
+    monkeypatch.setattr(bench_update, "measure", measure)
+    row = bench_update.bench("eager", 16, torch.device("cpu"), 4)
+    assert calls == [[False, False, False, True]]
+    assert row["updates_per_call"] == 4 and row["timed_call"] == "4 updates, run back to back"
+    assert row["updates_per_s"] == pytest.approx(4e3 / row["median_ms"])
