@@ -20,6 +20,7 @@ from bench.harness import (
     Timing,
     add_device_argument,
     add_name_argument,
+    default_generator,
     device_label,
     device_name,
     graphed,
@@ -121,7 +122,7 @@ def bench_rows(device: str, sizes: dict[str, int]) -> Iterator[dict[str, object]
         t = measure(sample, device=device)
         yield timed_row("sample", mode, cap, n, batch, t)
     if torch.device(device).type == "cuda":  # the GPU work alone: sample replayed from a graph
-        generator = torch.cuda.default_generators[torch.device(device).index or 0]
+        generator = default_generator(device)
         replay = graphed(lambda: buf.sample(batch, generator=generator), device)
         t = measure(replay, device=device, memory=False)
         yield timed_row("sample", "geometric, graph", cap, n, batch, t)

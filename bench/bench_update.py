@@ -40,6 +40,7 @@ from bench.harness import (
     add_device_argument,
     add_name_argument,
     cuda_kernels,
+    default_generator,
     device_label,
     measure,
     note_cuda_only,
@@ -129,7 +130,7 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
         torch._dynamo.reset()
         agent.compile(**COMPILE_OPTIONS[kind])
     if graphed:
-        generator = torch.cuda.default_generators[device.index or 0]
+        generator = default_generator(device)
         step = GraphedUpdates(
             agent, lambda: buffer.sample(batch_size, generator=generator), steps=updates_per_call
         )

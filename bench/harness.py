@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crl_fast.checkpoint import versions
-from crl_fast.checks import on_device
+from crl_fast.checks import on_device, resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -215,6 +215,15 @@ def graphed(step: Callable[[], Any], device: torch.device | str) -> Callable[[],
         with torch.cuda.graph(graph):
             step()
     return graph.replay  # a replay runs on the device it was captured on
+
+
+def default_generator(device: torch.device | str) -> torch.Generator:
+    """The default CUDA generator of ``device``, a bare ``cuda``'s being the current device's
+    (not cuda:0's): what a graph captured there samples with (a buffer's own generator would
+    have to be registered with the graph)."""
+    index = resolve_device(device).index
+    assert index is not None  # resolve_device gives a CUDA device its index
+    return torch.cuda.default_generators[index]
 
 
 def cuda_kernels(fn: Callable[[], Any], device: torch.device | str, per: str = "update") -> dict:

@@ -534,6 +534,20 @@ def test_a_training_timing_on_another_device_waits_for_that_device(monkeypatch):
     assert ("synchronize", 1) in cuda.log and ("synchronize", 0) not in cuda.log, cuda.log
 
 
+def test_a_bare_cuda_device_samples_with_the_current_devices_generator(monkeypatch):
+    """The graph rows of bench_update and bench_buffer sample with the default generator of the
+    device they time: for a bare ``--device cuda`` with cuda:1 current, cuda:1's (cuda:0's, from
+    its index None read as 0, is refused by a buffer on cuda:1)."""
+    cuda = _FakeCuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    generators = (torch.Generator(), torch.Generator())  # stand-ins for cuda:0's and cuda:1's
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    cuda.current = 1
+    assert harness.default_generator("cuda") is generators[1]
+    assert harness.default_generator(torch.device("cuda:0")) is generators[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_timing_on_the_second_gpu_times_its_work():
