@@ -39,6 +39,7 @@ import torch
 from bench.harness import (
     add_device_argument,
     add_name_argument,
+    back_to_back,
     cuda_kernels,
     default_generator,
     device_label,
@@ -46,6 +47,7 @@ from bench.harness import (
     note_cuda_only,
     positive_int,
     print_table,
+    timed_call,
     tuned_configs,
     write_results,
 )
@@ -134,26 +136,17 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
         step = GraphedUpdates(
             agent, lambda: buffer.sample(batch_size, generator=generator), steps=updates_per_call
         )
-    else:
-
-        def updates() -> dict[str, torch.Tensor]:
-            """The graph's updates, launched: no sync between them."""
-            for i in range(updates_per_call):
-                last = i == updates_per_call - 1
-                metrics = agent.update(buffer.sample(batch_size), critic_metrics=last)
-            return metrics
-
-        step = updates
+    else:  # the graph's updates, launched: no sync between them
+        last = updates_per_call - 1
+        step = back_to_back(
+            lambda i: agent.update(buffer.sample(batch_size), critic_metrics=i == last),
+            updates_per_call,
+        )
 
     cpu = device.type == "cpu"
     timing = measure(
         step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50, memory=not graphed
     )
-
-    if graphed:
-        how = "one CUDA graph replay"
-    else:
-        how = "run back to back" if cpu else "launched back to back, one sync after them"
 
     def one_update() -> None:
         """The timed kind of update: one without the critic's metrics, as all but the last of a
@@ -165,7 +158,7 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
         "mlp": _mlp_path("fused" in suffixes, device),
         "batch": batch_size,
         "updates_per_call": updates_per_call,
-        "timed_call": f"{updates_per_call} updates, {how}",
+        "timed_call": timed_call(updates_per_call, "updates", device, graph=graphed),
         "cpu_threads": torch.get_num_threads() if cpu else None,
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -199,6 +199,37 @@ def _wake(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
     keep_busy(work)
+
+
+T = TypeVar("T")
+
+
+def back_to_back(step: Callable[[int], T], calls: int) -> Callable[[], T]:
+    """One timed call of ``step(0)``, ..., ``step(calls - 1)`` with no sync between them
+    (:func:`measure` syncs once, after the last): each step's launches overlap the GPU's work on
+    the one before, as in a training or collection loop (one step per sync would add the GPU's
+    time to the host's). Returns the last step's result."""
+    if calls < 1:
+        raise ValueError(f"calls must be a positive int, got {calls!r}")
+
+    def block() -> T:
+        for i in range(calls - 1):
+            step(i)
+        return step(calls - 1)
+
+    return block
+
+
+def timed_call(calls: int, what: str, device: torch.device | str, *, graph: bool) -> str:
+    """A row's ``timed_call``: one timed call is ``calls`` ``what`` (``"steps"``), replayed from
+    a CUDA graph or a :func:`back_to_back` block."""
+    if graph:
+        how = "one CUDA graph replay"
+    elif torch.device(device).type == "cpu":
+        how = "run back to back"
+    else:
+        how = "launched back to back, one sync after them"
+    return f"{calls} {what}, {how}"
 
 
 def graphed(step: Callable[[], Any], device: torch.device | str) -> Callable[[], None]:

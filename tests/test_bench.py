@@ -609,3 +609,9 @@ def test_an_eager_update_call_is_a_block_of_updates(monkeypatch):
     assert calls == [[False, False, False, True]]
     assert row["updates_per_call"] == 4 and row["timed_call"] == "4 updates, run back to back"
     assert row["updates_per_s"] == pytest.approx(4e3 / row["median_ms"])
+
+
+def test_a_block_of_no_calls_is_refused():
+    """``back_to_back`` of 0 calls would time nothing and return nothing: a ValueError."""
+    with pytest.raises(ValueError, match="calls must be a positive int, got 0"):
+        harness.back_to_back(lambda i: i, 0)
