@@ -611,6 +611,52 @@ def test_an_eager_update_call_is_a_block_of_updates(monkeypatch):
     assert row["updates_per_s"] == pytest.approx(4e3 / row["median_ms"])
 
 
+def _spy_env_steps(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The actions of every env step taken from now on (bench_envs' envs are torch envs)."""
+    from crl_fast.envs import TorchGoalVectorEnv
+
+    actions: list[torch.Tensor] = []
+    step = TorchGoalVectorEnv.step
+    monkeypatch.setattr(
+        TorchGoalVectorEnv,
+        "step",
+        lambda self, action: actions.append(action.clone()) or step(self, action),
+    )
+    return actions
+
+
+def test_an_env_call_is_a_block_of_steps(monkeypatch):
+    """bench_envs times ``steps_per_call`` steps back to back in a call, each with its own
+    actions (one sync after them on CUDA: a collection loop does not wait for the GPU after each
+    step); the rate and the time per step are per step."""
+    actions = _spy_env_steps(monkeypatch)
+    calls = []
+
+    def measure(fn, **kwargs):
+        actions.clear()
+        fn()
+        calls.append(len({tuple(a.flatten().tolist()) for a in actions}))
+        return harness.measure(fn, **kwargs | FEW_CALLS)
+
+    monkeypatch.setattr(bench_envs, "measure", measure)
+    row = bench_envs.bench("point_umaze", 8, "cpu", steps_per_call=4)
+    assert calls == [4]  # four steps, four different actions
+    assert row["steps_per_call"] == 4 and row["timed_call"] == "4 steps, run back to back"
+    assert row["env_steps_per_s"] == pytest.approx(8 * 4e3 / row["median_ms"])
+    assert row["us_per_step"] == pytest.approx(row["median_ms"] * 1e3 / 4)
+
+
+def test_an_env_graph_replays_a_block_of_steps(monkeypatch):
+    """bench_envs' graph rows capture ``steps_per_call`` steps in the graph a call replays (with
+    the fake torch.cuda: two warm-up blocks on a side stream, then the captured one)."""
+    cuda = _FakeCuda(monkeypatch)
+    actions = _spy_env_steps(monkeypatch)
+    row = bench_envs.bench_graphed("point_umaze", 8, "cpu", steps_per_call=4)
+    assert ("capture", 0) in cuda.log and len(actions) == 3 * 4
+    assert row["steps_per_call"] == 4 and row["timed_call"] == "4 steps, one CUDA graph replay"
+    assert row["env_steps_per_s"] == pytest.approx(8 * 4e3 / row["median_ms"])
+
+
 def test_a_block_of_no_calls_is_refused():
     """``back_to_back`` of 0 calls would time nothing and return nothing: a ValueError."""
     with pytest.raises(ValueError, match="calls must be a positive int, got 0"):
