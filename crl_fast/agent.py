@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ import torch
 
 from crl_fast.buffer import GoalBatch
 from crl_fast.checks import check_bool, is_real, on_device, positive_int, resolve_device
+from crl_fast.compiling import compile_isolated
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -37,15 +37,6 @@ def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 """Adam options that choose an implementation, not the maths: a checkpoint's (saved on another
 device or by an older version) would override the ones :func:`make_adam` picked."""
-
-
-_ISOLATE: dict[str, Any] = (
-    {"isolate_recompiles": True}
-    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
-    else {}
-)
-"""``torch.compile``'s option for caches of one compile call's own, where torch has it: see
-:meth:`CRL.compile`."""
 
 
 def actor_goals(
@@ -175,12 +166,11 @@ class CRL:
         torch keeps one per function (``Optimizer.step``'s too), shared by every agent, and runs
         a part uncompiled once agents filled ``torch._dynamo.config.recompile_limit`` entries.
         """
-        kwargs = _ISOLATE | kwargs
-        self._encode_goals = torch.compile(self._encode_goals_eager, **kwargs)
-        self._actor_step = torch.compile(self._actor_step_eager, **kwargs)
-        self._critic_backward = torch.compile(self._critic_backward_eager, **kwargs)
-        self._critic_step = torch.compile(self._critic_step_eager, **kwargs)
-        self._act = torch.compile(self._act_eager, **kwargs)
+        self._encode_goals = compile_isolated(self._encode_goals_eager, **kwargs)
+        self._actor_step = compile_isolated(self._actor_step_eager, **kwargs)
+        self._critic_backward = compile_isolated(self._critic_backward_eager, **kwargs)
+        self._critic_step = compile_isolated(self._critic_step_eager, **kwargs)
+        self._act = compile_isolated(self._act_eager, **kwargs)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` in the ``config.amp`` dtype, for forward passes (backward runs

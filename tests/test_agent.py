@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from crl_fast import contrastive_loss, pairwise_energy
-from crl_fast.agent import _ISOLATE, CRL, GraphedUpdates, actor_goals
+from crl_fast.agent import CRL, GraphedUpdates, actor_goals
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checks import resolve_device
+from crl_fast.compiling import ISOLATE
 from crl_fast.config import AgentConfig
 
 OBS, ACT, GOAL = 4, 2, 2
@@ -522,7 +523,7 @@ def test_compiled_act_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _ISOLATE, reason="torch.compile has no isolate_recompiles")
+@pytest.mark.skipif(not ISOLATE, reason="torch.compile has no isolate_recompiles")
 def test_compiled_agents_do_not_share_recompile_limits():
     """Each agent compiles into caches of its own: agents of other sizes in one process do not
     use up ``recompile_limit`` for the next one, which torch would then run uncompiled. The

@@ -16,6 +16,7 @@ from gymnasium.wrappers import TimeLimit
 from torch._dynamo.utils import counters
 
 from crl_fast.checks import resolve_device
+from crl_fast.compiling import ISOLATE
 from crl_fast.envs import (
     ENV_NAMES,
     GymnasiumGoalVectorEnv,
@@ -566,6 +567,28 @@ def test_compiled_step_matches_eager(name, device):
             assert torch.equal(have[k], want[k])
         assert torch.equal(have[4]["_final_obs"], want[4]["_final_obs"])
     assert counters["stats"]["unique_graphs"] > graphs  # the steps went through the compiler
+
+
+@pytest.mark.skipif(not ISOLATE, reason="torch.compile has no isolate_recompiles")
+def test_compiled_envs_do_not_share_recompile_limits():
+    """Each env compiles its step into caches of its own: envs of other kinds or sizes in one
+    process (a run's, a sweep's, a test suite's) do not use up ``recompile_limit`` for the next
+    one. One function steps every env, so a shared cache took an entry per env class, maze
+    size, ``terminate_on_success`` and first new ``num_envs``, and with ``fullgraph=True`` torch
+    raised FailOnRecompileLimitHit at the step of the env past the limit (the ninth kind with
+    the default 8): here, with a limit of 1, the second env's."""
+    torch._dynamo.reset()  # no entries from earlier tests
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for name, num_envs in (("point_umaze", 4), ("reacher", 4), ("point_umaze", 8)):
+                env = make_env(name, num_envs=num_envs, seed=0)
+                env.compile(backend="eager")
+                graphs = counters["stats"]["unique_graphs"]
+                for _ in range(2):
+                    env.step(torch.zeros(num_envs, env.action_dim))
+                assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled, once
+    finally:
+        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- your own env

@@ -33,6 +33,7 @@ from crl_fast.checks import (
     resolve_device,
     seed_int,
 )
+from crl_fast.compiling import compile_isolated
 
 GoalObs = dict[str, torch.Tensor]
 """A batch of goal observations: ``observation``, ``achieved_goal`` and ``desired_goal``."""
@@ -208,8 +209,10 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
 
     def compile(self, **kwargs: Any) -> None:
         """Run :meth:`step`'s work after its random draws through ``torch.compile(**kwargs)``
-        (one graph: on a GPU a few fused kernels instead of about a hundred small ones)."""
-        self._transition = torch.compile(self._transition_eager, fullgraph=True, **kwargs)
+        (one graph: on a GPU a few fused kernels instead of about a hundred small ones), into
+        caches of this env's own where torch can (:func:`crl_fast.compiling.compile_isolated`):
+        one function steps every env, whose shared cache other envs would fill."""
+        self._transition = compile_isolated(self._transition_eager, fullgraph=True, **kwargs)
 
     @abstractmethod
     def _draw(self) -> dict[str, torch.Tensor]:
