@@ -145,8 +145,9 @@ without."""
 
 def _loss_cases(quick: bool):
     """((dtype, float32 matmul precision), (B, d), loss, energy, options): every combination, or
-    with ``quick`` every flag combination in bfloat16 and the other dtypes and tile shapes on a
-    few losses. Float32 runs with TF32 ("high", as training on CUDA does) and without."""
+    with ``quick`` every flag combination in bfloat16 and, in each other dtype and tile shape, a
+    few losses, each with one energy (each dtype meets both). Float32 runs with TF32 ("high", as
+    training on CUDA does) and without."""
     energies = ("dot", "l2", "norm", "cosine")
     extras = ({}, {"logsumexp_penalty": 0.1, "exclude_positive_from_lse": True})
     dtypes = _DTYPES
@@ -155,7 +156,11 @@ def _loss_cases(quick: bool):
         return itertools.product(dtypes, shapes, LOSSES, energies, extras)
     every_flag = itertools.product(dtypes[2:3], shapes[:1], LOSSES, energies, extras)
     few = ("binary", "infonce", "symmetric_infonce", "dpo")
-    other = itertools.product(dtypes, shapes, few, ("dot", "norm"), extras[:1])
+    other = [  # each (dtype, shape) with each loss, energies alternating: both for each dtype
+        (dtype, shape, loss, ("dot", "norm")[(i + j) % 2], extras[0])
+        for j, (dtype, shape) in enumerate(itertools.product(dtypes, shapes))
+        for i, loss in enumerate(few)
+    ]
     return itertools.chain(every_flag, other)
 
 
@@ -184,17 +189,25 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
             phi, psi, loss=loss, energy=energy, backend="triton", return_metrics=True, **extra
         )
         agent.backward()
-    _record_single_pass_launches(recorders)
+    _record_single_pass_launches(recorders, quick)
 
 
-def _record_single_pass_launches(recorders: list[Recorder]) -> None:
+def _record_single_pass_launches(recorders: list[Recorder], quick: bool) -> None:
     """The experimental single pass (CRL_FAST_SINGLE_PASS=1): the sigmoid loss in every dtype
-    and energy, with and without a learnable scale, at widths it takes in one tile (float32
-    without TF32: 16); DPO, IPO, FB and SPPO in bfloat16; every loss's backward (penalty and
-    metrics on: the general path) in bfloat16."""
+    and energy (``quick``: each energy once in dtypes but bfloat16), with and without a learnable
+    scale, at widths it takes in one tile (float32 without TF32: 16); DPO, IPO, FB and SPPO in
+    bfloat16; every loss's backward (penalty and metrics on: the general path) in bfloat16."""
     energies = ("dot", "l2", "norm", "cosine")
+    shapes = list(itertools.product((16, 64), ("plain", "scale")))  # (d, options)
+    binary = [
+        ("binary", dtype, d, energy, options)
+        for dtype in _DTYPES
+        for i, (d, options) in enumerate(shapes)
+        # quick: every energy in bfloat16, each once in the other dtypes
+        for energy in ([energies[i]] if quick and dtype != _DTYPES[2] else energies)
+    ]
     cases = itertools.chain(  # (loss, dtype, d, energy, options)
-        itertools.product(("binary",), _DTYPES, (16, 64), energies, ("plain", "scale")),
+        binary,
         itertools.product(
             ("dpo", "ipo", "fb", "sppo"), _DTYPES[2:3], (64,), energies, ("plain", "scale")
         ),
