@@ -161,10 +161,11 @@ class CRL:
         ``torch.compile(**kwargs)`` from now on.
 
         The parts are compiled one by one, so the streams that :meth:`update` puts them on are
-        chosen in plain Python, outside the compiled code. Where torch has
-        ``isolate_recompiles`` (2.13, not 2.11) each agent compiles into caches of its own; else
-        torch keeps one per function (``Optimizer.step``'s too), shared by every agent, and runs
-        a part uncompiled once agents filled ``torch._dynamo.config.recompile_limit`` entries.
+        chosen in plain Python, outside the compiled code. Each agent compiles into caches of its
+        own (:func:`crl_fast.compiling.compile_isolated`), but on torch without
+        ``isolate_recompiles`` (2.11) only the parts' own frames: ``Optimizer.step``, reached
+        through a graph break, keeps one cache shared by every agent, and torch runs it uncompiled
+        once agents filled ``torch._dynamo.config.recompile_limit`` entries.
         """
         self._encode_goals = compile_isolated(self._encode_goals_eager, **kwargs)
         self._actor_step = compile_isolated(self._actor_step_eager, **kwargs)

@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from crl_fast import compiling
+from crl_fast.compiling import ISOLATE
+
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 """The loss's tolerance by dtype in ``assert_no_worse_than_eager``, relative to the truth's
 largest value."""
@@ -126,3 +129,21 @@ def poison_undefined_memory(monkeypatch: pytest.MonkeyPatch) -> None:
                 return t.fill_(_garbage(t.dtype)) if t.numel() else t
 
         monkeypatch.setattr(owner, name, filled)
+
+
+ISOLATION_PATHS = (
+    pytest.param(
+        "isolate_recompiles",
+        marks=pytest.mark.skipif(not ISOLATE, reason="torch.compile has no isolate_recompiles"),
+    ),
+    "code_copy",
+)
+"""``compile_isolated``'s two ways to caches of a compile call's own, for
+:func:`use_isolation_path`."""
+
+
+def use_isolation_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make ``compile_isolated`` take ``path`` until ``monkeypatch`` undoes it: ``code_copy``, the
+    only one torch without ``isolate_recompiles`` has, is then tested on every torch."""
+    if path == "code_copy":
+        monkeypatch.setattr(compiling, "ISOLATE", {})

@@ -16,7 +16,6 @@ from gymnasium.wrappers import TimeLimit
 from torch._dynamo.utils import counters
 
 from crl_fast.checks import resolve_device
-from crl_fast.compiling import ISOLATE
 from crl_fast.envs import (
     ENV_NAMES,
     GymnasiumGoalVectorEnv,
@@ -28,6 +27,7 @@ from crl_fast.envs import (
 from crl_fast.envs.base import GOAL_KEYS
 from crl_fast.envs.point_maze import MAZES
 from tests.free_point_env import FreePoint
+from tests.helpers import ISOLATION_PATHS, use_isolation_path
 from tests.tiny_goal_env import TINY_ID, TINY_UNLIMITED_ID, TinyGoalEnv
 
 
@@ -569,14 +569,16 @@ def test_compiled_step_matches_eager(name, device):
     assert counters["stats"]["unique_graphs"] > graphs  # the steps went through the compiler
 
 
-@pytest.mark.skipif(not ISOLATE, reason="torch.compile has no isolate_recompiles")
-def test_compiled_envs_do_not_share_recompile_limits():
-    """Each env compiles its step into caches of its own: envs of other kinds or sizes in one
-    process (a run's, a sweep's, a test suite's) do not use up ``recompile_limit`` for the next
-    one. One function steps every env, so a shared cache took an entry per env class, maze
-    size, ``terminate_on_success`` and first new ``num_envs``, and with ``fullgraph=True`` torch
-    raised FailOnRecompileLimitHit at the step of the env past the limit (the ninth kind with
-    the default 8): here, with a limit of 1, the second env's."""
+@pytest.mark.parametrize("path", ISOLATION_PATHS)
+def test_compiled_envs_do_not_share_recompile_limits(monkeypatch, path):
+    """Each env compiles its step into caches of its own, by either path (torch 2.11 has only the
+    code copy): envs of other kinds or sizes in one process (a run's, a sweep's, a test suite's)
+    do not use up ``recompile_limit`` for the next one. One function steps every env, so a
+    shared cache took an entry per env class, maze size, ``terminate_on_success`` and first new
+    ``num_envs``, and with ``fullgraph=True`` torch raised FailOnRecompileLimitHit at the step
+    of the env past the limit (the ninth kind with the default 8): here, with a limit of 1, the
+    second env's."""
+    use_isolation_path(monkeypatch, path)
     torch._dynamo.reset()  # no entries from earlier tests
     try:
         with torch._dynamo.config.patch(recompile_limit=1):

@@ -210,7 +210,7 @@ class TorchGoalVectorEnv(VectorEnv, ABC):
     def compile(self, **kwargs: Any) -> None:
         """Run :meth:`step`'s work after its random draws through ``torch.compile(**kwargs)``
         (one graph: on a GPU a few fused kernels instead of about a hundred small ones), into
-        caches of this env's own where torch can (:func:`crl_fast.compiling.compile_isolated`):
+        caches of this env's own (:func:`crl_fast.compiling.compile_isolated`, on any torch):
         one function steps every env, whose shared cache other envs would fill."""
         self._transition = compile_isolated(self._transition_eager, fullgraph=True, **kwargs)
 
