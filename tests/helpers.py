@@ -35,6 +35,11 @@ def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
     return (actual.double() - truth.double()).abs().max().item()
 
 
+def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """``max_error`` relative to the truth's largest magnitude, absolute where that is below 1."""
+    return max_error(actual, truth) / max(1.0, truth.double().abs().max().item())
+
+
 def assert_no_worse_than_eager(
     name: str, kernel: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, rtol: float
 ) -> None:
