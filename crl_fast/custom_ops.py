@@ -17,7 +17,8 @@ def eager_fast_path(
     impl: Callable[P_, R_],
     backward: Callable[..., tuple[torch.Tensor | None, ...]] | None = None,
     setup_context: Callable[[Any, tuple[Any, ...], Any], None] | None = None,
-    alternative: str = "",
+    *,
+    alternative: str,
 ) -> Callable[P_, R_]:
     """A caller of the custom op ``op`` (``impl`` registered under a name, with ``backward`` and
     ``setup_context`` as its autograd) that runs ``impl`` directly in eager mode, through a plain
