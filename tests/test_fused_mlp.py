@@ -46,6 +46,13 @@ def _net(in_dims: tuple[int, ...], width: int, out: int, activation: str) -> MLP
     return net
 
 
+def _layers(net: MLP) -> MLP:
+    """A copy of ``net`` that runs its PyTorch layers (``fused=False``): what the kernels match."""
+    layers = copy.deepcopy(net)
+    layers.fused = False
+    return layers
+
+
 def _run(net: MLP, inputs: list[torch.Tensor], grad: torch.Tensor, autocast=None):
     """(output, input gradients, parameter gradients) of ``net`` on fresh leaf copies, under
     autocast on their device in that dtype if one is given (else in the caller's autocast)."""
@@ -80,8 +87,7 @@ def test_forward_and_gradients_no_worse_than_eager(shape, activation, autocast, 
     net = _net(in_dims, width, out, activation).to(device)
     inputs = [torch.randn(rows, d).to(device) for d in in_dims]
     grad = torch.randn(rows, out).to(device)  # grad_output != 1
-    eager_net = copy.deepcopy(net)
-    eager_net.fused = False
+    eager_net = _layers(net)
     truth_net = copy.deepcopy(eager_net).double()
 
     with fused_calls() as calls:
@@ -133,8 +139,7 @@ def test_partial_requires_grad(monkeypatch):
     weight_kernel = _CountLaunches(kernels.backward_weight_kernel)
     monkeypatch.setattr(kernels, "backward_weight_kernel", weight_kernel)
     net = _net((6, 2), 32, 8, "swish")
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     x1, x2 = torch.randn(9, 6), torch.randn(9, 2, requires_grad=True)
     for p in (*net.parameters(), *eager.parameters()):
         p.requires_grad_(False)
@@ -158,8 +163,7 @@ def test_odd_layouts_leading_dims_and_many_inputs():
     """Inputs with a row stride, with a column stride, with leading dimensions, and three of them,
     all as the layers compute them."""
     net = _net((4, 3), 32, 8, "relu")
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     big = torch.randn(2, 5, 16)
     a, b = big[..., :4], big[..., 4:10:2]  # row-strided; column-strided
     three = (torch.randn(3, 4), torch.randn(3, 1), torch.randn(3, 2))
@@ -174,8 +178,7 @@ def test_odd_layouts_leading_dims_and_many_inputs():
 def test_the_layers_take_what_the_kernels_cannot():
     """float64 and an empty batch go through the layers: same results as fused=False."""
     net = _net((5,), 16, 4, "swish").double()
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     x = torch.randn(7, 5, dtype=torch.float64)
     assert not fused_mlp_module.can_run([x], list(net.parameters()))
     torch.testing.assert_close(net(x), eager(x), rtol=0, atol=0)
@@ -245,8 +248,7 @@ def test_gpu_fused_mlp_matches_the_layers_and_replays_in_a_cuda_graph(dtype):
     autocast = dtype == torch.bfloat16
     for rows in (256, 1000):
         net = _net((27, 8), 256, 64, "swish").cuda()
-        eager = copy.deepcopy(net)
-        eager.fused = False
+        eager = _layers(net)
         truth_net = copy.deepcopy(eager).double()
         inputs = [torch.randn(rows, d, device="cuda") for d in (27, 8)]
         grad = torch.randn(rows, 64, device="cuda")
@@ -300,8 +302,7 @@ def test_inputs_the_layers_reject_get_their_error(inputs):
     an input): the layers raise their own error."""
     net = _net((12,), 32, 5, "swish")
     assert not fused_mlp_module.can_run(inputs, list(net.parameters()))
-    layers = copy.deepcopy(net)
-    layers.fused = False
+    layers = _layers(net)
     with pytest.raises(RuntimeError) as expected:
         layers(*inputs)
     with pytest.raises(RuntimeError) as got:
@@ -314,8 +315,7 @@ def test_inputs_the_layers_reject_get_their_error(inputs):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_nan_and_inf_propagate_as_in_the_layers(activation):
     net = _net((6,), 16, 4, activation)
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     x = torch.randn(5, 6)
     x[1, 2], x[3, 0], x[4, 4] = float("nan"), float("inf"), -float("inf")
     with fused_calls() as calls:
@@ -333,8 +333,7 @@ def test_non_finite_inputs_give_the_layers_outputs_and_gradients(activation, wid
     Padded hidden units (width 3) must not make inf * 0 = NaN for the real ones through their zero
     weights, and relu's gradient passes where its input is NaN, as torch's threshold_backward's."""
     net = _net((6,), width, 4, activation)
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     torch.manual_seed(3)
     x, grad = torch.randn(6, 6), torch.randn(6, 4)
     x[1, 2], x[3, 0], x[4, 4], x[5, 1] = float("nan"), float("inf"), -float("inf"), float("inf")
@@ -350,8 +349,7 @@ def test_non_finite_inputs_give_the_layers_outputs_and_gradients(activation, wid
 def test_an_input_without_columns_after_the_first():
     """An encoder input of width 0 after the first: the kernels take it, as the layers do."""
     net = _net((5,), 16, 3, "relu")
-    eager = copy.deepcopy(net)
-    eager.fused = False
+    eager = _layers(net)
     inputs, grad = [torch.randn(2, 4, 5), torch.randn(2, 4, 0)], torch.randn(2, 4, 3)
     with fused_calls() as calls:
         got = _run(net, inputs, grad)
