@@ -207,6 +207,15 @@ def test_scale_or_bias_learnable_alone(learn, loss, backend):
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 # For a test without a backend parameter, which runs the Triton kernels on either device.
 CPU_KERNELS = pytest.param("cpu", marks=pytest.mark.interpreter)
+# For a test with both: the PyTorch path (CPU), then the Triton kernels on either device.
+BACKEND_DEVICES = pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("torch", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
+        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+    ],
+)
 
 
 @pytest.mark.parametrize("device", [CPU_KERNELS, CUDA])
@@ -1175,14 +1184,7 @@ def test_binary_accuracy_counts_a_nan_negative_as_right():
 
 @pytest.mark.parametrize("side", ["phi", "psi"])
 @pytest.mark.parametrize("energy", ENERGIES)
-@pytest.mark.parametrize(
-    ("backend", "device"),
-    [
-        ("torch", "cpu"),
-        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
-        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-    ],
-)
+@BACKEND_DEVICES
 def test_a_nan_input_gives_a_nan_loss(backend, device, energy, side):
     """NaN in one element of phi or psi reaches the loss, the mean positive logit and the
     gradients, as in the reference; it is never clamped into a number (the norm energy's
@@ -1200,14 +1202,7 @@ def test_a_nan_input_gives_a_nan_loss(backend, device, energy, side):
 
 
 @pytest.mark.parametrize("loss", ["binary", "infonce"])
-@pytest.mark.parametrize(
-    ("backend", "device"),
-    [
-        ("torch", "cpu"),
-        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
-        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-    ],
-)
+@BACKEND_DEVICES
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's tl.max
 def test_a_nan_row_with_metrics_gives_a_nan_loss(backend, device, loss):
     """A row of phi that is all NaN makes every logit of its row NaN: the loss is NaN and the
@@ -1225,14 +1220,7 @@ def test_a_nan_row_with_metrics_gives_a_nan_loss(backend, device, loss):
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (24, 40)], ids=str)
-@pytest.mark.parametrize(
-    ("backend", "device"),
-    [
-        ("torch", "cpu"),
-        pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
-        pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-    ],
-)
+@BACKEND_DEVICES
 @pytest.mark.parametrize("loss", LOSSES)
 def test_metrics_leave_the_loss_and_gradients_unchanged(loss, backend, device, shape):
     """Asking for metrics changes what comes back, not the numbers: the same loss and the
@@ -1378,11 +1366,7 @@ def test_softmax_weights_with_logits_in_the_thousands_and_a_scale(loss, device):
         assert_no_worse_than_eager(name, k.cpu(), e.cpu(), t, 1e-6)
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"),
-    [("torch", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.interpreter),
-     pytest.param("triton", "cuda", marks=pytest.mark.gpu)],
-)  # fmt: skip
+@BACKEND_DEVICES
 @pytest.mark.parametrize(("penalty", "exclude"), [(0.0, False), (0.1, False), (0.0, True)])
 @pytest.mark.parametrize("energy", ["dot", "l2"])
 @pytest.mark.parametrize(
