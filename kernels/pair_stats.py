@@ -794,8 +794,8 @@ def grad(
     partials (one per program, off-diagonal) are produced only when ``x_is_a`` and
     ``scale_grad`` (else empty: two sums per logit saved). With ``fwd`` (the losses that take
     their gradients in forward) the x-launch also gives the loss's off-diagonal row sums: of
-    softplus (sigmoid loss), or of the DPO / IPO term with, as ``slope_rows``, that of its slope
-    (which the diagonal's gradient needs); empty otherwise.
+    softplus (sigmoid loss), or of the pair term (DPO / IPO / FB / SPPO) with, for DPO / IPO, as
+    ``slope_rows``, that of its slope (which the diagonal's gradient needs); empty otherwise.
 
     ``column_sums`` (single pass; float32 (len(b), d) and (len(b),) or empty for dot, zeroed):
     the same tiles also add ``sum_i H_ij a_i`` and ``sum_i H_ij`` to them with atomics, the
