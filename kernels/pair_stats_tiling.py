@@ -78,10 +78,11 @@ def single_pass_rows() -> int:
 
 
 def single_pass(dtype: torch.dtype, d: int) -> bool:
-    """Whether the losses with gradients in forward (sigmoid, DPO, IPO) take both gradients in
-    one pass over the logits, dy through float32 atomics (``CRL_FAST_SINGLE_PASS=1``,
-    experimental): only where d fits one tile and torch is not asked for deterministic
-    algorithms (the atomics' order varies)."""
+    """Whether the dx pass over the logits also gives dy, through float32 atomics
+    (``CRL_FAST_SINGLE_PASS=1``, experimental): the losses with gradients in forward (sigmoid,
+    DPO, IPO, FB, SPPO) then take both in one pass, every other loss's backward its dy from its
+    dx pass. Only where d fits one tile and torch is not asked for deterministic algorithms (the
+    atomics' order varies)."""
     return (
         os.environ.get("CRL_FAST_SINGLE_PASS") == "1"
         and not torch.are_deterministic_algorithms_enabled()
