@@ -51,9 +51,10 @@ loads keep their bounds checks); then the checked ones (the band, the partial la
 tile when the program's rows run past NA). Statistics do not
 depend on the order (argmax takes the first index among ties, as torch.argmax does).
 
-The sigmoid loss needs no statistic before its gradient, so with FWD the x-launch of
-``grad_kernel`` also sums softplus(L_ij) off the diagonal from the exp it already has: loss and
-both gradients then take two passes over the logits instead of three. With DB_ATOMIC
+The sigmoid loss and the pair losses (DPO / IPO / FB / SPPO) need no statistic before their
+gradients, so with FWD the x-launch of ``grad_kernel`` also sums their terms off the diagonal
+(softplus(L_ij) from the exp it already has): loss and both gradients then take two passes over
+the logits instead of three. With DB_ATOMIC
 (experimental, ``CRL_FAST_SINGLE_PASS=1``; d in one tile) that launch also adds each tile's
 H.T @ A to a float32 dB with atomics, so one pass gives everything: the column pass's logits
 product and special-function work (2 MUFU ops per logit of its 5 in all) are saved, at the
