@@ -526,21 +526,31 @@ def test_compiled_act_matches_eager():
     assert agent.act(obs, goal).abs().max() <= 1.0
 
 
+def compile_two_agents(recompile_limit: int, update: bool) -> None:
+    """Two agents of other widths, compiled (eager backend), each acting (and updating, with
+    ``update``) under ``recompile_limit``, which raises where they filled a shared cache."""
+    torch._dynamo.reset()  # no entries from earlier tests
+    batch = toy_batch()
+    try:
+        with torch._dynamo.config.patch(
+            recompile_limit=recompile_limit, fail_on_recompile_limit_hit=True
+        ):
+            for width in (8, 9):
+                agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
+                agent.compile(backend="eager")
+                if update:
+                    agent.update(batch)
+                agent.act(batch.observation, batch.goal)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("path", ISOLATION_PATHS)
 def test_compiled_agents_act_in_caches_of_their_own(monkeypatch, path):
     """Each agent's compiled ``act`` (a top frame, which either path isolates) has a cache of its
     own: a shared one failed at the second agent's ``act`` with a limit of 1 (torch 2.11)."""
     use_isolation_path(monkeypatch, path)
-    torch._dynamo.reset()  # no entries from earlier tests
-    batch = toy_batch()
-    try:
-        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-            for width in (8, 9):
-                agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
-                agent.compile(backend="eager")
-                agent.act(batch.observation, batch.goal)
-    finally:
-        torch._dynamo.reset()
+    compile_two_agents(recompile_limit=1, update=False)
 
 
 @pytest.mark.slow
@@ -553,17 +563,7 @@ def test_compiled_agents_do_not_share_recompile_limits():
     and at every part from the ninth agent on with the default limit of 8. Only
     ``isolate_recompiles`` covers ``Optimizer.step``, reached through a graph break: the code
     copy (torch 2.11) still fails there."""
-    torch._dynamo.reset()  # no entries from earlier tests
-    batch = toy_batch()
-    try:
-        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
-            for width in (8, 9):
-                agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
-                agent.compile(backend="eager")
-                agent.update(batch)
-                agent.act(batch.observation, batch.goal)
-    finally:
-        torch._dynamo.reset()
+    compile_two_agents(recompile_limit=3, update=True)
 
 
 def test_actions_lie_in_the_unit_box():
