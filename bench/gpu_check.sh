@@ -93,7 +93,7 @@ NEW_TESTS+=" or side_without or specialise or batched_gradients or row_losses or
 NEW_TESTS+=" or in_the_thousands or generator_of_another or every_size_one"
 NEW_TESTS+=" or forward_and_gradients_no_worse_than_eager or tma_loads_of_wide_rows"
 NEW_TESTS+=" or softplus_of_equal_negative_logits or a_nan_row_with_metrics"
-NEW_TESTS+=" or log_future_over_marginal"
+NEW_TESTS+=" or log_future_over_marginal or cuda_matches_semantics"
 START=$(mktemp)  # results newer than this come back
 LOG="$OUT/log.txt"  # one log: $OUT returns at most 8 files (the rest are result JSONs)
 {
