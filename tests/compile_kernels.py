@@ -195,17 +195,22 @@ def _record_loss_launches(recorders: list[Recorder], autotune: bool, quick: bool
 def _record_single_pass_launches(recorders: list[Recorder], quick: bool) -> None:
     """The experimental single pass (CRL_FAST_SINGLE_PASS=1): the sigmoid loss in every dtype
     and energy (``quick``: each energy once in dtypes but bfloat16), with and without a learnable
-    scale, at widths it takes in one tile (float32 without TF32: 16); DPO, IPO, FB and SPPO in
+    scale, at widths it takes in one tile (float32 without TF32: 16 only); DPO, IPO, FB and SPPO in
     bfloat16; every loss's backward (penalty and metrics on: the general path) in bfloat16."""
     energies = ("dot", "l2", "norm", "cosine")
     shapes = list(itertools.product((16, 64), ("plain", "scale")))  # (d, options)
-    binary = [
-        ("binary", dtype, d, energy, options)
-        for dtype in _DTYPES
-        for i, (d, options) in enumerate(shapes)
-        # quick: every energy in bfloat16, each once in the other dtypes
-        for energy in ([energies[i]] if quick and dtype != _DTYPES[2] else energies)
-    ]
+    binary = []
+    for dtype in _DTYPES:
+        if not quick or dtype == _DTYPES[2]:
+            binary += [
+                ("binary", dtype, d, e, options)
+                for (d, options), e in itertools.product(shapes, energies)
+            ]
+        else:  # each energy once, at a width this dtype takes in one tile (else: two passes)
+            takes = [s for s in shapes if s[0] == 16] if dtype == _DTYPES[0] else shapes
+            for i, energy in enumerate(energies):
+                d, options = takes[i % len(takes)]
+                binary.append(("binary", dtype, d, energy, options))
     cases = itertools.chain(  # (loss, dtype, d, energy, options)
         binary,
         itertools.product(
