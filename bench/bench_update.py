@@ -125,6 +125,12 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
     agent = CRL(OBS_DIM, ACTION_DIM, GOAL_DIM, config, device, actor_stream="stream" in suffixes)
     buffer = filled_buffer(device)
     graphed = kind.endswith("graph")
+    last = updates_per_call - 1
+
+    def update(i: int) -> None:
+        """A call's update ``i``: only the last computes the critic's metrics."""
+        agent.update(buffer.sample(batch_size), critic_metrics=i == last)
+
     step: Callable[[], object]
     if kind in COMPILE_OPTIONS:
         # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
@@ -137,21 +143,12 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
             agent, lambda: buffer.sample(batch_size, generator=generator), steps=updates_per_call
         )
     else:  # the graph's updates, launched: no sync between them
-        last = updates_per_call - 1
-        step = back_to_back(
-            lambda i: agent.update(buffer.sample(batch_size), critic_metrics=i == last),
-            updates_per_call,
-        )
+        step = back_to_back(update, updates_per_call)
 
     cpu = device.type == "cpu"
     timing = measure(
         step, device=device, warmup=3 if cpu else 20, rep=10 if cpu else 50, memory=not graphed
     )
-
-    def one_update() -> None:
-        """The timed kind of update: one without the critic's metrics, as all but the last of a
-        call's updates are (a compiled agent has both kinds compiled by now)."""
-        agent.update(buffer.sample(batch_size), critic_metrics=False)
 
     return {
         "mode": mode,
@@ -163,7 +160,8 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
         **timing,
         "updates_per_s": updates_per_call * 1e3 / timing["median_ms"],
         "target_per_s": None if cpu else TARGETS.get(batch_size),
-        **({} if cpu else cuda_kernels(one_update, device)),
+        # the kernels of a call's first update, the kind every update but the last is
+        **({} if cpu else cuda_kernels(lambda: update(0), device)),
     }
 
 
