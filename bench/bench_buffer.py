@@ -146,7 +146,7 @@ def bench_rows(device: str, sizes: dict[str, int]) -> Iterator[dict[str, object]
     yield timed_row("txt_baseline", "geometric", steps, envs, envs * steps, t)
 
     # An offline dataset of capacity x num_envs flat rows loaded into one column (from_dataset's
-    # default): its rows are copied in order by one program on a GPU. Last: slow, and untimed yet.
+    # default), by torch's ops: a GPU has not timed it yet.
     flat = {k: v.flatten(0, 1) for k, v in step_batch(cap, n, 0, device).items()}
     t = measure(
         lambda: TrajectoryBuffer.from_dataset(flat, device=device, seed=0),

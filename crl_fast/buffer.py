@@ -385,7 +385,7 @@ class TrajectoryBuffer:
             x = _dataset_tensor(name, x, flag=name in _FLAG_FIELDS)
             x = x.to(device=buf.device, dtype=torch.bool if name in flags else buf.dtype)
             batch[name] = x.reshape(num_envs, steps, *x.shape[1:]).transpose(0, 1)
-        buf.extend(batch)
+        buf._extend(batch, kernel=False)  # a column's N rows: no one program walking them
         buf.end_episodes()
         return buf
 
@@ -452,11 +452,16 @@ class TrajectoryBuffer:
         steps are kept. The buffer stores values: inputs that require grad leave no autograd
         history in it. No host synchronisation.
         """
+        self._extend(batch, kernel=self._use_triton)
+
+    def _extend(self, batch: Mapping[str, torch.Tensor], *, kernel: bool) -> None:
+        """:meth:`extend` through the Triton kernel or (``kernel=False``) the torch ops, which run
+        each env's steps in parallel where a kernel program walks them in order."""
         obs, act, nag, term, trunc = self._check_batch(batch)
         steps = obs.shape[0]
         if steps == 0:
             return
-        if self._use_triton:
+        if kernel:
             from crl_fast.kernels import goal_sampling
 
             goal_sampling.extend(

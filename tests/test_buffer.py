@@ -1062,6 +1062,34 @@ def test_from_dataset_keeps_goals_within_episodes(backend: str, num_envs: int) -
     assert ((final.observation[:, 0] == 99) == (final.goal[:, 0] == 99)).all()
 
 
+@pytest.mark.interpreter
+def test_from_dataset_loads_without_the_extend_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton buffer's load takes the torch ops, parallel over a column's rows, where a program
+    of the extend kernel walks them in order (a million rows: a million steps of one GPU thread),
+    and holds what the kernel would have written; a later extend takes the kernel again."""
+    from crl_fast.kernels import goal_sampling
+
+    data = flat_dataset([5, 1, 12, 7, 3, 9, 2, 15])  # 54 rows: 3 columns of 18
+    ref = make(capacity=18, num_envs=3, backend="triton")
+    ref.extend(
+        {
+            k: torch.from_numpy(v)
+            .to(torch.bool if v.ndim == 1 else torch.float32)
+            .reshape(3, 18, *v.shape[1:])
+            .transpose(0, 1)
+            for k, v in (data | {"truncated": np.zeros(54)}).items()
+        }
+    )
+    ref.end_episodes()
+    launches = []
+    monkeypatch.setattr(goal_sampling, "extend", lambda *a, **k: launches.append(a))
+    buf = TrajectoryBuffer.from_dataset(data, num_envs=3, device="cpu", seed=0, backend="triton")
+    assert not launches, "from_dataset launched the extend kernel"
+    assert_same_contents(buf, ref)
+    buf.extend(good_batch(steps=1, n=3))
+    assert len(launches) == 1
+
+
 def test_from_dataset_takes_tensors_flags_of_either_name_and_the_buffer_options() -> None:
     """Tensors like arrays; ``truncated`` alone marks the ends; dtype, gamma and mixing reach the
     buffer; the rows are copies (the dataset may change later)."""
