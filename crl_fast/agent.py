@@ -165,7 +165,8 @@ class CRL:
         own (:func:`crl_fast.compiling.compile_isolated`), but on torch without
         ``isolate_recompiles`` (2.11) only the parts' own frames: ``Optimizer.step``, reached
         through a graph break, keeps one cache shared by every agent, and torch runs it uncompiled
-        once agents filled ``torch._dynamo.config.recompile_limit`` entries.
+        once agents filled ``torch._dynamo.config.recompile_limit`` entries. Shapes are static
+        unless ``kwargs`` say otherwise: each batch size a part is called with compiles an entry.
         """
         self._encode_goals = compile_isolated(self._encode_goals_eager, **kwargs)
         self._actor_step = compile_isolated(self._actor_step_eager, **kwargs)

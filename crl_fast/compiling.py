@@ -54,7 +54,14 @@ def compile_isolated(fn: Callable[P, R], **kwargs: Any) -> Callable[P, R]:
     ``fn``, which isolates ``fn``'s frame only. Frames that ``fn`` reaches through a graph break
     (an agent's ``Optimizer.step``) then still share one cache per function, which past
     ``recompile_limit`` torch runs uncompiled with a warning (with ``fullgraph=True``, which
-    inlines every callee into ``fn``'s frame, there are none)."""
+    inlines every callee into ``fn``'s frame, there are none).
+
+    Shapes are static (``dynamic=False``, unless ``kwargs`` say otherwise): dynamo's automatic
+    dynamic shapes remember the sizes each function saw by its file, line and name, across
+    caches, so an object compiled after another of other sizes would otherwise be compiled
+    with dynamic shapes from its first call. A call with new sizes compiles an entry of its own.
+    """
+    kwargs = {"dynamic": False} | kwargs
     if ISOLATE:
         return torch.compile(fn, **(ISOLATE | kwargs))
     return torch.compile(code_copy(fn), **kwargs)

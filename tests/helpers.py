@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -152,3 +152,16 @@ def use_isolation_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     only one torch without ``isolate_recompiles`` has, is then tested on every torch."""
     if path == "code_copy":
         monkeypatch.setattr(compiling, "ISOLATE", {})
+
+
+class ShapeRecorder:
+    """A ``torch.compile`` backend that runs each graph eagerly and records, in ``dynamic``, one
+    bool a graph: whether it was traced with symbolic sizes (dynamic shapes)."""
+
+    def __init__(self) -> None:
+        self.dynamic: list[bool] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        values = (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        self.dynamic.append(any(isinstance(v, torch.SymInt) for v in values))
+        return gm.forward

@@ -14,7 +14,7 @@ from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checks import resolve_device
 from crl_fast.compiling import ISOLATE
 from crl_fast.config import AgentConfig
-from tests.helpers import ISOLATION_PATHS, use_isolation_path
+from tests.helpers import ISOLATION_PATHS, ShapeRecorder, use_isolation_path
 
 OBS, ACT, GOAL = 4, 2, 2
 
@@ -527,20 +527,24 @@ def test_compiled_act_matches_eager():
 
 
 def compile_two_agents(recompile_limit: int, update: bool) -> None:
-    """Two agents of other widths, compiled (eager backend), each acting (and updating, with
-    ``update``) under ``recompile_limit``, which raises where they filled a shared cache."""
+    """Two agents of other widths and batch sizes, compiled (eagerly run graphs), each acting (and
+    updating, with ``update``) under ``recompile_limit``, which raises where they filled a shared
+    cache. Each compiles with static shapes, as it would alone: dynamo's automatic dynamic
+    shapes, kept per function whatever the caches, made the second agent's graphs dynamic."""
     torch._dynamo.reset()  # no entries from earlier tests
-    batch = toy_batch()
     try:
         with torch._dynamo.config.patch(
             recompile_limit=recompile_limit, fail_on_recompile_limit_hit=True
         ):
-            for width in (8, 9):
+            for width, rows in ((8, 16), (9, 32)):
                 agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
-                agent.compile(backend="eager")
+                backend = ShapeRecorder()
+                agent.compile(backend=backend)
+                batch = toy_batch(rows)
                 if update:
                     agent.update(batch)
                 agent.act(batch.observation, batch.goal)
+                assert backend.dynamic and not any(backend.dynamic)
     finally:
         torch._dynamo.reset()
 
