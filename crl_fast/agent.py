@@ -21,7 +21,7 @@ import torch
 
 from crl_fast.buffer import GoalBatch
 from crl_fast.checks import check_bool, is_real, on_device, positive_int, resolve_device
-from crl_fast.compiling import compile_isolated
+from crl_fast.compiling import compile_isolated, through_graph_break
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -32,6 +32,12 @@ def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -
     """Fused Adam; on CUDA also capturable (state on the device, CUDA-graph safe). On CPU, fused
     took 6.1-6.4 ms per default update against 6.6 ms with ``foreach`` (2 threads, this CPU)."""
     return torch.optim.Adam(params, lr=lr, fused=True, capturable=device.type == "cuda")
+
+
+def _step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, as a function that :meth:`CRL.compile` can keep out of the compiler
+    (:func:`crl_fast.compiling.through_graph_break`)."""
+    optimizer.step()
 
 
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
@@ -140,6 +146,7 @@ class CRL:
         self._critic_backward = self._critic_backward_eager
         self._critic_step = self._critic_step_eager
         self._act = self._act_eager
+        self._step = _step
 
     @property
     def config(self) -> AgentConfig:
@@ -164,15 +171,17 @@ class CRL:
         chosen in plain Python, outside the compiled code. Each agent compiles into caches of its
         own (:func:`crl_fast.compiling.compile_isolated`), but on torch without
         ``isolate_recompiles`` (2.11) only the parts' own frames: ``Optimizer.step``, reached
-        through a graph break, keeps one cache shared by every agent, and torch runs it uncompiled
-        once agents filled ``torch._dynamo.config.recompile_limit`` entries. Shapes are static
-        unless ``kwargs`` say otherwise: each batch size a part is called with compiles an entry.
+        through a graph break, would keep one cache shared by every agent, so there the
+        optimisers step uncompiled (their fused Adam kernel is never compiled anyway). Shapes
+        are static unless ``kwargs`` say otherwise: each batch size a part is called with
+        compiles an entry.
         """
         self._encode_goals = compile_isolated(self._encode_goals_eager, **kwargs)
         self._actor_step = compile_isolated(self._actor_step_eager, **kwargs)
         self._critic_backward = compile_isolated(self._critic_backward_eager, **kwargs)
         self._critic_step = compile_isolated(self._critic_step_eager, **kwargs)
         self._act = compile_isolated(self._act_eager, **kwargs)
+        self._step = through_graph_break(_step)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` in the ``config.amp`` dtype, for forward passes (backward runs
@@ -313,7 +322,7 @@ class CRL:
             actor_loss = (alpha * log_prob - q).mean()
         self.actor_optimizer.zero_grad()
         actor_loss.backward(inputs=self._actor_params)  # no gradients into the encoders
-        self.actor_optimizer.step()
+        self._step(self.actor_optimizer)
         log_prob = log_prob.detach()
 
         # Alpha: move the policy entropy towards the target.
@@ -321,7 +330,7 @@ class CRL:
         if cfg.autotune_alpha:
             self.alpha_optimizer.zero_grad()
             alpha_loss.backward()
-            self.alpha_optimizer.step()
+            self._step(self.alpha_optimizer)
         return {
             "actor/loss": actor_loss.detach(),
             "actor/entropy": -log_prob.mean(),
@@ -354,7 +363,7 @@ class CRL:
         return metrics | {"critic/loss": critic_loss.detach()}
 
     def _critic_step_eager(self) -> None:
-        self.critic_optimizer.step()
+        self._step(self.critic_optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (copied tensors, as the buffer's and the envs' ``state_dict`` are) of the

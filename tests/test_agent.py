@@ -12,7 +12,6 @@ from crl_fast import contrastive_loss, pairwise_energy
 from crl_fast.agent import CRL, GraphedUpdates, actor_goals
 from crl_fast.buffer import GoalBatch, TrajectoryBuffer
 from crl_fast.checks import resolve_device
-from crl_fast.compiling import ISOLATE
 from crl_fast.config import AgentConfig
 from tests.helpers import ISOLATION_PATHS, ShapeRecorder, use_isolation_path
 
@@ -558,15 +557,17 @@ def test_compiled_agents_act_in_caches_of_their_own(monkeypatch, path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ISOLATE, reason="torch.compile has no isolate_recompiles")
-def test_compiled_agents_do_not_share_recompile_limits():
+@pytest.mark.parametrize("path", ISOLATION_PATHS)
+def test_compiled_agents_do_not_share_recompile_limits(monkeypatch, path):
     """Each agent compiles into caches of its own: agents of other sizes in one process do not
     use up ``recompile_limit`` for the next one, which torch would then run uncompiled. The
     limit is 3 here, the most one agent needs (its three optimisers step through
     ``Optimizer.step``'s one frame); shared caches failed at the second agent's optimiser step,
-    and at every part from the ninth agent on with the default limit of 8. Only
-    ``isolate_recompiles`` covers ``Optimizer.step``, reached through a graph break: the code
-    copy (torch 2.11) still fails there."""
+    and at every part from the ninth agent on with the default limit of 8. ``Optimizer.step``,
+    reached through a graph break, is one function for every agent: ``isolate_recompiles``
+    covers it, the code copy does not (it failed there, at the second agent's update), so that
+    path steps the optimisers uncompiled."""
+    use_isolation_path(monkeypatch, path)
     compile_two_agents(recompile_limit=3, update=True)
 
 
