@@ -65,8 +65,7 @@ TARGET_STEPS = 10_000_000
 
 def train_seconds(env_steps: int, mode: str, num_envs: int, device: str) -> float:
     """Wall time of one ``train`` run of ``env_steps``, its console output swallowed; each run
-    compiles afresh, as a new process would (dynamo's recompile limit would otherwise send a
-    later run's compiled update back to eager)."""
+    starts from a fresh dynamo state, as a new process would."""
     from crl_fast.train import train
 
     torch._dynamo.reset()

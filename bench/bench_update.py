@@ -133,8 +133,8 @@ def bench(mode: str, batch_size: int, device: torch.device, updates_per_call: in
 
     step: Callable[[], object]
     if kind in COMPILE_OPTIONS:
-        # Each agent's three Adam objects are new guards: without a reset, the fifth compiled
-        # agent of a run passes dynamo's recompile limit (8) and its optimisers fall back to eager.
+        # A fresh dynamo state, as a new process would have (each agent compiles into caches of
+        # its own anyway: crl_fast.compiling.compile_isolated).
         torch._dynamo.reset()
         agent.compile(**COMPILE_OPTIONS[kind])
     if graphed:
