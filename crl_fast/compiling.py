@@ -29,7 +29,7 @@ ISOLATE: dict[str, Any] = (
 
 def code_copy(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` (a function, or a method bound to its instance) over a new code object of the same
-    code, globals, defaults and closure: dynamo, which caches per code object, then keeps a
+    code, globals, defaults, closure and attributes: dynamo, which caches per code object, then keeps a
     cache for this copy alone."""
     func = getattr(fn, "__func__", fn)
     if not isinstance(func, types.FunctionType):
@@ -45,6 +45,7 @@ def code_copy(fn: Callable[P, R]) -> Callable[P, R]:
     copy.__qualname__ = func.__qualname__
     copy.__module__ = func.__module__
     copy.__doc__ = func.__doc__
+    copy.__dict__.update(func.__dict__)  # attributes, as functools.wraps copies them
     return types.MethodType(copy, fn.__self__) if inspect.ismethod(fn) else copy
 
 
