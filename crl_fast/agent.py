@@ -21,7 +21,7 @@ import torch
 
 from crl_fast.buffer import GoalBatch
 from crl_fast.checks import check_bool, is_real, on_device, positive_int, resolve_device
-from crl_fast.compiling import compile_isolated, through_graph_break
+from crl_fast.compiling import compile_isolated
 from crl_fast.config import ACTOR_RANDOM_GOALS, AMP_DTYPES, AgentConfig
 from crl_fast.energy import pairwise_energy
 from crl_fast.loss import contrastive_loss
@@ -35,8 +35,7 @@ def make_adam(params: Iterable[torch.Tensor], lr: float, device: torch.device) -
 
 
 def _step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``, as a function that :meth:`CRL.compile` can keep out of the compiler
-    (:func:`crl_fast.compiling.through_graph_break`)."""
+    """``optimizer.step()``, as a function that :meth:`CRL.compile` keeps out of the compiler."""
     optimizer.step()
 
 
@@ -169,19 +168,19 @@ class CRL:
 
         The parts are compiled one by one, so the streams that :meth:`update` puts them on are
         chosen in plain Python, outside the compiled code. Each agent compiles into caches of its
-        own (:func:`crl_fast.compiling.compile_isolated`), but on torch without
-        ``isolate_recompiles`` (2.11) only the parts' own frames: ``Optimizer.step``, reached
-        through a graph break, would keep one cache shared by every agent, so there the
-        optimisers step uncompiled (their fused Adam kernel is never compiled anyway). Shapes
-        are static unless ``kwargs`` say otherwise: each batch size a part is called with
-        compiles an entry.
+        own (:func:`crl_fast.compiling.compile_isolated`), with static shapes unless ``kwargs``
+        say otherwise: each batch size a part is called with compiles an entry. The optimisers
+        step uncompiled (their fused Adam kernel is never compiled anyway): compiled, each new
+        float learning rate (a schedule's) would be an entry of its own, and on torch without
+        ``isolate_recompiles`` (2.11) ``Optimizer.step``, reached through a graph break, would
+        keep one cache shared by every agent.
         """
         self._encode_goals = compile_isolated(self._encode_goals_eager, **kwargs)
         self._actor_step = compile_isolated(self._actor_step_eager, **kwargs)
         self._critic_backward = compile_isolated(self._critic_backward_eager, **kwargs)
         self._critic_step = compile_isolated(self._critic_step_eager, **kwargs)
         self._act = compile_isolated(self._act_eager, **kwargs)
-        self._step = through_graph_break(_step)
+        self._step = torch.compiler.disable(_step)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` in the ``config.amp`` dtype, for forward passes (backward runs

@@ -29,8 +29,8 @@ ISOLATE: dict[str, Any] = (
 
 def code_copy(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` (a function, or a method bound to its instance) over a new code object of the same
-    code, globals, defaults, closure and attributes: dynamo, which caches per code object, then keeps a
-    cache for this copy alone."""
+    code, globals, defaults, closure and attributes: dynamo, which caches per code object, then
+    keeps a cache for this copy alone."""
     func = getattr(fn, "__func__", fn)
     if not isinstance(func, types.FunctionType):
         raise TypeError(f"can only copy a Python function or method, got {type(fn).__name__}")
@@ -53,10 +53,9 @@ def compile_isolated(fn: Callable[P, R], **kwargs: Any) -> Callable[P, R]:
     """``torch.compile(fn, **kwargs)`` with caches of its own: nested frames' included where torch
     has ``isolate_recompiles`` (``kwargs`` override it); without it, of a :func:`code_copy` of
     ``fn``, which isolates ``fn``'s frame only. Frames that ``fn`` reaches through a graph break
-    (an agent's ``Optimizer.step``) then still share one cache per function, which past
-    ``recompile_limit`` torch runs uncompiled with a warning (with ``fullgraph=True``, which
-    inlines every callee into ``fn``'s frame, there are none): :func:`through_graph_break`
-    runs such a callee uncompiled from the start.
+    (an agent's ``Optimizer.step``, which the agent keeps uncompiled) then still share one cache
+    per function, which past ``recompile_limit`` torch runs uncompiled with a warning (with
+    ``fullgraph=True``, which inlines every callee into ``fn``'s frame, there are none).
 
     Shapes are static (``dynamic=False``, unless ``kwargs`` say otherwise): dynamo's automatic
     dynamic shapes remember the sizes each function saw by its file, line and name, across
@@ -67,12 +66,3 @@ def compile_isolated(fn: Callable[P, R], **kwargs: Any) -> Callable[P, R]:
     if ISOLATE:
         return torch.compile(fn, **(ISOLATE | kwargs))
     return torch.compile(code_copy(fn), **kwargs)
-
-
-def through_graph_break(fn: Callable[P, R]) -> Callable[P, R]:
-    """``fn``, for a :func:`compile_isolated` function to call where dynamo breaks its graph
-    (``Optimizer.step``): compiled in that function's caches where torch has
-    ``isolate_recompiles``; uncompiled without it (``torch.compiler.disable``), as its frames'
-    one cache per function, shared by every caller, would run it past ``recompile_limit``
-    anyway, with a warning."""
-    return fn if ISOLATE else torch.compiler.disable(fn)

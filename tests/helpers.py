@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.backends.debugging import aot_eager
 
 from crl_fast import compiling
 from crl_fast.compiling import ISOLATE
@@ -155,8 +156,10 @@ def use_isolation_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
 
 
 class ShapeRecorder:
-    """A ``torch.compile`` backend that runs each graph eagerly and records, in ``dynamic``, one
-    bool a graph: whether it was traced with symbolic sizes (dynamic shapes)."""
+    """A ``torch.compile`` backend that records, in ``dynamic``, one bool a graph: whether it was
+    traced with symbolic sizes (dynamic shapes). It runs each graph through AOTAutograd without
+    a compiler, which traces the backward of custom ops into the graph as inductor does (a
+    graph run eagerly would call the loss's backward as a Python frame of its own)."""
 
     def __init__(self) -> None:
         self.dynamic: list[bool] = []
@@ -164,4 +167,4 @@ class ShapeRecorder:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         values = (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
         self.dynamic.append(any(isinstance(v, torch.SymInt) for v in values))
-        return gm.forward
+        return aot_eager(gm, example_inputs)

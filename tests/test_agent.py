@@ -560,15 +560,36 @@ def test_compiled_agents_act_in_caches_of_their_own(monkeypatch, path):
 @pytest.mark.parametrize("path", ISOLATION_PATHS)
 def test_compiled_agents_do_not_share_recompile_limits(monkeypatch, path):
     """Each agent compiles into caches of its own: agents of other sizes in one process do not
-    use up ``recompile_limit`` for the next one, which torch would then run uncompiled. The
-    limit is 3 here, the most one agent needs (its three optimisers step through
-    ``Optimizer.step``'s one frame); shared caches failed at the second agent's optimiser step,
-    and at every part from the ninth agent on with the default limit of 8. ``Optimizer.step``,
-    reached through a graph break, is one function for every agent: ``isolate_recompiles``
-    covers it, the code copy does not (it failed there, at the second agent's update), so that
-    path steps the optimisers uncompiled."""
+    use up ``recompile_limit`` for the next one, which torch would then run uncompiled. A limit
+    of 1: each part compiles once, and the optimisers step uncompiled. Shared caches failed at
+    the second agent's optimiser step (``Optimizer.step``, reached through a graph break, is one
+    function for every agent; the code copy does not isolate it), and at every part from the
+    ninth agent on with the default limit of 8."""
     use_isolation_path(monkeypatch, path)
-    compile_two_agents(recompile_limit=3, update=True)
+    compile_two_agents(recompile_limit=1, update=True)
+
+
+def test_a_compiled_agent_takes_a_changing_learning_rate_without_recompiling():
+    """A learning-rate schedule (a new float ``lr`` before each update) compiles nothing new: the
+    optimisers step uncompiled. Compiled in the update's caches with static shapes, each new
+    ``lr`` was an entry of its own (torch 2.13: the recompile limit hit after 8 of them)."""
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            agent = small_agent()
+            backend = ShapeRecorder()
+            agent.compile(backend=backend)
+            batch = toy_batch()
+            agent.update(batch)
+            compiled = len(backend.dynamic)
+            for i in range(10):
+                for opt in (agent.critic_optimizer, agent.actor_optimizer, agent.alpha_optimizer):
+                    for group in opt.param_groups:
+                        group["lr"] = 1e-4 * (i + 2)
+                agent.update(batch)
+            assert len(backend.dynamic) == compiled
+    finally:
+        torch._dynamo.reset()
 
 
 def test_actions_lie_in_the_unit_box():
