@@ -494,8 +494,11 @@ class TrajectoryBuffer:
         ends = torch.where(done[kept].bool(), abs_step, -1)
         self._segment_end.scatter_reduce_(0, slot, ends, "amax")
         start = first % cap
-        for dst, src in (
-            (self._rows, torch.cat((obs, act, nag), -1)[kept]),
+        o, a = self.obs_dim, self.action_dim
+        for dst, src in (  # each field into its columns of the rows: no concatenated copy
+            (self._rows[..., :o], obs[kept]),
+            (self._rows[..., o : o + a], act[kept]),
+            (self._rows[..., o + a :], nag[kept]),
             (self._terminated, term[kept]),
             (self._truncated, trunc[kept]),
             (self._segment, segment[kept]),
