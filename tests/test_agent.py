@@ -528,8 +528,9 @@ def test_compiled_act_matches_eager():
 def compile_two_agents(recompile_limit: int, update: bool) -> None:
     """Two agents of other widths and batch sizes, compiled (graphs run by AOTAutograd), each
     acting (and updating, with ``update``) under ``recompile_limit``, which raises where they
-    filled a shared cache. Each compiles with static shapes, as it would alone: dynamo's automatic dynamic
-    shapes, kept per function whatever the caches, made the second agent's graphs dynamic."""
+    filled a shared cache. Each compiles with static shapes, as it would alone: dynamo's
+    automatic dynamic shapes, kept per function whatever the caches, made the second agent's
+    graphs dynamic."""
     torch._dynamo.reset()  # no entries from earlier tests
     try:
         with torch._dynamo.config.patch(
