@@ -1,6 +1,7 @@
 """Shared test set-up: Triton's interpreter without a GPU; interpreter tests skipped without it."""
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -27,3 +28,12 @@ def pytest_collection_modifyitems(config, items):
         # a gpu case of a test whose triton case is marked runs on CUDA tensors: compiled
         elif "interpreter" in item.keywords and "gpu" not in item.keywords and not interpreter:
             item.add_marker(skip_interpreter)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Compile from empty dynamo caches and leave none behind: graphs cached by earlier tests
+    would not be counted (or compiled), and a test's graphs would reach later tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -531,25 +531,22 @@ def compile_two_agents(recompile_limit: int, update: bool) -> None:
     filled a shared cache. Each compiles with static shapes, as it would alone: dynamo's
     automatic dynamic shapes, kept per function whatever the caches, made the second agent's
     graphs dynamic."""
-    torch._dynamo.reset()  # no entries from earlier tests
-    try:
-        with torch._dynamo.config.patch(
-            recompile_limit=recompile_limit, fail_on_recompile_limit_hit=True
-        ):
-            for width, rows in ((8, 16), (9, 32)):
-                agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
-                backend = ShapeRecorder()
-                agent.compile(backend=backend)
-                batch = toy_batch(rows)
-                if update:
-                    agent.update(batch)
-                agent.act(batch.observation, batch.goal)
-                assert backend.dynamic and not any(backend.dynamic)
-    finally:
-        torch._dynamo.reset()
+    with torch._dynamo.config.patch(
+        recompile_limit=recompile_limit, fail_on_recompile_limit_hit=True
+    ):
+        for width, rows in ((8, 16), (9, 32)):
+            agent = CRL(OBS, ACT, GOAL, AgentConfig(width=width))
+            backend = ShapeRecorder()
+            agent.compile(backend=backend)
+            batch = toy_batch(rows)
+            if update:
+                agent.update(batch)
+            agent.act(batch.observation, batch.goal)
+            assert backend.dynamic and not any(backend.dynamic)
 
 
 @pytest.mark.parametrize("path", ISOLATION_PATHS)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_agents_act_in_caches_of_their_own(monkeypatch, path):
     """Each agent's compiled ``act`` (a top frame, which either path isolates) has a cache of its
     own: a shared one failed at the second agent's ``act`` with a limit of 1 (torch 2.11)."""
@@ -559,6 +556,7 @@ def test_compiled_agents_act_in_caches_of_their_own(monkeypatch, path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ISOLATION_PATHS)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_agents_do_not_share_recompile_limits(monkeypatch, path):
     """Each agent compiles into caches of its own: agents of other sizes in one process do not
     use up ``recompile_limit`` for the next one, which torch would then run uncompiled. A limit
@@ -570,27 +568,24 @@ def test_compiled_agents_do_not_share_recompile_limits(monkeypatch, path):
     compile_two_agents(recompile_limit=1, update=True)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_a_compiled_agent_takes_a_changing_learning_rate_without_recompiling():
     """A learning-rate schedule (a new float ``lr`` before each update) compiles nothing new: the
     optimisers step uncompiled. Compiled in the update's caches with static shapes, each new
     ``lr`` was an entry of its own (torch 2.13: the recompile limit hit after 8 of them)."""
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            agent = small_agent()
-            backend = ShapeRecorder()
-            agent.compile(backend=backend)
-            batch = toy_batch()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        agent = small_agent()
+        backend = ShapeRecorder()
+        agent.compile(backend=backend)
+        batch = toy_batch()
+        agent.update(batch)
+        compiled = len(backend.dynamic)
+        for i in range(10):
+            for opt in (agent.critic_optimizer, agent.actor_optimizer, agent.alpha_optimizer):
+                for group in opt.param_groups:
+                    group["lr"] = 1e-4 * (i + 2)
             agent.update(batch)
-            compiled = len(backend.dynamic)
-            for i in range(10):
-                for opt in (agent.critic_optimizer, agent.actor_optimizer, agent.alpha_optimizer):
-                    for group in opt.param_groups:
-                        group["lr"] = 1e-4 * (i + 2)
-                agent.update(batch)
-            assert len(backend.dynamic) == compiled
-    finally:
-        torch._dynamo.reset()
+        assert len(backend.dynamic) == compiled
 
 
 def test_actions_lie_in_the_unit_box():
@@ -754,6 +749,7 @@ def test_compiled_update_replays_from_a_cuda_graph(amp, fused):
     ids=["layers", "fused_mlp", "residual"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_update_matches_eager(device, network):
     """The update's four compiled parts (psi(g) shared by critic and actor across them) take
     the eager steps, with the networks' layers, the fused MLP kernels (custom ops in the
@@ -771,18 +767,15 @@ def test_compiled_update_matches_eager(device, network):
     compiled.compile()
     batch = GoalBatch(*(t.to(device) for t in toy_batch()))
     actor_batch = GoalBatch(*(t.to(device) for t in toy_batch(48)))
-    try:
-        with inductor_config.patch(fallback_random=True):  # eager's random numbers
-            for seed in range(4):
-                actors = actor_batch if seed % 2 else None  # its psi(g): a no-grad graph
-                torch.manual_seed(seed)
-                expected = eager.update(batch, actor_batch=actors)
-                torch.manual_seed(seed)
-                got = compiled.update(batch, actor_batch=actors)
-                for key in expected:
-                    torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
-    finally:
-        torch._dynamo.reset()  # later tests compile without fallback_random
+    with inductor_config.patch(fallback_random=True):  # eager's random numbers
+        for seed in range(4):
+            actors = actor_batch if seed % 2 else None  # its psi(g): a no-grad graph
+            torch.manual_seed(seed)
+            expected = eager.update(batch, actor_batch=actors)
+            torch.manual_seed(seed)
+            got = compiled.update(batch, actor_batch=actors)
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
     want, have = parameters(eager), parameters(compiled)
     for key in want:
         torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-5)

@@ -261,19 +261,15 @@ def test_psi_must_be_floating_point():
         gather_negatives([[1.0]])
 
 
-@pytest.mark.usefixtures("one_process_group")
+@pytest.mark.usefixtures("one_process_group", "fresh_dynamo")
 def test_compiled_whole_only_with_rows_per_rank():
     """rows_per_rank keeps the call free of host reads, so it compiles into one graph; the
     exchange cannot, and says what to pass."""
     psi = torch.randn(4, DIM)
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(lambda p: gather_negatives(p, rows_per_rank=4), fullgraph=True)
-        torch.testing.assert_close(compiled(psi), psi)
-        with pytest.raises(Exception, match="pass rows_per_rank"):
-            torch.compile(gather_negatives, fullgraph=True)(psi)
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(lambda p: gather_negatives(p, rows_per_rank=4), fullgraph=True)
+    torch.testing.assert_close(compiled(psi), psi)
+    with pytest.raises(Exception, match="pass rows_per_rank"):
+        torch.compile(gather_negatives, fullgraph=True)(psi)
 
 
 def test_needs_a_process_group():

@@ -549,12 +549,12 @@ def test_cuda_matches_semantics(name):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_step_matches_eager(name, device):
     """``env.compile()``: the same episodes (truncations, resets, rewards) and observations up
     to the compiler's rounding, in one graph (fullgraph: no break)."""
     eager = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
     compiled = make_env(name, num_envs=64, device=device, seed=3, max_episode_steps=20)
-    torch._dynamo.reset()  # a graph cached by an earlier test would not be counted
     compiled.compile()
     graphs = counters["stats"]["unique_graphs"]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -570,6 +570,7 @@ def test_compiled_step_matches_eager(name, device):
 
 
 @pytest.mark.parametrize("path", ISOLATION_PATHS)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_envs_do_not_share_recompile_limits(monkeypatch, path):
     """Each env compiles its step into caches of its own, by either path (torch 2.11 has only the
     code copy): envs of other kinds or sizes in one process (a run's, a sweep's, a test suite's)
@@ -581,18 +582,14 @@ def test_compiled_envs_do_not_share_recompile_limits(monkeypatch, path):
     dynamic shapes, kept per function whatever the caches, made the second point U-maze's
     (another ``num_envs``) dynamic."""
     use_isolation_path(monkeypatch, path)
-    torch._dynamo.reset()  # no entries from earlier tests
-    try:
-        with torch._dynamo.config.patch(recompile_limit=1):
-            for name, num_envs in (("point_umaze", 4), ("reacher", 4), ("point_umaze", 8)):
-                env = make_env(name, num_envs=num_envs, seed=0)
-                backend = ShapeRecorder()
-                env.compile(backend=backend)
-                for _ in range(2):
-                    env.step(torch.zeros(num_envs, env.action_dim))
-                assert backend.dynamic == [False]  # compiled, once, with static shapes
-    finally:
-        torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for name, num_envs in (("point_umaze", 4), ("reacher", 4), ("point_umaze", 8)):
+            env = make_env(name, num_envs=num_envs, seed=0)
+            backend = ShapeRecorder()
+            env.compile(backend=backend)
+            for _ in range(2):
+                env.step(torch.zeros(num_envs, env.action_dim))
+            assert backend.dynamic == [False]  # compiled, once, with static shapes
 
 
 # --------------------------------------------------------------------------- your own env

@@ -705,6 +705,7 @@ def test_reduction_none_rows_can_be_masked_in_place(loss, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_reduction_none_with_metrics_module_and_compile(backend):
     """Per-row losses come with the metrics, from the module, and under torch.compile."""
     phi, psi = _inputs(9, 9, 4, seed=14)
@@ -718,13 +719,9 @@ def test_reduction_none_with_metrics_module_and_compile(backend):
     module = ContrastiveLoss(reduction="none", learn_bias=True, init_bias=-2.0, **kw)
     expected = contrastive_loss(phi, psi, bias=module.bias, reduction="none", **kw)
     assert max_error(module(phi, psi), expected) < 1e-6
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-        phi.requires_grad_()
-        compiled(phi, psi)[::2].sum().backward()  # the even rows' losses only
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    phi.requires_grad_()
+    compiled(phi, psi)[::2].sum().backward()  # the even rows' losses only
     t_phi = phi.detach().double().requires_grad_()
     truth = reference_contrastive_loss(
         t_phi, psi.double(), loss="binary", energy="cosine", bias=module.bias.double(),
@@ -879,6 +876,7 @@ def test_grad_output_partial_grad_and_non_contiguous(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call", ["function", "module", "compiled"])
 @pytest.mark.parametrize(("loss", "energy"), [("binary", "cosine"), ("infonce", "norm")])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_autocast_casts_inputs_like_a_matmul(loss, energy, call, backend, device):
     """Under autocast, float32 phi and a bfloat16 psi (a LayerNorm keeps float32, a Linear
     does not) give the loss of both in bfloat16, computed as without autocast (cosine: of the
@@ -889,7 +887,6 @@ def test_autocast_casts_inputs_like_a_matmul(loss, energy, call, backend, device
     kw = {"loss": loss, "energy": energy, "backend": backend}
     fn = ContrastiveLoss(**kw) if call == "module" else functools.partial(contrastive_loss, **kw)
     if call == "compiled":
-        torch._dynamo.reset()
         fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
     with torch.autocast(device, dtype=torch.bfloat16):
         value = fn(phi, psi)
@@ -1419,24 +1416,21 @@ def test_compiles_without_graph_breaks():
     assert max_error(phi.grad, t_phi.grad) < 1e-5
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiles_whole_with_dynamic_shapes_and_a_changing_penalty():
     """dynamic=True, and a penalty passed as an argument that changes between calls (a
     schedule), both make the float penalty symbolic: the config's checks must trace (they used
     math.isfinite, which dynamo cannot)."""
     phi, psi = _inputs(16, 16, 8, seed=9)
-    torch._dynamo.reset()
-    try:
-        default = torch.compile(contrastive_loss, backend="aot_eager", fullgraph=True, dynamic=True)
-        torch.testing.assert_close(default(phi, psi), contrastive_loss(phi, psi))
+    default = torch.compile(contrastive_loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(default(phi, psi), contrastive_loss(phi, psi))
 
-        def loss(p: torch.Tensor, q: torch.Tensor, c: float) -> torch.Tensor:
-            return contrastive_loss(p, q, loss="infonce", logsumexp_penalty=c)
+    def loss(p: torch.Tensor, q: torch.Tensor, c: float) -> torch.Tensor:
+        return contrastive_loss(p, q, loss="infonce", logsumexp_penalty=c)
 
-        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-        for c in (0.1, 0.2, 0.3, 0.0):
-            torch.testing.assert_close(compiled(phi, psi, c), loss(phi, psi, c))
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for c in (0.1, 0.2, 0.3, 0.0):
+        torch.testing.assert_close(compiled(phi, psi, c), loss(phi, psi, c))
 
 
 @pytest.mark.parametrize(
@@ -1974,30 +1968,27 @@ def test_triton_path_optimisations_are_refused_on_the_torch_path():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("loss", ["infonce", "flatnce"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_online_backward_does_not_specialise_the_batch(loss):
     """The online losses' backward (Triton path) ran a Python loop over row chunks outside the
     ops: traced by torch.compile it specialised the batch size, so dynamic=True recompiled for
     every new batch size."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
     counters.clear()
-    try:
-        step = torch.compile(
-            lambda p, q: contrastive_loss(p, q, loss=loss, backend="triton"),
-            backend="aot_eager", fullgraph=True, dynamic=True,
-        )  # fmt: skip
-        for b, m in ((16, 24), (13, 20), (32, 40)):
-            phi, psi = _inputs(b, m, 5, seed=b)
-            phi.requires_grad_()
-            step(phi, psi).backward()
-            truth = phi.grad.clone()
-            phi.grad = None
-            contrastive_loss(phi, psi, loss=loss, backend="triton").backward()
-            torch.testing.assert_close(truth, phi.grad)
-        assert counters["stats"]["unique_graphs"] == 1
-    finally:
-        torch._dynamo.reset()
+    step = torch.compile(
+        lambda p, q: contrastive_loss(p, q, loss=loss, backend="triton"),
+        backend="aot_eager", fullgraph=True, dynamic=True,
+    )  # fmt: skip
+    for b, m in ((16, 24), (13, 20), (32, 40)):
+        phi, psi = _inputs(b, m, 5, seed=b)
+        phi.requires_grad_()
+        step(phi, psi).backward()
+        truth = phi.grad.clone()
+        phi.grad = None
+        contrastive_loss(phi, psi, loss=loss, backend="triton").backward()
+        torch.testing.assert_close(truth, phi.grad)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("loss", ["infonce", "symmetric_infonce", "dpo", "binary"])

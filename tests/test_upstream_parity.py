@@ -435,6 +435,7 @@ def test_siglip_model_trains_like_open_clips_with_accumulation_and_a_saved_state
         torch.testing.assert_close(value, state[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_siglip_model_under_autocast_and_compiled() -> None:
     """A step under bfloat16 autocast: the gradients are no worse against open_clip's twin in
     float64 than the twin's own under autocast, and the model compiled whole (fullgraph) gives
@@ -454,10 +455,6 @@ def test_siglip_model_under_autocast_and_compiled() -> None:
     truth = step(copy.deepcopy(theirs).double(), autocast=False)
     for k, e, t in zip(got, eager, truth, strict=True):
         assert_no_worse_than_eager("loss or a gradient", k.reshape(t.shape), e, t, 1e-2)
-    torch._dynamo.reset()
-    try:
-        compiled = step(torch.compile(mine, backend="aot_eager", fullgraph=True))
-    finally:
-        torch._dynamo.reset()
+    compiled = step(torch.compile(mine, backend="aot_eager", fullgraph=True))
     for k, e in zip(compiled, got, strict=True):
         torch.testing.assert_close(k, e)
