@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import warnings
@@ -1499,3 +1500,14 @@ def test_adapter_hints_at_the_module_of_an_unknown_id():
     assert "gymnasium_robotics" not in str(error.value)
     with pytest.raises(ValueError, match="not a goal env"):
         GymnasiumGoalVectorEnv("CartPole-v1", 2)
+
+
+def test_adapter_without_an_env_is_collected_quietly(monkeypatch):
+    """Gymnasium < 1.3's VectorEnv.__del__ closes an adapter whose env could not be made: no
+    AttributeError ignored in ``__del__``."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(ValueError, match="cannot make"):
+        GymnasiumGoalVectorEnv("gymnasium:NoSuchGoalEnv-v0", 2)
+    gc.collect()  # the adapter sits in a cycle: its __init__'s frame and the error
+    assert unraisable == []

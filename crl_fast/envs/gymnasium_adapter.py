@@ -302,4 +302,6 @@ class GymnasiumGoalVectorEnv(VectorEnv):
         return self.env.render()
 
     def close_extras(self, **kwargs: Any) -> None:
-        self.env.close(**kwargs)
+        # Gymnasium < 1.3's VectorEnv.__del__ also closes an adapter whose env could not be made.
+        if hasattr(self, "env"):
+            self.env.close(**kwargs)
