@@ -905,6 +905,7 @@ def test_gymnasium_spaces_and_action_wrappers_apply_directly(name):
 @pytest.mark.skipif(GYMNASIUM < (1, 4), reason="benchmark_vector_step is new in Gymnasium 1.4")
 @pytest.mark.parametrize("name", ["point_umaze", "reacher"])
 def test_gymnasium_benchmark_vector_step_takes_the_torch_envs(name):
+    """The README's list: Gymnasium's step benchmark runs the torch envs as they are."""
     from gymnasium.utils.performance import benchmark_vector_step
 
     env = make_env(name, num_envs=4, seed=0, max_episode_steps=3)
